@@ -1,0 +1,124 @@
+//! [`ResponseFuture`]: passes through, answers at once, or drives a guarded request, which it
+//! detaches onto the runtime should the caller drop it.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use http::Response;
+
+use crate::body::ResponseBody;
+
+type Guarded<B, E> = Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
+
+pin_project_lite::pin_project! {
+    /// Response future of [`Idempotency`](crate::Idempotency).
+    ///
+    /// Once a request holds its key, dropping this future (the client disconnected, a timeout
+    /// fired) does **not** cancel it: the rest of the work (the handler, storing its response
+    /// or releasing the key) is spawned onto the current tokio runtime and runs to its end, so
+    /// that a retry replays the outcome instead of running the handler a second time.
+    pub struct ResponseFuture<F, B, E> {
+        #[pin]
+        kind: Kind<F, B, E>,
+    }
+
+    impl<F, B, E> PinnedDrop for ResponseFuture<F, B, E> {
+        fn drop(this: Pin<&mut Self>) {
+            if let KindProj::Guarded { work, detach } = this.project().kind.project() {
+                if let Some(work) = work.take() {
+                    (detach)(work);
+                }
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = KindProj]
+    enum Kind<F, B, E> {
+        Passthrough { #[pin] future: F },
+        Ready { response: Option<Response<ResponseBody<B>>> },
+        Guarded { work: Option<Guarded<B, E>>, detach: fn(Guarded<B, E>) },
+    }
+}
+
+/// Spawns what is left of an abandoned guarded request, when a runtime is there to run it.
+fn detach<B: 'static, E: 'static>(work: Guarded<B, E>) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            tracing::debug!(outcome = "detached", "response future dropped; finishing the request in the background");
+            handle.spawn(async move {
+                let _ = work.await;
+            });
+        }
+        Err(_) => tracing::warn!(
+            outcome = "abandoned",
+            "response future dropped outside a tokio runtime; the claim lapses with its lease"
+        ),
+    }
+}
+
+impl<F, B, E> ResponseFuture<F, B, E> {
+    pub(crate) fn passthrough(future: F) -> Self {
+        Self {
+            kind: Kind::Passthrough { future },
+        }
+    }
+
+    pub(crate) fn ready(response: Response<ResponseBody<B>>) -> Self {
+        Self {
+            kind: Kind::Ready {
+                response: Some(response),
+            },
+        }
+    }
+
+    pub(crate) fn guarded(work: Guarded<B, E>) -> Self
+    where
+        B: 'static,
+        E: 'static,
+    {
+        Self {
+            kind: Kind::Guarded {
+                work: Some(work),
+                detach: detach::<B, E>,
+            },
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Passthrough { future } => {
+                let response = ready!(future.poll(cx))?;
+                Poll::Ready(Ok(response.map(ResponseBody::inner)))
+            }
+            KindProj::Ready { response } => {
+                Poll::Ready(Ok(response.take().expect("ResponseFuture polled after completion")))
+            }
+            KindProj::Guarded { work, .. } => {
+                let output = ready!(work
+                    .as_mut()
+                    .expect("ResponseFuture polled after completion")
+                    .as_mut()
+                    .poll(cx));
+                *work = None;
+                Poll::Ready(output)
+            }
+        }
+    }
+}
+
+impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,195 @@
+//! Parsing and validating the `Idempotency-Key` header.
+//!
+//! The IETF draft makes the field an RFC 8941 sf-string, so it is quoted on the wire
+//! (`Idempotency-Key: "8e03978e-40d5-43e8-bc93-6894a57f9324"`); most clients send the bare
+//! value. Both are accepted, and name the same key:
+//!
+//! * A value that starts with `"` is an sf-string: it must end with the closing `"`, may contain
+//!   spaces and visible ASCII, and escapes only `\"` and `\\`.
+//! * Any other value is the key verbatim, and must be visible ASCII (no spaces).
+//!
+//! The key (after unquoting) must hold 1 to `max_len` characters [255].
+//!
+//! ```
+//! use tower_idempotency::IdempotencyKey;
+//!
+//! let bare = IdempotencyKey::parse(b"8e03978e-40d5", 255).unwrap();
+//! let quoted = IdempotencyKey::parse(br#""8e03978e-40d5""#, 255).unwrap();
+//! assert_eq!(bare, quoted);
+//! assert_eq!(IdempotencyKey::parse(br#""a \"b\"""#, 255).unwrap().as_str(), r#"a "b""#);
+//! assert!(IdempotencyKey::parse(b"", 255).is_err());
+//! ```
+
+use std::fmt;
+
+/// A validated idempotency key. See the [module docs](self).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+/// Why an `Idempotency-Key` value was refused (each answers 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The value (or the quoted string) is empty.
+    #[error("the idempotency key is empty")]
+    Empty,
+    /// More than the allowed number of characters.
+    #[error("the idempotency key is longer than {max} characters")]
+    TooLong {
+        /// The limit.
+        max: usize,
+    },
+    /// A byte outside visible ASCII (or a space outside quotes).
+    #[error("the idempotency key may only contain visible ASCII characters")]
+    InvalidCharacter,
+    /// An sf-string without its closing quote, with text after it, or with a bad escape.
+    #[error("the idempotency key is not a valid quoted string")]
+    MalformedQuotedString,
+    /// More than one `Idempotency-Key` field in the request.
+    #[error("the request carries more than one idempotency key")]
+    Multiple,
+}
+
+impl IdempotencyKey {
+    /// Parses a raw header value (quoted sf-string or bare) into a key of at most `max_len`
+    /// characters.
+    pub fn parse(value: &[u8], max_len: usize) -> Result<Self, KeyError> {
+        let key = match value.first() {
+            Some(b'"') => parse_sf_string(&value[1..], max_len)?,
+            _ => {
+                if value.is_empty() {
+                    return Err(KeyError::Empty);
+                }
+                if !value.iter().all(|b| (0x21..=0x7e).contains(b)) {
+                    return Err(KeyError::InvalidCharacter);
+                }
+                if value.len() > max_len {
+                    return Err(KeyError::TooLong { max: max_len });
+                }
+                // All visible ASCII, so valid UTF-8.
+                String::from_utf8(value.to_vec()).map_err(|_| KeyError::InvalidCharacter)?
+            }
+        };
+        Ok(Self(key))
+    }
+
+    /// The key, unquoted.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Parses the rest of an sf-string after its opening quote.
+fn parse_sf_string(rest: &[u8], max_len: usize) -> Result<String, KeyError> {
+    let mut out = String::with_capacity(rest.len().min(max_len));
+    let mut bytes = rest.iter();
+    loop {
+        match bytes.next() {
+            None => return Err(KeyError::MalformedQuotedString),
+            Some(b'"') => break,
+            Some(b'\\') => match bytes.next() {
+                Some(&c @ (b'"' | b'\\')) => out.push(char::from(c)),
+                _ => return Err(KeyError::MalformedQuotedString),
+            },
+            Some(&c) if (0x20..=0x7e).contains(&c) => out.push(char::from(c)),
+            Some(_) => return Err(KeyError::InvalidCharacter),
+        }
+        if out.len() > max_len {
+            return Err(KeyError::TooLong { max: max_len });
+        }
+    }
+    if bytes.next().is_some() {
+        return Err(KeyError::MalformedQuotedString);
+    }
+    if out.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    Ok(out)
+}
+
+impl fmt::Debug for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn rejects_each_kind_of_bad_value() {
+        assert_eq!(IdempotencyKey::parse(b"", 255), Err(KeyError::Empty));
+        assert_eq!(IdempotencyKey::parse(b"\"\"", 255), Err(KeyError::Empty));
+        assert_eq!(IdempotencyKey::parse(b"a b", 255), Err(KeyError::InvalidCharacter));
+        assert_eq!(IdempotencyKey::parse(b"a\tb", 255), Err(KeyError::InvalidCharacter));
+        assert_eq!(IdempotencyKey::parse("caf\u{e9}".as_bytes(), 255), Err(KeyError::InvalidCharacter));
+        assert_eq!(IdempotencyKey::parse(b"\"a\x01\"", 255), Err(KeyError::InvalidCharacter));
+        assert_eq!(IdempotencyKey::parse(b"\"abc", 255), Err(KeyError::MalformedQuotedString));
+        assert_eq!(IdempotencyKey::parse(b"\"a\\nb\"", 255), Err(KeyError::MalformedQuotedString));
+        assert_eq!(IdempotencyKey::parse(b"\"ab\"c", 255), Err(KeyError::MalformedQuotedString));
+        assert_eq!(IdempotencyKey::parse(b"\"ab\\", 255), Err(KeyError::MalformedQuotedString));
+        assert_eq!(IdempotencyKey::parse(&[b'k'; 256], 255), Err(KeyError::TooLong { max: 255 }));
+        assert!(IdempotencyKey::parse(&[b'k'; 255], 255).is_ok());
+    }
+
+    #[test]
+    fn quoted_keys_allow_spaces_and_escapes() {
+        let key = IdempotencyKey::parse(br#""a b \\ \"c\"""#, 255).unwrap();
+        assert_eq!(key.as_str(), r#"a b \ "c""#);
+    }
+
+    #[test]
+    fn length_limit_counts_unquoted_characters() {
+        let mut quoted = vec![b'"'];
+        quoted.extend_from_slice(&[b'k'; 255]);
+        quoted.push(b'"');
+        assert!(IdempotencyKey::parse(&quoted, 255).is_ok());
+        quoted.insert(1, b'k');
+        assert_eq!(IdempotencyKey::parse(&quoted, 255), Err(KeyError::TooLong { max: 255 }));
+    }
+
+    /// Serialises `key` as an RFC 8941 sf-string.
+    fn quote(key: &str) -> String {
+        let mut out = String::from("\"");
+        for c in key.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn quoted_and_bare_spellings_name_the_same_key(key in "[!#-~][!-~]{0,200}") {
+            let bare = IdempotencyKey::parse(key.as_bytes(), 255).unwrap();
+            let quoted = IdempotencyKey::parse(quote(&key).as_bytes(), 255).unwrap();
+            prop_assert_eq!(bare.as_str(), key.as_str());
+            prop_assert_eq!(bare, quoted);
+        }
+
+        #[test]
+        fn any_printable_string_round_trips_through_quoting(key in "[ -~]{1,255}") {
+            let parsed = IdempotencyKey::parse(quote(&key).as_bytes(), 255).unwrap();
+            prop_assert_eq!(parsed.as_str(), key.as_str());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_accepted_keys_are_valid(value in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(key) = IdempotencyKey::parse(&value, 255) {
+                prop_assert!(!key.as_str().is_empty() && key.as_str().len() <= 255);
+                prop_assert!(key.as_str().bytes().all(|b| (0x20..=0x7e).contains(&b)));
+            }
+        }
+    }
+}

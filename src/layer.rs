@@ -1,0 +1,322 @@
+//! [`IdempotencyLayer`]: every knob of the layer, each with its default.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::request::Parts;
+use http::{HeaderName, Method, StatusCode};
+use tower_layer::Layer;
+
+use crate::claim::Timings;
+use crate::fingerprint::Fingerprint;
+use crate::service::Idempotency;
+use crate::store::MemoryStore;
+
+type PredicateFn = dyn Fn(&Parts) -> bool + Send + Sync;
+type ScopeFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
+type StatusFn = dyn Fn(StatusCode) -> bool + Send + Sync;
+
+/// What a duplicate gets while the original request still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnConflict {
+    /// Answer 409 with `Retry-After` at once (the default).
+    Reject,
+    /// Wait up to this long for the original to finish and replay its response; 409 after.
+    Wait(Duration),
+}
+
+/// What a request gets when the store fails or is slower than the store timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnStoreError {
+    /// Answer 503 with `Retry-After`; the handler does not run (the default).
+    FailClosed,
+    /// Run the handler without idempotency and log a warning.
+    FailOpen,
+}
+
+/// The layer's configuration, shared by every clone of the service.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) header: HeaderName,
+    pub(crate) max_key_len: usize,
+    pub(crate) require_key: bool,
+    pub(crate) methods: Vec<Method>,
+    pub(crate) predicate: Option<Arc<PredicateFn>>,
+    pub(crate) scope: Option<Arc<ScopeFn>>,
+    pub(crate) fingerprint: Fingerprint,
+    pub(crate) timings: Timings,
+    pub(crate) retry_after: Duration,
+    pub(crate) on_store_error: OnStoreError,
+    pub(crate) store_status: Arc<StatusFn>,
+    pub(crate) max_response_body: usize,
+    pub(crate) skip_headers: Vec<HeaderName>,
+    /// Request headers carried into replays, with the name they are replayed under.
+    pub(crate) carried: Vec<(HeaderName, HeaderName)>,
+}
+
+/// Headers never stored whatever the configuration: hop-by-hop headers, and the framing that
+/// the replay recomputes.
+pub(crate) const ALWAYS_SKIPPED: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
+
+fn carried_pair(name: HeaderName) -> (HeaderName, HeaderName) {
+    let replayed = HeaderName::try_from(format!("original-{}", name.as_str()))
+        .expect("a header name prefixed with `original-` is a header name");
+    (name, replayed)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            header: HeaderName::from_static("idempotency-key"),
+            max_key_len: 255,
+            require_key: false,
+            methods: vec![Method::POST, Method::PATCH],
+            predicate: None,
+            scope: None,
+            fingerprint: Fingerprint::default(),
+            timings: Timings {
+                lease: Duration::from_secs(60),
+                ttl: Duration::from_secs(24 * 60 * 60),
+                store_timeout: Duration::from_secs(5),
+                wait: None,
+            },
+            retry_after: Duration::from_secs(1),
+            on_store_error: OnStoreError::FailClosed,
+            store_status: Arc::new(|status: StatusCode| status.as_u16() < 400),
+            max_response_body: 1024 * 1024,
+            skip_headers: vec![http::header::SET_COOKIE, http::header::DATE],
+            carried: vec![carried_pair(HeaderName::from_static("x-request-id"))],
+        }
+    }
+}
+
+impl Config {
+    /// Whether the layer handles this request at all.
+    pub(crate) fn applies(&self, parts: &Parts) -> bool {
+        match &self.predicate {
+            Some(predicate) => predicate(parts),
+            None => self.methods.contains(&parts.method),
+        }
+    }
+
+    /// Whether a response header is kept in the record.
+    pub(crate) fn stores_header(&self, name: &HeaderName) -> bool {
+        !ALWAYS_SKIPPED.contains(&name.as_str())
+            && !self.skip_headers.contains(name)
+            && !self.carried.iter().any(|(carried, _)| carried == name)
+    }
+}
+
+/// Applies [`Idempotency`] to a service. See the [crate docs](crate) for the lifecycle and
+/// the README for the table of defaults.
+///
+/// Setters take `self` by value; every one has a default, so `IdempotencyLayer::new()` alone
+/// is a working layer on the embedded [`MemoryStore`].
+#[derive(Clone)]
+pub struct IdempotencyLayer<St = MemoryStore> {
+    store: St,
+    config: Arc<Config>,
+}
+
+impl IdempotencyLayer<MemoryStore> {
+    /// A layer on a fresh [`MemoryStore`] with every default.
+    pub fn new() -> Self {
+        Self::with_store(MemoryStore::new())
+    }
+}
+
+impl Default for IdempotencyLayer<MemoryStore> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<St> IdempotencyLayer<St> {
+    /// A layer on `store` with every default. Clones of the layer (and of the services it
+    /// makes) share the store.
+    pub fn with_store(store: St) -> Self {
+        Self {
+            store,
+            config: Arc::new(Config::default()),
+        }
+    }
+
+    fn config(&mut self) -> &mut Config {
+        Arc::make_mut(&mut self.config)
+    }
+
+    /// The request header that carries the key [`Idempotency-Key`].
+    pub fn header_name(mut self, name: HeaderName) -> Self {
+        self.config().header = name;
+        self
+    }
+
+    /// The longest key accepted, in characters [255]; longer keys get 400.
+    pub fn max_key_len(mut self, max: usize) -> Self {
+        self.config().max_key_len = max;
+        self
+    }
+
+    /// Whether a handled request without a key gets 400 [false: it runs normally].
+    pub fn require_key(mut self, required: bool) -> Self {
+        self.config().require_key = required;
+        self
+    }
+
+    /// The methods handled [POST, PATCH]; others pass through untouched.
+    pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.config().methods = methods.into_iter().collect();
+        self
+    }
+
+    /// Decides from the request head which requests are handled, replacing the method check
+    /// [none: the methods decide].
+    pub fn predicate(mut self, predicate: impl Fn(&Parts) -> bool + Send + Sync + 'static) -> Self {
+        self.config().predicate = Some(Arc::new(predicate));
+        self
+    }
+
+    /// Scopes keys, typically per tenant: the function reads the request head (usually an
+    /// extension an authentication layer set) and returns the scope. A request for which it
+    /// returns `None` passes through **without idempotency** (logged at debug level).
+    ///
+    /// [Without a scope function every client shares one key space: one client's key can
+    /// replay another's response.] Run authentication before this layer.
+    pub fn scope(mut self, scope: impl Fn(&Parts) -> Option<String> + Send + Sync + 'static) -> Self {
+        self.config().scope = Some(Arc::new(scope));
+        self
+    }
+
+    /// What feeds the request fingerprint [query string and body]. See [`Fingerprint`].
+    pub fn fingerprint(mut self, fingerprint: Fingerprint) -> Self {
+        self.config().fingerprint = fingerprint;
+        self
+    }
+
+    /// How long a claim lasts without renewal [60 s]. It is renewed every third of this while
+    /// the handler runs; only a dead process lets it lapse, blocking the key this long.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.config().timings.lease = lease;
+        self
+    }
+
+    /// How long a completed response is kept for replay [24 h]. A key reused after this runs
+    /// the request again.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.config().timings.ttl = ttl;
+        self
+    }
+
+    /// The longest any store call may take [5 s]; past it the request is treated as a store
+    /// failure (see [`on_store_error`](Self::on_store_error)).
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.config().timings.store_timeout = timeout;
+        self
+    }
+
+    /// What a duplicate gets while the original runs [`OnConflict::Reject`]: 409.
+    pub fn on_conflict(mut self, on_conflict: OnConflict) -> Self {
+        self.config().timings.wait = match on_conflict {
+            OnConflict::Reject => None,
+            OnConflict::Wait(bound) => Some(bound),
+        };
+        self
+    }
+
+    /// The `Retry-After` of 409 and 503 answers [1 s].
+    pub fn retry_after(mut self, after: Duration) -> Self {
+        self.config().retry_after = after;
+        self
+    }
+
+    /// What happens when the store fails [`OnStoreError::FailClosed`]: 503.
+    pub fn on_store_error(mut self, on_error: OnStoreError) -> Self {
+        self.config().on_store_error = on_error;
+        self
+    }
+
+    /// Which response statuses are stored [status < 400]. Any other answer releases the key
+    /// at once, so a corrected retry with the same key runs.
+    pub fn store_status(mut self, store: impl Fn(StatusCode) -> bool + Send + Sync + 'static) -> Self {
+        self.config().store_status = Arc::new(store);
+        self
+    }
+
+    /// The largest response body stored [1 MiB]. Larger responses reach the client whole, but
+    /// only their status and headers are kept: a duplicate gets that status with an empty body
+    /// and `idempotent-body-omitted: true`, never a second execution.
+    pub fn max_response_body(mut self, bytes: usize) -> Self {
+        self.config().max_response_body = bytes;
+        self
+    }
+
+    /// Response headers never stored nor replayed [`set-cookie`, `date`]. Hop-by-hop headers
+    /// and `content-length` are never stored, whatever this list says.
+    pub fn skip_response_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.config().skip_headers = names.into_iter().collect();
+        self
+    }
+
+    /// Request headers of the original carried into replays as `original-<name>`
+    /// [`x-request-id`]; the replay keeps its own value of the header.
+    pub fn carry_request_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.config().carried = names.into_iter().map(carried_pair).collect();
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &St {
+        &self.store
+    }
+}
+
+impl<S, St: Clone> Layer<S> for IdempotencyLayer<St> {
+    type Service = Idempotency<S, St>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency::from_parts(inner, self.store.clone(), self.config.clone())
+    }
+}
+
+impl<St: fmt::Debug> fmt::Debug for IdempotencyLayer<St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("store", &self.store)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("header", &self.header)
+            .field("max_key_len", &self.max_key_len)
+            .field("require_key", &self.require_key)
+            .field("methods", &self.methods)
+            .field("predicate", &self.predicate.is_some())
+            .field("scope", &self.scope.is_some())
+            .field("fingerprint", &self.fingerprint)
+            .field("timings", &self.timings)
+            .field("retry_after", &self.retry_after)
+            .field("on_store_error", &self.on_store_error)
+            .field("max_response_body", &self.max_response_body)
+            .field("skip_headers", &self.skip_headers)
+            .field("carried", &self.carried)
+            .finish_non_exhaustive()
+    }
+}

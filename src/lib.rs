@@ -1,0 +1,140 @@
+//! Tower middleware that makes unsafe HTTP requests safe to retry.
+//!
+//! A client sends `Idempotency-Key: <key>` with a `POST`. The layer claims the key atomically,
+//! runs the handler **once**, stores its response with a fingerprint of the request, and
+//! answers every retry with that stored response (`idempotent-replayed: true`) instead of
+//! running the handler again.
+//!
+//! ```
+//! use axum::{routing::post, Router};
+//! use tower_idempotency::IdempotencyLayer;
+//!
+//! let app: Router = Router::new()
+//!     .route("/payments", post(|| async { "charged" }))
+//!     .layer(IdempotencyLayer::new());
+//! # let _ = app;
+//! ```
+//!
+//! # The lifecycle
+//!
+//! | the request | what happens | answer |
+//! |---|---|---|
+//! | method not handled [handled: POST, PATCH], or no key (and keys not required) | passes through untouched | the handler's |
+//! | key required and absent; key empty, too long [255], not visible ASCII, a broken quoted string, or sent twice | refused; the handler does not run | 400 |
+//! | first request with this key | key claimed with a lease [60 s] renewed while the handler runs; body hashed as it streams | the handler's |
+//! | … whose answer is storable [status < 400, no `Cache-Control: no-store`, no [`NoStore`] extension] | stored for the TTL [24 h] | the handler's |
+//! | … whose answer is not storable, or whose handler failed | key released: a corrected retry runs | the handler's (500 after a panic) |
+//! | duplicate, original done, same payload | stored response replayed, `idempotent-replayed: true`, `original-x-request-id` | the stored one |
+//! | duplicate, original done, other payload (body or query) | refused | 422 |
+//! | duplicate, original still running | refused with `Retry-After` [or waits for the original, then replays] | 409 |
+//! | the store fails or is slower than the timeout [5 s] | refused with `Retry-After`, handler not run [or fail open] | 503 |
+//!
+//! Every answer the layer makes itself is an RFC 9457 problem document; see [`problem`].
+//!
+//! # Scoping keys (read this)
+//!
+//! Records are found by **scope + method + path + key**. Without a [scope
+//! function](IdempotencyLayer::scope) every client shares one key space, and a client that
+//! guesses or reuses another's key gets *that client's* response. Put authentication **before**
+//! this layer (outer), and scope by the identity it established:
+//!
+//! ```
+//! use axum::{routing::post, Router};
+//! use tower_idempotency::IdempotencyLayer;
+//!
+//! #[derive(Clone)]
+//! struct Tenant(String); // set by your authentication layer
+//!
+//! let idempotency = IdempotencyLayer::new()
+//!     .scope(|parts| parts.extensions.get::<Tenant>().map(|t| t.0.clone()));
+//! let app: Router = Router::new()
+//!     .route("/payments", post(|| async { "charged" }))
+//!     .layer(idempotency);
+//!     // .layer(your_authentication_layer)  <- added after, so it runs first
+//! # let _ = app;
+//! ```
+//!
+//! A request for which the scope function returns `None` passes through without idempotency.
+//!
+//! # Guarantees and their limits
+//!
+//! * Two requests with the same key never both run the handler while a claim or record holds
+//!   the key: the claim is one atomic store operation.
+//! * Once a request holds its key, the handler runs to its end even if the client disconnects:
+//!   the retry replays the stored outcome (see [`ResponseFuture`]).
+//! * A response body over the limit [1 MiB] reaches the client whole, but only its status and
+//!   headers are stored: a duplicate gets that status, an empty body and
+//!   `idempotent-body-omitted: true`, never a second execution.
+//! * `Set-Cookie`, `Date`, hop-by-hop headers and `Content-Length` are never stored.
+//! * A record lives for the TTL; a key reused after it expired (or, in the memory store, after
+//!   capacity pressure evicted it) runs the request again.
+//! * A process that dies mid-request blocks its key until the lease lapses; then a retry runs.
+//!
+//! # Plain tower / hyper
+//!
+//! The layer wraps any `Service<http::Request<B>>` whose response body yields `Bytes`:
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+//! use tower_idempotency::{IdempotencyLayer, RequestBody};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let mut service = ServiceBuilder::new()
+//!     .layer(IdempotencyLayer::new())
+//!     .service(service_fn(|_req: Request<RequestBody<Full<Bytes>>>| async {
+//!         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("created"))))
+//!     }));
+//!
+//! let request = || {
+//!     Request::post("/orders")
+//!         .header("idempotency-key", "order-1")
+//!         .body(Full::new(Bytes::from("{}")))
+//!         .unwrap()
+//! };
+//! let first = service.ready().await.unwrap().call(request()).await.unwrap();
+//! assert!(first.headers().get("idempotent-replayed").is_none());
+//! let retry = service.ready().await.unwrap().call(request()).await.unwrap();
+//! assert_eq!(retry.headers()["idempotent-replayed"], "true");
+//! assert_eq!(retry.into_body().collect().await.unwrap().to_bytes(), "created");
+//! # }
+//! ```
+//!
+//! # Stores
+//!
+//! [`MemoryStore`](store::MemoryStore) is the default (one process). Any [`Store`](store::Store)
+//! plugs in with [`IdempotencyLayer::with_store`]; see the [`store`] module for the protocol
+//! and for writing your own.
+
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+
+mod body;
+mod claim;
+pub mod fingerprint;
+mod future;
+mod key;
+mod layer;
+pub mod problem;
+mod record;
+mod service;
+pub mod store;
+
+pub use body::ResponseBody;
+pub use fingerprint::{Fingerprint, FingerprintHasher, RequestBody};
+pub use future::ResponseFuture;
+pub use key::{IdempotencyKey, KeyError};
+pub use layer::{IdempotencyLayer, OnConflict, OnStoreError};
+pub use service::{Idempotency, NoStore, BODY_OMITTED_HEADER, REPLAYED_HEADER};
+
+/// A boxed error, as body errors are reported.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -1,0 +1,117 @@
+//! Problem details (RFC 9457) for every answer the layer gives on its own.
+//!
+//! Each has `type`, `title`, `status` and `detail`, as `application/problem+json`. Details
+//! describe the client's request, never the store's internals.
+//!
+//! | status | `type` ends with | when |
+//! |--------|------------------|------|
+//! | 400 | `#missing-key` | the key is required and absent |
+//! | 400 | `#invalid-key` | empty, too long, non-ASCII or control characters, a broken quoted string, or several `Idempotency-Key` fields |
+//! | 400 | `#unreadable-body` | the duplicate's body failed while it was being read |
+//! | 409 | `#in-flight` | the original request with this key is still running (carries `Retry-After`) |
+//! | 422 | `#key-reused` | the key was used before with another payload |
+//! | 500 | `#handler-panicked` | the handler panicked (the key is released) |
+//! | 500 | `#response-failed` | the handler's response body failed (the key is released) |
+//! | 500 | `#unreadable-record` | the stored response cannot be decoded |
+//! | 503 | `#store-unavailable` | the store failed or was slower than the store timeout (carries `Retry-After`) |
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{Response, StatusCode};
+
+use crate::body::ResponseBody;
+
+const TYPE_BASE: &str = "https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/index.html";
+
+/// One kind of problem the layer answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Problem {
+    MissingKey,
+    InvalidKey(&'static str),
+    UnreadableBody,
+    InFlight(Duration),
+    KeyReused,
+    HandlerPanicked,
+    ResponseFailed,
+    UnreadableRecord,
+    StoreUnavailable(Duration),
+}
+
+impl Problem {
+    fn parts(self) -> (StatusCode, &'static str, &'static str, &'static str) {
+        use Problem::*;
+        match self {
+            MissingKey => (
+                StatusCode::BAD_REQUEST,
+                "missing-key",
+                "Idempotency key required",
+                "This endpoint requires an Idempotency-Key header.",
+            ),
+            InvalidKey(detail) => (StatusCode::BAD_REQUEST, "invalid-key", "Invalid idempotency key", detail),
+            UnreadableBody => (
+                StatusCode::BAD_REQUEST,
+                "unreadable-body",
+                "Request body could not be read",
+                "The request body failed before it could be compared with the original request.",
+            ),
+            InFlight(_) => (
+                StatusCode::CONFLICT,
+                "in-flight",
+                "Request in progress",
+                "A request with this idempotency key is still being processed; retry later with the same key.",
+            ),
+            KeyReused => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "key-reused",
+                "Idempotency key reused",
+                "This idempotency key was already used with a different request payload.",
+            ),
+            HandlerPanicked => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "handler-panicked",
+                "Internal server error",
+                "The request failed; it was not recorded and may be retried with the same key.",
+            ),
+            ResponseFailed => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "response-failed",
+                "Internal server error",
+                "The response could not be produced; it was not recorded and may be retried with the same key.",
+            ),
+            UnreadableRecord => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "unreadable-record",
+                "Stored response unreadable",
+                "The response stored for this idempotency key cannot be replayed.",
+            ),
+            StoreUnavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store-unavailable",
+                "Idempotency store unavailable",
+                "The request was not processed because its idempotency key could not be checked; retry later with the same key.",
+            ),
+        }
+    }
+
+    /// The HTTP answer.
+    pub(crate) fn into_response<B>(self) -> Response<ResponseBody<B>> {
+        let (status, slug, title, detail) = self.parts();
+        let body = serde_json::json!({
+            "type": format!("{TYPE_BASE}#{slug}"),
+            "title": title,
+            "status": status.as_u16(),
+            "detail": detail,
+        });
+        let mut response = Response::new(ResponseBody::full(Bytes::from(body.to_string())));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if let Problem::InFlight(after) | Problem::StoreUnavailable(after) = self {
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        response
+    }
+}

@@ -1,0 +1,186 @@
+//! The stored form of an HTTP response: a small, versioned binary encoding.
+//!
+//! Layout (all integers big-endian):
+//!
+//! ```text
+//! "TI" version:u8=1 flags:u8 status:u16
+//! header-count:u16  { name-len:u16 name value-len:u32 value }*   response headers
+//! carried-count:u16 { name-len:u16 name value-len:u32 value }*   e.g. the first x-request-id
+//! body (the rest)
+//! ```
+//!
+//! A record written by an unknown version is refused as corrupt rather than misread. Decoding
+//! does not copy the body: the replayed body shares the stored bytes.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+const MAGIC: &[u8; 2] = b"TI";
+const VERSION: u8 = 1;
+/// The response body was too large to keep: only the status and headers were stored.
+const FLAG_BODY_OMITTED: u8 = 1;
+
+/// A response as stored for replay.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StoredResponse {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    /// Request headers of the original carried into replays (`original-<name>`).
+    pub(crate) carried: Vec<(HeaderName, HeaderValue)>,
+    pub(crate) body: Bytes,
+    pub(crate) body_omitted: bool,
+}
+
+/// Why a stored record could not be decoded.
+#[derive(Debug, thiserror::Error)]
+#[error("stored response record is malformed or of an unknown version")]
+pub(crate) struct DecodeError;
+
+fn header_len(name: &HeaderName, value: &HeaderValue) -> usize {
+    2 + name.as_str().len() + 4 + value.len()
+}
+
+fn put_header(buf: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
+    buf.put_u16(name.as_str().len() as u16);
+    buf.put_slice(name.as_str().as_bytes());
+    buf.put_u32(value.len() as u32);
+    buf.put_slice(value.as_bytes());
+}
+
+/// Encodes a response head and body; `body` is `None` when it was too large to keep.
+pub(crate) fn encode(
+    status: StatusCode,
+    headers: &HeaderMap,
+    keep: impl Fn(&HeaderName) -> bool,
+    carried: &[(HeaderName, HeaderValue)],
+    body: Option<&[Bytes]>,
+) -> Bytes {
+    let body_len: usize = body.map_or(0, |chunks| chunks.iter().map(Bytes::len).sum());
+    let kept = || headers.iter().filter(|(name, _)| keep(name));
+    let head_len: usize = kept().map(|(n, v)| header_len(n, v)).sum::<usize>()
+        + carried.iter().map(|(n, v)| header_len(n, v)).sum::<usize>();
+    let mut buf = BytesMut::with_capacity(10 + head_len + body_len);
+    buf.put_slice(MAGIC);
+    buf.put_u8(VERSION);
+    buf.put_u8(if body.is_some() { 0 } else { FLAG_BODY_OMITTED });
+    buf.put_u16(status.as_u16());
+    let count_at = buf.len();
+    buf.put_u16(0);
+    let mut count = 0u16;
+    for (name, value) in kept() {
+        put_header(&mut buf, name, value);
+        count += 1;
+    }
+    buf[count_at..count_at + 2].copy_from_slice(&count.to_be_bytes());
+    buf.put_u16(carried.len() as u16);
+    for (name, value) in carried {
+        put_header(&mut buf, name, value);
+    }
+    for chunk in body.unwrap_or_default() {
+        buf.put_slice(chunk);
+    }
+    buf.freeze()
+}
+
+struct Reader {
+    buf: Bytes,
+    pos: usize,
+}
+
+impl Reader {
+    fn take(&mut self, n: usize) -> Result<Bytes, DecodeError> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or(DecodeError)?;
+        let out = self.buf.slice(self.pos..end);
+        self.pos = end;
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn header(&mut self) -> Result<(HeaderName, HeaderValue), DecodeError> {
+        let name_len = self.u16()? as usize;
+        let name = HeaderName::from_bytes(&self.take(name_len)?).map_err(|_| DecodeError)?;
+        let value_len = self.u32()? as usize;
+        let value = HeaderValue::from_maybe_shared(self.take(value_len)?).map_err(|_| DecodeError)?;
+        Ok((name, value))
+    }
+}
+
+/// Decodes what [`encode`] wrote.
+pub(crate) fn decode(payload: Bytes) -> Result<StoredResponse, DecodeError> {
+    let mut r = Reader { buf: payload, pos: 0 };
+    if &r.take(2)?[..] != MAGIC || r.u8()? != VERSION {
+        return Err(DecodeError);
+    }
+    let flags = r.u8()?;
+    let status = StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError)?;
+    let count = r.u16()? as usize;
+    let mut headers = HeaderMap::with_capacity(count);
+    for _ in 0..count {
+        let (name, value) = r.header()?;
+        headers.append(name, value);
+    }
+    let carried_count = r.u16()? as usize;
+    let carried = (0..carried_count).map(|_| r.header()).collect::<Result<_, _>>()?;
+    let body = r.buf.slice(r.pos..);
+    Ok(StoredResponse {
+        status,
+        headers,
+        carried,
+        body,
+        body_omitted: flags & FLAG_BODY_OMITTED != 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_status_headers_carried_and_body() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.append("vary", HeaderValue::from_static("a"));
+        headers.append("vary", HeaderValue::from_static("b"));
+        let carried = vec![(HeaderName::from_static("x-request-id"), HeaderValue::from_static("r-1"))];
+        let body = [Bytes::from_static(b"{\"id\":"), Bytes::from_static(b"1}")];
+        let payload = encode(StatusCode::CREATED, &headers, |_| true, &carried, Some(&body));
+        let decoded = decode(payload).unwrap();
+        assert_eq!(decoded.status, StatusCode::CREATED);
+        assert_eq!(decoded.headers, headers);
+        assert_eq!(decoded.carried, carried);
+        assert_eq!(decoded.body, Bytes::from_static(b"{\"id\":1}"));
+        assert!(!decoded.body_omitted);
+    }
+
+    #[test]
+    fn omitted_body_is_flagged() {
+        let decoded = decode(encode(StatusCode::OK, &HeaderMap::new(), |_| true, &[], None)).unwrap();
+        assert!(decoded.body_omitted);
+        assert!(decoded.body.is_empty());
+    }
+
+    #[test]
+    fn unknown_versions_and_truncated_records_are_refused() {
+        let payload = encode(StatusCode::OK, &HeaderMap::new(), |_| true, &[], Some(&[]));
+        let mut future = payload.to_vec();
+        future[2] = 2;
+        assert!(decode(Bytes::from(future)).is_err());
+        for cut in 0..payload.len() {
+            assert!(decode(payload.slice(..cut)).is_err(), "cut at {cut}");
+        }
+        assert!(decode(Bytes::from_static(b"garbage that is long enough")).is_err());
+    }
+}

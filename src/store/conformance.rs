@@ -1,0 +1,276 @@
+//! The conformance suite every [`Store`] must pass (feature `conformance`).
+//!
+//! Each check is a public async function taking the store under test; [`run_all`] runs them
+//! all, and [`store_conformance_tests!`](crate::store_conformance_tests) turns them into one
+//! `#[tokio::test]` each. Every check uses fresh random keys, so one store (even a shared
+//! server) can run them all concurrently. Time-based checks use short real leases and TTLs
+//! (about a second in all); they work under tokio's paused clock too.
+//!
+//! ```
+//! use tower_idempotency::store::{conformance, MemoryStore};
+//!
+//! # #[tokio::main]
+//! # async fn main() {
+//! conformance::run_all(&MemoryStore::new()).await;
+//! # }
+//! ```
+//!
+//! In a test file of your own store:
+//!
+//! ```ignore
+//! tower_idempotency::store_conformance_tests!(my_store_conformance, async { MyStore::connect().await });
+//! ```
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{ClaimOutcome, OwnerToken, Record, Store, StoreError};
+
+const LEASE: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(3600);
+/// Short enough to wait for in a test, long enough for a round trip to a server.
+const SHORT: Duration = Duration::from_millis(400);
+
+/// A key no other check (or earlier run) uses.
+pub fn fresh_key(case: &str) -> String {
+    format!("conformance/{case}/{:032x}", fastrand::u128(..))
+}
+
+async fn claim_owned<St: Store>(store: &St, key: &str, lease: Duration) -> OwnerToken {
+    match store.claim(key, lease).await.expect("claim") {
+        ClaimOutcome::Claimed(token) => token,
+        other => panic!("expected to claim {key}, got {other:?}"),
+    }
+}
+
+fn assert_in_flight(outcome: ClaimOutcome) {
+    assert!(matches!(outcome, ClaimOutcome::InFlight { .. }), "expected in flight, got {outcome:?}");
+}
+
+fn assert_lease_lost(result: Result<(), StoreError>, what: &str) {
+    assert!(matches!(result, Err(StoreError::LeaseLost)), "{what}: expected LeaseLost, got {result:?}");
+}
+
+/// A fresh key is claimed; a second claim sees it in flight.
+pub async fn claim_then_in_flight<St: Store>(store: &St) {
+    let key = fresh_key("claim");
+    claim_owned(store, &key, LEASE).await;
+    assert_in_flight(store.claim(&key, LEASE).await.unwrap());
+    assert_in_flight(store.claim(&key, LEASE).await.unwrap());
+}
+
+/// A completed key returns its record (fingerprint and binary payload intact) to every claim.
+pub async fn complete_then_replay<St: Store>(store: &St) {
+    let key = fresh_key("complete");
+    let token = claim_owned(store, &key, LEASE).await;
+    // Not UTF-8, with NULs: stores must be binary-safe.
+    let payload = Bytes::from((0..=255u8).cycle().take(70_000).collect::<Vec<u8>>());
+    let record = Record::new(Some(u128::MAX - 7), payload.clone());
+    store.complete(&key, &token, record.clone(), TTL).await.unwrap();
+    for _ in 0..2 {
+        match store.claim(&key, LEASE).await.unwrap() {
+            ClaimOutcome::Completed(got) => assert_eq!(got, record),
+            other => panic!("expected the record, got {other:?}"),
+        }
+    }
+    let key = fresh_key("complete-none");
+    let token = claim_owned(store, &key, LEASE).await;
+    store.complete(&key, &token, Record::new(None, Bytes::new()), TTL).await.unwrap();
+    match store.claim(&key, LEASE).await.unwrap() {
+        ClaimOutcome::Completed(got) => {
+            assert_eq!(got.fingerprint(), None);
+            assert!(got.payload().is_empty());
+        }
+        other => panic!("expected the record, got {other:?}"),
+    }
+}
+
+/// A released key is claimed again, with a new token.
+pub async fn release_then_reclaim<St: Store>(store: &St) {
+    let key = fresh_key("release");
+    let first = claim_owned(store, &key, LEASE).await;
+    store.release(&key, &first).await.unwrap();
+    let second = claim_owned(store, &key, LEASE).await;
+    assert_ne!(first, second, "a new claim must get a new token");
+}
+
+/// Complete, renew and release with a token that does not own the key are refused and change
+/// nothing; a token is spent once its claim completed.
+pub async fn owner_checks<St: Store>(store: &St) {
+    let key = fresh_key("owner");
+    let token = claim_owned(store, &key, LEASE).await;
+    let stranger = OwnerToken::random();
+    assert_lease_lost(store.complete(&key, &stranger, Record::new(None, "x"), TTL).await, "complete by a stranger");
+    assert_lease_lost(store.renew(&key, &stranger, LEASE).await, "renew by a stranger");
+    assert_lease_lost(store.release(&key, &stranger).await, "release by a stranger");
+    assert_in_flight(store.claim(&key, LEASE).await.unwrap());
+
+    store.complete(&key, &token, Record::new(None, "first"), TTL).await.unwrap();
+    assert_lease_lost(store.complete(&key, &token, Record::new(None, "second"), TTL).await, "second complete");
+    assert_lease_lost(store.release(&key, &token).await, "release after complete");
+    assert_lease_lost(store.renew(&key, &token, LEASE).await, "renew after complete");
+    match store.claim(&key, LEASE).await.unwrap() {
+        ClaimOutcome::Completed(record) => assert_eq!(record.payload(), "first"),
+        other => panic!("expected the first record, got {other:?}"),
+    }
+
+    let unclaimed = fresh_key("owner-unclaimed");
+    assert_lease_lost(store.complete(&unclaimed, &token, Record::new(None, "x"), TTL).await, "complete of an unclaimed key");
+    assert!(matches!(store.claim(&unclaimed, LEASE).await.unwrap(), ClaimOutcome::Claimed(_)));
+}
+
+/// A lease that lapses is taken over by the next claim; the old owner can then neither
+/// complete, renew nor release, and the new owner's record stands.
+pub async fn lapsed_lease_is_taken_over_and_fenced<St: Store>(store: &St) {
+    let key = fresh_key("lapse");
+    let old = claim_owned(store, &key, SHORT).await;
+    tokio::time::sleep(SHORT * 2).await;
+    let new = claim_owned(store, &key, LEASE).await;
+    assert_ne!(old, new);
+    assert_lease_lost(store.complete(&key, &old, Record::new(None, "late"), TTL).await, "late complete");
+    assert_lease_lost(store.renew(&key, &old, LEASE).await, "late renew");
+    assert_lease_lost(store.release(&key, &old).await, "late release");
+    store.complete(&key, &new, Record::new(None, "new owner"), TTL).await.unwrap();
+    match store.claim(&key, LEASE).await.unwrap() {
+        ClaimOutcome::Completed(record) => assert_eq!(record.payload(), "new owner"),
+        other => panic!("expected the new owner's record, got {other:?}"),
+    }
+}
+
+/// Renewal keeps a claim alive past its first lease.
+pub async fn renew_extends_the_lease<St: Store>(store: &St) {
+    let key = fresh_key("renew");
+    let token = claim_owned(store, &key, SHORT).await;
+    for _ in 0..3 {
+        tokio::time::sleep(SHORT / 2).await;
+        store.renew(&key, &token, SHORT).await.unwrap();
+    }
+    // 1.5 leases after the claim: only renewal keeps it.
+    assert_in_flight(store.claim(&key, LEASE).await.unwrap());
+    store.complete(&key, &token, Record::new(None, "done"), TTL).await.unwrap();
+}
+
+/// A record is gone after its TTL: the next claim runs.
+pub async fn record_expires_after_ttl<St: Store>(store: &St) {
+    let key = fresh_key("ttl");
+    let token = claim_owned(store, &key, LEASE).await;
+    store.complete(&key, &token, Record::new(None, "short-lived"), SHORT).await.unwrap();
+    assert!(matches!(store.claim(&key, LEASE).await.unwrap(), ClaimOutcome::Completed(_)));
+    tokio::time::sleep(SHORT * 2).await;
+    claim_owned(store, &key, LEASE).await;
+}
+
+/// Keys do not interfere.
+pub async fn keys_are_independent<St: Store>(store: &St) {
+    let a = fresh_key("independent-a");
+    let b = fresh_key("independent-b");
+    let token = claim_owned(store, &a, LEASE).await;
+    claim_owned(store, &b, LEASE).await;
+    store.complete(&a, &token, Record::new(None, "a"), TTL).await.unwrap();
+    assert_in_flight(store.claim(&b, LEASE).await.unwrap());
+}
+
+/// Many tasks claiming one key at the same instant: exactly one wins, every other sees it in
+/// flight. Run it on a multi-threaded runtime for a real race.
+pub async fn concurrent_claims_have_one_winner<St: Store + Clone>(store: &St) {
+    const TASKS: usize = 64;
+    for round in 0..5 {
+        let key = Arc::new(fresh_key(&format!("race-{round}")));
+        let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
+        let winners = Arc::new(AtomicUsize::new(0));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|_| {
+                let (store, key, barrier) = (store.clone(), key.clone(), barrier.clone());
+                let (winners, in_flight) = (winners.clone(), in_flight.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    match store.claim(&key, LEASE).await.unwrap() {
+                        ClaimOutcome::Claimed(_) => winners.fetch_add(1, Ordering::SeqCst),
+                        ClaimOutcome::InFlight { .. } => in_flight.fetch_add(1, Ordering::SeqCst),
+                        ClaimOutcome::Completed(_) => panic!("nobody completed"),
+                    };
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(winners.load(Ordering::SeqCst), 1, "exactly one claim wins");
+        assert_eq!(in_flight.load(Ordering::SeqCst), TASKS - 1);
+    }
+}
+
+/// A waiter returns soon after the claim it waits on completes (it never waits forever), and
+/// at once for a key that is not in flight.
+pub async fn wait_returns_when_the_claim_ends<St: Store + Clone>(store: &St) {
+    let key = fresh_key("wait");
+    tokio::time::timeout(Duration::from_secs(5), store.wait(&key, 0))
+        .await
+        .expect("waiting on a free key returns");
+    let token = claim_owned(store, &key, LEASE).await;
+    let waiter = tokio::spawn({
+        let (store, key) = (store.clone(), key.clone());
+        async move {
+            let mut attempt = 0;
+            loop {
+                match store.claim(&key, LEASE).await.unwrap() {
+                    ClaimOutcome::Completed(record) => return record,
+                    ClaimOutcome::InFlight { .. } => store.wait(&key, attempt).await,
+                    ClaimOutcome::Claimed(_) => panic!("the key is held"),
+                }
+                attempt += 1;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    store.complete(&key, &token, Record::new(None, "done"), TTL).await.unwrap();
+    let record = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the waiter sees the completion")
+        .unwrap();
+    assert_eq!(record.payload(), "done");
+}
+
+/// Runs every check against `store`.
+pub async fn run_all<St: Store + Clone>(store: &St) {
+    claim_then_in_flight(store).await;
+    complete_then_replay(store).await;
+    release_then_reclaim(store).await;
+    owner_checks(store).await;
+    keys_are_independent(store).await;
+    renew_extends_the_lease(store).await;
+    lapsed_lease_is_taken_over_and_fenced(store).await;
+    record_expires_after_ttl(store).await;
+    concurrent_claims_have_one_winner(store).await;
+    wait_returns_when_the_claim_ends(store).await;
+}
+
+/// Generates one `#[tokio::test]` (multi-threaded) per conformance check, in a module named
+/// `$name`, each on a store made by `$make` (an expression evaluating to a future of the store).
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($name:ident, $make:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::store_conformance_tests!(@case $make;
+                claim_then_in_flight, complete_then_replay, release_then_reclaim, owner_checks,
+                keys_are_independent, renew_extends_the_lease, lapsed_lease_is_taken_over_and_fenced,
+                record_expires_after_ttl, concurrent_claims_have_one_winner,
+                wait_returns_when_the_claim_ends);
+        }
+    };
+    (@case $make:expr; $($case:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let store = $make.await;
+                $crate::store::conformance::$case(&store).await;
+            }
+        )*
+    };
+}

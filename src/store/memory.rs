@@ -1,0 +1,392 @@
+//! The embedded store: completed records in a byte-bounded moka cache, claims in a sharded map.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use moka::policy::EvictionPolicy;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{ClaimOutcome, OwnerToken, Record, Store, StoreError};
+
+const SHARDS: usize = 64;
+/// What a stored record costs beyond its key and payload, as charged against the capacity:
+/// the cache entry (key `Arc`, value, moka's node and its bookkeeping). Measured in
+/// `BENCHMARKS.md`; an estimate on the safe side.
+const RECORD_OVERHEAD: u64 = 160;
+
+/// An in-process store: the default. One process only; use a shared store for a fleet.
+///
+/// * Completed records live in a [moka] cache bounded by the **total bytes** of records
+///   (keys, payloads and a fixed per-record overhead) [64 MiB], evicting the least recently
+///   used record first. A record evicted early (capacity pressure) behaves like an expired one:
+///   a retry with its key runs again. Size the capacity for your retention.
+/// * Claims in flight live apart from the cache, in a sharded map, so capacity pressure
+///   never evicts a claim: only its lease lapsing or its owner completing or releasing it ends it.
+/// * Expiry (record TTLs and leases) is measured with [`tokio::time::Instant`], so tests can
+///   drive it with tokio's paused clock.
+/// * Duplicates waiting for a claim ([`Store::wait`]) are woken the moment the claim ends.
+///
+/// Clones share the same storage.
+///
+/// ```
+/// use tower_idempotency::store::MemoryStore;
+///
+/// let store = MemoryStore::builder().max_bytes(256 * 1024 * 1024).build();
+/// # let _ = store;
+/// ```
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    records: moka::sync::Cache<Arc<str>, Stored>,
+    claims: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    next_token: AtomicU64,
+    epoch: u64,
+}
+
+#[derive(Clone)]
+struct Stored {
+    record: Record,
+    expires_at: Instant,
+}
+
+#[derive(Default)]
+struct Shard {
+    map: HashMap<Arc<str>, Claim>,
+    /// The map's length after the last sweep of lapsed leases.
+    swept_len: usize,
+}
+
+struct Claim {
+    token: OwnerToken,
+    deadline: Instant,
+    /// Created by the first waiter; dropping it (the claim ends) wakes every waiter.
+    waiters: Option<watch::Sender<()>>,
+}
+
+/// Builds a [`MemoryStore`].
+#[derive(Debug, Clone)]
+pub struct MemoryStoreBuilder {
+    max_bytes: u64,
+}
+
+impl MemoryStoreBuilder {
+    /// The most bytes completed records may take together [64 MiB].
+    pub fn max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> MemoryStore {
+        let records = moka::sync::Cache::builder()
+            .max_capacity(self.max_bytes)
+            // LRU admits every new record; TinyLFU could refuse a fresh one, which would let
+            // its retry run again.
+            .eviction_policy(EvictionPolicy::lru())
+            .weigher(|key: &Arc<str>, stored: &Stored| {
+                let weight = key.len() as u64 + stored.record.payload().len() as u64 + RECORD_OVERHEAD;
+                u32::try_from(weight).unwrap_or(u32::MAX)
+            })
+            .expire_after(Expiry)
+            .build();
+        let claims = (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect();
+        MemoryStore {
+            inner: Arc::new(Inner {
+                records,
+                claims,
+                hasher: RandomState::new(),
+                next_token: AtomicU64::new(0),
+                epoch: fastrand::u64(..),
+            }),
+        }
+    }
+}
+
+impl Default for MemoryStoreBuilder {
+    fn default() -> Self {
+        Self {
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Lets moka drop records once they expired (by the wall clock). Correctness does not rest
+/// on it: every read checks `expires_at` itself, against tokio's clock.
+struct Expiry;
+
+impl moka::Expiry<Arc<str>, Stored> for Expiry {
+    fn expire_after_create(
+        &self,
+        _key: &Arc<str>,
+        value: &Stored,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.expires_at.saturating_duration_since(Instant::now()))
+    }
+}
+
+impl MemoryStore {
+    /// A store with the default capacity [64 MiB of records].
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// A builder to set the capacity.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder::default()
+    }
+
+    /// The bytes that completed records currently take, as charged against the capacity
+    /// (approximate until moka's pending maintenance has run).
+    pub fn weighted_size(&self) -> u64 {
+        self.inner.records.run_pending_tasks();
+        self.inner.records.weighted_size()
+    }
+
+    /// How many completed records are held (after pending maintenance).
+    pub fn record_count(&self) -> u64 {
+        self.inner.records.run_pending_tasks();
+        self.inner.records.entry_count()
+    }
+
+    fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
+        let index = self.inner.hasher.hash_one(key) as usize % SHARDS;
+        // A panic while holding a shard lock cannot leave a shard half-updated (every update
+        // is a single map operation), so a poisoned lock is safe to keep using.
+        self.inner.claims[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn live_record(&self, key: &str, now: Instant) -> Option<Record> {
+        let stored = self.inner.records.get(key)?;
+        (stored.expires_at > now).then_some(stored.record)
+    }
+
+    fn new_token(&self) -> OwnerToken {
+        let n = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
+        OwnerToken::from_u128((u128::from(self.inner.epoch) << 64) | u128::from(n))
+    }
+
+    /// Checks that `token` owns a live lease on `key`, and removes that claim.
+    fn take_claim(shard: &mut Shard, key: &str, token: &OwnerToken) -> Result<Claim, StoreError> {
+        match shard.map.get(key) {
+            Some(claim) if claim.token == *token && claim.deadline > Instant::now() => {
+                Ok(shard.map.remove(key).expect("present"))
+            }
+            _ => Err(StoreError::LeaseLost),
+        }
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("records", &self.inner.records.entry_count())
+            .field("weighted_size", &self.inner.records.weighted_size())
+            .finish()
+    }
+}
+
+impl Shard {
+    /// Drops claims whose lease lapsed, amortised: only once the map has doubled since the
+    /// last sweep, so a process whose handlers died cannot grow the map without bound.
+    fn sweep_if_grown(&mut self, now: Instant) {
+        if self.map.len() >= (self.swept_len * 2).max(64) {
+            self.map.retain(|_, claim| claim.deadline > now);
+            self.swept_len = self.map.len();
+        }
+    }
+}
+
+impl Store for MemoryStore {
+    async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, StoreError> {
+        let now = Instant::now();
+        // The replay path: no lock.
+        if let Some(record) = self.live_record(key, now) {
+            return Ok(ClaimOutcome::Completed(record));
+        }
+        let mut shard = self.shard(key);
+        if let Some(claim) = shard.map.get(key) {
+            if claim.deadline > now {
+                return Ok(ClaimOutcome::InFlight {
+                    lease_remaining: Some(claim.deadline - now),
+                });
+            }
+        }
+        // Records are written under the shard lock (see `complete`), so this second look
+        // cannot miss one that a completion made between the first look and the lock.
+        if let Some(record) = self.live_record(key, now) {
+            return Ok(ClaimOutcome::Completed(record));
+        }
+        let token = self.new_token();
+        shard.sweep_if_grown(now);
+        shard.map.insert(
+            Arc::from(key),
+            Claim {
+                token,
+                deadline: now + lease,
+                waiters: None,
+            },
+        );
+        Ok(ClaimOutcome::Claimed(token))
+    }
+
+    async fn renew(&self, key: &str, token: &OwnerToken, lease: Duration) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        match shard.map.get_mut(key) {
+            Some(claim) if claim.token == *token && claim.deadline > now => {
+                claim.deadline = now + lease;
+                Ok(())
+            }
+            _ => Err(StoreError::LeaseLost),
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut shard = self.shard(key);
+        Self::take_claim(&mut shard, key, token)?;
+        let stored = Stored {
+            record,
+            expires_at: Instant::now() + ttl,
+        };
+        self.inner.records.insert(Arc::from(key), stored);
+        Ok(())
+    }
+
+    async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
+        let mut shard = self.shard(key);
+        Self::take_claim(&mut shard, key, token).map(drop)
+    }
+
+    async fn wait(&self, key: &str, attempt: u32) {
+        let mut receiver = {
+            let mut shard = self.shard(key);
+            match shard.map.get_mut(key) {
+                Some(claim) => match &claim.waiters {
+                    Some(sender) => sender.subscribe(),
+                    None => {
+                        let (sender, receiver) = watch::channel(());
+                        claim.waiters = Some(sender);
+                        receiver
+                    }
+                },
+                // The claim already ended: claim again at once.
+                None => return,
+            }
+        };
+        // Woken when the claim ends (its sender is dropped); the timeout covers a lease that
+        // lapses without anyone ending it.
+        let backstop = Duration::from_millis(250).saturating_mul(attempt + 1).min(Duration::from_secs(2));
+        let _ = tokio::time::timeout(backstop, receiver.changed()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(60);
+
+    async fn claimed(store: &MemoryStore, key: &str) -> OwnerToken {
+        match store.claim(key, LEASE).await.unwrap() {
+            ClaimOutcome::Claimed(token) => token,
+            other => panic!("expected a claim, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_expire_on_the_tokio_clock() {
+        let store = MemoryStore::new();
+        let token = claimed(&store, "k").await;
+        store.complete("k", &token, Record::new(None, "r"), Duration::from_secs(24 * 3600)).await.unwrap();
+        tokio::time::advance(Duration::from_secs(24 * 3600 - 1)).await;
+        assert!(matches!(store.claim("k", LEASE).await.unwrap(), ClaimOutcome::Completed(_)));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        claimed(&store, "k").await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_lapse_on_the_tokio_clock() {
+        let store = MemoryStore::new();
+        claimed(&store, "k").await;
+        tokio::time::advance(LEASE - Duration::from_millis(1)).await;
+        match store.claim("k", LEASE).await.unwrap() {
+            ClaimOutcome::InFlight { lease_remaining } => assert_eq!(lease_remaining, Some(Duration::from_millis(1))),
+            other => panic!("{other:?}"),
+        }
+        tokio::time::advance(Duration::from_millis(1)).await;
+        claimed(&store, "k").await;
+    }
+
+    #[tokio::test]
+    async fn capacity_bounds_records_but_never_evicts_a_claim() {
+        let store = MemoryStore::builder().max_bytes(64 * 1024).build();
+        let held = claimed(&store, "held").await;
+        let payload = bytes::Bytes::from(vec![0u8; 1024]);
+        for i in 0..1000 {
+            let key = format!("record-{i}");
+            let token = claimed(&store, &key).await;
+            store.complete(&key, &token, Record::new(None, payload.clone()), LEASE).await.unwrap();
+        }
+        assert!(store.weighted_size() <= 64 * 1024, "weighted size {}", store.weighted_size());
+        assert!(store.record_count() < 1000, "old records were evicted");
+        // The most recent record survives (LRU admits new records).
+        assert!(matches!(store.claim("record-999", LEASE).await.unwrap(), ClaimOutcome::Completed(_)));
+        // The claim in flight is untouched by capacity pressure.
+        assert!(matches!(store.claim("held", LEASE).await.unwrap(), ClaimOutcome::InFlight { .. }));
+        store.complete("held", &held, Record::new(None, "done"), LEASE).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lapsed_claims_are_swept_so_the_map_stays_bounded() {
+        let store = MemoryStore::new();
+        for round in 0..10 {
+            for i in 0..1000 {
+                claimed(&store, &format!("abandoned-{round}-{i}")).await;
+            }
+            tokio::time::advance(LEASE * 2).await;
+        }
+        let held: usize = store.inner.claims.iter().map(|s| s.lock().unwrap().map.len()).sum();
+        assert!(held < 3000, "{held} claims held; lapsed ones must be swept");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_wake_when_the_claim_ends() {
+        let store = MemoryStore::new();
+        let token = claimed(&store, "k").await;
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move { store.wait("k", 10).await }
+        });
+        tokio::task::yield_now().await;
+        store.release("k", &token).await.unwrap();
+        // Paused clock: had the waiter relied on its backstop timer, time would have to move.
+        let started = Instant::now();
+        waiter.await.unwrap();
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+}

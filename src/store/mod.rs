@@ -1,0 +1,290 @@
+//! The storage protocol: a small set of **atomic** operations that every backend implements.
+//!
+//! The layer never reads a record and then writes one (a check-then-insert race would let two
+//! duplicates both run). Instead each step of a request's life is one atomic call:
+//!
+//! | call | when | atomically |
+//! |------|------|------------|
+//! | [`Store::claim`] | before the handler runs | returns the completed record, or says the key is in flight, or takes a lease on the key and returns an [`OwnerToken`] |
+//! | [`Store::renew`] | while the handler runs | extends the lease, only if the caller still owns it |
+//! | [`Store::complete`] | after the handler answered | replaces the claim by the record (with its retention TTL), only if the caller still owns the lease |
+//! | [`Store::release`] | the answer is not to be kept | deletes the claim, only if the caller still owns it, so a retry can run |
+//! | [`Store::wait`] | a duplicate waits for the original | resolves when the key *may* have changed (a hint; the caller claims again) |
+//!
+//! Nothing in this module knows about HTTP: a [`Record`] is an opaque payload plus a request
+//! fingerprint, and keys are plain strings. The HTTP layer and the message-consumer adapter
+//! both speak this protocol, against the same stores.
+//!
+//! # Leases and fencing
+//!
+//! A claim holds a *lease*: if its owner dies, the lease lapses and the next claim takes the
+//! key over with a new [`OwnerToken`]. Every owner-checked call compares the token, so the old
+//! owner, should it wake up and try to complete, gets [`StoreError::LeaseLost`] and cannot
+//! overwrite the new owner's work. Stores must measure leases and retention on *their own*
+//! clock (Redis TTLs, the database's `now()`), never on the clock of the calling process.
+//!
+//! # Writing a store
+//!
+//! Implement the five methods with those atomicity rules, then run the conformance suite
+//! (`tower_idempotency::store::conformance`, feature `conformance`) against it. The
+//! `custom_store` example is a complete store over a `Mutex<HashMap>` that passes the suite:
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_idempotency::store::{ClaimOutcome, MemoryStore, Record, Store};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_idempotency::store::StoreError> {
+//! let store = MemoryStore::new();
+//! let lease = Duration::from_secs(60);
+//!
+//! let ClaimOutcome::Claimed(token) = store.claim("tenant/POST/charges/k1", lease).await? else {
+//!     unreachable!("a fresh key is always claimed");
+//! };
+//! // A second claim while the first runs sees it in flight.
+//! assert!(matches!(store.claim("tenant/POST/charges/k1", lease).await?, ClaimOutcome::InFlight { .. }));
+//!
+//! let record = Record::new(Some(42), "the outcome");
+//! store.complete("tenant/POST/charges/k1", &token, record, Duration::from_secs(3600)).await?;
+//! match store.claim("tenant/POST/charges/k1", lease).await? {
+//!     ClaimOutcome::Completed(record) => assert_eq!(record.payload(), "the outcome"),
+//!     other => panic!("expected the record, got {other:?}"),
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+mod memory;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use memory::{MemoryStore, MemoryStoreBuilder};
+
+/// A boxed error from a store backend, kept as the `source()` of a [`StoreError`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Proof of owning a claim. See the [module docs](self).
+///
+/// Tokens are opaque 128-bit values; a store must never hand out the same token twice for
+/// one key (random 128-bit values, or a counter combined with a per-process random epoch).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OwnerToken(u128);
+
+impl OwnerToken {
+    /// Wraps a raw token value.
+    pub const fn from_u128(value: u128) -> Self {
+        Self(value)
+    }
+
+    /// A fresh random token (128 random bits).
+    pub fn random() -> Self {
+        Self(fastrand::u128(..))
+    }
+
+    /// The raw token value.
+    pub const fn as_u128(&self) -> u128 {
+        self.0
+    }
+}
+
+impl fmt::Debug for OwnerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OwnerToken({:032x})", self.0)
+    }
+}
+
+impl fmt::Display for OwnerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// What the original request produced, as a store keeps it. See the [module docs](self).
+///
+/// The payload is opaque to the store (the HTTP layer encodes a response into it, the consumer
+/// adapter a serialised outcome); cloning a record is cheap (the payload is reference counted).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Record {
+    fingerprint: Option<u128>,
+    payload: Bytes,
+}
+
+impl Record {
+    /// A record of `payload`, produced by a request whose fingerprint was `fingerprint`
+    /// (`None` when fingerprints are not checked).
+    pub fn new(fingerprint: Option<u128>, payload: impl Into<Bytes>) -> Self {
+        Self {
+            fingerprint,
+            payload: payload.into(),
+        }
+    }
+
+    /// The fingerprint of the request that produced this record.
+    pub fn fingerprint(&self) -> Option<u128> {
+        self.fingerprint
+    }
+
+    /// The stored outcome.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Takes the stored outcome.
+    pub fn into_payload(self) -> Bytes {
+        self.payload
+    }
+}
+
+impl fmt::Debug for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Record")
+            .field("fingerprint", &self.fingerprint.map(|v| format!("{v:032x}")))
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
+}
+
+/// The answer to [`Store::claim`]. See the [module docs](self).
+#[derive(Debug, Clone)]
+pub enum ClaimOutcome {
+    /// The caller now owns the key until its lease lapses.
+    Claimed(OwnerToken),
+    /// Another caller owns the key and has not finished.
+    InFlight {
+        /// How long the current lease still runs, when the store knows.
+        lease_remaining: Option<Duration>,
+    },
+    /// The key was completed earlier; here is its record.
+    Completed(Record),
+}
+
+/// Why a store call failed. See the [module docs](self).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The caller's lease lapsed and the key was released, completed or taken over by
+    /// another owner: the owner-checked call was refused.
+    #[error("the lease on this key was lost")]
+    LeaseLost,
+    /// The backend could not be reached or failed.
+    #[error("store backend failed")]
+    Backend(#[source] BoxError),
+    /// A record in the backend could not be read (corrupt, or written by an unknown version).
+    #[error("stored record is unreadable")]
+    Corrupt(#[source] BoxError),
+}
+
+impl StoreError {
+    /// Wraps a backend error.
+    pub fn backend(error: impl Into<BoxError>) -> Self {
+        Self::Backend(error.into())
+    }
+}
+
+/// A storage backend for idempotency records. See the [module docs](self) for the protocol.
+///
+/// Every method must be atomic with respect to the others for the same key, including across
+/// processes for shared stores.
+pub trait Store: Send + Sync + 'static {
+    /// Atomically: if `key` holds an unexpired record, return it; else if a live lease holds
+    /// it, report it in flight; else (absent, expired, or a lapsed lease) take it with a new
+    /// lease of `lease` and return a fresh owner token.
+    fn claim(
+        &self,
+        key: &str,
+        lease: Duration,
+    ) -> impl Future<Output = Result<ClaimOutcome, StoreError>> + Send;
+
+    /// Extends the lease of `token` on `key` to `lease` from now. Fails with
+    /// [`StoreError::LeaseLost`] when `token` no longer owns a live lease.
+    fn renew(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Replaces the claim of `token` by `record`, kept for `ttl`. Fails with
+    /// [`StoreError::LeaseLost`] when `token` no longer owns a live lease (nothing is written).
+    fn complete(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        record: Record,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Deletes the claim of `token`, so the next claim runs. Fails with
+    /// [`StoreError::LeaseLost`] when `token` no longer owns it (nothing is deleted).
+    fn release(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Resolves when `key` may have left the in-flight state, or after a backoff; the caller
+    /// then claims again. `attempt` counts the waits of this caller, from 0.
+    ///
+    /// The default sleeps with exponential backoff and full jitter (from 10 ms, capped at
+    /// 500 ms), so waiting duplicates never poll in a tight loop. Stores that can be notified
+    /// (the memory store, Redis pub/sub) override it to wake as soon as the key changes.
+    fn wait(&self, key: &str, attempt: u32) -> impl Future<Output = ()> + Send {
+        let _ = key;
+        tokio::time::sleep(backoff_with_jitter(attempt))
+    }
+}
+
+/// Exponential backoff with full jitter, from 10 ms, capped at 500 ms.
+pub(crate) fn backoff_with_jitter(attempt: u32) -> Duration {
+    let cap_ms = 10u64.saturating_mul(1 << attempt.min(6)).min(500);
+    Duration::from_millis(fastrand::u64(1..=cap_ms))
+}
+
+impl<T: Store> Store for Arc<T> {
+    fn claim(
+        &self,
+        key: &str,
+        lease: Duration,
+    ) -> impl Future<Output = Result<ClaimOutcome, StoreError>> + Send {
+        (**self).claim(key, lease)
+    }
+
+    fn renew(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).renew(key, token, lease)
+    }
+
+    fn complete(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        record: Record,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).complete(key, token, record, ttl)
+    }
+
+    fn release(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).release(key, token)
+    }
+
+    fn wait(&self, key: &str, attempt: u32) -> impl Future<Output = ()> + Send {
+        (**self).wait(key, attempt)
+    }
+}

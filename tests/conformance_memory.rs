@@ -1,0 +1,11 @@
+//! The store conformance suite against the embedded `MemoryStore`.
+
+use tower_idempotency::store::MemoryStore;
+
+tower_idempotency::store_conformance_tests!(memory_store, async { MemoryStore::new() });
+
+/// `Arc<T>` is a store too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn arc_of_a_store_is_a_store() {
+    tower_idempotency::store::conformance::run_all(&std::sync::Arc::new(MemoryStore::new())).await;
+}
