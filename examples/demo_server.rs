@@ -1,0 +1,219 @@
+//! A payments API guarded by `tower-idempotency`: the project's demo and its outside contract.
+//!
+//! ```text
+//! cargo run --example demo_server -- [--addr HOST:PORT] [--store memory] [--ttl SECS]
+//!     [--lock-ttl SECS] [--on-conflict reject|wait] [--require-key]
+//! ```
+//!
+//! * `POST /payments` (needs `Authorization: Bearer <tenant>`; keys are scoped per tenant):
+//!   `{"amount": u64, "currency": str}` → 201 with the payment. `"delay_ms": n` makes the
+//!   handler sleep, `"fail": true` makes it answer 500.
+//! * `GET /payments/{id}`, `GET /stats` (`{"executions": N}`: how often the POST handler started).
+//! * `POST /bare/payments`: the same handler without the layer (for load comparisons).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_idempotency::{IdempotencyLayer, OnConflict};
+
+#[derive(Parser, Debug)]
+#[command(about = "Demo payments API behind tower-idempotency")]
+struct Args {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    addr: SocketAddr,
+    /// Where records live: `memory`.
+    #[arg(long, default_value = "memory")]
+    store: String,
+    /// How long responses are kept for replay, in seconds [library default: 24 h].
+    #[arg(long)]
+    ttl: Option<u64>,
+    /// How long a claim lasts without renewal, in seconds [library default: 60 s].
+    #[arg(long)]
+    lock_ttl: Option<u64>,
+    /// What a duplicate gets while the original runs.
+    #[arg(long, value_enum, default_value_t = Conflict::Reject)]
+    on_conflict: Conflict,
+    /// Refuse keyless POSTs with 400.
+    #[arg(long)]
+    require_key: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Conflict {
+    Reject,
+    Wait,
+}
+
+#[derive(Clone, Default)]
+struct AppState {
+    executions: Arc<AtomicU64>,
+    payments: Arc<Mutex<HashMap<String, Value>>>,
+}
+
+#[derive(Clone)]
+struct Tenant(String);
+
+#[derive(Deserialize)]
+struct NewPayment {
+    amount: u64,
+    currency: String,
+    #[serde(default)]
+    delay_ms: u64,
+    #[serde(default)]
+    fail: bool,
+}
+
+fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
+    let body = json!({"type": "about:blank", "title": title, "status": status.as_u16(), "detail": detail});
+    let mut response = (status, body.to_string()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    response
+}
+
+/// Authentication: runs before the idempotency layer and tells it the tenant.
+async fn authenticate(mut request: Request, next: Next) -> Response {
+    let tenant = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned);
+    match tenant {
+        Some(tenant) => {
+            request.extensions_mut().insert(Tenant(tenant));
+            next.run(request).await
+        }
+        None => problem(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "Send Authorization: Bearer <tenant>.",
+        ),
+    }
+}
+
+async fn create_payment(
+    State(state): State<AppState>,
+    tenant: Option<Extension<Tenant>>,
+    body: Bytes,
+) -> Response {
+    state.executions.fetch_add(1, Ordering::SeqCst);
+    let payment: NewPayment = match serde_json::from_slice(&body) {
+        Ok(payment) => payment,
+        Err(error) => {
+            return problem(StatusCode::BAD_REQUEST, "Invalid payment", &error.to_string());
+        }
+    };
+    if payment.delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(payment.delay_ms)).await;
+    }
+    if payment.fail {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": "simulated failure"})),
+        )
+            .into_response();
+    }
+    let id = format!("pay_{}", uuid::Uuid::new_v4().simple());
+    let tenant = tenant.map(|Extension(Tenant(t))| t).unwrap_or_default();
+    let record = json!({"id": id, "amount": payment.amount, "currency": payment.currency, "tenant": tenant});
+    state.payments.lock().unwrap().insert(id.clone(), record.clone());
+    let mut response = (StatusCode::CREATED, Json(record)).into_response();
+    response.headers_mut().insert(
+        header::LOCATION,
+        HeaderValue::try_from(format!("/payments/{id}")).expect("ids are ASCII"),
+    );
+    response
+}
+
+async fn get_payment(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    match state.payments.lock().unwrap().get(&id) {
+        Some(payment) => Json(payment.clone()).into_response(),
+        None => problem(StatusCode::NOT_FOUND, "Not found", "No such payment."),
+    }
+}
+
+async fn stats(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({"executions": state.executions.load(Ordering::SeqCst)}))
+}
+
+fn idempotency_layer(args: &Args) -> IdempotencyLayer {
+    let mut layer = IdempotencyLayer::new()
+        .scope(|parts| parts.extensions.get::<Tenant>().map(|t| t.0.clone()))
+        .require_key(args.require_key);
+    if let Some(ttl) = args.ttl {
+        layer = layer.ttl(Duration::from_secs(ttl));
+    }
+    if let Some(lease) = args.lock_ttl {
+        layer = layer.lease(Duration::from_secs(lease));
+    }
+    if let Conflict::Wait = args.on_conflict {
+        layer = layer.on_conflict(OnConflict::Wait(Duration::from_secs(30)));
+    }
+    layer
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if args.store != "memory" {
+        return Err(format!("unsupported --store {:?}: this build knows `memory`", args.store).into());
+    }
+    let state = AppState::default();
+    let guarded = ServiceBuilder::new()
+        .layer(middleware::from_fn(authenticate))
+        .layer(idempotency_layer(&args));
+    let app = Router::new()
+        .route("/payments", post(create_payment).layer(guarded))
+        .route("/payments/{id}", get(get_payment))
+        .route(
+            "/bare/payments",
+            post(create_payment).layer(middleware::from_fn(authenticate)),
+        )
+        .route("/stats", get(stats))
+        .layer(DefaultBodyLimit::max(16 * 1024 * 1024 + 64 * 1024))
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(PropagateRequestIdLayer::x_request_id()),
+        )
+        .with_state(state);
+
+    let listener = tokio::net::TcpListener::bind(args.addr).await?;
+    let addr = listener.local_addr()?;
+    println!("listening on http://{addr}");
+    std::io::stdout().flush()?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
