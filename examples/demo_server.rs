@@ -81,7 +81,8 @@ struct NewPayment {
 }
 
 fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
-    let body = json!({"type": "about:blank", "title": title, "status": status.as_u16(), "detail": detail});
+    let body =
+        json!({"type": "about:blank", "title": title, "status": status.as_u16(), "detail": detail});
     let mut response = (status, body.to_string()).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -122,7 +123,11 @@ async fn create_payment(
     let payment: NewPayment = match serde_json::from_slice(&body) {
         Ok(payment) => payment,
         Err(error) => {
-            return problem(StatusCode::BAD_REQUEST, "Invalid payment", &error.to_string());
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "Invalid payment",
+                &error.to_string(),
+            );
         }
     };
     if payment.delay_ms > 0 {
@@ -137,8 +142,13 @@ async fn create_payment(
     }
     let id = format!("pay_{}", uuid::Uuid::new_v4().simple());
     let tenant = tenant.map(|Extension(Tenant(t))| t).unwrap_or_default();
-    let record = json!({"id": id, "amount": payment.amount, "currency": payment.currency, "tenant": tenant});
-    state.payments.lock().unwrap().insert(id.clone(), record.clone());
+    let record =
+        json!({"id": id, "amount": payment.amount, "currency": payment.currency, "tenant": tenant});
+    state
+        .payments
+        .lock()
+        .unwrap()
+        .insert(id.clone(), record.clone());
     let mut response = (StatusCode::CREATED, Json(record)).into_response();
     response.headers_mut().insert(
         header::LOCATION,
@@ -184,7 +194,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let args = Args::parse();
     if args.store != "memory" {
-        return Err(format!("unsupported --store {:?}: this build knows `memory`", args.store).into());
+        return Err(format!(
+            "unsupported --store {:?}: this build knows `memory`",
+            args.store
+        )
+        .into());
     }
     let state = AppState::default();
     let guarded = ServiceBuilder::new()

@@ -55,7 +55,11 @@ pub(crate) async fn bounded<T>(
 
 /// Claims `key`; while it is in flight and waiting is on, waits for it (woken by the store,
 /// never polling in a tight loop) until the wait bound.
-pub(crate) async fn begin<St: Store>(store: &St, key: &str, timings: &Timings) -> Result<Begin, Failure> {
+pub(crate) async fn begin<St: Store>(
+    store: &St,
+    key: &str,
+    timings: &Timings,
+) -> Result<Begin, Failure> {
     let deadline = timings.wait.map(|wait| Instant::now() + wait);
     let mut attempt = 0u32;
     loop {
@@ -120,23 +124,42 @@ pub(crate) async fn complete<St: Store>(
     record: Record,
     timings: &Timings,
 ) -> Result<(), Failure> {
-    let result = bounded(timings.store_timeout, store.complete(key, token, record, timings.ttl)).await;
+    let result = bounded(
+        timings.store_timeout,
+        store.complete(key, token, record, timings.ttl),
+    )
+    .await;
     match &result {
         Ok(()) => tracing::debug!(outcome = "stored", "outcome stored"),
         Err(Failure::Store(StoreError::LeaseLost)) => {
-            tracing::error!(outcome = "not_stored", reason = "lease_lost", "lease lost before completion; outcome not stored")
+            tracing::error!(
+                outcome = "not_stored",
+                reason = "lease_lost",
+                "lease lost before completion; outcome not stored"
+            )
         }
-        Err(error) => tracing::error!(outcome = "not_stored", reason = "store_error", %error, "outcome could not be stored"),
+        Err(error) => {
+            tracing::error!(outcome = "not_stored", reason = "store_error", %error, "outcome could not be stored")
+        }
     }
     result
 }
 
 /// Releases `token`'s claim so the next attempt runs; failures are logged.
-pub(crate) async fn release<St: Store>(store: &St, key: &str, token: &OwnerToken, timings: &Timings) {
+pub(crate) async fn release<St: Store>(
+    store: &St,
+    key: &str,
+    token: &OwnerToken,
+    timings: &Timings,
+) {
     match bounded(timings.store_timeout, store.release(key, token)).await {
         Ok(()) => tracing::debug!("claim released"),
-        Err(Failure::Store(StoreError::LeaseLost)) => tracing::warn!("claim already lost when releasing it"),
-        Err(error) => tracing::warn!(%error, "claim could not be released; it lapses with its lease"),
+        Err(Failure::Store(StoreError::LeaseLost)) => {
+            tracing::warn!("claim already lost when releasing it")
+        }
+        Err(error) => {
+            tracing::warn!(%error, "claim could not be released; it lapses with its lease")
+        }
     }
 }
 
@@ -158,20 +181,31 @@ mod tests {
     async fn keep_alive_renews_the_lease_for_work_longer_than_the_lease() {
         let store = MemoryStore::new();
         let t = timings();
-        let Begin::Claimed(token) = begin(&store, "k", &t).await.unwrap() else { panic!() };
+        let Begin::Claimed(token) = begin(&store, "k", &t).await.unwrap() else {
+            panic!()
+        };
         // Ten leases long: without renewal the claim would lapse after the first.
         keep_alive(&store, "k", &token, &t, tokio::time::sleep(t.lease * 10)).await;
-        assert!(matches!(begin(&store, "k", &t).await.unwrap(), Begin::InFlight { .. }));
-        complete(&store, "k", &token, Record::new(None, "done"), &t).await.unwrap();
+        assert!(matches!(
+            begin(&store, "k", &t).await.unwrap(),
+            Begin::InFlight { .. }
+        ));
+        complete(&store, "k", &token, Record::new(None, "done"), &t)
+            .await
+            .unwrap();
     }
 
     #[tokio::test(start_paused = true)]
     async fn without_keep_alive_the_lease_lapses_and_is_taken_over() {
         let store = MemoryStore::new();
         let t = timings();
-        let Begin::Claimed(old) = begin(&store, "k", &t).await.unwrap() else { panic!() };
+        let Begin::Claimed(old) = begin(&store, "k", &t).await.unwrap() else {
+            panic!()
+        };
         tokio::time::sleep(t.lease + Duration::from_millis(1)).await;
-        let Begin::Claimed(new) = begin(&store, "k", &t).await.unwrap() else { panic!("lapsed lease must be claimable") };
+        let Begin::Claimed(new) = begin(&store, "k", &t).await.unwrap() else {
+            panic!("lapsed lease must be claimable")
+        };
         assert_ne!(old, new);
         assert!(matches!(
             complete(&store, "k", &old, Record::new(None, "late"), &t).await,
@@ -183,7 +217,9 @@ mod tests {
     async fn a_waiting_duplicate_gets_the_outcome_when_the_original_completes() {
         let store = MemoryStore::new();
         let mut t = timings();
-        let Begin::Claimed(token) = begin(&store, "k", &t).await.unwrap() else { panic!() };
+        let Begin::Claimed(token) = begin(&store, "k", &t).await.unwrap() else {
+            panic!()
+        };
         t.wait = Some(Duration::from_secs(30));
         let waiter = tokio::spawn({
             let store = store.clone();
@@ -192,7 +228,9 @@ mod tests {
         // Within the 3 s lease: the waiter is still waiting on the original.
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(!waiter.is_finished());
-        complete(&store, "k", &token, Record::new(None, "done"), &t).await.unwrap();
+        complete(&store, "k", &token, Record::new(None, "done"), &t)
+            .await
+            .unwrap();
         match waiter.await.unwrap().unwrap() {
             Begin::Completed { record, waited } => {
                 assert!(waited);
@@ -207,11 +245,19 @@ mod tests {
         let store = MemoryStore::new();
         let mut t = timings();
         t.lease = Duration::from_secs(600);
-        let Begin::Claimed(_) = begin(&store, "k", &t).await.unwrap() else { panic!() };
+        let Begin::Claimed(_) = begin(&store, "k", &t).await.unwrap() else {
+            panic!()
+        };
         t.wait = Some(Duration::from_secs(2));
         let started = Instant::now();
-        assert!(matches!(begin(&store, "k", &t).await.unwrap(), Begin::InFlight { waited: true }));
+        assert!(matches!(
+            begin(&store, "k", &t).await.unwrap(),
+            Begin::InFlight { waited: true }
+        ));
         let waited = started.elapsed();
-        assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(3), "{waited:?}");
+        assert!(
+            waited >= Duration::from_secs(2) && waited < Duration::from_secs(3),
+            "{waited:?}"
+        );
     }
 }

@@ -192,7 +192,7 @@ pub(crate) enum SlotState<B> {
     /// The body was read to its end: here is the fingerprint.
     Done(u128),
     /// The handler dropped the body before its end: the rest, to drain.
-    Leftover(Pin<Box<B>>, FingerprintHasher),
+    Leftover(Pin<Box<B>>, Box<FingerprintHasher>),
     /// The body failed: no fingerprint can be made.
     Failed,
 }
@@ -242,7 +242,7 @@ pub(crate) fn take_slot<B>(slot: &Slot<B>) -> SlotState<B> {
 impl<B> Drop for Hashing<B> {
     fn drop(&mut self) {
         if let (Some(body), Some(hasher)) = (self.body.take(), self.hasher.take()) {
-            set_slot(&self.slot, SlotState::Leftover(body, hasher));
+            set_slot(&self.slot, SlotState::Leftover(body, Box::new(hasher)));
         }
     }
 }
@@ -268,7 +268,9 @@ where
                 let frame = ready!(body.as_mut().poll_frame(cx));
                 match &frame {
                     Some(Ok(frame)) => {
-                        if let (Some(data), Some(hasher)) = (frame.data_ref(), hashing.hasher.as_mut()) {
+                        if let (Some(data), Some(hasher)) =
+                            (frame.data_ref(), hashing.hasher.as_mut())
+                        {
                             hasher.update_body(data.chunk());
                         }
                     }
@@ -312,12 +314,17 @@ where
 impl<B> fmt::Debug for RequestBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let hashing = matches!(self.kind, Kind::Hashing { .. });
-        f.debug_struct("RequestBody").field("hashing", &hashing).finish()
+        f.debug_struct("RequestBody")
+            .field("hashing", &hashing)
+            .finish()
     }
 }
 
 /// Reads `body` to its end, hashing every data chunk into `hasher`, and returns the digest.
-pub(crate) async fn drain<B>(mut body: Pin<Box<B>>, mut hasher: FingerprintHasher) -> Result<u128, BoxError>
+pub(crate) async fn drain<B>(
+    mut body: Pin<Box<B>>,
+    mut hasher: Box<FingerprintHasher>,
+) -> Result<u128, BoxError>
 where
     B: Body,
     B::Error: Into<BoxError>,
@@ -336,7 +343,7 @@ where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    drain(Box::pin(body), hasher).await
+    drain(Box::pin(body), Box::new(hasher)).await
 }
 
 #[cfg(test)]
@@ -404,14 +411,18 @@ mod tests {
     async fn a_body_dropped_early_leaves_the_rest_to_drain() {
         let data = vec![9u8; 50_000];
         let fp = Fingerprint::default();
-        let (mut body, slot) = RequestBody::hashing(chunked(&data, &[1000]), fp.start(&parts("/p")).unwrap());
+        let (mut body, slot) =
+            RequestBody::hashing(chunked(&data, &[1000]), fp.start(&parts("/p")).unwrap());
         // The handler reads one frame and gives up.
         let _ = body.frame().await.unwrap().unwrap();
         drop(body);
         let SlotState::Leftover(rest, hasher) = take_slot(&slot) else {
             panic!("an unfinished body must be handed back");
         };
-        assert_eq!(drain(rest, hasher).await.unwrap(), fingerprint_of(&fp, "/p", &data));
+        assert_eq!(
+            drain(rest, hasher).await.unwrap(),
+            fingerprint_of(&fp, "/p", &data)
+        );
     }
 
     #[test]
@@ -420,8 +431,15 @@ mod tests {
         let base = fingerprint_of(&fp, "/p?a=1", b"body");
         assert_ne!(base, fingerprint_of(&fp, "/p?a=2", b"body"));
         assert_ne!(base, fingerprint_of(&fp, "/p?a=1", b"bodz"));
-        assert_ne!(fingerprint_of(&fp, "/p?ab", b"c"), fingerprint_of(&fp, "/p?a", b"bc"));
-        assert_eq!(base, fingerprint_of(&fp, "/other/path?a=1", b"body"), "the path is part of the key, not the fingerprint");
+        assert_ne!(
+            fingerprint_of(&fp, "/p?ab", b"c"),
+            fingerprint_of(&fp, "/p?a", b"bc")
+        );
+        assert_eq!(
+            base,
+            fingerprint_of(&fp, "/other/path?a=1", b"body"),
+            "the path is part of the key, not the fingerprint"
+        );
     }
 
     #[test]

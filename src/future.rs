@@ -48,7 +48,10 @@ pin_project_lite::pin_project! {
 fn detach<B: 'static, E: 'static>(work: Guarded<B, E>) {
     match tokio::runtime::Handle::try_current() {
         Ok(handle) => {
-            tracing::debug!(outcome = "detached", "response future dropped; finishing the request in the background");
+            tracing::debug!(
+                outcome = "detached",
+                "response future dropped; finishing the request in the background"
+            );
             handle.spawn(async move {
                 let _ = work.await;
             });
@@ -101,9 +104,9 @@ where
                 let response = ready!(future.poll(cx))?;
                 Poll::Ready(Ok(response.map(ResponseBody::inner)))
             }
-            KindProj::Ready { response } => {
-                Poll::Ready(Ok(response.take().expect("ResponseFuture polled after completion")))
-            }
+            KindProj::Ready { response } => Poll::Ready(Ok(response
+                .take()
+                .expect("ResponseFuture polled after completion"))),
             KindProj::Guarded { work, .. } => {
                 let output = ready!(work
                     .as_mut()

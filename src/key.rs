@@ -128,15 +128,42 @@ mod tests {
     fn rejects_each_kind_of_bad_value() {
         assert_eq!(IdempotencyKey::parse(b"", 255), Err(KeyError::Empty));
         assert_eq!(IdempotencyKey::parse(b"\"\"", 255), Err(KeyError::Empty));
-        assert_eq!(IdempotencyKey::parse(b"a b", 255), Err(KeyError::InvalidCharacter));
-        assert_eq!(IdempotencyKey::parse(b"a\tb", 255), Err(KeyError::InvalidCharacter));
-        assert_eq!(IdempotencyKey::parse("caf\u{e9}".as_bytes(), 255), Err(KeyError::InvalidCharacter));
-        assert_eq!(IdempotencyKey::parse(b"\"a\x01\"", 255), Err(KeyError::InvalidCharacter));
-        assert_eq!(IdempotencyKey::parse(b"\"abc", 255), Err(KeyError::MalformedQuotedString));
-        assert_eq!(IdempotencyKey::parse(b"\"a\\nb\"", 255), Err(KeyError::MalformedQuotedString));
-        assert_eq!(IdempotencyKey::parse(b"\"ab\"c", 255), Err(KeyError::MalformedQuotedString));
-        assert_eq!(IdempotencyKey::parse(b"\"ab\\", 255), Err(KeyError::MalformedQuotedString));
-        assert_eq!(IdempotencyKey::parse(&[b'k'; 256], 255), Err(KeyError::TooLong { max: 255 }));
+        assert_eq!(
+            IdempotencyKey::parse(b"a b", 255),
+            Err(KeyError::InvalidCharacter)
+        );
+        assert_eq!(
+            IdempotencyKey::parse(b"a\tb", 255),
+            Err(KeyError::InvalidCharacter)
+        );
+        assert_eq!(
+            IdempotencyKey::parse("caf\u{e9}".as_bytes(), 255),
+            Err(KeyError::InvalidCharacter)
+        );
+        assert_eq!(
+            IdempotencyKey::parse(b"\"a\x01\"", 255),
+            Err(KeyError::InvalidCharacter)
+        );
+        assert_eq!(
+            IdempotencyKey::parse(b"\"abc", 255),
+            Err(KeyError::MalformedQuotedString)
+        );
+        assert_eq!(
+            IdempotencyKey::parse(b"\"a\\nb\"", 255),
+            Err(KeyError::MalformedQuotedString)
+        );
+        assert_eq!(
+            IdempotencyKey::parse(b"\"ab\"c", 255),
+            Err(KeyError::MalformedQuotedString)
+        );
+        assert_eq!(
+            IdempotencyKey::parse(b"\"ab\\", 255),
+            Err(KeyError::MalformedQuotedString)
+        );
+        assert_eq!(
+            IdempotencyKey::parse(&[b'k'; 256], 255),
+            Err(KeyError::TooLong { max: 255 })
+        );
         assert!(IdempotencyKey::parse(&[b'k'; 255], 255).is_ok());
     }
 
@@ -153,7 +180,10 @@ mod tests {
         quoted.push(b'"');
         assert!(IdempotencyKey::parse(&quoted, 255).is_ok());
         quoted.insert(1, b'k');
-        assert_eq!(IdempotencyKey::parse(&quoted, 255), Err(KeyError::TooLong { max: 255 }));
+        assert_eq!(
+            IdempotencyKey::parse(&quoted, 255),
+            Err(KeyError::TooLong { max: 255 })
+        );
     }
 
     /// Serialises `key` as an RFC 8941 sf-string.

@@ -196,7 +196,10 @@ impl<St> IdempotencyLayer<St> {
     ///
     /// [Without a scope function every client shares one key space: one client's key can
     /// replay another's response.] Run authentication before this layer.
-    pub fn scope(mut self, scope: impl Fn(&Parts) -> Option<String> + Send + Sync + 'static) -> Self {
+    pub fn scope(
+        mut self,
+        scope: impl Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
         self.config().scope = Some(Arc::new(scope));
         self
     }
@@ -251,7 +254,10 @@ impl<St> IdempotencyLayer<St> {
 
     /// Which response statuses are stored [status < 400]. Any other answer releases the key
     /// at once, so a corrected retry with the same key runs.
-    pub fn store_status(mut self, store: impl Fn(StatusCode) -> bool + Send + Sync + 'static) -> Self {
+    pub fn store_status(
+        mut self,
+        store: impl Fn(StatusCode) -> bool + Send + Sync + 'static,
+    ) -> Self {
         self.config().store_status = Arc::new(store);
         self
     }

@@ -23,7 +23,8 @@ use http::{Response, StatusCode};
 
 use crate::body::ResponseBody;
 
-const TYPE_BASE: &str = "https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/index.html";
+const TYPE_BASE: &str =
+    "https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/index.html";
 
 /// One kind of problem the layer answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +108,10 @@ impl Problem {
         let mut response = Response::new(ResponseBody::full(Bytes::from(body.to_string())));
         *response.status_mut() = status;
         let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         if let Problem::InFlight(after) | Problem::StoreUnavailable(after) = self {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));

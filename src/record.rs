@@ -89,7 +89,11 @@ struct Reader {
 
 impl Reader {
     fn take(&mut self, n: usize) -> Result<Bytes, DecodeError> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or(DecodeError)?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or(DecodeError)?;
         let out = self.buf.slice(self.pos..end);
         self.pos = end;
         Ok(out)
@@ -113,14 +117,18 @@ impl Reader {
         let name_len = self.u16()? as usize;
         let name = HeaderName::from_bytes(&self.take(name_len)?).map_err(|_| DecodeError)?;
         let value_len = self.u32()? as usize;
-        let value = HeaderValue::from_maybe_shared(self.take(value_len)?).map_err(|_| DecodeError)?;
+        let value =
+            HeaderValue::from_maybe_shared(self.take(value_len)?).map_err(|_| DecodeError)?;
         Ok((name, value))
     }
 }
 
 /// Decodes what [`encode`] wrote.
 pub(crate) fn decode(payload: Bytes) -> Result<StoredResponse, DecodeError> {
-    let mut r = Reader { buf: payload, pos: 0 };
+    let mut r = Reader {
+        buf: payload,
+        pos: 0,
+    };
     if &r.take(2)?[..] != MAGIC || r.u8()? != VERSION {
         return Err(DecodeError);
     }
@@ -133,7 +141,9 @@ pub(crate) fn decode(payload: Bytes) -> Result<StoredResponse, DecodeError> {
         headers.append(name, value);
     }
     let carried_count = r.u16()? as usize;
-    let carried = (0..carried_count).map(|_| r.header()).collect::<Result<_, _>>()?;
+    let carried = (0..carried_count)
+        .map(|_| r.header())
+        .collect::<Result<_, _>>()?;
     let body = r.buf.slice(r.pos..);
     Ok(StoredResponse {
         status,
@@ -154,9 +164,18 @@ mod tests {
         headers.insert("content-type", HeaderValue::from_static("application/json"));
         headers.append("vary", HeaderValue::from_static("a"));
         headers.append("vary", HeaderValue::from_static("b"));
-        let carried = vec![(HeaderName::from_static("x-request-id"), HeaderValue::from_static("r-1"))];
+        let carried = vec![(
+            HeaderName::from_static("x-request-id"),
+            HeaderValue::from_static("r-1"),
+        )];
         let body = [Bytes::from_static(b"{\"id\":"), Bytes::from_static(b"1}")];
-        let payload = encode(StatusCode::CREATED, &headers, |_| true, &carried, Some(&body));
+        let payload = encode(
+            StatusCode::CREATED,
+            &headers,
+            |_| true,
+            &carried,
+            Some(&body),
+        );
         let decoded = decode(payload).unwrap();
         assert_eq!(decoded.status, StatusCode::CREATED);
         assert_eq!(decoded.headers, headers);
@@ -167,7 +186,14 @@ mod tests {
 
     #[test]
     fn omitted_body_is_flagged() {
-        let decoded = decode(encode(StatusCode::OK, &HeaderMap::new(), |_| true, &[], None)).unwrap();
+        let decoded = decode(encode(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            |_| true,
+            &[],
+            None,
+        ))
+        .unwrap();
         assert!(decoded.body_omitted);
         assert!(decoded.body.is_empty());
     }

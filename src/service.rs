@@ -73,7 +73,11 @@ impl<S> Idempotency<S, MemoryStore> {
 
 impl<S, St> Idempotency<S, St> {
     pub(crate) fn from_parts(inner: S, store: St, config: Arc<Config>) -> Self {
-        Self { inner, store, config }
+        Self {
+            inner,
+            store,
+            config,
+        }
     }
 
     /// The inner service.
@@ -127,8 +131,12 @@ fn key_problem(error: &KeyError) -> Problem {
     Problem::InvalidKey(match error {
         KeyError::Empty => "The Idempotency-Key header is empty.",
         KeyError::TooLong { .. } => "The Idempotency-Key header is longer than allowed.",
-        KeyError::InvalidCharacter => "The Idempotency-Key header may only contain visible ASCII characters.",
-        KeyError::MalformedQuotedString => "The Idempotency-Key header is not a valid quoted string.",
+        KeyError::InvalidCharacter => {
+            "The Idempotency-Key header may only contain visible ASCII characters."
+        }
+        KeyError::MalformedQuotedString => {
+            "The Idempotency-Key header is not a valid quoted string."
+        }
         KeyError::Multiple => "The request carries more than one Idempotency-Key header.",
     })
 }
@@ -138,7 +146,8 @@ fn key_problem(error: &KeyError) -> Problem {
 fn composite_key(scope: &str, parts: &Parts, key: &IdempotencyKey) -> String {
     let method = parts.method.as_str();
     let path = parts.uri.path();
-    let mut out = String::with_capacity(scope.len() + method.len() + path.len() + key.as_str().len() + 24);
+    let mut out =
+        String::with_capacity(scope.len() + method.len() + path.len() + key.as_str().len() + 24);
     for field in [scope, method, path] {
         let _ = write!(out, "{}:{field}|", field.len());
     }
@@ -148,7 +157,10 @@ fn composite_key(scope: &str, parts: &Parts, key: &IdempotencyKey) -> String {
 
 impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, St>
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     St: Store + Clone,
@@ -170,15 +182,30 @@ where
         let (parts, body) = request.into_parts();
         let config = &self.config;
         if !config.applies(&parts) {
+            tracing::trace!(
+                outcome = "passthrough",
+                reason = "not_handled",
+                "request not handled"
+            );
             return self.passthrough(parts, body);
         }
         let key = match read_key(&parts, config) {
             KeyHeader::Present(key) => key,
             KeyHeader::Missing if config.require_key => {
-                tracing::debug!(outcome = "missing_key", "idempotency key required but absent");
+                tracing::debug!(
+                    outcome = "missing_key",
+                    "idempotency key required but absent"
+                );
                 return ResponseFuture::ready(Problem::MissingKey.into_response());
             }
-            KeyHeader::Missing => return self.passthrough(parts, body),
+            KeyHeader::Missing => {
+                tracing::trace!(
+                    outcome = "passthrough",
+                    reason = "no_key",
+                    "request without idempotency key"
+                );
+                return self.passthrough(parts, body);
+            }
             KeyHeader::Invalid(error) => {
                 tracing::debug!(outcome = "invalid_key", %error, "idempotency key refused");
                 return ResponseFuture::ready(key_problem(&error).into_response());
@@ -188,7 +215,11 @@ where
             Some(scope) => match scope(&parts) {
                 Some(scope) => scope,
                 None => {
-                    tracing::debug!(outcome = "passthrough", reason = "no_scope", "scope function returned None");
+                    tracing::debug!(
+                        outcome = "passthrough",
+                        reason = "no_scope",
+                        "scope function returned None"
+                    );
                     return self.passthrough(parts, body);
                 }
             },
@@ -220,7 +251,10 @@ impl<S, St> Idempotency<S, St> {
     where
         S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
     {
-        ResponseFuture::passthrough(self.inner.call(Request::from_parts(parts, RequestBody::plain(body))))
+        ResponseFuture::passthrough(
+            self.inner
+                .call(Request::from_parts(parts, RequestBody::plain(body))),
+        )
     }
 }
 
@@ -269,19 +303,31 @@ where
             }
             Ok(Begin::Completed { record, waited }) => {
                 if waited {
-                    tracing::debug!(outcome = "waited", "original finished while the duplicate waited");
+                    tracing::debug!(
+                        outcome = "waited",
+                        "original finished while the duplicate waited"
+                    );
                 }
                 Ok(duplicate::<ReqBody, ResBody>(&self.config, record, body, hasher).await)
             }
             Ok(Begin::InFlight { waited }) => {
-                tracing::info!(outcome = "conflict", waited, "original request still in flight");
+                tracing::info!(
+                    outcome = "conflict",
+                    waited,
+                    "original request still in flight"
+                );
                 Ok(Problem::InFlight(self.config.retry_after).into_response())
             }
             Err(error) => self.store_failed(error, parts, body).await,
         }
     }
 
-    async fn store_failed(mut self, error: Failure, parts: Parts, body: ReqBody) -> Answer<ResBody, S::Error> {
+    async fn store_failed(
+        mut self,
+        error: Failure,
+        parts: Parts,
+        body: ReqBody,
+    ) -> Answer<ResBody, S::Error> {
         match self.config.on_store_error {
             OnStoreError::FailClosed => {
                 tracing::error!(outcome = "store_error", %error, "store unavailable; failing closed");
@@ -335,19 +381,32 @@ where
         let produced = match produced {
             Ok(Ok(produced)) => produced,
             Ok(Err(error)) => {
-                tracing::info!(outcome = "not_stored", reason = "service_error", "inner service failed; releasing the key");
+                tracing::info!(
+                    outcome = "not_stored",
+                    reason = "service_error",
+                    "inner service failed; releasing the key"
+                );
                 claim::release(&self.store, &self.key, &token, &timings).await;
                 return Err(error);
             }
             Err(_panic) => {
-                tracing::error!(outcome = "not_stored", reason = "panic", "handler panicked; releasing the key");
+                tracing::error!(
+                    outcome = "not_stored",
+                    reason = "panic",
+                    "handler panicked; releasing the key"
+                );
                 claim::release(&self.store, &self.key, &token, &timings).await;
                 return Ok(Problem::HandlerPanicked.into_response());
             }
         };
         let (head, frames, rest, whole) = match produced {
             Produced::Unstored(response, reason) => {
-                tracing::info!(outcome = "not_stored", reason, status = response.status().as_u16(), "response not stored; releasing the key");
+                tracing::info!(
+                    outcome = "not_stored",
+                    reason,
+                    status = response.status().as_u16(),
+                    "response not stored; releasing the key"
+                );
                 claim::release(&self.store, &self.key, &token, &timings).await;
                 return Ok(response.map(ResponseBody::inner));
             }
@@ -368,31 +427,56 @@ where
             None => head_hash,
         };
         if slot_unfinished(fingerprint, &self.config) {
-            tracing::warn!("request body could not be fingerprinted; duplicates will not be compared");
+            tracing::warn!(
+                "request body could not be fingerprinted; duplicates will not be compared"
+            );
         }
         let data: Vec<Bytes> = if whole {
-            frames.iter().filter_map(|f| f.data_ref().cloned()).collect()
+            frames
+                .iter()
+                .filter_map(|f| f.data_ref().cloned())
+                .collect()
         } else {
-            tracing::info!(outcome = "body_omitted", limit = self.config.max_response_body, "response body too large to store; storing status and headers only");
+            tracing::info!(
+                outcome = "body_omitted",
+                limit = self.config.max_response_body,
+                "response body too large to store; storing status and headers only"
+            );
             Vec::new()
         };
         let keep = |name: &HeaderName| self.config.stores_header(name);
-        let payload = record::encode(head.status, &head.headers, keep, &carried, whole.then_some(&data[..]));
-        let _ = claim::complete(&self.store, &self.key, &token, Record::new(fingerprint, payload), &timings).await;
-        Ok(Response::from_parts(head, ResponseBody::prefixed(frames, rest)))
+        let payload = record::encode(
+            head.status,
+            &head.headers,
+            keep,
+            &carried,
+            whole.then_some(&data[..]),
+        );
+        let _ = claim::complete(
+            &self.store,
+            &self.key,
+            &token,
+            Record::new(fingerprint, payload),
+            &timings,
+        )
+        .await;
+        Ok(Response::from_parts(
+            head,
+            ResponseBody::prefixed(frames, rest),
+        ))
     }
 }
 
 /// A duplicate of a completed request: replay, or 422 when the payload differs.
 async fn duplicate<ReqBody, ResBody>(
-config: &Config,
-record: Record,
-body: ReqBody,
-hasher: Option<FingerprintHasher>,
+    config: &Config,
+    record: Record,
+    body: ReqBody,
+    hasher: Option<FingerprintHasher>,
 ) -> Response<ResponseBody<ResBody>>
 where
-ReqBody: Body,
-ReqBody::Error: Into<BoxError>,
+    ReqBody: Body,
+    ReqBody::Error: Into<BoxError>,
 {
     if let (Some(stored), Some(hasher)) = (record.fingerprint(), hasher) {
         let hashed = if config.fingerprint.covers_body() {
@@ -414,8 +498,12 @@ ReqBody::Error: Into<BoxError>,
     }
     match record::decode(record.into_payload()) {
         Ok(stored) => {
-            tracing::debug!(outcome = "replayed", status = stored.status.as_u16(), "replaying stored response");
-            replay(stored, &config)
+            tracing::debug!(
+                outcome = "replayed",
+                status = stored.status.as_u16(),
+                "replaying stored response"
+            );
+            replay(stored, config)
         }
         Err(error) => {
             tracing::error!(outcome = "unreadable_record", %error, "stored response cannot be decoded");
@@ -468,7 +556,10 @@ fn has_no_store(headers: &http::HeaderMap) -> bool {
     headers.get_all(CACHE_CONTROL).iter().any(|value| {
         value
             .to_str()
-            .map(|v| v.split(',').any(|d| d.trim().eq_ignore_ascii_case("no-store")))
+            .map(|v| {
+                v.split(',')
+                    .any(|d| d.trim().eq_ignore_ascii_case("no-store"))
+            })
             .unwrap_or(false)
     })
 }
@@ -506,10 +597,12 @@ impl<F: Future> Future for CatchUnwind<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let inner = self.project().inner;
-        let output = ready!(match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(poll) => poll.map(Ok),
-            Err(panic) => Poll::Ready(Err(panic)),
-        });
+        let output = ready!(
+            match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+                Ok(poll) => poll.map(Ok),
+                Err(panic) => Poll::Ready(Err(panic)),
+            }
+        );
         Poll::Ready(output)
     }
 }

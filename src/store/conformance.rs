@@ -47,11 +47,17 @@ async fn claim_owned<St: Store>(store: &St, key: &str, lease: Duration) -> Owner
 }
 
 fn assert_in_flight(outcome: ClaimOutcome) {
-    assert!(matches!(outcome, ClaimOutcome::InFlight { .. }), "expected in flight, got {outcome:?}");
+    assert!(
+        matches!(outcome, ClaimOutcome::InFlight { .. }),
+        "expected in flight, got {outcome:?}"
+    );
 }
 
 fn assert_lease_lost(result: Result<(), StoreError>, what: &str) {
-    assert!(matches!(result, Err(StoreError::LeaseLost)), "{what}: expected LeaseLost, got {result:?}");
+    assert!(
+        matches!(result, Err(StoreError::LeaseLost)),
+        "{what}: expected LeaseLost, got {result:?}"
+    );
 }
 
 /// A fresh key is claimed; a second claim sees it in flight.
@@ -69,7 +75,10 @@ pub async fn complete_then_replay<St: Store>(store: &St) {
     // Not UTF-8, with NULs: stores must be binary-safe.
     let payload = Bytes::from((0..=255u8).cycle().take(70_000).collect::<Vec<u8>>());
     let record = Record::new(Some(u128::MAX - 7), payload.clone());
-    store.complete(&key, &token, record.clone(), TTL).await.unwrap();
+    store
+        .complete(&key, &token, record.clone(), TTL)
+        .await
+        .unwrap();
     for _ in 0..2 {
         match store.claim(&key, LEASE).await.unwrap() {
             ClaimOutcome::Completed(got) => assert_eq!(got, record),
@@ -78,7 +87,10 @@ pub async fn complete_then_replay<St: Store>(store: &St) {
     }
     let key = fresh_key("complete-none");
     let token = claim_owned(store, &key, LEASE).await;
-    store.complete(&key, &token, Record::new(None, Bytes::new()), TTL).await.unwrap();
+    store
+        .complete(&key, &token, Record::new(None, Bytes::new()), TTL)
+        .await
+        .unwrap();
     match store.claim(&key, LEASE).await.unwrap() {
         ClaimOutcome::Completed(got) => {
             assert_eq!(got.fingerprint(), None);
@@ -103,23 +115,53 @@ pub async fn owner_checks<St: Store>(store: &St) {
     let key = fresh_key("owner");
     let token = claim_owned(store, &key, LEASE).await;
     let stranger = OwnerToken::random();
-    assert_lease_lost(store.complete(&key, &stranger, Record::new(None, "x"), TTL).await, "complete by a stranger");
-    assert_lease_lost(store.renew(&key, &stranger, LEASE).await, "renew by a stranger");
-    assert_lease_lost(store.release(&key, &stranger).await, "release by a stranger");
+    assert_lease_lost(
+        store
+            .complete(&key, &stranger, Record::new(None, "x"), TTL)
+            .await,
+        "complete by a stranger",
+    );
+    assert_lease_lost(
+        store.renew(&key, &stranger, LEASE).await,
+        "renew by a stranger",
+    );
+    assert_lease_lost(
+        store.release(&key, &stranger).await,
+        "release by a stranger",
+    );
     assert_in_flight(store.claim(&key, LEASE).await.unwrap());
 
-    store.complete(&key, &token, Record::new(None, "first"), TTL).await.unwrap();
-    assert_lease_lost(store.complete(&key, &token, Record::new(None, "second"), TTL).await, "second complete");
+    store
+        .complete(&key, &token, Record::new(None, "first"), TTL)
+        .await
+        .unwrap();
+    assert_lease_lost(
+        store
+            .complete(&key, &token, Record::new(None, "second"), TTL)
+            .await,
+        "second complete",
+    );
     assert_lease_lost(store.release(&key, &token).await, "release after complete");
-    assert_lease_lost(store.renew(&key, &token, LEASE).await, "renew after complete");
+    assert_lease_lost(
+        store.renew(&key, &token, LEASE).await,
+        "renew after complete",
+    );
     match store.claim(&key, LEASE).await.unwrap() {
         ClaimOutcome::Completed(record) => assert_eq!(record.payload(), "first"),
         other => panic!("expected the first record, got {other:?}"),
     }
 
     let unclaimed = fresh_key("owner-unclaimed");
-    assert_lease_lost(store.complete(&unclaimed, &token, Record::new(None, "x"), TTL).await, "complete of an unclaimed key");
-    assert!(matches!(store.claim(&unclaimed, LEASE).await.unwrap(), ClaimOutcome::Claimed(_)));
+    assert_lease_lost(
+        store
+            .complete(&unclaimed, &token, Record::new(None, "x"), TTL)
+            .await,
+        "complete of an unclaimed key",
+    );
+    assert!(matches!(
+        store.claim(&unclaimed, LEASE).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
 }
 
 /// A lease that lapses is taken over by the next claim; the old owner can then neither
@@ -130,10 +172,18 @@ pub async fn lapsed_lease_is_taken_over_and_fenced<St: Store>(store: &St) {
     tokio::time::sleep(SHORT * 2).await;
     let new = claim_owned(store, &key, LEASE).await;
     assert_ne!(old, new);
-    assert_lease_lost(store.complete(&key, &old, Record::new(None, "late"), TTL).await, "late complete");
+    assert_lease_lost(
+        store
+            .complete(&key, &old, Record::new(None, "late"), TTL)
+            .await,
+        "late complete",
+    );
     assert_lease_lost(store.renew(&key, &old, LEASE).await, "late renew");
     assert_lease_lost(store.release(&key, &old).await, "late release");
-    store.complete(&key, &new, Record::new(None, "new owner"), TTL).await.unwrap();
+    store
+        .complete(&key, &new, Record::new(None, "new owner"), TTL)
+        .await
+        .unwrap();
     match store.claim(&key, LEASE).await.unwrap() {
         ClaimOutcome::Completed(record) => assert_eq!(record.payload(), "new owner"),
         other => panic!("expected the new owner's record, got {other:?}"),
@@ -150,15 +200,24 @@ pub async fn renew_extends_the_lease<St: Store>(store: &St) {
     }
     // 1.5 leases after the claim: only renewal keeps it.
     assert_in_flight(store.claim(&key, LEASE).await.unwrap());
-    store.complete(&key, &token, Record::new(None, "done"), TTL).await.unwrap();
+    store
+        .complete(&key, &token, Record::new(None, "done"), TTL)
+        .await
+        .unwrap();
 }
 
 /// A record is gone after its TTL: the next claim runs.
 pub async fn record_expires_after_ttl<St: Store>(store: &St) {
     let key = fresh_key("ttl");
     let token = claim_owned(store, &key, LEASE).await;
-    store.complete(&key, &token, Record::new(None, "short-lived"), SHORT).await.unwrap();
-    assert!(matches!(store.claim(&key, LEASE).await.unwrap(), ClaimOutcome::Completed(_)));
+    store
+        .complete(&key, &token, Record::new(None, "short-lived"), SHORT)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.claim(&key, LEASE).await.unwrap(),
+        ClaimOutcome::Completed(_)
+    ));
     tokio::time::sleep(SHORT * 2).await;
     claim_owned(store, &key, LEASE).await;
 }
@@ -169,7 +228,10 @@ pub async fn keys_are_independent<St: Store>(store: &St) {
     let b = fresh_key("independent-b");
     let token = claim_owned(store, &a, LEASE).await;
     claim_owned(store, &b, LEASE).await;
-    store.complete(&a, &token, Record::new(None, "a"), TTL).await.unwrap();
+    store
+        .complete(&a, &token, Record::new(None, "a"), TTL)
+        .await
+        .unwrap();
     assert_in_flight(store.claim(&b, LEASE).await.unwrap());
 }
 
@@ -227,7 +289,10 @@ pub async fn wait_returns_when_the_claim_ends<St: Store + Clone>(store: &St) {
         }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    store.complete(&key, &token, Record::new(None, "done"), TTL).await.unwrap();
+    store
+        .complete(&key, &token, Record::new(None, "done"), TTL)
+        .await
+        .unwrap();
     let record = tokio::time::timeout(Duration::from_secs(5), waiter)
         .await
         .expect("the waiter sees the completion")

@@ -94,7 +94,8 @@ impl MemoryStoreBuilder {
             // its retry run again.
             .eviction_policy(EvictionPolicy::lru())
             .weigher(|key: &Arc<str>, stored: &Stored| {
-                let weight = key.len() as u64 + stored.record.payload().len() as u64 + RECORD_OVERHEAD;
+                let weight =
+                    key.len() as u64 + stored.record.payload().len() as u64 + RECORD_OVERHEAD;
                 u32::try_from(weight).unwrap_or(u32::MAX)
             })
             .expire_after(Expiry)
@@ -248,7 +249,12 @@ impl Store for MemoryStore {
         Ok(ClaimOutcome::Claimed(token))
     }
 
-    async fn renew(&self, key: &str, token: &OwnerToken, lease: Duration) -> Result<(), StoreError> {
+    async fn renew(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
         let now = Instant::now();
         let mut shard = self.shard(key);
         match shard.map.get_mut(key) {
@@ -300,7 +306,9 @@ impl Store for MemoryStore {
         };
         // Woken when the claim ends (its sender is dropped); the timeout covers a lease that
         // lapses without anyone ending it.
-        let backstop = Duration::from_millis(250).saturating_mul(attempt + 1).min(Duration::from_secs(2));
+        let backstop = Duration::from_millis(250)
+            .saturating_mul(attempt + 1)
+            .min(Duration::from_secs(2));
         let _ = tokio::time::timeout(backstop, receiver.changed()).await;
     }
 }
@@ -322,9 +330,20 @@ mod tests {
     async fn records_expire_on_the_tokio_clock() {
         let store = MemoryStore::new();
         let token = claimed(&store, "k").await;
-        store.complete("k", &token, Record::new(None, "r"), Duration::from_secs(24 * 3600)).await.unwrap();
+        store
+            .complete(
+                "k",
+                &token,
+                Record::new(None, "r"),
+                Duration::from_secs(24 * 3600),
+            )
+            .await
+            .unwrap();
         tokio::time::advance(Duration::from_secs(24 * 3600 - 1)).await;
-        assert!(matches!(store.claim("k", LEASE).await.unwrap(), ClaimOutcome::Completed(_)));
+        assert!(matches!(
+            store.claim("k", LEASE).await.unwrap(),
+            ClaimOutcome::Completed(_)
+        ));
         tokio::time::advance(Duration::from_secs(2)).await;
         claimed(&store, "k").await;
     }
@@ -335,7 +354,9 @@ mod tests {
         claimed(&store, "k").await;
         tokio::time::advance(LEASE - Duration::from_millis(1)).await;
         match store.claim("k", LEASE).await.unwrap() {
-            ClaimOutcome::InFlight { lease_remaining } => assert_eq!(lease_remaining, Some(Duration::from_millis(1))),
+            ClaimOutcome::InFlight { lease_remaining } => {
+                assert_eq!(lease_remaining, Some(Duration::from_millis(1)))
+            }
             other => panic!("{other:?}"),
         }
         tokio::time::advance(Duration::from_millis(1)).await;
@@ -350,15 +371,31 @@ mod tests {
         for i in 0..1000 {
             let key = format!("record-{i}");
             let token = claimed(&store, &key).await;
-            store.complete(&key, &token, Record::new(None, payload.clone()), LEASE).await.unwrap();
+            store
+                .complete(&key, &token, Record::new(None, payload.clone()), LEASE)
+                .await
+                .unwrap();
         }
-        assert!(store.weighted_size() <= 64 * 1024, "weighted size {}", store.weighted_size());
+        assert!(
+            store.weighted_size() <= 64 * 1024,
+            "weighted size {}",
+            store.weighted_size()
+        );
         assert!(store.record_count() < 1000, "old records were evicted");
         // The most recent record survives (LRU admits new records).
-        assert!(matches!(store.claim("record-999", LEASE).await.unwrap(), ClaimOutcome::Completed(_)));
+        assert!(matches!(
+            store.claim("record-999", LEASE).await.unwrap(),
+            ClaimOutcome::Completed(_)
+        ));
         // The claim in flight is untouched by capacity pressure.
-        assert!(matches!(store.claim("held", LEASE).await.unwrap(), ClaimOutcome::InFlight { .. }));
-        store.complete("held", &held, Record::new(None, "done"), LEASE).await.unwrap();
+        assert!(matches!(
+            store.claim("held", LEASE).await.unwrap(),
+            ClaimOutcome::InFlight { .. }
+        ));
+        store
+            .complete("held", &held, Record::new(None, "done"), LEASE)
+            .await
+            .unwrap();
     }
 
     #[tokio::test(start_paused = true)]
@@ -370,7 +407,12 @@ mod tests {
             }
             tokio::time::advance(LEASE * 2).await;
         }
-        let held: usize = store.inner.claims.iter().map(|s| s.lock().unwrap().map.len()).sum();
+        let held: usize = store
+            .inner
+            .claims
+            .iter()
+            .map(|s| s.lock().unwrap().map.len())
+            .sum();
         assert!(held < 3000, "{held} claims held; lapsed ones must be swept");
     }
 

@@ -146,7 +146,10 @@ impl Record {
 impl fmt::Debug for Record {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Record")
-            .field("fingerprint", &self.fingerprint.map(|v| format!("{v:032x}")))
+            .field(
+                "fingerprint",
+                &self.fingerprint.map(|v| format!("{v:032x}")),
+            )
             .field("payload_len", &self.payload.len())
             .finish()
     }
