@@ -138,3 +138,8 @@ pub use service::{Idempotency, NoStore, BODY_OMITTED_HEADER, REPLAYED_HEADER};
 
 /// A boxed error, as body errors are reported.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+// Compiles the README's examples as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
