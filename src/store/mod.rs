@@ -62,11 +62,19 @@ use std::time::Duration;
 use bytes::Bytes;
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "redis")]
+mod redis;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
 pub use memory::{MemoryStore, MemoryStoreBuilder};
+#[cfg(feature = "postgres")]
+pub use postgres::{InvalidTableName, PostgresStore};
+#[cfg(feature = "redis")]
+pub use redis::RedisStore;
 
 /// A boxed error from a store backend, kept as the `source()` of a [`StoreError`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

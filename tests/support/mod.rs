@@ -2,6 +2,9 @@
 //! the idempotency layer, with counters and gates to observe and hold the handler.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod servers;
+pub mod shared_store;
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;

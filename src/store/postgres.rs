@@ -1,0 +1,372 @@
+//! [`PostgresStore`]: records in PostgreSQL, beside the business data (feature `postgres`).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use super::{ClaimOutcome, OwnerToken, Record, Store, StoreError};
+
+/// A store in PostgreSQL. See the [module docs](super) for the protocol.
+///
+/// * **Client:** `tokio-postgres` with a `deadpool-postgres` pool: plain SQL, prepared and
+///   cached per connection, no compile-time database needed to build; the pool replaces
+///   connections that broke, so a restarted server needs no restart of the application.
+/// * **Table:** one row per key [`idempotency_records`, name configurable and validated],
+///   created by [`migrate`](Self::migrate) (idempotent); the SQL is [`PostgresStore::schema_sql`]
+///   for teams that run their own migrations.
+/// * **Atomicity:** a claim is one `INSERT … ON CONFLICT DO UPDATE … WHERE expires_at <= now()`:
+///   it takes a free key or a row whose lease lapsed, never a live one. Renew, complete and
+///   release are `UPDATE`/`DELETE … WHERE owner = $token AND expires_at > now()`.
+/// * **Clocks:** every lease and expiry is computed and compared with the database's `now()`.
+/// * **Expired rows** are ignored on read and overwritten by the next claim; delete them with
+///   [`purge_expired`](Self::purge_expired) on a schedule, or [`spawn_purger`](Self::spawn_purger).
+/// * **Waiting duplicates** back off with jitter (the [`Store::wait`] default).
+///
+/// ```no_run
+/// use tower_idempotency::{store::PostgresStore, IdempotencyLayer};
+///
+/// # async fn f() -> Result<(), tower_idempotency::store::StoreError> {
+/// let store = PostgresStore::connect("postgres://app@127.0.0.1:5432/app").await?;
+/// store.migrate().await?;
+/// let layer = IdempotencyLayer::with_store(store);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    sql: Arc<Sql>,
+}
+
+struct Sql {
+    table: String,
+    claim: String,
+    read: String,
+    renew: String,
+    complete: String,
+    release: String,
+    purge: String,
+}
+
+/// Why a table name was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid table name {0:?}: use letters, digits and underscores (optionally schema.table), at most 63 each")]
+pub struct InvalidTableName(String);
+
+fn valid_identifier(part: &str) -> bool {
+    let mut chars = part.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && part.len() <= 63
+}
+
+impl Sql {
+    fn new(table: &str) -> Result<Self, InvalidTableName> {
+        let parts: Vec<&str> = table.split('.').collect();
+        if parts.len() > 2 || !parts.iter().all(|p| valid_identifier(p)) {
+            return Err(InvalidTableName(table.to_owned()));
+        }
+        let t = table;
+        Ok(Self {
+            table: t.to_owned(),
+            claim: format!(
+                "INSERT INTO {t} (key, owner, completed, fingerprint, payload, expires_at) \
+                 VALUES ($1, $2, false, NULL, NULL, now() + $3::bigint * interval '1 millisecond') \
+                 ON CONFLICT (key) DO UPDATE SET owner = EXCLUDED.owner, completed = false, \
+                 fingerprint = NULL, payload = NULL, expires_at = EXCLUDED.expires_at \
+                 WHERE {t}.expires_at <= now() \
+                 RETURNING key"
+            ),
+            read: format!(
+                "SELECT completed, fingerprint, payload, \
+                 (extract(epoch FROM expires_at - now()) * 1000)::bigint \
+                 FROM {t} WHERE key = $1 AND expires_at > now()"
+            ),
+            renew: format!(
+                "UPDATE {t} SET expires_at = now() + $3::bigint * interval '1 millisecond' \
+                 WHERE key = $1 AND owner = $2 AND NOT completed AND expires_at > now()"
+            ),
+            complete: format!(
+                "UPDATE {t} SET completed = true, owner = NULL, fingerprint = $3, payload = $4, \
+                 expires_at = now() + $5::bigint * interval '1 millisecond' \
+                 WHERE key = $1 AND owner = $2 AND NOT completed AND expires_at > now()"
+            ),
+            release: format!(
+                "DELETE FROM {t} WHERE key = $1 AND owner = $2 AND NOT completed AND expires_at > now()"
+            ),
+            purge: format!(
+                "DELETE FROM {t} WHERE key IN \
+                 (SELECT key FROM {t} WHERE expires_at <= now() LIMIT $1 FOR UPDATE SKIP LOCKED)"
+            ),
+        })
+    }
+}
+
+fn ms(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(1)
+}
+
+impl PostgresStore {
+    /// The table's SQL, for teams that run their own migrations. [`migrate`](Self::migrate)
+    /// runs exactly this.
+    pub fn schema_sql(table: &str) -> Result<String, InvalidTableName> {
+        let sql = Sql::new(table)?;
+        let t = &sql.table;
+        let index = format!("{}_expires_at", t.replace('.', "_"));
+        let index = index.rsplit('.').next().unwrap_or(&index).to_owned();
+        Ok(format!(
+            "CREATE TABLE IF NOT EXISTS {t} (\n\
+             \x20   key         text        PRIMARY KEY,\n\
+             \x20   owner       bytea,\n\
+             \x20   completed   boolean     NOT NULL DEFAULT false,\n\
+             \x20   fingerprint bytea,\n\
+             \x20   payload     bytea,\n\
+             \x20   expires_at  timestamptz NOT NULL,\n\
+             \x20   created_at  timestamptz NOT NULL DEFAULT now()\n\
+             );\n\
+             CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at);"
+        ))
+    }
+
+    /// Connects a pool (16 connections) to `url` (`postgres://user:pass@host:port/db`),
+    /// using the table `idempotency_records`.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let config: tokio_postgres::Config = url.parse().map_err(StoreError::backend)?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(16)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(StoreError::backend)?;
+        Ok(Self::new(pool))
+    }
+
+    /// A store over an existing pool, using the table `idempotency_records`.
+    pub fn new(pool: Pool) -> Self {
+        Self {
+            pool,
+            sql: Arc::new(Sql::new("idempotency_records").expect("valid default name")),
+        }
+    }
+
+    /// Uses `table` (letters, digits, underscores; optionally `schema.table`).
+    pub fn with_table(mut self, table: &str) -> Result<Self, InvalidTableName> {
+        self.sql = Arc::new(Sql::new(table)?);
+        Ok(self)
+    }
+
+    /// Creates the table and its index if they do not exist (safe to run on every start, by
+    /// many instances at once: it holds an advisory lock while it runs).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let sql = Self::schema_sql(&self.sql.table).expect("validated at construction");
+        let client = self.client().await?;
+        let locked = format!("BEGIN; SELECT pg_advisory_xact_lock(7346910231); {sql} COMMIT;");
+        client
+            .batch_execute(&locked)
+            .await
+            .map_err(StoreError::backend)
+    }
+
+    /// Deletes up to `batch` expired rows (records past their TTL, lapsed claims); returns how
+    /// many went. Call it until it returns less than `batch`.
+    pub async fn purge_expired(&self, batch: i64) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&self.sql.purge)
+            .await
+            .map_err(StoreError::backend)?;
+        client
+            .execute(&statement, &[&batch])
+            .await
+            .map_err(StoreError::backend)
+    }
+
+    /// Spawns a task that purges expired rows every `period` (opt-in); abort the handle to
+    /// stop it. Failures are logged and retried at the next period.
+    pub fn spawn_purger(&self, period: Duration) -> tokio::task::JoinHandle<()> {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(period);
+            loop {
+                interval.tick().await;
+                loop {
+                    match store.purge_expired(1000).await {
+                        Ok(n) if n == 1000 => continue,
+                        Ok(n) => {
+                            tracing::debug!(purged = n, "expired idempotency records purged");
+                            break;
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "purging expired idempotency records failed");
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(StoreError::backend)
+    }
+
+    async fn owner_checked(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(sql)
+            .await
+            .map_err(StoreError::backend)?;
+        match client
+            .execute(&statement, params)
+            .await
+            .map_err(StoreError::backend)?
+        {
+            1 => Ok(()),
+            _ => Err(StoreError::LeaseLost),
+        }
+    }
+}
+
+fn token_bytes(token: &OwnerToken) -> [u8; 16] {
+    token.as_u128().to_be_bytes()
+}
+
+impl Store for PostgresStore {
+    async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, StoreError> {
+        let client = self.client().await?;
+        let claim = client
+            .prepare_cached(&self.sql.claim)
+            .await
+            .map_err(StoreError::backend)?;
+        let read = client
+            .prepare_cached(&self.sql.read)
+            .await
+            .map_err(StoreError::backend)?;
+        // A row can vanish between the failed claim and the read (released, or expired): then
+        // claim again. Each round is atomic; the loop only retries after a concurrent change.
+        for _ in 0..8 {
+            let token = OwnerToken::random();
+            let owner = &token_bytes(&token)[..];
+            let claimed = client
+                .query_opt(&claim, &[&key, &owner, &ms(lease)])
+                .await
+                .map_err(StoreError::backend)?;
+            if claimed.is_some() {
+                return Ok(ClaimOutcome::Claimed(token));
+            }
+            let Some(row) = client
+                .query_opt(&read, &[&key])
+                .await
+                .map_err(StoreError::backend)?
+            else {
+                continue;
+            };
+            let completed: bool = row.get(0);
+            if !completed {
+                let remaining: Option<i64> = row.get(3);
+                return Ok(ClaimOutcome::InFlight {
+                    lease_remaining: remaining
+                        .and_then(|ms| u64::try_from(ms).ok())
+                        .map(Duration::from_millis),
+                });
+            }
+            let fingerprint: Option<Vec<u8>> = row.get(1);
+            let fingerprint = match fingerprint {
+                None => None,
+                Some(bytes) => {
+                    Some(u128::from_be_bytes(bytes.as_slice().try_into().map_err(
+                        |_| StoreError::Corrupt("fingerprint is not 16 bytes".into()),
+                    )?))
+                }
+            };
+            let payload: Option<Vec<u8>> = row.get(2);
+            return Ok(ClaimOutcome::Completed(Record::new(
+                fingerprint,
+                payload.unwrap_or_default(),
+            )));
+        }
+        Err(StoreError::backend("key kept changing while claiming it"))
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let owner = &token_bytes(token)[..];
+        self.owner_checked(&self.sql.renew, &[&key, &owner, &ms(lease)])
+            .await
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let owner = &token_bytes(token)[..];
+        let fingerprint = record.fingerprint().map(|f| f.to_be_bytes().to_vec());
+        let payload = &record.payload()[..];
+        self.owner_checked(
+            &self.sql.complete,
+            &[&key, &owner, &fingerprint, &payload, &ms(ttl)],
+        )
+        .await
+    }
+
+    async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
+        let owner = &token_bytes(token)[..];
+        self.owner_checked(&self.sql.release, &[&key, &owner]).await
+    }
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.sql.table)
+            .field("pool", &self.pool.status())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_validated() {
+        for good in ["idempotency_records", "app.idem", "_t1"] {
+            assert!(Sql::new(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "1abc",
+            "a;drop table x",
+            "a.b.c",
+            "a-b",
+            "\"quoted\"",
+            &"x".repeat(64),
+        ] {
+            assert!(Sql::new(bad).is_err(), "{bad}");
+        }
+    }
+}

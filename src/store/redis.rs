@@ -1,0 +1,302 @@
+//! [`RedisStore`]: records shared by every instance of a service, in Redis (feature `redis`).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Script, Value};
+
+use super::{ClaimOutcome, OwnerToken, Record, Store, StoreError};
+
+/// Format version of the values this store writes.
+const VERSION: u8 = 1;
+const CLAIM_TAG: u8 = b'C';
+const RECORD_TAG: u8 = b'R';
+
+/// `SET NX PX` takes a free key; otherwise the key's record, or the remaining lease.
+/// Keys never expire during a script, so the `GET` after a failed `SET NX` always finds one.
+const CLAIM: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {0}
+end
+local value = redis.call('GET', KEYS[1])
+if string.byte(value, 1) == 82 then
+  return {2, value}
+end
+return {1, redis.call('PTTL', KEYS[1])}
+";
+
+/// Owner-checked calls: compare the stored claim with the caller's before acting.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+const COMPLETE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+";
+
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// A store in Redis, for a fleet of instances: every instance sees the same claims and
+/// records. See the [module docs](super) for the protocol.
+///
+/// * **Client:** the `redis` crate (1.x) with its tokio [`ConnectionManager`], chosen because
+///   it multiplexes every call over one connection and reconnects by itself after the server
+///   goes away, so a restarted Redis needs no restart of the application.
+/// * **Atomicity:** a claim is `SET key claim NX PX lease` (inside one Lua script that also
+///   returns the record or the remaining lease, in one round trip). Renew, complete and
+///   release are Lua compare-and-set scripts against the owner token, so a process whose lease
+///   lapsed can never overwrite the work of the process that took over.
+/// * **Clocks:** leases and retention are Redis TTLs (`PX`), measured by the server.
+/// * **Layout:** one Redis key per record, `<prefix><key>` [prefix `idempotency:`], so every
+///   operation touches one key (one hash slot: Redis Cluster works). Values are binary, tagged
+///   and versioned; an unknown version is reported as [`StoreError::Corrupt`], never misread.
+/// * **Waiting duplicates** back off with jitter (the [`Store::wait`] default), never a tight loop.
+///
+/// ```no_run
+/// use tower_idempotency::{store::RedisStore, IdempotencyLayer};
+///
+/// # async fn f() -> Result<(), tower_idempotency::store::StoreError> {
+/// let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
+/// let layer = IdempotencyLayer::with_store(store);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    connection: ConnectionManager,
+    prefix: Arc<str>,
+    scripts: Arc<Scripts>,
+}
+
+struct Scripts {
+    claim: Script,
+    renew: Script,
+    complete: Script,
+    release: Script,
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://host:port/db`) with the default prefix `idempotency:`.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(StoreError::backend)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let connection = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(Self::new(connection))
+    }
+
+    /// A store over an existing connection manager.
+    pub fn new(connection: ConnectionManager) -> Self {
+        Self {
+            connection,
+            prefix: Arc::from("idempotency:"),
+            scripts: Arc::new(Scripts {
+                claim: Script::new(CLAIM),
+                renew: Script::new(RENEW),
+                complete: Script::new(COMPLETE),
+                release: Script::new(RELEASE),
+            }),
+        }
+    }
+
+    /// Prefixes every Redis key [`idempotency:`].
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = Arc::from(prefix.into());
+        self
+    }
+
+    fn redis_key(&self, key: &str) -> String {
+        let mut out = String::with_capacity(self.prefix.len() + key.len());
+        out.push_str(&self.prefix);
+        out.push_str(key);
+        out
+    }
+
+    async fn owner_checked(
+        &self,
+        script: &Script,
+        key: &str,
+        token: &OwnerToken,
+        args: &[&[u8]],
+    ) -> Result<(), StoreError> {
+        let mut invocation = script.key(self.redis_key(key));
+        invocation.arg(&claim_value(token)[..]);
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let done: i64 = invocation
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(StoreError::backend)?;
+        if done == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::LeaseLost)
+        }
+    }
+}
+
+fn millis(duration: Duration) -> String {
+    duration.as_millis().max(1).to_string()
+}
+
+fn claim_value(token: &OwnerToken) -> [u8; 18] {
+    let mut out = [0u8; 18];
+    out[0] = CLAIM_TAG;
+    out[1] = VERSION;
+    out[2..].copy_from_slice(&token.as_u128().to_be_bytes());
+    out
+}
+
+fn encode_record(record: &Record) -> Bytes {
+    let mut out = BytesMut::with_capacity(19 + record.payload().len());
+    out.put_u8(RECORD_TAG);
+    out.put_u8(VERSION);
+    match record.fingerprint() {
+        Some(fingerprint) => {
+            out.put_u8(1);
+            out.put_u128(fingerprint);
+        }
+        None => out.put_u8(0),
+    }
+    out.put_slice(record.payload());
+    out.freeze()
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("redis value is not a record of a known version")]
+struct UnknownFormat;
+
+fn decode_record(value: Vec<u8>) -> Result<Record, StoreError> {
+    let value = Bytes::from(value);
+    let corrupt = || StoreError::Corrupt(Box::new(UnknownFormat));
+    if value.len() < 3 || value[0] != RECORD_TAG || value[1] != VERSION {
+        return Err(corrupt());
+    }
+    match value[2] {
+        0 => Ok(Record::new(None, value.slice(3..))),
+        1 if value.len() >= 19 => {
+            let fingerprint = u128::from_be_bytes(value[3..19].try_into().expect("16 bytes"));
+            Ok(Record::new(Some(fingerprint), value.slice(19..)))
+        }
+        _ => Err(corrupt()),
+    }
+}
+
+fn unexpected(value: &Value) -> StoreError {
+    StoreError::backend(format!("unexpected reply from the claim script: {value:?}"))
+}
+
+impl Store for RedisStore {
+    async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, StoreError> {
+        let token = OwnerToken::random();
+        let reply: Value = self
+            .scripts
+            .claim
+            .key(self.redis_key(key))
+            .arg(&claim_value(&token)[..])
+            .arg(millis(lease))
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(StoreError::backend)?;
+        let Value::Array(items) = reply else {
+            return Err(unexpected(&reply));
+        };
+        match items.as_slice() {
+            [Value::Int(0)] => Ok(ClaimOutcome::Claimed(token)),
+            [Value::Int(1), Value::Int(pttl)] => Ok(ClaimOutcome::InFlight {
+                lease_remaining: u64::try_from(*pttl).ok().map(Duration::from_millis),
+            }),
+            [Value::Int(2), Value::BulkString(value)] => {
+                Ok(ClaimOutcome::Completed(decode_record(value.clone())?))
+            }
+            _ => Err(unexpected(&Value::Array(items))),
+        }
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let lease = millis(lease);
+        self.owner_checked(&self.scripts.renew, key, token, &[lease.as_bytes()])
+            .await
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let value = encode_record(&record);
+        let ttl = millis(ttl);
+        self.owner_checked(
+            &self.scripts.complete,
+            key,
+            token,
+            &[&value, ttl.as_bytes()],
+        )
+        .await
+    }
+
+    async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
+        self.owner_checked(&self.scripts.release, key, token, &[])
+            .await
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_unknown_versions_are_refused() {
+        for record in [
+            Record::new(Some(7), "payload"),
+            Record::new(None, Bytes::new()),
+        ] {
+            assert_eq!(
+                decode_record(encode_record(&record).to_vec()).unwrap(),
+                record
+            );
+        }
+        let mut future = encode_record(&Record::new(None, "x")).to_vec();
+        future[1] = VERSION + 1;
+        assert!(matches!(decode_record(future), Err(StoreError::Corrupt(_))));
+        assert!(matches!(
+            decode_record(b"R".to_vec()),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+}

@@ -1,0 +1,205 @@
+//! `PostgresStore` against a real PostgreSQL server: the conformance suite and the fleet cases.
+
+mod support;
+
+use support::servers::{postgres_url, PostgresServer};
+use support::shared_store;
+use tower_idempotency::store::PostgresStore;
+
+async fn store() -> Option<PostgresStore> {
+    let url = postgres_url()?;
+    let store = PostgresStore::connect(&url)
+        .await
+        .expect("connect to postgres");
+    store.migrate().await.expect("migrate");
+    Some(store)
+}
+
+macro_rules! conformance {
+    ($($case:ident),*) => {
+        mod conformance {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let Some(store) = super::store().await else { return };
+                    tower_idempotency::store::conformance::$case(&store).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    claim_then_in_flight,
+    complete_then_replay,
+    release_then_reclaim,
+    owner_checks,
+    keys_are_independent,
+    renew_extends_the_lease,
+    lapsed_lease_is_taken_over_and_fenced,
+    record_expires_after_ttl,
+    concurrent_claims_have_one_winner,
+    wait_returns_when_the_claim_ends
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_racing_for_one_key_have_one_winner() {
+    let (Some(a), Some(b)) = (store().await, store().await) else {
+        return;
+    };
+    shared_store::two_handles_race_for_one_key(&a, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lapsed_lease_is_taken_over_by_another_instance_and_fenced() {
+    let (Some(a), Some(b)) = (store().await, store().await) else {
+        return;
+    };
+    shared_store::lapsed_lease_is_taken_over_by_another_instance(&a, &b).await;
+}
+
+#[tokio::test]
+async fn records_survive_a_reconnect() {
+    let Some(first) = store().await else { return };
+    shared_store::records_survive_a_reconnect(first, async { store().await.unwrap() }).await;
+}
+
+#[tokio::test]
+async fn the_table_name_is_configurable_and_migrate_is_idempotent() {
+    use tower_idempotency::store::{ClaimOutcome, Store};
+    let Some(default) = store().await else { return };
+    let custom = default.clone().with_table("custom_idempotency").unwrap();
+    for _ in 0..3 {
+        custom.migrate().await.unwrap();
+    }
+    let lease = std::time::Duration::from_secs(30);
+    let key = tower_idempotency::store::conformance::fresh_key("table");
+    assert!(matches!(
+        custom.claim(&key, lease).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    assert!(
+        matches!(
+            default.claim(&key, lease).await.unwrap(),
+            ClaimOutcome::Claimed(_)
+        ),
+        "tables are separate"
+    );
+    assert!(default.clone().with_table("x; drop table y").is_err());
+}
+
+#[tokio::test]
+async fn concurrent_migrations_do_not_collide() {
+    let Some(store) = store().await else { return };
+    let store = store.with_table("raced_migrations").unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.migrate().await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn expired_rows_are_ignored_then_purged() {
+    use std::time::Duration;
+    use tower_idempotency::store::{ClaimOutcome, Record, Store};
+    let Some(store) = store().await else { return };
+    let store = store.with_table("purge_test").unwrap();
+    store.migrate().await.unwrap();
+    let key = tower_idempotency::store::conformance::fresh_key("purge");
+    let ClaimOutcome::Claimed(token) = store.claim(&key, Duration::from_secs(30)).await.unwrap()
+    else {
+        panic!()
+    };
+    store
+        .complete(
+            &key,
+            &token,
+            Record::new(None, "old"),
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap();
+    let lapsed = tower_idempotency::store::conformance::fresh_key("purge-lapsed");
+    store
+        .claim(&lapsed, Duration::from_millis(200))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(store.purge_expired(1000).await.unwrap() >= 2);
+    assert_eq!(store.purge_expired(1000).await.unwrap(), 0);
+    assert!(matches!(
+        store.claim(&key, Duration::from_secs(30)).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+}
+
+#[tokio::test]
+async fn the_background_purger_deletes_expired_rows() {
+    use std::time::Duration;
+    use tower_idempotency::store::Store;
+    let Some(store) = store().await else { return };
+    let store = store.with_table("purger_test").unwrap();
+    store.migrate().await.unwrap();
+    for i in 0..10 {
+        store
+            .claim(
+                &format!("lapsing-{i}-{}", fastrand_suffix()),
+                Duration::from_millis(50),
+            )
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(rows().await, 10);
+    let purger = store.spawn_purger(Duration::from_millis(50));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while rows().await != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the purger did not delete the expired rows"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    purger.abort();
+}
+
+/// Rows of the purger's table, counted over a connection of its own.
+async fn rows() -> i64 {
+    let url = postgres_url().unwrap();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .query_one("SELECT count(*) FROM purger_test", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+fn fastrand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_goes_away_and_comes_back() {
+    if std::env::var_os("DATABASE_URL").is_some() {
+        eprintln!("skipped: DATABASE_URL is an external server this test cannot stop");
+        return;
+    }
+    let Some(server) = PostgresServer::start() else {
+        support::servers::unavailable("PostgreSQL");
+        return;
+    };
+    let store = PostgresStore::connect(&server.url()).await.unwrap();
+    store.migrate().await.unwrap();
+    shared_store::outage_then_recovery(&store, || server.stop(), || server.restart()).await;
+}

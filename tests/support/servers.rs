@@ -1,0 +1,307 @@
+//! Throwaway Redis and PostgreSQL servers for the store tests, on free loopback ports.
+//!
+//! `REDIS_URL` / `DATABASE_URL` are used when set. Otherwise a server is started from the
+//! `redis-server` / `initdb` + `pg_ctl` binaries into a temporary directory (as the `postgres`
+//! user when running as root). Without either, tests print why on stderr and skip; when `CI`
+//! is set a missing server fails the test instead.
+//!
+//! Each server is watched by a small shell loop that stops it once the test process is gone,
+//! so no server outlives its test binary.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Skips (or, under CI, fails) for want of a server.
+pub fn unavailable(what: &str) -> Option<String> {
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} is not available and CI is set: install it (see .ci/run) or set its URL");
+    }
+    eprintln!("skipped: {what} is not available (install it or set its URL variable)");
+    None
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn find_binary(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("bin")).collect();
+        versions.sort();
+        dirs.extend(versions.into_iter().rev());
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+fn wait_for_port(port: u16, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    false
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false)
+}
+
+/// Runs `script` under `sh`, as the `postgres` user when we are root.
+fn sh(script: &str, as_postgres: bool) -> std::process::Child {
+    let mut command = if as_postgres {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", "sh", "-c", script]);
+        c
+    } else {
+        let mut c = Command::new("sh");
+        c.args(["-c", script]);
+        c
+    };
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Runs `stop` once this process is gone. The loop runs as this user (only it may signal
+/// this process); `stop` as the server's user.
+fn watchdog(stop: &str, as_postgres: bool) {
+    let pid = std::process::id();
+    let stop = if as_postgres {
+        format!("runuser -u postgres -- sh -c '{stop}'")
+    } else {
+        stop.to_owned()
+    };
+    sh(
+        &format!("while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop}"),
+        false,
+    );
+}
+
+/// A Redis server this test process controls.
+pub struct RedisServer {
+    pub port: u16,
+    binary: PathBuf,
+    dir: PathBuf,
+}
+
+impl RedisServer {
+    pub fn start() -> Option<Self> {
+        let binary = find_binary("redis-server")?;
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "tower-idempotency-redis-{port}-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let server = Self { port, binary, dir };
+        server.run();
+        watchdog(
+            &format!("kill $(cat {}) 2>/dev/null", server.pidfile().display()),
+            false,
+        );
+        Some(server)
+    }
+
+    fn pidfile(&self) -> PathBuf {
+        self.dir.join("redis.pid")
+    }
+
+    fn run(&self) {
+        let status = Command::new(&self.binary)
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--daemonize", "yes", "--pidfile"])
+            .arg(self.pidfile())
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "redis-server failed to start");
+        assert!(
+            wait_for_port(self.port, Duration::from_secs(10)),
+            "redis-server did not listen"
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (its data is gone: it keeps nothing on disk).
+    pub fn stop(&self) {
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "kill $(cat {0}); while kill -0 $(cat {0}) 2>/dev/null; do sleep 0.05; done",
+                self.pidfile().display()
+            ))
+            .status();
+    }
+
+    pub fn restart(&self) {
+        self.run();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The Redis URL the tests of this process share: `REDIS_URL`, or a server started once.
+pub fn redis_url() -> Option<String> {
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        return Some(url);
+    }
+    static SERVER: OnceLock<Option<RedisServer>> = OnceLock::new();
+    match SERVER.get_or_init(RedisServer::start) {
+        Some(server) => Some(server.url()),
+        None => unavailable("redis-server (or REDIS_URL)"),
+    }
+}
+
+/// A PostgreSQL cluster this test process controls.
+pub struct PostgresServer {
+    pub port: u16,
+    pg_ctl: PathBuf,
+    dir: PathBuf,
+    as_postgres: bool,
+}
+
+impl PostgresServer {
+    pub fn start() -> Option<Self> {
+        let initdb = find_binary("initdb")?;
+        let pg_ctl = find_binary("pg_ctl")?;
+        let port = free_port();
+        let as_postgres = is_root();
+        let dir = std::env::temp_dir().join(format!(
+            "tower-idempotency-pg-{port}-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        if as_postgres {
+            let status = Command::new("chown")
+                .arg("postgres")
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        let data = dir.join("data");
+        let init = format!(
+            "{} -D {} -A trust -U postgres --no-sync >{}/initdb.log 2>&1",
+            initdb.display(),
+            data.display(),
+            dir.display()
+        );
+        let status = sh(&init, as_postgres).wait().unwrap();
+        assert!(
+            status.success(),
+            "initdb failed: see {}/initdb.log",
+            dir.display()
+        );
+        let server = Self {
+            port,
+            pg_ctl,
+            dir,
+            as_postgres,
+        };
+        server.run();
+        watchdog(&server.stop_command(), as_postgres);
+        Some(server)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn stop_command(&self) -> String {
+        format!(
+            "{} -D {} -m immediate stop >/dev/null 2>&1",
+            self.pg_ctl.display(),
+            self.data().display()
+        )
+    }
+
+    fn run(&self) {
+        let start = format!(
+            "{} -D {} -l {}/server.log -w -o \"-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200\" start",
+            self.pg_ctl.display(),
+            self.data().display(),
+            self.dir.display(),
+            self.port,
+            self.dir.display()
+        );
+        let status = sh(&start, self.as_postgres).wait().unwrap();
+        assert!(
+            status.success(),
+            "pg_ctl start failed: see {}/server.log",
+            self.dir.display()
+        );
+        assert!(wait_for_port(self.port, Duration::from_secs(20)));
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn stop(&self) {
+        let _ = sh(&self.stop_command(), self.as_postgres).wait();
+    }
+
+    pub fn restart(&self) {
+        self.run();
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The PostgreSQL URL the tests of this process share: `DATABASE_URL`, or a cluster started once.
+pub fn postgres_url() -> Option<String> {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        return Some(url);
+    }
+    static SERVER: OnceLock<Option<PostgresServer>> = OnceLock::new();
+    match SERVER.get_or_init(PostgresServer::start) {
+        Some(server) => Some(server.url()),
+        None => unavailable("PostgreSQL (initdb and pg_ctl, or DATABASE_URL)"),
+    }
+}

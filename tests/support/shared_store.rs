@@ -1,0 +1,142 @@
+//! Cases only shared stores have: several handles (as several instances hold), and a server
+//! that goes away and comes back.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Barrier;
+use tower_idempotency::store::conformance::fresh_key;
+use tower_idempotency::store::{ClaimOutcome, Record, Store, StoreError};
+
+const LEASE: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(3600);
+
+/// Hundreds of claims on one key from two handles at the same instant: exactly one wins.
+pub async fn two_handles_race_for_one_key<St: Store + Clone>(a: &St, b: &St) {
+    const PER_HANDLE: usize = 100;
+    for round in 0..5 {
+        let key = Arc::new(fresh_key(&format!("fleet-race-{round}")));
+        let barrier = Arc::new(Barrier::new(2 * PER_HANDLE));
+        let winners = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for store in [a, b] {
+            for _ in 0..PER_HANDLE {
+                let (store, key, barrier, winners) =
+                    (store.clone(), key.clone(), barrier.clone(), winners.clone());
+                tasks.push(tokio::spawn(async move {
+                    barrier.wait().await;
+                    match store.claim(&key, LEASE).await.unwrap() {
+                        ClaimOutcome::Claimed(_) => {
+                            winners.fetch_add(1, Ordering::SeqCst);
+                        }
+                        ClaimOutcome::InFlight { .. } => {}
+                        ClaimOutcome::Completed(_) => panic!("nobody completed"),
+                    }
+                }));
+            }
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(
+            winners.load(Ordering::SeqCst),
+            1,
+            "round {round}: exactly one of {} claims wins",
+            2 * PER_HANDLE
+        );
+    }
+}
+
+/// A lease whose owner stopped renewing lapses; another handle takes the key over; the old
+/// owner's late completion is refused and the new owner's record stands.
+pub async fn lapsed_lease_is_taken_over_by_another_instance<St: Store>(a: &St, b: &St) {
+    let key = fresh_key("fleet-lapse");
+    let ClaimOutcome::Claimed(old) = a.claim(&key, Duration::from_millis(300)).await.unwrap()
+    else {
+        panic!()
+    };
+    assert!(matches!(
+        b.claim(&key, LEASE).await.unwrap(),
+        ClaimOutcome::InFlight { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let ClaimOutcome::Claimed(new) = b.claim(&key, LEASE).await.unwrap() else {
+        panic!("the lapsed lease is taken over")
+    };
+    assert!(matches!(
+        a.complete(&key, &old, Record::new(None, "late"), TTL).await,
+        Err(StoreError::LeaseLost)
+    ));
+    b.complete(&key, &new, Record::new(None, "new owner"), TTL)
+        .await
+        .unwrap();
+    for store in [a, b] {
+        match store.claim(&key, LEASE).await.unwrap() {
+            ClaimOutcome::Completed(record) => assert_eq!(record.payload(), "new owner"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// A record written through one connection is read through a brand-new one.
+pub async fn records_survive_a_reconnect<St: Store>(
+    first: St,
+    connect: impl std::future::Future<Output = St>,
+) {
+    let key = fresh_key("fleet-reconnect");
+    let ClaimOutcome::Claimed(token) = first.claim(&key, LEASE).await.unwrap() else {
+        panic!()
+    };
+    first
+        .complete(&key, &token, Record::new(Some(9), "kept"), TTL)
+        .await
+        .unwrap();
+    drop(first);
+    let second = connect.await;
+    match second.claim(&key, LEASE).await.unwrap() {
+        ClaimOutcome::Completed(record) => {
+            assert_eq!(record.payload(), "kept");
+            assert_eq!(record.fingerprint(), Some(9));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The server goes away: calls fail with a store error (bounded, never hanging). It comes
+/// back: the same handle works again, without being rebuilt.
+pub async fn outage_then_recovery<St: Store>(
+    store: &St,
+    stop: impl FnOnce(),
+    start: impl FnOnce(),
+) {
+    let key = fresh_key("outage-before");
+    assert!(matches!(
+        store.claim(&key, LEASE).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    stop();
+    let during = tokio::time::timeout(
+        Duration::from_secs(15),
+        store.claim(&fresh_key("outage-during"), LEASE),
+    )
+    .await
+    .expect("a store call during an outage must not hang");
+    assert!(matches!(during, Err(StoreError::Backend(_))), "{during:?}");
+    start();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match store.claim(&fresh_key("outage-after"), LEASE).await {
+            Ok(ClaimOutcome::Claimed(_)) => break,
+            Ok(other) => panic!("{other:?}"),
+            Err(error) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no recovery: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
