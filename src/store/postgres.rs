@@ -204,7 +204,7 @@ impl PostgresStore {
                 interval.tick().await;
                 loop {
                     match store.purge_expired(1000).await {
-                        Ok(n) if n == 1000 => continue,
+                        Ok(1000) => continue,
                         Ok(n) => {
                             tracing::debug!(purged = n, "expired idempotency records purged");
                             break;
