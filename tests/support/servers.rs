@@ -91,7 +91,9 @@ fn watchdog(stop: &str, as_postgres: bool) {
     } else {
         stop.to_owned()
     };
-    sh(
+    // Deliberately not waited for: it outlives this process to stop the server after it.
+    #[allow(clippy::zombie_processes)]
+    let _watchdog = sh(
         &format!("while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop}"),
         false,
     );
