@@ -2,6 +2,7 @@
 //! the idempotency layer, with counters and gates to observe and hold the handler.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod demo;
 pub mod servers;
 pub mod shared_store;
 

@@ -1,0 +1,122 @@
+//! The demo server as a child process, driven over loopback.
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// A demo process, killed on drop.
+pub struct Demo {
+    child: Child,
+    pub base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn demo_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let binary = profile_dir.join("examples").join("demo_server");
+    if !binary.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--example", "demo_server"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    binary
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn replayed(&self) -> bool {
+        self.headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
+    }
+}
+
+impl Demo {
+    pub async fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(demo_binary())
+            .args(["--addr", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = tokio::process::ChildStdout::from_std(child.stdout.take().unwrap()).unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).await.unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("listening on ")
+            .expect(&line)
+            .to_owned();
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        Self {
+            child,
+            base,
+            client,
+        }
+    }
+
+    /// SIGKILL: the process dies wherever it is, as in a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub async fn post(&self, tenant: &str, key: Option<&str>, body: &str) -> Reply {
+        let mut request = Request::post(format!("{}/payments", self.base))
+            .header("authorization", format!("Bearer {tenant}"))
+            .header("content-type", "application/json");
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        self.send(
+            request
+                .body(Full::new(Bytes::from(body.to_owned())))
+                .unwrap(),
+        )
+        .await
+    }
+
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Reply {
+        let response = self.client.request(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
+    pub async fn executions(&self) -> u64 {
+        let reply = self
+            .send(
+                Request::get(format!("{}/stats", self.base))
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await;
+        let stats: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        stats["executions"].as_u64().unwrap()
+    }
+}
