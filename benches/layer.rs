@@ -1,0 +1,272 @@
+//! What the layer adds to a request, in process, next to the bare handler measured in the
+//! same run; and how replays and claims scale with tasks on a multi-threaded runtime.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use http::{HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Full};
+use tower::{Service, ServiceExt};
+use tower_idempotency::{IdempotencyLayer, RequestBody};
+
+/// A ~1 KiB JSON answer, as a typical create endpoint returns.
+fn payload() -> Bytes {
+    let mut json =
+        String::from(r#"{"id":"pay_0123456789abcdef","amount":1000,"currency":"usd","metadata":{"#);
+    while json.len() < 1000 {
+        json.push_str(r#""k":"vvvvvvvvvvvvvvvvvvvvvvvvvvvvvvv","#);
+    }
+    json.push_str(r#""end":true}}"#);
+    Bytes::from(json)
+}
+
+/// The handler: answers the fixed payload. Generic over the request body so that the same
+/// function serves bare and layered.
+#[derive(Clone)]
+struct Handler(Bytes);
+
+impl<B> Service<Request<B>> for Handler {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _request: Request<B>) -> Self::Future {
+        let mut response = Response::new(Full::new(self.0.clone()));
+        response
+            .headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/json"));
+        std::future::ready(Ok(response))
+    }
+}
+
+const BODY: &[u8] = br#"{"amount":1000,"currency":"usd"}"#;
+
+/// Every variant builds the same request: POST, a 32-byte body, and one header whose value
+/// comes from a counter. Only the header's name differs (the key header, or another one).
+fn request(header: &'static str, n: u64) -> Request<Full<Bytes>> {
+    Request::post("/payments")
+        .header(header, HeaderValue::from(n))
+        .body(Full::new(Bytes::from_static(BODY)))
+        .unwrap()
+}
+
+async fn drive<S, B>(service: &mut S, request: Request<Full<Bytes>>) -> usize
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let response = service.ready().await.unwrap().call(request).await.unwrap();
+    response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .len()
+}
+
+/// Times `iters` sequential requests made by `make` (given the iteration number).
+fn bench_requests<S, B>(
+    b: &mut criterion::Bencher<'_>,
+    rt: &tokio::runtime::Runtime,
+    service: S,
+    make: impl Fn(u64) -> Request<Full<Bytes>> + Clone,
+) where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    b.to_async(rt).iter_custom(|iters| {
+        let (mut service, make) = (service.clone(), make.clone());
+        async move {
+            let started = Instant::now();
+            for n in 0..iters {
+                std::hint::black_box(drive(&mut service, make(n)).await);
+            }
+            started.elapsed()
+        }
+    })
+}
+
+fn overhead(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("layer");
+    let handler = Handler(payload());
+    let layered = || tower::Layer::layer(&IdempotencyLayer::new(), handler.clone());
+    let counter = Arc::new(AtomicU64::new(1 << 40));
+
+    group.bench_function("bare_handler", |b| {
+        bench_requests(b, &rt, handler.clone(), |n| request("x-other", n))
+    });
+    // Passthrough: the same request without an idempotency key.
+    group.bench_function("passthrough_no_key", |b| {
+        bench_requests(b, &rt, layered(), |n| request("x-other", n))
+    });
+    // First request: a fresh key each time (claim, run, store).
+    let fresh = counter.clone();
+    group.bench_function("first_request_fresh_key", |b| {
+        let fresh = fresh.clone();
+        bench_requests(b, &rt, layered(), move |_| {
+            request("idempotency-key", fresh.fetch_add(1, Ordering::Relaxed))
+        })
+    });
+    // Duplicate: the same key every time (replay).
+    group.bench_function("replay", |b| {
+        let mut service = layered();
+        rt.block_on(drive(&mut service, request("idempotency-key", 1)));
+        bench_requests(b, &rt, service, |_| request("idempotency-key", 1))
+    });
+    // Mismatch: the same key with another body (422).
+    group.bench_function("mismatch_422", |b| {
+        let mut service = layered();
+        rt.block_on(drive(&mut service, request("idempotency-key", 1)));
+        bench_requests(b, &rt, service, |_| {
+            let mut other = request("idempotency-key", 1);
+            *other.body_mut() =
+                Full::new(Bytes::from_static(br#"{"amount":9999,"currency":"usd"}"#));
+            other
+        })
+    });
+    group.finish();
+}
+
+/// `tasks` tasks each sending `per_task` requests made by `make`, all at once.
+async fn burst<S>(
+    service: &S,
+    tasks: usize,
+    per_task: u64,
+    make: impl Fn(usize, u64) -> Request<Full<Bytes>> + Clone + Send + 'static,
+) -> Duration
+where
+    S: Service<Request<Full<Bytes>>> + Clone + Send + 'static,
+    S::Response: Send,
+    S::Future: Send,
+    S::Error: std::fmt::Debug + Send,
+{
+    let barrier = Arc::new(tokio::sync::Barrier::new(tasks + 1));
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let (mut service, barrier, make) = (service.clone(), barrier.clone(), make.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                for i in 0..per_task {
+                    let _ = service
+                        .ready()
+                        .await
+                        .unwrap()
+                        .call(make(t, i))
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    barrier.wait().await;
+    let started = Instant::now();
+    for handle in handles {
+        handle.await.unwrap();
+    }
+    started.elapsed()
+}
+
+fn contention(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("contention");
+    group.sample_size(20);
+    const PER_TASK: u64 = 200;
+    let handler = Handler(payload());
+    let epoch = Arc::new(AtomicU64::new(0));
+    for tasks in [1usize, 2, 4, 16, 64] {
+        group.throughput(Throughput::Elements(tasks as u64 * PER_TASK));
+        group.bench_with_input(
+            BenchmarkId::new("bare_handler", tasks),
+            &tasks,
+            |b, &tasks| {
+                let service = handler.clone();
+                b.to_async(&rt).iter_custom(|iters| {
+                    let service = service.clone();
+                    async move {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            total += burst(&service, tasks, PER_TASK, |_, i| request("x-other", i))
+                                .await;
+                        }
+                        total
+                    }
+                })
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("replay_same_key", tasks),
+            &tasks,
+            |b, &tasks| {
+                let service = tower::Layer::layer(&IdempotencyLayer::new(), handler.clone());
+                rt.block_on(drive(&mut service.clone(), request("idempotency-key", 1)));
+                b.to_async(&rt).iter_custom(|iters| {
+                    let service = service.clone();
+                    async move {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            total += burst(&service, tasks, PER_TASK, |_, _| {
+                                request("idempotency-key", 1)
+                            })
+                            .await;
+                        }
+                        total
+                    }
+                })
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("claim_distinct_keys", tasks),
+            &tasks,
+            |b, &tasks| {
+                let service = tower::Layer::layer(&IdempotencyLayer::new(), handler.clone());
+                let epoch = epoch.clone();
+                b.to_async(&rt).iter_custom(move |iters| {
+                    let (service, epoch) = (service.clone(), epoch.clone());
+                    async move {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            let run = epoch.fetch_add(1, Ordering::Relaxed) << 32;
+                            total += burst(&service, tasks, PER_TASK, move |t, i| {
+                                request("idempotency-key", run | (t as u64) << 16 | i)
+                            })
+                            .await;
+                        }
+                        total
+                    }
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+// `RequestBody` is what the handler receives behind the layer; named here so that a change
+// of the handler's request type shows up in this file.
+#[allow(dead_code)]
+type LayeredRequest = Request<RequestBody<Full<Bytes>>>;
+
+criterion_group!(benches, overhead, contention);
+criterion_main!(benches);
