@@ -3,6 +3,8 @@
 //! both drive a [`Store`] through this module.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -42,11 +44,25 @@ pub(crate) enum Begin {
     Completed { record: Record, waited: bool },
 }
 
+/// Polls `future` once: its output if it is ready at once.
+async fn ready_now<F: Future + Unpin>(future: &mut F) -> Option<F::Output> {
+    std::future::poll_fn(|cx| match Pin::new(&mut *future).poll(cx) {
+        Poll::Ready(output) => Poll::Ready(Some(output)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
 /// Runs one store call, bounded by the store timeout: a hung store never hangs the caller.
+/// A call that completes at once (the memory store) never registers a timer.
 pub(crate) async fn bounded<T>(
     timeout: Duration,
     call: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, Failure> {
+    let mut call = std::pin::pin!(call);
+    if let Some(result) = ready_now(&mut call).await {
+        return Ok(result?);
+    }
     match tokio::time::timeout(timeout, call).await {
         Ok(result) => Ok(result?),
         Err(_) => Err(Failure::Timeout),
@@ -89,6 +105,10 @@ pub(crate) async fn keep_alive<St: Store, F: Future>(
 ) -> F::Output {
     let period = timings.lease / 3;
     let mut work = std::pin::pin!(work);
+    // Work that is done at once needs no renewal timer.
+    if let Some(out) = ready_now(&mut work).await {
+        return out;
+    }
     let tick = tokio::time::sleep(period);
     let mut tick = std::pin::pin!(tick);
     let mut renewing = true;

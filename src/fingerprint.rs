@@ -127,14 +127,15 @@ impl fmt::Debug for Fingerprint {
 
 /// The streaming xxh3-128 state that a [`Fingerprint`] feeds.
 pub struct FingerprintHasher {
-    state: Xxh3,
+    // Boxed: the state is about 600 bytes, and the hasher moves with the request.
+    state: Box<Xxh3>,
     body_started: bool,
 }
 
 impl FingerprintHasher {
     fn new() -> Self {
         Self {
-            state: Xxh3::new(),
+            state: Box::new(Xxh3::new()),
             body_started: false,
         }
     }
@@ -192,7 +193,7 @@ pub(crate) enum SlotState<B> {
     /// The body was read to its end: here is the fingerprint.
     Done(u128),
     /// The handler dropped the body before its end: the rest, to drain.
-    Leftover(Pin<Box<B>>, Box<FingerprintHasher>),
+    Leftover(Pin<Box<B>>, FingerprintHasher),
     /// The body failed: no fingerprint can be made.
     Failed,
 }
@@ -242,7 +243,7 @@ pub(crate) fn take_slot<B>(slot: &Slot<B>) -> SlotState<B> {
 impl<B> Drop for Hashing<B> {
     fn drop(&mut self) {
         if let (Some(body), Some(hasher)) = (self.body.take(), self.hasher.take()) {
-            set_slot(&self.slot, SlotState::Leftover(body, Box::new(hasher)));
+            set_slot(&self.slot, SlotState::Leftover(body, hasher));
         }
     }
 }
@@ -322,8 +323,8 @@ impl<B> fmt::Debug for RequestBody<B> {
 
 /// Reads `body` to its end, hashing every data chunk into `hasher`, and returns the digest.
 pub(crate) async fn drain<B>(
-    mut body: Pin<Box<B>>,
-    mut hasher: Box<FingerprintHasher>,
+    mut body: Pin<&mut B>,
+    mut hasher: FingerprintHasher,
 ) -> Result<u128, BoxError>
 where
     B: Body,
@@ -343,7 +344,7 @@ where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    drain(Box::pin(body), Box::new(hasher)).await
+    drain(std::pin::pin!(body), hasher).await
 }
 
 #[cfg(test)]
@@ -416,11 +417,11 @@ mod tests {
         // The handler reads one frame and gives up.
         let _ = body.frame().await.unwrap().unwrap();
         drop(body);
-        let SlotState::Leftover(rest, hasher) = take_slot(&slot) else {
+        let SlotState::Leftover(mut rest, hasher) = take_slot(&slot) else {
             panic!("an unfinished body must be handed back");
         };
         assert_eq!(
-            drain(rest, hasher).await.unwrap(),
+            drain(rest.as_mut(), hasher).await.unwrap(),
             fingerprint_of(&fp, "/p", &data)
         );
     }

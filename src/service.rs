@@ -14,7 +14,7 @@
 //! [`ResponseFuture`]).
 
 use std::collections::VecDeque;
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
@@ -46,10 +46,10 @@ use crate::BoxError;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoStore;
 
-/// The header every replay carries.
-pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// The header every replay carries (`idempotent-replayed: true`).
+pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
 /// The header a replay carries when the original body was too large to keep.
-pub const BODY_OMITTED_HEADER: &str = "idempotent-body-omitted";
+pub const BODY_OMITTED_HEADER: HeaderName = HeaderName::from_static("idempotent-body-omitted");
 
 /// Middleware that makes unsafe requests safe to retry. See the [crate docs](crate).
 #[derive(Clone)]
@@ -149,10 +149,27 @@ fn composite_key(scope: &str, parts: &Parts, key: &IdempotencyKey) -> String {
     let mut out =
         String::with_capacity(scope.len() + method.len() + path.len() + key.as_str().len() + 24);
     for field in [scope, method, path] {
-        let _ = write!(out, "{}:{field}|", field.len());
+        push_decimal(&mut out, field.len());
+        out.push(':');
+        out.push_str(field);
+        out.push('|');
     }
     out.push_str(key.as_str());
     out
+}
+
+fn push_decimal(out: &mut String, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
 }
 
 impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, St>
@@ -421,7 +438,7 @@ where
         let fingerprint = match slot {
             Some(slot) => match fingerprint::take_slot(&slot) {
                 SlotState::Done(digest) => Some(digest),
-                SlotState::Leftover(rest, hasher) => fingerprint::drain(rest, hasher).await.ok(),
+                SlotState::Leftover(mut rest, hasher) => fingerprint::drain(rest.as_mut(), hasher).await.ok(),
                 SlotState::Failed | SlotState::Reading => None,
             },
             None => head_hash,
