@@ -1,13 +1,12 @@
 //! The embedded store: completed records in a byte-bounded moka cache, claims in a sharded map.
 
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use ahash::RandomState;
 use moka::policy::EvictionPolicy;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -46,7 +45,7 @@ pub struct MemoryStore {
 }
 
 struct Inner {
-    records: moka::sync::Cache<Arc<str>, Stored>,
+    records: moka::sync::Cache<Arc<str>, Stored, RandomState>,
     claims: Box<[Mutex<Shard>]>,
     hasher: RandomState,
     next_token: AtomicU64,
@@ -59,9 +58,8 @@ struct Stored {
     expires_at: Instant,
 }
 
-#[derive(Default)]
 struct Shard {
-    map: HashMap<Arc<str>, Claim>,
+    map: HashMap<Arc<str>, Claim, RandomState>,
     /// The map's length after the last sweep of lapsed leases.
     swept_len: usize,
 }
@@ -99,8 +97,15 @@ impl MemoryStoreBuilder {
                 u32::try_from(weight).unwrap_or(u32::MAX)
             })
             .expire_after(Expiry)
-            .build();
-        let claims = (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect();
+            .build_with_hasher(RandomState::new());
+        let claims = (0..SHARDS)
+            .map(|_| {
+                Mutex::new(Shard {
+                    map: HashMap::with_hasher(RandomState::new()),
+                    swept_len: 0,
+                })
+            })
+            .collect();
         MemoryStore {
             inner: Arc::new(Inner {
                 records,
