@@ -39,6 +39,19 @@ fn fingerprint(c: &mut Criterion) {
             &data,
             |b, data| b.iter(|| xxh3_128(std::hint::black_box(data))),
         );
+        group.bench_with_input(
+            BenchmarkId::new("xxh3_update_16KiB_chunks", size),
+            &streamed,
+            |b, chunks| {
+                b.iter(|| {
+                    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+                    for chunk in chunks {
+                        hasher.update(std::hint::black_box(chunk));
+                    }
+                    hasher.digest128()
+                })
+            },
+        );
         let head = parts();
         group.bench_with_input(
             BenchmarkId::new("streamed_16KiB_chunks", size),

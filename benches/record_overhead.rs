@@ -16,20 +16,34 @@ const PAYLOAD: usize = 1024;
 fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
     let _profiler = dhat::Profiler::builder().testing().build();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let store = MemoryStore::builder().max_bytes(1 << 40).build();
-    let keys: Vec<String> = (0..RECORDS).map(|i| format!("{i:0>width$}", width = KEY_LEN)).collect();
+    let keys: Vec<String> = (0..RECORDS)
+        .map(|i| format!("{i:0>width$}", width = KEY_LEN))
+        .collect();
     // Payloads are allocated before the measurement: they are the caller's bytes, shared by the store.
-    let payloads: Vec<Bytes> = (0..RECORDS).map(|_| Bytes::from(vec![b'x'; PAYLOAD])).collect();
+    let payloads: Vec<Bytes> = (0..RECORDS)
+        .map(|_| Bytes::from(vec![b'x'; PAYLOAD]))
+        .collect();
     store.record_count(); // let moka allocate its structures before the baseline
     let before = dhat::HeapStats::get().curr_bytes;
     rt.block_on(async {
         for (key, payload) in keys.iter().zip(&payloads) {
-            let ClaimOutcome::Claimed(token) = store.claim(key, Duration::from_secs(60)).await.unwrap() else {
+            let ClaimOutcome::Claimed(token) =
+                store.claim(key, Duration::from_secs(60)).await.unwrap()
+            else {
                 unreachable!()
             };
             store
-                .complete(key, &token, Record::new(Some(1), payload.clone()), Duration::from_secs(3600))
+                .complete(
+                    key,
+                    &token,
+                    Record::new(Some(1), payload.clone()),
+                    Duration::from_secs(3600),
+                )
                 .await
                 .unwrap();
         }
@@ -41,7 +55,10 @@ fn main() {
     println!("records: {RECORDS}, key: {KEY_LEN} B, payload: {PAYLOAD} B (shared with the caller, not copied)");
     println!("heap growth per record: {per_record:.0} B");
     println!("  of which the key copy: {key_bytes:.0} B");
-    println!("overhead beyond key and payload: {:.0} B per record", per_record - key_bytes);
+    println!(
+        "overhead beyond key and payload: {:.0} B per record",
+        per_record - key_bytes
+    );
     drop(payloads);
 
     // The floor: the same moka configuration holding nothing but the keys.
@@ -65,7 +82,12 @@ fn main() {
 struct NoExpiry;
 
 impl moka::Expiry<std::sync::Arc<str>, ()> for NoExpiry {
-    fn expire_after_create(&self, _: &std::sync::Arc<str>, _: &(), _: std::time::Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _: &std::sync::Arc<str>,
+        _: &(),
+        _: std::time::Instant,
+    ) -> Option<Duration> {
         Some(Duration::from_secs(3600))
     }
 }

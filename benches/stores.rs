@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use tower_idempotency::store::{ClaimOutcome, MemoryStore, PostgresStore, Record, RedisStore, Store};
+use tower_idempotency::store::{
+    ClaimOutcome, MemoryStore, PostgresStore, Record, RedisStore, Store,
+};
 
 const LEASE: Duration = Duration::from_secs(60);
 const TTL: Duration = Duration::from_secs(3600);
@@ -30,10 +32,14 @@ fn bench_store<St: Store>(c: &mut Criterion, rt: &tokio::runtime::Runtime, name:
                 let started = Instant::now();
                 for _ in 0..iters {
                     let key = format!("bench/{run}/{}", counter.fetch_add(1, Ordering::Relaxed));
-                    let ClaimOutcome::Claimed(token) = store.claim(&key, LEASE).await.unwrap() else {
+                    let ClaimOutcome::Claimed(token) = store.claim(&key, LEASE).await.unwrap()
+                    else {
                         panic!("fresh key")
                     };
-                    store.complete(&key, &token, Record::new(Some(1), payload()), TTL).await.unwrap();
+                    store
+                        .complete(&key, &token, Record::new(Some(1), payload()), TTL)
+                        .await
+                        .unwrap();
                 }
                 started.elapsed()
             }
@@ -41,8 +47,13 @@ fn bench_store<St: Store>(c: &mut Criterion, rt: &tokio::runtime::Runtime, name:
     });
     let replay_key = format!("bench/{run}/replayed");
     rt.block_on(async {
-        let ClaimOutcome::Claimed(token) = store.claim(&replay_key, LEASE).await.unwrap() else { panic!() };
-        store.complete(&replay_key, &token, Record::new(Some(1), payload()), TTL).await.unwrap();
+        let ClaimOutcome::Claimed(token) = store.claim(&replay_key, LEASE).await.unwrap() else {
+            panic!()
+        };
+        store
+            .complete(&replay_key, &token, Record::new(Some(1), payload()), TTL)
+            .await
+            .unwrap();
     });
     group.bench_function(format!("{name}/replay"), |b| {
         b.to_async(rt).iter(|| async {
@@ -56,11 +67,17 @@ fn bench_store<St: Store>(c: &mut Criterion, rt: &tokio::runtime::Runtime, name:
 }
 
 fn fastrand_seed() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }
 
 fn stores(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     bench_store(c, &rt, "memory", MemoryStore::new());
     // Benchmarks skip rather than fail when a server is missing, even under CI.
     std::env::remove_var("CI");

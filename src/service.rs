@@ -438,7 +438,9 @@ where
         let fingerprint = match slot {
             Some(slot) => match fingerprint::take_slot(&slot) {
                 SlotState::Done(digest) => Some(digest),
-                SlotState::Leftover(mut rest, hasher) => fingerprint::drain(rest.as_mut(), hasher).await.ok(),
+                SlotState::Leftover(mut rest, hasher) => {
+                    fingerprint::drain(rest.as_mut(), hasher).await.ok()
+                }
                 SlotState::Failed | SlotState::Reading => None,
             },
             None => head_hash,

@@ -1,0 +1,30 @@
+-- wrk script for benches/http.sh. MODE: bare | keyless | fresh | replay.
+local mode = os.getenv("MODE") or "keyless"
+local path = mode == "bare" and "/bare/payments" or "/payments"
+local body = '{"amount":1000,"currency":"usd"}'
+local counter = 0
+local threads = 0
+
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+
+function request()
+  local headers = { ["Content-Type"] = "application/json", ["Authorization"] = "Bearer bench" }
+  if mode == "fresh" then
+    counter = counter + 1
+    headers["Idempotency-Key"] = "fresh-" .. os.time() .. "-" .. tid .. "-" .. counter
+  elseif mode == "replay" then
+    headers["Idempotency-Key"] = "replayed-key"
+  end
+  return wrk.format("POST", path, headers, body)
+end
+
+function done(summary, latency, requests)
+  local seconds = summary.duration / 1e6
+  local errors = summary.errors.connect + summary.errors.read + summary.errors.write
+    + summary.errors.status + summary.errors.timeout
+  io.write(string.format("RESULT %s %.0f %.1f %.1f %d %d\n", mode, summary.requests / seconds,
+    latency:percentile(50), latency:percentile(99), summary.requests, errors))
+end
