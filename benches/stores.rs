@@ -3,7 +3,6 @@
 //! by `REDIS_URL` / `DATABASE_URL` (the same rules as their tests); otherwise they say so.
 
 #[path = "../tests/support/servers.rs"]
-#[allow(dead_code)]
 mod servers;
 
 use std::sync::atomic::{AtomicU64, Ordering};
