@@ -56,6 +56,10 @@ struct Args {
     /// Refuse keyless POSTs with 400.
     #[arg(long)]
     require_key: bool,
+    /// Fault injection: after `POST /payments` ran (and its response was stored), close the
+    /// connection without answering this fraction of the time (0.0 to 1.0).
+    #[arg(long, default_value_t = 0.0)]
+    drop_responses: f64,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -292,10 +296,63 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     println!("listening on http://{addr}");
     std::io::stdout().flush()?;
+    if args.drop_responses > 0.0 {
+        return serve_dropping_responses(listener, app, args.drop_responses).await;
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
     Ok(())
+}
+
+/// The answer that was lost on its way back.
+#[derive(Debug)]
+struct DroppedResponse;
+
+impl std::fmt::Display for DroppedResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("response dropped on purpose (--drop-responses)")
+    }
+}
+
+impl std::error::Error for DroppedResponse {}
+
+/// Serves `app`, but closes the connection instead of answering a `POST /payments` with
+/// probability `fraction`: hyper drops a connection whose service fails, so the client sees
+/// the connection close with no response, after the handler ran and its outcome was stored.
+async fn serve_dropping_responses(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    fraction: f64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tower::ServiceExt;
+
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let app = app.clone();
+        let service =
+            hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let app = app.clone();
+                let droppable = request.method() == axum::http::Method::POST
+                    && request.uri().path() == "/payments";
+                async move {
+                    let response = match app.oneshot(request.map(axum::body::Body::new)).await {
+                        Ok(response) => response,
+                        Err(never) => match never {},
+                    };
+                    if droppable && fastrand::f64() < fraction {
+                        return Err(DroppedResponse);
+                    }
+                    Ok(response)
+                }
+            });
+        tokio::spawn(async move {
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
 }

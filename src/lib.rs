@@ -120,6 +120,8 @@
 
 mod body;
 mod claim;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod fingerprint;
 mod future;
 mod key;

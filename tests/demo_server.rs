@@ -105,3 +105,33 @@ async fn require_key_refuses_keyless_posts() {
     assert_eq!(reply.headers["content-type"], "application/problem+json");
     assert_eq!(demo.executions().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retrying_client_example_executes_every_payment_once_despite_dropped_answers() {
+    let demo = Demo::start(&["--drop-responses", "0.3"]).await;
+    let binary = support::demo::example_binary("retrying_client");
+    let output = tokio::process::Command::new(binary)
+        .args(["--url", &demo.base, "--payments", "150"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("payments the client believes it made: 150"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("payments the server executed:         150"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("answers that were replays:            0\n"),
+        "answers were dropped and replayed: {stdout}"
+    );
+    assert_eq!(demo.executions().await, 150);
+}

@@ -24,18 +24,23 @@ impl Drop for Demo {
     }
 }
 
-fn demo_binary() -> PathBuf {
+/// The binary of example `name`, built by `cargo test` beside the tests (built here if not).
+pub fn example_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let binary = profile_dir.join("examples").join("demo_server");
+    let binary = profile_dir.join("examples").join(name);
     if !binary.exists() {
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--example", "demo_server"])
+            .args(["build", "--example", name])
             .status()
             .unwrap();
         assert!(status.success());
     }
     binary
+}
+
+fn demo_binary() -> PathBuf {
+    example_binary("demo_server")
 }
 
 pub struct Reply {

@@ -1,0 +1,421 @@
+//! The client side (feature `client`): stamp each unsafe request with an idempotency key, and
+//! retry it with that same key, backing off exponentially with full jitter.
+//!
+//! Idempotency keys only pay off when clients retry with them, and retries only help when
+//! they don't all arrive at once: after an outage thousands of clients retrying in lockstep
+//! knock the recovering servers down again. [`IdempotentRetryLayer`] does both, as payment
+//! SDKs do:
+//!
+//! * A `POST` or `PATCH` without an `Idempotency-Key` gets a fresh UUID v4 (122 random bits,
+//!   from the operating system's generator). A request that has a key keeps it. Every retry
+//!   of the request carries the same key and the same body bytes.
+//! * **Retried** [default]: transport errors (connection refused or reset, timeouts: any error
+//!   of the inner service), and the statuses 409 (the original still runs), 429, 502, 503 and
+//!   504. **Never retried**: any other status; in particular never a 422 (the key was reused
+//!   with another payload: a client bug to surface, not to retry). [`retry_on`] changes this.
+//! * **Backoff**: attempt `n` (from 0) waits a uniformly random time in
+//!   `[0, min(cap, base × 2ⁿ)]` ("full jitter") [base 100 ms, cap 10 s]; a `Retry-After`
+//!   header (seconds or an HTTP date) sets the minimum wait. At most [5] attempts in all,
+//!   and no retry that would start after the overall deadline [30 s from the first attempt].
+//! * Each retry is a `tracing` event (attempt, wait, reason). The final response is the
+//!   server's: a replay carries `idempotent-replayed: true`.
+//!
+//! The request body must be cloneable to be sent again: `Full<Bytes>`, `String`, `Vec<u8>`,
+//! `Bytes`. A streaming body cannot be replayed: collect it first
+//! (`http_body_util::BodyExt::collect`), or send it without this layer.
+//!
+//! Built on tower's retry machinery ([`tower::retry::Retry`] with a [`Policy`]); tower's own
+//! backoff helpers add jitter *on top of* the exponential delay and know nothing of
+//! `Retry-After`, so the delay is computed here.
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+//! use tower_idempotency::client::IdempotentRetryLayer;
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! // A server that answers 503 twice, then 201.
+//! let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+//! let server = service_fn(move |request: Request<Full<Bytes>>| {
+//!     let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+//!     assert!(request.headers().contains_key("idempotency-key"));
+//!     async move {
+//!         let status = if n < 2 { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::CREATED };
+//!         Ok::<_, Infallible>(Response::builder().status(status).body(Full::<Bytes>::default()).unwrap())
+//!     }
+//! });
+//! let mut client = ServiceBuilder::new().layer(IdempotentRetryLayer::new()).service(server);
+//! let request = Request::post("/payments").body(Full::new(Bytes::from("{}"))).unwrap();
+//! let response = client.ready().await.unwrap().call(request).await.unwrap();
+//! assert_eq!(response.status(), StatusCode::CREATED);
+//! # }
+//! ```
+//!
+//! [`retry_on`]: IdempotentRetryLayer::retry_on
+//! [`Policy`]: tower::retry::Policy
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use http::header::RETRY_AFTER;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use tokio::time::Instant;
+use tower::retry::{Policy, Retry};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// What an attempt produced, as [`IdempotentRetryLayer::retry_on`] sees it.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The inner service failed (connection refused or reset, timeout, …).
+    Error,
+    /// The server answered with this status.
+    Status(StatusCode),
+}
+
+type RetryOn = dyn Fn(Outcome) -> bool + Send + Sync;
+
+/// The default: transport errors, 409, 429, 502, 503, 504.
+pub fn default_retry_on(outcome: Outcome) -> bool {
+    match outcome {
+        Outcome::Error => true,
+        Outcome::Status(status) => matches!(status.as_u16(), 409 | 429 | 502 | 503 | 504),
+    }
+}
+
+/// Stamps idempotency keys and retries with backoff. See the [module docs](self).
+#[derive(Clone)]
+pub struct IdempotentRetryLayer {
+    header: HeaderName,
+    methods: Vec<Method>,
+    policy: RetryPolicy,
+}
+
+impl IdempotentRetryLayer {
+    /// The defaults: POST and PATCH, `Idempotency-Key`, 5 attempts, 100 ms base, 10 s cap, 30 s deadline.
+    pub fn new() -> Self {
+        Self {
+            header: HeaderName::from_static("idempotency-key"),
+            methods: vec![Method::POST, Method::PATCH],
+            policy: RetryPolicy::default(),
+        }
+    }
+
+    /// The methods that get a key and are retried [POST, PATCH]. Other requests pass once.
+    pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.methods = methods.into_iter().collect();
+        self.policy.methods = Arc::new(self.methods.clone());
+        self
+    }
+
+    /// The header that carries the key [`Idempotency-Key`].
+    pub fn header_name(mut self, name: HeaderName) -> Self {
+        self.header = name;
+        self
+    }
+
+    /// Attempts in all, the first included [5].
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.policy.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// The first backoff ceiling [100 ms], doubled at each attempt up to the cap.
+    pub fn base_delay(mut self, base: Duration) -> Self {
+        self.policy.base = base;
+        self
+    }
+
+    /// The largest backoff ceiling [10 s].
+    pub fn max_delay(mut self, cap: Duration) -> Self {
+        self.policy.cap = cap;
+        self
+    }
+
+    /// No retry starts later than this after the first attempt [30 s].
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.policy.overall = deadline;
+        self
+    }
+
+    /// Which outcomes are retried [`default_retry_on`].
+    pub fn retry_on(mut self, retry_on: impl Fn(Outcome) -> bool + Send + Sync + 'static) -> Self {
+        self.policy.retry_on = Arc::new(retry_on);
+        self
+    }
+
+    /// Seeds the jitter (for reproducible tests); unseeded, each layer draws its own seed.
+    pub fn jitter_seed(mut self, seed: u64) -> Self {
+        self.policy.rng = fastrand::Rng::with_seed(seed);
+        self
+    }
+
+    /// The retry policy this layer uses, to inspect its delays.
+    pub fn policy(&self) -> &RetryPolicy {
+        &self.policy
+    }
+}
+
+impl Default for IdempotentRetryLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for IdempotentRetryLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotentRetryLayer")
+            .field("header", &self.header)
+            .field("methods", &self.methods)
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for IdempotentRetryLayer {
+    type Service = IdempotentRetry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        IdempotentRetry {
+            header: self.header.clone(),
+            methods: self.methods.clone(),
+            inner: Retry::new(self.policy.clone(), inner),
+        }
+    }
+}
+
+/// The service [`IdempotentRetryLayer`] makes: stamps the key, then tower's [`Retry`].
+#[derive(Clone, Debug)]
+pub struct IdempotentRetry<S> {
+    header: HeaderName,
+    methods: Vec<Method>,
+    inner: Retry<RetryPolicy, S>,
+}
+
+impl<S, B, ResBody> Service<Request<B>> for IdempotentRetry<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    B: Clone,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = <Retry<RetryPolicy, S> as Service<Request<B>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if self.methods.contains(request.method()) && !request.headers().contains_key(&self.header)
+        {
+            let key = uuid::Uuid::new_v4().to_string();
+            let value = HeaderValue::try_from(key).expect("a UUID is a valid header value");
+            request.headers_mut().insert(self.header.clone(), value);
+        }
+        self.inner.call(request)
+    }
+}
+
+/// The retry [`Policy`]: which outcomes to retry, and how long to wait before each retry.
+#[derive(Clone)]
+pub struct RetryPolicy {
+    methods: Arc<Vec<Method>>,
+    max_attempts: u32,
+    base: Duration,
+    cap: Duration,
+    overall: Duration,
+    retry_on: Arc<RetryOn>,
+    rng: fastrand::Rng,
+    /// Retries made so far for the current request.
+    retries: u32,
+    deadline: Option<Instant>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            methods: Arc::new(vec![Method::POST, Method::PATCH]),
+            max_attempts: 5,
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(10),
+            overall: Duration::from_secs(30),
+            retry_on: Arc::new(default_retry_on),
+            rng: fastrand::Rng::new(),
+            retries: 0,
+            deadline: None,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `retry` (0 for the first retry): uniformly random in
+    /// `[0, min(cap, base × 2^retry)]`, never less than `at_least` (from `Retry-After`).
+    pub fn delay(&mut self, retry: u32, at_least: Duration) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << retry.min(20))
+            .min(self.cap);
+        let jittered = Duration::from_nanos(
+            self.rng
+                .u64(0..=ceiling.as_nanos().min(u64::MAX as u128) as u64),
+        );
+        jittered.max(at_least)
+    }
+}
+
+impl fmt::Debug for RetryPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryPolicy")
+            .field("max_attempts", &self.max_attempts)
+            .field("base", &self.base)
+            .field("cap", &self.cap)
+            .field("deadline", &self.overall)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The minimum wait a `Retry-After` header asks for: delta-seconds or an HTTP date.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(
+        date.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+impl<B: Clone, ResBody, E> Policy<Request<B>, Response<ResBody>, E> for RetryPolicy {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        request: &mut Request<B>,
+        result: &mut Result<Response<ResBody>, E>,
+    ) -> Option<Self::Future> {
+        if !self.methods.contains(request.method()) {
+            return None;
+        }
+        let (outcome, at_least) = match result {
+            Ok(response) => (
+                Outcome::Status(response.status()),
+                retry_after(response.headers()),
+            ),
+            Err(_) => (Outcome::Error, None),
+        };
+        if !(self.retry_on)(outcome) {
+            return None;
+        }
+        let attempt = self.retries + 1;
+        if attempt >= self.max_attempts {
+            tracing::warn!(attempts = attempt, ?outcome, "giving up: no attempts left");
+            return None;
+        }
+        let wait = self.delay(self.retries, at_least.unwrap_or(Duration::ZERO));
+        let now = Instant::now();
+        if self.deadline.is_some_and(|deadline| now + wait > deadline) {
+            tracing::warn!(
+                attempts = attempt,
+                ?outcome,
+                "giving up: the next retry would pass the deadline"
+            );
+            return None;
+        }
+        self.retries += 1;
+        tracing::info!(
+            attempt = attempt + 1,
+            wait_ms = wait.as_millis() as u64,
+            reason = ?outcome,
+            key = ?request.headers().get("idempotency-key"),
+            "retrying with the same idempotency key"
+        );
+        Some(tokio::time::sleep(wait))
+    }
+
+    fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
+        if self.retries == 0 {
+            // Called before the first attempt: the deadline runs from here.
+            self.deadline = Some(Instant::now() + self.overall);
+        }
+        let mut clone = Request::builder()
+            .method(request.method().clone())
+            .uri(request.uri().clone())
+            .version(request.version())
+            .body(request.body().clone())
+            .ok()?;
+        *clone.headers_mut() = request.headers().clone();
+        Some(clone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+        let in_a_minute = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(61));
+        headers.insert(RETRY_AFTER, HeaderValue::try_from(in_a_minute).unwrap());
+        let wait = retry_after(&headers).unwrap();
+        assert!(
+            wait > Duration::from_secs(55) && wait <= Duration::from_secs(61),
+            "{wait:?}"
+        );
+        headers.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(
+            retry_after(&headers),
+            Some(Duration::ZERO),
+            "a date in the past asks for no wait"
+        );
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&headers), None);
+    }
+
+    #[test]
+    fn delays_stay_within_the_doubling_ceiling_and_the_cap() {
+        let mut policy = RetryPolicy::default();
+        for retry in 0..12 {
+            let ceiling = (Duration::from_millis(100) * (1 << retry)).min(Duration::from_secs(10));
+            for _ in 0..200 {
+                assert!(policy.delay(retry, Duration::ZERO) <= ceiling);
+            }
+        }
+        assert_eq!(
+            policy.delay(0, Duration::from_secs(3)),
+            Duration::from_secs(3),
+            "Retry-After is a floor"
+        );
+    }
+
+    #[test]
+    fn the_default_retries_transient_outcomes_only() {
+        assert!(default_retry_on(Outcome::Error));
+        for status in [409, 429, 502, 503, 504] {
+            assert!(
+                default_retry_on(Outcome::Status(StatusCode::from_u16(status).unwrap())),
+                "{status}"
+            );
+        }
+        for status in [200, 201, 400, 401, 404, 422, 500] {
+            assert!(
+                !default_retry_on(Outcome::Status(StatusCode::from_u16(status).unwrap())),
+                "{status}"
+            );
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! The retrying client layer: keys, what is retried and what never is, backoff and jitter,
+//! and the whole promise against the layered server with lost answers.
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use support::{router, Probe};
+use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_idempotency::client::{IdempotentRetryLayer, RetryPolicy};
+use tower_idempotency::IdempotencyLayer;
+
+/// One request as the server saw it: its key and its body.
+type Sighting = (Option<HeaderValue>, Bytes);
+
+/// What a scripted server saw.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<Sighting>>>);
+
+/// A server answering the given statuses in turn (the last one forever), recording each request.
+fn scripted(
+    statuses: &'static [(u16, Option<&'static str>)],
+    seen: Seen,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    let calls = Arc::new(AtomicUsize::new(0));
+    service_fn(move |request: Request<Full<Bytes>>| {
+        let n = calls.fetch_add(1, Ordering::SeqCst).min(statuses.len() - 1);
+        let seen = seen.clone();
+        async move {
+            let key = request.headers().get("idempotency-key").cloned();
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            seen.0.lock().unwrap().push((key, body));
+            let (status, retry_after) = statuses[n];
+            let mut response = Response::builder().status(status);
+            if let Some(after) = retry_after {
+                response = response.header("retry-after", after);
+            }
+            Ok::<_, Infallible>(response.body(Full::<Bytes>::default()).unwrap())
+        }
+    })
+}
+
+fn payment() -> Request<Full<Bytes>> {
+    Request::post("/payments")
+        .body(Full::new(Bytes::from_static(b"{\"amount\":1}")))
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_reuse_one_fresh_key_and_the_same_body() {
+    let seen = Seen::default();
+    let server = scripted(
+        &[(503, None), (502, None), (504, None), (201, None)],
+        seen.clone(),
+    );
+    let mut client = ServiceBuilder::new()
+        .layer(IdempotentRetryLayer::new())
+        .service(server);
+    let response = client.ready().await.unwrap().call(payment()).await.unwrap();
+    assert_eq!(response.status(), 201);
+    let seen = seen.0.lock().unwrap();
+    assert_eq!(seen.len(), 4);
+    let key = seen[0].0.clone().expect("a key was added");
+    let key = key.to_str().unwrap();
+    assert_eq!(
+        uuid::Uuid::parse_str(key).unwrap().get_version_num(),
+        4,
+        "a UUID v4"
+    );
+    assert!(seen
+        .iter()
+        .all(|(k, body)| k.as_ref().unwrap() == key && body == "{\"amount\":1}"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_has_a_key_keeps_it_and_each_request_gets_its_own() {
+    let seen = Seen::default();
+    let mut client = ServiceBuilder::new()
+        .layer(IdempotentRetryLayer::new())
+        .service(scripted(&[(201, None)], seen.clone()));
+    let mut mine = payment();
+    mine.headers_mut()
+        .insert("idempotency-key", HeaderValue::from_static("mine"));
+    client.ready().await.unwrap().call(mine).await.unwrap();
+    client.ready().await.unwrap().call(payment()).await.unwrap();
+    client.ready().await.unwrap().call(payment()).await.unwrap();
+    let get = Request::get("/x").body(Full::default()).unwrap();
+    client.ready().await.unwrap().call(get).await.unwrap();
+    let seen = seen.0.lock().unwrap();
+    assert_eq!(seen[0].0.as_ref().unwrap(), "mine");
+    assert_ne!(seen[1].0, seen[2].0, "two logical requests, two keys");
+    assert!(seen[3].0.is_none(), "a GET gets no key");
+}
+
+#[tokio::test(start_paused = true)]
+async fn retried_statuses_and_never_a_422() {
+    for status in [409u16, 429, 502, 503, 504] {
+        let seen = Seen::default();
+        let statuses: &'static [(u16, Option<&'static str>)] =
+            Box::leak(vec![(status, None), (201, None)].into_boxed_slice());
+        let mut client = ServiceBuilder::new()
+            .layer(IdempotentRetryLayer::new())
+            .service(scripted(statuses, seen.clone()));
+        assert_eq!(
+            client
+                .ready()
+                .await
+                .unwrap()
+                .call(payment())
+                .await
+                .unwrap()
+                .status(),
+            201,
+            "{status}"
+        );
+        assert_eq!(seen.0.lock().unwrap().len(), 2, "{status} is retried");
+    }
+    for status in [400u16, 401, 404, 422, 500] {
+        let seen = Seen::default();
+        let statuses: &'static [(u16, Option<&'static str>)] =
+            Box::leak(vec![(status, None), (201, None)].into_boxed_slice());
+        let mut client = ServiceBuilder::new()
+            .layer(IdempotentRetryLayer::new())
+            .service(scripted(statuses, seen.clone()));
+        assert_eq!(
+            client
+                .ready()
+                .await
+                .unwrap()
+                .call(payment())
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+            status
+        );
+        assert_eq!(seen.0.lock().unwrap().len(), 1, "{status} is never retried");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn connection_errors_are_retried() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let server = service_fn({
+        let calls = calls.clone();
+        move |_request: Request<Full<Bytes>>| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < 2 {
+                    Err::<Response<Full<Bytes>>, BoxError>("connection reset".into())
+                } else {
+                    Ok(Response::new(Full::default()))
+                }
+            }
+        }
+    });
+    let mut client = ServiceBuilder::new()
+        .layer(IdempotentRetryLayer::new())
+        .service(server);
+    assert_eq!(
+        client
+            .ready()
+            .await
+            .unwrap()
+            .call(payment())
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_sets_the_minimum_wait() {
+    let seen = Seen::default();
+    let mut client = ServiceBuilder::new()
+        .layer(IdempotentRetryLayer::new())
+        .service(scripted(&[(409, Some("4")), (201, None)], seen.clone()));
+    let started = tokio::time::Instant::now();
+    client.ready().await.unwrap().call(payment()).await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempts_and_the_deadline_bound_the_retries() {
+    let seen = Seen::default();
+    let mut client = ServiceBuilder::new()
+        .layer(IdempotentRetryLayer::new().max_attempts(3))
+        .service(scripted(&[(503, None)], seen.clone()));
+    assert_eq!(
+        client
+            .ready()
+            .await
+            .unwrap()
+            .call(payment())
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    assert_eq!(seen.0.lock().unwrap().len(), 3);
+
+    let seen = Seen::default();
+    let mut client = ServiceBuilder::new()
+        .layer(
+            IdempotentRetryLayer::new()
+                .max_attempts(100)
+                .deadline(Duration::from_secs(10)),
+        )
+        .service(scripted(&[(503, Some("3"))], seen.clone()));
+    let started = tokio::time::Instant::now();
+    client.ready().await.unwrap().call(payment()).await.unwrap();
+    assert!(started.elapsed() <= Duration::from_secs(10));
+    assert_eq!(
+        seen.0.lock().unwrap().len(),
+        4,
+        "attempts at 0, 3, 6 and 9 s; the next would pass 10 s"
+    );
+}
+
+#[test]
+fn jitter_spreads_clients_that_fail_at_the_same_instant() {
+    const CLIENTS: usize = 2000;
+    let mut seeds = fastrand::Rng::with_seed(42);
+    for retry in [0u32, 2, 4] {
+        let ceiling = Duration::from_millis(100) * (1 << retry);
+        let delays: Vec<Duration> = (0..CLIENTS)
+            .map(|_| {
+                let layer = IdempotentRetryLayer::new().jitter_seed(seeds.u64(..));
+                let mut policy: RetryPolicy = layer.policy().clone();
+                policy.delay(retry, Duration::ZERO)
+            })
+            .collect();
+        let mut distinct = delays.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert!(
+            distinct.len() > CLIENTS * 99 / 100,
+            "retry {retry}: clients must not retry at the same instant"
+        );
+        // Spread over the whole window: every tenth of [0, ceiling] gets 5% to 15% of clients.
+        let mut buckets = [0usize; 10];
+        for delay in &delays {
+            assert!(*delay <= ceiling);
+            let bucket = ((delay.as_secs_f64() / ceiling.as_secs_f64()) * 10.0).min(9.0) as usize;
+            buckets[bucket] += 1;
+        }
+        for (i, count) in buckets.iter().enumerate() {
+            let share = *count as f64 / CLIENTS as f64;
+            assert!(
+                (0.05..=0.15).contains(&share),
+                "retry {retry}, tenth {i}: {share:.3} of the clients"
+            );
+        }
+    }
+}
+
+/// The whole promise, in process: the retrying client in front of the layered server, with
+/// answers lost after the server stored them. Every logical payment runs exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_payment_executes_once_despite_lost_answers() {
+    const PAYMENTS: usize = 200;
+    let probe = Probe::default();
+    let server = ServiceBuilder::new()
+        .layer(IdempotencyLayer::new())
+        .service(router(probe.clone()));
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let rng = Arc::new(Mutex::new(fastrand::Rng::with_seed(7)));
+    // The network: the server answers, but 30% of the answers never arrive.
+    let network = service_fn({
+        let dropped = dropped.clone();
+        move |request: Request<Full<Bytes>>| {
+            let (server, dropped, rng) = (server.clone(), dropped.clone(), rng.clone());
+            async move {
+                let response = server.oneshot(request.map(Body::new)).await?;
+                if rng.lock().unwrap().f64() < 0.3 {
+                    dropped.fetch_add(1, Ordering::SeqCst);
+                    return Err::<_, BoxError>("connection closed before the response".into());
+                }
+                let (parts, body) = response.into_parts();
+                Ok(Response::from_parts(
+                    parts,
+                    body.collect().await?.to_bytes(),
+                ))
+            }
+        }
+    });
+    let client = ServiceBuilder::new()
+        .layer(
+            IdempotentRetryLayer::new()
+                .max_attempts(10)
+                .base_delay(Duration::from_millis(1)),
+        )
+        .service(network);
+    let tasks: Vec<_> = (0..PAYMENTS)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let request = Request::post("/payments")
+                    .body(Full::new(Bytes::from(format!("{{\"n\":{i}}}"))))
+                    .unwrap();
+                client.oneshot(request).await.unwrap()
+            })
+        })
+        .collect();
+    let (mut made, mut replays) = (0, 0);
+    for task in tasks {
+        let response = task.await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        made += 1;
+        replays += usize::from(response.headers().contains_key("idempotent-replayed"));
+    }
+    assert_eq!(
+        made, PAYMENTS,
+        "the client believes every payment went through"
+    );
+    assert_eq!(
+        probe.executions(),
+        PAYMENTS,
+        "and the server ran each exactly once"
+    );
+    assert!(
+        dropped.load(Ordering::SeqCst) > 0 && replays > 0,
+        "answers were lost and replayed"
+    );
+    assert!(replays <= dropped.load(Ordering::SeqCst));
+}
