@@ -3,8 +3,9 @@
 //! both drive a [`Store`] through this module.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -180,6 +181,29 @@ pub(crate) async fn release<St: Store>(
         Err(error) => {
             tracing::warn!(%error, "claim could not be released; it lapses with its lease")
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Turns a panic while polling `inner` into an `Err`.
+    pub(crate) struct CatchUnwind<F> {
+        #[pin]
+        pub(crate) inner: F,
+    }
+}
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.project().inner;
+        let output = ready!(
+            match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+                Ok(poll) => poll.map(Ok),
+                Err(panic) => Poll::Ready(Err(panic)),
+            }
+        );
+        Poll::Ready(output)
     }
 }
 

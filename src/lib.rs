@@ -122,6 +122,8 @@ mod body;
 mod claim;
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "consumer")]
+pub mod consumer;
 pub mod fingerprint;
 mod future;
 mod key;

@@ -15,12 +15,10 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::future::Future;
 use std::marker::PhantomData;
-use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
@@ -31,7 +29,7 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::body::ResponseBody;
-use crate::claim::{self, Begin, Failure};
+use crate::claim::{self, Begin, CatchUnwind, Failure};
 use crate::fingerprint::{self, FingerprintHasher, RequestBody, SlotState};
 use crate::future::ResponseFuture;
 use crate::key::{IdempotencyKey, KeyError};
@@ -601,27 +599,4 @@ fn replay<B>(stored: record::StoredResponse, config: &Config) -> Response<Respon
     }
     headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
     response
-}
-
-pin_project_lite::pin_project! {
-    /// Turns a panic while polling `inner` into an `Err`.
-    struct CatchUnwind<F> {
-        #[pin]
-        inner: F,
-    }
-}
-
-impl<F: Future> Future for CatchUnwind<F> {
-    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let inner = self.project().inner;
-        let output = ready!(
-            match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
-                Ok(poll) => poll.map(Ok),
-                Err(panic) => Poll::Ready(Err(panic)),
-            }
-        );
-        Poll::Ready(output)
-    }
 }

@@ -1,0 +1,445 @@
+//! Idempotent message consumers (feature `consumer`): the same guarantee for event pipelines.
+//!
+//! Brokers deliver at least once: after a consumer crash, a rebalance or a missed ack, the same
+//! message arrives again, and a handler that charges a card must not charge twice.
+//! [`IdempotentConsumerLayer`] wraps any `Service<M>` (your handler) and drives the same
+//! claim → complete | release protocol, against the same [`Store`]s, as the HTTP layer:
+//!
+//! | delivery | what happens | the service answers |
+//! |---|---|---|
+//! | first | key claimed (lease renewed while the handler runs), handler run, its outcome stored (serde JSON) for the TTL | `Delivery::Processed(outcome)` |
+//! | redelivery after completion | handler **not** run | `Delivery::Duplicate(outcome)`, the stored outcome |
+//! | redelivery while the first still runs | handler not run | `Delivery::InProgress`: nack / requeue it [or, with `OnConflict::Wait`, wait for the outcome] |
+//! | handler error | claim released, so the broker's redelivery runs it again | `Err(ConsumerError::Handler)` |
+//! | handler error that [`final_errors`] says is final | the error's text is stored as the outcome | `Err(ConsumerError::Handler)`, then `Delivery::DuplicateFailed(text)` on redelivery |
+//! | same key, other fingerprint | handler not run | `Err(ConsumerError::KeyReused)` |
+//! | store down or slow | handler not run | `Err(ConsumerError::Store)`: do not ack |
+//!
+//! A message names its key (and, optionally, a scope and a fingerprint) through a closure or
+//! by implementing [`IdempotentMessage`]:
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use serde::{Deserialize, Serialize};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_idempotency::consumer::{Delivery, IdempotentConsumerLayer};
+//!
+//! #[derive(Clone)]
+//! struct PaymentRequested { event_id: String, amount: u64 }
+//!
+//! #[derive(Serialize, Deserialize, Debug, PartialEq)]
+//! struct Charged { charge_id: String }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let consumer = ServiceBuilder::new()
+//!     .layer(IdempotentConsumerLayer::new(|m: &PaymentRequested| m.event_id.clone()))
+//!     .service(service_fn(|m: PaymentRequested| async move {
+//!         Ok::<_, Infallible>(Charged { charge_id: format!("ch_{}", m.amount) })
+//!     }));
+//!
+//! let event = PaymentRequested { event_id: "evt_1".into(), amount: 500 };
+//! let first = consumer.clone().oneshot(event.clone()).await.unwrap();
+//! assert_eq!(first, Delivery::Processed(Charged { charge_id: "ch_500".into() }));
+//! let again = consumer.clone().oneshot(event).await.unwrap();
+//! assert_eq!(again, Delivery::Duplicate(Charged { charge_id: "ch_500".into() }));
+//! # }
+//! ```
+//!
+//! `examples/stream_consumer.rs` runs a consumer group on a Redis Stream with this layer and the
+//! Redis store; the README shows how to adapt it to Kafka, NATS or RabbitMQ.
+//!
+//! [`final_errors`]: IdempotentConsumerLayer::final_errors
+
+use std::any::Any;
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tower_layer::Layer;
+use tower_service::Service;
+use xxhash_rust::xxh3::xxh3_128;
+
+use crate::claim::{self, Begin, CatchUnwind, Failure, Timings};
+use crate::layer::OnConflict;
+use crate::store::{MemoryStore, Record, Store, StoreError};
+use crate::BoxError;
+
+/// Who a message is, for idempotency: its key, and optionally a scope and a fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    scope: String,
+    key: String,
+    fingerprint: Option<u128>,
+}
+
+impl Identity {
+    /// A message known by `key` (an event id, a business key).
+    pub fn new(key: impl Into<String>) -> Self {
+        Self {
+            scope: String::new(),
+            key: key.into(),
+            fingerprint: None,
+        }
+    }
+
+    /// Keys of different scopes (tenants, topics) never meet.
+    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+        self.scope = scope.into();
+        self
+    }
+
+    /// A fingerprint of the payload (xxh3-128 of `bytes`): a redelivery with the same key but
+    /// another payload is refused with [`ConsumerError::KeyReused`] instead of being
+    /// treated as a duplicate.
+    pub fn fingerprint(mut self, bytes: &[u8]) -> Self {
+        self.fingerprint = Some(xxh3_128(bytes));
+        self
+    }
+
+    fn store_key(&self) -> String {
+        format!("consumer|{}:{}|{}", self.scope.len(), self.scope, self.key)
+    }
+}
+
+impl From<String> for Identity {
+    fn from(key: String) -> Self {
+        Self::new(key)
+    }
+}
+
+impl From<&str> for Identity {
+    fn from(key: &str) -> Self {
+        Self::new(key)
+    }
+}
+
+/// A message type that knows its own identity.
+pub trait IdempotentMessage {
+    /// The message's idempotency key.
+    fn idempotency_key(&self) -> Cow<'_, str>;
+
+    /// Its full identity; override to add a scope or a fingerprint.
+    fn identity(&self) -> Identity {
+        Identity::new(self.idempotency_key().into_owned())
+    }
+}
+
+/// How the layer tells who a message is: a closure `Fn(&M) -> impl Into<Identity>`, or
+/// [`FromMessage`] for message types that implement [`IdempotentMessage`].
+pub trait Identify<M> {
+    /// The identity of `message`.
+    fn identify(&self, message: &M) -> Identity;
+}
+
+impl<M, F, I> Identify<M> for F
+where
+    F: Fn(&M) -> I,
+    I: Into<Identity>,
+{
+    fn identify(&self, message: &M) -> Identity {
+        self(message).into()
+    }
+}
+
+/// Identifies messages through their [`IdempotentMessage`] implementation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FromMessage;
+
+impl<M: IdempotentMessage> Identify<M> for FromMessage {
+    fn identify(&self, message: &M) -> Identity {
+        message.identity()
+    }
+}
+
+/// What the consumer service answers for one delivery. See the [module docs](self).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery<R> {
+    /// First delivery: the handler ran and its outcome was stored.
+    Processed(R),
+    /// A redelivery: the handler did not run; here is the first delivery's outcome.
+    Duplicate(R),
+    /// A redelivery of a message whose handler failed with a final error: its text.
+    DuplicateFailed(String),
+    /// Another consumer is processing this message now: nack or requeue it.
+    InProgress,
+}
+
+impl<R> Delivery<R> {
+    /// Whether the handler ran for this delivery.
+    pub fn ran(&self) -> bool {
+        matches!(self, Delivery::Processed(_))
+    }
+
+    /// Whether the broker should be told the message is done (acked): everything but
+    /// [`Delivery::InProgress`].
+    pub fn should_ack(&self) -> bool {
+        !matches!(self, Delivery::InProgress)
+    }
+}
+
+/// Why a delivery could not be handled; `E` is the handler's error. Do not ack the message
+/// (except after `KeyReused`, which no redelivery will fix).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConsumerError<E> {
+    /// The handler failed.
+    #[error("message handler failed: {0}")]
+    Handler(E),
+    /// The store failed or was slower than the store timeout; the handler did not run.
+    #[error("idempotency store unavailable")]
+    Store(#[source] BoxError),
+    /// The key was seen before with another fingerprint; the handler did not run.
+    #[error("idempotency key reused with a different payload")]
+    KeyReused,
+    /// The stored outcome could not be decoded into the handler's response type.
+    #[error("stored outcome cannot be decoded")]
+    Corrupt(#[source] BoxError),
+}
+
+impl<E> From<Failure> for ConsumerError<E> {
+    fn from(failure: Failure) -> Self {
+        match failure {
+            Failure::Store(error) => ConsumerError::Store(Box::new(error)),
+            Failure::Timeout => ConsumerError::Store("store call timed out".into()),
+        }
+    }
+}
+
+type FinalFn = dyn Fn(&dyn Any) -> bool + Send + Sync;
+
+/// Makes a message handler idempotent. See the [module docs](self).
+#[derive(Clone)]
+pub struct IdempotentConsumerLayer<I, St = MemoryStore> {
+    identify: I,
+    store: St,
+    timings: Timings,
+    final_errors: Arc<FinalFn>,
+}
+
+impl<I> IdempotentConsumerLayer<I, MemoryStore> {
+    /// A layer identifying messages with `identify`, on a fresh [`MemoryStore`].
+    pub fn new(identify: I) -> Self {
+        Self::with_store(identify, MemoryStore::new())
+    }
+}
+
+impl<I, St> IdempotentConsumerLayer<I, St> {
+    /// A layer identifying messages with `identify`, on `store`.
+    pub fn with_store(identify: I, store: St) -> Self {
+        Self {
+            identify,
+            store,
+            timings: Timings {
+                lease: Duration::from_secs(60),
+                ttl: Duration::from_secs(24 * 60 * 60),
+                store_timeout: Duration::from_secs(5),
+                wait: None,
+            },
+            final_errors: Arc::new(|_| false),
+        }
+    }
+
+    /// How long a claim lasts without renewal [60 s]; renewed every third while the handler runs.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.timings.lease = lease;
+        self
+    }
+
+    /// How long outcomes are kept [24 h]: longer than the broker may redeliver.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.timings.ttl = ttl;
+        self
+    }
+
+    /// The longest any store call may take [5 s].
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.timings.store_timeout = timeout;
+        self
+    }
+
+    /// What a redelivery gets while the first delivery runs [`OnConflict::Reject`]:
+    /// [`Delivery::InProgress`]; or wait for the outcome.
+    pub fn on_conflict(mut self, on_conflict: OnConflict) -> Self {
+        self.timings.wait = match on_conflict {
+            OnConflict::Wait(bound) => Some(bound),
+            _ => None,
+        };
+        self
+    }
+
+    /// Which handler errors are final [none]: their text is stored as the outcome, so a
+    /// redelivery answers [`Delivery::DuplicateFailed`] instead of running again. `E` is the
+    /// handler's error type; errors of another type are never final.
+    pub fn final_errors<E: 'static>(
+        mut self,
+        is_final: impl Fn(&E) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.final_errors =
+            Arc::new(move |error: &dyn Any| error.downcast_ref::<E>().is_some_and(&is_final));
+        self
+    }
+}
+
+impl<S, I: Clone, St: Clone> Layer<S> for IdempotentConsumerLayer<I, St> {
+    type Service = IdempotentConsumer<S, I, St>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        IdempotentConsumer {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+impl<I, St: fmt::Debug> fmt::Debug for IdempotentConsumerLayer<I, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotentConsumerLayer")
+            .field("store", &self.store)
+            .field("timings", &self.timings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The service [`IdempotentConsumerLayer`] makes.
+#[derive(Clone)]
+pub struct IdempotentConsumer<S, I, St = MemoryStore> {
+    inner: S,
+    layer: IdempotentConsumerLayer<I, St>,
+}
+
+impl<S: fmt::Debug, I, St: fmt::Debug> fmt::Debug for IdempotentConsumer<S, I, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotentConsumer")
+            .field("inner", &self.inner)
+            .field("layer", &self.layer)
+            .finish()
+    }
+}
+
+/// What the store keeps for a message.
+#[derive(Serialize, Deserialize)]
+enum Stored<R> {
+    Ok(R),
+    Failed(String),
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, I, St, M> Service<M> for IdempotentConsumer<S, I, St>
+where
+    S: Service<M> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Serialize + DeserializeOwned + Send + 'static,
+    S::Error: fmt::Display + Send + 'static,
+    I: Identify<M>,
+    St: Store + Clone,
+    M: Send + 'static,
+{
+    type Response = Delivery<S::Response>;
+    type Error = ConsumerError<S::Error>;
+    type Future = BoxFuture<Result<Delivery<S::Response>, ConsumerError<S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(ConsumerError::Handler)
+    }
+
+    fn call(&mut self, message: M) -> Self::Future {
+        let identity = self.layer.identify.identify(&message);
+        // See tower's docs on cloning inner services: call the one that was made ready.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let store = self.layer.store.clone();
+        let timings = self.layer.timings;
+        let final_errors = self.layer.final_errors.clone();
+        let span = tracing::debug_span!("idempotent_consumer", key = %identity.key, scope = %identity.scope);
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let key = identity.store_key();
+                let token = match claim::begin(&store, &key, &timings).await? {
+                    Begin::Claimed(token) => token,
+                    Begin::InFlight { .. } => {
+                        tracing::info!(
+                            outcome = "in_progress",
+                            "message is being processed elsewhere"
+                        );
+                        return Ok(Delivery::InProgress);
+                    }
+                    Begin::Completed { record, .. } => return duplicate(&identity, record),
+                };
+                tracing::debug!(outcome = "claimed", "running the handler");
+                let run = CatchUnwind {
+                    inner: inner.call(message),
+                };
+                let result = match claim::keep_alive(&store, &key, &token, &timings, run).await {
+                    Ok(result) => result,
+                    Err(panic) => {
+                        claim::release(&store, &key, &token, &timings).await;
+                        std::panic::resume_unwind(panic);
+                    }
+                };
+                match result {
+                    Ok(outcome) => {
+                        let payload = serde_json::to_vec(&Stored::Ok(&outcome))
+                            .map_err(|e| ConsumerError::Corrupt(Box::new(e)))?;
+                        let record = Record::new(identity.fingerprint, payload);
+                        let _ = claim::complete(&store, &key, &token, record, &timings).await;
+                        Ok(Delivery::Processed(outcome))
+                    }
+                    Err(error) => {
+                        if final_errors(&error) {
+                            let payload =
+                                serde_json::to_vec(&Stored::<()>::Failed(error.to_string()))
+                                    .map_err(|e| ConsumerError::Corrupt(Box::new(e)))?;
+                            let record = Record::new(identity.fingerprint, payload);
+                            let _ = claim::complete(&store, &key, &token, record, &timings).await;
+                        } else {
+                            tracing::info!(
+                                outcome = "not_stored",
+                                reason = "handler_error",
+                                "releasing the key for redelivery"
+                            );
+                            claim::release(&store, &key, &token, &timings).await;
+                        }
+                        Err(ConsumerError::Handler(error))
+                    }
+                }
+            },
+            span,
+        ))
+    }
+}
+
+/// A redelivery of a completed message.
+fn duplicate<R: DeserializeOwned, E>(
+    identity: &Identity,
+    record: Record,
+) -> Result<Delivery<R>, ConsumerError<E>> {
+    if let (Some(stored), Some(now)) = (record.fingerprint(), identity.fingerprint) {
+        if stored != now {
+            tracing::warn!(outcome = "mismatch", "key reused with another payload");
+            return Err(ConsumerError::KeyReused);
+        }
+    }
+    tracing::debug!(
+        outcome = "duplicate",
+        "redelivery of a completed message; handler not run"
+    );
+    match serde_json::from_slice::<Stored<R>>(record.payload()) {
+        Ok(Stored::Ok(outcome)) => Ok(Delivery::Duplicate(outcome)),
+        Ok(Stored::Failed(text)) => Ok(Delivery::DuplicateFailed(text)),
+        Err(error) => Err(ConsumerError::Corrupt(Box::new(error))),
+    }
+}
+
+impl<E> From<StoreError> for ConsumerError<E> {
+    fn from(error: StoreError) -> Self {
+        ConsumerError::Store(Box::new(error))
+    }
+}
