@@ -11,54 +11,8 @@ async fn store() -> Option<RedisStore> {
     Some(RedisStore::connect(&url).await.expect("connect to redis"))
 }
 
-macro_rules! conformance {
-    ($($case:ident),*) => {
-        mod conformance {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    let Some(store) = super::store().await else { return };
-                    tower_idempotency::store::conformance::$case(&store).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
-    claim_then_in_flight,
-    complete_then_replay,
-    release_then_reclaim,
-    owner_checks,
-    keys_are_independent,
-    renew_extends_the_lease,
-    lapsed_lease_is_taken_over_and_fenced,
-    record_expires_after_ttl,
-    concurrent_claims_have_one_winner,
-    wait_returns_when_the_claim_ends
-);
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_instances_racing_for_one_key_have_one_winner() {
-    let (Some(a), Some(b)) = (store().await, store().await) else {
-        return;
-    };
-    shared_store::two_handles_race_for_one_key(&a, &b).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_lapsed_lease_is_taken_over_by_another_instance_and_fenced() {
-    let (Some(a), Some(b)) = (store().await, store().await) else {
-        return;
-    };
-    shared_store::lapsed_lease_is_taken_over_by_another_instance(&a, &b).await;
-}
-
-#[tokio::test]
-async fn records_survive_a_reconnect() {
-    let Some(first) = store().await else { return };
-    shared_store::records_survive_a_reconnect(first, async { store().await.unwrap() }).await;
-}
+// The conformance suite and the cases of shared stores, on `store()`.
+shared_store_suite!();
 
 #[tokio::test]
 async fn the_key_prefix_is_configurable_and_isolates_stores() {

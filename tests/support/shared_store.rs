@@ -140,3 +140,45 @@ pub async fn outage_then_recovery<St: Store>(
         }
     }
 }
+
+/// Generates, in the calling test file, one test per conformance check and per shared-store
+/// case, each on `store()` (an `async fn() -> Option<Store>` of that file; `None` skips).
+#[macro_export]
+macro_rules! shared_store_suite {
+    () => {
+        $crate::shared_store_suite!(@conformance
+            claim_then_in_flight, complete_then_replay, release_then_reclaim, owner_checks,
+            keys_are_independent, renew_extends_the_lease, lapsed_lease_is_taken_over_and_fenced,
+            record_expires_after_ttl, concurrent_claims_have_one_winner,
+            wait_returns_when_the_claim_ends);
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn two_instances_racing_for_one_key_have_one_winner() {
+            let (Some(a), Some(b)) = (store().await, store().await) else { return };
+            support::shared_store::two_handles_race_for_one_key(&a, &b).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn a_lapsed_lease_is_taken_over_by_another_instance_and_fenced() {
+            let (Some(a), Some(b)) = (store().await, store().await) else { return };
+            support::shared_store::lapsed_lease_is_taken_over_by_another_instance(&a, &b).await;
+        }
+
+        #[tokio::test]
+        async fn records_survive_a_reconnect() {
+            let Some(first) = store().await else { return };
+            support::shared_store::records_survive_a_reconnect(first, async { store().await.unwrap() }).await;
+        }
+    };
+    (@conformance $($case:ident),*) => {
+        mod conformance {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let Some(store) = super::store().await else { return };
+                    tower_idempotency::store::conformance::$case(&store).await;
+                }
+            )*
+        }
+    };
+}
