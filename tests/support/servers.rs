@@ -163,7 +163,8 @@ impl RedisServer {
         let _ = Command::new("sh")
             .arg("-c")
             .arg(format!(
-                "kill $(cat {0}); while kill -0 $(cat {0}) 2>/dev/null; do sleep 0.05; done",
+                "pid=$(cat {0} 2>/dev/null) || exit 0; kill $pid; \
+                 while kill -0 $pid 2>/dev/null; do sleep 0.05; done",
                 self.pidfile().display()
             ))
             .status();
