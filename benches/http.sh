@@ -5,11 +5,14 @@
 #   fresh    POST /payments        a new key on every request (claim, run, store)
 #   replay   POST /payments        the same key on every request (replays)
 # Prints requests/s, p50 and p99 latency per scenario and the ratio to the bare route.
-# Usage: benches/http.sh [seconds-per-scenario=10] [connections=32]
+# The four scenarios run in turn, ROUNDS times (default 3), so that drift of a shared machine
+# hits them all alike; the table gives the median of the rounds.
+# Usage: benches/http.sh [seconds-per-scenario-per-round=5] [connections=32]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECS=${1:-10}
+SECS=${1:-5}
 CONNS=${2:-32}
+ROUNDS=${ROUNDS:-3}
 THREADS=${THREADS:-2}
 
 if ! command -v wrk >/dev/null 2>&1; then
@@ -32,27 +35,36 @@ curl -s -o /dev/null -X POST "$base/payments" -H 'Authorization: Bearer bench' \
 
 results=()
 run() {
-  # 2 s of warm-up, then the measured run.
-  MODE=$1 wrk -t"$THREADS" -c"$CONNS" -d2s -s benches/http.lua "$base" >/dev/null
+  # 1 s of warm-up, then the measured run.
+  MODE=$1 wrk -t"$THREADS" -c"$CONNS" -d1s -s benches/http.lua "$base" >/dev/null
   local line
   line=$(MODE=$1 wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" -s benches/http.lua "$base" | grep '^RESULT')
   results+=("$line")
-  echo "$line" >&2
+  echo "round $round: $line" >&2
 }
-# The bare route runs first and last: the two runs bound the drift of the machine over the run,
-# and the ratios use their mean.
-for mode in bare keyless fresh replay bare; do run "$mode"; done
+for round in $(seq "$ROUNDS"); do
+  for mode in bare keyless fresh replay; do run "$mode"; done
+done
 stats=$(curl -s "$base/stats")
 
 echo
-echo "wrk -t$THREADS -c$CONNS, ${SECS}s per scenario after 2s of warm-up; $(nproc) cores; demo $stats"
+echo "wrk -t$THREADS -c$CONNS; $ROUNDS rounds of ${SECS}s per scenario (after 1s of warm-up each), scenarios interleaved;"
+echo "$(nproc) cores shared by wrk and the server; demo $stats"
 echo
-echo "| scenario | requests/s | ratio to bare | p50 | p99 | errors |"
-echo "|---|---:|---:|---:|---:|---:|"
-bare_rps=$(printf '%s\n' "${results[0]}" "${results[4]}" | awk '{s += $3} END {print s / 2}')
-for line in "${results[@]}"; do
-  printf '%s\n' "$line" | awk -v bare="$bare_rps" '{
-    printf "| %s | %d | %.3f | %.0f µs | %.0f µs | %d |\n", $2, $3, $3 / bare, $4, $5, $7 }'
-done
-echo
-echo "Ratios are to the mean of the two bare runs ($bare_rps requests/s)."
+printf '%s\n' "${results[@]}" | python3 -c '
+import statistics, sys
+rows = {}
+for line in sys.stdin:
+    _, mode, rps, p50, p99, total, errors = line.split()
+    rows.setdefault(mode, []).append((float(rps), float(p50), float(p99), int(errors)))
+bare = statistics.median(r[0] for r in rows["bare"])
+print("| scenario | requests/s (median) | ratio to bare | p50 | p99 | rounds (requests/s) | errors |")
+print("|---|---:|---:|---:|---:|---|---:|")
+for mode in ["bare", "keyless", "fresh", "replay"]:
+    r = rows[mode]
+    rps = statistics.median(x[0] for x in r)
+    p50 = statistics.median(x[1] for x in r)
+    p99 = statistics.median(x[2] for x in r)
+    each = ", ".join(f"{x[0]:.0f}" for x in r)
+    print(f"| {mode} | {rps:.0f} | {rps / bare:.3f} | {p50:.0f} µs | {p99:.0f} µs | {each} | {sum(x[3] for x in r)} |")
+'

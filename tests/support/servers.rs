@@ -118,7 +118,10 @@ impl RedisServer {
         let server = Self { port, binary, dir };
         server.run();
         watchdog(
-            &format!("kill $(cat {} 2>/dev/null) 2>/dev/null", server.pidfile().display()),
+            &format!(
+                "kill $(cat {} 2>/dev/null) 2>/dev/null",
+                server.pidfile().display()
+            ),
             false,
         );
         Some(server)
