@@ -9,13 +9,13 @@
 //! * A `POST` or `PATCH` without an `Idempotency-Key` gets a fresh UUID v4 (122 random bits,
 //!   from the operating system's generator). A request that has a key keeps it. Every retry
 //!   of the request carries the same key and the same body bytes.
-//! * **Retried** [default]: transport errors (connection refused or reset, timeouts: any error
+//! * **Retried** \[default\]: transport errors (connection refused or reset, timeouts: any error
 //!   of the inner service), and the statuses 409 (the original still runs), 429, 502, 503 and
 //!   504. **Never retried**: any other status; in particular never a 422 (the key was reused
 //!   with another payload: a client bug to surface, not to retry). [`retry_on`] changes this.
 //! * **Backoff**: attempt `n` (from 0) waits a uniformly random time in
 //!   `[0, min(cap, base × 2ⁿ)]` ("full jitter") [base 100 ms, cap 10 s]; a `Retry-After`
-//!   header (seconds or an HTTP date) sets the minimum wait. At most [5] attempts in all,
+//!   header (seconds or an HTTP date) sets the minimum wait. At most \[5\] attempts in all,
 //!   and no retry that would start after the overall deadline [30 s from the first attempt].
 //! * Each retry is a `tracing` event (attempt, wait, reason). The final response is the
 //!   server's: a replay carries `idempotent-replayed: true`.
@@ -115,13 +115,13 @@ impl IdempotentRetryLayer {
         self
     }
 
-    /// The header that carries the key [`Idempotency-Key`].
+    /// The header that carries the key \[`Idempotency-Key`\].
     pub fn header_name(mut self, name: HeaderName) -> Self {
         self.header = name;
         self
     }
 
-    /// Attempts in all, the first included [5].
+    /// Attempts in all, the first included \[5\].
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.policy.max_attempts = attempts.max(1);
         self

@@ -274,7 +274,7 @@ impl<I, St> IdempotentConsumerLayer<I, St> {
         self
     }
 
-    /// Which handler errors are final [none]: their text is stored as the outcome, so a
+    /// Which handler errors are final \[none\]: their text is stored as the outcome, so a
     /// redelivery answers [`Delivery::DuplicateFailed`] instead of running again. `E` is the
     /// handler's error type; errors of another type are never final.
     pub fn final_errors<E: 'static>(

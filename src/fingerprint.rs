@@ -1,7 +1,7 @@
 //! Request fingerprints: xxh3-128 over the query string and the whole body, hashed as it streams.
 //!
 //! A duplicate must carry the same request as the original, or it is refused with 422. The
-//! layer compares a 128-bit [xxh3] fingerprint of the two requests. By default it covers the
+//! layer compares a 128-bit \[xxh3\] fingerprint of the two requests. By default it covers the
 //! query string and the **whole** body, never the headers (they differ between retries:
 //! dates, tracing ids, auth tokens being refreshed).
 //!

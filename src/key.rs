@@ -22,7 +22,7 @@
 
 use std::fmt;
 
-/// A validated idempotency key. See the [module docs](self).
+/// A validated idempotency key: see [`IdempotencyKey::parse`] for the rules.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct IdempotencyKey(String);
 

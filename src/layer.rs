@@ -159,13 +159,13 @@ impl<St> IdempotencyLayer<St> {
         Arc::make_mut(&mut self.config)
     }
 
-    /// The request header that carries the key [`Idempotency-Key`].
+    /// The request header that carries the key \[`Idempotency-Key`\].
     pub fn header_name(mut self, name: HeaderName) -> Self {
         self.config().header = name;
         self
     }
 
-    /// The longest key accepted, in characters [255]; longer keys get 400.
+    /// The longest key accepted, in characters \[255\]; longer keys get 400.
     pub fn max_key_len(mut self, max: usize) -> Self {
         self.config().max_key_len = max;
         self
@@ -252,7 +252,7 @@ impl<St> IdempotencyLayer<St> {
         self
     }
 
-    /// Which response statuses are stored [status < 400]. Any other answer releases the key
+    /// Which response statuses are stored \[status < 400\]. Any other answer releases the key
     /// at once, so a corrected retry with the same key runs.
     pub fn store_status(
         mut self,
@@ -278,7 +278,7 @@ impl<St> IdempotencyLayer<St> {
     }
 
     /// Request headers of the original carried into replays as `original-<name>`
-    /// [`x-request-id`]; the replay keeps its own value of the header.
+    /// \[`x-request-id`\]; the replay keeps its own value of the header.
     pub fn carry_request_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         self.config().carried = names.into_iter().map(carried_pair).collect();
         self

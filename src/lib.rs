@@ -20,7 +20,7 @@
 //! | the request | what happens | answer |
 //! |---|---|---|
 //! | method not handled [handled: POST, PATCH], or no key (and keys not required) | passes through untouched | the handler's |
-//! | key required and absent; key empty, too long [255], not visible ASCII, a broken quoted string, or sent twice | refused; the handler does not run | 400 |
+//! | key required and absent; key empty, too long \[255\], not visible ASCII, a broken quoted string, or sent twice | refused; the handler does not run | 400 |
 //! | first request with this key | key claimed with a lease [60 s] renewed while the handler runs; body hashed as it streams | the handler's |
 //! | … whose answer is storable [status < 400, no `Cache-Control: no-store`, no [`NoStore`] extension] | stored for the TTL [24 h] | the handler's |
 //! | … whose answer is not storable, or whose handler failed | key released: a corrected retry runs | the handler's (500 after a panic) |

@@ -118,7 +118,7 @@ impl RedisStore {
         }
     }
 
-    /// Prefixes every Redis key [`idempotency:`].
+    /// Prefixes every Redis key \[`idempotency:`\].
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = Arc::from(prefix.into());
         self
