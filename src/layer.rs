@@ -24,6 +24,8 @@ pub enum OnConflict {
     /// Answer 409 with `Retry-After` at once (the default).
     Reject,
     /// Wait up to this long for the original to finish and replay its response; 409 after.
+    /// Should the original fail instead (its key released), the waiting duplicate is a retry
+    /// like any other: it claims the key and runs the handler itself.
     Wait(Duration),
 }
 

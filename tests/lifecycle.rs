@@ -431,6 +431,37 @@ async fn waiting_duplicates_get_the_original_response() {
     assert_eq!(probe.executions(), 1);
 }
 
+#[tokio::test]
+async fn a_waiting_duplicate_runs_the_request_when_the_original_fails() {
+    let (app, probe) =
+        app(IdempotencyLayer::new().on_conflict(OnConflict::Wait(Duration::from_secs(30))));
+    let original = tokio::spawn({
+        let mut app = app.clone();
+        async move {
+            send(
+                &mut app,
+                request(Some("k"), BODY, &[("x-hold", "1"), ("x-status", "503")]),
+            )
+            .await
+        }
+    });
+    probe.started(1).await;
+    let waiter = tokio::spawn({
+        let mut app = app.clone();
+        async move { send(&mut app, request(Some("k"), BODY, &[])).await }
+    });
+    tokio::task::yield_now().await;
+    probe.release_held(1);
+    assert_eq!(original.await.unwrap().status, 503);
+    let retried = waiter.await.unwrap();
+    assert_eq!(retried.status, 201);
+    assert!(
+        !retried.replayed(),
+        "the failed original left nothing to replay"
+    );
+    assert_eq!(probe.executions(), 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn waiting_is_bounded_then_409() {
     let (app, probe) =

@@ -45,3 +45,94 @@ async fn a_guarded_request_reaches_the_inner_service_once() {
     drop(service);
     assert!(handle.next_request().await.is_none());
 }
+
+#[tokio::test]
+async fn an_inner_service_error_is_returned_and_releases_the_key() {
+    let (mut service, mut handle) =
+        mock::spawn_layer::<Req, Response<Full<Bytes>>, _>(IdempotencyLayer::new());
+    handle.allow(2);
+    let request = || {
+        Request::post("/x")
+            .header("idempotency-key", "k")
+            .body(Full::new(Bytes::from("{}")))
+            .unwrap()
+    };
+    assert_ready_ok!(service.poll_ready());
+    let first = tokio::spawn(service.call(request()));
+    let (_, respond) = handle.next_request().await.unwrap();
+    respond.send_error("upstream connection reset");
+    assert_eq!(
+        first.await.unwrap().unwrap_err().to_string(),
+        "upstream connection reset"
+    );
+    // Released: the retry reaches the inner service again.
+    assert_ready_ok!(service.poll_ready());
+    let retry = tokio::spawn(service.call(request()));
+    let (_, respond) = handle.next_request().await.unwrap();
+    respond.send_response(Response::new(Full::new(Bytes::from("ok"))));
+    assert_eq!(retry.await.unwrap().unwrap().status(), 200);
+}
+
+/// A response body that fails after its first chunk.
+struct FailingBody(bool);
+
+impl http_body::Body for FailingBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        if self.0 {
+            return std::task::Poll::Ready(Some(Err(std::io::Error::other("disk gone"))));
+        }
+        self.0 = true;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from("partial")))))
+    }
+}
+
+#[tokio::test]
+async fn a_failing_response_body_answers_500_and_releases_the_key() {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tower::{Service, ServiceExt};
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let inner = tower::service_fn({
+        let calls = calls.clone();
+        move |_req: Req| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, std::convert::Infallible>(Response::new(FailingBody(false))) }
+        }
+    });
+    let mut service = tower::Layer::layer(&IdempotencyLayer::new(), inner);
+    let request = || {
+        Request::post("/x")
+            .header("idempotency-key", "k")
+            .body(Full::new(Bytes::from("{}")))
+            .unwrap()
+    };
+    for _ in 0..2 {
+        let response = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 500);
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("response-failed"));
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "released: the retry ran again"
+    );
+}
