@@ -139,6 +139,18 @@ impl moka::Expiry<Arc<str>, Stored> for Expiry {
     ) -> Option<Duration> {
         Some(value.expires_at.saturating_duration_since(Instant::now()))
     }
+
+    // A record written over one that expired on tokio's clock but not yet on moka's (the
+    // clocks differ under a paused test clock) must take its own expiry, not keep the old one.
+    fn expire_after_update(
+        &self,
+        _key: &Arc<str>,
+        value: &Stored,
+        _updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.expires_at.saturating_duration_since(Instant::now()))
+    }
 }
 
 impl MemoryStore {
@@ -351,6 +363,38 @@ mod tests {
         ));
         tokio::time::advance(Duration::from_secs(2)).await;
         claimed(&store, "k").await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_written_over_an_expired_one_gets_its_own_ttl() {
+        let store = MemoryStore::new();
+        let token = claimed(&store, "k").await;
+        store
+            .complete(
+                "k",
+                &token,
+                Record::new(None, "old"),
+                Duration::from_millis(200),
+            )
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let token = claimed(&store, "k").await;
+        store
+            .complete(
+                "k",
+                &token,
+                Record::new(None, "new"),
+                Duration::from_secs(3600),
+            )
+            .await
+            .unwrap();
+        // Past the old record's TTL on moka's (real) clock too.
+        std::thread::sleep(Duration::from_millis(300));
+        match store.claim("k", LEASE).await.unwrap() {
+            ClaimOutcome::Completed(record) => assert_eq!(record.payload(), "new"),
+            other => panic!("the new record must live for its own TTL, got {other:?}"),
+        }
     }
 
     #[tokio::test(start_paused = true)]
