@@ -462,6 +462,40 @@ async fn a_waiting_duplicate_runs_the_request_when_the_original_fails() {
     assert_eq!(probe.executions(), 2);
 }
 
+/// A store without notifications (the `Store::wait` default, as Redis and PostgreSQL use) is
+/// re-checked with jittered backoff, never in a tight loop.
+#[tokio::test(start_paused = true)]
+async fn waiting_duplicates_back_off_instead_of_polling_the_store() {
+    let store = FaultyStore::new();
+    let layer = IdempotencyLayer::with_store(store.clone())
+        .on_conflict(OnConflict::Wait(Duration::from_secs(30)));
+    let (app, probe) = app(layer);
+    let original = tokio::spawn({
+        let mut app = app.clone();
+        async move {
+            send(
+                &mut app,
+                request(Some("k"), BODY, &[("x-delay-ms", "10000")]),
+            )
+            .await
+        }
+    });
+    probe.started(1).await;
+    let mut app2 = app.clone();
+    let started = tokio::time::Instant::now();
+    assert!(send(&mut app2, request(Some("k"), BODY, &[]))
+        .await
+        .replayed());
+    assert!(started.elapsed() >= Duration::from_secs(9));
+    original.await.unwrap();
+    // Ten seconds of waiting: backoff from 10 ms, capped at 500 ms (a mean of 250 ms).
+    let claims = store.claims.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (5..100).contains(&claims),
+        "{claims} claims in 10 s of waiting"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn waiting_is_bounded_then_409() {
     let (app, probe) =

@@ -286,6 +286,8 @@ pub enum Fault {
 pub struct FaultyStore {
     inner: tower_idempotency::store::MemoryStore,
     fault: Arc<std::sync::Mutex<Fault>>,
+    /// How many claims it was asked for.
+    pub claims: Arc<AtomicUsize>,
 }
 
 impl FaultyStore {
@@ -293,6 +295,7 @@ impl FaultyStore {
         Self {
             inner: Default::default(),
             fault: Arc::new(std::sync::Mutex::new(Fault::None)),
+            claims: Arc::default(),
         }
     }
 
@@ -314,6 +317,7 @@ impl FaultyStore {
 
 impl Store for FaultyStore {
     async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, StoreError> {
+        self.claims.fetch_add(1, Ordering::SeqCst);
         self.gate().await?;
         self.inner.claim(key, lease).await
     }
