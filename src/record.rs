@@ -48,14 +48,16 @@ fn put_header(buf: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
 }
 
 /// Encodes a response head and body; `body` is `None` when it was too large to keep.
-pub(crate) fn encode(
+pub(crate) fn encode<'a>(
     status: StatusCode,
     headers: &HeaderMap,
     keep: impl Fn(&HeaderName) -> bool,
     carried: &[(HeaderName, HeaderValue)],
-    body: Option<&[Bytes]>,
+    body: Option<impl Iterator<Item = &'a Bytes> + Clone>,
 ) -> Bytes {
-    let body_len: usize = body.map_or(0, |chunks| chunks.iter().map(Bytes::len).sum());
+    let body_len: usize = body
+        .clone()
+        .map_or(0, |chunks| chunks.map(Bytes::len).sum());
     let kept = || headers.iter().filter(|(name, _)| keep(name));
     let head_len: usize = kept().map(|(n, v)| header_len(n, v)).sum::<usize>()
         + carried.iter().map(|(n, v)| header_len(n, v)).sum::<usize>();
@@ -76,7 +78,7 @@ pub(crate) fn encode(
     for (name, value) in carried {
         put_header(&mut buf, name, value);
     }
-    for chunk in body.unwrap_or_default() {
+    for chunk in body.into_iter().flatten() {
         buf.put_slice(chunk);
     }
     buf.freeze()
@@ -174,7 +176,7 @@ mod tests {
             &headers,
             |_| true,
             &carried,
-            Some(&body),
+            Some(body.iter()),
         );
         let decoded = decode(payload).unwrap();
         assert_eq!(decoded.status, StatusCode::CREATED);
@@ -191,7 +193,7 @@ mod tests {
             &HeaderMap::new(),
             |_| true,
             &[],
-            None,
+            None::<std::slice::Iter<'_, Bytes>>,
         ))
         .unwrap();
         assert!(decoded.body_omitted);
@@ -200,7 +202,13 @@ mod tests {
 
     #[test]
     fn unknown_versions_and_truncated_records_are_refused() {
-        let payload = encode(StatusCode::OK, &HeaderMap::new(), |_| true, &[], Some(&[]));
+        let payload = encode(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            |_| true,
+            &[],
+            Some([].iter()),
+        );
         let mut future = payload.to_vec();
         future[2] = 2;
         assert!(decode(Bytes::from(future)).is_err());

@@ -448,27 +448,16 @@ where
                 "request body could not be fingerprinted; duplicates will not be compared"
             );
         }
-        let data: Vec<Bytes> = if whole {
-            frames
-                .iter()
-                .filter_map(|f| f.data_ref().cloned())
-                .collect()
-        } else {
+        if !whole {
             tracing::info!(
                 outcome = "body_omitted",
                 limit = self.config.max_response_body,
                 "response body too large to store; storing status and headers only"
             );
-            Vec::new()
-        };
+        }
         let keep = |name: &HeaderName| self.config.stores_header(name);
-        let payload = record::encode(
-            head.status,
-            &head.headers,
-            keep,
-            &carried,
-            whole.then_some(&data[..]),
-        );
+        let body = whole.then(|| frames.iter().filter_map(Frame::data_ref));
+        let payload = record::encode(head.status, &head.headers, keep, &carried, body);
         let _ = claim::complete(
             &self.store,
             &self.key,

@@ -196,11 +196,16 @@ impl MemoryStore {
         OwnerToken::from_u128((u128::from(self.inner.epoch) << 64) | u128::from(n))
     }
 
-    /// Checks that `token` owns a live lease on `key`, and removes that claim.
-    fn take_claim(shard: &mut Shard, key: &str, token: &OwnerToken) -> Result<Claim, StoreError> {
+    /// Checks that `token` owns a live lease on `key`, and removes that claim, handing back
+    /// its key (so that the record can reuse the allocation).
+    fn take_claim(
+        shard: &mut Shard,
+        key: &str,
+        token: &OwnerToken,
+    ) -> Result<(Arc<str>, Claim), StoreError> {
         match shard.map.get(key) {
             Some(claim) if claim.token == *token && claim.deadline > Instant::now() => {
-                Ok(shard.map.remove(key).expect("present"))
+                Ok(shard.map.remove_entry(key).expect("present"))
             }
             _ => Err(StoreError::LeaseLost),
         }
@@ -291,12 +296,12 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let mut shard = self.shard(key);
-        Self::take_claim(&mut shard, key, token)?;
+        let (key, _claim) = Self::take_claim(&mut shard, key, token)?;
         let stored = Stored {
             record,
             expires_at: Instant::now() + ttl,
         };
-        self.inner.records.insert(Arc::from(key), stored);
+        self.inner.records.insert(key, stored);
         Ok(())
     }
 
