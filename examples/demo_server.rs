@@ -30,9 +30,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_idempotency::store::{
-    ClaimOutcome, MemoryStore, OwnerToken, PostgresStore, Record, RedisStore, Store, StoreError,
-};
+use tower_idempotency::store::{BoxStore, MemoryStore, PostgresStore, RedisStore};
 use tower_idempotency::{IdempotencyLayer, OnConflict};
 
 #[derive(Parser, Debug)]
@@ -175,78 +173,22 @@ async fn stats(State(state): State<AppState>) -> Json<Value> {
     Json(json!({"executions": state.executions.load(Ordering::SeqCst)}))
 }
 
-/// The store chosen on the command line.
-#[derive(Clone, Debug)]
-enum DemoStore {
-    Memory(MemoryStore),
-    Redis(RedisStore),
-    Postgres(PostgresStore),
-}
-
-impl DemoStore {
-    async fn open(spec: &str) -> Result<Self, Box<dyn std::error::Error>> {
-        if spec == "memory" {
-            Ok(Self::Memory(MemoryStore::new()))
-        } else if spec.starts_with("redis://") || spec.starts_with("rediss://") {
-            Ok(Self::Redis(RedisStore::connect(spec).await?))
-        } else if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
-            let store = PostgresStore::connect(spec).await?;
-            store.migrate().await?;
-            Ok(Self::Postgres(store))
-        } else {
-            Err(
-                format!("unsupported --store {spec:?}: use memory, redis://… or postgres://…")
-                    .into(),
-            )
-        }
+/// The store named on the command line.
+async fn open_store(spec: &str) -> Result<BoxStore, Box<dyn std::error::Error>> {
+    if spec == "memory" {
+        Ok(BoxStore::new(MemoryStore::new()))
+    } else if spec.starts_with("redis://") || spec.starts_with("rediss://") {
+        Ok(BoxStore::new(RedisStore::connect(spec).await?))
+    } else if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+        let store = PostgresStore::connect(spec).await?;
+        store.migrate().await?;
+        Ok(BoxStore::new(store))
+    } else {
+        Err(format!("unsupported --store {spec:?}: use memory, redis://… or postgres://…").into())
     }
 }
 
-/// Forwards each call to the chosen store.
-macro_rules! each_store {
-    ($self:ident, $store:ident => $call:expr) => {
-        match $self {
-            DemoStore::Memory($store) => $call,
-            DemoStore::Redis($store) => $call,
-            DemoStore::Postgres($store) => $call,
-        }
-    };
-}
-
-impl Store for DemoStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, StoreError> {
-        each_store!(self, s => s.claim(key, lease).await)
-    }
-
-    async fn renew(
-        &self,
-        key: &str,
-        token: &OwnerToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        each_store!(self, s => s.renew(key, token, lease).await)
-    }
-
-    async fn complete(
-        &self,
-        key: &str,
-        token: &OwnerToken,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        each_store!(self, s => s.complete(key, token, record, ttl).await)
-    }
-
-    async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
-        each_store!(self, s => s.release(key, token).await)
-    }
-
-    async fn wait(&self, key: &str, attempt: u32) {
-        each_store!(self, s => s.wait(key, attempt).await)
-    }
-}
-
-fn idempotency_layer(args: &Args, store: DemoStore) -> IdempotencyLayer<DemoStore> {
+fn idempotency_layer(args: &Args, store: BoxStore) -> IdempotencyLayer<BoxStore> {
     let mut layer = IdempotencyLayer::with_store(store)
         .scope(|parts| parts.extensions.get::<Tenant>().map(|t| t.0.clone()))
         .require_key(args.require_key);
@@ -271,7 +213,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let store = DemoStore::open(&args.store).await?;
+    let store = open_store(&args.store).await?;
     let state = AppState::default();
     let guarded = ServiceBuilder::new()
         .layer(middleware::from_fn(authenticate))

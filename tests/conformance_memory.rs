@@ -1,6 +1,6 @@
 //! The store conformance suite against the embedded `MemoryStore`.
 
-use tower_idempotency::store::MemoryStore;
+use tower_idempotency::store::{BoxStore, MemoryStore};
 
 tower_idempotency::store_conformance_tests!(memory_store, async { MemoryStore::new() });
 
@@ -9,3 +9,8 @@ tower_idempotency::store_conformance_tests!(memory_store, async { MemoryStore::n
 async fn arc_of_a_store_is_a_store() {
     tower_idempotency::store::conformance::run_all(&std::sync::Arc::new(MemoryStore::new())).await;
 }
+
+// A type-erased store behaves as the store it wraps.
+tower_idempotency::store_conformance_tests!(boxed_memory_store, async {
+    BoxStore::new(MemoryStore::new())
+});

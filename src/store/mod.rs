@@ -61,6 +61,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+mod boxed;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -70,6 +71,7 @@ mod redis;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use boxed::BoxStore;
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "postgres")]
 pub use postgres::{InvalidTableName, PostgresStore};

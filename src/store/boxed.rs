@@ -1,0 +1,152 @@
+//! [`BoxStore`]: any store behind one type, chosen at run time.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{ClaimOutcome, OwnerToken, Record, Store, StoreError};
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The object-safe twin of [`Store`], implemented for every store.
+trait DynStore: Send + Sync + 'static {
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<ClaimOutcome, StoreError>>;
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a OwnerToken,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a OwnerToken,
+        record: Record,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a OwnerToken,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn wait<'a>(&'a self, key: &'a str, attempt: u32) -> BoxFuture<'a, ()>;
+}
+
+impl<St: Store> DynStore for St {
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<ClaimOutcome, StoreError>> {
+        Box::pin(Store::claim(self, key, lease))
+    }
+
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a OwnerToken,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(Store::renew(self, key, token, lease))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a OwnerToken,
+        record: Record,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(Store::complete(self, key, token, record, ttl))
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a OwnerToken,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(Store::release(self, key, token))
+    }
+
+    fn wait<'a>(&'a self, key: &'a str, attempt: u32) -> BoxFuture<'a, ()> {
+        Box::pin(Store::wait(self, key, attempt))
+    }
+}
+
+/// A type-erased store: pick the backend at run time (from configuration, a command-line
+/// flag) and still name one layer type. Each call costs one boxed future.
+///
+/// ```
+/// use tower_idempotency::store::{BoxStore, MemoryStore};
+/// use tower_idempotency::IdempotencyLayer;
+///
+/// fn store_from_config(kind: &str) -> BoxStore {
+///     match kind {
+///         // "redis" => BoxStore::new(RedisStore::connect(url).await?),
+///         // "postgres" => BoxStore::new(postgres_store),
+///         _ => BoxStore::new(MemoryStore::new()),
+///     }
+/// }
+/// let layer: IdempotencyLayer<BoxStore> = IdempotencyLayer::with_store(store_from_config("memory"));
+/// # let _ = layer;
+/// ```
+#[derive(Clone)]
+pub struct BoxStore {
+    inner: Arc<dyn DynStore>,
+    name: &'static str,
+}
+
+impl BoxStore {
+    /// Erases the type of `store`.
+    pub fn new<St: Store>(store: St) -> Self {
+        Self {
+            inner: Arc::new(store),
+            name: std::any::type_name::<St>(),
+        }
+    }
+}
+
+impl fmt::Debug for BoxStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("BoxStore").field(&self.name).finish()
+    }
+}
+
+impl Store for BoxStore {
+    async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, StoreError> {
+        self.inner.claim(key, lease).await
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.complete(key, token, record, ttl).await
+    }
+
+    async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+
+    async fn wait(&self, key: &str, attempt: u32) {
+        self.inner.wait(key, attempt).await
+    }
+}
