@@ -54,6 +54,9 @@ struct Args {
     /// Refuse keyless POSTs with 400.
     #[arg(long)]
     require_key: bool,
+    /// Capacity of the memory store, in MiB of records [library default: 64].
+    #[arg(long)]
+    memory_mib: Option<u64>,
     /// Fault injection: after `POST /payments` ran (and its response was stored), close the
     /// connection without answering this fraction of the time (0.0 to 1.0).
     #[arg(long, default_value_t = 0.0)]
@@ -174,9 +177,16 @@ async fn stats(State(state): State<AppState>) -> Json<Value> {
 }
 
 /// The store named on the command line.
-async fn open_store(spec: &str) -> Result<BoxStore, Box<dyn std::error::Error>> {
+async fn open_store(
+    spec: &str,
+    memory_mib: Option<u64>,
+) -> Result<BoxStore, Box<dyn std::error::Error>> {
     if spec == "memory" {
-        Ok(BoxStore::new(MemoryStore::new()))
+        let mut builder = MemoryStore::builder();
+        if let Some(mib) = memory_mib {
+            builder = builder.max_bytes(mib * 1024 * 1024);
+        }
+        Ok(BoxStore::new(builder.build()))
     } else if spec.starts_with("redis://") || spec.starts_with("rediss://") {
         Ok(BoxStore::new(RedisStore::connect(spec).await?))
     } else if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
@@ -213,7 +223,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let store = open_store(&args.store).await?;
+    let store = open_store(&args.store, args.memory_mib).await?;
     let state = AppState::default();
     let guarded = ServiceBuilder::new()
         .layer(middleware::from_fn(authenticate))
