@@ -541,6 +541,34 @@ async fn a_failing_store_fails_closed_with_503_and_the_handler_does_not_run() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_store_that_fails_after_the_handler_ran_still_gives_the_client_its_answer() {
+    let store = FaultyStore::new();
+    let (app, probe) =
+        app(IdempotencyLayer::with_store(store.clone()).lease(Duration::from_secs(60)));
+    let original = tokio::spawn({
+        let mut app = app.clone();
+        async move { send(&mut app, request(Some("k"), BODY, &[("x-hold", "1")])).await }
+    });
+    probe.started(1).await;
+    // The store goes away while the handler runs: the outcome cannot be stored.
+    store.set(Fault::Fail);
+    probe.release_held(1);
+    let answer = original.await.unwrap();
+    assert_eq!(answer.status, 201, "the client gets the handler's answer");
+    store.set(Fault::None);
+    // The claim could not be completed nor released: it holds the key until its lease lapses
+    // (no silent second run meanwhile), then a retry runs.
+    let mut app2 = app.clone();
+    send(&mut app2, request(Some("k"), BODY, &[]))
+        .await
+        .assert_problem(409, "in-flight");
+    tokio::time::advance(Duration::from_secs(61)).await;
+    let retry = send(&mut app2, request(Some("k"), BODY, &[])).await;
+    assert_eq!(retry.status, 201);
+    assert_eq!(probe.executions(), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_hung_store_answers_503_after_the_store_timeout() {
     let store = FaultyStore::new();
     let (mut app, probe) =
