@@ -72,7 +72,7 @@ async fn main() {
     let client = ServiceBuilder::new()
         .layer(
             IdempotentRetryLayer::new()
-                .max_attempts(8)
+                .max_attempts(12)
                 .base_delay(Duration::from_millis(20)),
         )
         .service(http);

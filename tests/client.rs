@@ -291,7 +291,7 @@ async fn every_payment_executes_once_despite_lost_answers() {
     let client = ServiceBuilder::new()
         .layer(
             IdempotentRetryLayer::new()
-                .max_attempts(10)
+                .max_attempts(16)
                 .base_delay(Duration::from_millis(1)),
         )
         .service(network);

@@ -132,8 +132,9 @@ async fn a_killed_instance_blocks_its_key_only_until_the_lock_ttl(store: &str) {
     // The lease lapsed: the retry ran.
     assert_eq!(reply.status, 201);
     assert!(!reply.replayed());
+    // The 2 s lease was renewed every 0.67 s, so at least 1.33 s of it was left at the kill.
     assert!(
-        killed_at.elapsed() >= Duration::from_millis(1500),
+        killed_at.elapsed() >= Duration::from_millis(1200),
         "blocked for about the lock TTL"
     );
 }

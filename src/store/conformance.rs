@@ -4,7 +4,7 @@
 //! all, and [`store_conformance_tests!`](crate::store_conformance_tests) turns them into one
 //! `#[tokio::test]` each. Every check uses fresh random keys, so one store (even a shared
 //! server) can run them all concurrently. Time-based checks use short real leases and TTLs
-//! (about a second in all); they work under tokio's paused clock too.
+//! (a few seconds in all, run concurrently); they work under tokio's paused clock too.
 //!
 //! ```
 //! use tower_idempotency::store::{conformance, MemoryStore};
@@ -32,7 +32,7 @@ use super::{ClaimOutcome, OwnerToken, Record, Store, StoreError};
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);
 /// Short enough to wait for in a test, long enough for a round trip to a server.
-const SHORT: Duration = Duration::from_millis(400);
+const SHORT: Duration = Duration::from_millis(1000);
 
 /// A key no other check (or earlier run) uses.
 pub fn fresh_key(case: &str) -> String {
@@ -194,8 +194,9 @@ pub async fn lapsed_lease_is_taken_over_and_fenced<St: Store>(store: &St) {
 pub async fn renew_extends_the_lease<St: Store>(store: &St) {
     let key = fresh_key("renew");
     let token = claim_owned(store, &key, SHORT).await;
-    for _ in 0..3 {
-        tokio::time::sleep(SHORT / 2).await;
+    // Renewed every quarter lease, with room for a slow round trip.
+    for _ in 0..6 {
+        tokio::time::sleep(SHORT / 4).await;
         store.renew(&key, &token, SHORT).await.unwrap();
     }
     // 1.5 leases after the claim: only renewal keeps it.

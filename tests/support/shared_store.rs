@@ -53,7 +53,7 @@ pub async fn two_handles_race_for_one_key<St: Store + Clone>(a: &St, b: &St) {
 /// owner's late completion is refused and the new owner's record stands.
 pub async fn lapsed_lease_is_taken_over_by_another_instance<St: Store>(a: &St, b: &St) {
     let key = fresh_key("fleet-lapse");
-    let ClaimOutcome::Claimed(old) = a.claim(&key, Duration::from_millis(300)).await.unwrap()
+    let ClaimOutcome::Claimed(old) = a.claim(&key, Duration::from_millis(1000)).await.unwrap()
     else {
         panic!()
     };
@@ -61,7 +61,7 @@ pub async fn lapsed_lease_is_taken_over_by_another_instance<St: Store>(a: &St, b
         b.claim(&key, LEASE).await.unwrap(),
         ClaimOutcome::InFlight { .. }
     ));
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let ClaimOutcome::Claimed(new) = b.claim(&key, LEASE).await.unwrap() else {
         panic!("the lapsed lease is taken over")
     };
