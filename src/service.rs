@@ -436,14 +436,19 @@ where
         let fingerprint = match slot {
             Some(slot) => match fingerprint::take_slot(&slot) {
                 SlotState::Done(digest) => Some(digest),
+                // The handler left part of the body unread: hash the rest (still renewing the
+                // lease, as a slow client may take a while).
                 SlotState::Leftover(mut rest, hasher) => {
-                    fingerprint::drain(rest.as_mut(), hasher).await.ok()
+                    let drain = fingerprint::drain(rest.as_mut(), hasher);
+                    claim::keep_alive(&self.store, &self.key, &token, &timings, drain)
+                        .await
+                        .ok()
                 }
                 SlotState::Failed | SlotState::Reading => None,
             },
             None => head_hash,
         };
-        if slot_unfinished(fingerprint, &self.config) {
+        if fingerprint_missing(fingerprint, &self.config) {
             tracing::warn!(
                 "request body could not be fingerprinted; duplicates will not be compared"
             );
@@ -518,7 +523,9 @@ where
     }
 }
 
-fn slot_unfinished(fingerprint: Option<u128>, config: &Config) -> bool {
+/// Whether the body should have been fingerprinted but could not be (it failed, or the
+/// handler kept it past its answer).
+fn fingerprint_missing(fingerprint: Option<u128>, config: &Config) -> bool {
     fingerprint.is_none() && config.fingerprint.covers_body()
 }
 
