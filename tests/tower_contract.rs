@@ -10,6 +10,14 @@ use tower_test::mock;
 
 type Req = Request<RequestBody<Full<Bytes>>>;
 
+/// A POST with the idempotency key `k`.
+fn keyed_request() -> Request<Full<Bytes>> {
+    Request::post("/x")
+        .header("idempotency-key", "k")
+        .body(Full::new(Bytes::from("{}")))
+        .unwrap()
+}
+
 #[tokio::test]
 async fn poll_ready_is_forwarded_to_the_inner_service() {
     let (mut service, mut handle) =
@@ -25,21 +33,15 @@ async fn a_guarded_request_reaches_the_inner_service_once() {
     let (mut service, mut handle) =
         mock::spawn_layer::<Req, Response<Full<Bytes>>, _>(IdempotencyLayer::new());
     handle.allow(2);
-    let request = || {
-        Request::post("/x")
-            .header("idempotency-key", "k")
-            .body(Full::new(Bytes::from("{}")))
-            .unwrap()
-    };
     assert_ready_ok!(service.poll_ready());
-    let first = tokio::spawn(service.call(request()));
+    let first = tokio::spawn(service.call(keyed_request()));
     let (received, respond) = handle.next_request().await.unwrap();
     assert_eq!(received.headers()["idempotency-key"], "k");
     respond.send_response(Response::new(Full::new(Bytes::from("done"))));
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
 
     assert_ready_ok!(service.poll_ready());
-    let retry = service.call(request()).await.unwrap();
+    let retry = service.call(keyed_request()).await.unwrap();
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
     // The mock would have seen a second request had the handler run again.
     drop(service);
@@ -51,14 +53,8 @@ async fn an_inner_service_error_is_returned_and_releases_the_key() {
     let (mut service, mut handle) =
         mock::spawn_layer::<Req, Response<Full<Bytes>>, _>(IdempotencyLayer::new());
     handle.allow(2);
-    let request = || {
-        Request::post("/x")
-            .header("idempotency-key", "k")
-            .body(Full::new(Bytes::from("{}")))
-            .unwrap()
-    };
     assert_ready_ok!(service.poll_ready());
-    let first = tokio::spawn(service.call(request()));
+    let first = tokio::spawn(service.call(keyed_request()));
     let (_, respond) = handle.next_request().await.unwrap();
     respond.send_error("upstream connection reset");
     assert_eq!(
@@ -67,7 +63,7 @@ async fn an_inner_service_error_is_returned_and_releases_the_key() {
     );
     // Released: the retry reaches the inner service again.
     assert_ready_ok!(service.poll_ready());
-    let retry = tokio::spawn(service.call(request()));
+    let retry = tokio::spawn(service.call(keyed_request()));
     let (_, respond) = handle.next_request().await.unwrap();
     respond.send_response(Response::new(Full::new(Bytes::from("ok"))));
     assert_eq!(retry.await.unwrap().unwrap().status(), 200);
@@ -108,18 +104,12 @@ async fn a_failing_response_body_answers_500_and_releases_the_key() {
         }
     });
     let mut service = tower::Layer::layer(&IdempotencyLayer::new(), inner);
-    let request = || {
-        Request::post("/x")
-            .header("idempotency-key", "k")
-            .body(Full::new(Bytes::from("{}")))
-            .unwrap()
-    };
     for _ in 0..2 {
         let response = service
             .ready()
             .await
             .unwrap()
-            .call(request())
+            .call(keyed_request())
             .await
             .unwrap();
         assert_eq!(response.status(), 500);
