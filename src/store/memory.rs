@@ -348,19 +348,24 @@ mod tests {
         }
     }
 
+    /// Claims `key` and completes it with `payload`, kept for `ttl`.
+    async fn stored(
+        store: &MemoryStore,
+        key: &str,
+        payload: impl Into<bytes::Bytes>,
+        ttl: Duration,
+    ) {
+        let token = claimed(store, key).await;
+        store
+            .complete(key, &token, Record::new(None, payload), ttl)
+            .await
+            .unwrap();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn records_expire_on_the_tokio_clock() {
         let store = MemoryStore::new();
-        let token = claimed(&store, "k").await;
-        store
-            .complete(
-                "k",
-                &token,
-                Record::new(None, "r"),
-                Duration::from_secs(24 * 3600),
-            )
-            .await
-            .unwrap();
+        stored(&store, "k", "r", Duration::from_secs(24 * 3600)).await;
         tokio::time::advance(Duration::from_secs(24 * 3600 - 1)).await;
         assert!(matches!(
             store.claim("k", LEASE).await.unwrap(),
@@ -373,27 +378,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_record_written_over_an_expired_one_gets_its_own_ttl() {
         let store = MemoryStore::new();
-        let token = claimed(&store, "k").await;
-        store
-            .complete(
-                "k",
-                &token,
-                Record::new(None, "old"),
-                Duration::from_millis(200),
-            )
-            .await
-            .unwrap();
+        stored(&store, "k", "old", Duration::from_millis(200)).await;
         tokio::time::advance(Duration::from_secs(1)).await;
-        let token = claimed(&store, "k").await;
-        store
-            .complete(
-                "k",
-                &token,
-                Record::new(None, "new"),
-                Duration::from_secs(3600),
-            )
-            .await
-            .unwrap();
+        stored(&store, "k", "new", Duration::from_secs(3600)).await;
         // Past the old record's TTL on moka's (real) clock too.
         std::thread::sleep(Duration::from_millis(300));
         match store.claim("k", LEASE).await.unwrap() {
@@ -424,11 +411,7 @@ mod tests {
         let payload = bytes::Bytes::from(vec![0u8; 1024]);
         for i in 0..1000 {
             let key = format!("record-{i}");
-            let token = claimed(&store, &key).await;
-            store
-                .complete(&key, &token, Record::new(None, payload.clone()), LEASE)
-                .await
-                .unwrap();
+            stored(&store, &key, payload.clone(), LEASE).await;
         }
         assert!(
             store.weighted_size() <= 64 * 1024,
