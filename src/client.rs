@@ -17,6 +17,13 @@
 //!   `[0, min(cap, base × 2ⁿ)]` ("full jitter") [base 100 ms, cap 10 s]; a `Retry-After`
 //!   header (seconds or an HTTP date) sets the minimum wait. At most \[5\] attempts in all,
 //!   and no retry that would start after the overall deadline [30 s from the first attempt].
+//!   Every retry of every request draws its own random delay: requests that failed together
+//!   (an outage, a deploy) come back at independent moments.
+//! * **Retry budget** [on: 20 % of requests plus 10 retries per second, over 10 s]: retries may
+//!   add at most that much to the requests this layer sends. When it is spent, a request that
+//!   would be retried returns its last answer (a `warn` event says so), so a client never
+//!   multiplies the load on a server that is already failing. See
+//!   [`retry_budget`](IdempotentRetryLayer::retry_budget).
 //! * Each retry is a `tracing` event (attempt, wait, reason). The final response is the
 //!   server's: a replay carries `idempotent-replayed: true`.
 //!
@@ -59,13 +66,14 @@
 //! [`Policy`]: tower::retry::Policy
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use http::header::RETRY_AFTER;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use tokio::time::Instant;
+use tower::retry::budget::{Budget, TpsBudget};
 use tower::retry::{Policy, Retry};
 use tower_layer::Layer;
 use tower_service::Service;
@@ -94,24 +102,22 @@ pub fn default_retry_on(outcome: Outcome) -> bool {
 #[derive(Clone)]
 pub struct IdempotentRetryLayer {
     header: HeaderName,
-    methods: Vec<Method>,
     policy: RetryPolicy,
 }
 
 impl IdempotentRetryLayer {
-    /// The defaults: POST and PATCH, `Idempotency-Key`, 5 attempts, 100 ms base, 10 s cap, 30 s deadline.
+    /// The defaults: POST and PATCH, `Idempotency-Key`, 5 attempts, 100 ms base, 10 s cap,
+    /// 30 s deadline, full jitter, a retry budget of 20 % plus 10 retries per second.
     pub fn new() -> Self {
         Self {
             header: HeaderName::from_static("idempotency-key"),
-            methods: vec![Method::POST, Method::PATCH],
             policy: RetryPolicy::default(),
         }
     }
 
     /// The methods that get a key and are retried [POST, PATCH]. Other requests pass once.
     pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
-        self.methods = methods.into_iter().collect();
-        self.policy.methods = Arc::new(self.methods.clone());
+        self.policy.settings().methods = methods.into_iter().collect();
         self
     }
 
@@ -123,37 +129,77 @@ impl IdempotentRetryLayer {
 
     /// Attempts in all, the first included \[5\].
     pub fn max_attempts(mut self, attempts: u32) -> Self {
-        self.policy.max_attempts = attempts.max(1);
+        self.policy.settings().max_attempts = attempts.max(1);
         self
     }
 
     /// The first backoff ceiling [100 ms], doubled at each attempt up to the cap.
     pub fn base_delay(mut self, base: Duration) -> Self {
-        self.policy.base = base;
+        self.policy.settings().base = base;
         self
     }
 
     /// The largest backoff ceiling [10 s].
     pub fn max_delay(mut self, cap: Duration) -> Self {
-        self.policy.cap = cap;
+        self.policy.settings().cap = cap;
         self
     }
 
     /// No retry starts later than this after the first attempt [30 s].
     pub fn deadline(mut self, deadline: Duration) -> Self {
-        self.policy.overall = deadline;
+        self.policy.settings().overall = deadline;
         self
     }
 
     /// Which outcomes are retried [`default_retry_on`].
     pub fn retry_on(mut self, retry_on: impl Fn(Outcome) -> bool + Send + Sync + 'static) -> Self {
-        self.policy.retry_on = Arc::new(retry_on);
+        self.policy.settings().retry_on = Arc::new(retry_on);
         self
     }
 
-    /// Seeds the jitter (for reproducible tests); unseeded, each layer draws its own seed.
+    /// Seeds the jitter, for reproducible tests: every request of every service made by this
+    /// layer then draws its delays from one seeded generator (behind a lock), so a run is
+    /// repeatable and requests still never share a delay sequence. Unseeded \[default\], each
+    /// draw comes from a per-thread generator seeded from the operating system.
     pub fn jitter_seed(mut self, seed: u64) -> Self {
-        self.policy.rng = fastrand::Rng::with_seed(seed);
+        self.policy.settings().jitter =
+            Jitter::Seeded(Arc::new(Mutex::new(fastrand::Rng::with_seed(seed))));
+        self
+    }
+
+    /// Turns jitter off: every retry waits the full ceiling `min(cap, base × 2ⁿ)`. Clients
+    /// that fail together then retry together (a thundering herd); this exists to measure
+    /// that, not for production.
+    pub fn without_jitter(mut self) -> Self {
+        self.policy.settings().jitter = Jitter::Off;
+        self
+    }
+
+    /// The retry budget [20 % of requests, plus a floor of 10 retries per second, over a
+    /// 10 s window]: retries may add at most `ratio` of the requests sent through this layer
+    /// (every service it makes shares one budget), plus `min_per_second`. When the budget is
+    /// spent, a request that would be retried returns its last answer instead (logged at
+    /// `warn`), so a client never multiplies the load on a server that is already failing.
+    ///
+    /// # Panics
+    ///
+    /// When `ratio` is negative, above 1000 or not a number.
+    pub fn retry_budget(mut self, ratio: f32, min_per_second: u32) -> Self {
+        assert!(
+            (0.0..=1000.0).contains(&ratio),
+            "the retry budget's ratio must be within [0, 1000], got {ratio}"
+        );
+        self.policy.settings().budget = Some(Arc::new(TpsBudget::new(
+            BUDGET_WINDOW,
+            min_per_second,
+            ratio,
+        )));
+        self
+    }
+
+    /// No retry budget: every request makes all its attempts, however many fail.
+    pub fn without_retry_budget(mut self) -> Self {
+        self.policy.settings().budget = None;
         self
     }
 
@@ -173,7 +219,6 @@ impl fmt::Debug for IdempotentRetryLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IdempotentRetryLayer")
             .field("header", &self.header)
-            .field("methods", &self.methods)
             .field("policy", &self.policy)
             .finish()
     }
@@ -185,18 +230,19 @@ impl<S> Layer<S> for IdempotentRetryLayer {
     fn layer(&self, inner: S) -> Self::Service {
         IdempotentRetry {
             header: self.header.clone(),
-            methods: self.methods.clone(),
-            inner: Retry::new(self.policy.clone(), inner),
+            policy: self.policy.clone(),
+            inner,
         }
     }
 }
 
-/// The service [`IdempotentRetryLayer`] makes: stamps the key, then tower's [`Retry`].
+/// The service [`IdempotentRetryLayer`] makes: stamps the key, then runs the request under
+/// tower's [`Retry`] with a policy of its own (its retry count and deadline belong to it).
 #[derive(Clone, Debug)]
 pub struct IdempotentRetry<S> {
     header: HeaderName,
-    methods: Vec<Method>,
-    inner: Retry<RetryPolicy, S>,
+    policy: RetryPolicy,
+    inner: S,
 }
 
 impl<S, B, ResBody> Service<Request<B>> for IdempotentRetry<S>
@@ -206,48 +252,85 @@ where
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = <Retry<RetryPolicy, S> as Service<Request<B>>>::Future;
+    type Future = tower::retry::future::ResponseFuture<RetryPolicy, S, Request<B>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        if self.methods.contains(request.method()) && !request.headers().contains_key(&self.header)
-        {
+        let retried = self.policy.settings.methods.contains(request.method());
+        if retried && !request.headers().contains_key(&self.header) {
             let key = uuid::Uuid::new_v4().to_string();
             let value = HeaderValue::try_from(key).expect("a UUID is a valid header value");
             request.headers_mut().insert(self.header.clone(), value);
         }
-        self.inner.call(request)
+        if retried {
+            if let Some(budget) = &self.policy.settings.budget {
+                budget.deposit();
+            }
+        }
+        // The instance `poll_ready` drove to readiness serves this request; a clone stays.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        Retry::new(self.policy.for_request(), inner).call(request)
     }
 }
 
-/// The retry [`Policy`]: which outcomes to retry, and how long to wait before each retry.
+/// How long the retry budget remembers requests.
+const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+
+/// Where the random part of a delay comes from.
 #[derive(Clone)]
-pub struct RetryPolicy {
-    methods: Arc<Vec<Method>>,
+enum Jitter {
+    /// Full jitter from the calling thread's generator (seeded from the OS per thread).
+    ThreadLocal,
+    /// Full jitter from one seeded generator shared by every request, for reproducible runs.
+    Seeded(Arc<Mutex<fastrand::Rng>>),
+    /// No jitter: the full ceiling.
+    Off,
+}
+
+/// What a layer's policies share: the configuration, the seeded generator, the budget.
+#[derive(Clone)]
+struct Settings {
+    methods: Vec<Method>,
     max_attempts: u32,
     base: Duration,
     cap: Duration,
     overall: Duration,
     retry_on: Arc<RetryOn>,
-    rng: fastrand::Rng,
-    /// Retries made so far for the current request.
+    jitter: Jitter,
+    budget: Option<Arc<TpsBudget>>,
+}
+
+/// The retry [`Policy`]: which outcomes to retry, and how long to wait before each retry.
+///
+/// The layer keeps one as a template; each request runs with its own copy, whose retry count
+/// and deadline belong to that request alone. The configuration, the retry budget and a seeded
+/// generator are shared; the random delays never are.
+#[derive(Clone)]
+pub struct RetryPolicy {
+    settings: Arc<Settings>,
+    /// Retries made so far for this request.
     retries: u32,
+    /// No retry starts after this instant.
     deadline: Option<Instant>,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
-            methods: Arc::new(vec![Method::POST, Method::PATCH]),
-            max_attempts: 5,
-            base: Duration::from_millis(100),
-            cap: Duration::from_secs(10),
-            overall: Duration::from_secs(30),
-            retry_on: Arc::new(default_retry_on),
-            rng: fastrand::Rng::new(),
+            settings: Arc::new(Settings {
+                methods: vec![Method::POST, Method::PATCH],
+                max_attempts: 5,
+                base: Duration::from_millis(100),
+                cap: Duration::from_secs(10),
+                overall: Duration::from_secs(30),
+                retry_on: Arc::new(default_retry_on),
+                jitter: Jitter::ThreadLocal,
+                budget: Some(Arc::new(TpsBudget::new(BUDGET_WINDOW, 10, 0.2))),
+            }),
             retries: 0,
             deadline: None,
         }
@@ -255,28 +338,48 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    fn settings(&mut self) -> &mut Settings {
+        Arc::make_mut(&mut self.settings)
+    }
+
+    /// A fresh policy for one request: no retries yet, its deadline counted from now.
+    fn for_request(&self) -> Self {
+        Self {
+            settings: self.settings.clone(),
+            retries: 0,
+            deadline: Some(Instant::now() + self.settings.overall),
+        }
+    }
+
     /// The wait before retry number `retry` (0 for the first retry): uniformly random in
     /// `[0, min(cap, base × 2^retry)]`, never less than `at_least` (from `Retry-After`).
-    pub fn delay(&mut self, retry: u32, at_least: Duration) -> Duration {
-        let ceiling = self
+    /// Every call draws a fresh random number.
+    pub fn delay(&self, retry: u32, at_least: Duration) -> Duration {
+        let settings = &self.settings;
+        let ceiling = settings
             .base
             .saturating_mul(1u32 << retry.min(20))
-            .min(self.cap);
-        let jittered = Duration::from_nanos(
-            self.rng
-                .u64(0..=ceiling.as_nanos().min(u64::MAX as u128) as u64),
-        );
-        jittered.max(at_least)
+            .min(settings.cap);
+        let range = 0..=ceiling.as_nanos().min(u64::MAX as u128) as u64;
+        let nanos = match &settings.jitter {
+            Jitter::ThreadLocal => fastrand::u64(range),
+            Jitter::Seeded(rng) => rng.lock().unwrap_or_else(|e| e.into_inner()).u64(range),
+            Jitter::Off => *range.end(),
+        };
+        Duration::from_nanos(nanos).max(at_least)
     }
 }
 
 impl fmt::Debug for RetryPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let settings = &self.settings;
         f.debug_struct("RetryPolicy")
-            .field("max_attempts", &self.max_attempts)
-            .field("base", &self.base)
-            .field("cap", &self.cap)
-            .field("deadline", &self.overall)
+            .field("methods", &settings.methods)
+            .field("max_attempts", &settings.max_attempts)
+            .field("base", &settings.base)
+            .field("cap", &settings.cap)
+            .field("deadline", &settings.overall)
+            .field("budget", &settings.budget)
             .finish_non_exhaustive()
     }
 }
@@ -302,7 +405,8 @@ impl<B: Clone, ResBody, E> Policy<Request<B>, Response<ResBody>, E> for RetryPol
         request: &mut Request<B>,
         result: &mut Result<Response<ResBody>, E>,
     ) -> Option<Self::Future> {
-        if !self.methods.contains(request.method()) {
+        let settings = self.settings.clone();
+        if !settings.methods.contains(request.method()) {
             return None;
         }
         let (outcome, at_least) = match result {
@@ -312,11 +416,11 @@ impl<B: Clone, ResBody, E> Policy<Request<B>, Response<ResBody>, E> for RetryPol
             ),
             Err(_) => (Outcome::Error, None),
         };
-        if !(self.retry_on)(outcome) {
+        if !(settings.retry_on)(outcome) {
             return None;
         }
         let attempt = self.retries + 1;
-        if attempt >= self.max_attempts {
+        if attempt >= settings.max_attempts {
             tracing::warn!(attempts = attempt, ?outcome, "giving up: no attempts left");
             return None;
         }
@@ -327,6 +431,18 @@ impl<B: Clone, ResBody, E> Policy<Request<B>, Response<ResBody>, E> for RetryPol
                 attempts = attempt,
                 ?outcome,
                 "giving up: the next retry would pass the deadline"
+            );
+            return None;
+        }
+        if settings
+            .budget
+            .as_ref()
+            .is_some_and(|budget| !budget.withdraw())
+        {
+            tracing::warn!(
+                attempts = attempt,
+                ?outcome,
+                "giving up: the retry budget is spent (the server is failing for many requests)"
             );
             return None;
         }
@@ -342,10 +458,6 @@ impl<B: Clone, ResBody, E> Policy<Request<B>, Response<ResBody>, E> for RetryPol
     }
 
     fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
-        if self.retries == 0 {
-            // Called before the first attempt: the deadline runs from here.
-            self.deadline = Some(Instant::now() + self.overall);
-        }
         let mut clone = Request::builder()
             .method(request.method().clone())
             .uri(request.uri().clone())
@@ -388,7 +500,7 @@ mod tests {
 
     #[test]
     fn delays_stay_within_the_doubling_ceiling_and_the_cap() {
-        let mut policy = RetryPolicy::default();
+        let policy = RetryPolicy::default();
         for retry in 0..12 {
             let ceiling = (Duration::from_millis(100) * (1 << retry)).min(Duration::from_secs(10));
             for _ in 0..200 {

@@ -230,7 +230,7 @@ fn jitter_spreads_clients_that_fail_at_the_same_instant() {
         let delays: Vec<Duration> = (0..CLIENTS)
             .map(|_| {
                 let layer = IdempotentRetryLayer::new().jitter_seed(seeds.u64(..));
-                let mut policy: RetryPolicy = layer.policy().clone();
+                let policy: RetryPolicy = layer.policy().clone();
                 policy.delay(retry, Duration::ZERO)
             })
             .collect();
@@ -327,4 +327,143 @@ async fn every_payment_executes_once_despite_lost_answers() {
         "answers were lost and replayed"
     );
     assert!(replays <= dropped.load(Ordering::SeqCst));
+}
+
+/// A server that answers 503 to each key's first attempt and 201 to its retry, noting the
+/// moment (since `start`) of every attempt per key.
+fn first_attempt_fails(
+    arrivals: Arc<Mutex<std::collections::HashMap<HeaderValue, Vec<std::time::Instant>>>>,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    service_fn(move |request: Request<Full<Bytes>>| {
+        let now = std::time::Instant::now();
+        let key = request.headers()["idempotency-key"].clone();
+        let mut arrivals = arrivals.lock().unwrap();
+        let seen = arrivals.entry(key).or_default();
+        seen.push(now);
+        let status = if seen.len() == 1 { 503 } else { 201 };
+        async move {
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(status)
+                    .body(Full::<Bytes>::default())
+                    .unwrap(),
+            )
+        }
+    })
+}
+
+/// The herd bug: tower's `Retry` clones the policy into every request, so a generator kept in
+/// the policy made every request of one client draw the same delays. 200 concurrent requests
+/// through one service instance, in real time: their first retries must spread over the
+/// 100 ms window (lockstep puts them all in one millisecond).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_of_one_client_retry_at_independent_moments() {
+    const REQUESTS: usize = 200;
+    let arrivals = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    // Every request fails once, more than the default budget allows: this test is about
+    // the moments of the retries, so it lifts the budget.
+    let client = ServiceBuilder::new()
+        .layer(IdempotentRetryLayer::new().without_retry_budget())
+        .service(first_attempt_fails(arrivals.clone()));
+    let barrier = Arc::new(tokio::sync::Barrier::new(REQUESTS));
+    let tasks: Vec<_> = (0..REQUESTS)
+        .map(|_| {
+            let mut client = client.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                client.ready().await.unwrap().call(payment()).await.unwrap()
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().status(), 201);
+    }
+    let arrivals = arrivals.lock().unwrap();
+    assert_eq!(arrivals.len(), REQUESTS);
+    let mut buckets: Vec<u128> = arrivals
+        .values()
+        .map(|seen| {
+            assert_eq!(seen.len(), 2, "one failure, one retry");
+            (seen[1] - seen[0]).as_millis()
+        })
+        .collect();
+    buckets.sort_unstable();
+    buckets.dedup();
+    assert!(
+        buckets.len() >= 60,
+        "first retries fell in only {} distinct milliseconds: {buckets:?}",
+        buckets.len()
+    );
+}
+
+/// The same through one seeded layer: seeding makes a run reproducible, never lockstep.
+#[test]
+fn a_seeded_layer_still_draws_a_fresh_delay_for_every_request() {
+    let layer = IdempotentRetryLayer::new().jitter_seed(7);
+    let delays: Vec<Duration> = (0..200)
+        .map(|_| layer.policy().clone().delay(0, Duration::ZERO))
+        .collect();
+    let mut distinct = delays.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert!(distinct.len() > 195, "{} distinct delays", distinct.len());
+    let again: Vec<Duration> = {
+        let layer = IdempotentRetryLayer::new().jitter_seed(7);
+        (0..200)
+            .map(|_| layer.policy().clone().delay(0, Duration::ZERO))
+            .collect()
+    };
+    assert_eq!(delays, again, "the same seed draws the same sequence");
+}
+
+/// The retry budget: against a server that always answers 503, 1,000 requests may add at most
+/// 20 % retries plus the floor (10 per second over the 10 s window), not 4 retries each.
+#[tokio::test(start_paused = true)]
+async fn the_retry_budget_caps_retries_against_a_failing_server() {
+    const REQUESTS: usize = 1000;
+    let seen = Seen::default();
+    let client = ServiceBuilder::new()
+        .layer(IdempotentRetryLayer::new())
+        .service(scripted(&[(503, None)], seen.clone()));
+    let tasks: Vec<_> = (0..REQUESTS)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move { client.ready().await.unwrap().call(payment()).await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap().status(), 503);
+    }
+    let retries = seen.0.lock().unwrap().len() - REQUESTS;
+    let budget = REQUESTS / 5 + 10 * 10;
+    assert!(
+        retries <= budget,
+        "{retries} retries; the budget allows {budget}"
+    );
+    assert!(
+        retries >= budget * 9 / 10,
+        "the budget is spent, not hoarded: {retries} retries"
+    );
+
+    // Without a budget every request makes all its attempts.
+    let seen = Seen::default();
+    let client = ServiceBuilder::new()
+        .layer(IdempotentRetryLayer::new().without_retry_budget())
+        .service(scripted(&[(503, None)], seen.clone()));
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move { client.ready().await.unwrap().call(payment()).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(seen.0.lock().unwrap().len(), 100 * 5);
 }
