@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
-use tower_idempotency::fingerprint::__bench::{hash_streamed, parts, Chunks};
+use tower_idempotency::__bench::{hash_streamed, parts, Chunks};
 use xxhash_rust::xxh3::xxh3_128;
 
 const SIZES: [usize; 6] = [

@@ -14,6 +14,8 @@
 //! | handler error that [`final_errors`] says is final | the error's text is stored as the outcome | `Err(ConsumerError::Handler)`, then `Delivery::DuplicateFailed(text)` on redelivery |
 //! | same key, other fingerprint | handler not run | `Err(ConsumerError::KeyReused)` |
 //! | store down or slow | handler not run | `Err(ConsumerError::Store)`: do not ack |
+//! | handler panics | claim released, so the redelivery runs it again | `Err(ConsumerError::Panicked)` |
+//! | the delivery's future is dropped after the claim (a timeout around it, the loop moved on) | the handler finishes in the background and its outcome is stored | (nothing: the caller is gone); the redelivery gets `Delivery::Duplicate` |
 //!
 //! A message names its key (and, optionally, a scope and a fingerprint) through a closure or
 //! by implementing [`IdempotentMessage`]:
@@ -66,8 +68,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 use xxhash_rust::xxh3::xxh3_128;
 
-use crate::claim::{self, Begin, CatchUnwind, Failure, Timings};
-use crate::layer::OnConflict;
+use crate::protocol::{self, Begin, Failure, FinishOnDrop, OnConflict, Timings};
 use crate::store::{MemoryStore, Record, Store, StoreError};
 use crate::BoxError;
 
@@ -104,7 +105,7 @@ impl Identity {
     }
 
     fn store_key(&self) -> String {
-        format!("consumer|{}:{}|{}", self.scope.len(), self.scope, self.key)
+        protocol::composite_key("consumer|", &[&self.scope], &self.key)
     }
 }
 
@@ -201,6 +202,10 @@ pub enum ConsumerError<E> {
     /// The stored outcome could not be decoded into the handler's response type.
     #[error("stored outcome cannot be decoded")]
     Corrupt(#[source] BoxError),
+    /// The handler panicked: the key was released (a redelivery runs it again) and the panic
+    /// message is here. Over HTTP the same event answers 500.
+    #[error("message handler panicked: {0}")]
+    Panicked(String),
 }
 
 impl<E> From<Failure> for ConsumerError<E> {
@@ -236,12 +241,7 @@ impl<I, St> IdempotentConsumerLayer<I, St> {
         Self {
             identify,
             store,
-            timings: Timings {
-                lease: Duration::from_secs(60),
-                ttl: Duration::from_secs(24 * 60 * 60),
-                store_timeout: Duration::from_secs(5),
-                wait: None,
-            },
+            timings: Timings::default(),
             final_errors: Arc::new(|_| false),
         }
     }
@@ -267,10 +267,7 @@ impl<I, St> IdempotentConsumerLayer<I, St> {
     /// What a redelivery gets while the first delivery runs [`OnConflict::Reject`]:
     /// [`Delivery::InProgress`]; or wait for the outcome.
     pub fn on_conflict(mut self, on_conflict: OnConflict) -> Self {
-        self.timings.wait = match on_conflict {
-            OnConflict::Wait(bound) => Some(bound),
-            _ => None,
-        };
+        self.timings.set_on_conflict(on_conflict);
         self
     }
 
@@ -352,67 +349,65 @@ where
 
     fn call(&mut self, message: M) -> Self::Future {
         let identity = self.layer.identify.identify(&message);
-        // See tower's docs on cloning inner services: call the one that was made ready.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = protocol::take_ready(&mut self.inner);
         let store = self.layer.store.clone();
         let timings = self.layer.timings;
         let final_errors = self.layer.final_errors.clone();
         let span = tracing::debug_span!("idempotent_consumer", key = %identity.key, scope = %identity.scope);
-        Box::pin(tracing::Instrument::instrument(
-            async move {
-                let key = identity.store_key();
-                let token = match claim::begin(&store, &key, &timings).await? {
-                    Begin::Claimed(token) => token,
-                    Begin::InFlight { .. } => {
-                        tracing::info!(
-                            outcome = "in_progress",
-                            "message is being processed elsewhere"
-                        );
-                        return Ok(Delivery::InProgress);
-                    }
-                    Begin::Completed { record, .. } => return duplicate(&identity, record),
-                };
-                tracing::debug!(outcome = "claimed", "running the handler");
-                let run = CatchUnwind {
-                    inner: inner.call(message),
-                };
-                let result = match claim::keep_alive(&store, &key, &token, &timings, run).await {
-                    Ok(result) => result,
-                    Err(panic) => {
-                        claim::release(&store, &key, &token, &timings).await;
-                        std::panic::resume_unwind(panic);
-                    }
-                };
-                match result {
-                    Ok(outcome) => {
-                        let payload = serde_json::to_vec(&Stored::Ok(&outcome))
-                            .map_err(|e| ConsumerError::Corrupt(Box::new(e)))?;
-                        let record = Record::new(identity.fingerprint, payload);
-                        let _ = claim::complete(&store, &key, &token, record, &timings).await;
-                        Ok(Delivery::Processed(outcome))
-                    }
-                    Err(error) => {
-                        if final_errors(&error) {
-                            let payload =
-                                serde_json::to_vec(&Stored::<()>::Failed(error.to_string()))
-                                    .map_err(|e| ConsumerError::Corrupt(Box::new(e)))?;
-                            let record = Record::new(identity.fingerprint, payload);
-                            let _ = claim::complete(&store, &key, &token, record, &timings).await;
-                        } else {
-                            tracing::info!(
-                                outcome = "not_stored",
-                                reason = "handler_error",
-                                "releasing the key for redelivery"
-                            );
-                            claim::release(&store, &key, &token, &timings).await;
-                        }
-                        Err(ConsumerError::Handler(error))
-                    }
+        let work = async move {
+            let guard = match protocol::begin(&store, identity.store_key(), &timings).await? {
+                Begin::Claimed(guard) => guard,
+                Begin::InFlight { .. } => {
+                    tracing::info!(
+                        outcome = "in_progress",
+                        "message is being processed elsewhere"
+                    );
+                    return Ok(Delivery::InProgress);
                 }
-            },
-            span,
-        ))
+                Begin::Completed { record, .. } => return duplicate(&identity, record),
+            };
+            tracing::debug!(outcome = "claimed", "running the handler");
+            let result = match guard.run(inner.call(message)).await {
+                Ok(result) => result,
+                Err(panic) => {
+                    panic.report();
+                    guard.release().await;
+                    return Err(ConsumerError::Panicked(panic.message().to_owned()));
+                }
+            };
+            let stored = match &result {
+                Ok(outcome) => Some(serde_json::to_vec(&Stored::Ok(outcome))),
+                Err(error) if final_errors(error) => {
+                    Some(serde_json::to_vec(&Stored::<()>::Failed(error.to_string())))
+                }
+                Err(_) => None,
+            };
+            match stored {
+                Some(Ok(payload)) => {
+                    let _ = guard
+                        .complete(Record::new(identity.fingerprint, payload))
+                        .await;
+                }
+                Some(Err(error)) => {
+                    guard.release().await;
+                    return Err(ConsumerError::Corrupt(Box::new(error)));
+                }
+                None => {
+                    tracing::info!(
+                        outcome = "not_stored",
+                        reason = "handler_error",
+                        "releasing the key for redelivery"
+                    );
+                    guard.release().await;
+                }
+            }
+            result
+                .map(Delivery::Processed)
+                .map_err(ConsumerError::Handler)
+        };
+        Box::pin(FinishOnDrop::new(Box::pin(
+            tracing::Instrument::instrument(work, span),
+        )))
     }
 }
 
@@ -421,11 +416,8 @@ fn duplicate<R: DeserializeOwned, E>(
     identity: &Identity,
     record: Record,
 ) -> Result<Delivery<R>, ConsumerError<E>> {
-    if let (Some(stored), Some(now)) = (record.fingerprint(), identity.fingerprint) {
-        if stored != now {
-            tracing::warn!(outcome = "mismatch", "key reused with another payload");
-            return Err(ConsumerError::KeyReused);
-        }
+    if !protocol::same_payload(record.fingerprint(), identity.fingerprint) {
+        return Err(ConsumerError::KeyReused);
     }
     tracing::debug!(
         outcome = "duplicate",

@@ -70,6 +70,17 @@
 //!   capacity pressure evicted it) runs the request again.
 //! * A process that dies mid-request blocks its key until the lease lapses; then a retry runs.
 //!
+//! # Cancellation and panics: one rule for every adapter
+//!
+//! The HTTP layer and the message-consumer adapter (module `consumer`, feature `consumer`) drive the
+//! store through one claim guard, so they behave alike once a key is claimed:
+//!
+//! | event | HTTP | consumer |
+//! |---|---|---|
+//! | the caller drops the future (client gone, a timeout, the loop moved on) | the handler runs to its end in the background and its outcome is stored or the key released; a retry replays it | the same; a redelivery is a `Duplicate` |
+//! | the handler panics | the key is released; 500 problem | the key is released; `Err(ConsumerError::Panicked)` |
+//! | the claim is dropped without an outcome (a runtime shutting down) | the key is released in the background, never left to lapse | the same |
+//!
 //! # Plain tower / hyper
 //!
 //! The layer wraps any `Service<http::Request<B>>` whose response body yields `Bytes`:
@@ -110,6 +121,7 @@
 //! plugs in with [`IdempotencyLayer::with_store`]; see the [`store`] module for the protocol
 //! and for writing your own.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
@@ -118,29 +130,29 @@
     rust_2018_idioms
 )]
 
-mod body;
-mod claim;
-#[cfg(feature = "client")]
-pub mod client;
-#[cfg(feature = "consumer")]
-pub mod consumer;
-pub mod fingerprint;
-mod future;
-mod key;
-mod layer;
-pub mod problem;
-mod record;
-mod service;
+mod http;
+mod protocol;
 pub mod store;
 
-pub use body::ResponseBody;
-pub use fingerprint::{Fingerprint, FingerprintHasher, RequestBody};
-pub use future::ResponseFuture;
-pub use key::{IdempotencyKey, KeyError};
-pub use layer::{IdempotencyLayer, OnConflict, OnStoreError};
-pub use service::{Idempotency, NoStore, BODY_OMITTED_HEADER, REPLAYED_HEADER};
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod client;
+#[cfg(feature = "consumer")]
+#[cfg_attr(docsrs, doc(cfg(feature = "consumer")))]
+pub mod consumer;
 
-/// A boxed error, as body errors are reported.
+#[cfg(feature = "__bench")]
+#[doc(hidden)]
+pub use self::http::bench as __bench;
+pub use self::http::{fingerprint, problem};
+pub use self::http::{
+    Fingerprint, FingerprintHasher, Idempotency, IdempotencyKey, IdempotencyLayer, KeyError,
+    NoStore, OnStoreError, RequestBody, ResponseBody, ResponseFuture, BODY_OMITTED_HEADER,
+    REPLAYED_HEADER,
+};
+pub use protocol::OnConflict;
+
+/// A boxed error: body errors, and the sources of store errors.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 // Compiles the README's examples as doctests.

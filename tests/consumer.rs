@@ -366,3 +366,68 @@ async fn closures_identify_messages_too() {
         (Delivery::Processed(1), Delivery::Duplicate(1))
     );
 }
+
+// The semantics every adapter shares (see the `protocol` module): a dropped future finishes
+// its work detached, and a panic releases the key.
+
+/// A consumer loop that gives up on a delivery (a timeout around the call, a shutdown of the
+/// loop) after the key was claimed must not leave it blocked: the handler finishes in the
+/// background, its outcome is stored, and the redelivery is a duplicate.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_delivery_finishes_detached_and_its_redelivery_is_a_duplicate() {
+    let store = MemoryStore::new();
+    let effects = Effects::default();
+    let service = consumer(store.clone(), effects.clone(), Duration::from_secs(2));
+    let message = event("dropped", 0);
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        deliver(service.clone(), message.clone()),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the delivery was abandoned mid-handler");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(effects.count(&message.id), 1, "the handler ran to its end");
+    match deliver(service, message.clone()).await {
+        Delivery::Duplicate(applied) => assert_eq!(applied.amount, message.amount),
+        other => panic!("expected the stored outcome, got {other:?}"),
+    }
+    assert_eq!(effects.count(&message.id), 1);
+}
+
+/// A panicking handler is an error like the HTTP adapter's 500: the key is released so the
+/// redelivery runs, and the caller gets the panic message instead of a re-raised panic.
+#[tokio::test]
+async fn a_panicking_handler_releases_the_key_and_reports_the_panic() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let runs = runs.clone();
+        service_fn(move |event: Event| {
+            let run = runs.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if run == 0 {
+                    panic!("card network exploded");
+                }
+                Ok::<_, BoxError>(Applied {
+                    run: run + 1,
+                    amount: event.amount,
+                })
+            }
+        })
+    };
+    let mut service = tower::Layer::layer(&IdempotentConsumerLayer::new(FromMessage), handler);
+    let message = event("panics", 0);
+    let first = service
+        .ready()
+        .await
+        .unwrap()
+        .call(message.clone())
+        .await
+        .expect_err("the panic is an error");
+    assert!(
+        matches!(&first, ConsumerError::Panicked(text) if text == "card network exploded"),
+        "{first:?}"
+    );
+    let again = service.ready().await.unwrap().call(message).await.unwrap();
+    assert!(matches!(again, Delivery::Processed(Applied { run: 2, .. })));
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}

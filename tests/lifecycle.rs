@@ -405,6 +405,33 @@ async fn a_duplicate_of_a_running_request_gets_409_with_retry_after() {
     assert_eq!(probe.executions(), 1);
 }
 
+/// `Retry-After` on 409 never asks a client to wait longer than the original's lease still
+/// runs: past it the key is free (or taken over), so a later retry would waste time.
+#[tokio::test]
+async fn retry_after_on_409_is_bounded_by_the_lease_remaining() {
+    let (app, probe) = app(IdempotencyLayer::new()
+        .retry_after(Duration::from_secs(30))
+        .lease(Duration::from_secs(4)));
+    let original = tokio::spawn({
+        let mut app = app.clone();
+        async move { send(&mut app, request(Some("k"), BODY, &[("x-hold", "1")])).await }
+    });
+    probe.started(1).await;
+    let conflict = send(&mut app.clone(), request(Some("k"), BODY, &[])).await;
+    conflict.assert_problem(409, "in-flight");
+    let after: u64 = conflict.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=4).contains(&after),
+        "Retry-After {after} s with a 4 s lease"
+    );
+    probe.release_held(1);
+    assert_eq!(original.await.unwrap().status, 201);
+}
+
 #[tokio::test]
 async fn waiting_duplicates_get_the_original_response() {
     let (app, probe) =

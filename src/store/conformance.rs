@@ -303,38 +303,51 @@ pub async fn wait_returns_when_the_claim_ends<St: Store + Clone>(store: &St) {
 
 /// Runs every check against `store`.
 pub async fn run_all<St: Store + Clone>(store: &St) {
-    claim_then_in_flight(store).await;
-    complete_then_replay(store).await;
-    release_then_reclaim(store).await;
-    owner_checks(store).await;
-    keys_are_independent(store).await;
-    renew_extends_the_lease(store).await;
-    lapsed_lease_is_taken_over_and_fenced(store).await;
-    record_expires_after_ttl(store).await;
-    concurrent_claims_have_one_winner(store).await;
-    wait_returns_when_the_claim_ends(store).await;
+    crate::store_conformance_tests!(@run store);
 }
 
 /// Generates one `#[tokio::test]` (multi-threaded) per conformance check, in a module named
 /// `$name`, each on a store made by `$make` (an expression evaluating to a future of the store).
+///
+/// With `optional:`, `$make` evaluates to a future of `Option<Store>`, and `None` skips the
+/// check (for a server that is not installed): say why where `$make` returns `None`.
+///
+/// ```ignore
+/// tower_idempotency::store_conformance_tests!(my_store, async { MyStore::connect().await });
+/// tower_idempotency::store_conformance_tests!(my_server, optional: async { MyStore::try_connect().await });
+/// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 #[macro_export]
 macro_rules! store_conformance_tests {
-    ($name:ident, $make:expr) => {
+    ($name:ident, optional: $make:expr) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
-            $crate::store_conformance_tests!(@case $make;
-                claim_then_in_flight, complete_then_replay, release_then_reclaim, owner_checks,
-                keys_are_independent, renew_extends_the_lease, lapsed_lease_is_taken_over_and_fenced,
-                record_expires_after_ttl, concurrent_claims_have_one_winner,
-                wait_returns_when_the_claim_ends);
+            $crate::store_conformance_tests!(@list [@tests $make]);
         }
     };
-    (@case $make:expr; $($case:ident),*) => {
+    ($name:ident, $make:expr) => {
+        $crate::store_conformance_tests!($name, optional: async { Some($make.await) });
+    };
+    (@run $store:expr) => {
+        $crate::store_conformance_tests!(@list [@run $store]);
+    };
+    // The one list of checks.
+    (@list [$($how:tt)*]) => {
+        $crate::store_conformance_tests!(@each [$($how)*]
+            claim_then_in_flight, complete_then_replay, release_then_reclaim, owner_checks,
+            keys_are_independent, renew_extends_the_lease, lapsed_lease_is_taken_over_and_fenced,
+            record_expires_after_ttl, concurrent_claims_have_one_winner,
+            wait_returns_when_the_claim_ends);
+    };
+    (@each [@run $store:expr] $($case:ident),*) => {
+        $( $crate::store::conformance::$case($store).await; )*
+    };
+    (@each [@tests $make:expr] $($case:ident),*) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $case() {
-                let store = $make.await;
+                let Some(store) = $make.await else { return };
                 $crate::store::conformance::$case(&store).await;
             }
         )*

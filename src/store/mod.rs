@@ -61,6 +61,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::BoxError;
+
 mod boxed;
 mod memory;
 #[cfg(feature = "postgres")]
@@ -69,17 +71,17 @@ mod postgres;
 mod redis;
 
 #[cfg(feature = "conformance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
 
 pub use boxed::BoxStore;
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::{InvalidTableName, PostgresStore};
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis::RedisStore;
-
-/// A boxed error from a store backend, kept as the `source()` of a [`StoreError`].
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Proof of owning a claim. See the [module docs](self).
 ///

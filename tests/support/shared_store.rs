@@ -146,11 +146,7 @@ pub async fn outage_then_recovery<St: Store>(
 #[macro_export]
 macro_rules! shared_store_suite {
     () => {
-        $crate::shared_store_suite!(@conformance
-            claim_then_in_flight, complete_then_replay, release_then_reclaim, owner_checks,
-            keys_are_independent, renew_extends_the_lease, lapsed_lease_is_taken_over_and_fenced,
-            record_expires_after_ttl, concurrent_claims_have_one_winner,
-            wait_returns_when_the_claim_ends);
+        tower_idempotency::store_conformance_tests!(conformance, optional: store());
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
         async fn two_instances_racing_for_one_key_have_one_winner() {
@@ -168,17 +164,6 @@ macro_rules! shared_store_suite {
         async fn records_survive_a_reconnect() {
             let Some(first) = store().await else { return };
             support::shared_store::records_survive_a_reconnect(first, async { store().await.unwrap() }).await;
-        }
-    };
-    (@conformance $($case:ident),*) => {
-        mod conformance {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    let Some(store) = super::store().await else { return };
-                    tower_idempotency::store::conformance::$case(&store).await;
-                }
-            )*
         }
     };
 }

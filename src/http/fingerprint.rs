@@ -5,7 +5,7 @@
 //! query string and the **whole** body, never the headers (they differ between retries:
 //! dates, tracing ids, auth tokens being refreshed).
 //!
-//! The body is never buffered: the handler receives a [`RequestBody`] that hashes each chunk
+//! The body is never buffered: the handler receives a [`RequestBody`](crate::RequestBody) that hashes each chunk
 //! as it passes. Should the handler stop reading early, the layer drains and hashes the rest
 //! after the handler answered, so the fingerprint always covers the whole body. A duplicate's
 //! body is drained and hashed the same way before it is judged.
@@ -31,12 +31,11 @@
 
 use std::fmt;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll};
+use std::sync::Arc;
 
 use bytes::Buf;
 use http::request::Parts;
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::BoxError;
@@ -147,7 +146,7 @@ impl FingerprintHasher {
     }
 
     /// Feeds body bytes (not length-delimited: chunk boundaries must not matter).
-    fn update_body(&mut self, chunk: &[u8]) {
+    pub(crate) fn update_body(&mut self, chunk: &[u8]) {
         if !self.body_started {
             // Separates the head fields from the body.
             self.state.update(&u64::MAX.to_le_bytes());
@@ -164,160 +163,6 @@ impl FingerprintHasher {
 impl fmt::Debug for FingerprintHasher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FingerprintHasher").finish_non_exhaustive()
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The request body the inner service receives: the client's body, hashed as it streams
-    /// when the request is guarded by a key. See the [module docs](self).
-    pub struct RequestBody<B> {
-        #[pin]
-        kind: Kind<B>,
-    }
-}
-
-pin_project_lite::pin_project! {
-    #[project = KindProj]
-    enum Kind<B> {
-        Plain { #[pin] body: B },
-        Hashing { hashing: Hashing<B> },
-    }
-}
-
-/// Where a hashing body leaves its result for the layer.
-pub(crate) type Slot<B> = Arc<Mutex<SlotState<B>>>;
-
-pub(crate) enum SlotState<B> {
-    /// The body is still held by the handler.
-    Reading,
-    /// The body was read to its end: here is the fingerprint.
-    Done(u128),
-    /// The handler dropped the body before its end: the rest, to drain.
-    Leftover(Pin<Box<B>>, FingerprintHasher),
-    /// The body failed: no fingerprint can be made.
-    Failed,
-}
-
-struct Hashing<B> {
-    body: Option<Pin<Box<B>>>,
-    hasher: Option<FingerprintHasher>,
-    slot: Slot<B>,
-}
-
-impl<B> RequestBody<B> {
-    /// A body passed through untouched.
-    pub(crate) fn plain(body: B) -> Self {
-        Self {
-            kind: Kind::Plain { body },
-        }
-    }
-
-    /// A body hashed into `hasher` as it streams; the outcome lands in the returned slot.
-    pub(crate) fn hashing(body: B, hasher: FingerprintHasher) -> (Self, Slot<B>) {
-        let slot = Arc::new(Mutex::new(SlotState::Reading));
-        let hashing = Hashing {
-            body: Some(Box::pin(body)),
-            hasher: Some(hasher),
-            slot: slot.clone(),
-        };
-        (
-            Self {
-                kind: Kind::Hashing { hashing },
-            },
-            slot,
-        )
-    }
-}
-
-fn set_slot<B>(slot: &Slot<B>, state: SlotState<B>) {
-    *slot.lock().unwrap_or_else(|p| p.into_inner()) = state;
-}
-
-pub(crate) fn take_slot<B>(slot: &Slot<B>) -> SlotState<B> {
-    std::mem::replace(
-        &mut *slot.lock().unwrap_or_else(|p| p.into_inner()),
-        SlotState::Reading,
-    )
-}
-
-impl<B> Drop for Hashing<B> {
-    fn drop(&mut self) {
-        if let (Some(body), Some(hasher)) = (self.body.take(), self.hasher.take()) {
-            set_slot(&self.slot, SlotState::Leftover(body, hasher));
-        }
-    }
-}
-
-impl<B> Body for RequestBody<B>
-where
-    B: Body,
-    B::Error: Into<BoxError>,
-{
-    type Data = B::Data;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        match self.project().kind.project() {
-            KindProj::Plain { body } => body.poll_frame(cx).map_err(Into::into),
-            KindProj::Hashing { hashing } => {
-                let Some(body) = hashing.body.as_mut() else {
-                    return Poll::Ready(None);
-                };
-                let frame = ready!(body.as_mut().poll_frame(cx));
-                match &frame {
-                    Some(Ok(frame)) => {
-                        if let (Some(data), Some(hasher)) =
-                            (frame.data_ref(), hashing.hasher.as_mut())
-                        {
-                            hasher.update_body(data.chunk());
-                        }
-                    }
-                    Some(Err(_)) => {
-                        hashing.body = None;
-                        hashing.hasher = None;
-                        set_slot(&hashing.slot, SlotState::Failed);
-                    }
-                    None => {
-                        hashing.body = None;
-                        if let Some(hasher) = hashing.hasher.take() {
-                            set_slot(&hashing.slot, SlotState::Done(hasher.finish()));
-                        }
-                    }
-                }
-                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Plain { body } => body.is_end_stream(),
-            // Reported as not ended so that the handler polls once more and the hasher sees
-            // the end of the stream.
-            Kind::Hashing { hashing } => hashing.body.is_none(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Plain { body } => body.size_hint(),
-            Kind::Hashing { hashing } => hashing
-                .body
-                .as_ref()
-                .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint()),
-        }
-    }
-}
-
-impl<B> fmt::Debug for RequestBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let hashing = matches!(self.kind, Kind::Hashing { .. });
-        f.debug_struct("RequestBody")
-            .field("hashing", &hashing)
-            .finish()
     }
 }
 
@@ -349,10 +194,13 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::super::request_body::{take_slot, RequestBody, SlotState};
     use super::*;
     use bytes::Bytes;
+    use http_body::Frame;
     use http_body_util::BodyExt;
     use proptest::prelude::*;
+    use std::task::{Context, Poll};
 
     fn parts(uri: &str) -> Parts {
         http::Request::post(uri).body(()).unwrap().into_parts().0
@@ -459,68 +307,6 @@ mod tests {
             split.update_body(&data[..cut]);
             split.update_body(&data[cut..]);
             prop_assert_eq!(split.finish(), fingerprint_of(&fp, "/", &data));
-        }
-    }
-}
-
-/// Entry points for the crate's benchmarks; not part of the public API.
-#[doc(hidden)]
-pub mod __bench {
-    use std::collections::VecDeque;
-    use std::convert::Infallible;
-    use std::pin::Pin;
-    use std::task::{Context, Poll, Waker};
-
-    use bytes::Bytes;
-    use http_body::{Body, Frame};
-
-    use super::{take_slot, Fingerprint, RequestBody, SlotState};
-
-    /// A request body whose chunks are all ready, as a fast client's are.
-    #[derive(Debug)]
-    pub struct Chunks(VecDeque<Bytes>);
-
-    impl Chunks {
-        /// A body of these chunks.
-        pub fn new(chunks: &[Bytes]) -> Self {
-            Self(chunks.iter().cloned().collect())
-        }
-    }
-
-    impl Body for Chunks {
-        type Data = Bytes;
-        type Error = Infallible;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-            Poll::Ready(self.0.pop_front().map(|c| Ok(Frame::data(c))))
-        }
-    }
-
-    /// The head of a request, to start fingerprints with.
-    pub fn parts() -> http::request::Parts {
-        http::Request::post("/")
-            .body(())
-            .expect("valid")
-            .into_parts()
-            .0
-    }
-
-    /// Streams `body` through the hashing request body, as a handler reads it, and returns
-    /// the fingerprint the layer would store.
-    pub fn hash_streamed(parts: &http::request::Parts, body: Chunks) -> u128 {
-        let hasher = Fingerprint::body_only().start(parts).expect("enabled");
-        let (body, slot) = RequestBody::hashing(body, hasher);
-        let mut body = std::pin::pin!(body);
-        let mut cx = Context::from_waker(Waker::noop());
-        while let Poll::Ready(Some(frame)) = body.as_mut().poll_frame(&mut cx) {
-            std::hint::black_box(frame.expect("infallible"));
-        }
-        match take_slot(&slot) {
-            SlotState::Done(digest) => digest,
-            _ => unreachable!("the body was read to its end"),
         }
     }
 }

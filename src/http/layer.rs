@@ -8,26 +8,14 @@ use http::request::Parts;
 use http::{HeaderName, Method, StatusCode};
 use tower_layer::Layer;
 
-use crate::claim::Timings;
-use crate::fingerprint::Fingerprint;
-use crate::service::Idempotency;
+use super::fingerprint::Fingerprint;
+use super::service::Idempotency;
+use crate::protocol::{OnConflict, Timings};
 use crate::store::MemoryStore;
 
 type PredicateFn = dyn Fn(&Parts) -> bool + Send + Sync;
 type ScopeFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 type StatusFn = dyn Fn(StatusCode) -> bool + Send + Sync;
-
-/// What a duplicate gets while the original request still runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum OnConflict {
-    /// Answer 409 with `Retry-After` at once (the default).
-    Reject,
-    /// Wait up to this long for the original to finish and replay its response; 409 after.
-    /// Should the original fail instead (its key released), the waiting duplicate is a retry
-    /// like any other: it claims the key and runs the handler itself.
-    Wait(Duration),
-}
 
 /// What a request gets when the store fails or is slower than the store timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,12 +78,7 @@ impl Default for Config {
             predicate: None,
             scope: None,
             fingerprint: Fingerprint::default(),
-            timings: Timings {
-                lease: Duration::from_secs(60),
-                ttl: Duration::from_secs(24 * 60 * 60),
-                store_timeout: Duration::from_secs(5),
-                wait: None,
-            },
+            timings: Timings::default(),
             retry_after: Duration::from_secs(1),
             on_store_error: OnStoreError::FailClosed,
             store_status: Arc::new(|status: StatusCode| status.as_u16() < 400),
@@ -235,14 +218,12 @@ impl<St> IdempotencyLayer<St> {
 
     /// What a duplicate gets while the original runs [`OnConflict::Reject`]: 409.
     pub fn on_conflict(mut self, on_conflict: OnConflict) -> Self {
-        self.config().timings.wait = match on_conflict {
-            OnConflict::Reject => None,
-            OnConflict::Wait(bound) => Some(bound),
-        };
+        self.config().timings.set_on_conflict(on_conflict);
         self
     }
 
-    /// The `Retry-After` of 409 and 503 answers [1 s].
+    /// The `Retry-After` of 409 and 503 answers [1 s]. A 409 asks for no more than the
+    /// original's lease still runs (at least 1 s), when the store reports it.
     pub fn retry_after(mut self, after: Duration) -> Self {
         self.config().retry_after = after;
         self

@@ -8,7 +8,8 @@ use std::task::{ready, Context, Poll};
 
 use http::Response;
 
-use crate::body::ResponseBody;
+use super::response_body::ResponseBody;
+use crate::protocol::FinishOnDrop;
 
 type Guarded<B, E> = Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
 
@@ -23,16 +24,6 @@ pin_project_lite::pin_project! {
         #[pin]
         kind: Kind<F, B, E>,
     }
-
-    impl<F, B, E> PinnedDrop for ResponseFuture<F, B, E> {
-        fn drop(this: Pin<&mut Self>) {
-            if let KindProj::Guarded { work, detach } = this.project().kind.project() {
-                if let Some(work) = work.take() {
-                    (detach)(work);
-                }
-            }
-        }
-    }
 }
 
 pin_project_lite::pin_project! {
@@ -40,26 +31,7 @@ pin_project_lite::pin_project! {
     enum Kind<F, B, E> {
         Passthrough { #[pin] future: F },
         Ready { response: Option<Response<ResponseBody<B>>> },
-        Guarded { work: Option<Guarded<B, E>>, detach: fn(Guarded<B, E>) },
-    }
-}
-
-/// Spawns what is left of an abandoned guarded request, when a runtime is there to run it.
-fn detach<B: 'static, E: 'static>(work: Guarded<B, E>) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) => {
-            tracing::debug!(
-                outcome = "detached",
-                "response future dropped; finishing the request in the background"
-            );
-            handle.spawn(async move {
-                let _ = work.await;
-            });
-        }
-        Err(_) => tracing::warn!(
-            outcome = "abandoned",
-            "response future dropped outside a tokio runtime; the claim lapses with its lease"
-        ),
+        Guarded { work: FinishOnDrop<Result<Response<ResponseBody<B>>, E>> },
     }
 }
 
@@ -85,8 +57,7 @@ impl<F, B, E> ResponseFuture<F, B, E> {
     {
         Self {
             kind: Kind::Guarded {
-                work: Some(work),
-                detach: detach::<B, E>,
+                work: FinishOnDrop::new(work),
             },
         }
     }
@@ -107,15 +78,7 @@ where
             KindProj::Ready { response } => Poll::Ready(Ok(response
                 .take()
                 .expect("ResponseFuture polled after completion"))),
-            KindProj::Guarded { work, .. } => {
-                let output = ready!(work
-                    .as_mut()
-                    .expect("ResponseFuture polled after completion")
-                    .as_mut()
-                    .poll(cx));
-                *work = None;
-                Poll::Ready(output)
-            }
+            KindProj::Guarded { work } => Pin::new(work).poll(cx),
         }
     }
 }

@@ -80,6 +80,32 @@ impl IdempotencyKey {
 }
 
 /// Parses the rest of an sf-string after its opening quote.
+/// What a request's key header says.
+pub(crate) enum KeyHeader {
+    Missing,
+    Present(IdempotencyKey),
+    Invalid(KeyError),
+}
+
+/// Reads the key from the request head: absent, one valid key, or why it is refused.
+pub(crate) fn read(
+    headers: &http::HeaderMap,
+    name: &http::HeaderName,
+    max_len: usize,
+) -> KeyHeader {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return KeyHeader::Missing;
+    };
+    if values.next().is_some() {
+        return KeyHeader::Invalid(KeyError::Multiple);
+    }
+    match IdempotencyKey::parse(value.as_bytes(), max_len) {
+        Ok(key) => KeyHeader::Present(key),
+        Err(error) => KeyHeader::Invalid(error),
+    }
+}
+
 fn parse_sf_string(rest: &[u8], max_len: usize) -> Result<String, KeyError> {
     let mut out = String::with_capacity(rest.len().min(max_len));
     let mut bytes = rest.iter();

@@ -15,22 +15,24 @@
 //! | 500 | `#unreadable-record` | the stored response cannot be decoded |
 //! | 503 | `#store-unavailable` | the store failed or was slower than the store timeout (carries `Retry-After`) |
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
-use crate::body::ResponseBody;
+use super::key::KeyError;
+use super::response_body::ResponseBody;
 
 const TYPE_BASE: &str =
     "https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/index.html";
 
 /// One kind of problem the layer answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Problem {
     MissingKey,
-    InvalidKey(&'static str),
+    InvalidKey(KeyError),
     UnreadableBody,
     InFlight(Duration),
     KeyReused,
@@ -41,57 +43,57 @@ pub(crate) enum Problem {
 }
 
 impl Problem {
-    fn parts(self) -> (StatusCode, &'static str, &'static str, &'static str) {
+    fn parts(&self) -> (StatusCode, &'static str, &'static str, Cow<'static, str>) {
         use Problem::*;
         match self {
             MissingKey => (
                 StatusCode::BAD_REQUEST,
                 "missing-key",
                 "Idempotency key required",
-                "This endpoint requires an Idempotency-Key header.",
+                "This endpoint requires an Idempotency-Key header.".into(),
             ),
-            InvalidKey(detail) => (StatusCode::BAD_REQUEST, "invalid-key", "Invalid idempotency key", detail),
+            InvalidKey(error) => (StatusCode::BAD_REQUEST, "invalid-key", "Invalid idempotency key", sentence(error)),
             UnreadableBody => (
                 StatusCode::BAD_REQUEST,
                 "unreadable-body",
                 "Request body could not be read",
-                "The request body failed before it could be compared with the original request.",
+                "The request body failed before it could be compared with the original request.".into(),
             ),
             InFlight(_) => (
                 StatusCode::CONFLICT,
                 "in-flight",
                 "Request in progress",
-                "A request with this idempotency key is still being processed; retry later with the same key.",
+                "A request with this idempotency key is still being processed; retry later with the same key.".into(),
             ),
             KeyReused => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "key-reused",
                 "Idempotency key reused",
-                "This idempotency key was already used with a different request payload.",
+                "This idempotency key was already used with a different request payload.".into(),
             ),
             HandlerPanicked => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "handler-panicked",
                 "Internal server error",
-                "The request failed; it was not recorded and may be retried with the same key.",
+                "The request failed; it was not recorded and may be retried with the same key.".into(),
             ),
             ResponseFailed => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "response-failed",
                 "Internal server error",
-                "The response could not be produced; it was not recorded and may be retried with the same key.",
+                "The response could not be produced; it was not recorded and may be retried with the same key.".into(),
             ),
             UnreadableRecord => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "unreadable-record",
                 "Stored response unreadable",
-                "The response stored for this idempotency key cannot be replayed.",
+                "The response stored for this idempotency key cannot be replayed.".into(),
             ),
             StoreUnavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store-unavailable",
                 "Idempotency store unavailable",
-                "The request was not processed because its idempotency key could not be checked; retry later with the same key.",
+                "The request was not processed because its idempotency key could not be checked; retry later with the same key.".into(),
             ),
         }
     }
@@ -112,10 +114,18 @@ impl Problem {
             CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if let Problem::InFlight(after) | Problem::StoreUnavailable(after) = self {
+        if let Problem::InFlight(after) | Problem::StoreUnavailable(after) = &self {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         response
     }
+}
+
+/// A key error as a sentence: capitalised, with a full stop.
+fn sentence(error: &KeyError) -> Cow<'static, str> {
+    let text = error.to_string();
+    let mut chars = text.chars();
+    let first = chars.next().map(|c| c.to_ascii_uppercase());
+    Cow::Owned(first.into_iter().chain(chars).chain(['.']).collect())
 }

@@ -1,0 +1,39 @@
+//! The HTTP adapter: a tower layer over the transport-free [`protocol`](crate::protocol).
+//!
+//! | file | concern |
+//! |---|---|
+//! | `layer.rs` | [`IdempotencyLayer`]: every knob, with its default |
+//! | `service.rs` | [`Idempotency`]: the request lifecycle, step by step |
+//! | `future.rs` | [`ResponseFuture`]: passthrough, immediate answers, guarded work that outlives its client |
+//! | `key.rs` | the `Idempotency-Key` header: parsing and validation |
+//! | `fingerprint.rs` | what a request's fingerprint covers, and hashing it |
+//! | `request_body.rs` | [`RequestBody`]: the body the handler reads, hashed as it streams |
+//! | `capture.rs` | which answers are stored, reading them up to the limit, building the record |
+//! | `record.rs` | the versioned binary encoding of a stored response |
+//! | `replay.rs` | answering a duplicate: compare, then replay or refuse |
+//! | `response_body.rs` | [`ResponseBody`]: the handler's body, a buffered original, or a replay |
+//! | `problem.rs` | the RFC 9457 answers the layer gives on its own |
+
+#[cfg(feature = "__bench")]
+pub mod bench;
+mod capture;
+pub mod fingerprint;
+mod future;
+mod key;
+mod layer;
+pub mod problem;
+mod record;
+mod replay;
+mod request_body;
+mod response_body;
+mod service;
+
+pub use capture::NoStore;
+pub use fingerprint::{Fingerprint, FingerprintHasher};
+pub use future::ResponseFuture;
+pub use key::{IdempotencyKey, KeyError};
+pub use layer::{IdempotencyLayer, OnStoreError};
+pub use replay::{BODY_OMITTED_HEADER, REPLAYED_HEADER};
+pub use request_body::RequestBody;
+pub use response_body::ResponseBody;
+pub use service::Idempotency;

@@ -1,0 +1,82 @@
+//! Answering a duplicate of a completed request: compare its fingerprint, then replay the
+//! stored response (or refuse it with 422).
+
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{HeaderName, Response};
+use http_body::Body;
+
+use super::fingerprint::{self, FingerprintHasher};
+use super::layer::Config;
+use super::problem::Problem;
+use super::record;
+use super::response_body::ResponseBody;
+use crate::protocol;
+use crate::store::Record;
+use crate::BoxError;
+
+/// The header every replay carries (`idempotent-replayed: true`).
+pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// The header a replay carries when the original body was too large to keep.
+pub const BODY_OMITTED_HEADER: HeaderName = HeaderName::from_static("idempotent-body-omitted");
+
+/// A duplicate of a completed request: replay, or 422 when the payload differs.
+pub(crate) async fn duplicate<ReqBody, ResBody>(
+    config: &Config,
+    record: Record,
+    body: ReqBody,
+    hasher: Option<FingerprintHasher>,
+) -> Response<ResponseBody<ResBody>>
+where
+    ReqBody: Body,
+    ReqBody::Error: Into<BoxError>,
+{
+    if let (Some(stored), Some(hasher)) = (record.fingerprint(), hasher) {
+        let hashed = if config.fingerprint.covers_body() {
+            fingerprint::hash_body(body, hasher).await
+        } else {
+            Ok(hasher.finish())
+        };
+        match hashed {
+            Ok(fingerprint) if protocol::same_payload(Some(stored), Some(fingerprint)) => {}
+            Ok(_) => return Problem::KeyReused.into_response(),
+            Err(error) => {
+                tracing::debug!(outcome = "unreadable_body", %error, "duplicate's body failed");
+                return Problem::UnreadableBody.into_response();
+            }
+        }
+    }
+    match record::decode(record.into_payload()) {
+        Ok(stored) => {
+            tracing::debug!(
+                outcome = "replayed",
+                status = stored.status.as_u16(),
+                "replaying stored response"
+            );
+            replay(stored, config)
+        }
+        Err(error) => {
+            tracing::error!(outcome = "unreadable_record", %error, "stored response cannot be decoded");
+            Problem::UnreadableRecord.into_response()
+        }
+    }
+}
+
+/// Builds the replay of a stored response.
+fn replay<B>(stored: record::StoredResponse, config: &Config) -> Response<ResponseBody<B>> {
+    let mut response = Response::new(ResponseBody::full(stored.body));
+    *response.status_mut() = stored.status;
+    let headers = response.headers_mut();
+    *headers = stored.headers;
+    for (name, value) in stored.carried {
+        // Only headers the layer (still) carries are replayed.
+        if let Some((_, replayed)) = config.carried.iter().find(|(carried, _)| *carried == name) {
+            headers.insert(replayed.clone(), value);
+        }
+    }
+    if stored.body_omitted {
+        headers.remove(CONTENT_TYPE);
+        headers.insert(BODY_OMITTED_HEADER, HeaderValue::from_static("true"));
+    }
+    headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    response
+}

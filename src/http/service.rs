@@ -1,0 +1,345 @@
+//! [`Idempotency`]: the request lifecycle, step by step.
+//!
+//! 1. Not handled (method or predicate) → pass through.
+//! 2. Key header: none → pass through (or 400 when required); invalid or repeated → 400.
+//! 3. Scope (tenant) + method + path + key → the record's composite key.
+//! 4. Claim it in the store (bounded by the store timeout; on failure 503 or fail open).
+//!    * completed → drain and hash the duplicate's body → replay, or 422 on a mismatch;
+//!    * in flight → 409, or wait for the original and replay it;
+//!    * claimed → run the handler with the body hashed as it streams, renewing the lease.
+//! 5. The handler answered: a storable answer is buffered (up to the limit) and stored with
+//!    its fingerprint, then returned; anything else releases the key and is returned as is.
+//!
+//! From step 4 on, the work runs to its end even if the client goes away (see
+//! [`ResponseFuture`]). Key parsing lives in `key`, capturing the answer in `capture`, replays
+//! in `replay`, and the claim itself in the transport-free `protocol` module.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Request, Response};
+use http_body::Body;
+use tower_service::Service;
+use tracing::Instrument;
+
+use super::capture::{self, Captured, Produced};
+use super::fingerprint::FingerprintHasher;
+use super::future::ResponseFuture;
+use super::key::{self, KeyHeader};
+use super::layer::{Config, IdempotencyLayer, OnStoreError};
+use super::problem::Problem;
+use super::replay;
+use super::request_body::{self, RequestBody};
+use super::response_body::ResponseBody;
+use crate::protocol::{self, Begin, ClaimGuard, Failure, Panicked};
+use crate::store::{MemoryStore, Store};
+use crate::BoxError;
+
+/// Middleware that makes unsafe requests safe to retry. See the [crate docs](crate).
+#[derive(Clone)]
+pub struct Idempotency<S, St = MemoryStore> {
+    inner: S,
+    store: St,
+    config: Arc<Config>,
+}
+
+impl<S> Idempotency<S, MemoryStore> {
+    /// Wraps `inner` with every default, on a fresh [`MemoryStore`].
+    pub fn new(inner: S) -> Self {
+        Self::from_parts(inner, MemoryStore::new(), Arc::default())
+    }
+
+    /// A layer with every default; see [`IdempotencyLayer`].
+    pub fn layer() -> IdempotencyLayer<MemoryStore> {
+        IdempotencyLayer::new()
+    }
+}
+
+impl<S, St> Idempotency<S, St> {
+    pub(crate) fn from_parts(inner: S, store: St, config: Arc<Config>) -> Self {
+        Self {
+            inner,
+            store,
+            config,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: fmt::Debug, St: fmt::Debug> fmt::Debug for Idempotency<S, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("inner", &self.inner)
+            .field("store", &self.store)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, St>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: Store + Clone,
+    ReqBody: Body + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let (parts, body) = request.into_parts();
+        let config = &self.config;
+        if !config.applies(&parts) {
+            tracing::trace!(
+                outcome = "passthrough",
+                reason = "not_handled",
+                "request not handled"
+            );
+            return self.passthrough(parts, body);
+        }
+        let key = match key::read(&parts.headers, &config.header, config.max_key_len) {
+            KeyHeader::Present(key) => key,
+            KeyHeader::Missing if config.require_key => {
+                tracing::debug!(
+                    outcome = "missing_key",
+                    "idempotency key required but absent"
+                );
+                return ResponseFuture::ready(Problem::MissingKey.into_response());
+            }
+            KeyHeader::Missing => {
+                tracing::trace!(
+                    outcome = "passthrough",
+                    reason = "no_key",
+                    "request without idempotency key"
+                );
+                return self.passthrough(parts, body);
+            }
+            KeyHeader::Invalid(error) => {
+                tracing::debug!(outcome = "invalid_key", %error, "idempotency key refused");
+                return ResponseFuture::ready(Problem::InvalidKey(error).into_response());
+            }
+        };
+        let scope = match &config.scope {
+            Some(scope) => match scope(&parts) {
+                Some(scope) => scope,
+                None => {
+                    tracing::debug!(
+                        outcome = "passthrough",
+                        reason = "no_scope",
+                        "scope function returned None"
+                    );
+                    return self.passthrough(parts, body);
+                }
+            },
+            None => String::new(),
+        };
+        let store_key = protocol::composite_key(
+            "",
+            &[&scope, parts.method.as_str(), parts.uri.path()],
+            key.as_str(),
+        );
+        let span = tracing::debug_span!("idempotency", key = %key, method = %parts.method, path = parts.uri.path());
+        let work = Guarded {
+            inner: protocol::take_ready(&mut self.inner),
+            store: self.store.clone(),
+            config: self.config.clone(),
+            _body: PhantomData,
+        };
+        ResponseFuture::guarded(Box::pin(work.run(store_key, parts, body).instrument(span)))
+    }
+}
+
+impl<S, St> Idempotency<S, St> {
+    fn passthrough<ReqBody, ResBody>(
+        &mut self,
+        parts: Parts,
+        body: ReqBody,
+    ) -> ResponseFuture<S::Future, ResBody, S::Error>
+    where
+        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    {
+        ResponseFuture::passthrough(
+            self.inner
+                .call(Request::from_parts(parts, RequestBody::plain(body))),
+        )
+    }
+}
+
+/// One guarded request: everything from the claim on.
+struct Guarded<S, St, ReqBody> {
+    inner: S,
+    store: St,
+    config: Arc<Config>,
+    _body: PhantomData<fn(ReqBody)>,
+}
+
+type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
+
+impl<S, St, ReqBody, ResBody> Guarded<S, St, ReqBody>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    St: Store + Clone,
+    ReqBody: Body,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes>,
+    ResBody::Error: Into<BoxError>,
+{
+    /// Claims `key`, then runs the original, replays, or refuses.
+    async fn run(self, key: String, parts: Parts, body: ReqBody) -> Answer<ResBody, S::Error> {
+        let timings = self.config.timings;
+        let hasher = self.config.fingerprint.start(&parts);
+        match protocol::begin(&self.store, key, &timings).await {
+            Ok(Begin::Claimed(guard)) => {
+                tracing::debug!(outcome = "claimed", "key claimed; running the handler");
+                self.original(guard, parts, body, hasher).await
+            }
+            Ok(Begin::Completed { record, waited }) => {
+                if waited {
+                    tracing::debug!(
+                        outcome = "waited",
+                        "original finished while the duplicate waited"
+                    );
+                }
+                Ok(replay::duplicate(&self.config, record, body, hasher).await)
+            }
+            Ok(Begin::InFlight {
+                waited,
+                lease_remaining,
+            }) => {
+                tracing::info!(
+                    outcome = "conflict",
+                    waited,
+                    "original request still in flight"
+                );
+                let after = lease_remaining.map_or(self.config.retry_after, |remaining| {
+                    remaining.clamp(Duration::from_secs(1), self.config.retry_after)
+                });
+                Ok(Problem::InFlight(after).into_response())
+            }
+            Err(error) => self.store_failed(error, parts, body).await,
+        }
+    }
+
+    async fn store_failed(
+        mut self,
+        error: Failure,
+        parts: Parts,
+        body: ReqBody,
+    ) -> Answer<ResBody, S::Error> {
+        match self.config.on_store_error {
+            OnStoreError::FailClosed => {
+                tracing::error!(outcome = "store_error", %error, "store unavailable; failing closed");
+                Ok(Problem::StoreUnavailable(self.config.retry_after).into_response())
+            }
+            OnStoreError::FailOpen => {
+                tracing::warn!(outcome = "store_error", %error, "store unavailable; running without idempotency");
+                let request = Request::from_parts(parts, RequestBody::plain(body));
+                Ok(self.inner.call(request).await?.map(ResponseBody::inner))
+            }
+        }
+    }
+
+    /// The first request with this key: run it under the claim, then store or release.
+    async fn original(
+        mut self,
+        guard: ClaimGuard<St>,
+        parts: Parts,
+        body: ReqBody,
+        hasher: Option<FingerprintHasher>,
+    ) -> Answer<ResBody, S::Error> {
+        let config = self.config.clone();
+        let carried = capture::carried_headers(&parts, &config);
+        let (body, fingerprint) =
+            request_body::attach(body, hasher, config.fingerprint.covers_body());
+        let call = self.inner.call(Request::from_parts(parts, body));
+        let produced = guard
+            .run(async {
+                let response = call.await?;
+                Ok(capture::read(response, &config).await)
+            })
+            .await;
+        let captured = match storable(produced) {
+            ControlFlow::Continue(captured) => captured,
+            ControlFlow::Break(answer) => {
+                guard.release().await;
+                return answer;
+            }
+        };
+        let fingerprint = fingerprint.finish(&guard).await;
+        let _ = guard
+            .complete(captured.record(fingerprint, &carried, &config))
+            .await;
+        Ok(Response::from_parts(
+            captured.head,
+            ResponseBody::prefixed(captured.frames, captured.rest),
+        ))
+    }
+}
+
+/// The captured answer when it is to be stored; otherwise the answer to give while the key is
+/// released (logged with the reason).
+fn storable<B, E>(
+    produced: Result<Result<Produced<B>, E>, Panicked>,
+) -> ControlFlow<Answer<B, E>, Captured<B>> {
+    ControlFlow::Break(match produced {
+        Ok(Ok(Produced::Storable(captured))) => return ControlFlow::Continue(captured),
+        Ok(Ok(Produced::Unstored(response, reason))) => {
+            tracing::info!(
+                outcome = "not_stored",
+                reason,
+                status = response.status().as_u16(),
+                "response not stored; releasing the key"
+            );
+            Ok(response.map(ResponseBody::inner))
+        }
+        Ok(Ok(Produced::Failed(error))) => {
+            tracing::error!(outcome = "not_stored", reason = "body_error", %error, "response body failed; releasing the key");
+            Ok(Problem::ResponseFailed.into_response())
+        }
+        Ok(Err(error)) => {
+            tracing::info!(
+                outcome = "not_stored",
+                reason = "service_error",
+                "inner service failed; releasing the key"
+            );
+            Err(error)
+        }
+        Err(panic) => {
+            panic.report();
+            Ok(Problem::HandlerPanicked.into_response())
+        }
+    })
+}

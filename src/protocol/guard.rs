@@ -1,0 +1,242 @@
+//! [`ClaimGuard`]: a held claim, from the claim to its completion or release.
+
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::time::Instant;
+
+use super::{bounded, ready_now, Failure, Timings};
+use crate::store::{OwnerToken, Record, Store, StoreError};
+
+/// A claim this process holds on a key: the store, the key, the owner token and the timings,
+/// in one value. Every adapter runs its work through [`run`](Self::run) and ends the claim
+/// with [`complete`](Self::complete) or [`release`](Self::release); a guard dropped without
+/// either releases the claim in the background, so a key is never left blocked for a lease.
+pub(crate) struct ClaimGuard<St: Store> {
+    held: Option<Held<St>>,
+}
+
+struct Held<St> {
+    store: St,
+    key: String,
+    token: OwnerToken,
+    timings: Timings,
+}
+
+/// The work panicked; the payload, to log or re-raise.
+pub(crate) struct Panicked(pub(crate) Box<dyn Any + Send>);
+
+impl Panicked {
+    /// The panic message, when it is a string.
+    pub(crate) fn message(&self) -> &str {
+        if let Some(message) = self.0.downcast_ref::<&'static str>() {
+            message
+        } else if let Some(message) = self.0.downcast_ref::<String>() {
+            message
+        } else {
+            "a panic with a non-string payload"
+        }
+    }
+}
+
+impl Panicked {
+    /// Logs the panic, as every adapter does before it releases the key.
+    pub(crate) fn report(&self) {
+        tracing::error!(
+            outcome = "not_stored",
+            reason = "panic",
+            panic = self.message(),
+            "handler panicked; releasing the key"
+        );
+    }
+}
+
+impl fmt::Debug for Panicked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Panicked").field(&self.message()).finish()
+    }
+}
+
+impl<St: Store> ClaimGuard<St> {
+    pub(crate) fn new(store: St, key: String, token: OwnerToken, timings: Timings) -> Self {
+        Self {
+            held: Some(Held {
+                store,
+                key,
+                token,
+                timings,
+            }),
+        }
+    }
+
+    fn held(&self) -> &Held<St> {
+        self.held
+            .as_ref()
+            .expect("a claim guard is held until it is consumed")
+    }
+
+    /// The owner token of this claim.
+    #[cfg(test)]
+    pub(crate) fn token(&self) -> OwnerToken {
+        self.held().token
+    }
+
+    /// Runs `work` while renewing the lease, catching a panic.
+    pub(crate) async fn run<F: Future>(&self, work: F) -> Result<F::Output, Panicked> {
+        self.keep_alive(CatchUnwind { inner: work })
+            .await
+            .map_err(Panicked)
+    }
+
+    /// Runs `work` while renewing the lease every third of it, so that only a dead process
+    /// lets a claim lapse. Renewal runs beside the work and never delays it.
+    pub(crate) async fn keep_alive<F: Future>(&self, work: F) -> F::Output {
+        let Held {
+            store,
+            key,
+            token,
+            timings,
+        } = self.held();
+        let period = timings.lease / 3;
+        let mut work = std::pin::pin!(work);
+        // Work that is done at once needs no renewal timer.
+        if let Some(out) = ready_now(&mut work).await {
+            return out;
+        }
+        let tick = tokio::time::sleep(period);
+        let mut tick = std::pin::pin!(tick);
+        let mut renewing = true;
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                () = &mut tick, if renewing => {
+                    let renewal = bounded(timings.store_timeout, store.renew(key, token, timings.lease));
+                    tokio::select! {
+                        biased;
+                        out = &mut work => return out,
+                        result = renewal => match result {
+                            Ok(()) => tracing::trace!("lease renewed"),
+                            Err(Failure::Store(StoreError::LeaseLost)) => {
+                                tracing::warn!("lease lost while the handler was running; its outcome will not be stored");
+                                renewing = false;
+                            }
+                            Err(error) => tracing::warn!(%error, "lease renewal failed; retrying at the next tick"),
+                        },
+                    }
+                    tick.as_mut().reset(Instant::now() + period);
+                }
+            }
+        }
+    }
+
+    /// Replaces the claim by `record`, kept for the TTL. Failures are logged (the caller
+    /// answers anyway) and returned.
+    pub(crate) async fn complete(mut self, record: Record) -> Result<(), Failure> {
+        let held = self.held.take().expect("held until consumed");
+        let result = bounded(
+            held.timings.store_timeout,
+            held.store
+                .complete(&held.key, &held.token, record, held.timings.ttl),
+        )
+        .await;
+        match &result {
+            Ok(()) => tracing::debug!(outcome = "stored", "outcome stored"),
+            Err(Failure::Store(StoreError::LeaseLost)) => {
+                tracing::error!(
+                    outcome = "not_stored",
+                    reason = "lease_lost",
+                    "lease lost before completion; outcome not stored"
+                )
+            }
+            Err(error) => {
+                tracing::error!(outcome = "not_stored", reason = "store_error", %error, "outcome could not be stored")
+            }
+        }
+        result
+    }
+
+    /// Releases the claim so the next attempt runs; failures are logged.
+    pub(crate) async fn release(mut self) {
+        let held = self.held.take().expect("held until consumed");
+        held.release().await;
+    }
+}
+
+impl<St: Store> Held<St> {
+    async fn release(self) {
+        match bounded(
+            self.timings.store_timeout,
+            self.store.release(&self.key, &self.token),
+        )
+        .await
+        {
+            Ok(()) => tracing::debug!("claim released"),
+            Err(Failure::Store(StoreError::LeaseLost)) => {
+                tracing::warn!("claim already lost when releasing it")
+            }
+            Err(error) => {
+                tracing::warn!(%error, "claim could not be released; it lapses with its lease")
+            }
+        }
+    }
+}
+
+impl<St: Store> Drop for ClaimGuard<St> {
+    fn drop(&mut self) {
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                tracing::warn!(
+                    outcome = "released",
+                    reason = "guard_dropped",
+                    "claim dropped before its outcome; releasing it in the background"
+                );
+                runtime.spawn(held.release());
+            }
+            Err(_) => tracing::error!(
+                outcome = "abandoned",
+                "claim dropped outside a tokio runtime; it lapses with its lease"
+            ),
+        }
+    }
+}
+
+impl<St: Store> fmt::Debug for ClaimGuard<St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut debug = f.debug_struct("ClaimGuard");
+        if let Some(held) = &self.held {
+            debug.field("key", &held.key).field("token", &held.token);
+        }
+        debug.finish_non_exhaustive()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Turns a panic while polling `inner` into an `Err`.
+    struct CatchUnwind<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn Any + Send>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.project().inner;
+        let output = ready!(
+            match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+                Ok(poll) => poll.map(Ok),
+                Err(panic) => Poll::Ready(Err(panic)),
+            }
+        );
+        Poll::Ready(output)
+    }
+}

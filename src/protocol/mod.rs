@@ -1,0 +1,375 @@
+//! The protocol every adapter speaks, apart from any transport: claim a key, run the work
+//! while renewing the lease, then complete the claim with a record or release it.
+//!
+//! The HTTP layer and the message-consumer adapter (and any adapter to come) drive a
+//! [`Store`] only through [`begin`] and the [`ClaimGuard`] it hands out, so they share one set
+//! of rules:
+//!
+//! | event | what the guard does |
+//! |---|---|
+//! | the work runs | the lease is renewed every third of it, beside the work |
+//! | the work panics | the panic is caught ([`ClaimGuard::run`] returns [`Panicked`]); the adapter releases the key and answers in its own terms (HTTP: 500 problem; consumer: `ConsumerError::Panicked`) |
+//! | the caller's future is dropped after the claim (client gone, timeout) | the rest of the work is finished on the runtime ([`FinishOnDrop`]), so the outcome is stored and a retry replays it |
+//! | the guard is dropped without `complete` or `release` (a runtime shutting down, a bug) | the claim is released in the background, so the key is never blocked for a whole lease |
+//! | a store call is slower than the store timeout | the call fails with [`Failure::Timeout`] |
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::store::{ClaimOutcome, Record, Store, StoreError};
+
+mod detach;
+mod guard;
+
+pub(crate) use detach::FinishOnDrop;
+pub(crate) use guard::{ClaimGuard, Panicked};
+
+/// What a duplicate gets while the original still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnConflict {
+    /// Answer at once that the original still runs (the default): 409 with `Retry-After`
+    /// over HTTP, `Delivery::InProgress` for a consumer.
+    Reject,
+    /// Wait up to this long for the original to finish and replay its outcome; answer as
+    /// `Reject` after. Should the original fail instead (its key released), the waiting
+    /// duplicate is a retry like any other: it claims the key and runs the handler itself.
+    Wait(Duration),
+}
+
+/// Timings of the protocol.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timings {
+    /// How long a claim lasts without renewal.
+    pub(crate) lease: Duration,
+    /// How long a completed record is kept.
+    pub(crate) ttl: Duration,
+    /// The longest any store call may take.
+    pub(crate) store_timeout: Duration,
+    /// How long a duplicate waits for the original; `None` answers at once.
+    pub(crate) wait: Option<Duration>,
+}
+
+impl Default for Timings {
+    /// Lease 60 s, TTL 24 h, store timeout 5 s, no waiting.
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(60),
+            ttl: Duration::from_secs(24 * 60 * 60),
+            store_timeout: Duration::from_secs(5),
+            wait: None,
+        }
+    }
+}
+
+impl Timings {
+    pub(crate) fn set_on_conflict(&mut self, on_conflict: OnConflict) {
+        self.wait = match on_conflict {
+            OnConflict::Reject => None,
+            OnConflict::Wait(bound) => Some(bound),
+        };
+    }
+}
+
+/// Why the protocol could not go on.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Failure {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("store call timed out")]
+    Timeout,
+}
+
+/// What [`begin`] found.
+#[derive(Debug)]
+pub(crate) enum Begin<St: Store> {
+    /// The caller owns the key: run the work under this guard.
+    Claimed(ClaimGuard<St>),
+    /// The original still runs (after waiting, when waiting is on).
+    InFlight {
+        waited: bool,
+        /// How long its lease still runs, when the store knows.
+        lease_remaining: Option<Duration>,
+    },
+    /// The original finished.
+    Completed { record: Record, waited: bool },
+}
+
+/// Whether a duplicate carries the payload its record was made from (a side without a
+/// fingerprint matches anything). A mismatch is logged, the same way for every adapter.
+pub(crate) fn same_payload(stored: Option<u128>, now: Option<u128>) -> bool {
+    let same = match (stored, now) {
+        (Some(stored), Some(now)) => stored == now,
+        _ => true,
+    };
+    if !same {
+        tracing::info!(outcome = "mismatch", "key reused with a different payload");
+    }
+    same
+}
+
+/// The store key of a request: `tag`, then each field length-prefixed (so two different tuples
+/// never make the same string), then the caller's key.
+pub(crate) fn composite_key(tag: &str, fields: &[&str], key: &str) -> String {
+    let len = tag.len() + fields.iter().map(|f| f.len() + 8).sum::<usize>() + key.len();
+    let mut out = String::with_capacity(len);
+    out.push_str(tag);
+    for field in fields {
+        push_decimal(&mut out, field.len());
+        out.push(':');
+        out.push_str(field);
+        out.push('|');
+    }
+    out.push_str(key);
+    out
+}
+
+fn push_decimal(out: &mut String, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
+}
+
+/// Takes the instance of `inner` that `poll_ready` drove to readiness and leaves a clone in
+/// its place (see tower's docs: "Be careful when cloning inner services").
+pub(crate) fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}
+
+/// Polls `future` once: its output if it is ready at once.
+async fn ready_now<F: Future + Unpin>(future: &mut F) -> Option<F::Output> {
+    std::future::poll_fn(|cx| match Pin::new(&mut *future).poll(cx) {
+        Poll::Ready(output) => Poll::Ready(Some(output)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
+/// Runs one store call, bounded by the store timeout: a hung store never hangs the caller.
+/// A call that completes at once (the memory store) never registers a timer.
+pub(crate) async fn bounded<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, Failure> {
+    let mut call = std::pin::pin!(call);
+    if let Some(result) = ready_now(&mut call).await {
+        return Ok(result?);
+    }
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(Failure::Timeout),
+    }
+}
+
+/// Claims `key`; while it is in flight and waiting is on, waits for it (woken by the store,
+/// never polling in a tight loop) until the wait bound.
+pub(crate) async fn begin<St: Store + Clone>(
+    store: &St,
+    key: String,
+    timings: &Timings,
+) -> Result<Begin<St>, Failure> {
+    let deadline = timings.wait.map(|wait| Instant::now() + wait);
+    let mut attempt = 0u32;
+    loop {
+        let waited = attempt > 0;
+        match bounded(timings.store_timeout, store.claim(&key, timings.lease)).await? {
+            ClaimOutcome::Claimed(token) => {
+                return Ok(Begin::Claimed(ClaimGuard::new(
+                    store.clone(),
+                    key,
+                    token,
+                    *timings,
+                )))
+            }
+            ClaimOutcome::Completed(record) => return Ok(Begin::Completed { record, waited }),
+            ClaimOutcome::InFlight { lease_remaining } => match deadline {
+                Some(deadline) if Instant::now() < deadline => {
+                    let _ = tokio::time::timeout_at(deadline, store.wait(&key, attempt)).await;
+                    attempt = attempt.saturating_add(1);
+                }
+                _ => {
+                    return Ok(Begin::InFlight {
+                        waited,
+                        lease_remaining,
+                    })
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    fn timings() -> Timings {
+        Timings {
+            lease: Duration::from_secs(3),
+            ttl: Duration::from_secs(60),
+            store_timeout: Duration::from_secs(1),
+            wait: None,
+        }
+    }
+
+    async fn claim(store: &MemoryStore, t: &Timings) -> ClaimGuard<MemoryStore> {
+        match begin(store, "k".to_owned(), t).await.unwrap() {
+            Begin::Claimed(guard) => guard,
+            other => panic!("expected a claim, got {other:?}"),
+        }
+    }
+
+    async fn in_flight(store: &MemoryStore, t: &Timings) -> bool {
+        matches!(
+            begin(store, "k".to_owned(), t).await.unwrap(),
+            Begin::InFlight { .. }
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn run_renews_the_lease_for_work_longer_than_the_lease() {
+        let store = MemoryStore::new();
+        let t = timings();
+        let guard = claim(&store, &t).await;
+        // Ten leases long: without renewal the claim would lapse after the first.
+        guard.run(tokio::time::sleep(t.lease * 10)).await.unwrap();
+        assert!(in_flight(&store, &t).await);
+        guard.complete(Record::new(None, "done")).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_renewal_the_lease_lapses_and_is_taken_over() {
+        let store = MemoryStore::new();
+        let t = timings();
+        let old = claim(&store, &t).await;
+        tokio::time::sleep(t.lease + Duration::from_millis(1)).await;
+        let new = claim(&store, &t).await;
+        assert_ne!(old.token(), new.token());
+        assert!(matches!(
+            old.complete(Record::new(None, "late")).await,
+            Err(Failure::Store(StoreError::LeaseLost))
+        ));
+        new.release().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panic_in_the_work_is_caught_with_its_message() {
+        let store = MemoryStore::new();
+        let t = timings();
+        let guard = claim(&store, &t).await;
+        let panicked = guard
+            .run(async { panic!("boom") })
+            .await
+            .expect_err("the panic is caught");
+        assert_eq!(panicked.message(), "boom");
+        assert!(
+            in_flight(&store, &t).await,
+            "the adapter decides; still held"
+        );
+        guard.release().await;
+        claim(&store, &t).await.release().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_guard_releases_its_claim_in_the_background() {
+        let store = MemoryStore::new();
+        let t = timings();
+        drop(claim(&store, &t).await);
+        tokio::task::yield_now().await;
+        // Free at once, not after the lease.
+        let guard = claim(&store, &t).await;
+        guard.release().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropped_work_finishes_in_the_background_and_stores_its_outcome() {
+        let store = MemoryStore::new();
+        let t = timings();
+        let work = FinishOnDrop::new(Box::pin({
+            let store = store.clone();
+            async move {
+                let guard = claim(&store, &t).await;
+                guard.run(tokio::time::sleep(t.lease * 2)).await.unwrap();
+                guard.complete(Record::new(None, "done")).await.unwrap();
+            }
+        }));
+        // Poll it once (the claim is taken), then walk away.
+        let mut work = work;
+        assert!(futures_poll_once(&mut work).await.is_none());
+        drop(work);
+        assert!(in_flight(&store, &t).await, "still running, detached");
+        tokio::time::sleep(t.lease * 3).await;
+        match begin(&store, "k".to_owned(), &t).await.unwrap() {
+            Begin::Completed { record, .. } => assert_eq!(record.payload(), "done"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn futures_poll_once<F: Future + Unpin>(future: &mut F) -> Option<F::Output> {
+        ready_now(future).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_duplicate_gets_the_outcome_when_the_original_completes() {
+        let store = MemoryStore::new();
+        let mut t = timings();
+        let guard = claim(&store, &t).await;
+        t.wait = Some(Duration::from_secs(30));
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move { begin(&store, "k".to_owned(), &t).await }
+        });
+        // Within the 3 s lease: the waiter is still waiting on the original.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!waiter.is_finished());
+        guard.complete(Record::new(None, "done")).await.unwrap();
+        match waiter.await.unwrap().unwrap() {
+            Begin::Completed { record, waited } => {
+                assert!(waited);
+                assert_eq!(record.payload(), "done");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_is_bounded() {
+        let store = MemoryStore::new();
+        let mut t = timings();
+        t.lease = Duration::from_secs(600);
+        let _guard = claim(&store, &t).await;
+        t.wait = Some(Duration::from_secs(2));
+        let started = Instant::now();
+        assert!(matches!(
+            begin(&store, "k".to_owned(), &t).await.unwrap(),
+            Begin::InFlight { waited: true, .. }
+        ));
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(2) && waited < Duration::from_secs(3),
+            "{waited:?}"
+        );
+    }
+
+    #[test]
+    fn composite_keys_of_different_tuples_differ() {
+        assert_ne!(
+            composite_key("", &["a|1:b", "c"], "k"),
+            composite_key("", &["a", "b|c"], "k")
+        );
+        assert_eq!(composite_key("t|", &["ab", ""], "k"), "t|2:ab|0:|k");
+    }
+}
