@@ -2,8 +2,13 @@
 //!
 //! ```text
 //! cargo run --example demo_server -- [--addr HOST:PORT] [--store memory] [--ttl SECS]
-//!     [--lock-ttl SECS] [--on-conflict reject|wait] [--require-key]
+//!     [--lock-ttl SECS] [--on-conflict reject|wait] [--require-key] [--drain-timeout SECS]
 //! ```
+//!
+//! On `SIGTERM` or `SIGINT` (Ctrl-C) it shuts down gracefully: it stops accepting connections,
+//! refuses new keyed requests with 503, lets in-flight requests answer and detached work
+//! finish, and releases whatever claims are still held after `--drain-timeout` seconds; then
+//! it exits 0.
 //!
 //! * `POST /payments` (needs `Authorization: Bearer <tenant>`; keys are scoped per tenant):
 //!   `{"amount": u64, "currency": str}` → 201 with the payment. `"delay_ms": n` makes the
@@ -12,6 +17,7 @@
 //! * `POST /bare/payments`: the same handler without the layer (for load comparisons).
 
 use std::collections::HashMap;
+use std::future::IntoFuture;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,6 +67,10 @@ struct Args {
     /// connection without answering this fraction of the time (0.0 to 1.0).
     #[arg(long, default_value_t = 0.0)]
     drop_responses: f64,
+    /// On SIGTERM/SIGINT, how long in-flight and detached requests may run on before their
+    /// claims are released, in seconds.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout: u64,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -225,9 +235,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let store = open_store(&args.store, args.memory_mib).await?;
     let state = AppState::default();
+    let idempotency = idempotency_layer(&args, store);
+    let drain = idempotency.drain_handle();
     let guarded = ServiceBuilder::new()
         .layer(middleware::from_fn(authenticate))
-        .layer(idempotency_layer(&args, store));
+        .layer(idempotency);
     let app = Router::new()
         .route("/payments", post(create_payment).layer(guarded))
         .route("/payments/{id}", get(get_payment))
@@ -251,12 +263,54 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if args.drop_responses > 0.0 {
         return serve_dropping_responses(listener, app, args.drop_responses).await;
     }
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    // The shutdown sequence: on the signal, refuse new keyed requests and stop accepting;
+    // let in-flight requests answer (bounded by the drain timeout); then wait for detached work
+    // and release whatever claims are still held at the deadline.
+    let signalled = Arc::new(tokio::sync::Notify::new());
+    let mut server = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown({
+                let (drain, signalled) = (drain.clone(), signalled.clone());
+                async move {
+                    shutdown_signal().await;
+                    drain.start();
+                    signalled.notify_one();
+                }
+            })
+            .into_future(),
+    );
+    tokio::select! {
+        served = &mut server => return Ok(served??),
+        () = signalled.notified() => {}
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.drain_timeout);
+    eprintln!(
+        "shutting down: draining for at most {} s",
+        args.drain_timeout
+    );
+    if tokio::time::timeout_at(deadline, server).await.is_err() {
+        eprintln!("connections still open at the drain deadline");
+    }
+    let report = drain
+        .drain(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await;
+    eprintln!(
+        "drained in {:?}: {} claims released, {} could not be released",
+        report.waited(),
+        report.released().len(),
+        report.not_released().len()
+    );
     Ok(())
+}
+
+/// SIGTERM (orchestrators: Kubernetes, systemd, Docker) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }
 
 /// The answer that was lost on its way back.

@@ -68,7 +68,9 @@ use tower_layer::Layer;
 use tower_service::Service;
 use xxhash_rust::xxh3::xxh3_128;
 
-use crate::protocol::{self, Begin, Failure, FinishOnDrop, OnConflict, Timings};
+use crate::protocol::{
+    self, Begin, DrainHandle, Failure, FinishOnDrop, OnConflict, Timings, Tracker,
+};
 use crate::store::{MemoryStore, Record, Store, StoreError};
 use crate::BoxError;
 
@@ -206,6 +208,10 @@ pub enum ConsumerError<E> {
     /// message is here. Over HTTP the same event answers 500.
     #[error("message handler panicked: {0}")]
     Panicked(String),
+    /// The consumer is draining ([`DrainHandle`]): the handler did not
+    /// run. Do not ack; another consumer will get the message.
+    #[error("the consumer is shutting down")]
+    ShuttingDown,
 }
 
 impl<E> From<Failure> for ConsumerError<E> {
@@ -226,6 +232,7 @@ pub struct IdempotentConsumerLayer<I, St = MemoryStore> {
     store: St,
     timings: Timings,
     final_errors: Arc<FinalFn>,
+    tracker: Arc<Tracker>,
 }
 
 impl<I> IdempotentConsumerLayer<I, MemoryStore> {
@@ -243,6 +250,7 @@ impl<I, St> IdempotentConsumerLayer<I, St> {
             store,
             timings: Timings::default(),
             final_errors: Arc::new(|_| false),
+            tracker: Arc::default(),
         }
     }
 
@@ -281,6 +289,20 @@ impl<I, St> IdempotentConsumerLayer<I, St> {
         self.final_errors =
             Arc::new(move |error: &dyn Any| error.downcast_ref::<E>().is_some_and(&is_final));
         self
+    }
+}
+
+impl<I, St: Clone> IdempotentConsumerLayer<I, St> {
+    /// A handle to shut this consumer down gracefully: once draining, new deliveries get
+    /// [`ConsumerError::ShuttingDown`] (do not ack them), deliveries already running finish
+    /// and store their outcomes, and claims still held at the deadline are released. See
+    /// [`DrainHandle`].
+    pub fn drain_handle(&self) -> DrainHandle<St> {
+        DrainHandle::new(
+            self.tracker.clone(),
+            self.store.clone(),
+            self.timings.store_timeout,
+        )
     }
 }
 
@@ -353,9 +375,15 @@ where
         let store = self.layer.store.clone();
         let timings = self.layer.timings;
         let final_errors = self.layer.final_errors.clone();
+        let admitted = self.layer.tracker.enter();
         let span = tracing::debug_span!("idempotent_consumer", key = %identity.key, scope = %identity.scope);
         let work = async move {
-            let guard = match protocol::begin(&store, identity.store_key(), &timings).await? {
+            let Some(ticket) = admitted else {
+                tracing::info!(outcome = "shutting_down", "draining: delivery refused");
+                return Err(ConsumerError::ShuttingDown);
+            };
+            let key = identity.store_key();
+            let guard = match protocol::begin(&store, key, &timings, ticket).await? {
                 Begin::Claimed(guard) => guard,
                 Begin::InFlight { .. } => {
                     tracing::info!(

@@ -69,6 +69,8 @@
 //! * A record lives for the TTL; a key reused after it expired (or, in the memory store, after
 //!   capacity pressure evicted it) runs the request again.
 //! * A process that dies mid-request blocks its key until the lease lapses; then a retry runs.
+//!   A process that stops gracefully drains first ([`DrainHandle`]): running requests finish
+//!   and are stored, claims still held at the deadline are released.
 //!
 //! # Cancellation and panics: one rule for every adapter
 //!
@@ -150,7 +152,7 @@ pub use self::http::{
     NoStore, OnStoreError, RequestBody, ResponseBody, ResponseFuture, BODY_OMITTED_HEADER,
     REPLAYED_HEADER,
 };
-pub use protocol::OnConflict;
+pub use protocol::{DrainHandle, DrainReport, OnConflict};
 
 /// A boxed error: body errors, and the sources of store errors.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

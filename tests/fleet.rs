@@ -139,6 +139,100 @@ async fn a_killed_instance_blocks_its_key_only_until_the_lock_ttl(store: &str) {
     );
 }
 
+/// A payment sent to `base` on a connection of its own; the task resolves to the reply's
+/// status and body, or `None` when the connection was cut.
+fn spawn_payment(
+    base: &str,
+    key: &str,
+    body: &str,
+) -> tokio::task::JoinHandle<Option<(u16, bytes::Bytes)>> {
+    let request = http::Request::post(format!("{base}/payments"))
+        .header("authorization", "Bearer acme")
+        .header("idempotency-key", key)
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_owned(),
+        )))
+        .unwrap();
+    tokio::spawn(async move {
+        use http_body_util::BodyExt;
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let response = client.request(request).await.ok()?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.ok()?.to_bytes();
+        Some((status, body))
+    })
+}
+
+/// A rolling deploy: instance A gets SIGTERM while one payment runs with its client waiting
+/// and another runs detached (its client went away). The waiting client gets its 201, A exits
+/// 0 within the drain timeout, and instance B replays both payments at once: one execution each.
+async fn sigterm_drains_in_flight_and_detached_payments(store: &str) {
+    let args = ["--store", store, "--drain-timeout", "10"];
+    let (mut a, b) = (Demo::start(&args).await, Demo::start(&args).await);
+    let (waited, detached) = (key("drain-waited"), key("drain-detached"));
+    let slow = r#"{"amount": 1500, "currency": "usd", "delay_ms": 1500}"#;
+    let answered = spawn_payment(&a.base, &waited, slow);
+    let abandoned = spawn_payment(&a.base, &detached, slow);
+    while a.executions().await < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    abandoned.abort();
+    let _ = abandoned.await;
+    a.signal("TERM");
+    let signalled = Instant::now();
+    let (status, original) = answered
+        .await
+        .unwrap()
+        .expect("the in-flight client is answered, not cut off");
+    assert_eq!(status, 201);
+    let exit = a
+        .exited_within(Duration::from_secs(12))
+        .await
+        .expect("A exits within the drain timeout");
+    assert!(exit.success(), "A exits cleanly: {exit:?}");
+    assert!(signalled.elapsed() < Duration::from_secs(11));
+    let exited = Instant::now();
+    let retry = b.post("acme", Some(&waited), slow).await;
+    assert!(retry.replayed(), "the answered payment replays on B");
+    assert_eq!(retry.body, original);
+    let retry = b.post("acme", Some(&detached), slow).await;
+    assert_eq!(retry.status, 201);
+    assert!(
+        retry.replayed(),
+        "the detached payment finished and replays on B"
+    );
+    assert!(
+        exited.elapsed() < Duration::from_secs(1),
+        "at once, not after a lease"
+    );
+    assert_eq!(b.executions().await, 0, "one execution of each, both on A");
+}
+
+/// A drain whose deadline passes before the handler ends hands the key back: the retry on
+/// instance B runs at once instead of answering 409 for the lease.
+async fn a_drain_past_its_deadline_releases_the_key(store: &str) {
+    let args = ["--store", store, "--drain-timeout", "1"];
+    let (mut a, b) = (Demo::start(&args).await, Demo::start(&args).await);
+    let k = key("drain-deadline");
+    let endless = r#"{"amount": 1, "currency": "usd", "delay_ms": 60000}"#;
+    let cut = spawn_payment(&a.base, &k, endless);
+    while a.executions().await == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a.signal("TERM");
+    let exit = a
+        .exited_within(Duration::from_secs(5))
+        .await
+        .expect("A exits soon after its 1 s drain timeout");
+    assert!(exit.success(), "{exit:?}");
+    assert_eq!(cut.await.unwrap(), None, "that client's connection was cut");
+    let retry = b.post("acme", Some(&k), PAYMENT).await;
+    assert_eq!(retry.status, 201, "the released key runs at once, not 409");
+    assert!(!retry.replayed());
+}
+
 /// While the store is down keyed requests get 503 problem+json and keyless ones still work;
 /// once it is back, keyed requests work again without restarting the demo.
 async fn store_outage_fails_closed_then_recovers(
@@ -197,6 +291,18 @@ macro_rules! fleet_tests {
             async fn a_record_survives_a_restart_of_the_demo() {
                 let Some(url) = $url() else { return };
                 super::a_record_survives_a_restart_of_the_demo(&url).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sigterm_drains_in_flight_and_detached_payments() {
+                let Some(url) = $url() else { return };
+                super::sigterm_drains_in_flight_and_detached_payments(&url).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_drain_past_its_deadline_releases_the_key() {
+                let Some(url) = $url() else { return };
+                super::a_drain_past_its_deadline_releases_the_key(&url).await;
             }
 
             #[tokio::test]

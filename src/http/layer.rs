@@ -10,7 +10,7 @@ use tower_layer::Layer;
 
 use super::fingerprint::Fingerprint;
 use super::service::Idempotency;
-use crate::protocol::{OnConflict, Timings};
+use crate::protocol::{DrainHandle, OnConflict, Timings, Tracker};
 use crate::store::MemoryStore;
 
 type PredicateFn = dyn Fn(&Parts) -> bool + Send + Sync;
@@ -115,6 +115,7 @@ impl Config {
 pub struct IdempotencyLayer<St = MemoryStore> {
     store: St,
     config: Arc<Config>,
+    tracker: Arc<Tracker>,
 }
 
 impl IdempotencyLayer<MemoryStore> {
@@ -137,6 +138,7 @@ impl<St> IdempotencyLayer<St> {
         Self {
             store,
             config: Arc::new(Config::default()),
+            tracker: Arc::default(),
         }
     }
 
@@ -271,13 +273,31 @@ impl<St> IdempotencyLayer<St> {
     pub fn store(&self) -> &St {
         &self.store
     }
+
+    /// A handle to shut this layer down gracefully: it sees every service made by this layer
+    /// and its clones. See [`DrainHandle`] and the README's shutdown section.
+    pub fn drain_handle(&self) -> DrainHandle<St>
+    where
+        St: Clone,
+    {
+        DrainHandle::new(
+            self.tracker.clone(),
+            self.store.clone(),
+            self.config.timings.store_timeout,
+        )
+    }
 }
 
 impl<S, St: Clone> Layer<S> for IdempotencyLayer<St> {
     type Service = Idempotency<S, St>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Idempotency::from_parts(inner, self.store.clone(), self.config.clone())
+        Idempotency::from_parts(
+            inner,
+            self.store.clone(),
+            self.config.clone(),
+            self.tracker.clone(),
+        )
     }
 }
 

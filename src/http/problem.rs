@@ -14,6 +14,7 @@
 //! | 500 | `#response-failed` | the handler's response body failed (the key is released) |
 //! | 500 | `#unreadable-record` | the stored response cannot be decoded |
 //! | 503 | `#store-unavailable` | the store failed or was slower than the store timeout (carries `Retry-After`) |
+//! | 503 | `#shutting-down` | the server is draining ([`DrainHandle`](crate::DrainHandle)); retry elsewhere (carries `Retry-After`) |
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -40,6 +41,7 @@ pub(crate) enum Problem {
     ResponseFailed,
     UnreadableRecord,
     StoreUnavailable(Duration),
+    ShuttingDown(Duration),
 }
 
 impl Problem {
@@ -95,6 +97,12 @@ impl Problem {
                 "Idempotency store unavailable",
                 "The request was not processed because its idempotency key could not be checked; retry later with the same key.".into(),
             ),
+            ShuttingDown(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting-down",
+                "Server shutting down",
+                "This server is shutting down and did not process the request; retry with the same key (another instance will take it).".into(),
+            ),
         }
     }
 
@@ -114,7 +122,10 @@ impl Problem {
             CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if let Problem::InFlight(after) | Problem::StoreUnavailable(after) = &self {
+        if let Problem::InFlight(after)
+        | Problem::StoreUnavailable(after)
+        | Problem::ShuttingDown(after) = &self
+        {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }

@@ -37,7 +37,7 @@ use super::problem::Problem;
 use super::replay;
 use super::request_body::{self, RequestBody};
 use super::response_body::ResponseBody;
-use crate::protocol::{self, Begin, ClaimGuard, Failure, Panicked};
+use crate::protocol::{self, Begin, ClaimGuard, Failure, Panicked, Ticket, Tracker};
 use crate::store::{MemoryStore, Store};
 use crate::BoxError;
 
@@ -47,12 +47,13 @@ pub struct Idempotency<S, St = MemoryStore> {
     inner: S,
     store: St,
     config: Arc<Config>,
+    tracker: Arc<Tracker>,
 }
 
 impl<S> Idempotency<S, MemoryStore> {
     /// Wraps `inner` with every default, on a fresh [`MemoryStore`].
     pub fn new(inner: S) -> Self {
-        Self::from_parts(inner, MemoryStore::new(), Arc::default())
+        Self::from_parts(inner, MemoryStore::new(), Arc::default(), Arc::default())
     }
 
     /// A layer with every default; see [`IdempotencyLayer`].
@@ -62,11 +63,17 @@ impl<S> Idempotency<S, MemoryStore> {
 }
 
 impl<S, St> Idempotency<S, St> {
-    pub(crate) fn from_parts(inner: S, store: St, config: Arc<Config>) -> Self {
+    pub(crate) fn from_parts(
+        inner: S,
+        store: St,
+        config: Arc<Config>,
+        tracker: Arc<Tracker>,
+    ) -> Self {
         Self {
             inner,
             store,
             config,
+            tracker,
         }
     }
 
@@ -166,6 +173,12 @@ where
             },
             None => String::new(),
         };
+        let Some(ticket) = self.tracker.enter() else {
+            tracing::info!(outcome = "shutting_down", "draining: keyed request refused");
+            return ResponseFuture::ready(
+                Problem::ShuttingDown(config.retry_after).into_response(),
+            );
+        };
         let store_key = protocol::composite_key(
             "",
             &[&scope, parts.method.as_str(), parts.uri.path()],
@@ -178,7 +191,9 @@ where
             config: self.config.clone(),
             _body: PhantomData,
         };
-        ResponseFuture::guarded(Box::pin(work.run(store_key, parts, body).instrument(span)))
+        ResponseFuture::guarded(Box::pin(
+            work.run(store_key, ticket, parts, body).instrument(span),
+        ))
     }
 }
 
@@ -218,10 +233,16 @@ where
     ResBody::Error: Into<BoxError>,
 {
     /// Claims `key`, then runs the original, replays, or refuses.
-    async fn run(self, key: String, parts: Parts, body: ReqBody) -> Answer<ResBody, S::Error> {
+    async fn run(
+        self,
+        key: String,
+        ticket: Ticket,
+        parts: Parts,
+        body: ReqBody,
+    ) -> Answer<ResBody, S::Error> {
         let timings = self.config.timings;
         let hasher = self.config.fingerprint.start(&parts);
-        match protocol::begin(&self.store, key, &timings).await {
+        match protocol::begin(&self.store, key, &timings, ticket).await {
             Ok(Begin::Claimed(guard)) => {
                 tracing::debug!(outcome = "claimed", "key claimed; running the handler");
                 self.original(guard, parts, body, hasher).await

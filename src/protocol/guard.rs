@@ -9,7 +9,9 @@ use std::task::{ready, Context, Poll};
 
 use tokio::time::Instant;
 
-use super::{bounded, ready_now, Failure, Timings};
+use std::sync::Arc;
+
+use super::{bounded, ready_now, Failure, Ticket, Timings};
 use crate::store::{OwnerToken, Record, Store, StoreError};
 
 /// A claim this process holds on a key: the store, the key, the owner token and the timings,
@@ -22,9 +24,11 @@ pub(crate) struct ClaimGuard<St: Store> {
 
 struct Held<St> {
     store: St,
-    key: String,
+    key: Arc<str>,
     token: OwnerToken,
     timings: Timings,
+    /// Counts this claim for a drain until the claim has ended.
+    _ticket: Ticket,
 }
 
 /// The work panicked; the payload, to log or re-raise.
@@ -62,13 +66,20 @@ impl fmt::Debug for Panicked {
 }
 
 impl<St: Store> ClaimGuard<St> {
-    pub(crate) fn new(store: St, key: String, token: OwnerToken, timings: Timings) -> Self {
+    pub(crate) fn new(
+        store: St,
+        key: Arc<str>,
+        token: OwnerToken,
+        timings: Timings,
+        ticket: Ticket,
+    ) -> Self {
         Self {
             held: Some(Held {
                 store,
                 key,
                 token,
                 timings,
+                _ticket: ticket,
             }),
         }
     }
@@ -100,6 +111,7 @@ impl<St: Store> ClaimGuard<St> {
             key,
             token,
             timings,
+            ..
         } = self.held();
         let period = timings.lease / 3;
         let mut work = std::pin::pin!(work);

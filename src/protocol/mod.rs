@@ -12,6 +12,7 @@
 //! | the caller's future is dropped after the claim (client gone, timeout) | the rest of the work is finished on the runtime ([`FinishOnDrop`]), so the outcome is stored and a retry replays it |
 //! | the guard is dropped without `complete` or `release` (a runtime shutting down, a bug) | the claim is released in the background, so the key is never blocked for a whole lease |
 //! | a store call is slower than the store timeout | the call fails with [`Failure::Timeout`] |
+//! | the process drains ([`DrainHandle`]) | new work is refused before its claim; held claims end on their own, or are released at the deadline |
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,9 +24,12 @@ use tokio::time::Instant;
 use crate::store::{ClaimOutcome, Record, Store, StoreError};
 
 mod detach;
+mod drain;
 mod guard;
 
 pub(crate) use detach::FinishOnDrop;
+pub use drain::{DrainHandle, DrainReport};
+pub(crate) use drain::{Ticket, Tracker};
 pub(crate) use guard::{ClaimGuard, Panicked};
 
 /// What a duplicate gets while the original still runs.
@@ -174,12 +178,14 @@ pub(crate) async fn bounded<T>(
     }
 }
 
-/// Claims `key`; while it is in flight and waiting is on, waits for it (woken by the store,
-/// never polling in a tight loop) until the wait bound.
+/// Claims `key` for the request admitted with `ticket`; while the key is in flight and waiting
+/// is on, waits for it (woken by the store, never polling in a tight loop) until the wait
+/// bound.
 pub(crate) async fn begin<St: Store + Clone>(
     store: &St,
     key: String,
     timings: &Timings,
+    mut ticket: Ticket,
 ) -> Result<Begin<St>, Failure> {
     let deadline = timings.wait.map(|wait| Instant::now() + wait);
     let mut attempt = 0u32;
@@ -187,12 +193,15 @@ pub(crate) async fn begin<St: Store + Clone>(
         let waited = attempt > 0;
         match bounded(timings.store_timeout, store.claim(&key, timings.lease)).await? {
             ClaimOutcome::Claimed(token) => {
+                let key: std::sync::Arc<str> = key.into();
+                ticket.hold(&key, token);
                 return Ok(Begin::Claimed(ClaimGuard::new(
                     store.clone(),
                     key,
                     token,
                     *timings,
-                )))
+                    ticket,
+                )));
             }
             ClaimOutcome::Completed(record) => return Ok(Begin::Completed { record, waited }),
             ClaimOutcome::InFlight { lease_remaining } => match deadline {
@@ -225,8 +234,12 @@ mod tests {
         }
     }
 
+    fn ticket() -> Ticket {
+        std::sync::Arc::new(Tracker::default()).enter().unwrap()
+    }
+
     async fn claim(store: &MemoryStore, t: &Timings) -> ClaimGuard<MemoryStore> {
-        match begin(store, "k".to_owned(), t).await.unwrap() {
+        match begin(store, "k".to_owned(), t, ticket()).await.unwrap() {
             Begin::Claimed(guard) => guard,
             other => panic!("expected a claim, got {other:?}"),
         }
@@ -234,7 +247,7 @@ mod tests {
 
     async fn in_flight(store: &MemoryStore, t: &Timings) -> bool {
         matches!(
-            begin(store, "k".to_owned(), t).await.unwrap(),
+            begin(store, "k".to_owned(), t, ticket()).await.unwrap(),
             Begin::InFlight { .. }
         )
     }
@@ -312,7 +325,7 @@ mod tests {
         drop(work);
         assert!(in_flight(&store, &t).await, "still running, detached");
         tokio::time::sleep(t.lease * 3).await;
-        match begin(&store, "k".to_owned(), &t).await.unwrap() {
+        match begin(&store, "k".to_owned(), &t, ticket()).await.unwrap() {
             Begin::Completed { record, .. } => assert_eq!(record.payload(), "done"),
             other => panic!("{other:?}"),
         }
@@ -330,7 +343,7 @@ mod tests {
         t.wait = Some(Duration::from_secs(30));
         let waiter = tokio::spawn({
             let store = store.clone();
-            async move { begin(&store, "k".to_owned(), &t).await }
+            async move { begin(&store, "k".to_owned(), &t, ticket()).await }
         });
         // Within the 3 s lease: the waiter is still waiting on the original.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -354,7 +367,7 @@ mod tests {
         t.wait = Some(Duration::from_secs(2));
         let started = Instant::now();
         assert!(matches!(
-            begin(&store, "k".to_owned(), &t).await.unwrap(),
+            begin(&store, "k".to_owned(), &t, ticket()).await.unwrap(),
             Begin::InFlight { waited: true, .. }
         ));
         let waited = started.elapsed();

@@ -82,6 +82,34 @@ impl Demo {
         }
     }
 
+    /// Sends a signal (`"TERM"`, `"INT"`) with `kill(1)`, as an orchestrator would.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits up to `within` for the process to exit: its exit status, or `None` if it still
+    /// runs.
+    pub async fn exited_within(
+        &mut self,
+        within: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// SIGKILL: the process dies wherever it is, as in a crash.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -1,0 +1,262 @@
+//! Graceful shutdown: [`DrainHandle`] stops new keyed work, waits for the claims this process
+//! holds to end, and hands back the ones still held at the deadline.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{bounded, Failure};
+use crate::store::{OwnerToken, Store, StoreError};
+
+/// What one layer (and every clone of it) has in flight.
+#[derive(Default)]
+pub(crate) struct Tracker {
+    draining: AtomicBool,
+    /// Requests or deliveries between their admission and the end of their claim.
+    active: AtomicUsize,
+    /// The claims held now, to release at the deadline.
+    claims: Mutex<HashMap<u64, (Arc<str>, OwnerToken)>>,
+    next_id: AtomicU64,
+    /// Woken when `active` falls to zero.
+    idle: Notify,
+}
+
+impl Tracker {
+    /// Admits one request, unless the process is draining.
+    pub(crate) fn enter(self: &Arc<Self>) -> Option<Ticket> {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        if self.draining.load(Ordering::SeqCst) {
+            self.leave();
+            return None;
+        }
+        Some(Ticket {
+            tracker: self.clone(),
+            claim: None,
+        })
+    }
+
+    fn leave(&self) {
+        if self.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    fn claims(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Arc<str>, OwnerToken)>> {
+        self.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One admitted request: counted until dropped; its claim, once it has one, is on record.
+pub(crate) struct Ticket {
+    tracker: Arc<Tracker>,
+    claim: Option<u64>,
+}
+
+impl Ticket {
+    /// Records the claim this request now holds.
+    pub(crate) fn hold(&mut self, key: &Arc<str>, token: OwnerToken) {
+        let id = self.tracker.next_id.fetch_add(1, Ordering::Relaxed);
+        self.tracker.claims().insert(id, (key.clone(), token));
+        self.claim = Some(id);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(id) = self.claim {
+            self.tracker.claims().remove(&id);
+        }
+        self.tracker.leave();
+    }
+}
+
+/// Shuts an [`IdempotencyLayer`](crate::IdempotencyLayer) (or a consumer layer) down without
+/// losing work or blocking keys. Get one with `drain_handle()` on the layer; it shares the
+/// state of every service the layer made.
+///
+/// Once [`start`](Self::start) (or [`drain`](Self::drain)) is called:
+///
+/// * requests and deliveries that already reached the store run to their end, including work
+///   that runs detached because its client went away, and their outcomes are stored as usual;
+/// * new keyed requests get 503 with `Retry-After` (problem type `#shutting-down`), so that a
+///   load balancer's retry lands on another instance; a consumer's deliveries get
+///   `ConsumerError::ShuttingDown` (do not ack them); keyless requests are not affected;
+/// * at the deadline, every claim this process still holds is **released**, so that a retry
+///   elsewhere runs at once instead of waiting for the lease; [`DrainReport`] says which.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::IdempotencyLayer;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let layer = IdempotencyLayer::new();
+/// let drain = layer.drain_handle();
+/// // ... serve with `layer`; on SIGTERM stop accepting, then:
+/// let report = drain.drain(Duration::from_secs(25)).await;
+/// assert!(report.released().is_empty());
+/// # }
+/// ```
+pub struct DrainHandle<St> {
+    tracker: Arc<Tracker>,
+    store: St,
+    store_timeout: Duration,
+}
+
+impl<St: Clone> Clone for DrainHandle<St> {
+    fn clone(&self) -> Self {
+        Self {
+            tracker: self.tracker.clone(),
+            store: self.store.clone(),
+            store_timeout: self.store_timeout,
+        }
+    }
+}
+
+impl<St> fmt::Debug for DrainHandle<St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DrainHandle")
+            .field("draining", &self.is_draining())
+            .field("in_flight", &self.in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a [`DrainHandle::drain`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DrainReport {
+    released: Vec<String>,
+    not_released: Vec<String>,
+    waited: Duration,
+}
+
+impl DrainReport {
+    /// The store keys of the claims released at the deadline: their requests were still
+    /// running, and a retry elsewhere runs them again.
+    pub fn released(&self) -> &[String] {
+        &self.released
+    }
+
+    /// Claims still held at the deadline that could not be released (the store failed or was
+    /// slower than the store timeout): they block their keys until their leases lapse.
+    pub fn not_released(&self) -> &[String] {
+        &self.not_released
+    }
+
+    /// How long the drain waited for work to finish.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+
+    /// Whether every claim ended on its own before the deadline.
+    pub fn is_clean(&self) -> bool {
+        self.released.is_empty() && self.not_released.is_empty()
+    }
+}
+
+impl<St> DrainHandle<St> {
+    pub(crate) fn new(tracker: Arc<Tracker>, store: St, store_timeout: Duration) -> Self {
+        Self {
+            tracker,
+            store,
+            store_timeout,
+        }
+    }
+
+    /// Stops admitting keyed requests (they get 503 from now on). Calling it again does
+    /// nothing.
+    pub fn start(&self) {
+        if !self.tracker.draining.swap(true, Ordering::SeqCst) {
+            tracing::info!(
+                in_flight = self.in_flight(),
+                "draining: new keyed requests are refused"
+            );
+        }
+    }
+
+    /// Whether draining has started.
+    pub fn is_draining(&self) -> bool {
+        self.tracker.draining.load(Ordering::SeqCst)
+    }
+
+    /// Requests or deliveries admitted and not yet finished with their claim.
+    pub fn in_flight(&self) -> usize {
+        self.tracker.active.load(Ordering::SeqCst)
+    }
+}
+
+impl<St: Store + Clone> DrainHandle<St> {
+    /// Starts draining (see [`start`](Self::start)), waits up to `timeout` for every admitted
+    /// request to finish with its claim, then releases the claims still held.
+    pub async fn drain(&self, timeout: Duration) -> DrainReport {
+        self.start();
+        let started = Instant::now();
+        let deadline = started.checked_add(timeout);
+        loop {
+            let idle = self.tracker.idle.notified();
+            let mut idle = std::pin::pin!(idle);
+            idle.as_mut().enable();
+            if self.in_flight() == 0 {
+                break;
+            }
+            let timed_out = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, idle).await.is_err(),
+                None => {
+                    idle.await;
+                    false
+                }
+            };
+            if timed_out {
+                break;
+            }
+        }
+        let waited = started.elapsed();
+        let held: Vec<_> = self
+            .tracker
+            .claims()
+            .drain()
+            .map(|(_, claim)| claim)
+            .collect();
+        let mut report = DrainReport {
+            waited,
+            ..DrainReport::default()
+        };
+        if held.is_empty() {
+            tracing::info!(waited_ms = waited.as_millis() as u64, "drained");
+            return report;
+        }
+        let mut releases = tokio::task::JoinSet::new();
+        for (key, token) in held {
+            let (store, timeout) = (self.store.clone(), self.store_timeout);
+            releases.spawn(async move {
+                let result = bounded(timeout, store.release(&key, &token)).await;
+                (key, result)
+            });
+        }
+        while let Some(joined) = releases.join_next().await {
+            let Ok((key, result)) = joined else { continue };
+            match result {
+                Ok(()) => report.released.push(key.to_string()),
+                // It ended (completed or released) between the deadline and now.
+                Err(Failure::Store(StoreError::LeaseLost)) => {}
+                Err(error) => {
+                    tracing::error!(key = &*key, %error, "drain could not release a claim; it lapses with its lease");
+                    report.not_released.push(key.to_string());
+                }
+            }
+        }
+        tracing::warn!(
+            released = report.released.len(),
+            not_released = report.not_released.len(),
+            waited_ms = waited.as_millis() as u64,
+            "drain deadline passed: claims still held were released so that retries run elsewhere"
+        );
+        report
+    }
+}
