@@ -69,7 +69,8 @@ use tower_service::Service;
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::protocol::{
-    self, Begin, DrainHandle, Failure, FinishOnDrop, OnConflict, Timings, Tracker,
+    self, Begin, DrainHandle, Failure, FinishOnDrop, Limits, OnConflict, Outcome, OutcomeHook,
+    Refusal, ReleaseReason, Timings, Tracker,
 };
 use crate::store::{MemoryStore, Record, Store, StoreError};
 use crate::BoxError;
@@ -212,6 +213,10 @@ pub enum ConsumerError<E> {
     /// run. Do not ack; another consumer will get the message.
     #[error("the consumer is shutting down")]
     ShuttingDown,
+    /// Too many deliveries run on after their callers gave up on them (see
+    /// [`IdempotentConsumerLayer::max_detached`]): the handler did not run. Do not ack.
+    #[error("too many deliveries still running")]
+    Overloaded,
 }
 
 impl<E> From<Failure> for ConsumerError<E> {
@@ -233,6 +238,8 @@ pub struct IdempotentConsumerLayer<I, St = MemoryStore> {
     timings: Timings,
     final_errors: Arc<FinalFn>,
     tracker: Arc<Tracker>,
+    limits: Limits,
+    on_outcome: OutcomeHook,
 }
 
 impl<I> IdempotentConsumerLayer<I, MemoryStore> {
@@ -251,24 +258,52 @@ impl<I, St> IdempotentConsumerLayer<I, St> {
             timings: Timings::default(),
             final_errors: Arc::new(|_| false),
             tracker: Arc::default(),
+            limits: Limits::default(),
+            on_outcome: OutcomeHook::none(),
         }
     }
 
     /// How long a claim lasts without renewal [60 s]; renewed every third while the handler runs.
+    ///
+    /// # Panics
+    ///
+    /// Below 30 ms or above ten years.
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.timings.lease = lease;
+        self.timings.set_lease(lease);
         self
     }
 
     /// How long outcomes are kept [24 h]: longer than the broker may redeliver.
+    ///
+    /// # Panics
+    ///
+    /// When zero or above ten years.
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.timings.ttl = ttl;
+        self.timings.set_ttl(ttl);
         self
     }
 
     /// The longest any store call may take [5 s].
+    ///
+    /// # Panics
+    ///
+    /// When zero or above ten years.
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
-        self.timings.store_timeout = timeout;
+        self.timings.set_store_timeout(timeout);
+        self
+    }
+
+    /// How many deliveries may run on after their callers dropped them (a timeout around
+    /// the call) [1,024]; past it, new deliveries get [`ConsumerError::Overloaded`].
+    pub fn max_detached(mut self, deliveries: usize) -> Self {
+        self.limits.max_detached = deliveries;
+        self
+    }
+
+    /// Called once per delivery with what became of it (see
+    /// [`Outcome`](crate::Outcome)) \[none\]: feed your metrics from here.
+    pub fn on_outcome(mut self, hook: impl Fn(crate::Outcome) + Send + Sync + 'static) -> Self {
+        self.on_outcome = OutcomeHook::new(hook);
         self
     }
 
@@ -371,90 +406,148 @@ where
 
     fn call(&mut self, message: M) -> Self::Future {
         let identity = self.layer.identify.identify(&message);
-        let mut inner = protocol::take_ready(&mut self.inner);
-        let store = self.layer.store.clone();
-        let timings = self.layer.timings;
-        let final_errors = self.layer.final_errors.clone();
-        let admitted = self.layer.tracker.enter();
+        let inner = protocol::take_ready(&mut self.inner);
+        let layer = &self.layer;
+        let (store, timings) = (layer.store.clone(), layer.timings);
+        let (final_errors, hook) = (layer.final_errors.clone(), layer.on_outcome.clone());
+        let admitted = layer.tracker.enter(&layer.limits);
         let span = tracing::debug_span!("idempotent_consumer", key = %identity.key, scope = %identity.scope);
         let work = async move {
-            let Some(ticket) = admitted else {
-                tracing::info!(outcome = "shutting_down", "draining: delivery refused");
-                return Err(ConsumerError::ShuttingDown);
-            };
-            let key = identity.store_key();
-            let guard = match protocol::begin(&store, key, &timings, ticket).await? {
-                Begin::Claimed(guard) => guard,
-                Begin::InFlight { .. } => {
-                    tracing::info!(
-                        outcome = "in_progress",
-                        "message is being processed elsewhere"
-                    );
-                    return Ok(Delivery::InProgress);
-                }
-                Begin::Completed { record, .. } => return duplicate(&identity, record),
-            };
-            tracing::debug!(outcome = "claimed", "running the handler");
-            let result = match guard.run(inner.call(message)).await {
-                Ok(result) => result,
-                Err(panic) => {
-                    panic.report();
-                    guard.release().await;
-                    return Err(ConsumerError::Panicked(panic.message().to_owned()));
-                }
-            };
-            let stored = match &result {
-                Ok(outcome) => Some(serde_json::to_vec(&Stored::Ok(outcome))),
-                Err(error) if final_errors(error) => {
-                    Some(serde_json::to_vec(&Stored::<()>::Failed(error.to_string())))
-                }
-                Err(_) => None,
-            };
-            match stored {
-                Some(Ok(payload)) => {
-                    let _ = guard
-                        .complete(Record::new(identity.fingerprint, payload))
-                        .await;
-                }
-                Some(Err(error)) => {
-                    guard.release().await;
-                    return Err(ConsumerError::Corrupt(Box::new(error)));
-                }
-                None => {
-                    tracing::info!(
-                        outcome = "not_stored",
-                        reason = "handler_error",
-                        "releasing the key for redelivery"
-                    );
-                    guard.release().await;
-                }
-            }
+            let delivered = protocol::catch_unwind(async move {
+                let ticket = match admitted {
+                    Ok(ticket) => ticket,
+                    Err(Refusal::Draining) => {
+                        tracing::info!(outcome = "shutting_down", "draining: delivery refused");
+                        return (Err(ConsumerError::ShuttingDown), Outcome::ShuttingDown);
+                    }
+                    Err(Refusal::Overloaded) => {
+                        tracing::warn!(outcome = "overloaded", "delivery refused");
+                        return (Err(ConsumerError::Overloaded), Outcome::Overloaded);
+                    }
+                };
+                deliver(
+                    &store,
+                    identity,
+                    &timings,
+                    ticket,
+                    inner,
+                    message,
+                    &*final_errors,
+                )
+                .await
+            })
+            .await;
+            let (result, outcome) = delivered.unwrap_or_else(|panic| {
+                panic.report();
+                let error = ConsumerError::Panicked(panic.message().to_owned());
+                (Err(error), Outcome::Released(ReleaseReason::Panic))
+            });
+            hook.fire(outcome);
             result
-                .map(Delivery::Processed)
-                .map_err(ConsumerError::Handler)
         };
-        Box::pin(FinishOnDrop::new(Box::pin(
-            tracing::Instrument::instrument(work, span),
-        )))
+        Box::pin(FinishOnDrop::new(
+            Box::pin(tracing::Instrument::instrument(work, span)),
+            self.layer.tracker.clone(),
+            0,
+        ))
     }
+}
+
+type Answer<R, E> = Result<Delivery<R>, ConsumerError<E>>;
+
+/// One admitted delivery: claim, run the handler under the claim, store or release.
+async fn deliver<S, M, St>(
+    store: &St,
+    identity: Identity,
+    timings: &Timings,
+    ticket: protocol::Ticket,
+    mut inner: S,
+    message: M,
+    final_errors: &FinalFn,
+) -> (Answer<S::Response, S::Error>, Outcome)
+where
+    S: Service<M>,
+    S::Response: Serialize + DeserializeOwned,
+    S::Error: fmt::Display + 'static,
+    St: Store + Clone,
+{
+    let guard = match protocol::begin(store, identity.store_key(), timings, ticket).await {
+        Ok(Begin::Claimed(guard)) => guard,
+        Ok(Begin::InFlight { .. }) => {
+            tracing::info!(
+                outcome = "in_progress",
+                "message is being processed elsewhere"
+            );
+            return (Ok(Delivery::InProgress), Outcome::Conflict);
+        }
+        Ok(Begin::Completed { record, .. }) => return duplicate(&identity, record),
+        Err(failure) => return (Err(failure.into()), Outcome::StoreError),
+    };
+    tracing::debug!(outcome = "claimed", "running the handler");
+    let result = match guard.run(inner.call(message)).await {
+        Ok(result) => result,
+        Err(panic) => {
+            panic.report();
+            guard.release().await;
+            let error = ConsumerError::Panicked(panic.message().to_owned());
+            return (Err(error), Outcome::Released(ReleaseReason::Panic));
+        }
+    };
+    let stored = match &result {
+        Ok(outcome) => Some(serde_json::to_vec(&Stored::Ok(outcome))),
+        Err(error) if final_errors(error) => {
+            Some(serde_json::to_vec(&Stored::<()>::Failed(error.to_string())))
+        }
+        Err(_) => None,
+    };
+    let outcome = match stored {
+        Some(Ok(payload)) => match guard
+            .complete(Record::new(identity.fingerprint, payload))
+            .await
+        {
+            Ok(()) => Outcome::Stored,
+            Err(_) => Outcome::NotStored,
+        },
+        Some(Err(error)) => {
+            guard.release().await;
+            let error = ConsumerError::Corrupt(Box::new(error));
+            return (Err(error), Outcome::Released(ReleaseReason::Error));
+        }
+        None => {
+            tracing::info!(
+                outcome = "not_stored",
+                reason = "handler_error",
+                "releasing the key for redelivery"
+            );
+            guard.release().await;
+            Outcome::Released(ReleaseReason::Error)
+        }
+    };
+    let answer = result
+        .map(Delivery::Processed)
+        .map_err(ConsumerError::Handler);
+    (answer, outcome)
 }
 
 /// A redelivery of a completed message.
 fn duplicate<R: DeserializeOwned, E>(
     identity: &Identity,
     record: Record,
-) -> Result<Delivery<R>, ConsumerError<E>> {
+) -> (Answer<R, E>, Outcome) {
     if !protocol::same_payload(record.fingerprint(), identity.fingerprint) {
-        return Err(ConsumerError::KeyReused);
+        return (Err(ConsumerError::KeyReused), Outcome::Mismatch);
     }
     tracing::debug!(
         outcome = "duplicate",
         "redelivery of a completed message; handler not run"
     );
     match serde_json::from_slice::<Stored<R>>(record.payload()) {
-        Ok(Stored::Ok(outcome)) => Ok(Delivery::Duplicate(outcome)),
-        Ok(Stored::Failed(text)) => Ok(Delivery::DuplicateFailed(text)),
-        Err(error) => Err(ConsumerError::Corrupt(Box::new(error))),
+        Ok(Stored::Ok(outcome)) => (Ok(Delivery::Duplicate(outcome)), Outcome::Replayed),
+        Ok(Stored::Failed(text)) => (Ok(Delivery::DuplicateFailed(text)), Outcome::Replayed),
+        Err(error) => (
+            Err(ConsumerError::Corrupt(Box::new(error))),
+            Outcome::Unreadable,
+        ),
     }
 }
 

@@ -152,7 +152,7 @@ pub use self::http::{
     NoStore, OnStoreError, RequestBody, ResponseBody, ResponseFuture, BODY_OMITTED_HEADER,
     REPLAYED_HEADER,
 };
-pub use protocol::{DrainHandle, DrainReport, OnConflict};
+pub use protocol::{DrainHandle, DrainReport, OnConflict, Outcome, ReleaseReason};
 
 /// A boxed error: body errors, and the sources of store errors.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

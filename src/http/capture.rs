@@ -12,6 +12,7 @@ use http_body::{Body, Frame};
 
 use super::layer::Config;
 use super::record;
+use crate::protocol::ReleaseReason;
 use crate::store::Record;
 use crate::BoxError;
 
@@ -23,7 +24,7 @@ pub struct NoStore;
 /// What the handler produced, read up to the storage limit.
 pub(crate) enum Produced<B> {
     /// Not to be stored: released and returned untouched.
-    Unstored(Response<B>, &'static str),
+    Unstored(Response<B>, ReleaseReason),
     /// Storable: the head, the frames read, the rest of the body, and whether the frames are
     /// the whole body (else it was larger than the limit).
     Storable(Captured<B>),
@@ -55,10 +56,10 @@ where
     B::Error: Into<BoxError>,
 {
     if !(config.store_status)(response.status()) {
-        return Produced::Unstored(response, "status");
+        return Produced::Unstored(response, ReleaseReason::Status);
     }
     if response.extensions().get::<NoStore>().is_some() || has_no_store(response.headers()) {
-        return Produced::Unstored(response, "no_store");
+        return Produced::Unstored(response, ReleaseReason::NoStore);
     }
     let (head, body) = response.into_parts();
     let limit = config.max_response_body as u64;

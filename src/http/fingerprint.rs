@@ -183,13 +183,41 @@ where
     Ok(hasher.finish())
 }
 
-/// Hashes a whole body: the fingerprint of a duplicate.
-pub(crate) async fn hash_body<B>(body: B, hasher: FingerprintHasher) -> Result<u128, BoxError>
+/// Why a duplicate's body has no fingerprint.
+#[derive(Debug)]
+pub(crate) enum HashError {
+    /// Longer than the limit (declared or read).
+    TooLarge,
+    /// The body failed.
+    Body(BoxError),
+}
+
+/// Hashes a whole body of at most `limit` bytes: the fingerprint of a duplicate.
+pub(crate) async fn hash_body<B>(
+    body: B,
+    mut hasher: FingerprintHasher,
+    limit: u64,
+) -> Result<u128, HashError>
 where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    drain(std::pin::pin!(body), hasher).await
+    if body.size_hint().lower() > limit {
+        return Err(HashError::TooLarge);
+    }
+    let mut body = std::pin::pin!(body);
+    let mut read = 0u64;
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        let frame = frame.map_err(|e| HashError::Body(e.into()))?;
+        if let Some(data) = frame.data_ref() {
+            read += data.remaining() as u64;
+            if read > limit {
+                return Err(HashError::TooLarge);
+            }
+            hasher.update_body(data.chunk());
+        }
+    }
+    Ok(hasher.finish())
 }
 
 #[cfg(test)]

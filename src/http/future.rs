@@ -9,7 +9,9 @@ use std::task::{ready, Context, Poll};
 use http::Response;
 
 use super::response_body::ResponseBody;
-use crate::protocol::FinishOnDrop;
+use std::sync::Arc;
+
+use crate::protocol::{FinishOnDrop, Tracker};
 
 type Guarded<B, E> = Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
 
@@ -50,14 +52,14 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(crate) fn guarded(work: Guarded<B, E>) -> Self
+    pub(crate) fn guarded(work: Guarded<B, E>, tracker: Arc<Tracker>, bytes: u64) -> Self
     where
         B: 'static,
         E: 'static,
     {
         Self {
             kind: Kind::Guarded {
-                work: FinishOnDrop::new(work),
+                work: FinishOnDrop::new(work, tracker, bytes),
             },
         }
     }

@@ -6,7 +6,8 @@
 //!
 //! * A value that starts with `"` is an sf-string: it must end with the closing `"`, may contain
 //!   spaces and visible ASCII, and escapes only `\"` and `\\`.
-//! * Any other value is the key verbatim, and must be visible ASCII (no spaces).
+//! * Any other value is the key verbatim, and must be visible ASCII (no spaces) without a
+//!   comma (`a,b` is what a proxy makes of two merged `Idempotency-Key` fields).
 //!
 //! The key (after unquoting) must hold 1 to `max_len` characters [255].
 //!
@@ -48,6 +49,10 @@ pub enum KeyError {
     /// More than one `Idempotency-Key` field in the request.
     #[error("the request carries more than one idempotency key")]
     Multiple,
+    /// A bare key with a comma: it cannot be told apart from two fields that a proxy merged
+    /// into one (`a, b`). Quote a key that must contain a comma (`"a,b"`).
+    #[error("the idempotency key contains a comma (send one key, or quote it as a string)")]
+    Comma,
 }
 
 impl IdempotencyKey {
@@ -62,6 +67,9 @@ impl IdempotencyKey {
                 }
                 if !value.iter().all(|b| (0x21..=0x7e).contains(b)) {
                     return Err(KeyError::InvalidCharacter);
+                }
+                if value.contains(&b',') {
+                    return Err(KeyError::Comma);
                 }
                 if value.len() > max_len {
                     return Err(KeyError::TooLong { max: max_len });
@@ -152,6 +160,12 @@ mod tests {
 
     #[test]
     fn rejects_each_kind_of_bad_value() {
+        assert_eq!(IdempotencyKey::parse(b"a,b", 255), Err(KeyError::Comma));
+        assert_eq!(
+            IdempotencyKey::parse(b"\"a,b\"", 255).unwrap().as_str(),
+            "a,b",
+            "a quoted key may hold a comma"
+        );
         assert_eq!(IdempotencyKey::parse(b"", 255), Err(KeyError::Empty));
         assert_eq!(IdempotencyKey::parse(b"\"\"", 255), Err(KeyError::Empty));
         assert_eq!(
@@ -227,7 +241,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn quoted_and_bare_spellings_name_the_same_key(key in "[!#-~][!-~]{0,200}") {
+        fn quoted_and_bare_spellings_name_the_same_key(key in "[!#-+\\--~][!-+\\--~]{0,200}") {
             let bare = IdempotencyKey::parse(key.as_bytes(), 255).unwrap();
             let quoted = IdempotencyKey::parse(quote(&key).as_bytes(), 255).unwrap();
             prop_assert_eq!(bare.as_str(), key.as_str());

@@ -10,12 +10,13 @@ use tower_layer::Layer;
 
 use super::fingerprint::Fingerprint;
 use super::service::Idempotency;
-use crate::protocol::{DrainHandle, OnConflict, Timings, Tracker};
+use crate::protocol::{DrainHandle, Limits, OnConflict, Outcome, OutcomeHook, Timings, Tracker};
 use crate::store::MemoryStore;
 
 type PredicateFn = dyn Fn(&Parts) -> bool + Send + Sync;
 type ScopeFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 type StatusFn = dyn Fn(StatusCode) -> bool + Send + Sync;
+type TtlFn = dyn Fn(&Parts) -> Option<Duration> + Send + Sync;
 
 /// What a request gets when the store fails or is slower than the store timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,8 +37,13 @@ pub(crate) struct Config {
     pub(crate) methods: Vec<Method>,
     pub(crate) predicate: Option<Arc<PredicateFn>>,
     pub(crate) scope: Option<Arc<ScopeFn>>,
+    pub(crate) allow_unscoped: bool,
     pub(crate) fingerprint: Fingerprint,
     pub(crate) timings: Timings,
+    pub(crate) ttl_fn: Option<Arc<TtlFn>>,
+    pub(crate) max_duplicate_body: u64,
+    pub(crate) limits: Limits,
+    pub(crate) on_outcome: OutcomeHook,
     pub(crate) retry_after: Duration,
     pub(crate) on_store_error: OnStoreError,
     pub(crate) store_status: Arc<StatusFn>,
@@ -47,9 +53,10 @@ pub(crate) struct Config {
     pub(crate) carried: Vec<(HeaderName, HeaderName)>,
 }
 
-/// Headers never stored whatever the configuration: hop-by-hop headers, and the framing that
-/// the replay recomputes.
-pub(crate) const ALWAYS_SKIPPED: [&str; 10] = [
+/// Headers never stored whatever the configuration: cookies (a replay must never hand one
+/// client's session to another), hop-by-hop headers, and the framing that the replay recomputes.
+pub(crate) const ALWAYS_SKIPPED: [&str; 11] = [
+    "set-cookie",
     "connection",
     "keep-alive",
     "proxy-authenticate",
@@ -77,13 +84,18 @@ impl Default for Config {
             methods: vec![Method::POST, Method::PATCH],
             predicate: None,
             scope: None,
+            allow_unscoped: false,
             fingerprint: Fingerprint::default(),
             timings: Timings::default(),
+            ttl_fn: None,
+            max_duplicate_body: 16 * 1024 * 1024,
+            limits: Limits::default(),
+            on_outcome: OutcomeHook::none(),
             retry_after: Duration::from_secs(1),
             on_store_error: OnStoreError::FailClosed,
             store_status: Arc::new(|status: StatusCode| status.as_u16() < 400),
             max_response_body: 1024 * 1024,
-            skip_headers: vec![http::header::SET_COOKIE, http::header::DATE],
+            skip_headers: vec![http::header::DATE],
             carried: vec![carried_pair(HeaderName::from_static("x-request-id"))],
         }
     }
@@ -96,6 +108,14 @@ impl Config {
             Some(predicate) => predicate(parts),
             None => self.methods.contains(&parts.method),
         }
+    }
+
+    /// How long the record of this request is kept.
+    pub(crate) fn ttl_for(&self, parts: &Parts) -> Duration {
+        self.ttl_fn
+            .as_ref()
+            .and_then(|ttl| ttl(parts))
+            .unwrap_or(self.timings.ttl)
     }
 
     /// Whether a response header is kept in the record.
@@ -178,8 +198,13 @@ impl<St> IdempotencyLayer<St> {
     }
 
     /// Scopes keys, typically per tenant: the function reads the request head (usually an
-    /// extension an authentication layer set) and returns the scope. A request for which it
-    /// returns `None` passes through **without idempotency** (logged at debug level).
+    /// extension an authentication layer set) and returns the scope.
+    ///
+    /// A keyed request for which it returns `None` is **refused** with 500 (problem type
+    /// `#missing-scope`, logged at error level): the usual cause is a layer order in which
+    /// this layer runs before authentication, and letting such requests through would run
+    /// every duplicate again while the app looks protected. See
+    /// [`allow_unscoped`](Self::allow_unscoped) to let them through instead.
     ///
     /// [Without a scope function every client shares one key space: one client's key can
     /// replay another's response.] Run authentication before this layer.
@@ -191,6 +216,14 @@ impl<St> IdempotencyLayer<St> {
         self
     }
 
+    /// Lets a keyed request for which the scope function returns `None` pass through
+    /// **without idempotency** (logged at warn level) instead of refusing it with 500
+    /// \[false\]. For routes that serve anonymous and authenticated clients alike.
+    pub fn allow_unscoped(mut self, allow: bool) -> Self {
+        self.config().allow_unscoped = allow;
+        self
+    }
+
     /// What feeds the request fingerprint [query string and body]. See [`Fingerprint`].
     pub fn fingerprint(mut self, fingerprint: Fingerprint) -> Self {
         self.config().fingerprint = fingerprint;
@@ -199,22 +232,45 @@ impl<St> IdempotencyLayer<St> {
 
     /// How long a claim lasts without renewal [60 s]. It is renewed every third of this while
     /// the handler runs; only a dead process lets it lapse, blocking the key this long.
+    ///
+    /// # Panics
+    ///
+    /// Below 30 ms or above ten years.
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.config().timings.lease = lease;
+        self.config().timings.set_lease(lease);
         self
     }
 
     /// How long a completed response is kept for replay [24 h]. A key reused after this runs
     /// the request again.
+    ///
+    /// # Panics
+    ///
+    /// When zero or above ten years.
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.config().timings.ttl = ttl;
+        self.config().timings.set_ttl(ttl);
+        self
+    }
+
+    /// Chooses the retention per request from its head (a route, a tenant's plan); `None`
+    /// keeps the layer's [`ttl`](Self::ttl) \[none\]. Honoured by every store; values are
+    /// clamped to between 1 ms and ten years.
+    pub fn ttl_fn(
+        mut self,
+        ttl: impl Fn(&Parts) -> Option<Duration> + Send + Sync + 'static,
+    ) -> Self {
+        self.config().ttl_fn = Some(Arc::new(ttl));
         self
     }
 
     /// The longest any store call may take [5 s]; past it the request is treated as a store
     /// failure (see [`on_store_error`](Self::on_store_error)).
+    ///
+    /// # Panics
+    ///
+    /// When zero or above ten years.
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
-        self.config().timings.store_timeout = timeout;
+        self.config().timings.set_store_timeout(timeout);
         self
     }
 
@@ -226,8 +282,40 @@ impl<St> IdempotencyLayer<St> {
 
     /// The `Retry-After` of 409 and 503 answers [1 s]. A 409 asks for no more than the
     /// original's lease still runs (at least 1 s), when the store reports it.
+    ///
+    /// # Panics
+    ///
+    /// Above ten years.
     pub fn retry_after(mut self, after: Duration) -> Self {
-        self.config().retry_after = after;
+        self.config().retry_after = crate::protocol::checked("retry_after", after, Duration::ZERO);
+        self
+    }
+
+    /// The largest body a duplicate may send to be compared with the original [16 MiB]; a
+    /// larger one gets 413 (problem type `#body-too-large`) without being read further. The
+    /// original's body is the handler's business: put a `RequestBodyLimitLayer` in front.
+    pub fn max_duplicate_body(mut self, bytes: u64) -> Self {
+        self.config().max_duplicate_body = bytes;
+        self
+    }
+
+    /// How many requests may run on after their clients left, and how many request-body
+    /// bytes they may have declared (`Content-Length`) together [1,024 requests, 256 MiB].
+    /// Past either, new keyed requests get 503 with `Retry-After` (problem type
+    /// `#overloaded`) until some finish: back-pressure instead of unbounded memory.
+    pub fn max_detached(mut self, requests: usize, bytes: u64) -> Self {
+        self.config().limits = Limits {
+            max_detached: requests,
+            max_detached_bytes: bytes,
+        };
+        self
+    }
+
+    /// Called once for every request the layer sees, with what became of it (see
+    /// [`Outcome`]): feed your metrics from here \[none\]. It runs on the request's task:
+    /// keep it cheap (increment a counter).
+    pub fn on_outcome(mut self, hook: impl Fn(Outcome) + Send + Sync + 'static) -> Self {
+        self.config().on_outcome = OutcomeHook::new(hook);
         self
     }
 
@@ -255,8 +343,9 @@ impl<St> IdempotencyLayer<St> {
         self
     }
 
-    /// Response headers never stored nor replayed [`set-cookie`, `date`]. Hop-by-hop headers
-    /// and `content-length` are never stored, whatever this list says.
+    /// Response headers never stored nor replayed, **replacing** the default list \[`date`\].
+    /// Whatever this list says, `set-cookie`, hop-by-hop headers and `content-length` are
+    /// never stored.
     pub fn skip_response_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         self.config().skip_headers = names.into_iter().collect();
         self
@@ -322,6 +411,10 @@ impl fmt::Debug for Config {
             .field("fingerprint", &self.fingerprint)
             .field("timings", &self.timings)
             .field("retry_after", &self.retry_after)
+            .field("allow_unscoped", &self.allow_unscoped)
+            .field("max_duplicate_body", &self.max_duplicate_body)
+            .field("limits", &self.limits)
+            .field("on_outcome", &self.on_outcome)
             .field("on_store_error", &self.on_store_error)
             .field("max_response_body", &self.max_response_body)
             .field("skip_headers", &self.skip_headers)

@@ -6,15 +6,20 @@
 //! | status | `type` ends with | when |
 //! |--------|------------------|------|
 //! | 400 | `#missing-key` | the key is required and absent |
-//! | 400 | `#invalid-key` | empty, too long, non-ASCII or control characters, a broken quoted string, or several `Idempotency-Key` fields |
+//! | 400 | `#invalid-key` | empty, too long, non-ASCII or control characters, a comma in a bare key, a broken quoted string, or several `Idempotency-Key` fields |
 //! | 400 | `#unreadable-body` | the duplicate's body failed while it was being read |
 //! | 409 | `#in-flight` | the original request with this key is still running (carries `Retry-After`) |
+//! | 413 | `#body-too-large` | a duplicate's body is over `max_duplicate_body` [16 MiB] |
 //! | 422 | `#key-reused` | the key was used before with another payload |
+//! | 500 | `#missing-scope` | the scope function returned `None` (authentication must run before the layer) |
 //! | 500 | `#handler-panicked` | the handler panicked (the key is released) |
 //! | 500 | `#response-failed` | the handler's response body failed (the key is released) |
 //! | 500 | `#unreadable-record` | the stored response cannot be decoded |
 //! | 503 | `#store-unavailable` | the store failed or was slower than the store timeout (carries `Retry-After`) |
 //! | 503 | `#shutting-down` | the server is draining ([`DrainHandle`](crate::DrainHandle)); retry elsewhere (carries `Retry-After`) |
+//! | 503 | `#overloaded` | too many requests run on after their clients left (`max_detached`) (carries `Retry-After`) |
+//!
+//! [`ProblemKind`] names each one, with its type URI, for clients and tests.
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -26,92 +31,127 @@ use http::{Response, StatusCode};
 use super::key::KeyError;
 use super::response_body::ResponseBody;
 
-const TYPE_BASE: &str =
-    "https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/index.html";
+macro_rules! problem_kinds {
+    ($($kind:ident => $status:ident, $slug:literal, $title:literal, $detail:literal;)*) => {
+        /// Each kind of answer the layer gives on its own, with its problem type URI: match on
+        /// it instead of comparing strings.
+        ///
+        /// ```
+        /// use tower_idempotency::problem::ProblemKind;
+        ///
+        /// let kind = ProblemKind::from_type_uri(ProblemKind::KeyReused.type_uri());
+        /// assert_eq!(kind, Some(ProblemKind::KeyReused));
+        /// assert_eq!(ProblemKind::KeyReused.status(), 422);
+        /// ```
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum ProblemKind {
+            $(
+                #[doc = concat!("`#", $slug, "`: ", $detail)]
+                $kind,
+            )*
+        }
 
-/// One kind of problem the layer answers.
+        impl ProblemKind {
+            /// Every kind.
+            pub const ALL: &'static [ProblemKind] = &[$(ProblemKind::$kind),*];
+
+            /// The problem type URI (the `type` member of the problem document).
+            pub const fn type_uri(self) -> &'static str {
+                match self {
+                    $(ProblemKind::$kind => concat!(
+                        "https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/index.html#",
+                        $slug
+                    ),)*
+                }
+            }
+
+            /// The fragment of the type URI (`key-reused`, ...).
+            pub const fn slug(self) -> &'static str {
+                match self {
+                    $(ProblemKind::$kind => $slug,)*
+                }
+            }
+
+            /// The HTTP status the layer answers with.
+            pub const fn status(self) -> StatusCode {
+                match self {
+                    $(ProblemKind::$kind => StatusCode::$status,)*
+                }
+            }
+
+            /// The problem document's `title`.
+            pub const fn title(self) -> &'static str {
+                match self {
+                    $(ProblemKind::$kind => $title,)*
+                }
+            }
+
+            const fn detail(self) -> &'static str {
+                match self {
+                    $(ProblemKind::$kind => $detail,)*
+                }
+            }
+
+            /// The kind a problem document's `type` names, if it is one of the layer's.
+            pub fn from_type_uri(uri: &str) -> Option<Self> {
+                Self::ALL.iter().copied().find(|kind| kind.type_uri() == uri)
+            }
+        }
+    };
+}
+
+problem_kinds! {
+    MissingKey => BAD_REQUEST, "missing-key", "Idempotency key required",
+        "This endpoint requires an Idempotency-Key header.";
+    InvalidKey => BAD_REQUEST, "invalid-key", "Invalid idempotency key",
+        "The Idempotency-Key header is not a valid key.";
+    UnreadableBody => BAD_REQUEST, "unreadable-body", "Request body could not be read",
+        "The request body failed before it could be compared with the original request.";
+    InFlight => CONFLICT, "in-flight", "Request in progress",
+        "A request with this idempotency key is still being processed; retry later with the same key.";
+    BodyTooLarge => PAYLOAD_TOO_LARGE, "body-too-large", "Request body too large",
+        "The request body is larger than a retry may send to be compared with the original request.";
+    KeyReused => UNPROCESSABLE_ENTITY, "key-reused", "Idempotency key reused",
+        "This idempotency key was already used with a different request payload.";
+    MissingScope => INTERNAL_SERVER_ERROR, "missing-scope", "Idempotency scope missing",
+        "The server could not tell whose request this is, so it did not process it. (Server side: the idempotency scope function returned None; authentication must run before the idempotency layer.)";
+    HandlerPanicked => INTERNAL_SERVER_ERROR, "handler-panicked", "Internal server error",
+        "The request failed; it was not recorded and may be retried with the same key.";
+    ResponseFailed => INTERNAL_SERVER_ERROR, "response-failed", "Internal server error",
+        "The response could not be produced; it was not recorded and may be retried with the same key.";
+    UnreadableRecord => INTERNAL_SERVER_ERROR, "unreadable-record", "Stored response unreadable",
+        "The response stored for this idempotency key cannot be replayed.";
+    StoreUnavailable => SERVICE_UNAVAILABLE, "store-unavailable", "Idempotency store unavailable",
+        "The request was not processed because its idempotency key could not be checked; retry later with the same key.";
+    ShuttingDown => SERVICE_UNAVAILABLE, "shutting-down", "Server shutting down",
+        "This server is shutting down and did not process the request; retry with the same key (another instance will take it).";
+    Overloaded => SERVICE_UNAVAILABLE, "overloaded", "Server overloaded",
+        "Too many requests are still running on this server; retry later with the same key.";
+}
+
+/// One answer the layer gives on its own: a kind, and what the kind needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Problem {
-    MissingKey,
+    /// Any kind without more to say.
+    Plain(ProblemKind),
     InvalidKey(KeyError),
-    UnreadableBody,
-    InFlight(Duration),
-    KeyReused,
-    HandlerPanicked,
-    ResponseFailed,
-    UnreadableRecord,
-    StoreUnavailable(Duration),
-    ShuttingDown(Duration),
+    /// Kinds that carry `Retry-After`.
+    RetryAfter(ProblemKind, Duration),
 }
 
 impl Problem {
-    fn parts(&self) -> (StatusCode, &'static str, &'static str, Cow<'static, str>) {
-        use Problem::*;
-        match self {
-            MissingKey => (
-                StatusCode::BAD_REQUEST,
-                "missing-key",
-                "Idempotency key required",
-                "This endpoint requires an Idempotency-Key header.".into(),
-            ),
-            InvalidKey(error) => (StatusCode::BAD_REQUEST, "invalid-key", "Invalid idempotency key", sentence(error)),
-            UnreadableBody => (
-                StatusCode::BAD_REQUEST,
-                "unreadable-body",
-                "Request body could not be read",
-                "The request body failed before it could be compared with the original request.".into(),
-            ),
-            InFlight(_) => (
-                StatusCode::CONFLICT,
-                "in-flight",
-                "Request in progress",
-                "A request with this idempotency key is still being processed; retry later with the same key.".into(),
-            ),
-            KeyReused => (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "key-reused",
-                "Idempotency key reused",
-                "This idempotency key was already used with a different request payload.".into(),
-            ),
-            HandlerPanicked => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "handler-panicked",
-                "Internal server error",
-                "The request failed; it was not recorded and may be retried with the same key.".into(),
-            ),
-            ResponseFailed => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "response-failed",
-                "Internal server error",
-                "The response could not be produced; it was not recorded and may be retried with the same key.".into(),
-            ),
-            UnreadableRecord => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "unreadable-record",
-                "Stored response unreadable",
-                "The response stored for this idempotency key cannot be replayed.".into(),
-            ),
-            StoreUnavailable(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store-unavailable",
-                "Idempotency store unavailable",
-                "The request was not processed because its idempotency key could not be checked; retry later with the same key.".into(),
-            ),
-            ShuttingDown(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting-down",
-                "Server shutting down",
-                "This server is shutting down and did not process the request; retry with the same key (another instance will take it).".into(),
-            ),
-        }
-    }
-
     /// The HTTP answer.
     pub(crate) fn into_response<B>(self) -> Response<ResponseBody<B>> {
-        let (status, slug, title, detail) = self.parts();
+        let (kind, detail, retry_after) = match &self {
+            Problem::Plain(kind) => (*kind, Cow::Borrowed(kind.detail()), None),
+            Problem::InvalidKey(error) => (ProblemKind::InvalidKey, sentence(error), None),
+            Problem::RetryAfter(kind, after) => (*kind, Cow::Borrowed(kind.detail()), Some(*after)),
+        };
+        let status = kind.status();
         let body = serde_json::json!({
-            "type": format!("{TYPE_BASE}#{slug}"),
-            "title": title,
+            "type": kind.type_uri(),
+            "title": kind.title(),
             "status": status.as_u16(),
             "detail": detail,
         });
@@ -122,10 +162,7 @@ impl Problem {
             CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if let Problem::InFlight(after)
-        | Problem::StoreUnavailable(after)
-        | Problem::ShuttingDown(after) = &self
-        {
+        if let Some(after) = retry_after {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }

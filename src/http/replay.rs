@@ -5,12 +5,12 @@ use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{HeaderName, Response};
 use http_body::Body;
 
-use super::fingerprint::{self, FingerprintHasher};
+use super::fingerprint::{self, FingerprintHasher, HashError};
 use super::layer::Config;
-use super::problem::Problem;
+use super::problem::{Problem, ProblemKind};
 use super::record;
 use super::response_body::ResponseBody;
-use crate::protocol;
+use crate::protocol::{self, Outcome};
 use crate::store::Record;
 use crate::BoxError;
 
@@ -19,29 +19,49 @@ pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-repl
 /// The header a replay carries when the original body was too large to keep.
 pub const BODY_OMITTED_HEADER: HeaderName = HeaderName::from_static("idempotent-body-omitted");
 
-/// A duplicate of a completed request: replay, or 422 when the payload differs.
+/// A duplicate of a completed request: replay, or 422 when the payload differs (413 when its
+/// body is too large to compare).
 pub(crate) async fn duplicate<ReqBody, ResBody>(
     config: &Config,
     record: Record,
     body: ReqBody,
     hasher: Option<FingerprintHasher>,
-) -> Response<ResponseBody<ResBody>>
+) -> (Response<ResponseBody<ResBody>>, Outcome)
 where
     ReqBody: Body,
     ReqBody::Error: Into<BoxError>,
 {
     if let (Some(stored), Some(hasher)) = (record.fingerprint(), hasher) {
         let hashed = if config.fingerprint.covers_body() {
-            fingerprint::hash_body(body, hasher).await
+            fingerprint::hash_body(body, hasher, config.max_duplicate_body).await
         } else {
             Ok(hasher.finish())
         };
         match hashed {
             Ok(fingerprint) if protocol::same_payload(Some(stored), Some(fingerprint)) => {}
-            Ok(_) => return Problem::KeyReused.into_response(),
-            Err(error) => {
+            Ok(_) => {
+                return (
+                    Problem::Plain(ProblemKind::KeyReused).into_response(),
+                    Outcome::Mismatch,
+                )
+            }
+            Err(HashError::TooLarge) => {
+                tracing::info!(
+                    outcome = "body_too_large",
+                    limit = config.max_duplicate_body,
+                    "duplicate's body over the limit"
+                );
+                return (
+                    Problem::Plain(ProblemKind::BodyTooLarge).into_response(),
+                    Outcome::BodyTooLarge,
+                );
+            }
+            Err(HashError::Body(error)) => {
                 tracing::debug!(outcome = "unreadable_body", %error, "duplicate's body failed");
-                return Problem::UnreadableBody.into_response();
+                return (
+                    Problem::Plain(ProblemKind::UnreadableBody).into_response(),
+                    Outcome::Unreadable,
+                );
             }
         }
     }
@@ -52,11 +72,14 @@ where
                 status = stored.status.as_u16(),
                 "replaying stored response"
             );
-            replay(stored, config)
+            (replay(stored, config), Outcome::Replayed)
         }
         Err(error) => {
             tracing::error!(outcome = "unreadable_record", %error, "stored response cannot be decoded");
-            Problem::UnreadableRecord.into_response()
+            (
+                Problem::Plain(ProblemKind::UnreadableRecord).into_response(),
+                Outcome::Unreadable,
+            )
         }
     }
 }

@@ -33,11 +33,13 @@ use super::fingerprint::FingerprintHasher;
 use super::future::ResponseFuture;
 use super::key::{self, KeyHeader};
 use super::layer::{Config, IdempotencyLayer, OnStoreError};
-use super::problem::Problem;
+use super::problem::{Problem, ProblemKind};
 use super::replay;
 use super::request_body::{self, RequestBody};
 use super::response_body::ResponseBody;
-use crate::protocol::{self, Begin, ClaimGuard, Failure, Panicked, Ticket, Tracker};
+use crate::protocol::{
+    self, Begin, ClaimGuard, Failure, Outcome, Panicked, Refusal, ReleaseReason, Ticket, Tracker,
+};
 use crate::store::{MemoryStore, Store};
 use crate::BoxError;
 
@@ -127,74 +129,145 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
         let config = &self.config;
-        if !config.applies(&parts) {
-            tracing::trace!(
-                outcome = "passthrough",
-                reason = "not_handled",
-                "request not handled"
-            );
-            return self.passthrough(parts, body);
-        }
-        let key = match key::read(&parts.headers, &config.header, config.max_key_len) {
-            KeyHeader::Present(key) => key,
-            KeyHeader::Missing if config.require_key => {
-                tracing::debug!(
-                    outcome = "missing_key",
-                    "idempotency key required but absent"
-                );
-                return ResponseFuture::ready(Problem::MissingKey.into_response());
-            }
-            KeyHeader::Missing => {
-                tracing::trace!(
-                    outcome = "passthrough",
-                    reason = "no_key",
-                    "request without idempotency key"
-                );
+        let (store_key, ticket) = match admit(config, &self.tracker, &mut parts) {
+            Admission::Guard(store_key, ticket) => (store_key, ticket),
+            Admission::Pass(outcome) => {
+                config.on_outcome.fire(outcome);
                 return self.passthrough(parts, body);
             }
-            KeyHeader::Invalid(error) => {
-                tracing::debug!(outcome = "invalid_key", %error, "idempotency key refused");
-                return ResponseFuture::ready(Problem::InvalidKey(error).into_response());
+            Admission::Refuse(problem, outcome) => {
+                config.on_outcome.fire(outcome);
+                return ResponseFuture::ready(problem.into_response());
             }
         };
-        let scope = match &config.scope {
-            Some(scope) => match scope(&parts) {
-                Some(scope) => scope,
-                None => {
-                    tracing::debug!(
-                        outcome = "passthrough",
-                        reason = "no_scope",
-                        "scope function returned None"
-                    );
-                    return self.passthrough(parts, body);
-                }
-            },
-            None => String::new(),
-        };
-        let Some(ticket) = self.tracker.enter() else {
-            tracing::info!(outcome = "shutting_down", "draining: keyed request refused");
-            return ResponseFuture::ready(
-                Problem::ShuttingDown(config.retry_after).into_response(),
-            );
-        };
-        let store_key = protocol::composite_key(
-            "",
-            &[&scope, parts.method.as_str(), parts.uri.path()],
-            key.as_str(),
-        );
-        let span = tracing::debug_span!("idempotency", key = %key, method = %parts.method, path = parts.uri.path());
+        let span = tracing::debug_span!("idempotency", key = %store_key, method = %parts.method, path = parts.uri.path());
+        let ttl = config.ttl_for(&parts);
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .unwrap_or(0);
         let work = Guarded {
             inner: protocol::take_ready(&mut self.inner),
             store: self.store.clone(),
             config: self.config.clone(),
             _body: PhantomData,
         };
-        ResponseFuture::guarded(Box::pin(
-            work.run(store_key, ticket, parts, body).instrument(span),
-        ))
+        let hook = self.config.on_outcome.clone();
+        let guarded = async move {
+            // A panic in the layer's own code (or the store's) answers 500; the claim guard,
+            // dropped with the work, releases the key.
+            let (answer, outcome) =
+                match protocol::catch_unwind(work.run(store_key, ticket, ttl, parts, body)).await {
+                    Ok(done) => done,
+                    Err(panic) => {
+                        panic.report();
+                        (
+                            Ok(Problem::Plain(ProblemKind::HandlerPanicked).into_response()),
+                            Outcome::Released(ReleaseReason::Panic),
+                        )
+                    }
+                };
+            hook.fire(outcome);
+            answer
+        };
+        ResponseFuture::guarded(
+            Box::pin(guarded.instrument(span)),
+            self.tracker.clone(),
+            declared,
+        )
     }
+}
+
+/// What the layer does with a request before any store call.
+enum Admission {
+    /// Guard it under this store key.
+    Guard(String, Ticket),
+    /// Let it through untouched.
+    Pass(Outcome),
+    /// Answer it at once.
+    Refuse(Problem, Outcome),
+}
+
+/// Steps 1 to 3: is the request handled, its key, its scope, and room for it. A valid key is
+/// put in the request's extensions for the handler.
+fn admit(config: &Config, tracker: &Arc<Tracker>, parts: &mut Parts) -> Admission {
+    if !config.applies(parts) {
+        tracing::trace!(
+            outcome = "passthrough",
+            reason = "not_handled",
+            "request not handled"
+        );
+        return Admission::Pass(Outcome::Passthrough);
+    }
+    let key = match key::read(&parts.headers, &config.header, config.max_key_len) {
+        KeyHeader::Present(key) => key,
+        KeyHeader::Missing if config.require_key => {
+            tracing::debug!(
+                outcome = "missing_key",
+                "idempotency key required but absent"
+            );
+            return Admission::Refuse(Problem::Plain(ProblemKind::MissingKey), Outcome::MissingKey);
+        }
+        KeyHeader::Missing => {
+            tracing::trace!(
+                outcome = "passthrough",
+                reason = "no_key",
+                "request without idempotency key"
+            );
+            return Admission::Pass(Outcome::Passthrough);
+        }
+        KeyHeader::Invalid(error) => {
+            tracing::debug!(outcome = "invalid_key", %error, "idempotency key refused");
+            return Admission::Refuse(Problem::InvalidKey(error), Outcome::InvalidKey);
+        }
+    };
+    let scope = match &config.scope {
+        None => String::new(),
+        Some(scope) => match scope(parts) {
+            Some(scope) => scope,
+            None if config.allow_unscoped => {
+                tracing::warn!(
+                    outcome = "passthrough",
+                    reason = "no_scope",
+                    "keyed request without a scope runs WITHOUT idempotency (allow_unscoped)"
+                );
+                return Admission::Pass(Outcome::Passthrough);
+            }
+            None => {
+                tracing::error!(
+                    outcome = "missing_scope",
+                    "the idempotency scope function returned None for a keyed request: refused \
+                     with 500. Authentication must run before the idempotency layer (with \
+                     axum's Router::layer, add it after the idempotency layer)"
+                );
+                return Admission::Refuse(
+                    Problem::Plain(ProblemKind::MissingScope),
+                    Outcome::MissingScope,
+                );
+            }
+        },
+    };
+    let ticket = match tracker.enter(&config.limits) {
+        Ok(ticket) => ticket,
+        Err(refusal) => {
+            let (kind, outcome) = match refusal {
+                Refusal::Draining => (ProblemKind::ShuttingDown, Outcome::ShuttingDown),
+                Refusal::Overloaded => (ProblemKind::Overloaded, Outcome::Overloaded),
+            };
+            tracing::warn!(outcome = outcome.as_str(), "keyed request refused");
+            return Admission::Refuse(Problem::RetryAfter(kind, config.retry_after), outcome);
+        }
+    };
+    let store_key = protocol::composite_key(
+        "",
+        &[&scope, parts.method.as_str(), parts.uri.path()],
+        key.as_str(),
+    );
+    parts.extensions.insert(key);
+    Admission::Guard(store_key, ticket)
 }
 
 impl<S, St> Idempotency<S, St> {
@@ -237,15 +310,16 @@ where
         self,
         key: String,
         ticket: Ticket,
+        ttl: Duration,
         parts: Parts,
         body: ReqBody,
-    ) -> Answer<ResBody, S::Error> {
+    ) -> (Answer<ResBody, S::Error>, Outcome) {
         let timings = self.config.timings;
         let hasher = self.config.fingerprint.start(&parts);
         match protocol::begin(&self.store, key, &timings, ticket).await {
             Ok(Begin::Claimed(guard)) => {
                 tracing::debug!(outcome = "claimed", "key claimed; running the handler");
-                self.original(guard, parts, body, hasher).await
+                self.original(guard, ttl, parts, body, hasher).await
             }
             Ok(Begin::Completed { record, waited }) => {
                 if waited {
@@ -254,7 +328,9 @@ where
                         "original finished while the duplicate waited"
                     );
                 }
-                Ok(replay::duplicate(&self.config, record, body, hasher).await)
+                let (response, outcome) =
+                    replay::duplicate(&self.config, record, body, hasher).await;
+                (Ok(response), outcome)
             }
             Ok(Begin::InFlight {
                 waited,
@@ -268,9 +344,13 @@ where
                 let after = lease_remaining.map_or(self.config.retry_after, |remaining| {
                     remaining.clamp(Duration::from_secs(1), self.config.retry_after)
                 });
-                Ok(Problem::InFlight(after).into_response())
+                let problem = Problem::RetryAfter(ProblemKind::InFlight, after);
+                (Ok(problem.into_response()), Outcome::Conflict)
             }
-            Err(error) => self.store_failed(error, parts, body).await,
+            Err(error) => (
+                self.store_failed(error, parts, body).await,
+                Outcome::StoreError,
+            ),
         }
     }
 
@@ -283,7 +363,9 @@ where
         match self.config.on_store_error {
             OnStoreError::FailClosed => {
                 tracing::error!(outcome = "store_error", %error, "store unavailable; failing closed");
-                Ok(Problem::StoreUnavailable(self.config.retry_after).into_response())
+                let problem =
+                    Problem::RetryAfter(ProblemKind::StoreUnavailable, self.config.retry_after);
+                Ok(problem.into_response())
             }
             OnStoreError::FailOpen => {
                 tracing::warn!(outcome = "store_error", %error, "store unavailable; running without idempotency");
@@ -297,10 +379,11 @@ where
     async fn original(
         mut self,
         guard: ClaimGuard<St>,
+        ttl: Duration,
         parts: Parts,
         body: ReqBody,
         hasher: Option<FingerprintHasher>,
-    ) -> Answer<ResBody, S::Error> {
+    ) -> (Answer<ResBody, S::Error>, Outcome) {
         let config = self.config.clone();
         let carried = capture::carried_headers(&parts, &config);
         let (body, fingerprint) =
@@ -314,41 +397,47 @@ where
             .await;
         let captured = match storable(produced) {
             ControlFlow::Continue(captured) => captured,
-            ControlFlow::Break(answer) => {
+            ControlFlow::Break((answer, reason)) => {
                 guard.release().await;
-                return answer;
+                return (answer, Outcome::Released(reason));
             }
         };
         let fingerprint = fingerprint.finish(&guard).await;
-        let _ = guard
-            .complete(captured.record(fingerprint, &carried, &config))
-            .await;
-        Ok(Response::from_parts(
+        let record = captured.record(fingerprint, &carried, &config);
+        let outcome = match guard.complete_for(record, ttl).await {
+            Ok(()) => Outcome::Stored,
+            Err(_) => Outcome::NotStored,
+        };
+        let response = Response::from_parts(
             captured.head,
             ResponseBody::prefixed(captured.frames, captured.rest),
-        ))
+        );
+        (Ok(response), outcome)
     }
 }
 
 /// The captured answer when it is to be stored; otherwise the answer to give while the key is
-/// released (logged with the reason).
+/// released, and why (logged).
 fn storable<B, E>(
     produced: Result<Result<Produced<B>, E>, Panicked>,
-) -> ControlFlow<Answer<B, E>, Captured<B>> {
+) -> ControlFlow<(Answer<B, E>, ReleaseReason), Captured<B>> {
     ControlFlow::Break(match produced {
         Ok(Ok(Produced::Storable(captured))) => return ControlFlow::Continue(captured),
         Ok(Ok(Produced::Unstored(response, reason))) => {
             tracing::info!(
                 outcome = "not_stored",
-                reason,
+                reason = reason.as_str(),
                 status = response.status().as_u16(),
                 "response not stored; releasing the key"
             );
-            Ok(response.map(ResponseBody::inner))
+            (Ok(response.map(ResponseBody::inner)), reason)
         }
         Ok(Ok(Produced::Failed(error))) => {
             tracing::error!(outcome = "not_stored", reason = "body_error", %error, "response body failed; releasing the key");
-            Ok(Problem::ResponseFailed.into_response())
+            (
+                Ok(Problem::Plain(ProblemKind::ResponseFailed).into_response()),
+                ReleaseReason::BodyError,
+            )
         }
         Ok(Err(error)) => {
             tracing::info!(
@@ -356,11 +445,14 @@ fn storable<B, E>(
                 reason = "service_error",
                 "inner service failed; releasing the key"
             );
-            Err(error)
+            (Err(error), ReleaseReason::Error)
         }
         Err(panic) => {
             panic.report();
-            Ok(Problem::HandlerPanicked.into_response())
+            (
+                Ok(Problem::Plain(ProblemKind::HandlerPanicked).into_response()),
+                ReleaseReason::Panic,
+            )
         }
     })
 }

@@ -3,7 +3,10 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+
+use super::drain::{Detached, Tracker};
 
 type Work<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -12,21 +15,28 @@ type Work<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// tokio runtime and finishes there, so its outcome is still stored or its claim released.
 pub(crate) struct FinishOnDrop<T> {
     work: Option<Work<T>>,
+    /// Counts the work while it runs detached: the layer's tracker and the request bytes.
+    tracker: Arc<Tracker>,
+    bytes: u64,
     /// Spawns the rest; a function pointer so that `Drop` needs no `'static` bound on `T`.
-    detach: fn(Work<T>),
+    detach: fn(Work<T>, Detached),
 }
 
 impl<T: 'static> FinishOnDrop<T> {
-    pub(crate) fn new(work: Work<T>) -> Self {
+    /// Work that, once detached, counts against `tracker`'s limits with `bytes` (the request
+    /// body it declared, where known).
+    pub(crate) fn new(work: Work<T>, tracker: Arc<Tracker>, bytes: u64) -> Self {
         Self {
             work: Some(work),
+            tracker,
+            bytes,
             detach: detach::<T>,
         }
     }
 }
 
 /// Spawns what is left of abandoned work, when a runtime is there to run it.
-fn detach<T: 'static>(work: Work<T>) {
+fn detach<T: 'static>(work: Work<T>, counted: Detached) {
     match tokio::runtime::Handle::try_current() {
         Ok(runtime) => {
             tracing::debug!(
@@ -35,6 +45,7 @@ fn detach<T: 'static>(work: Work<T>) {
             );
             runtime.spawn(async move {
                 let _ = work.await;
+                drop(counted);
             });
         }
         // Dropping the work drops its claim guard, which says what became of the claim.
@@ -59,7 +70,8 @@ impl<T> Future for FinishOnDrop<T> {
 impl<T> Drop for FinishOnDrop<T> {
     fn drop(&mut self) {
         if let Some(work) = self.work.take() {
-            (self.detach)(work);
+            let counted = self.tracker.detach(self.bytes);
+            (self.detach)(work, counted);
         }
     }
 }

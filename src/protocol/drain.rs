@@ -13,12 +13,41 @@ use tokio::time::Instant;
 use super::{bounded, Failure};
 use crate::store::{OwnerToken, Store, StoreError};
 
+/// How much work may run on after its caller left, before new keyed work is refused.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) max_detached: usize,
+    pub(crate) max_detached_bytes: u64,
+}
+
+impl Default for Limits {
+    /// 1,024 detached requests, 256 MiB of their declared request bodies.
+    fn default() -> Self {
+        Self {
+            max_detached: 1024,
+            max_detached_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The layer is draining.
+    Draining,
+    /// Detached work is at its limit.
+    Overloaded,
+}
+
 /// What one layer (and every clone of it) has in flight.
 #[derive(Default)]
 pub(crate) struct Tracker {
     draining: AtomicBool,
     /// Requests or deliveries between their admission and the end of their claim.
     active: AtomicUsize,
+    /// Work that runs on after its caller left, and the request bytes it declared.
+    detached: AtomicUsize,
+    detached_bytes: AtomicU64,
     /// The claims held now, to release at the deadline.
     claims: Mutex<HashMap<u64, (Arc<str>, OwnerToken)>>,
     next_id: AtomicU64,
@@ -27,17 +56,32 @@ pub(crate) struct Tracker {
 }
 
 impl Tracker {
-    /// Admits one request, unless the process is draining.
-    pub(crate) fn enter(self: &Arc<Self>) -> Option<Ticket> {
+    /// Admits one request, unless the process is draining or detached work is at `limits`.
+    pub(crate) fn enter(self: &Arc<Self>, limits: &Limits) -> Result<Ticket, Refusal> {
+        if self.detached.load(Ordering::Relaxed) >= limits.max_detached
+            || self.detached_bytes.load(Ordering::Relaxed) >= limits.max_detached_bytes
+        {
+            return Err(Refusal::Overloaded);
+        }
         self.active.fetch_add(1, Ordering::SeqCst);
         if self.draining.load(Ordering::SeqCst) {
             self.leave();
-            return None;
+            return Err(Refusal::Draining);
         }
-        Some(Ticket {
+        Ok(Ticket {
             tracker: self.clone(),
             claim: None,
         })
+    }
+
+    /// Counts work that runs on after its caller left, until the returned value is dropped.
+    pub(crate) fn detach(self: &Arc<Self>, bytes: u64) -> Detached {
+        self.detached.fetch_add(1, Ordering::Relaxed);
+        self.detached_bytes.fetch_add(bytes, Ordering::Relaxed);
+        Detached {
+            tracker: self.clone(),
+            bytes,
+        }
     }
 
     fn leave(&self) {
@@ -48,6 +92,21 @@ impl Tracker {
 
     fn claims(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Arc<str>, OwnerToken)>> {
         self.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One piece of detached work, counted until dropped.
+pub(crate) struct Detached {
+    tracker: Arc<Tracker>,
+    bytes: u64,
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        self.tracker.detached.fetch_sub(1, Ordering::Relaxed);
+        self.tracker
+            .detached_bytes
+            .fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 

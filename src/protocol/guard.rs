@@ -6,6 +6,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -98,9 +99,7 @@ impl<St: Store> ClaimGuard<St> {
 
     /// Runs `work` while renewing the lease, catching a panic.
     pub(crate) async fn run<F: Future>(&self, work: F) -> Result<F::Output, Panicked> {
-        self.keep_alive(CatchUnwind { inner: work })
-            .await
-            .map_err(Panicked)
+        self.keep_alive(catch_unwind(work)).await
     }
 
     /// Runs `work` while renewing the lease every third of it, so that only a dead process
@@ -140,7 +139,7 @@ impl<St: Store> ClaimGuard<St> {
                             Err(error) => tracing::warn!(%error, "lease renewal failed; retrying at the next tick"),
                         },
                     }
-                    tick.as_mut().reset(Instant::now() + period);
+                    tick.as_mut().reset(super::later(Instant::now(), period));
                 }
             }
         }
@@ -148,14 +147,27 @@ impl<St: Store> ClaimGuard<St> {
 
     /// Replaces the claim by `record`, kept for the TTL. Failures are logged (the caller
     /// answers anyway) and returned.
-    pub(crate) async fn complete(mut self, record: Record) -> Result<(), Failure> {
-        let held = self.held.take().expect("held until consumed");
+    pub(crate) async fn complete(self, record: Record) -> Result<(), Failure> {
+        let ttl = self.held().timings.ttl;
+        self.complete_for(record, ttl).await
+    }
+
+    /// [`complete`](Self::complete), keeping the record for `ttl` instead of the layer's TTL
+    /// (clamped to what the layer accepts).
+    pub(crate) async fn complete_for(
+        mut self,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), Failure> {
+        let ttl = ttl.clamp(Duration::from_millis(1), super::MAX_DURATION);
+        // The guard keeps the claim until the call returns: should it panic, the drop releases.
+        let held = self.held();
         let result = bounded(
             held.timings.store_timeout,
-            held.store
-                .complete(&held.key, &held.token, record, held.timings.ttl),
+            held.store.complete(&held.key, &held.token, record, ttl),
         )
         .await;
+        self.held = None;
         match &result {
             Ok(()) => tracing::debug!(outcome = "stored", "outcome stored"),
             Err(Failure::Store(StoreError::LeaseLost)) => {
@@ -228,6 +240,13 @@ impl<St: Store> fmt::Debug for ClaimGuard<St> {
         }
         debug.finish_non_exhaustive()
     }
+}
+
+/// Runs `future`, turning a panic while polling it into [`Panicked`]: the adapters wrap their
+/// own code in it too, so that a bug in the layer answers an error (and drops the claim guard,
+/// which releases the key) instead of unwinding into the server.
+pub(crate) async fn catch_unwind<F: Future>(future: F) -> Result<F::Output, Panicked> {
+    CatchUnwind { inner: future }.await.map_err(Panicked)
 }
 
 pin_project_lite::pin_project! {

@@ -26,11 +26,14 @@ use crate::store::{ClaimOutcome, Record, Store, StoreError};
 mod detach;
 mod drain;
 mod guard;
+mod outcome;
 
 pub(crate) use detach::FinishOnDrop;
 pub use drain::{DrainHandle, DrainReport};
-pub(crate) use drain::{Ticket, Tracker};
-pub(crate) use guard::{ClaimGuard, Panicked};
+pub(crate) use drain::{Limits, Refusal, Ticket, Tracker};
+pub(crate) use guard::{catch_unwind, ClaimGuard, Panicked};
+pub(crate) use outcome::OutcomeHook;
+pub use outcome::{Outcome, ReleaseReason};
 
 /// What a duplicate gets while the original still runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,11 +73,45 @@ impl Default for Timings {
     }
 }
 
+/// The shortest lease accepted: renewal runs every third of it.
+pub(crate) const MIN_LEASE: Duration = Duration::from_millis(30);
+/// The longest lease, TTL, store timeout or wait accepted: past this, a value is a mistake
+/// (and instants past it risk overflowing the clock).
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+
+/// Refuses a duration outside `[min, MAX_DURATION]` with a message that names the knob.
+pub(crate) fn checked(knob: &str, value: Duration, min: Duration) -> Duration {
+    assert!(
+        value >= min && value <= MAX_DURATION,
+        "tower-idempotency: {knob} must be between {min:?} and {} days, got {value:?}",
+        MAX_DURATION.as_secs() / 86_400
+    );
+    value
+}
+
+/// `now + duration`, saturating far in the future instead of overflowing the clock.
+pub(crate) fn later(now: Instant, duration: Duration) -> Instant {
+    now.checked_add(duration.min(MAX_DURATION))
+        .unwrap_or(now + Duration::from_secs(86_400))
+}
+
 impl Timings {
+    pub(crate) fn set_lease(&mut self, lease: Duration) {
+        self.lease = checked("the lease", lease, MIN_LEASE);
+    }
+
+    pub(crate) fn set_ttl(&mut self, ttl: Duration) {
+        self.ttl = checked("the TTL", ttl, Duration::from_millis(1));
+    }
+
+    pub(crate) fn set_store_timeout(&mut self, timeout: Duration) {
+        self.store_timeout = checked("the store timeout", timeout, Duration::from_millis(1));
+    }
+
     pub(crate) fn set_on_conflict(&mut self, on_conflict: OnConflict) {
         self.wait = match on_conflict {
             OnConflict::Reject => None,
-            OnConflict::Wait(bound) => Some(bound),
+            OnConflict::Wait(bound) => Some(checked("the wait bound", bound, Duration::ZERO)),
         };
     }
 }
@@ -187,7 +224,7 @@ pub(crate) async fn begin<St: Store + Clone>(
     timings: &Timings,
     mut ticket: Ticket,
 ) -> Result<Begin<St>, Failure> {
-    let deadline = timings.wait.map(|wait| Instant::now() + wait);
+    let deadline = timings.wait.map(|wait| later(Instant::now(), wait));
     let mut attempt = 0u32;
     loop {
         let waited = attempt > 0;
@@ -235,7 +272,9 @@ mod tests {
     }
 
     fn ticket() -> Ticket {
-        std::sync::Arc::new(Tracker::default()).enter().unwrap()
+        std::sync::Arc::new(Tracker::default())
+            .enter(&Limits::default())
+            .unwrap()
     }
 
     async fn claim(store: &MemoryStore, t: &Timings) -> ClaimGuard<MemoryStore> {
@@ -311,24 +350,42 @@ mod tests {
     async fn dropped_work_finishes_in_the_background_and_stores_its_outcome() {
         let store = MemoryStore::new();
         let t = timings();
-        let work = FinishOnDrop::new(Box::pin({
-            let store = store.clone();
-            async move {
-                let guard = claim(&store, &t).await;
-                guard.run(tokio::time::sleep(t.lease * 2)).await.unwrap();
-                guard.complete(Record::new(None, "done")).await.unwrap();
-            }
-        }));
+        let tracker = std::sync::Arc::new(Tracker::default());
+        let work = FinishOnDrop::new(
+            Box::pin({
+                let store = store.clone();
+                async move {
+                    let guard = claim(&store, &t).await;
+                    guard.run(tokio::time::sleep(t.lease * 2)).await.unwrap();
+                    guard.complete(Record::new(None, "done")).await.unwrap();
+                }
+            }),
+            tracker.clone(),
+            100,
+        );
         // Poll it once (the claim is taken), then walk away.
         let mut work = work;
         assert!(futures_poll_once(&mut work).await.is_none());
         drop(work);
         assert!(in_flight(&store, &t).await, "still running, detached");
+        let limits = Limits {
+            max_detached: 1,
+            max_detached_bytes: u64::MAX,
+        };
+        assert_eq!(
+            tracker.enter(&limits).err(),
+            Some(Refusal::Overloaded),
+            "detached work counts against the limit"
+        );
         tokio::time::sleep(t.lease * 3).await;
         match begin(&store, "k".to_owned(), &t, ticket()).await.unwrap() {
             Begin::Completed { record, .. } => assert_eq!(record.payload(), "done"),
             other => panic!("{other:?}"),
         }
+        assert!(
+            tracker.enter(&limits).is_ok(),
+            "finished work no longer counts"
+        );
     }
 
     async fn futures_poll_once<F: Future + Unpin>(future: &mut F) -> Option<F::Output> {

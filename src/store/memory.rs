@@ -79,7 +79,15 @@ pub struct MemoryStoreBuilder {
 
 impl MemoryStoreBuilder {
     /// The most bytes completed records may take together [64 MiB].
+    ///
+    /// # Panics
+    ///
+    /// Below 4 KiB: such a store would keep (almost) nothing, and every retry would run again.
     pub fn max_bytes(mut self, max_bytes: u64) -> Self {
+        assert!(
+            max_bytes >= 4096,
+            "tower-idempotency: MemoryStore max_bytes must be at least 4096, got {max_bytes}"
+        );
         self.max_bytes = max_bytes;
         self
     }
@@ -264,7 +272,7 @@ impl Store for MemoryStore {
             Arc::from(key),
             Claim {
                 token,
-                deadline: now + lease,
+                deadline: crate::protocol::later(now, lease),
                 waiters: None,
             },
         );
@@ -281,7 +289,7 @@ impl Store for MemoryStore {
         let mut shard = self.shard(key);
         match shard.map.get_mut(key) {
             Some(claim) if claim.token == *token && claim.deadline > now => {
-                claim.deadline = now + lease;
+                claim.deadline = crate::protocol::later(now, lease);
                 Ok(())
             }
             _ => Err(StoreError::LeaseLost),
@@ -299,7 +307,7 @@ impl Store for MemoryStore {
         let (key, _claim) = Self::take_claim(&mut shard, key, token)?;
         let stored = Stored {
             record,
-            expires_at: Instant::now() + ttl,
+            expires_at: crate::protocol::later(Instant::now(), ttl),
         };
         self.inner.records.insert(key, stored);
         Ok(())

@@ -279,6 +279,8 @@ pub enum Fault {
     Fail,
     /// Every call hangs forever.
     Hang,
+    /// `complete` panics (a bug in a store); other calls work.
+    PanicOnComplete,
 }
 
 /// A store that delegates to a memory store until told to fail or hang: a store outage.
@@ -306,7 +308,7 @@ impl FaultyStore {
     async fn gate(&self) -> Result<(), StoreError> {
         let fault = *self.fault.lock().unwrap();
         match fault {
-            Fault::None => Ok(()),
+            Fault::None | Fault::PanicOnComplete => Ok(()),
             Fault::Fail => Err(StoreError::backend(
                 "connection refused (store password=hunter2)",
             )),
@@ -339,6 +341,9 @@ impl Store for FaultyStore {
         record: Record,
         ttl: Duration,
     ) -> Result<(), StoreError> {
+        if matches!(*self.fault.lock().unwrap(), Fault::PanicOnComplete) {
+            panic!("a bug in the store's complete");
+        }
         self.gate().await?;
         self.inner.complete(key, token, record, ttl).await
     }
