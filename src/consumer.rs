@@ -294,14 +294,14 @@ impl<I, St> IdempotentConsumerLayer<I, St> {
     }
 
     /// How many deliveries may run on after their callers dropped them (a timeout around
-    /// the call) [1,024]; past it, new deliveries get [`ConsumerError::Overloaded`].
+    /// the call) \[1,024\]; past it, new deliveries get [`ConsumerError::Overloaded`].
     pub fn max_detached(mut self, deliveries: usize) -> Self {
         self.limits.max_detached = deliveries;
         self
     }
 
     /// Called once per delivery with what became of it (see
-    /// [`Outcome`](crate::Outcome)) \[none\]: feed your metrics from here.
+    /// [`Outcome`]) \[none\]: feed your metrics from here.
     pub fn on_outcome(mut self, hook: impl Fn(crate::Outcome) + Send + Sync + 'static) -> Self {
         self.on_outcome = OutcomeHook::new(hook);
         self
