@@ -16,7 +16,7 @@
 //! * `GET /payments/{id}`, `GET /stats` (`{"executions": N}`: how often the POST handler started).
 //! * `POST /bare/payments`: the same handler without the layer (for load comparisons).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::IntoFuture;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -82,7 +82,29 @@ enum Conflict {
 #[derive(Clone, Default)]
 struct AppState {
     executions: Arc<AtomicU64>,
-    payments: Arc<Mutex<HashMap<String, Value>>>,
+    payments: Arc<Mutex<Payments>>,
+}
+
+/// The payments made, at most `MAX_PAYMENTS` (the oldest are forgotten first): a demo must
+/// not grow without bound under a load test.
+#[derive(Default)]
+struct Payments {
+    by_id: HashMap<String, Value>,
+    order: VecDeque<String>,
+}
+
+const MAX_PAYMENTS: usize = 100_000;
+
+impl Payments {
+    fn insert(&mut self, id: String, payment: Value) {
+        if self.order.len() == MAX_PAYMENTS {
+            if let Some(oldest) = self.order.pop_front() {
+                self.by_id.remove(&oldest);
+            }
+        }
+        self.order.push_back(id.clone());
+        self.by_id.insert(id, payment);
+    }
 }
 
 #[derive(Clone)]
@@ -110,16 +132,20 @@ fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
 }
 
 /// Authentication: runs before the idempotency layer and tells it the tenant.
-async fn authenticate(mut request: Request, next: Next) -> Response {
-    let tenant = request
+/// The tenant named by `Authorization: Bearer <tenant>`.
+fn bearer(request: &Request) -> Option<String> {
+    request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .map(str::to_owned);
-    match tenant {
+        .map(str::to_owned)
+}
+
+async fn authenticate(mut request: Request, next: Next) -> Response {
+    match bearer(&request) {
         Some(tenant) => {
             request.extensions_mut().insert(Tenant(tenant));
             next.run(request).await
@@ -175,10 +201,21 @@ async fn create_payment(
     response
 }
 
-async fn get_payment(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    match state.payments.lock().unwrap().get(&id) {
-        Some(payment) => Json(payment.clone()).into_response(),
-        None => problem(StatusCode::NOT_FOUND, "Not found", "No such payment."),
+/// A payment, to its own tenant: with credentials, another tenant's payment is 404 (as if it
+/// did not exist). Without credentials it is still served, because the demo's published
+/// contract reads it anonymously; a real service would answer 401.
+async fn get_payment(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let caller = bearer(&request);
+    let payments = state.payments.lock().unwrap();
+    match payments.by_id.get(&id) {
+        Some(payment) if caller.is_none_or(|tenant| payment["tenant"] == tenant.as_str()) => {
+            Json(payment.clone()).into_response()
+        }
+        _ => problem(StatusCode::NOT_FOUND, "Not found", "No such payment."),
     }
 }
 

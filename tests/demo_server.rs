@@ -135,3 +135,22 @@ async fn the_retrying_client_example_executes_every_payment_once_despite_dropped
     );
     assert_eq!(demo.executions().await, 150);
 }
+
+/// A tenant reads its own payments; another tenant's payment does not exist for it.
+#[tokio::test]
+async fn a_tenant_cannot_read_another_tenants_payment() {
+    let demo = Demo::start(&[]).await;
+    let created = demo.post("acme", Some("read-1"), PAYMENT).await;
+    assert_eq!(created.status, 201);
+    let location = created.headers["location"].to_str().unwrap().to_owned();
+    let get = |tenant: &'static str| {
+        http::Request::get(format!("{}{location}", demo.base))
+            .header("authorization", format!("Bearer {tenant}"))
+            .body(http_body_util::Full::default())
+            .unwrap()
+    };
+    let own = demo.send(get("acme")).await;
+    assert_eq!(own.status, 200);
+    assert_eq!(own.body, created.body);
+    assert_eq!(demo.send(get("globex")).await.status, 404);
+}
