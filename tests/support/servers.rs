@@ -5,8 +5,10 @@
 //! user when running as root). Without either, tests print why on stderr and skip; when `CI`
 //! is set a missing server fails the test instead.
 //!
-//! Each server is watched by a small shell loop that stops it once the test process is gone,
-//! so no server outlives its test binary.
+//! Each server is watched by a small shell loop that stops it and deletes its temporary
+//! directory once the test process is gone, so no server (and no directory) outlives its test
+//! binary, even when a test fails or the binary is killed; a server dropped earlier does the
+//! same at once.
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::TcpListener;
@@ -16,11 +18,18 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Skips (or, under CI, fails) for want of a server.
+///
+/// The notice is written to the process's standard error directly, not through `eprintln!`,
+/// which the test harness captures: a skipped store test shows in `cargo test`'s output.
 pub fn unavailable(what: &str) -> Option<String> {
     if std::env::var_os("CI").is_some() {
         panic!("{what} is not available and CI is set: install it (see .ci/run) or set its URL");
     }
-    eprintln!("skipped: {what} is not available (install it or set its URL variable)");
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "SKIPPED: {what} is not available (install it or set its URL variable); the tests that need it pass without running"
+    );
     None
 }
 
@@ -82,9 +91,9 @@ fn sh(script: &str, as_postgres: bool) -> std::process::Child {
         .unwrap()
 }
 
-/// Runs `stop` once this process is gone. The loop runs as this user (only it may signal
-/// this process); `stop` as the server's user.
-fn watchdog(stop: &str, as_postgres: bool) {
+/// Runs `stop`, then deletes `dir`, once this process is gone. The loop runs as this user
+/// (only it may signal this process, and delete what it created); `stop` as the server's user.
+fn watchdog(stop: &str, as_postgres: bool, dir: &Path) {
     let pid = std::process::id();
     let stop = if as_postgres {
         format!("runuser -u postgres -- sh -c '{stop}'")
@@ -94,7 +103,10 @@ fn watchdog(stop: &str, as_postgres: bool) {
     // Deliberately not waited for: it outlives this process to stop the server after it.
     #[allow(clippy::zombie_processes)]
     let _watchdog = sh(
-        &format!("while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop}"),
+        &format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop}; rm -rf '{}'",
+            dir.display()
+        ),
         false,
     );
 }
@@ -119,10 +131,12 @@ impl RedisServer {
         server.run();
         watchdog(
             &format!(
-                "kill $(cat {} 2>/dev/null) 2>/dev/null",
+                "pid=$(cat {} 2>/dev/null) && kill $pid 2>/dev/null; \
+                 while kill -0 $pid 2>/dev/null; do sleep 0.1; done",
                 server.pidfile().display()
             ),
             false,
+            &server.dir,
         );
         Some(server)
     }
@@ -181,6 +195,7 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -243,7 +258,7 @@ impl PostgresServer {
             as_postgres,
         };
         server.run();
-        watchdog(&server.stop_command(), as_postgres);
+        watchdog(&server.stop_command(), as_postgres, &server.dir);
         Some(server)
     }
 
@@ -297,6 +312,7 @@ impl PostgresServer {
 impl Drop for PostgresServer {
     fn drop(&mut self) {
         self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
