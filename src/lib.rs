@@ -132,6 +132,12 @@
     rust_2018_idioms
 )]
 
+#[cfg(feature = "__fuzz")]
+#[doc(hidden)]
+pub mod __fuzz {
+    //! Not public API: entry points for this crate's fuzz targets.
+    include!("fuzz.rs");
+}
 mod http;
 mod protocol;
 pub mod store;

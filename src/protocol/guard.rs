@@ -147,6 +147,7 @@ impl<St: Store> ClaimGuard<St> {
 
     /// Replaces the claim by `record`, kept for the TTL. Failures are logged (the caller
     /// answers anyway) and returned.
+    #[cfg_attr(not(feature = "consumer"), allow(dead_code))]
     pub(crate) async fn complete(self, record: Record) -> Result<(), Failure> {
         let ttl = self.held().timings.ttl;
         self.complete_for(record, ttl).await

@@ -248,6 +248,22 @@ fn token_bytes(token: &OwnerToken) -> [u8; 16] {
     token.as_u128().to_be_bytes()
 }
 
+/// A completed row's record, from its `fingerprint` and `payload` columns.
+pub(crate) fn record_from_columns(
+    fingerprint: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+) -> Result<Record, StoreError> {
+    let fingerprint = match fingerprint {
+        None => None,
+        Some(bytes) => {
+            Some(u128::from_be_bytes(bytes.as_slice().try_into().map_err(
+                |_| StoreError::Corrupt("fingerprint is not 16 bytes".into()),
+            )?))
+        }
+    };
+    Ok(Record::new(fingerprint, payload.unwrap_or_default()))
+}
+
 impl Store for PostgresStore {
     async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, StoreError> {
         let client = self.client().await?;
@@ -287,20 +303,10 @@ impl Store for PostgresStore {
                         .map(Duration::from_millis),
                 });
             }
-            let fingerprint: Option<Vec<u8>> = row.get(1);
-            let fingerprint = match fingerprint {
-                None => None,
-                Some(bytes) => {
-                    Some(u128::from_be_bytes(bytes.as_slice().try_into().map_err(
-                        |_| StoreError::Corrupt("fingerprint is not 16 bytes".into()),
-                    )?))
-                }
-            };
-            let payload: Option<Vec<u8>> = row.get(2);
-            return Ok(ClaimOutcome::Completed(Record::new(
-                fingerprint,
-                payload.unwrap_or_default(),
-            )));
+            return Ok(ClaimOutcome::Completed(record_from_columns(
+                row.get(1),
+                row.get(2),
+            )?));
         }
         Err(StoreError::backend("key kept changing while claiming it"))
     }

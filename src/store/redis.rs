@@ -167,7 +167,7 @@ fn claim_value(token: &OwnerToken) -> [u8; 18] {
     out
 }
 
-fn encode_record(record: &Record) -> Bytes {
+pub(crate) fn encode_record(record: &Record) -> Bytes {
     let mut out = BytesMut::with_capacity(19 + record.payload().len());
     out.put_u8(RECORD_TAG);
     out.put_u8(VERSION);
@@ -186,7 +186,7 @@ fn encode_record(record: &Record) -> Bytes {
 #[error("redis value is not a record of a known version")]
 struct UnknownFormat;
 
-fn decode_record(value: Vec<u8>) -> Result<Record, StoreError> {
+pub(crate) fn decode_record(value: Vec<u8>) -> Result<Record, StoreError> {
     let value = Bytes::from(value);
     let corrupt = || StoreError::Corrupt(Box::new(UnknownFormat));
     if value.len() < 3 || value[0] != RECORD_TAG || value[1] != VERSION {
