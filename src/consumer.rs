@@ -501,13 +501,10 @@ where
         Err(_) => None,
     };
     let outcome = match stored {
-        Some(Ok(payload)) => match guard
+        Some(Ok(payload)) => guard
             .complete(Record::new(identity.fingerprint, payload))
             .await
-        {
-            Ok(()) => Outcome::Stored,
-            Err(_) => Outcome::NotStored,
-        },
+            .into(),
         Some(Err(error)) => {
             guard.release().await;
             let error = ConsumerError::Corrupt(Box::new(error));

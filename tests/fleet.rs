@@ -233,6 +233,42 @@ async fn a_drain_past_its_deadline_releases_the_key(store: &str) {
     assert!(!retry.replayed());
 }
 
+/// The store goes down while a payment runs and comes back after it answered (a restart, a
+/// failover): the client gets its 201, the outcome is stored once the store is back, and the
+/// retry replays it. The payment never runs twice, not even after the lease.
+async fn a_store_restart_at_completion_never_runs_a_payment_twice(
+    store: &str,
+    stop: impl FnOnce(),
+    start: impl FnOnce(),
+) {
+    let demo = Demo::start(&["--store", store]).await;
+    let k = key("blip");
+    let body = r#"{"amount": 5, "currency": "usd", "delay_ms": 1200}"#;
+    let started = Instant::now();
+    let pending = spawn_payment(&demo.base, &k, body);
+    while demo.executions().await == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop();
+    tokio::time::sleep(Duration::from_millis(2000).saturating_sub(started.elapsed())).await;
+    start();
+    let (status, original) = pending.await.unwrap().expect("the client is answered");
+    assert_eq!(status, 201);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let retry = loop {
+        let reply = demo.post("acme", Some(&k), body).await;
+        if reply.status != 409 && reply.status != 503 {
+            break reply;
+        }
+        assert!(Instant::now() < deadline, "the outcome was never stored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(retry.replayed(), "status {}", retry.status);
+    assert_eq!(retry.body, original);
+    assert_eq!(demo.executions().await, 1, "the payment ran once");
+}
+
 /// While the store is down keyed requests get 503 problem+json and keyless ones still work;
 /// once it is back, keyed requests work again without restarting the demo.
 async fn store_outage_fails_closed_then_recovers(
@@ -335,4 +371,32 @@ async fn postgres_outage_fails_closed_then_recovers() {
     };
     store_outage_fails_closed_then_recovers(&server.url(), || server.stop(), || server.restart())
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_at_completion_never_runs_a_payment_twice() {
+    let Some(server) = RedisServer::start_persistent() else {
+        servers::unavailable("redis-server");
+        return;
+    };
+    a_store_restart_at_completion_never_runs_a_payment_twice(
+        &server.url(),
+        || server.stop(),
+        || server.restart(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_at_completion_never_runs_a_payment_twice() {
+    let Some(server) = PostgresServer::start() else {
+        servers::unavailable("PostgreSQL");
+        return;
+    };
+    a_store_restart_at_completion_never_runs_a_payment_twice(
+        &server.url(),
+        || server.stop(),
+        || server.restart(),
+    )
+    .await;
 }

@@ -578,22 +578,28 @@ async fn a_store_that_fails_after_the_handler_ran_still_gives_the_client_its_ans
         async move { send(&mut app, request(Some("k"), BODY, &[("x-hold", "1")])).await }
     });
     probe.started(1).await;
-    // The store goes away while the handler runs: the outcome cannot be stored.
+    // The store goes away while the handler runs: the outcome cannot be stored yet.
     store.set(Fault::Fail);
     probe.release_held(1);
     let answer = original.await.unwrap();
     assert_eq!(answer.status, 201, "the client gets the handler's answer");
-    store.set(Fault::None);
-    // The claim could not be completed nor released: it holds the key until its lease lapses
-    // (no silent second run meanwhile), then a retry runs.
     let mut app2 = app.clone();
     send(&mut app2, request(Some("k"), BODY, &[]))
         .await
-        .assert_problem(409, "in-flight");
+        .assert_problem(503, "store-unavailable");
+    // The store is back: the completion, retried in the background, lands; the retry
+    // replays the first outcome. No second execution, ever (not after the lease either).
+    store.set(Fault::None);
+    let mut retry = send(&mut app2, request(Some("k"), BODY, &[])).await;
+    while retry.status == 409 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        retry = send(&mut app2, request(Some("k"), BODY, &[])).await;
+    }
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(retry.body, answer.body);
     tokio::time::advance(Duration::from_secs(61)).await;
-    let retry = send(&mut app2, request(Some("k"), BODY, &[])).await;
-    assert_eq!(retry.status, 201);
-    assert_eq!(probe.executions(), 2);
+    assert!(send(&mut app2, request(Some("k"), BODY, &[])).await.replayed());
+    assert_eq!(probe.executions(), 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -304,10 +304,18 @@ impl<St> IdempotencyLayer<St> {
     /// Past either, new keyed requests get 503 with `Retry-After` (problem type
     /// `#overloaded`) until some finish: back-pressure instead of unbounded memory.
     pub fn max_detached(mut self, requests: usize, bytes: u64) -> Self {
-        self.config().limits = Limits {
-            max_detached: requests,
-            max_detached_bytes: bytes,
-        };
+        let limits = &mut self.config().limits;
+        limits.max_detached = requests;
+        limits.max_detached_bytes = bytes;
+        self
+    }
+
+    /// How many bytes of outcomes may wait for a store that failed at the moment of their
+    /// completion [64 MiB]. Such a completion is retried in the background (the claim kept and
+    /// renewed) until the store takes it; past this bound it is not retried, and its claim
+    /// lapses with its lease (a retry after that runs again), as if the process had died.
+    pub fn max_pending_completions(mut self, bytes: u64) -> Self {
+        self.config().limits.max_pending_bytes = bytes;
         self
     }
 

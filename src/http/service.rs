@@ -404,10 +404,7 @@ where
         };
         let fingerprint = fingerprint.finish(&guard).await;
         let record = captured.record(fingerprint, &carried, &config);
-        let outcome = match guard.complete_for(record, ttl).await {
-            Ok(()) => Outcome::Stored,
-            Err(_) => Outcome::NotStored,
-        };
+        let outcome = guard.complete_for(record, ttl).await.into();
         let response = Response::from_parts(
             captured.head,
             ResponseBody::prefixed(captured.frames, captured.rest),

@@ -18,14 +18,18 @@ use crate::store::{OwnerToken, Store, StoreError};
 pub(crate) struct Limits {
     pub(crate) max_detached: usize,
     pub(crate) max_detached_bytes: u64,
+    /// Bytes of outcomes whose completion is being retried after a store failure.
+    pub(crate) max_pending_bytes: u64,
 }
 
 impl Default for Limits {
-    /// 1,024 detached requests, 256 MiB of their declared request bodies.
+    /// 1,024 detached requests, 256 MiB of their declared request bodies, 64 MiB of pending
+    /// completions.
     fn default() -> Self {
         Self {
             max_detached: 1024,
             max_detached_bytes: 256 * 1024 * 1024,
+            max_pending_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -48,6 +52,8 @@ pub(crate) struct Tracker {
     /// Work that runs on after its caller left, and the request bytes it declared.
     detached: AtomicUsize,
     detached_bytes: AtomicU64,
+    /// Bytes of completions being retried in the background.
+    pending_bytes: AtomicU64,
     /// The claims held now, to release at the deadline.
     claims: Mutex<HashMap<u64, (Arc<str>, OwnerToken)>>,
     next_id: AtomicU64,
@@ -71,6 +77,7 @@ impl Tracker {
         Ok(Ticket {
             tracker: self.clone(),
             claim: None,
+            max_pending_bytes: limits.max_pending_bytes,
         })
     }
 
@@ -114,9 +121,38 @@ impl Drop for Detached {
 pub(crate) struct Ticket {
     tracker: Arc<Tracker>,
     claim: Option<u64>,
+    max_pending_bytes: u64,
+}
+
+/// Bytes of one pending completion, counted until dropped.
+pub(crate) struct PendingBytes {
+    tracker: Arc<Tracker>,
+    bytes: u64,
+}
+
+impl Drop for PendingBytes {
+    fn drop(&mut self) {
+        self.tracker
+            .pending_bytes
+            .fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 impl Ticket {
+    /// Counts `bytes` of a completion to retry, unless that would pass the layer's bound.
+    pub(crate) fn reserve_pending(&self, bytes: u64) -> Option<PendingBytes> {
+        let pending = &self.tracker.pending_bytes;
+        let before = pending.fetch_add(bytes, Ordering::Relaxed);
+        if bytes > 0 && before.saturating_add(bytes) > self.max_pending_bytes {
+            pending.fetch_sub(bytes, Ordering::Relaxed);
+            return None;
+        }
+        Some(PendingBytes {
+            tracker: self.tracker.clone(),
+            bytes,
+        })
+    }
+
     /// Records the claim this request now holds.
     pub(crate) fn hold(&mut self, key: &Arc<str>, token: OwnerToken) {
         let id = self.tracker.next_id.fetch_add(1, Ordering::Relaxed);

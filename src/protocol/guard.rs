@@ -145,51 +145,104 @@ impl<St: Store> ClaimGuard<St> {
         }
     }
 
-    /// Replaces the claim by `record`, kept for the TTL. Failures are logged (the caller
-    /// answers anyway) and returned.
+    /// Replaces the claim by `record`, kept for the TTL. See [`complete_for`](Self::complete_for).
     #[cfg_attr(not(feature = "consumer"), allow(dead_code))]
-    pub(crate) async fn complete(self, record: Record) -> Result<(), Failure> {
+    pub(crate) async fn complete(self, record: Record) -> Completion {
         let ttl = self.held().timings.ttl;
         self.complete_for(record, ttl).await
     }
 
-    /// [`complete`](Self::complete), keeping the record for `ttl` instead of the layer's TTL
-    /// (clamped to what the layer accepts).
-    pub(crate) async fn complete_for(
-        mut self,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<(), Failure> {
+    /// Replaces the claim by `record`, kept for `ttl` (clamped to what the layer accepts).
+    ///
+    /// An outcome, once produced, must not be lost to a store blip: when the call fails for a
+    /// transient reason (the store is down, restarting, slower than the store timeout), the
+    /// claim is kept and the completion retried in the background, renewing the lease, until
+    /// it succeeds, the store says the lease is lost, or a whole lease passes without any
+    /// contact with the store. Duplicates meanwhile get 409 (or wait), never a second run.
+    /// The caller answers without waiting for the retries.
+    pub(crate) async fn complete_for(mut self, record: Record, ttl: Duration) -> Completion {
         let ttl = ttl.clamp(Duration::from_millis(1), super::MAX_DURATION);
         // The guard keeps the claim until the call returns: should it panic, the drop releases.
         let held = self.held();
         let result = bounded(
             held.timings.store_timeout,
-            held.store.complete(&held.key, &held.token, record, ttl),
+            held.store
+                .complete(&held.key, &held.token, record.clone(), ttl),
         )
         .await;
-        self.held = None;
-        match &result {
-            Ok(()) => tracing::debug!(outcome = "stored", "outcome stored"),
+        let held = self.held.take().expect("held until consumed");
+        match result {
+            Ok(()) => {
+                tracing::debug!(outcome = "stored", "outcome stored");
+                Completion::Stored
+            }
             Err(Failure::Store(StoreError::LeaseLost)) => {
                 tracing::error!(
                     outcome = "not_stored",
                     reason = "lease_lost",
                     "lease lost before completion; outcome not stored"
-                )
+                );
+                Completion::Failed
             }
-            Err(error) => {
-                tracing::error!(outcome = "not_stored", reason = "store_error", %error, "outcome could not be stored")
-            }
+            Err(error) => held.retry_in_background(Pending::Complete(record, ttl), &error),
         }
-        result
     }
 
-    /// Releases the claim so the next attempt runs; failures are logged.
+    /// Releases the claim so the next attempt runs. A transient failure is retried in the
+    /// background (a released key must not stay blocked for a lease because one call failed).
     pub(crate) async fn release(mut self) {
         let held = self.held.take().expect("held until consumed");
         held.release().await;
     }
+}
+
+/// What became of [`ClaimGuard::complete_for`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Completion {
+    /// The record is stored.
+    Stored,
+    /// The store failed for a transient reason; the completion is being retried.
+    Retrying,
+    /// The outcome will not be stored (lease lost, or no room to retry): the claim lapses.
+    Failed,
+}
+
+impl From<Completion> for super::Outcome {
+    fn from(completion: Completion) -> Self {
+        match completion {
+            Completion::Stored => super::Outcome::Stored,
+            Completion::Retrying => super::Outcome::StoreRetrying,
+            Completion::Failed => super::Outcome::NotStored,
+        }
+    }
+}
+
+/// A store call to retry in the background.
+enum Pending {
+    Complete(Record, Duration),
+    Release,
+}
+
+impl Pending {
+    fn bytes(&self) -> u64 {
+        match self {
+            Pending::Complete(record, _) => record.payload().len() as u64,
+            Pending::Release => 0,
+        }
+    }
+
+    fn what(&self) -> &'static str {
+        match self {
+            Pending::Complete(..) => "completion",
+            Pending::Release => "release",
+        }
+    }
+}
+
+/// Backoff between retries of a pending call: full jitter, from 50 ms, capped at 2 s.
+fn retry_backoff(attempt: u32) -> Duration {
+    let cap_ms = 50u64.saturating_mul(1 << attempt.min(6)).min(2000);
+    Duration::from_millis(fastrand::u64(10..=cap_ms))
 }
 
 impl<St: Store> Held<St> {
@@ -205,7 +258,79 @@ impl<St: Store> Held<St> {
                 tracing::warn!("claim already lost when releasing it")
             }
             Err(error) => {
-                tracing::warn!(%error, "claim could not be released; it lapses with its lease")
+                let _ = self.retry_in_background(Pending::Release, &error);
+            }
+        }
+    }
+
+    /// Hands `pending` to a background task, within the layer's bound on pending bytes.
+    fn retry_in_background(self, pending: Pending, error: &Failure) -> Completion {
+        let what = pending.what();
+        let Some(reserved) = self._ticket.reserve_pending(pending.bytes()) else {
+            tracing::error!(outcome = "not_stored", reason = "store_error", %error,
+                "{what} failed and too many are already being retried; the claim lapses with its lease");
+            return Completion::Failed;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(outcome = "not_stored", reason = "store_error", %error,
+                "{what} failed outside a tokio runtime; the claim lapses with its lease");
+            return Completion::Failed;
+        };
+        tracing::warn!(outcome = "store_retrying", %error, "{what} failed; retrying in the background, keeping the claim");
+        runtime.spawn(async move {
+            self.retry(pending).await;
+            drop(reserved);
+        });
+        Completion::Retrying
+    }
+
+    async fn retry(self, pending: Pending) {
+        let lease = self.timings.lease;
+        let mut give_up = super::later(Instant::now(), lease);
+        let mut attempt = 0u32;
+        loop {
+            tokio::time::sleep(retry_backoff(attempt)).await;
+            attempt = attempt.saturating_add(1);
+            let timeout = self.timings.store_timeout;
+            let result = match &pending {
+                Pending::Complete(record, ttl) => {
+                    let call = self
+                        .store
+                        .complete(&self.key, &self.token, record.clone(), *ttl);
+                    bounded(timeout, call).await
+                }
+                Pending::Release => {
+                    bounded(timeout, self.store.release(&self.key, &self.token)).await
+                }
+            };
+            let what = pending.what();
+            match result {
+                Ok(()) => {
+                    tracing::info!(
+                        outcome = "stored_late",
+                        attempts = attempt,
+                        "{what} succeeded after retrying"
+                    );
+                    return;
+                }
+                Err(Failure::Store(StoreError::LeaseLost)) => {
+                    tracing::error!(outcome = "not_stored", reason = "lease_lost", attempts = attempt,
+                        "{what} retried, but the store no longer holds the claim (it restarted without it, or the lease lapsed)");
+                    return;
+                }
+                Err(error) if Instant::now() >= give_up => {
+                    tracing::error!(outcome = "not_stored", reason = "store_error", %error, attempts = attempt,
+                        "{what} still failing after a whole lease without contact; giving up");
+                    return;
+                }
+                Err(_) => {
+                    if let Pending::Complete(..) = pending {
+                        let renewal = self.store.renew(&self.key, &self.token, lease);
+                        if bounded(timeout, renewal).await.is_ok() {
+                            give_up = super::later(Instant::now(), lease);
+                        }
+                    }
+                }
             }
         }
     }

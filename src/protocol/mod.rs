@@ -259,6 +259,7 @@ pub(crate) async fn begin<St: Store + Clone>(
 
 #[cfg(test)]
 mod tests {
+    use super::guard::Completion;
     use super::*;
     use crate::store::MemoryStore;
 
@@ -299,7 +300,10 @@ mod tests {
         // Ten leases long: without renewal the claim would lapse after the first.
         guard.run(tokio::time::sleep(t.lease * 10)).await.unwrap();
         assert!(in_flight(&store, &t).await);
-        guard.complete(Record::new(None, "done")).await.unwrap();
+        assert_eq!(
+            guard.complete(Record::new(None, "done")).await,
+            Completion::Stored
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -312,7 +316,7 @@ mod tests {
         assert_ne!(old.token(), new.token());
         assert!(matches!(
             old.complete(Record::new(None, "late")).await,
-            Err(Failure::Store(StoreError::LeaseLost))
+            Completion::Failed
         ));
         new.release().await;
     }
@@ -357,7 +361,10 @@ mod tests {
                 async move {
                     let guard = claim(&store, &t).await;
                     guard.run(tokio::time::sleep(t.lease * 2)).await.unwrap();
-                    guard.complete(Record::new(None, "done")).await.unwrap();
+                    assert_eq!(
+                        guard.complete(Record::new(None, "done")).await,
+                        Completion::Stored
+                    );
                 }
             }),
             tracker.clone(),
@@ -370,7 +377,7 @@ mod tests {
         assert!(in_flight(&store, &t).await, "still running, detached");
         let limits = Limits {
             max_detached: 1,
-            max_detached_bytes: u64::MAX,
+            ..Limits::default()
         };
         assert_eq!(
             tracker.enter(&limits).err(),
@@ -405,7 +412,10 @@ mod tests {
         // Within the 3 s lease: the waiter is still waiting on the original.
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(!waiter.is_finished());
-        guard.complete(Record::new(None, "done")).await.unwrap();
+        assert_eq!(
+            guard.complete(Record::new(None, "done")).await,
+            Completion::Stored
+        );
         match waiter.await.unwrap().unwrap() {
             Begin::Completed { record, waited } => {
                 assert!(waited);

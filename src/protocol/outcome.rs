@@ -10,7 +10,8 @@ use std::sync::Arc;
 /// | outcome | HTTP answer | consumer answer |
 /// |---|---|---|
 /// | `Stored` | the handler's; its outcome is stored | `Processed` |
-/// | `NotStored` | the handler's; storing failed (store error, lease lost): the claim lapses with its lease | `Processed` |
+/// | `NotStored` | the handler's; storing failed (lease lost, or no room to retry): the claim lapses with its lease | `Processed` |
+/// | `StoreRetrying` | the handler's; storing failed for a transient reason and is retried in the background while the claim is kept | `Processed` |
 /// | `Released(reason)` | the handler's (or 500); the key is released so a retry runs | the handler's error |
 /// | `Replayed` | the stored response, `idempotent-replayed: true` | `Duplicate` / `DuplicateFailed` |
 /// | `Conflict` | 409: the original still runs | `InProgress` |
@@ -31,6 +32,9 @@ pub enum Outcome {
     Stored,
     /// The handler ran; its outcome could not be stored.
     NotStored,
+    /// The handler ran; storing its outcome failed for a transient reason and is being
+    /// retried in the background (the claim is kept, duplicates get 409).
+    StoreRetrying,
     /// The handler ran; its outcome was not to be kept, and the key was released.
     Released(ReleaseReason),
     /// A duplicate got the stored outcome; the handler did not run.
@@ -94,6 +98,7 @@ impl Outcome {
         match self {
             Outcome::Stored => "stored",
             Outcome::NotStored => "not_stored",
+            Outcome::StoreRetrying => "store_retrying",
             Outcome::Released(ReleaseReason::Status) => "released_status",
             Outcome::Released(ReleaseReason::NoStore) => "released_no_store",
             Outcome::Released(ReleaseReason::Error) => "released_error",

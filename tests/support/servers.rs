@@ -116,10 +116,22 @@ pub struct RedisServer {
     pub port: u16,
     binary: PathBuf,
     dir: PathBuf,
+    /// Whether it keeps an append-only file (so a restart keeps its keys).
+    persistent: bool,
 }
 
 impl RedisServer {
     pub fn start() -> Option<Self> {
+        Self::start_with(false)
+    }
+
+    /// A server with an append-only file fsynced on every write: a restart keeps every claim
+    /// and record, as a production Redis with persistence does.
+    pub fn start_persistent() -> Option<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> Option<Self> {
         let binary = find_binary("redis-server")?;
         let port = free_port();
         let dir = std::env::temp_dir().join(format!(
@@ -127,7 +139,12 @@ impl RedisServer {
             std::process::id()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let server = Self { port, binary, dir };
+        let server = Self {
+            port,
+            binary,
+            dir,
+            persistent,
+        };
         server.run();
         watchdog(
             &format!(
@@ -155,7 +172,9 @@ impl RedisServer {
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                if self.persistent { "yes" } else { "no" },
+                "--appendfsync",
+                "always",
             ])
             .args(["--daemonize", "yes", "--pidfile"])
             .arg(self.pidfile())
@@ -175,7 +194,7 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Stops the server (its data is gone: it keeps nothing on disk).
+    /// Stops the server (its data is gone unless it is persistent).
     pub fn stop(&self) {
         let _ = Command::new("sh")
             .arg("-c")
