@@ -137,10 +137,14 @@ pub(crate) fn decode(payload: Bytes) -> Result<StoredResponse, DecodeError> {
     let flags = r.u8()?;
     let status = StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError)?;
     let count = r.u16()? as usize;
-    let mut headers = HeaderMap::with_capacity(count);
+    // Each header takes at least 6 bytes: a corrupt count must not reserve more than the rest
+    // could hold (nor more than a `HeaderMap` can, which would panic).
+    let room = (r.buf.len() - r.pos) / 6;
+    let mut headers =
+        HeaderMap::try_with_capacity(count.min(room)).map_err(|_| DecodeError)?;
     for _ in 0..count {
         let (name, value) = r.header()?;
-        headers.append(name, value);
+        headers.try_append(name, value).map_err(|_| DecodeError)?;
     }
     let carried_count = r.u16()? as usize;
     let carried = (0..carried_count)
@@ -159,6 +163,17 @@ pub(crate) fn decode(payload: Bytes) -> Result<StoredResponse, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by `cargo fuzz run http_record`: a header count of 35723 with nothing behind it
+    /// made `HeaderMap::with_capacity` panic instead of refusing the record.
+    #[test]
+    fn a_corrupt_header_count_is_an_error_not_a_panic() {
+        let crash = b"TI\x01\x00\x00\x8b\x8b\x8b\x8b\x8b\x8b\x8b\x00\x00II\x00\x00I";
+        assert!(decode(Bytes::from_static(crash)).is_err());
+        let mut huge = b"TI\x01\x00\x00\xc8\xff\xff".to_vec();
+        huge.extend(std::iter::repeat_n(0u8, 64));
+        assert!(decode(Bytes::from(huge)).is_err());
+    }
 
     #[test]
     fn round_trips_status_headers_carried_and_body() {
