@@ -57,7 +57,12 @@ impl HashMapStore {
 }
 
 impl Store for HashMapStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, StoreError> {
+    async fn claim_as(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
         let now = Instant::now();
         let mut map = self.entries.lock().unwrap();
         match map.get(key) {
@@ -74,7 +79,7 @@ impl Store for HashMapStore {
         }
         // A real backend would expire entries itself; here expired ones go on the next claim.
         map.retain(|_, entry| entry.live(now));
-        let token = OwnerToken::random();
+        let token = *token;
         map.insert(
             key.to_owned(),
             Entry::Claimed {

@@ -598,7 +598,9 @@ async fn a_store_that_fails_after_the_handler_ran_still_gives_the_client_its_ans
     assert!(retry.replayed(), "{retry:?}");
     assert_eq!(retry.body, answer.body);
     tokio::time::advance(Duration::from_secs(61)).await;
-    assert!(send(&mut app2, request(Some("k"), BODY, &[])).await.replayed());
+    assert!(send(&mut app2, request(Some("k"), BODY, &[]))
+        .await
+        .replayed());
     assert_eq!(probe.executions(), 1);
 }
 

@@ -57,3 +57,61 @@ async fn a_server_that_goes_away_and_comes_back() {
     let store = RedisStore::connect(&server.url()).await.unwrap();
     shared_store::outage_then_recovery(&store, || server.stop(), || server.restart()).await;
 }
+
+/// Redis stalls (a `SIGSTOP`ped server, as a long fork, a swap storm or a VM pause looks)
+/// longer than the store timeout: the request gets 503, the queued claim is written when Redis
+/// resumes, and the layer releases it, so the key does not answer 409 for a whole lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_timed_out_and_landed_late_does_not_lock_the_key() {
+    use std::time::Duration;
+    use support::{app, request, send};
+    use tower_idempotency::IdempotencyLayer;
+    if std::env::var_os("REDIS_URL").is_some() {
+        eprintln!("skipped: REDIS_URL is an external server this test cannot pause");
+        return;
+    }
+    let Some(server) = RedisServer::start() else {
+        support::servers::unavailable("redis-server");
+        return;
+    };
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let layer = IdempotencyLayer::with_store(store)
+        .store_timeout(Duration::from_millis(500))
+        .lease(Duration::from_secs(60));
+    let (mut app, probe) = app(layer);
+    // Warm: the scripts are loaded (a first call on a paused server would fail NOSCRIPT).
+    assert_eq!(
+        send(&mut app, request(Some("warm"), "{}", &[]))
+            .await
+            .status,
+        201
+    );
+    server.pause();
+    let resume = tokio::spawn({
+        let pid = server.pid();
+        async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            support::servers::signal(pid, "CONT");
+        }
+    });
+    send(&mut app, request(Some("paused"), "{}", &[]))
+        .await
+        .assert_problem(503, "store-unavailable");
+    resume.await.unwrap();
+    // Redis resumed and wrote the queued claim; the layer hands it back.
+    let started = std::time::Instant::now();
+    let answer = loop {
+        let answer = send(&mut app, request(Some("paused"), "{}", &[])).await;
+        if answer.status != 409 && answer.status != 503 {
+            break answer;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the key stayed locked ({})",
+            answer.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(answer.status, 201);
+    assert_eq!(probe.executions(), 2);
+}

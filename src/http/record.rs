@@ -140,8 +140,7 @@ pub(crate) fn decode(payload: Bytes) -> Result<StoredResponse, DecodeError> {
     // Each header takes at least 6 bytes: a corrupt count must not reserve more than the rest
     // could hold (nor more than a `HeaderMap` can, which would panic).
     let room = (r.buf.len() - r.pos) / 6;
-    let mut headers =
-        HeaderMap::try_with_capacity(count.min(room)).map_err(|_| DecodeError)?;
+    let mut headers = HeaderMap::try_with_capacity(count.min(room)).map_err(|_| DecodeError)?;
     for _ in 0..count {
         let (name, value) = r.header()?;
         headers.try_append(name, value).map_err(|_| DecodeError)?;

@@ -240,7 +240,7 @@ impl Pending {
 }
 
 /// Backoff between retries of a pending call: full jitter, from 50 ms, capped at 2 s.
-fn retry_backoff(attempt: u32) -> Duration {
+pub(super) fn retry_backoff(attempt: u32) -> Duration {
     let cap_ms = 50u64.saturating_mul(1 << attempt.min(6)).min(2000);
     Duration::from_millis(fastrand::u64(10..=cap_ms))
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::store::{ClaimOutcome, Record, Store, StoreError};
+use crate::store::{ClaimOutcome, OwnerToken, Record, Store, StoreError};
 
 mod detach;
 mod drain;
@@ -215,6 +215,42 @@ pub(crate) async fn bounded<T>(
     }
 }
 
+/// A claim call timed out, but the store may still write it (a paused or slow server runs
+/// the queued call later): release that claim, in the background, so that a late write cannot
+/// lock the key for a whole lease. Retried with backoff until it succeeds or a lease passes.
+fn release_if_it_lands<St: Store + Clone>(
+    store: &St,
+    key: &str,
+    token: OwnerToken,
+    timings: &Timings,
+) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let (store, key, timings) = (store.clone(), key.to_owned(), *timings);
+    runtime.spawn(async move {
+        let give_up = later(Instant::now(), timings.lease);
+        let mut attempt = 0u32;
+        while Instant::now() < give_up {
+            match bounded(timings.store_timeout, store.release(&key, &token)).await {
+                Ok(()) => {
+                    tracing::info!(
+                        outcome = "released",
+                        reason = "claim_timed_out",
+                        "a claim that timed out landed late; released it"
+                    );
+                    return;
+                }
+                // Not there (yet), or the store is still slow: try again.
+                Err(_) => {
+                    tokio::time::sleep(guard::retry_backoff(attempt)).await;
+                    attempt = attempt.saturating_add(1);
+                }
+            }
+        }
+    });
+}
+
 /// Claims `key` for the request admitted with `ticket`; while the key is in flight and waiting
 /// is on, waits for it (woken by the store, never polling in a tight loop) until the wait
 /// bound.
@@ -228,7 +264,20 @@ pub(crate) async fn begin<St: Store + Clone>(
     let mut attempt = 0u32;
     loop {
         let waited = attempt > 0;
-        match bounded(timings.store_timeout, store.claim(&key, timings.lease)).await? {
+        let token = OwnerToken::random();
+        let claimed = bounded(
+            timings.store_timeout,
+            store.claim_as(&key, &token, timings.lease),
+        );
+        let outcome = match claimed.await {
+            Ok(outcome) => outcome,
+            Err(Failure::Timeout) => {
+                release_if_it_lands(store, &key, token, timings);
+                return Err(Failure::Timeout);
+            }
+            Err(error) => return Err(error),
+        };
+        match outcome {
             ClaimOutcome::Claimed(token) => {
                 let key: std::sync::Arc<str> = key.into();
                 ticket.hold(&key, token);

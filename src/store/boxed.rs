@@ -12,9 +12,10 @@ type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The object-safe twin of [`Store`], implemented for every store.
 trait DynStore: Send + Sync + 'static {
-    fn claim<'a>(
+    fn claim_as<'a>(
         &'a self,
         key: &'a str,
+        token: &'a OwnerToken,
         lease: Duration,
     ) -> BoxFuture<'a, Result<ClaimOutcome, StoreError>>;
     fn renew<'a>(
@@ -39,12 +40,13 @@ trait DynStore: Send + Sync + 'static {
 }
 
 impl<St: Store> DynStore for St {
-    fn claim<'a>(
+    fn claim_as<'a>(
         &'a self,
         key: &'a str,
+        token: &'a OwnerToken,
         lease: Duration,
     ) -> BoxFuture<'a, Result<ClaimOutcome, StoreError>> {
-        Box::pin(Store::claim(self, key, lease))
+        Box::pin(Store::claim_as(self, key, token, lease))
     }
 
     fn renew<'a>(
@@ -119,8 +121,13 @@ impl fmt::Debug for BoxStore {
 }
 
 impl Store for BoxStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, StoreError> {
-        self.inner.claim(key, lease).await
+    async fn claim_as(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
+        self.inner.claim_as(key, token, lease).await
     }
 
     async fn renew(

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -50,8 +49,6 @@ struct Inner {
     records: moka::sync::Cache<Arc<str>, Stored, RandomState>,
     claims: Box<[Mutex<Shard>]>,
     hasher: RandomState,
-    next_token: AtomicU64,
-    epoch: u64,
 }
 
 #[derive(Clone)]
@@ -121,8 +118,6 @@ impl MemoryStoreBuilder {
                 records,
                 claims,
                 hasher: RandomState::new(),
-                next_token: AtomicU64::new(0),
-                epoch: fastrand::u64(..),
             }),
         }
     }
@@ -201,11 +196,6 @@ impl MemoryStore {
         (stored.expires_at > now).then_some(stored.record)
     }
 
-    fn new_token(&self) -> OwnerToken {
-        let n = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
-        OwnerToken::from_u128((u128::from(self.inner.epoch) << 64) | u128::from(n))
-    }
-
     /// Checks that `token` owns a live lease on `key`, and removes that claim, handing back
     /// its key (so that the record can reuse the allocation).
     fn take_claim(
@@ -249,7 +239,12 @@ impl Shard {
 }
 
 impl Store for MemoryStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, StoreError> {
+    async fn claim_as(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
         let now = Instant::now();
         // The replay path: no lock.
         if let Some(record) = self.live_record(key, now) {
@@ -268,7 +263,7 @@ impl Store for MemoryStore {
         if let Some(record) = self.live_record(key, now) {
             return Ok(ClaimOutcome::Completed(record));
         }
-        let token = self.new_token();
+        let token = *token;
         shard.sweep_if_grown(now);
         shard.map.insert(
             Arc::from(key),

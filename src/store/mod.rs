@@ -5,7 +5,7 @@
 //!
 //! | call | when | atomically |
 //! |------|------|------------|
-//! | [`Store::claim`] | before the handler runs | returns the completed record, or says the key is in flight, or takes a lease on the key and returns an [`OwnerToken`] |
+//! | [`Store::claim_as`] | before the handler runs | returns the completed record, or says the key is in flight, or takes a lease on the key for the caller's [`OwnerToken`] |
 //! | [`Store::renew`] | while the handler runs | extends the lease, only if the caller still owns it |
 //! | [`Store::complete`] | after the handler answered | replaces the claim by the record (with its retention TTL), only if the caller still owns the lease |
 //! | [`Store::release`] | the answer is not to be kept | deletes the claim, only if the caller still owns it, so a retry can run |
@@ -210,13 +210,28 @@ impl StoreError {
 /// processes for shared stores.
 pub trait Store: Send + Sync + 'static {
     /// Atomically: if `key` holds an unexpired record, return it; else if a live lease holds
-    /// it, report it in flight; else (absent, expired, or a lapsed lease) take it with a new
-    /// lease of `lease` and return a fresh owner token.
+    /// it, report it in flight; else (absent, expired, or a lapsed lease) take it for `token`
+    /// with a lease of `lease` and return [`ClaimOutcome::Claimed`] with that same token.
+    ///
+    /// The caller chooses the token (128 random bits, [`OwnerToken::random`]), so that it can
+    /// release a claim whose call timed out but may still land: a late write must not lock the
+    /// key for a whole lease.
+    fn claim_as(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> impl Future<Output = Result<ClaimOutcome, StoreError>> + Send;
+
+    /// [`claim_as`](Self::claim_as) with a fresh random token.
     fn claim(
         &self,
         key: &str,
         lease: Duration,
-    ) -> impl Future<Output = Result<ClaimOutcome, StoreError>> + Send;
+    ) -> impl Future<Output = Result<ClaimOutcome, StoreError>> + Send {
+        let token = OwnerToken::random();
+        async move { self.claim_as(key, &token, lease).await }
+    }
 
     /// Extends the lease of `token` on `key` to `lease` from now. Fails with
     /// [`StoreError::LeaseLost`] when `token` no longer owns a live lease.
@@ -264,12 +279,13 @@ pub(crate) fn backoff_with_jitter(attempt: u32) -> Duration {
 }
 
 impl<T: Store> Store for Arc<T> {
-    fn claim(
+    fn claim_as(
         &self,
         key: &str,
+        token: &OwnerToken,
         lease: Duration,
     ) -> impl Future<Output = Result<ClaimOutcome, StoreError>> + Send {
-        (**self).claim(key, lease)
+        (**self).claim_as(key, token, lease)
     }
 
     fn renew(

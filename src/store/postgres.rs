@@ -265,7 +265,12 @@ pub(crate) fn record_from_columns(
 }
 
 impl Store for PostgresStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, StoreError> {
+    async fn claim_as(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
         let client = self.client().await?;
         let claim = client
             .prepare_cached(&self.sql.claim)
@@ -278,7 +283,7 @@ impl Store for PostgresStore {
         // A row can vanish between the failed claim and the read (released, or expired): then
         // claim again. Each round is atomic; the loop only retries after a concurrent change.
         for _ in 0..8 {
-            let token = OwnerToken::random();
+            let token = *token;
             let owner = &token_bytes(&token)[..];
             let claimed = client
                 .query_opt(&claim, &[&key, &owner, &ms(lease)])

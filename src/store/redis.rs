@@ -207,8 +207,13 @@ fn unexpected(value: &Value) -> StoreError {
 }
 
 impl Store for RedisStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, StoreError> {
-        let token = OwnerToken::random();
+    async fn claim_as(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let token = *token;
         let reply: Value = self
             .scripts
             .claim

@@ -318,10 +318,15 @@ impl FaultyStore {
 }
 
 impl Store for FaultyStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, StoreError> {
+    async fn claim_as(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
         self.claims.fetch_add(1, Ordering::SeqCst);
         self.gate().await?;
-        self.inner.claim(key, lease).await
+        self.inner.claim_as(key, token, lease).await
     }
 
     async fn renew(

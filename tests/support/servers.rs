@@ -209,6 +209,31 @@ impl RedisServer {
     pub fn restart(&self) {
         self.run();
     }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        std::fs::read_to_string(self.pidfile())
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("a pid")
+    }
+
+    /// Freezes the server (`SIGSTOP`): connections stay open, nothing is answered until
+    /// `signal(pid, "CONT")`.
+    pub fn pause(&self) {
+        signal(self.pid(), "STOP");
+    }
+}
+
+/// Sends a signal with `kill(1)`.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} {pid} failed");
 }
 
 impl Drop for RedisServer {
