@@ -304,3 +304,19 @@ async fn problem_kinds_round_trip_through_their_type_uri() {
         assert_eq!(ProblemKind::from_type_uri(kind.type_uri()), Some(*kind));
     }
 }
+
+/// The same 10,000-character scope on the memory store (the shared stores run it in their
+/// suites).
+#[tokio::test]
+async fn a_very_long_scope_works_on_the_memory_store() {
+    let scope = "t".repeat(10_000);
+    let (mut app, probe) = app(IdempotencyLayer::new().scope(move |_| Some(scope.clone())));
+    assert_eq!(
+        send(&mut app, request(Some("k"), BODY, &[])).await.status,
+        201
+    );
+    assert!(send(&mut app, request(Some("k"), BODY, &[]))
+        .await
+        .replayed());
+    assert_eq!(probe.executions(), 1);
+}

@@ -153,8 +153,18 @@ pub(crate) fn same_payload(stored: Option<u128>, now: Option<u128>) -> bool {
     same
 }
 
+/// The longest store key, in bytes: a longer composite key keeps a readable prefix and ends
+/// with a digest of the whole, so no scope, path or key length can break a backend (a
+/// PostgreSQL index entry holds at most about 2.7 kB).
+pub(crate) const MAX_STORE_KEY: usize = 256;
+/// How much of a long key stays readable before its digest.
+const READABLE_PREFIX: usize = 160;
+
 /// The store key of a request: `tag`, then each field length-prefixed (so two different tuples
-/// never make the same string), then the caller's key.
+/// never make the same string), then the caller's key; past [`MAX_STORE_KEY`] bytes,
+/// `~sha256:`, the SHA-256 of the whole in hex, `|`, and a readable prefix. No composite key
+/// starts with `~` (they start with a field length or a tag), so a digested key never equals
+/// a short one.
 pub(crate) fn composite_key(tag: &str, fields: &[&str], key: &str) -> String {
     let len = tag.len() + fields.iter().map(|f| f.len() + 8).sum::<usize>() + key.len();
     let mut out = String::with_capacity(len);
@@ -166,6 +176,28 @@ pub(crate) fn composite_key(tag: &str, fields: &[&str], key: &str) -> String {
         out.push('|');
     }
     out.push_str(key);
+    if out.len() > MAX_STORE_KEY {
+        out = digested(&out);
+    }
+    out
+}
+
+fn digested(long: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut cut = READABLE_PREFIX;
+    while !long.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let digest = Sha256::digest(long.as_bytes());
+    let mut out = String::with_capacity(8 + 64 + 1 + cut);
+    out.push_str("~sha256:");
+    for byte in digest {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        out.push(char::from(HEX[usize::from(byte >> 4)]));
+        out.push(char::from(HEX[usize::from(byte & 15)]));
+    }
+    out.push('|');
+    out.push_str(&long[..cut]);
     out
 }
 
@@ -500,5 +532,20 @@ mod tests {
             composite_key("", &["a", "b|c"], "k")
         );
         assert_eq!(composite_key("t|", &["ab", ""], "k"), "t|2:ab|0:|k");
+    }
+
+    #[test]
+    fn long_composite_keys_keep_a_prefix_and_a_digest_of_the_whole() {
+        let scope = "é".repeat(5000);
+        let a = composite_key("", &[&scope, "POST", "/payments"], "k1");
+        let b = composite_key("", &[&scope, "POST", "/payments"], "k2");
+        assert!(a.len() <= MAX_STORE_KEY, "{}", a.len());
+        assert_ne!(a, b, "the digest covers the whole key");
+        assert!(a.starts_with("~sha256:") && a.contains("|10000:éé"), "{a}");
+        let short = composite_key("", &["acme", "POST", "/payments"], "k1");
+        assert_eq!(
+            short, "4:acme|4:POST|9:/payments|k1",
+            "short keys stay as they are"
+        );
     }
 }

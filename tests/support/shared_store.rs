@@ -141,6 +141,27 @@ pub async fn outage_then_recovery<St: Store>(
     }
 }
 
+/// A 10,000-character scope (a long tenant id, a JWT subject) through the layer: stored and
+/// replayed like any other, whatever the backend's limits on key length.
+pub async fn a_very_long_scope_works<St: Store + Clone>(store: St) {
+    use crate::support::{app, request, send};
+    // Random, so that no backend can compress it below its limits.
+    let scope: String = (0..320).map(|i| fresh_key(&i.to_string())).collect();
+    assert!(scope.len() >= 10_000);
+    let layer =
+        tower_idempotency::IdempotencyLayer::with_store(store).scope(move |_| Some(scope.clone()));
+    let (mut app, probe) = app(layer);
+    let key = fresh_key("long-scope").replace('/', "-");
+    assert_eq!(
+        send(&mut app, request(Some(&key), "{}", &[])).await.status,
+        201
+    );
+    assert!(send(&mut app, request(Some(&key), "{}", &[]))
+        .await
+        .replayed());
+    assert_eq!(probe.executions(), 1);
+}
+
 /// Generates, in the calling test file, one test per conformance check and per shared-store
 /// case, each on `store()` (an `async fn() -> Option<Store>` of that file; `None` skips).
 #[macro_export]
@@ -158,6 +179,12 @@ macro_rules! shared_store_suite {
         async fn a_lapsed_lease_is_taken_over_by_another_instance_and_fenced() {
             let (Some(a), Some(b)) = (store().await, store().await) else { return };
             support::shared_store::lapsed_lease_is_taken_over_by_another_instance(&a, &b).await;
+        }
+
+        #[tokio::test]
+        async fn a_very_long_scope_works() {
+            let Some(store) = store().await else { return };
+            support::shared_store::a_very_long_scope_works(store).await;
         }
 
         #[tokio::test]
