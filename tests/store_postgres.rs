@@ -157,3 +157,50 @@ async fn a_server_that_goes_away_and_comes_back() {
     store.migrate().await.unwrap();
     shared_store::outage_then_recovery(&store, || server.stop(), || server.restart()).await;
 }
+
+/// A service can start before its database: requests get 503 until it answers, then work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_store_starts_before_postgres_and_works_once_it_is_up() {
+    use support::{app, request, send};
+    use tower_idempotency::IdempotencyLayer;
+    if std::env::var_os("DATABASE_URL").is_some() {
+        eprintln!("skipped: DATABASE_URL is an external server this test cannot stop");
+        return;
+    }
+    let Some(server) = PostgresServer::start() else {
+        support::servers::unavailable("PostgreSQL");
+        return;
+    };
+    PostgresStore::connect(&server.url())
+        .await
+        .unwrap()
+        .migrate()
+        .await
+        .unwrap();
+    server.stop();
+    assert!(
+        PostgresStore::connect(&server.url()).await.is_err(),
+        "eager connect fails"
+    );
+    let store =
+        PostgresStore::connect_lazy(&server.url()).expect("lazy connect never needs the server");
+    let (mut app, probe) = app(IdempotencyLayer::with_store(store));
+    send(&mut app, request(Some("early"), "{}", &[]))
+        .await
+        .assert_problem(503, "store-unavailable");
+    server.restart();
+    let started = std::time::Instant::now();
+    let answer = loop {
+        let answer = send(&mut app, request(Some("early"), "{}", &[])).await;
+        if answer.status != 503 {
+            break answer;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "never recovered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(answer.status, 201);
+    assert_eq!(probe.executions(), 1);
+}

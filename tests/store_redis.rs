@@ -115,3 +115,91 @@ async fn a_claim_that_timed_out_and_landed_late_does_not_lock_the_key() {
     assert_eq!(answer.status, 201);
     assert_eq!(probe.executions(), 2);
 }
+
+/// A Redis that may evict keys is reported at start, and refused in strict mode; the
+/// recommended configuration passes.
+#[tokio::test]
+async fn an_evicting_policy_is_reported_and_refused_in_strict_mode() {
+    if std::env::var_os("REDIS_URL").is_some() {
+        eprintln!("skipped: REDIS_URL is an external server this test must not reconfigure");
+        return;
+    }
+    let Some(server) = RedisServer::start() else {
+        support::servers::unavailable("redis-server");
+        return;
+    };
+    let mut admin = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let set = |policy: &'static str| {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("SET").arg("maxmemory-policy").arg(policy);
+        cmd
+    };
+    for policy in ["allkeys-lru", "volatile-lru", "volatile-ttl"] {
+        let _: () = set(policy).query_async(&mut admin).await.unwrap();
+        let store = RedisStore::connect(&server.url()).await.unwrap();
+        let config = store.check_config().await.unwrap();
+        assert!(config.can_evict(), "{policy}");
+        assert_eq!(config.maxmemory_policy, policy);
+        let refused = RedisStore::connect_strict(&server.url()).await;
+        let error = refused
+            .err()
+            .expect("strict mode refuses an evicting policy");
+        assert!(
+            std::error::Error::source(&error)
+                .unwrap()
+                .to_string()
+                .contains("noeviction"),
+            "{error:?}"
+        );
+    }
+    let _: () = set("noeviction").query_async(&mut admin).await.unwrap();
+    let store = RedisStore::connect_strict(&server.url()).await.unwrap();
+    let config = store.check_config().await.unwrap();
+    assert!(!config.can_evict());
+    assert!(!config.appendonly, "the test server keeps nothing on disk");
+}
+
+/// A service can start before its Redis: requests get 503 until it answers, then work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_store_starts_before_redis_and_works_once_it_is_up() {
+    use support::{app, request, send};
+    use tower_idempotency::IdempotencyLayer;
+    if std::env::var_os("REDIS_URL").is_some() {
+        eprintln!("skipped: REDIS_URL is an external server this test cannot stop");
+        return;
+    }
+    let Some(server) = RedisServer::start() else {
+        support::servers::unavailable("redis-server");
+        return;
+    };
+    server.stop();
+    assert!(
+        RedisStore::connect(&server.url()).await.is_err(),
+        "eager connect fails"
+    );
+    let store =
+        RedisStore::connect_lazy(&server.url()).expect("lazy connect never needs the server");
+    let (mut app, probe) = app(IdempotencyLayer::with_store(store));
+    send(&mut app, request(Some("early"), "{}", &[]))
+        .await
+        .assert_problem(503, "store-unavailable");
+    server.restart();
+    let started = std::time::Instant::now();
+    let answer = loop {
+        let answer = send(&mut app, request(Some("early"), "{}", &[])).await;
+        if answer.status != 503 {
+            break answer;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "never recovered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(answer.status, 201);
+    assert_eq!(probe.executions(), 1);
+}

@@ -81,7 +81,7 @@ pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use postgres::{InvalidTableName, PostgresStore};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use redis::RedisStore;
+pub use redis::{RedisConfig, RedisStore};
 
 /// Proof of owning a claim. See the [module docs](self).
 ///

@@ -133,8 +133,19 @@ impl PostgresStore {
     }
 
     /// Connects a pool (16 connections) to `url` (`postgres://user:pass@host:port/db`),
-    /// using the table `idempotency_records`.
+    /// using the table `idempotency_records`, and checks that the server answers: a wrong URL
+    /// or a server that is down fails here, at start.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let store = Self::connect_lazy(url)?;
+        let _connection = store.pool.get().await.map_err(StoreError::backend)?;
+        Ok(store)
+    }
+
+    /// A pool that connects on first use: it never fails for want of a server (only for a
+    /// malformed `url`), so a service can start while its database is still coming up;
+    /// requests get 503 (or fail open) until the server answers, as during an outage. Run
+    /// [`migrate`](Self::migrate) once it does (or migrate with your own tooling).
+    pub fn connect_lazy(url: &str) -> Result<Self, StoreError> {
         let config: tokio_postgres::Config = url.parse().map_err(StoreError::backend)?;
         let manager = Manager::from_config(
             config,

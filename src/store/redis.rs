@@ -90,18 +90,100 @@ struct Scripts {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://host:port/db`) with the default prefix `idempotency:`.
+    /// Connects to `url` (`redis://host:port/db`) with the default prefix `idempotency:`, and
+    /// checks the server's configuration (see [`check_config`](Self::check_config)): an
+    /// eviction policy that can delete claims or records is logged at error level with the fix,
+    /// a server without persistence at warn level. Fails when the server cannot be reached.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(StoreError::backend)?;
-        let config = ConnectionManagerConfig::new()
+        let connection = ConnectionManager::new_with_config(client, Self::manager_config())
+            .await
+            .map_err(StoreError::backend)?;
+        let store = Self::new(connection);
+        match store.check_config().await {
+            Ok(config) => config.report(),
+            Err(error) => {
+                tracing::warn!(%error, "could not read the Redis configuration (CONFIG GET is disabled?); make sure maxmemory-policy is noeviction")
+            }
+        }
+        Ok(store)
+    }
+
+    /// [`connect`](Self::connect), but refuses a server whose `maxmemory-policy` can evict
+    /// keys (anything but `noeviction`), or whose configuration cannot be read: under memory
+    /// pressure such a server deletes claims (a duplicate then runs) and records (a retry runs
+    /// again).
+    pub async fn connect_strict(url: &str) -> Result<Self, StoreError> {
+        let store = Self::connect(url).await?;
+        let config = store.check_config().await?;
+        if config.can_evict() {
+            return Err(StoreError::backend(format!(
+                "Redis maxmemory-policy is {:?}: it can evict idempotency claims and records; set it to noeviction",
+                config.maxmemory_policy
+            )));
+        }
+        Ok(store)
+    }
+
+    /// A store that connects on first use: it never fails for want of a server (only for a
+    /// malformed `url`), so a service can start while its Redis is still coming up; requests
+    /// get 503 (or fail open) until the server answers, as during an outage. The configuration
+    /// check runs in the background once the server is reachable.
+    pub fn connect_lazy(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(StoreError::backend)?;
+        let connection = ConnectionManager::new_lazy_with_config(client, Self::manager_config())
+            .map_err(StoreError::backend)?;
+        let store = Self::new(connection);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let checker = store.clone();
+            runtime.spawn(async move {
+                for _ in 0..120 {
+                    if let Ok(config) = checker.check_config().await {
+                        config.report();
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            });
+        }
+        Ok(store)
+    }
+
+    fn manager_config() -> ConnectionManagerConfig {
+        ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_with_config(client, config)
+            .set_max_delay(Duration::from_millis(500))
+    }
+
+    /// Reads what of the server's configuration matters to idempotency: its eviction policy
+    /// and whether it persists its data.
+    pub async fn check_config(&self) -> Result<RedisConfig, StoreError> {
+        let mut connection = self.connection.clone();
+        let get = |name: &'static str| {
+            let mut cmd = redis::cmd("CONFIG");
+            cmd.arg("GET").arg(name);
+            cmd
+        };
+        let policy: Vec<String> = get("maxmemory-policy")
+            .query_async(&mut connection)
             .await
             .map_err(StoreError::backend)?;
-        Ok(Self::new(connection))
+        let appendonly: Vec<String> = get("appendonly")
+            .query_async(&mut connection)
+            .await
+            .map_err(StoreError::backend)?;
+        let save: Vec<String> = get("save")
+            .query_async(&mut connection)
+            .await
+            .map_err(StoreError::backend)?;
+        let value = |pair: &[String]| pair.get(1).cloned().unwrap_or_default();
+        Ok(RedisConfig {
+            maxmemory_policy: value(&policy),
+            appendonly: value(&appendonly) == "yes",
+            snapshots: !value(&save).trim().is_empty(),
+        })
     }
 
     /// A store over an existing connection manager.
@@ -151,6 +233,44 @@ impl RedisStore {
             Ok(())
         } else {
             Err(StoreError::LeaseLost)
+        }
+    }
+}
+
+/// What [`RedisStore::check_config`] read from the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisConfig {
+    /// `maxmemory-policy`: only `noeviction` never deletes a claim or a record.
+    pub maxmemory_policy: String,
+    /// `appendonly yes`: writes survive a restart.
+    pub appendonly: bool,
+    /// `save` has snapshot points: writes up to the last snapshot survive a restart.
+    pub snapshots: bool,
+}
+
+impl RedisConfig {
+    /// Whether the server may delete keys under memory pressure. `allkeys-*` policies evict
+    /// any key; `volatile-*` ones evict keys with a TTL, which every claim and record has.
+    pub fn can_evict(&self) -> bool {
+        self.maxmemory_policy != "noeviction"
+    }
+
+    /// Logs what this configuration risks.
+    fn report(&self) {
+        if self.can_evict() {
+            tracing::error!(
+                maxmemory_policy = %self.maxmemory_policy,
+                "Redis can evict idempotency claims and records under memory pressure: an evicted \
+                 claim lets a duplicate run, an evicted record lets a retry run again. Fix: \
+                 CONFIG SET maxmemory-policy noeviction (and in redis.conf), or a dedicated Redis"
+            );
+        }
+        if !self.appendonly && !self.snapshots {
+            tracing::warn!(
+                "Redis keeps no data on disk (appendonly no, no save points): a restart loses \
+                 every claim and record, so retries after it run again. Fix: appendonly yes"
+            );
         }
     }
 }
