@@ -63,8 +63,11 @@ return 0
 ///   lapsed can never overwrite the work of the process that took over.
 /// * **Clocks:** leases and retention are Redis TTLs (`PX`), measured by the server.
 /// * **Layout:** one Redis key per record, `<prefix><key>` [prefix `idempotency:`], so every
-///   operation touches one key (one hash slot: Redis Cluster works). Values are binary, tagged
-///   and versioned; an unknown version is reported as [`StoreError::Corrupt`], never misread.
+///   operation touches one key (one hash slot). Values are binary, tagged and versioned; an
+///   unknown version is reported as [`StoreError::Corrupt`], never misread. Redis Cluster is
+///   not supported yet (this client is not cluster-aware).
+/// * **Configuration:** requires `maxmemory-policy noeviction` (checked at connect; refused by
+///   [`connect_strict`](Self::connect_strict)) and, to survive a restart, persistence.
 /// * **Waiting duplicates** back off with jitter (the [`Store::wait`] default), never a tight loop.
 ///
 /// ```no_run
