@@ -145,9 +145,7 @@ async fn an_evicting_policy_is_reported_and_refused_in_strict_mode() {
         assert!(config.can_evict(), "{policy}");
         assert_eq!(config.maxmemory_policy, policy);
         let refused = RedisStore::connect_strict(&server.url()).await;
-        let error = refused
-            .err()
-            .expect("strict mode refuses an evicting policy");
+        let error = refused.expect_err("strict mode refuses an evicting policy");
         assert!(
             std::error::Error::source(&error)
                 .unwrap()
