@@ -108,7 +108,7 @@ impl Identity {
     }
 
     fn store_key(&self) -> String {
-        protocol::composite_key("consumer|", &[&self.scope], &self.key)
+        crate::admin::consumer_key(&self.scope, &self.key)
     }
 }
 

@@ -138,6 +138,7 @@ pub mod __fuzz {
     //! Not public API: entry points for this crate's fuzz targets.
     include!("fuzz.rs");
 }
+pub mod admin;
 mod http;
 mod protocol;
 pub mod store;

@@ -38,6 +38,13 @@ pub use request_body::RequestBody;
 pub use response_body::ResponseBody;
 pub use service::Idempotency;
 
+/// The status of the response a record holds, if it decodes as one.
+pub(crate) fn stored_status(record: &crate::store::Record) -> Option<http::StatusCode> {
+    record::decode(record.payload().clone())
+        .ok()
+        .map(|stored| stored.status)
+}
+
 /// The record decoder's fuzz entry point: decode; what decodes re-encodes to the same response.
 #[cfg(feature = "__fuzz")]
 pub(crate) fn fuzz_record(data: &[u8]) {

@@ -261,11 +261,7 @@ fn admit(config: &Config, tracker: &Arc<Tracker>, parts: &mut Parts) -> Admissio
             return Admission::Refuse(Problem::RetryAfter(kind, config.retry_after), outcome);
         }
     };
-    let store_key = protocol::composite_key(
-        "",
-        &[&scope, parts.method.as_str(), parts.uri.path()],
-        key.as_str(),
-    );
+    let store_key = crate::admin::http_key(&scope, &parts.method, parts.uri.path(), key.as_str());
     parts.extensions.insert(key);
     Admission::Guard(store_key, ticket)
 }

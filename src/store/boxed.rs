@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{ClaimOutcome, OwnerToken, Record, Store, StoreError};
+use super::{ClaimOutcome, KeyState, OwnerToken, Record, Store, StoreError};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -37,6 +37,8 @@ trait DynStore: Send + Sync + 'static {
         token: &'a OwnerToken,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
     fn wait<'a>(&'a self, key: &'a str, attempt: u32) -> BoxFuture<'a, ()>;
+    fn inspect<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<KeyState, StoreError>>;
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
 }
 
 impl<St: Store> DynStore for St {
@@ -74,6 +76,14 @@ impl<St: Store> DynStore for St {
         token: &'a OwnerToken,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(Store::release(self, key, token))
+    }
+
+    fn inspect<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<KeyState, StoreError>> {
+        Box::pin(Store::inspect(self, key))
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(Store::delete(self, key))
     }
 
     fn wait<'a>(&'a self, key: &'a str, attempt: u32) -> BoxFuture<'a, ()> {
@@ -151,6 +161,14 @@ impl Store for BoxStore {
 
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
         self.inner.release(key, token).await
+    }
+
+    async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
+        self.inner.inspect(key).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        self.inner.delete(key).await
     }
 
     async fn wait(&self, key: &str, attempt: u32) {

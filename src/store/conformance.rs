@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{ClaimOutcome, OwnerToken, Record, Store, StoreError};
+use super::{ClaimOutcome, KeyState, OwnerToken, Record, Store, StoreError};
 
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);
@@ -301,6 +301,57 @@ pub async fn wait_returns_when_the_claim_ends<St: Store + Clone>(store: &St) {
     assert_eq!(record.payload(), "done");
 }
 
+/// The operator calls: `inspect` reports each state; `delete` frees a key whoever holds it,
+/// and fences the old owner. Stores that do not implement them (they answer
+/// [`StoreError::Unsupported`]) pass this check.
+pub async fn inspect_and_delete<St: Store>(store: &St) {
+    let key = fresh_key("inspect");
+    match store.inspect(&key).await {
+        Err(StoreError::Unsupported(_)) => return,
+        Ok(KeyState::Absent) => {}
+        other => panic!("a fresh key is absent, got {other:?}"),
+    }
+    let token = claim_owned(store, &key, LEASE).await;
+    match store.inspect(&key).await.unwrap() {
+        KeyState::InFlight { lease_remaining } => {
+            assert!(
+                lease_remaining.is_none_or(|left| left <= LEASE),
+                "{lease_remaining:?}"
+            )
+        }
+        other => panic!("expected in flight, got {other:?}"),
+    }
+    store
+        .complete(&key, &token, Record::new(Some(9), "done"), TTL)
+        .await
+        .unwrap();
+    match store.inspect(&key).await.unwrap() {
+        KeyState::Completed { record, expires_in } => {
+            assert_eq!(record.payload(), "done");
+            assert_eq!(record.fingerprint(), Some(9));
+            assert!(expires_in.is_none_or(|left| left <= TTL), "{expires_in:?}");
+        }
+        other => panic!("expected completed, got {other:?}"),
+    }
+    assert!(store.delete(&key).await.unwrap(), "there was a record");
+    assert!(matches!(
+        store.inspect(&key).await.unwrap(),
+        KeyState::Absent
+    ));
+    assert!(!store.delete(&key).await.unwrap(), "nothing left");
+    // Deleting a stuck claim frees the key at once and fences its owner.
+    let stuck = claim_owned(store, &key, LEASE).await;
+    assert!(store.delete(&key).await.unwrap());
+    let next = claim_owned(store, &key, LEASE).await;
+    assert_lease_lost(
+        store
+            .complete(&key, &stuck, Record::new(None, "late"), TTL)
+            .await,
+        "the deleted claim's owner",
+    );
+    store.release(&key, &next).await.unwrap();
+}
+
 /// Runs every check against `store`.
 pub async fn run_all<St: Store + Clone>(store: &St) {
     crate::store_conformance_tests!(@run store);
@@ -338,7 +389,7 @@ macro_rules! store_conformance_tests {
             claim_then_in_flight, complete_then_replay, release_then_reclaim, owner_checks,
             keys_are_independent, renew_extends_the_lease, lapsed_lease_is_taken_over_and_fenced,
             record_expires_after_ttl, concurrent_claims_have_one_winner,
-            wait_returns_when_the_claim_ends);
+            wait_returns_when_the_claim_ends, inspect_and_delete);
     };
     (@each [@run $store:expr] $($case:ident),*) => {
         $( $crate::store::conformance::$case($store).await; )*

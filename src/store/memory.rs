@@ -10,7 +10,7 @@ use moka::policy::EvictionPolicy;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{ClaimOutcome, OwnerToken, Record, Store, StoreError};
+use super::{ClaimOutcome, KeyState, OwnerToken, Record, Store, StoreError};
 
 const SHARDS: usize = 64;
 /// What a stored record costs beyond its key and payload, as charged against the capacity:
@@ -313,6 +313,31 @@ impl Store for MemoryStore {
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
         let mut shard = self.shard(key);
         Self::take_claim(&mut shard, key, token).map(drop)
+    }
+
+    async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
+        let now = Instant::now();
+        if let Some(stored) = self.inner.records.get(key) {
+            if stored.expires_at > now {
+                return Ok(KeyState::Completed {
+                    expires_in: Some(stored.expires_at - now),
+                    record: stored.record,
+                });
+            }
+        }
+        Ok(match self.shard(key).map.get(key) {
+            Some(claim) if claim.deadline > now => KeyState::InFlight {
+                lease_remaining: Some(claim.deadline - now),
+            },
+            _ => KeyState::Absent,
+        })
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let mut shard = self.shard(key);
+        let claim = shard.map.remove(key).is_some();
+        let record = self.inner.records.remove(key).is_some();
+        Ok(claim || record)
     }
 
     async fn wait(&self, key: &str, attempt: u32) {

@@ -195,6 +195,30 @@ pub enum StoreError {
     /// A record in the backend could not be read (corrupt, or written by an unknown version).
     #[error("stored record is unreadable")]
     Corrupt(#[source] BoxError),
+    /// The store does not implement this operation (an operator call on a custom store).
+    #[error("this store does not support {0}")]
+    Unsupported(&'static str),
+}
+
+/// What a store holds for a key, for operators: see [`Store::inspect`] and the
+/// [`admin`](crate::admin) module.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum KeyState {
+    /// Nothing (never claimed, released, or expired).
+    Absent,
+    /// A request holds the key now.
+    InFlight {
+        /// How long its lease still runs, when the store knows.
+        lease_remaining: Option<Duration>,
+    },
+    /// The outcome is stored.
+    Completed {
+        /// The record.
+        record: Record,
+        /// How long it is still kept, when the store knows.
+        expires_in: Option<Duration>,
+    },
 }
 
 impl StoreError {
@@ -270,6 +294,23 @@ pub trait Store: Send + Sync + 'static {
         let _ = key;
         tokio::time::sleep(backoff_with_jitter(attempt))
     }
+
+    /// For operators: what the store holds for `key` now. Not used by the layer; the default
+    /// answers [`StoreError::Unsupported`]. Every store of this crate implements it.
+    fn inspect(&self, key: &str) -> impl Future<Output = Result<KeyState, StoreError>> + Send {
+        let _ = key;
+        std::future::ready(Err(StoreError::Unsupported("inspect")))
+    }
+
+    /// For operators: deletes whatever the store holds for `key` (a stuck claim, a wrong
+    /// record), whoever owns it; `true` when there was something. The next request with the
+    /// key runs. A request that still holds a deleted claim can no longer complete it (its
+    /// token no longer matches). Not used by the layer; the default answers
+    /// [`StoreError::Unsupported`].
+    fn delete(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let _ = key;
+        std::future::ready(Err(StoreError::Unsupported("delete")))
+    }
 }
 
 /// Exponential backoff with full jitter, from 10 ms, capped at 500 ms.
@@ -286,6 +327,14 @@ impl<T: Store> Store for Arc<T> {
         lease: Duration,
     ) -> impl Future<Output = Result<ClaimOutcome, StoreError>> + Send {
         (**self).claim_as(key, token, lease)
+    }
+
+    fn inspect(&self, key: &str) -> impl Future<Output = Result<KeyState, StoreError>> + Send {
+        (**self).inspect(key)
+    }
+
+    fn delete(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        (**self).delete(key)
     }
 
     fn renew(

@@ -7,7 +7,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
-use super::{ClaimOutcome, OwnerToken, Record, Store, StoreError};
+use super::{ClaimOutcome, KeyState, OwnerToken, Record, Store, StoreError};
 
 /// A store in PostgreSQL. See the [module docs](super) for the protocol.
 ///
@@ -42,6 +42,7 @@ pub struct PostgresStore {
 
 struct Sql {
     table: String,
+    delete: String,
     claim: String,
     read: String,
     renew: String,
@@ -71,6 +72,7 @@ impl Sql {
         let t = table;
         Ok(Self {
             table: t.to_owned(),
+            delete: format!("DELETE FROM {t} WHERE key = $1"),
             claim: format!(
                 "INSERT INTO {t} (key, owner, completed, fingerprint, payload, expires_at) \
                  VALUES ($1, $2, false, NULL, NULL, now() + $3::bigint * interval '1 millisecond') \
@@ -325,6 +327,45 @@ impl Store for PostgresStore {
             )?));
         }
         Err(StoreError::backend("key kept changing while claiming it"))
+    }
+
+    async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
+        let client = self.client().await?;
+        let read = client
+            .prepare_cached(&self.sql.read)
+            .await
+            .map_err(StoreError::backend)?;
+        let Some(row) = client
+            .query_opt(&read, &[&key])
+            .await
+            .map_err(StoreError::backend)?
+        else {
+            return Ok(KeyState::Absent);
+        };
+        let remaining: Option<i64> = row.get(3);
+        let remaining = remaining
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(Duration::from_millis);
+        let completed: bool = row.get(0);
+        Ok(if completed {
+            KeyState::Completed {
+                record: record_from_columns(row.get(1), row.get(2))?,
+                expires_in: remaining,
+            }
+        } else {
+            KeyState::InFlight {
+                lease_remaining: remaining,
+            }
+        })
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let deleted = client
+            .execute(&self.sql.delete, &[&key])
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(deleted > 0)
     }
 
     async fn renew(

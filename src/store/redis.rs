@@ -8,7 +8,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
-use super::{ClaimOutcome, OwnerToken, Record, Store, StoreError};
+use super::{ClaimOutcome, KeyState, OwnerToken, Record, Store, StoreError};
 
 /// Format version of the values this store writes.
 const VERSION: u8 = 1;
@@ -329,6 +329,11 @@ fn unexpected(value: &Value) -> StoreError {
     StoreError::backend(format!("unexpected reply from the claim script: {value:?}"))
 }
 
+/// `GET` and `PTTL` in one round trip, for operators.
+const INSPECT: &str = r"
+return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
+";
+
 impl Store for RedisStore {
     async fn claim_as(
         &self,
@@ -359,6 +364,42 @@ impl Store for RedisStore {
             }
             _ => Err(unexpected(&Value::Array(items))),
         }
+    }
+
+    async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
+        let reply: Value = Script::new(INSPECT)
+            .key(self.redis_key(key))
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(StoreError::backend)?;
+        let Value::Array(items) = &reply else {
+            return Err(unexpected(&reply));
+        };
+        let remaining = match items.get(1) {
+            Some(Value::Int(ms)) => u64::try_from(*ms).ok().map(Duration::from_millis),
+            _ => None,
+        };
+        match items.first() {
+            Some(Value::BulkString(value)) if value.first() == Some(&CLAIM_TAG) => {
+                Ok(KeyState::InFlight {
+                    lease_remaining: remaining,
+                })
+            }
+            Some(Value::BulkString(value)) => Ok(KeyState::Completed {
+                record: decode_record(value.clone())?,
+                expires_in: remaining,
+            }),
+            _ => Ok(KeyState::Absent),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let deleted: i64 = redis::cmd("DEL")
+            .arg(self.redis_key(key))
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(deleted > 0)
     }
 
     async fn renew(
