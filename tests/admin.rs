@@ -35,7 +35,12 @@ async fn an_operator_finds_inspects_and_deletes_a_requests_record() {
     }
     assert!(matches!(
         store
-            .inspect(&admin::http_key("globex", &Method::POST, "/payments", "order 42"))
+            .inspect(&admin::http_key(
+                "globex",
+                &Method::POST,
+                "/payments",
+                "order 42"
+            ))
             .await
             .unwrap(),
         KeyState::Absent

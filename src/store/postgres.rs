@@ -7,6 +7,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
+use super::waker::Wakers;
 use super::{ClaimOutcome, KeyState, OwnerToken, Record, Store, StoreError};
 
 /// A store in PostgreSQL. See the [module docs](super) for the protocol.
@@ -23,7 +24,11 @@ use super::{ClaimOutcome, KeyState, OwnerToken, Record, Store, StoreError};
 /// * **Clocks:** every lease and expiry is computed and compared with the database's `now()`.
 /// * **Expired rows** are ignored on read and overwritten by the next claim; delete them with
 ///   [`purge_expired`](Self::purge_expired) on a schedule, or [`spawn_purger`](Self::spawn_purger).
-/// * **Waiting duplicates** back off with jitter (the [`Store::wait`] default).
+/// * **Waiting duplicates** are woken by `LISTEN`/`NOTIFY`: completion and release notify
+///   `<table>_wake` with the key, and one connection per store (outside the pool, shared by
+///   its clones, opened on the first wait) listens and wakes the local waiters of that key. A
+///   missed notification costs at most about 2 s; while the listener is down, waiters back off
+///   with jitter.
 ///
 /// ```no_run
 /// use tower_idempotency::{store::PostgresStore, IdempotencyLayer};
@@ -38,10 +43,22 @@ use super::{ClaimOutcome, KeyState, OwnerToken, Record, Store, StoreError};
 pub struct PostgresStore {
     pool: Pool,
     sql: Arc<Sql>,
+    /// For the `LISTEN` connection (`None` over a bare pool: no wake-ups).
+    config: Option<tokio_postgres::Config>,
+    wake: Arc<Wake>,
+}
+
+/// The wake-up side of a store handle: its waiters, and whether its listener runs.
+#[derive(Default)]
+struct Wake {
+    wakers: Wakers,
+    started: std::sync::atomic::AtomicBool,
 }
 
 struct Sql {
     table: String,
+    /// The `NOTIFY` channel of completions and releases: `<table>_wake`.
+    channel: String,
     delete: String,
     claim: String,
     read: String,
@@ -70,6 +87,7 @@ impl Sql {
             return Err(InvalidTableName(table.to_owned()));
         }
         let t = table;
+        let channel = channel_of(table);
         Ok(Self {
             table: t.to_owned(),
             delete: format!("DELETE FROM {t} WHERE key = $1"),
@@ -90,20 +108,35 @@ impl Sql {
                 "UPDATE {t} SET expires_at = now() + $3::bigint * interval '1 millisecond' \
                  WHERE key = $1 AND owner = $2 AND NOT completed AND expires_at > now()"
             ),
+            // Both notify the table's channel with the key (delivered at commit), so that
+            // duplicates waiting in other processes wake at once.
             complete: format!(
-                "UPDATE {t} SET completed = true, owner = NULL, fingerprint = $3, payload = $4, \
-                 expires_at = now() + $5::bigint * interval '1 millisecond' \
-                 WHERE key = $1 AND owner = $2 AND NOT completed AND expires_at > now()"
+                "WITH done AS (UPDATE {t} SET completed = true, owner = NULL, fingerprint = $3, \
+                 payload = $4, expires_at = now() + $5::bigint * interval '1 millisecond' \
+                 WHERE key = $1 AND owner = $2 AND NOT completed AND expires_at > now() \
+                 RETURNING key) \
+                 SELECT pg_notify('{channel}', key) FROM done"
             ),
             release: format!(
-                "DELETE FROM {t} WHERE key = $1 AND owner = $2 AND NOT completed AND expires_at > now()"
+                "WITH done AS (DELETE FROM {t} \
+                 WHERE key = $1 AND owner = $2 AND NOT completed AND expires_at > now() \
+                 RETURNING key) \
+                 SELECT pg_notify('{channel}', key) FROM done"
             ),
+            channel,
             purge: format!(
                 "DELETE FROM {t} WHERE key IN \
                  (SELECT key FROM {t} WHERE expires_at <= now() LIMIT $1 FOR UPDATE SKIP LOCKED)"
             ),
         })
     }
+}
+
+/// `<table>_wake`, with `.` as `_`, at most 63 bytes (PostgreSQL's identifier limit).
+fn channel_of(table: &str) -> String {
+    let mut channel = format!("{}_wake", table.replace('.', "_"));
+    channel.truncate(63);
+    channel
 }
 
 fn ms(duration: Duration) -> i64 {
@@ -149,6 +182,7 @@ impl PostgresStore {
     /// [`migrate`](Self::migrate) once it does (or migrate with your own tooling).
     pub fn connect_lazy(url: &str) -> Result<Self, StoreError> {
         let config: tokio_postgres::Config = url.parse().map_err(StoreError::backend)?;
+        let listen_config = config.clone();
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -164,15 +198,83 @@ impl PostgresStore {
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(StoreError::backend)?;
-        Ok(Self::new(pool))
+        let mut store = Self::new(pool);
+        store.config = Some(listen_config);
+        Ok(store)
     }
 
     /// A store over an existing pool, using the table `idempotency_records`.
+    ///
+    /// It has no configuration to open a `LISTEN` connection with, so its waiting duplicates
+    /// back off instead of being woken: prefer [`connect`](Self::connect).
     pub fn new(pool: Pool) -> Self {
         Self {
             pool,
             sql: Arc::new(Sql::new("idempotency_records").expect("valid default name")),
+            config: None,
+            wake: Arc::default(),
         }
+    }
+
+    /// Starts this handle's listener, once: one connection outside the pool, in `LISTEN` on
+    /// the table's channel, waking local waiters; it reconnects (after a pause) whenever the
+    /// connection drops.
+    fn start_listener(&self) {
+        let Some(config) = &self.config else { return };
+        if self
+            .wake
+            .started
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.wake
+                .started
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            return;
+        };
+        let (config, channel) = (config.clone(), self.sql.channel.clone());
+        let wake = Arc::downgrade(&self.wake);
+        runtime.spawn(async move {
+            loop {
+                if let Ok((client, mut connection)) = config.connect(NoTls).await {
+                    let driver = tokio::spawn({
+                        let wake = wake.clone();
+                        async move {
+                            while let Some(Ok(message)) =
+                                std::future::poll_fn(|cx| connection.poll_message(cx)).await
+                            {
+                                if let tokio_postgres::AsyncMessage::Notification(note) = message {
+                                    let Some(alive) = wake.upgrade() else { return };
+                                    alive.wakers.wake(note.payload());
+                                }
+                            }
+                        }
+                    });
+                    if client
+                        .batch_execute(&format!("LISTEN \"{channel}\""))
+                        .await
+                        .is_ok()
+                    {
+                        let Some(alive) = wake.upgrade() else { return };
+                        alive.wakers.set_listening(true);
+                        drop(alive);
+                        let _ = driver.await;
+                    } else {
+                        driver.abort();
+                    }
+                    drop(client);
+                }
+                let Some(alive) = wake.upgrade() else { return };
+                alive.wakers.set_listening(false);
+                drop(alive);
+                tracing::debug!(
+                    "postgres LISTEN connection lost; waiters back off until it is back"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
     }
 
     /// Uses `table` (letters, digits, underscores; optionally `schema.table`).
@@ -399,6 +501,11 @@ impl Store for PostgresStore {
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
         let owner = &token_bytes(token)[..];
         self.owner_checked(&self.sql.release, &[&key, &owner]).await
+    }
+
+    async fn wait(&self, key: &str, attempt: u32) {
+        self.start_listener();
+        self.wake.wakers.wait(key, attempt).await;
     }
 }
 

@@ -8,6 +8,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
+use super::waker::Wakers;
 use super::{ClaimOutcome, KeyState, OwnerToken, Record, Store, StoreError};
 
 /// Format version of the values this store writes.
@@ -36,9 +37,12 @@ end
 return 0
 ";
 
+/// Completion and release also publish the key on the store's channel (ARGV's last), so that
+/// duplicates waiting in other processes wake at once.
 const COMPLETE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  redis.call('PUBLISH', ARGV[4], KEYS[1])
   return 1
 end
 return 0
@@ -46,7 +50,9 @@ return 0
 
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], KEYS[1])
+  return 1
 end
 return 0
 ";
@@ -68,7 +74,10 @@ return 0
 ///   not supported yet (this client is not cluster-aware).
 /// * **Configuration:** requires `maxmemory-policy noeviction` (checked at connect; refused by
 ///   [`connect_strict`](Self::connect_strict)) and, to survive a restart, persistence.
-/// * **Waiting duplicates** back off with jitter (the [`Store::wait`] default), never a tight loop.
+/// * **Waiting duplicates** are woken by Redis pub/sub: completion and release publish the key
+///   on `<prefix>wake`, and one subscriber connection per store (shared by its clones, opened
+///   on the first wait) wakes the local waiters of that key. A missed message costs at most
+///   about 2 s; while the subscriber is down, waiters back off with jitter.
 ///
 /// ```no_run
 /// use tower_idempotency::{store::RedisStore, IdempotencyLayer};
@@ -83,6 +92,16 @@ pub struct RedisStore {
     connection: ConnectionManager,
     prefix: Arc<str>,
     scripts: Arc<Scripts>,
+    /// For the pub/sub subscriber (`None` over a bare connection manager: no wake-ups).
+    client: Option<redis::Client>,
+    wake: Arc<Wake>,
+}
+
+/// The wake-up side of a store handle: its waiters, and whether its subscriber runs.
+#[derive(Default)]
+struct Wake {
+    wakers: Wakers,
+    started: std::sync::atomic::AtomicBool,
 }
 
 struct Scripts {
@@ -99,10 +118,10 @@ impl RedisStore {
     /// a server without persistence at warn level. Fails when the server cannot be reached.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(StoreError::backend)?;
-        let connection = ConnectionManager::new_with_config(client, Self::manager_config())
+        let connection = ConnectionManager::new_with_config(client.clone(), Self::manager_config())
             .await
             .map_err(StoreError::backend)?;
-        let store = Self::new(connection);
+        let store = Self::new(connection).with_client(client);
         match store.check_config().await {
             Ok(config) => config.report(),
             Err(error) => {
@@ -134,9 +153,10 @@ impl RedisStore {
     /// check runs in the background once the server is reachable.
     pub fn connect_lazy(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(StoreError::backend)?;
-        let connection = ConnectionManager::new_lazy_with_config(client, Self::manager_config())
-            .map_err(StoreError::backend)?;
-        let store = Self::new(connection);
+        let connection =
+            ConnectionManager::new_lazy_with_config(client.clone(), Self::manager_config())
+                .map_err(StoreError::backend)?;
+        let store = Self::new(connection).with_client(client);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let checker = store.clone();
             runtime.spawn(async move {
@@ -189,10 +209,14 @@ impl RedisStore {
         })
     }
 
-    /// A store over an existing connection manager.
+    /// A store over an existing connection manager. It has no client to open a subscriber
+    /// with, so its waiting duplicates back off instead of being woken: prefer
+    /// [`connect`](Self::connect).
     pub fn new(connection: ConnectionManager) -> Self {
         Self {
             connection,
+            client: None,
+            wake: Arc::default(),
             prefix: Arc::from("idempotency:"),
             scripts: Arc::new(Scripts {
                 claim: Script::new(CLAIM),
@@ -203,7 +227,64 @@ impl RedisStore {
         }
     }
 
-    /// Prefixes every Redis key \[`idempotency:`\].
+    fn with_client(mut self, client: redis::Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// The channel completions and releases are published on.
+    fn channel(&self) -> String {
+        format!("{}wake", self.prefix)
+    }
+
+    /// Starts this handle's subscriber, once: it wakes local waiters from the channel, and
+    /// resubscribes (after a pause) whenever its connection drops.
+    fn start_subscriber(&self) {
+        let Some(client) = &self.client else { return };
+        if self
+            .wake
+            .started
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.wake
+                .started
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            return;
+        };
+        let (client, channel) = (client.clone(), self.channel());
+        let wake = Arc::downgrade(&self.wake);
+        runtime.spawn(async move {
+            use futures_util::StreamExt;
+            loop {
+                if let Ok(mut pubsub) = client.get_async_pubsub().await {
+                    if pubsub.subscribe(&channel).await.is_ok() {
+                        let Some(alive) = wake.upgrade() else { return };
+                        alive.wakers.set_listening(true);
+                        drop(alive);
+                        let mut messages = pubsub.on_message();
+                        while let Some(message) = messages.next().await {
+                            let Some(alive) = wake.upgrade() else { return };
+                            if let Ok(key) = message.get_payload::<String>() {
+                                alive.wakers.wake(&key);
+                            }
+                        }
+                    }
+                }
+                let Some(alive) = wake.upgrade() else { return };
+                alive.wakers.set_listening(false);
+                drop(alive);
+                tracing::debug!(
+                    "redis wake-up subscriber disconnected; waiters back off until it is back"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    /// Prefixes every Redis key \[`idempotency:`\] (and the wake-up channel, `<prefix>wake`).
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = Arc::from(prefix.into());
         self
@@ -422,18 +503,25 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         let value = encode_record(&record);
         let ttl = millis(ttl);
+        let channel = self.channel();
         self.owner_checked(
             &self.scripts.complete,
             key,
             token,
-            &[&value, ttl.as_bytes()],
+            &[&value, ttl.as_bytes(), channel.as_bytes()],
         )
         .await
     }
 
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
-        self.owner_checked(&self.scripts.release, key, token, &[])
+        let channel = self.channel();
+        self.owner_checked(&self.scripts.release, key, token, &[channel.as_bytes()])
             .await
+    }
+
+    async fn wait(&self, key: &str, attempt: u32) {
+        self.start_subscriber();
+        self.wake.wakers.wait(&self.redis_key(key), attempt).await;
     }
 }
 

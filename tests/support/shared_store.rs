@@ -141,6 +141,46 @@ pub async fn outage_then_recovery<St: Store>(
     }
 }
 
+/// A duplicate waiting on another handle (another instance) is woken by the store's
+/// notification when the claim ends: within milliseconds, where backing off would take up to
+/// 500 ms (and a missed notification about 2 s). Five rounds, each well inside 150 ms.
+pub async fn a_waiter_on_another_handle_is_woken_when_the_claim_ends<St: Store + Clone>(
+    a: &St,
+    b: &St,
+) {
+    // Start b's listener and give it time to subscribe.
+    let _ = tokio::time::timeout(Duration::from_millis(300), b.wait(&fresh_key("warm"), 0)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for round in 0..5 {
+        let key = fresh_key(&format!("wake-{round}"));
+        let ClaimOutcome::Claimed(token) = a.claim(&key, LEASE).await.unwrap() else {
+            panic!()
+        };
+        let waiter = tokio::spawn({
+            let (b, key) = (b.clone(), key.clone());
+            async move {
+                b.wait(&key, 6).await;
+                std::time::Instant::now()
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let ended = std::time::Instant::now();
+        if round % 2 == 0 {
+            a.complete(&key, &token, Record::new(None, "done"), TTL)
+                .await
+                .unwrap();
+        } else {
+            a.release(&key, &token).await.unwrap();
+        }
+        let woken = waiter.await.unwrap();
+        let lag = woken.saturating_duration_since(ended);
+        assert!(
+            lag < Duration::from_millis(150),
+            "round {round}: woken {lag:?} after the claim ended"
+        );
+    }
+}
+
 /// A 10,000-character scope (a long tenant id, a JWT subject) through the layer: stored and
 /// replayed like any other, whatever the backend's limits on key length.
 pub async fn a_very_long_scope_works<St: Store + Clone>(store: St) {
@@ -179,6 +219,12 @@ macro_rules! shared_store_suite {
         async fn a_lapsed_lease_is_taken_over_by_another_instance_and_fenced() {
             let (Some(a), Some(b)) = (store().await, store().await) else { return };
             support::shared_store::lapsed_lease_is_taken_over_by_another_instance(&a, &b).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_waiter_on_another_instance_is_woken_when_the_claim_ends() {
+            let (Some(a), Some(b)) = (store().await, store().await) else { return };
+            support::shared_store::a_waiter_on_another_handle_is_woken_when_the_claim_ends(&a, &b).await;
         }
 
         #[tokio::test]
