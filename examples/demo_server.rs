@@ -45,7 +45,8 @@ struct Args {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:3000")]
     addr: SocketAddr,
-    /// Where records live: `memory`, `redis://HOST:PORT` or `postgres://USER@HOST:PORT/DB`.
+    /// Where records live: `memory`, `redis://HOST:PORT`, `redis+cluster://HOST:PORT[,HOST:PORT…]`
+    /// (one or more seed nodes of a Redis Cluster) or `postgres://USER@HOST:PORT/DB`.
     #[arg(long, default_value = "memory")]
     store: String,
     /// How long responses are kept for replay, in seconds [library default: 24 h].
@@ -234,6 +235,9 @@ async fn open_store(
             builder = builder.max_bytes(mib * 1024 * 1024);
         }
         Ok(BoxStore::new(builder.build()))
+    } else if let Some(nodes) = spec.strip_prefix("redis+cluster://") {
+        let nodes: Vec<String> = nodes.split(',').map(|n| format!("redis://{n}")).collect();
+        Ok(BoxStore::new(RedisStore::connect_cluster(nodes).await?))
     } else if spec.starts_with("redis://") || spec.starts_with("rediss://") {
         Ok(BoxStore::new(RedisStore::connect(spec).await?))
     } else if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
@@ -241,7 +245,10 @@ async fn open_store(
         store.migrate().await?;
         Ok(BoxStore::new(store))
     } else {
-        Err(format!("unsupported --store {spec:?}: use memory, redis://… or postgres://…").into())
+        Err(format!(
+            "unsupported --store {spec:?}: use memory, redis://…, redis+cluster://HOST:PORT[,…] or postgres://…"
+        )
+        .into())
     }
 }
 

@@ -69,9 +69,9 @@ return 0
 ///   lapsed can never overwrite the work of the process that took over.
 /// * **Clocks:** leases and retention are Redis TTLs (`PX`), measured by the server.
 /// * **Layout:** one Redis key per record, `<prefix><key>` [prefix `idempotency:`], so every
-///   operation touches one key (one hash slot). Values are binary, tagged and versioned; an
-///   unknown version is reported as [`StoreError::Corrupt`], never misread. Redis Cluster is
-///   not supported yet (this client is not cluster-aware).
+///   operation touches one key (one hash slot): Redis Cluster works, through
+///   [`connect_cluster`](Self::connect_cluster). Values are binary, tagged and versioned; an
+///   unknown version is reported as [`StoreError::Corrupt`], never misread.
 /// * **Configuration:** requires `maxmemory-policy noeviction` (checked at connect; refused by
 ///   [`connect_strict`](Self::connect_strict)) and, to survive a restart, persistence.
 /// * **Waiting duplicates** are woken by Redis pub/sub: completion and release publish the key
@@ -89,12 +89,48 @@ return 0
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: ConnectionManager,
+    connection: Connection,
     prefix: Arc<str>,
     scripts: Arc<Scripts>,
     /// For the pub/sub subscriber (`None` over a bare connection manager: no wake-ups).
     client: Option<redis::Client>,
     wake: Arc<Wake>,
+}
+
+/// One server (a reconnecting connection manager), or a cluster (the cluster client follows
+/// `MOVED`/`ASK` redirections and reconnects to restarted masters).
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 /// The wake-up side of a store handle: its waiters, and whether its subscriber runs.
@@ -172,6 +208,42 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// Connects to a Redis Cluster through any of its nodes (`redis://host:port` each; one is
+    /// enough, more survive one being down at start). Every operation touches one key, so one
+    /// hash slot; the cluster client follows `MOVED` and `ASK` redirections (resharding) and
+    /// reconnects to a master that restarted. Completions and releases are published with
+    /// `PUBLISH`, which a cluster forwards to every node, and one subscriber (on the first
+    /// node) wakes waiting duplicates.
+    pub async fn connect_cluster<I, S>(nodes: I) -> Result<Self, StoreError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let nodes: Vec<String> = nodes.into_iter().map(|n| n.as_ref().to_owned()).collect();
+        let first = nodes
+            .first()
+            .ok_or_else(|| StoreError::backend("connect_cluster needs at least one node"))?;
+        let subscriber = redis::Client::open(first.as_str()).map_err(StoreError::backend)?;
+        let client = redis::cluster::ClusterClient::builder(nodes.clone())
+            .connection_timeout(Duration::from_secs(2))
+            .response_timeout(Duration::from_secs(5))
+            .retries(3)
+            .build()
+            .map_err(StoreError::backend)?;
+        let connection = client
+            .get_async_connection()
+            .await
+            .map_err(StoreError::backend)?;
+        let store = Self::over(Connection::Cluster(connection)).with_client(subscriber);
+        match store.check_config().await {
+            Ok(config) => config.report(),
+            Err(error) => {
+                tracing::warn!(%error, "could not read the Redis configuration (CONFIG GET is disabled?); make sure maxmemory-policy is noeviction on every node")
+            }
+        }
+        Ok(store)
+    }
+
     fn manager_config() -> ConnectionManagerConfig {
         ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -213,6 +285,10 @@ impl RedisStore {
     /// with, so its waiting duplicates back off instead of being woken: prefer
     /// [`connect`](Self::connect).
     pub fn new(connection: ConnectionManager) -> Self {
+        Self::over(Connection::Single(connection))
+    }
+
+    fn over(connection: Connection) -> Self {
         Self {
             connection,
             client: None,

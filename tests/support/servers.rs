@@ -118,6 +118,8 @@ pub struct RedisServer {
     dir: PathBuf,
     /// Whether it keeps an append-only file (so a restart keeps its keys).
     persistent: bool,
+    /// Whether it runs as a cluster node.
+    cluster: bool,
 }
 
 impl RedisServer {
@@ -144,6 +146,7 @@ impl RedisServer {
             binary,
             dir,
             persistent,
+            cluster: false,
         };
         server.run();
         watchdog(
@@ -176,6 +179,16 @@ impl RedisServer {
                 "--appendfsync",
                 "always",
             ])
+            .args(if self.cluster {
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ][..]
+            } else {
+                &[][..]
+            })
             .args(["--daemonize", "yes", "--pidfile"])
             .arg(self.pidfile())
             .arg("--dir")
@@ -240,6 +253,104 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A port `p` such that `p` and its cluster bus port `p + 10000` are both free.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = 20000 + (std::process::id() as u16 % 100) * 100 + fastrand_port();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port + 10000)).is_ok()
+        {
+            return port;
+        }
+    }
+}
+
+fn fastrand_port() -> u16 {
+    use std::hash::{BuildHasher, RandomState};
+    (RandomState::new().hash_one(Instant::now()) % 25000) as u16
+}
+
+/// A Redis Cluster of three masters (no replicas) on loopback, started for a test; stopped,
+/// and its directories deleted, on drop (and by watchdogs should the test binary die).
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start() -> Option<Self> {
+        let binary = find_binary("redis-server")?;
+        let cli = find_binary("redis-cli")?;
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let port = free_cluster_port();
+            let dir = std::env::temp_dir().join(format!(
+                "tower-idempotency-redis-cluster-{port}-{}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let node = RedisServer {
+                port,
+                binary: binary.clone(),
+                dir,
+                persistent: false,
+                cluster: true,
+            };
+            node.run();
+            watchdog(
+                &format!(
+                    "pid=$(cat {} 2>/dev/null) && kill $pid 2>/dev/null; \
+                     while kill -0 $pid 2>/dev/null; do sleep 0.1; done",
+                    node.pidfile().display()
+                ),
+                false,
+                &node.dir,
+            );
+            nodes.push(node);
+        }
+        let status = Command::new(cli)
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "redis-cli --cluster create failed");
+        let cluster = Self { nodes };
+        cluster.wait_until_ok();
+        Some(cluster)
+    }
+
+    /// `redis://127.0.0.1:PORT` of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// Waits until every node reports `cluster_state:ok`.
+    pub fn wait_until_ok(&self) {
+        let cli = find_binary("redis-cli").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = self.nodes.iter().all(|node| {
+                Command::new(&cli)
+                    .args(["-p", &node.port.to_string(), "cluster", "info"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+                    .unwrap_or(false)
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster never reached state ok"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
@@ -369,5 +480,17 @@ pub fn postgres_url() -> Option<String> {
     match SERVER.get_or_init(PostgresServer::start) {
         Some(server) => Some(server.url()),
         None => unavailable("PostgreSQL (initdb and pg_ctl, or DATABASE_URL)"),
+    }
+}
+
+/// The Redis Cluster the tests of this process share (three masters), started once; `None`
+/// (after saying why) without `redis-server` and `redis-cli`.
+pub fn redis_cluster_urls() -> Option<Vec<String>> {
+    static CLUSTER: OnceLock<Option<RedisCluster>> = OnceLock::new();
+    match CLUSTER.get_or_init(RedisCluster::start) {
+        Some(cluster) => Some(cluster.urls()),
+        None => {
+            unavailable("redis-server and redis-cli (for a Redis Cluster)").map(|url| vec![url])
+        }
     }
 }
