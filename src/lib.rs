@@ -155,9 +155,9 @@ pub mod consumer;
 pub use self::http::bench as __bench;
 pub use self::http::{fingerprint, problem};
 pub use self::http::{
-    Fingerprint, FingerprintHasher, Idempotency, IdempotencyKey, IdempotencyLayer, KeyError,
-    NoStore, OnStoreError, RequestBody, ResponseBody, ResponseFuture, BODY_OMITTED_HEADER,
-    REPLAYED_HEADER,
+    Fingerprint, FingerprintHasher, GrpcMode, Idempotency, IdempotencyKey, IdempotencyLayer,
+    KeyError, NoStore, OnStoreError, RequestBody, ResponseBody, ResponseFuture,
+    BODY_OMITTED_HEADER, REPLAYED_HEADER,
 };
 pub use protocol::{DrainHandle, DrainReport, OnConflict, Outcome, ReleaseReason};
 

@@ -12,6 +12,7 @@ use http_body::{Body, Frame};
 
 use super::layer::Config;
 use super::record;
+use super::response_body::ResponseBody;
 use crate::protocol::ReleaseReason;
 use crate::store::Record;
 use crate::BoxError;
@@ -23,8 +24,8 @@ pub struct NoStore;
 
 /// What the handler produced, read up to the storage limit.
 pub(crate) enum Produced<B> {
-    /// Not to be stored: released and returned untouched.
-    Unstored(Response<B>, ReleaseReason),
+    /// Not to be stored: released and returned as it is (with what was read of it).
+    Unstored(Response<ResponseBody<B>>, ReleaseReason),
     /// Storable: the head, the frames read, the rest of the body, and whether the frames are
     /// the whole body (else it was larger than the limit).
     Storable(Captured<B>),
@@ -50,16 +51,25 @@ pub(crate) fn carried_headers(parts: &Parts, config: &Config) -> Vec<(HeaderName
 }
 
 /// Reads a storable response's body up to the limit; anything else is returned untouched.
-pub(crate) async fn read<B>(response: Response<B>, config: &Config) -> Produced<B>
+///
+/// A gRPC call (`grpc`) is storable only when it succeeded: HTTP 200 and `grpc-status: 0` (in
+/// its trailers, or in the headers of a trailers-only answer), which is known only once the
+/// body is read; and only whole (a replay without its trailers is no gRPC answer).
+pub(crate) async fn read<B>(response: Response<B>, config: &Config, grpc: bool) -> Produced<B>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    if !(config.store_status)(response.status()) {
-        return Produced::Unstored(response, ReleaseReason::Status);
+    let storable_status = if grpc {
+        response.status() == http::StatusCode::OK
+    } else {
+        (config.store_status)(response.status())
+    };
+    if !storable_status {
+        return Produced::Unstored(response.map(ResponseBody::inner), ReleaseReason::Status);
     }
     if response.extensions().get::<NoStore>().is_some() || has_no_store(response.headers()) {
-        return Produced::Unstored(response, ReleaseReason::NoStore);
+        return Produced::Unstored(response.map(ResponseBody::inner), ReleaseReason::NoStore);
     }
     let (head, body) = response.into_parts();
     let limit = config.max_response_body as u64;
@@ -76,6 +86,19 @@ where
                 frames.push_back(frame);
                 whole = read <= limit;
             }
+        }
+    }
+    if grpc {
+        let failed = if !whole {
+            Some(ReleaseReason::TooLarge)
+        } else if grpc_status(&head.headers, &frames) != Some(b"0".as_slice()) {
+            Some(ReleaseReason::Status)
+        } else {
+            None
+        };
+        if let Some(reason) = failed {
+            let body = ResponseBody::prefixed(frames, rest);
+            return Produced::Unstored(Response::from_parts(head, body), reason);
         }
     }
     if !whole {
@@ -106,9 +129,29 @@ impl<B> Captured<B> {
         let body = self
             .whole
             .then(|| self.frames.iter().filter_map(Frame::data_ref));
-        let payload = record::encode(self.head.status, &self.head.headers, keep, carried, body);
+        let trailers = self.frames.iter().find_map(Frame::trailers_ref);
+        let payload = record::encode(
+            self.head.status,
+            &self.head.headers,
+            keep,
+            carried,
+            body,
+            trailers.filter(|_| self.whole),
+        );
         Record::new(fingerprint, payload)
     }
+}
+
+/// A gRPC answer's status: from its trailers, or from its headers when it has none.
+fn grpc_status<'a>(
+    headers: &'a http::HeaderMap,
+    frames: &'a VecDeque<Frame<Bytes>>,
+) -> Option<&'a [u8]> {
+    let trailers = frames.iter().find_map(Frame::trailers_ref);
+    trailers
+        .and_then(|t| t.get("grpc-status"))
+        .or_else(|| headers.get("grpc-status"))
+        .map(|v| v.as_bytes())
 }
 
 fn has_no_store(headers: &http::HeaderMap) -> bool {

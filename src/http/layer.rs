@@ -28,6 +28,20 @@ pub enum OnStoreError {
     FailOpen,
 }
 
+/// Which requests are gRPC calls, answered in gRPC's terms. See the README's gRPC section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GrpcMode {
+    /// A request whose `content-type` is `application/grpc` (or `application/grpc+…`) is a
+    /// gRPC call (the default).
+    Detect,
+    /// Every handled request is a gRPC call.
+    Always,
+    /// No request is: gRPC calls are handled as plain HTTP (their failures, HTTP 200 with a
+    /// non-zero `grpc-status`, would then be stored).
+    Never,
+}
+
 /// The layer's configuration, shared by every clone of the service.
 #[derive(Clone)]
 pub(crate) struct Config {
@@ -44,6 +58,7 @@ pub(crate) struct Config {
     pub(crate) max_duplicate_body: u64,
     pub(crate) limits: Limits,
     pub(crate) on_outcome: OutcomeHook,
+    pub(crate) grpc: GrpcMode,
     pub(crate) retry_after: Duration,
     pub(crate) on_store_error: OnStoreError,
     pub(crate) store_status: Arc<StatusFn>,
@@ -91,6 +106,7 @@ impl Default for Config {
             max_duplicate_body: 16 * 1024 * 1024,
             limits: Limits::default(),
             on_outcome: OutcomeHook::none(),
+            grpc: GrpcMode::Detect,
             retry_after: Duration::from_secs(1),
             on_store_error: OnStoreError::FailClosed,
             store_status: Arc::new(|status: StatusCode| status.as_u16() < 400),
@@ -107,6 +123,21 @@ impl Config {
         match &self.predicate {
             Some(predicate) => predicate(parts),
             None => self.methods.contains(&parts.method),
+        }
+    }
+
+    /// Whether this request is a gRPC call.
+    pub(crate) fn is_grpc(&self, parts: &Parts) -> bool {
+        match self.grpc {
+            GrpcMode::Always => true,
+            GrpcMode::Never => false,
+            GrpcMode::Detect => parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| {
+                    let v = v.as_bytes();
+                    v.starts_with(b"application/grpc") && !v.starts_with(b"application/grpc-web")
+                }),
         }
     }
 
@@ -319,6 +350,14 @@ impl<St> IdempotencyLayer<St> {
         self
     }
 
+    /// Which requests are gRPC calls [`GrpcMode::Detect`]: by their `content-type`. A gRPC
+    /// call is stored only when it succeeded (`grpc-status: 0`), with its trailers, and the
+    /// layer's own answers to it are gRPC errors. See the README's gRPC section.
+    pub fn grpc(mut self, mode: GrpcMode) -> Self {
+        self.config().grpc = mode;
+        self
+    }
+
     /// Called once for every request the layer sees, with what became of it (see
     /// [`Outcome`]): feed your metrics from here \[none\]. It runs on the request's task:
     /// keep it cheap (increment a counter).
@@ -423,6 +462,7 @@ impl fmt::Debug for Config {
             .field("max_duplicate_body", &self.max_duplicate_body)
             .field("limits", &self.limits)
             .field("on_outcome", &self.on_outcome)
+            .field("grpc", &self.grpc)
             .field("on_store_error", &self.on_store_error)
             .field("max_response_body", &self.max_response_body)
             .field("skip_headers", &self.skip_headers)

@@ -32,7 +32,7 @@ pub use capture::NoStore;
 pub use fingerprint::{Fingerprint, FingerprintHasher};
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, KeyError};
-pub use layer::{IdempotencyLayer, OnStoreError};
+pub use layer::{GrpcMode, IdempotencyLayer, OnStoreError};
 pub use replay::{BODY_OMITTED_HEADER, REPLAYED_HEADER};
 pub use request_body::RequestBody;
 pub use response_body::ResponseBody;
@@ -56,6 +56,7 @@ pub(crate) fn fuzz_record(data: &[u8]) {
             |_| true,
             &stored.carried,
             body,
+            stored.trailers.as_ref(),
         );
         let again = record::decode(encoded).expect("a re-encoded record decodes");
         assert_eq!(again, stored);

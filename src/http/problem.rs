@@ -32,7 +32,7 @@ use super::key::KeyError;
 use super::response_body::ResponseBody;
 
 macro_rules! problem_kinds {
-    ($($kind:ident => $status:ident, $slug:literal, $title:literal, $detail:literal;)*) => {
+    ($($kind:ident => $status:ident, $grpc:literal, $slug:literal, $title:literal, $detail:literal;)*) => {
         /// Each kind of answer the layer gives on its own, with its problem type URI: match on
         /// it instead of comparing strings.
         ///
@@ -80,6 +80,14 @@ macro_rules! problem_kinds {
                 }
             }
 
+            /// The gRPC status code a gRPC call gets instead (3 `INVALID_ARGUMENT`, 10
+            /// `ABORTED`, 13 `INTERNAL`, 14 `UNAVAILABLE`).
+            pub const fn grpc_code(self) -> u8 {
+                match self {
+                    $(ProblemKind::$kind => $grpc,)*
+                }
+            }
+
             /// The problem document's `title`.
             pub const fn title(self) -> &'static str {
                 match self {
@@ -102,31 +110,31 @@ macro_rules! problem_kinds {
 }
 
 problem_kinds! {
-    MissingKey => BAD_REQUEST, "missing-key", "Idempotency key required",
+    MissingKey => BAD_REQUEST, 3, "missing-key", "Idempotency key required",
         "This endpoint requires an Idempotency-Key header.";
-    InvalidKey => BAD_REQUEST, "invalid-key", "Invalid idempotency key",
+    InvalidKey => BAD_REQUEST, 3, "invalid-key", "Invalid idempotency key",
         "The Idempotency-Key header is not a valid key.";
-    UnreadableBody => BAD_REQUEST, "unreadable-body", "Request body could not be read",
+    UnreadableBody => BAD_REQUEST, 3, "unreadable-body", "Request body could not be read",
         "The request body failed before it could be compared with the original request.";
-    InFlight => CONFLICT, "in-flight", "Request in progress",
+    InFlight => CONFLICT, 10, "in-flight", "Request in progress",
         "A request with this idempotency key is still being processed; retry later with the same key.";
-    BodyTooLarge => PAYLOAD_TOO_LARGE, "body-too-large", "Request body too large",
+    BodyTooLarge => PAYLOAD_TOO_LARGE, 3, "body-too-large", "Request body too large",
         "The request body is larger than a retry may send to be compared with the original request.";
-    KeyReused => UNPROCESSABLE_ENTITY, "key-reused", "Idempotency key reused",
+    KeyReused => UNPROCESSABLE_ENTITY, 3, "key-reused", "Idempotency key reused",
         "This idempotency key was already used with a different request payload.";
-    MissingScope => INTERNAL_SERVER_ERROR, "missing-scope", "Idempotency scope missing",
+    MissingScope => INTERNAL_SERVER_ERROR, 13, "missing-scope", "Idempotency scope missing",
         "The server could not tell whose request this is, so it did not process it. (Server side: the idempotency scope function returned None; authentication must run before the idempotency layer.)";
-    HandlerPanicked => INTERNAL_SERVER_ERROR, "handler-panicked", "Internal server error",
+    HandlerPanicked => INTERNAL_SERVER_ERROR, 13, "handler-panicked", "Internal server error",
         "The request failed; it was not recorded and may be retried with the same key.";
-    ResponseFailed => INTERNAL_SERVER_ERROR, "response-failed", "Internal server error",
+    ResponseFailed => INTERNAL_SERVER_ERROR, 13, "response-failed", "Internal server error",
         "The response could not be produced; it was not recorded and may be retried with the same key.";
-    UnreadableRecord => INTERNAL_SERVER_ERROR, "unreadable-record", "Stored response unreadable",
+    UnreadableRecord => INTERNAL_SERVER_ERROR, 13, "unreadable-record", "Stored response unreadable",
         "The response stored for this idempotency key cannot be replayed.";
-    StoreUnavailable => SERVICE_UNAVAILABLE, "store-unavailable", "Idempotency store unavailable",
+    StoreUnavailable => SERVICE_UNAVAILABLE, 14, "store-unavailable", "Idempotency store unavailable",
         "The request was not processed because its idempotency key could not be checked; retry later with the same key.";
-    ShuttingDown => SERVICE_UNAVAILABLE, "shutting-down", "Server shutting down",
+    ShuttingDown => SERVICE_UNAVAILABLE, 14, "shutting-down", "Server shutting down",
         "This server is shutting down and did not process the request; retry with the same key (another instance will take it).";
-    Overloaded => SERVICE_UNAVAILABLE, "overloaded", "Server overloaded",
+    Overloaded => SERVICE_UNAVAILABLE, 14, "overloaded", "Server overloaded",
         "Too many requests are still running on this server; retry later with the same key.";
 }
 
@@ -141,13 +149,44 @@ pub(crate) enum Problem {
 }
 
 impl Problem {
-    /// The HTTP answer.
-    pub(crate) fn into_response<B>(self) -> Response<ResponseBody<B>> {
-        let (kind, detail, retry_after) = match &self {
+    /// The answer: a problem document, or for a gRPC call a trailers-only gRPC error.
+    pub(crate) fn respond<B>(self, grpc: bool) -> Response<ResponseBody<B>> {
+        if grpc {
+            self.into_grpc_response()
+        } else {
+            self.into_response()
+        }
+    }
+
+    fn parts(&self) -> (ProblemKind, Cow<'static, str>, Option<Duration>) {
+        match self {
             Problem::Plain(kind) => (*kind, Cow::Borrowed(kind.detail()), None),
             Problem::InvalidKey(error) => (ProblemKind::InvalidKey, sentence(error), None),
             Problem::RetryAfter(kind, after) => (*kind, Cow::Borrowed(kind.detail()), Some(*after)),
-        };
+        }
+    }
+
+    /// A trailers-only gRPC answer: HTTP 200, `grpc-status` and `grpc-message` in the headers,
+    /// no body.
+    fn into_grpc_response<B>(self) -> Response<ResponseBody<B>> {
+        let (kind, detail, _) = self.parts();
+        let mut response = Response::new(ResponseBody::full(Bytes::new()));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(
+            "grpc-status",
+            HeaderValue::from(u16::from(kind.grpc_code())),
+        );
+        let message = percent_encode(&format!("{}: {detail}", kind.slug()));
+        if let Ok(value) = HeaderValue::try_from(message) {
+            headers.insert("grpc-message", value);
+        }
+        response
+    }
+
+    /// The HTTP answer: a problem document.
+    fn into_response<B>(self) -> Response<ResponseBody<B>> {
+        let (kind, detail, retry_after) = self.parts();
         let status = kind.status();
         let body = serde_json::json!({
             "type": kind.type_uri(),
@@ -168,6 +207,19 @@ impl Problem {
         }
         response
     }
+}
+
+/// gRPC's percent-encoding of `grpc-message`: bytes outside visible ASCII and space, and `%`.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 /// A key error as a sentence: capitalised, with a full stop.

@@ -3,20 +3,25 @@
 //! Layout (all integers big-endian):
 //!
 //! ```text
-//! "TI" version:u8=1 flags:u8 status:u16
+//! "TI" version:u8=2 flags:u8 status:u16
 //! header-count:u16  { name-len:u16 name value-len:u32 value }*   response headers
 //! carried-count:u16 { name-len:u16 name value-len:u32 value }*   e.g. the first x-request-id
+//! trailer-count:u16 { name-len:u16 name value-len:u32 value }*   when flags has TRAILERS
 //! body (the rest)
 //! ```
 //!
-//! A record written by an unknown version is refused as corrupt rather than misread. Decoding
+//! Version 1 (no trailers) is still read. A record written by an unknown version is refused as
+//! corrupt rather than misread. Decoding
 //! does not copy the body: the replayed body shares the stored bytes.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 const MAGIC: &[u8; 2] = b"TI";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// The response ended with trailers (gRPC's `grpc-status`, for one), stored after the carried
+/// headers.
+const FLAG_TRAILERS: u8 = 2;
 /// The response body was too large to keep: only the status and headers were stored.
 const FLAG_BODY_OMITTED: u8 = 1;
 
@@ -29,6 +34,8 @@ pub(crate) struct StoredResponse {
     pub(crate) carried: Vec<(HeaderName, HeaderValue)>,
     pub(crate) body: Bytes,
     pub(crate) body_omitted: bool,
+    /// The trailers the response ended with, if any.
+    pub(crate) trailers: Option<HeaderMap>,
 }
 
 /// Why a stored record could not be decoded.
@@ -54,17 +61,25 @@ pub(crate) fn encode<'a>(
     keep: impl Fn(&HeaderName) -> bool,
     carried: &[(HeaderName, HeaderValue)],
     body: Option<impl Iterator<Item = &'a Bytes> + Clone>,
+    trailers: Option<&HeaderMap>,
 ) -> Bytes {
     let body_len: usize = body
         .clone()
         .map_or(0, |chunks| chunks.map(Bytes::len).sum());
     let kept = || headers.iter().filter(|(name, _)| keep(name));
     let head_len: usize = kept().map(|(n, v)| header_len(n, v)).sum::<usize>()
-        + carried.iter().map(|(n, v)| header_len(n, v)).sum::<usize>();
-    let mut buf = BytesMut::with_capacity(10 + head_len + body_len);
+        + carried.iter().map(|(n, v)| header_len(n, v)).sum::<usize>()
+        + trailers.map_or(0, |t| {
+            t.iter().map(|(n, v)| header_len(n, v)).sum::<usize>()
+        });
+    let mut buf = BytesMut::with_capacity(12 + head_len + body_len);
     buf.put_slice(MAGIC);
     buf.put_u8(VERSION);
-    buf.put_u8(if body.is_some() { 0 } else { FLAG_BODY_OMITTED });
+    let mut flags = if body.is_some() { 0 } else { FLAG_BODY_OMITTED };
+    if trailers.is_some() {
+        flags |= FLAG_TRAILERS;
+    }
+    buf.put_u8(flags);
     buf.put_u16(status.as_u16());
     let count_at = buf.len();
     buf.put_u16(0);
@@ -77,6 +92,12 @@ pub(crate) fn encode<'a>(
     buf.put_u16(carried.len() as u16);
     for (name, value) in carried {
         put_header(&mut buf, name, value);
+    }
+    if let Some(trailers) = trailers {
+        buf.put_u16(trailers.len() as u16);
+        for (name, value) in trailers {
+            put_header(&mut buf, name, value);
+        }
     }
     for chunk in body.into_iter().flatten() {
         buf.put_slice(chunk);
@@ -125,30 +146,47 @@ impl Reader {
     }
 }
 
+impl Reader {
+    /// A count, then that many headers.
+    fn header_map(&mut self) -> Result<HeaderMap, DecodeError> {
+        let count = self.u16()? as usize;
+        // Each header takes at least 6 bytes: a corrupt count must not reserve more than the
+        // rest could hold (nor more than a `HeaderMap` can, which would panic).
+        let room = (self.buf.len() - self.pos) / 6;
+        let mut map = HeaderMap::try_with_capacity(count.min(room)).map_err(|_| DecodeError)?;
+        for _ in 0..count {
+            let (name, value) = self.header()?;
+            map.try_append(name, value).map_err(|_| DecodeError)?;
+        }
+        Ok(map)
+    }
+}
+
 /// Decodes what [`encode`] wrote.
 pub(crate) fn decode(payload: Bytes) -> Result<StoredResponse, DecodeError> {
     let mut r = Reader {
         buf: payload,
         pos: 0,
     };
-    if &r.take(2)?[..] != MAGIC || r.u8()? != VERSION {
+    if &r.take(2)?[..] != MAGIC {
+        return Err(DecodeError);
+    }
+    let version = r.u8()?;
+    if version != 1 && version != VERSION {
         return Err(DecodeError);
     }
     let flags = r.u8()?;
     let status = StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError)?;
-    let count = r.u16()? as usize;
-    // Each header takes at least 6 bytes: a corrupt count must not reserve more than the rest
-    // could hold (nor more than a `HeaderMap` can, which would panic).
-    let room = (r.buf.len() - r.pos) / 6;
-    let mut headers = HeaderMap::try_with_capacity(count.min(room)).map_err(|_| DecodeError)?;
-    for _ in 0..count {
-        let (name, value) = r.header()?;
-        headers.try_append(name, value).map_err(|_| DecodeError)?;
-    }
+    let headers = r.header_map()?;
     let carried_count = r.u16()? as usize;
     let carried = (0..carried_count)
         .map(|_| r.header())
         .collect::<Result<_, _>>()?;
+    let trailers = if version >= 2 && flags & FLAG_TRAILERS != 0 {
+        Some(r.header_map()?)
+    } else {
+        None
+    };
     let body = r.buf.slice(r.pos..);
     let body_omitted = flags & FLAG_BODY_OMITTED != 0;
     if body_omitted && !body.is_empty() {
@@ -161,6 +199,7 @@ pub(crate) fn decode(payload: Bytes) -> Result<StoredResponse, DecodeError> {
         carried,
         body,
         body_omitted,
+        trailers,
     })
 }
 
@@ -185,6 +224,8 @@ mod tests {
     fn an_omitted_body_with_bytes_behind_it_is_refused() {
         let crash = b"TI\x01\x01\x01\x01\x00\x00\x00\x00ITI\x01\x00\x01\x00\xf9I";
         assert!(decode(Bytes::from_static(crash)).is_err());
+        let crash = b"TI\x02\x01\x01\x01\x00\x00\x00\x00ITI\x01\x00\x01\x00\xf9I";
+        assert!(decode(Bytes::from_static(crash)).is_err());
     }
 
     #[test]
@@ -204,6 +245,7 @@ mod tests {
             |_| true,
             &carried,
             Some(body.iter()),
+            None,
         );
         let decoded = decode(payload).unwrap();
         assert_eq!(decoded.status, StatusCode::CREATED);
@@ -211,6 +253,37 @@ mod tests {
         assert_eq!(decoded.carried, carried);
         assert_eq!(decoded.body, Bytes::from_static(b"{\"id\":1}"));
         assert!(!decoded.body_omitted);
+        assert_eq!(decoded.trailers, None);
+    }
+
+    #[test]
+    fn trailers_round_trip() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        trailers.insert("grpc-message", HeaderValue::from_static(""));
+        let body = [Bytes::from_static(b"\0\0\0\0\x02\x08\x01")];
+        let decoded = decode(encode(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            |_| true,
+            &[],
+            Some(body.iter()),
+            Some(&trailers),
+        ))
+        .unwrap();
+        assert_eq!(decoded.trailers, Some(trailers));
+        assert_eq!(decoded.body, body[0]);
+    }
+
+    /// Records written before trailers were kept (version 1) still replay.
+    #[test]
+    fn version_1_records_are_still_read() {
+        let v1 = b"TI\x01\x00\x00\xc9\x00\x01\x00\x0ccontent-type\x00\x00\x00\x10application/json\x00\x00{}";
+        let decoded = decode(Bytes::from_static(v1)).unwrap();
+        assert_eq!(decoded.status, StatusCode::CREATED);
+        assert_eq!(decoded.headers["content-type"], "application/json");
+        assert_eq!(decoded.body, "{}");
+        assert_eq!(decoded.trailers, None);
     }
 
     #[test]
@@ -221,6 +294,7 @@ mod tests {
             |_| true,
             &[],
             None::<std::slice::Iter<'_, Bytes>>,
+            None,
         ))
         .unwrap();
         assert!(decoded.body_omitted);
@@ -235,9 +309,10 @@ mod tests {
             |_| true,
             &[],
             Some([].iter()),
+            None,
         );
         let mut future = payload.to_vec();
-        future[2] = 2;
+        future[2] = 3;
         assert!(decode(Bytes::from(future)).is_err());
         for cut in 0..payload.len() {
             assert!(decode(payload.slice(..cut)).is_err(), "cut at {cut}");

@@ -26,6 +26,7 @@ pub(crate) async fn duplicate<ReqBody, ResBody>(
     record: Record,
     body: ReqBody,
     hasher: Option<FingerprintHasher>,
+    grpc: bool,
 ) -> (Response<ResponseBody<ResBody>>, Outcome)
 where
     ReqBody: Body,
@@ -41,7 +42,7 @@ where
             Ok(fingerprint) if protocol::same_payload(Some(stored), Some(fingerprint)) => {}
             Ok(_) => {
                 return (
-                    Problem::Plain(ProblemKind::KeyReused).into_response(),
+                    Problem::Plain(ProblemKind::KeyReused).respond(grpc),
                     Outcome::Mismatch,
                 )
             }
@@ -52,14 +53,14 @@ where
                     "duplicate's body over the limit"
                 );
                 return (
-                    Problem::Plain(ProblemKind::BodyTooLarge).into_response(),
+                    Problem::Plain(ProblemKind::BodyTooLarge).respond(grpc),
                     Outcome::BodyTooLarge,
                 );
             }
             Err(HashError::Body(error)) => {
                 tracing::debug!(outcome = "unreadable_body", %error, "duplicate's body failed");
                 return (
-                    Problem::Plain(ProblemKind::UnreadableBody).into_response(),
+                    Problem::Plain(ProblemKind::UnreadableBody).respond(grpc),
                     Outcome::Unreadable,
                 );
             }
@@ -77,7 +78,7 @@ where
         Err(error) => {
             tracing::error!(outcome = "unreadable_record", %error, "stored response cannot be decoded");
             (
-                Problem::Plain(ProblemKind::UnreadableRecord).into_response(),
+                Problem::Plain(ProblemKind::UnreadableRecord).respond(grpc),
                 Outcome::Unreadable,
             )
         }
@@ -86,7 +87,10 @@ where
 
 /// Builds the replay of a stored response.
 fn replay<B>(stored: record::StoredResponse, config: &Config) -> Response<ResponseBody<B>> {
-    let mut response = Response::new(ResponseBody::full(stored.body));
+    let mut response = Response::new(ResponseBody::full_with_trailers(
+        stored.body,
+        stored.trailers,
+    ));
     *response.status_mut() = stored.status;
     let headers = response.headers_mut();
     *headers = stored.headers;

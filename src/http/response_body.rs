@@ -24,7 +24,7 @@ pin_project_lite::pin_project! {
     enum Kind<B> {
         Inner { #[pin] body: B },
         Prefixed { prefix: VecDeque<Frame<Bytes>>, rest: Pin<Box<B>> },
-        Full { data: Option<Bytes> },
+        Full { data: Option<Bytes>, trailers: Option<http::HeaderMap> },
     }
 }
 
@@ -43,9 +43,15 @@ impl<B> ResponseBody<B> {
     }
 
     pub(crate) fn full(data: Bytes) -> Self {
+        Self::full_with_trailers(data, None)
+    }
+
+    /// A stored body, then the trailers it ended with (a replay).
+    pub(crate) fn full_with_trailers(data: Bytes, trailers: Option<http::HeaderMap>) -> Self {
         Self {
             kind: Kind::Full {
                 data: (!data.is_empty()).then_some(data),
+                trailers,
             },
         }
     }
@@ -69,7 +75,12 @@ where
                 Some(frame) => Poll::Ready(Some(Ok(frame))),
                 None => rest.as_mut().poll_frame(cx).map_err(Into::into),
             },
-            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Full { data, trailers } => Poll::Ready(
+                data.take()
+                    .map(Frame::data)
+                    .or_else(|| trailers.take().map(Frame::trailers))
+                    .map(Ok),
+            ),
         }
     }
 
@@ -77,7 +88,7 @@ where
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
             Kind::Prefixed { prefix, rest } => prefix.is_empty() && rest.is_end_stream(),
-            Kind::Full { data } => data.is_none(),
+            Kind::Full { data, trailers } => data.is_none() && trailers.is_none(),
         }
     }
 
@@ -97,7 +108,7 @@ where
                 }
                 hint
             }
-            Kind::Full { data } => {
+            Kind::Full { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }

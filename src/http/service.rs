@@ -131,6 +131,7 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let (mut parts, body) = request.into_parts();
         let config = &self.config;
+        let grpc = config.is_grpc(&parts);
         let (store_key, ticket) = match admit(config, &self.tracker, &mut parts) {
             Admission::Guard(store_key, ticket) => (store_key, ticket),
             Admission::Pass(outcome) => {
@@ -139,7 +140,7 @@ where
             }
             Admission::Refuse(problem, outcome) => {
                 config.on_outcome.fire(outcome);
-                return ResponseFuture::ready(problem.into_response());
+                return ResponseFuture::ready(problem.respond(grpc));
             }
         };
         let span = tracing::debug_span!("idempotency", key = %store_key, method = %parts.method, path = parts.uri.path());
@@ -153,6 +154,7 @@ where
             inner: protocol::take_ready(&mut self.inner),
             store: self.store.clone(),
             config: self.config.clone(),
+            grpc,
             _body: PhantomData,
         };
         let hook = self.config.on_outcome.clone();
@@ -165,7 +167,7 @@ where
                     Err(panic) => {
                         panic.report();
                         (
-                            Ok(Problem::Plain(ProblemKind::HandlerPanicked).into_response()),
+                            Ok(Problem::Plain(ProblemKind::HandlerPanicked).respond(grpc)),
                             Outcome::Released(ReleaseReason::Panic),
                         )
                     }
@@ -287,6 +289,8 @@ struct Guarded<S, St, ReqBody> {
     inner: S,
     store: St,
     config: Arc<Config>,
+    /// Whether the request is a gRPC call (answered in gRPC's terms).
+    grpc: bool,
     _body: PhantomData<fn(ReqBody)>,
 }
 
@@ -325,7 +329,7 @@ where
                     );
                 }
                 let (response, outcome) =
-                    replay::duplicate(&self.config, record, body, hasher).await;
+                    replay::duplicate(&self.config, record, body, hasher, self.grpc).await;
                 (Ok(response), outcome)
             }
             Ok(Begin::InFlight {
@@ -341,7 +345,7 @@ where
                     remaining.clamp(Duration::from_secs(1), self.config.retry_after)
                 });
                 let problem = Problem::RetryAfter(ProblemKind::InFlight, after);
-                (Ok(problem.into_response()), Outcome::Conflict)
+                (Ok(problem.respond(self.grpc)), Outcome::Conflict)
             }
             Err(error) => (
                 self.store_failed(error, parts, body).await,
@@ -361,7 +365,7 @@ where
                 tracing::error!(outcome = "store_error", %error, "store unavailable; failing closed");
                 let problem =
                     Problem::RetryAfter(ProblemKind::StoreUnavailable, self.config.retry_after);
-                Ok(problem.into_response())
+                Ok(problem.respond(self.grpc))
             }
             OnStoreError::FailOpen => {
                 tracing::warn!(outcome = "store_error", %error, "store unavailable; running without idempotency");
@@ -380,7 +384,7 @@ where
         body: ReqBody,
         hasher: Option<FingerprintHasher>,
     ) -> (Answer<ResBody, S::Error>, Outcome) {
-        let config = self.config.clone();
+        let (config, grpc) = (self.config.clone(), self.grpc);
         let carried = capture::carried_headers(&parts, &config);
         let (body, fingerprint) =
             request_body::attach(body, hasher, config.fingerprint.covers_body());
@@ -388,10 +392,10 @@ where
         let produced = guard
             .run(async {
                 let response = call.await?;
-                Ok(capture::read(response, &config).await)
+                Ok(capture::read(response, &config, grpc).await)
             })
             .await;
-        let captured = match storable(produced) {
+        let captured = match storable(produced, grpc) {
             ControlFlow::Continue(captured) => captured,
             ControlFlow::Break((answer, reason)) => {
                 guard.release().await;
@@ -413,6 +417,7 @@ where
 /// released, and why (logged).
 fn storable<B, E>(
     produced: Result<Result<Produced<B>, E>, Panicked>,
+    grpc: bool,
 ) -> ControlFlow<(Answer<B, E>, ReleaseReason), Captured<B>> {
     ControlFlow::Break(match produced {
         Ok(Ok(Produced::Storable(captured))) => return ControlFlow::Continue(captured),
@@ -423,12 +428,12 @@ fn storable<B, E>(
                 status = response.status().as_u16(),
                 "response not stored; releasing the key"
             );
-            (Ok(response.map(ResponseBody::inner)), reason)
+            (Ok(response), reason)
         }
         Ok(Ok(Produced::Failed(error))) => {
             tracing::error!(outcome = "not_stored", reason = "body_error", %error, "response body failed; releasing the key");
             (
-                Ok(Problem::Plain(ProblemKind::ResponseFailed).into_response()),
+                Ok(Problem::Plain(ProblemKind::ResponseFailed).respond(grpc)),
                 ReleaseReason::BodyError,
             )
         }
@@ -443,7 +448,7 @@ fn storable<B, E>(
         Err(panic) => {
             panic.report();
             (
-                Ok(Problem::Plain(ProblemKind::HandlerPanicked).into_response()),
+                Ok(Problem::Plain(ProblemKind::HandlerPanicked).respond(grpc)),
                 ReleaseReason::Panic,
             )
         }

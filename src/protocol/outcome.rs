@@ -77,6 +77,9 @@ pub enum ReleaseReason {
     Panic,
     /// The response body failed while it was read.
     BodyError,
+    /// A gRPC answer over the response size limit: it can only be replayed whole (with its
+    /// trailers), so it is not stored.
+    TooLarge,
 }
 
 impl ReleaseReason {
@@ -88,6 +91,7 @@ impl ReleaseReason {
             ReleaseReason::Error => "error",
             ReleaseReason::Panic => "panic",
             ReleaseReason::BodyError => "body_error",
+            ReleaseReason::TooLarge => "too_large",
         }
     }
 }
@@ -104,6 +108,7 @@ impl Outcome {
             Outcome::Released(ReleaseReason::Error) => "released_error",
             Outcome::Released(ReleaseReason::Panic) => "released_panic",
             Outcome::Released(ReleaseReason::BodyError) => "released_body_error",
+            Outcome::Released(ReleaseReason::TooLarge) => "released_too_large",
             Outcome::Replayed => "replayed",
             Outcome::Conflict => "conflict",
             Outcome::Mismatch => "mismatch",
