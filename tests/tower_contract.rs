@@ -126,3 +126,53 @@ async fn a_failing_response_body_answers_500_and_releases_the_key() {
         "released: the retry ran again"
     );
 }
+
+/// A response body that ends with trailers.
+struct WithTrailers(Option<Bytes>, Option<http::HeaderMap>);
+
+impl http_body::Body for WithTrailers {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let frame = match self.0.take() {
+            Some(data) => Some(http_body::Frame::data(data)),
+            None => self.1.take().map(http_body::Frame::trailers),
+        };
+        std::task::Poll::Ready(frame.map(Ok))
+    }
+}
+
+/// Trailers are part of the outcome (gRPC's status lives there, and so may an HTTP checksum):
+/// stored with the response and replayed after its body.
+#[tokio::test]
+async fn a_response_with_trailers_is_replayed_with_them() {
+    use http_body_util::BodyExt;
+    use tower::{service_fn, ServiceExt};
+    let handler = service_fn(|_: Req| async {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", http::HeaderValue::from_static("abc123"));
+        Ok::<_, std::convert::Infallible>(Response::new(WithTrailers(
+            Some(Bytes::from("body")),
+            Some(trailers),
+        )))
+    });
+    let service = tower::Layer::layer(&IdempotencyLayer::new(), handler);
+    for attempt in 0..2 {
+        let response = service.clone().oneshot(keyed_request()).await.unwrap();
+        assert_eq!(
+            response.headers().contains_key("idempotent-replayed"),
+            attempt == 1
+        );
+        let collected = response.into_body().collect().await.unwrap();
+        assert_eq!(
+            collected.trailers().unwrap()["x-checksum"],
+            "abc123",
+            "attempt {attempt}"
+        );
+        assert_eq!(collected.to_bytes(), "body");
+    }
+}
