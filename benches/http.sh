@@ -8,6 +8,7 @@
 # The four scenarios run in turn, ROUNDS times (default 3), so that drift of a shared machine
 # hits them all alike; the table gives the median of the rounds.
 # Usage: benches/http.sh [seconds-per-scenario-per-round=5] [connections=32]
+# STORE=redis://… or postgres://… runs the demo on that store (default: the memory store).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
@@ -22,7 +23,7 @@ fi
 
 cargo build -q --release --example demo_server
 out=$(mktemp)
-target/release/examples/demo_server --addr 127.0.0.1:0 >"$out" &
+target/release/examples/demo_server --addr 127.0.0.1:0 ${STORE:+--store "$STORE"} >"$out" &
 server=$!
 trap 'kill $server 2>/dev/null; rm -f "$out"' EXIT
 for _ in $(seq 100); do grep -q listening "$out" && break; sleep 0.1; done
@@ -49,7 +50,7 @@ stats=$(curl -s "$base/stats")
 
 echo
 echo "wrk -t$THREADS -c$CONNS; $ROUNDS rounds of ${SECS}s per scenario (after 1s of warm-up each), scenarios interleaved;"
-echo "$(nproc) cores shared by wrk and the server; demo $stats"
+echo "$(nproc) cores shared by wrk and the server${STORE:+ and the store}; store ${STORE:-memory}; demo $stats"
 echo
 printf '%s\n' "${results[@]}" | python3 -c '
 import statistics, sys

@@ -18,8 +18,10 @@ use super::{ClaimOutcome, KeyState, OwnerToken, Record, Store, StoreError};
 /// * **Table:** one row per key [`idempotency_records`, name configurable and validated],
 ///   created by [`migrate`](Self::migrate) (idempotent); the SQL is [`PostgresStore::schema_sql`]
 ///   for teams that run their own migrations.
-/// * **Atomicity:** a claim is one `INSERT … ON CONFLICT DO UPDATE … WHERE expires_at <= now()`:
-///   it takes a free key or a row whose lease lapsed, never a live one. Renew, complete and
+/// * **Atomicity:** a claim is one statement, `INSERT … ON CONFLICT DO NOTHING` joined with a
+///   read of the existing row: it takes a free key, or reports the live row (a replay is a
+///   plain read: no row lock, no write); a row whose lease or TTL lapsed is taken over by an
+///   `UPDATE … WHERE expires_at <= now()`. Renew, complete and
 ///   release are `UPDATE`/`DELETE … WHERE owner = $token AND expires_at > now()`.
 /// * **Clocks:** every lease and expiry is computed and compared with the database's `now()`.
 /// * **Expired rows** are ignored on read and overwritten by the next claim; delete them with
@@ -57,6 +59,7 @@ struct Wake {
 
 struct Sql {
     table: String,
+    take_over: String,
     /// The `NOTIFY` channel of completions and releases: `<table>_wake`.
     channel: String,
     delete: String,
@@ -91,13 +94,25 @@ impl Sql {
         Ok(Self {
             table: t.to_owned(),
             delete: format!("DELETE FROM {t} WHERE key = $1"),
+            // One round trip for the common cases, and no row lock on a replay: insert a fresh
+            // claim, or (the key exists) read the row as it stood before the statement. The
+            // insert's `DO NOTHING` takes no lock and writes nothing when the key exists.
             claim: format!(
-                "INSERT INTO {t} (key, owner, completed, fingerprint, payload, expires_at) \
-                 VALUES ($1, $2, false, NULL, NULL, now() + $3::bigint * interval '1 millisecond') \
-                 ON CONFLICT (key) DO UPDATE SET owner = EXCLUDED.owner, completed = false, \
-                 fingerprint = NULL, payload = NULL, expires_at = EXCLUDED.expires_at \
-                 WHERE {t}.expires_at <= now() \
-                 RETURNING key"
+                "WITH ins AS (\
+                   INSERT INTO {t} (key, owner, completed, fingerprint, payload, expires_at) \
+                   VALUES ($1, $2, false, NULL, NULL, now() + $3::bigint * interval '1 millisecond') \
+                   ON CONFLICT (key) DO NOTHING RETURNING key) \
+                 SELECT true, NULL::boolean, NULL::bytea, NULL::bytea, NULL::bigint FROM ins \
+                 UNION ALL \
+                 SELECT false, completed, fingerprint, payload, \
+                   (extract(epoch FROM expires_at - now()) * 1000)::bigint \
+                 FROM {t} WHERE key = $1 AND expires_at > now() AND NOT EXISTS (SELECT 1 FROM ins)"
+            ),
+            // The key's row had expired (a lapsed lease, a record past its TTL): take it over.
+            take_over: format!(
+                "UPDATE {t} SET owner = $2, completed = false, fingerprint = NULL, payload = NULL, \
+                 expires_at = now() + $3::bigint * interval '1 millisecond' \
+                 WHERE key = $1 AND expires_at <= now() RETURNING key"
             ),
             read: format!(
                 "SELECT completed, fingerprint, payload, \
@@ -391,42 +406,46 @@ impl Store for PostgresStore {
             .prepare_cached(&self.sql.claim)
             .await
             .map_err(StoreError::backend)?;
-        let read = client
-            .prepare_cached(&self.sql.read)
-            .await
-            .map_err(StoreError::backend)?;
-        // A row can vanish between the failed claim and the read (released, or expired): then
-        // claim again. Each round is atomic; the loop only retries after a concurrent change.
+        let token = *token;
+        let owner = &token_bytes(&token)[..];
+        // Each round is atomic; the loop only goes round again after a concurrent change (the
+        // row expired, or vanished between two statements).
         for _ in 0..8 {
-            let token = *token;
-            let owner = &token_bytes(&token)[..];
-            let claimed = client
+            let row = client
                 .query_opt(&claim, &[&key, &owner, &ms(lease)])
                 .await
                 .map_err(StoreError::backend)?;
-            if claimed.is_some() {
-                return Ok(ClaimOutcome::Claimed(token));
+            match row {
+                Some(row) if row.get::<_, bool>(0) => return Ok(ClaimOutcome::Claimed(token)),
+                Some(row) if row.get::<_, Option<bool>>(1) == Some(true) => {
+                    return Ok(ClaimOutcome::Completed(record_from_columns(
+                        row.get(2),
+                        row.get(3),
+                    )?));
+                }
+                Some(row) => {
+                    let remaining: Option<i64> = row.get(4);
+                    return Ok(ClaimOutcome::InFlight {
+                        lease_remaining: remaining
+                            .and_then(|ms| u64::try_from(ms).ok())
+                            .map(Duration::from_millis),
+                    });
+                }
+                // The key exists but its row expired: take it over, unless someone else did.
+                None => {
+                    let take_over = client
+                        .prepare_cached(&self.sql.take_over)
+                        .await
+                        .map_err(StoreError::backend)?;
+                    let taken = client
+                        .query_opt(&take_over, &[&key, &owner, &ms(lease)])
+                        .await
+                        .map_err(StoreError::backend)?;
+                    if taken.is_some() {
+                        return Ok(ClaimOutcome::Claimed(token));
+                    }
+                }
             }
-            let Some(row) = client
-                .query_opt(&read, &[&key])
-                .await
-                .map_err(StoreError::backend)?
-            else {
-                continue;
-            };
-            let completed: bool = row.get(0);
-            if !completed {
-                let remaining: Option<i64> = row.get(3);
-                return Ok(ClaimOutcome::InFlight {
-                    lease_remaining: remaining
-                        .and_then(|ms| u64::try_from(ms).ok())
-                        .map(Duration::from_millis),
-                });
-            }
-            return Ok(ClaimOutcome::Completed(record_from_columns(
-                row.get(1),
-                row.get(2),
-            )?));
         }
         Err(StoreError::backend("key kept changing while claiming it"))
     }
