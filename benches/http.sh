@@ -21,9 +21,13 @@ if ! command -v wrk >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then apt-get install -y -qq wrk >/dev/null; else sudo apt-get install -y -qq wrk >/dev/null; fi
 fi
 
-cargo build -q --release --example demo_server
+# DEMO=path runs another build of the demo (for before/after figures); default: this tree's.
+if [ -z "${DEMO:-}" ]; then
+  cargo build -q --release --example demo_server
+  DEMO=target/release/examples/demo_server
+fi
 out=$(mktemp)
-target/release/examples/demo_server --addr 127.0.0.1:0 ${STORE:+--store "$STORE"} >"$out" &
+"$DEMO" --addr 127.0.0.1:0 ${STORE:+--store "$STORE"} >"$out" &
 server=$!
 trap 'kill $server 2>/dev/null; rm -f "$out"' EXIT
 for _ in $(seq 100); do grep -q listening "$out" && break; sleep 0.1; done
