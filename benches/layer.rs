@@ -127,6 +127,39 @@ fn overhead(c: &mut Criterion) {
             request("idempotency-key", fresh.fetch_add(1, Ordering::Relaxed))
         })
     });
+    // First request on a store that is full: the steady state of a busy service, where every
+    // new record evicts the least recently used one (the default 64 MiB store, prefilled with
+    // three times what it holds).
+    let full_store = tower_idempotency::store::MemoryStore::new();
+    {
+        let mut service = tower::Layer::layer(
+            &IdempotencyLayer::with_store(full_store.clone()),
+            handler.clone(),
+        );
+        let capacity_records = 64 * 1024 * 1024 / 1800;
+        for n in 0..3 * capacity_records {
+            rt.block_on(drive(
+                &mut service,
+                request("idempotency-key", (1 << 50) + n),
+            ));
+        }
+        eprintln!(
+            "full store: {} records, {} bytes charged",
+            full_store.record_count(),
+            full_store.weighted_size()
+        );
+    }
+    let full = counter.clone();
+    group.bench_function("first_request_fresh_key_full_store", |b| {
+        let full = full.clone();
+        let service = tower::Layer::layer(
+            &IdempotencyLayer::with_store(full_store.clone()),
+            handler.clone(),
+        );
+        bench_requests(b, &rt, service, move |_| {
+            request("idempotency-key", full.fetch_add(1, Ordering::Relaxed))
+        })
+    });
     // Duplicate: the same key every time (replay).
     group.bench_function("replay", |b| {
         let mut service = layered();
