@@ -7,7 +7,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
-use super::waker::Wakers;
+use super::waker::Wake;
 use super::{ClaimOutcome, KeyState, OwnerToken, Record, Store, StoreError};
 
 /// A store in PostgreSQL. See the [module docs](super) for the protocol.
@@ -48,13 +48,6 @@ pub struct PostgresStore {
     /// For the `LISTEN` connection (`None` over a bare pool: no wake-ups).
     config: Option<tokio_postgres::Config>,
     wake: Arc<Wake>,
-}
-
-/// The wake-up side of a store handle: its waiters, and whether its listener runs.
-#[derive(Default)]
-struct Wake {
-    wakers: Wakers,
-    started: std::sync::atomic::AtomicBool,
 }
 
 struct Sql {
@@ -236,60 +229,36 @@ impl PostgresStore {
     /// connection drops.
     fn start_listener(&self) {
         let Some(config) = &self.config else { return };
-        if self
-            .wake
-            .started
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.wake
-                .started
-                .store(false, std::sync::atomic::Ordering::SeqCst);
-            return;
-        };
         let (config, channel) = (config.clone(), self.sql.channel.clone());
-        let wake = Arc::downgrade(&self.wake);
-        runtime.spawn(async move {
-            loop {
-                if let Ok((client, mut connection)) = config.connect(NoTls).await {
+        self.wake
+            .start("the PostgreSQL LISTEN connection", move |listener| {
+                let (config, channel) = (config.clone(), channel.clone());
+                async move {
+                    let Ok((client, mut connection)) = config.connect(NoTls).await else {
+                        return;
+                    };
                     let driver = tokio::spawn({
-                        let wake = wake.clone();
+                        let listener = listener.clone();
                         async move {
                             while let Some(Ok(message)) =
                                 std::future::poll_fn(|cx| connection.poll_message(cx)).await
                             {
                                 if let tokio_postgres::AsyncMessage::Notification(note) = message {
-                                    let Some(alive) = wake.upgrade() else { return };
-                                    alive.wakers.wake(note.payload());
+                                    if !listener.wake(note.payload()) {
+                                        return;
+                                    }
                                 }
                             }
                         }
                     });
-                    if client
-                        .batch_execute(&format!("LISTEN \"{channel}\""))
-                        .await
-                        .is_ok()
-                    {
-                        let Some(alive) = wake.upgrade() else { return };
-                        alive.wakers.set_listening(true);
-                        drop(alive);
+                    let listen = format!("LISTEN \"{channel}\"");
+                    if client.batch_execute(&listen).await.is_ok() && listener.subscribed() {
                         let _ = driver.await;
                     } else {
                         driver.abort();
                     }
-                    drop(client);
                 }
-                let Some(alive) = wake.upgrade() else { return };
-                alive.wakers.set_listening(false);
-                drop(alive);
-                tracing::debug!(
-                    "postgres LISTEN connection lost; waiters back off until it is back"
-                );
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        });
+            });
     }
 
     /// Uses `table` (letters, digits, underscores; optionally `schema.table`).

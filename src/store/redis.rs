@@ -8,7 +8,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
-use super::waker::Wakers;
+use super::waker::Wake;
 use super::{ClaimOutcome, KeyState, OwnerToken, Record, Store, StoreError};
 
 /// Format version of the values this store writes.
@@ -131,13 +131,6 @@ impl redis::aio::ConnectionLike for Connection {
             Connection::Cluster(c) => c.get_db(),
         }
     }
-}
-
-/// The wake-up side of a store handle: its waiters, and whether its subscriber runs.
-#[derive(Default)]
-struct Wake {
-    wakers: Wakers,
-    started: std::sync::atomic::AtomicBool,
 }
 
 struct Scripts {
@@ -317,47 +310,28 @@ impl RedisStore {
     /// resubscribes (after a pause) whenever its connection drops.
     fn start_subscriber(&self) {
         let Some(client) = &self.client else { return };
-        if self
-            .wake
-            .started
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.wake
-                .started
-                .store(false, std::sync::atomic::Ordering::SeqCst);
-            return;
-        };
         let (client, channel) = (client.clone(), self.channel());
-        let wake = Arc::downgrade(&self.wake);
-        runtime.spawn(async move {
-            use futures_util::StreamExt;
-            loop {
-                if let Ok(mut pubsub) = client.get_async_pubsub().await {
-                    if pubsub.subscribe(&channel).await.is_ok() {
-                        let Some(alive) = wake.upgrade() else { return };
-                        alive.wakers.set_listening(true);
-                        drop(alive);
-                        let mut messages = pubsub.on_message();
-                        while let Some(message) = messages.next().await {
-                            let Some(alive) = wake.upgrade() else { return };
-                            if let Ok(key) = message.get_payload::<String>() {
-                                alive.wakers.wake(&key);
+        self.wake
+            .start("the Redis wake-up subscriber", move |listener| {
+                let (client, channel) = (client.clone(), channel.clone());
+                async move {
+                    use futures_util::StreamExt;
+                    let Ok(mut pubsub) = client.get_async_pubsub().await else {
+                        return;
+                    };
+                    if pubsub.subscribe(&channel).await.is_err() || !listener.subscribed() {
+                        return;
+                    }
+                    let mut messages = pubsub.on_message();
+                    while let Some(message) = messages.next().await {
+                        if let Ok(key) = message.get_payload::<String>() {
+                            if !listener.wake(&key) {
+                                return;
                             }
                         }
                     }
                 }
-                let Some(alive) = wake.upgrade() else { return };
-                alive.wakers.set_listening(false);
-                drop(alive);
-                tracing::debug!(
-                    "redis wake-up subscriber disconnected; waiters back off until it is back"
-                );
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        });
+            });
     }
 
     /// Prefixes every Redis key \[`idempotency:`\] (and the wake-up channel, `<prefix>wake`).

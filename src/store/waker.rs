@@ -7,8 +7,9 @@
 //! that bound. While the listener is down, waiters back off with jitter as without it.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -65,5 +66,66 @@ impl Wakers {
         };
         let bound = LISTENING_BOUND + Duration::from_millis(fastrand::u64(0..250));
         let _ = tokio::time::timeout(bound, receiver.changed()).await;
+    }
+}
+
+/// The wake-up side of a shared store's handle (and its clones): its waiters, and whether its
+/// listener was started.
+#[derive(Default)]
+pub(crate) struct Wake {
+    pub(crate) wakers: Wakers,
+    started: AtomicBool,
+}
+
+/// What a listener session holds: the handle's wake-up side, while the store lives.
+#[derive(Clone)]
+pub(crate) struct Listener(Weak<Wake>);
+
+impl Listener {
+    /// Wakes the local waiters of `key`; `false` once the store is gone (stop listening).
+    pub(crate) fn wake(&self, key: &str) -> bool {
+        self.0.upgrade().map(|wake| wake.wakers.wake(key)).is_some()
+    }
+
+    /// The session is subscribed: waiters may rely on notifications; `false` once the store
+    /// is gone.
+    pub(crate) fn subscribed(&self) -> bool {
+        self.0
+            .upgrade()
+            .map(|wake| wake.wakers.set_listening(true))
+            .is_some()
+    }
+}
+
+impl Wake {
+    /// Starts the listener of this handle, once: `session` connects, subscribes (then calls
+    /// [`Listener::subscribed`]), and forwards notifications until its connection drops; it is
+    /// run again after a pause, for as long as the store lives. While no session is
+    /// subscribed, waiters back off.
+    pub(crate) fn start<S, Fut>(self: &Arc<Self>, what: &'static str, mut session: S)
+    where
+        S: FnMut(Listener) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        if self.started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.started.store(false, Ordering::SeqCst);
+            return;
+        };
+        let wake = Arc::downgrade(self);
+        runtime.spawn(async move {
+            loop {
+                session(Listener(wake.clone())).await;
+                let Some(alive) = wake.upgrade() else { return };
+                alive.wakers.set_listening(false);
+                drop(alive);
+                tracing::debug!(
+                    "{what} disconnected; waiting duplicates back off until it is back"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
     }
 }
