@@ -164,8 +164,6 @@ async fn an_evicting_policy_is_reported_and_refused_in_strict_mode() {
 /// A service can start before its Redis: requests get 503 until it answers, then work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lazy_store_starts_before_redis_and_works_once_it_is_up() {
-    use support::{app, request, send};
-    use tower_idempotency::IdempotencyLayer;
     if std::env::var_os("REDIS_URL").is_some() {
         eprintln!("skipped: REDIS_URL is an external server this test cannot stop");
         return;
@@ -181,23 +179,5 @@ async fn a_lazy_store_starts_before_redis_and_works_once_it_is_up() {
     );
     let store =
         RedisStore::connect_lazy(&server.url()).expect("lazy connect never needs the server");
-    let (mut app, probe) = app(IdempotencyLayer::with_store(store));
-    send(&mut app, request(Some("early"), "{}", &[]))
-        .await
-        .assert_problem(503, "store-unavailable");
-    server.restart();
-    let started = std::time::Instant::now();
-    let answer = loop {
-        let answer = send(&mut app, request(Some("early"), "{}", &[])).await;
-        if answer.status != 503 {
-            break answer;
-        }
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(15),
-            "never recovered"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
-    assert_eq!(answer.status, 201);
-    assert_eq!(probe.executions(), 1);
+    shared_store::a_lazy_store_works_once_its_server_is_up(store, || server.restart()).await;
 }

@@ -181,6 +181,34 @@ pub async fn a_waiter_on_another_handle_is_woken_when_the_claim_ends<St: Store +
     }
 }
 
+/// A store made before its server answers (`connect_lazy`): keyed requests get 503 while the
+/// server is down, and work once `start` brought it up, without a new store.
+pub async fn a_lazy_store_works_once_its_server_is_up<St: Store + Clone>(
+    store: St,
+    start: impl FnOnce(),
+) {
+    use crate::support::{app, request, send};
+    let (mut app, probe) = app(tower_idempotency::IdempotencyLayer::with_store(store));
+    send(&mut app, request(Some("early"), "{}", &[]))
+        .await
+        .assert_problem(503, "store-unavailable");
+    start();
+    let started = std::time::Instant::now();
+    let answer = loop {
+        let answer = send(&mut app, request(Some("early"), "{}", &[])).await;
+        if answer.status != 503 {
+            break answer;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(answer.status, 201);
+    assert_eq!(probe.executions(), 1);
+}
+
 /// A 10,000-character scope (a long tenant id, a JWT subject) through the layer: stored and
 /// replayed like any other, whatever the backend's limits on key length.
 pub async fn a_very_long_scope_works<St: Store + Clone>(store: St) {
