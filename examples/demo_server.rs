@@ -72,6 +72,9 @@ struct Args {
     /// claims are released, in seconds.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
+    /// How many payments `GET /payments/{id}` remembers (the oldest are forgotten first).
+    #[arg(long, default_value_t = 100_000)]
+    max_payments: usize,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -80,25 +83,23 @@ enum Conflict {
     Wait,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct AppState {
     executions: Arc<AtomicU64>,
     payments: Arc<Mutex<Payments>>,
 }
 
-/// The payments made, at most `MAX_PAYMENTS` (the oldest are forgotten first): a demo must
-/// not grow without bound under a load test.
-#[derive(Default)]
+/// The payments made, at most `max` (the oldest are forgotten first): a demo must not grow
+/// without bound under a load test.
 struct Payments {
     by_id: HashMap<String, Value>,
     order: VecDeque<String>,
+    max: usize,
 }
-
-const MAX_PAYMENTS: usize = 100_000;
 
 impl Payments {
     fn insert(&mut self, id: String, payment: Value) {
-        if self.order.len() == MAX_PAYMENTS {
+        if self.order.len() >= self.max {
             if let Some(oldest) = self.order.pop_front() {
                 self.by_id.remove(&oldest);
             }
@@ -278,7 +279,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let args = Args::parse();
     let store = open_store(&args.store, args.memory_mib).await?;
-    let state = AppState::default();
+    let state = AppState {
+        executions: Arc::default(),
+        payments: Arc::new(Mutex::new(Payments {
+            by_id: HashMap::new(),
+            order: VecDeque::new(),
+            max: args.max_payments.max(1),
+        })),
+    };
     let idempotency = idempotency_layer(&args, store);
     let drain = idempotency.drain_handle();
     let guarded = ServiceBuilder::new()

@@ -154,3 +154,31 @@ async fn a_tenant_cannot_read_another_tenants_payment() {
     assert_eq!(own.body, created.body);
     assert_eq!(demo.send(get("globex")).await.status, 404);
 }
+
+/// The demo remembers a bounded number of payments (the oldest go first): a load test cannot
+/// grow it without bound.
+#[tokio::test]
+async fn the_demo_forgets_the_oldest_payments_past_its_bound() {
+    let demo = Demo::start(&["--max-payments", "2"]).await;
+    let mut locations = Vec::new();
+    for i in 0..3 {
+        let created = demo
+            .post("acme", Some(&format!("bound-{i}")), PAYMENT)
+            .await;
+        assert_eq!(created.status, 201);
+        locations.push(created.headers["location"].to_str().unwrap().to_owned());
+    }
+    let get = |location: &str| {
+        http::Request::get(format!("{}{location}", demo.base))
+            .header("authorization", "Bearer acme")
+            .body(http_body_util::Full::default())
+            .unwrap()
+    };
+    assert_eq!(
+        demo.send(get(&locations[0])).await.status,
+        404,
+        "the oldest is gone"
+    );
+    assert_eq!(demo.send(get(&locations[1])).await.status, 200);
+    assert_eq!(demo.send(get(&locations[2])).await.status, 200);
+}
