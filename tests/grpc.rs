@@ -3,11 +3,10 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 
 use http::uri::PathAndQuery;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -30,20 +29,8 @@ impl Drop for Server {
 
 impl Server {
     async fn start() -> Self {
-        let mut child = Command::new(support::demo::example_binary("grpc_server"))
-            .args(["--addr", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = tokio::process::ChildStdout::from_std(child.stdout.take().unwrap()).unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).await.unwrap();
-        let base = line
-            .trim()
-            .strip_prefix("listening on ")
-            .expect(&line)
-            .to_owned();
+        let binary = support::demo::example_binary("grpc_server");
+        let (child, base) = support::demo::spawn_listening(&binary, &[]).await;
         Self { child, base }
     }
 

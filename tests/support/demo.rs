@@ -43,6 +43,27 @@ fn demo_binary() -> PathBuf {
     example_binary("demo_server")
 }
 
+/// Starts `binary --addr 127.0.0.1:0 ARGS` and waits for its `listening on http://IP:PORT`
+/// line: the child and its base URL.
+pub async fn spawn_listening(binary: &std::path::Path, args: &[&str]) -> (Child, String) {
+    let mut child = Command::new(binary)
+        .args(["--addr", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = tokio::process::ChildStdout::from_std(child.stdout.take().unwrap()).unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).await.unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect(&line)
+        .to_owned();
+    (child, base)
+}
+
 pub struct Reply {
     pub status: StatusCode,
     pub headers: http::HeaderMap,
@@ -59,21 +80,7 @@ impl Reply {
 
 impl Demo {
     pub async fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(demo_binary())
-            .args(["--addr", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = tokio::process::ChildStdout::from_std(child.stdout.take().unwrap()).unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).await.unwrap();
-        let base = line
-            .trim()
-            .strip_prefix("listening on ")
-            .expect(&line)
-            .to_owned();
+        let (child, base) = spawn_listening(&demo_binary(), args).await;
         let client = Client::builder(TokioExecutor::new()).build_http();
         Self {
             child,
