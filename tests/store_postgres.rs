@@ -2,7 +2,7 @@
 
 mod support;
 
-use support::servers::{postgres_url, PostgresServer};
+use support::servers::postgres_url;
 use support::shared_store;
 use tower_idempotency::store::PostgresStore;
 
@@ -145,12 +145,7 @@ fn fastrand_suffix() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_goes_away_and_comes_back() {
-    if std::env::var_os("DATABASE_URL").is_some() {
-        eprintln!("skipped: DATABASE_URL is an external server this test cannot stop");
-        return;
-    }
-    let Some(server) = PostgresServer::start() else {
-        support::servers::unavailable("PostgreSQL");
+    let Some(server) = support::servers::own_postgres("stop") else {
         return;
     };
     let store = PostgresStore::connect(&server.url()).await.unwrap();
@@ -161,12 +156,7 @@ async fn a_server_that_goes_away_and_comes_back() {
 /// A service can start before its database: requests get 503 until it answers, then work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lazy_store_starts_before_postgres_and_works_once_it_is_up() {
-    if std::env::var_os("DATABASE_URL").is_some() {
-        eprintln!("skipped: DATABASE_URL is an external server this test cannot stop");
-        return;
-    }
-    let Some(server) = PostgresServer::start() else {
-        support::servers::unavailable("PostgreSQL");
+    let Some(server) = support::servers::own_postgres("stop") else {
         return;
     };
     PostgresStore::connect(&server.url())

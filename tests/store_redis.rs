@@ -2,7 +2,7 @@
 
 mod support;
 
-use support::servers::{redis_url, RedisServer};
+use support::servers::redis_url;
 use support::shared_store;
 use tower_idempotency::store::RedisStore;
 
@@ -46,12 +46,7 @@ async fn the_key_prefix_is_configurable_and_isolates_stores() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_goes_away_and_comes_back() {
-    if std::env::var_os("REDIS_URL").is_some() {
-        eprintln!("skipped: REDIS_URL is an external server this test cannot stop");
-        return;
-    }
-    let Some(server) = RedisServer::start() else {
-        support::servers::unavailable("redis-server");
+    let Some(server) = support::servers::own_redis("stop") else {
         return;
     };
     let store = RedisStore::connect(&server.url()).await.unwrap();
@@ -66,12 +61,7 @@ async fn a_claim_that_timed_out_and_landed_late_does_not_lock_the_key() {
     use std::time::Duration;
     use support::{app, request, send};
     use tower_idempotency::IdempotencyLayer;
-    if std::env::var_os("REDIS_URL").is_some() {
-        eprintln!("skipped: REDIS_URL is an external server this test cannot pause");
-        return;
-    }
-    let Some(server) = RedisServer::start() else {
-        support::servers::unavailable("redis-server");
+    let Some(server) = support::servers::own_redis("pause") else {
         return;
     };
     let store = RedisStore::connect(&server.url()).await.unwrap();
@@ -120,12 +110,7 @@ async fn a_claim_that_timed_out_and_landed_late_does_not_lock_the_key() {
 /// recommended configuration passes.
 #[tokio::test]
 async fn an_evicting_policy_is_reported_and_refused_in_strict_mode() {
-    if std::env::var_os("REDIS_URL").is_some() {
-        eprintln!("skipped: REDIS_URL is an external server this test must not reconfigure");
-        return;
-    }
-    let Some(server) = RedisServer::start() else {
-        support::servers::unavailable("redis-server");
+    let Some(server) = support::servers::own_redis("reconfigure") else {
         return;
     };
     let mut admin = redis::Client::open(server.url())
@@ -164,12 +149,7 @@ async fn an_evicting_policy_is_reported_and_refused_in_strict_mode() {
 /// A service can start before its Redis: requests get 503 until it answers, then work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lazy_store_starts_before_redis_and_works_once_it_is_up() {
-    if std::env::var_os("REDIS_URL").is_some() {
-        eprintln!("skipped: REDIS_URL is an external server this test cannot stop");
-        return;
-    }
-    let Some(server) = RedisServer::start() else {
-        support::servers::unavailable("redis-server");
+    let Some(server) = support::servers::own_redis("stop") else {
         return;
     };
     server.stop();

@@ -25,12 +25,40 @@ pub fn unavailable(what: &str) -> Option<String> {
     if std::env::var_os("CI").is_some() {
         panic!("{what} is not available and CI is set: install it (see .ci/run) or set its URL");
     }
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr().lock(),
-        "SKIPPED: {what} is not available (install it or set its URL variable); the tests that need it pass without running"
-    );
+    skip(&format!(
+        "{what} is not available (install it or set its URL variable); the tests that need it pass without running"
+    ));
     None
+}
+
+/// Says that a test skips, on the process's standard error directly (the harness captures
+/// `eprintln!`), so that `cargo test` shows it.
+pub fn skip(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
+}
+
+/// A Redis server this test owns (to stop, pause or reconfigure it), or `None` after saying
+/// why: `REDIS_URL` names an external server, or `redis-server` is missing.
+pub fn own_redis(to: &str) -> Option<RedisServer> {
+    if std::env::var_os("REDIS_URL").is_some() {
+        skip(&format!(
+            "REDIS_URL is an external server this test cannot {to}"
+        ));
+        return None;
+    }
+    RedisServer::start().or_else(|| unavailable("redis-server").and(None))
+}
+
+/// A PostgreSQL server this test owns, or `None` after saying why (see [`own_redis`]).
+pub fn own_postgres(to: &str) -> Option<PostgresServer> {
+    if std::env::var_os("DATABASE_URL").is_some() {
+        skip(&format!(
+            "DATABASE_URL is an external server this test cannot {to}"
+        ));
+        return None;
+    }
+    PostgresServer::start().or_else(|| unavailable("PostgreSQL").and(None))
 }
 
 fn free_port() -> u16 {
