@@ -25,7 +25,12 @@ const RECORD_OVERHEAD: u64 = 560;
 /// * Completed records live in a [moka] cache bounded by the **total bytes** of records
 ///   (keys, payloads and a fixed per-record overhead) [64 MiB], evicting the least recently
 ///   used record first. A record evicted early (capacity pressure) behaves like an expired one:
-///   a retry with its key runs again. Size the capacity for your retention.
+///   a retry with its key runs again. Size the capacity for your retention. The cache is
+///   keyed by a 64-bit hash of the key under a per-store random key (hashed once per call; the
+///   cache never touches key strings when it rehashes or evicts), and every read compares the
+///   whole key: two keys whose hashes collide (about one chance in 10¹⁰ per 50,000 stored
+///   keys, and nobody outside the process can aim for it) never see each other's record; the
+///   later one replaces the earlier, like an early eviction.
 /// * Claims in flight live apart from the cache, in a sharded map, so capacity pressure
 ///   never evicts a claim: only its lease lapsing or its owner completing or releasing it ends it.
 /// * Expiry (record TTLs and leases) is measured with [`tokio::time::Instant`], so tests can
@@ -46,13 +51,17 @@ pub struct MemoryStore {
 }
 
 struct Inner {
-    records: moka::sync::Cache<Arc<str>, Stored, RandomState>,
+    /// Completed records, by the keyed 64-bit hash of their key (see [`Inner::slot`]).
+    records: moka::sync::Cache<u64, Stored, RandomState>,
     claims: Box<[Mutex<Shard>]>,
     hasher: RandomState,
 }
 
 #[derive(Clone)]
 struct Stored {
+    /// The record's whole key: a read checks it, so two keys whose hashes collide never see
+    /// each other's record (the later one replaces the earlier, like an early eviction).
+    key: Arc<str>,
     record: Record,
     expires_at: Instant,
 }
@@ -106,9 +115,10 @@ impl MemoryStoreBuilder {
             // LRU admits every new record; TinyLFU could refuse a fresh one, which would let
             // its retry run again.
             .eviction_policy(EvictionPolicy::lru())
-            .weigher(|key: &Arc<str>, stored: &Stored| {
-                let weight =
-                    key.len() as u64 + stored.record.payload().len() as u64 + RECORD_OVERHEAD;
+            .weigher(|_slot: &u64, stored: &Stored| {
+                let weight = stored.key.len() as u64
+                    + stored.record.payload().len() as u64
+                    + RECORD_OVERHEAD;
                 u32::try_from(weight).unwrap_or(u32::MAX)
             })
             .expire_after(Expiry)
@@ -143,10 +153,10 @@ impl Default for MemoryStoreBuilder {
 /// on it: every read checks `expires_at` itself, against tokio's clock.
 struct Expiry;
 
-impl moka::Expiry<Arc<str>, Stored> for Expiry {
+impl moka::Expiry<u64, Stored> for Expiry {
     fn expire_after_create(
         &self,
-        _key: &Arc<str>,
+        _slot: &u64,
         value: &Stored,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
@@ -157,12 +167,21 @@ impl moka::Expiry<Arc<str>, Stored> for Expiry {
     // clocks differ under a paused test clock) must take its own expiry, not keep the old one.
     fn expire_after_update(
         &self,
-        _key: &Arc<str>,
+        _slot: &u64,
         value: &Stored,
         _updated_at: std::time::Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
         Some(value.expires_at.saturating_duration_since(Instant::now()))
+    }
+}
+
+impl Inner {
+    /// Where `key` lives: its hash under this store's random key (so nobody outside can aim
+    /// two keys at one slot), computed once per call and used by the record cache (which then
+    /// never hashes, compares or rehashes key strings) and to pick the claim shard.
+    fn slot(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
     }
 }
 
@@ -190,8 +209,8 @@ impl MemoryStore {
         self.inner.records.entry_count()
     }
 
-    fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
-        let index = self.inner.hasher.hash_one(key) as usize % SHARDS;
+    fn shard(&self, slot: u64) -> MutexGuard<'_, Shard> {
+        let index = slot as usize % SHARDS;
         // A panic while holding a shard lock cannot leave a shard half-updated (every update
         // is a single map operation), so a poisoned lock is safe to keep using.
         self.inner.claims[index]
@@ -199,8 +218,14 @@ impl MemoryStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn live_record(&self, key: &str, now: Instant) -> Option<Record> {
-        let stored = self.inner.records.get(key)?;
+    /// The record stored under `key`, whatever its expiry.
+    fn stored(&self, key: &str, slot: u64) -> Option<Stored> {
+        let stored = self.inner.records.get(&slot)?;
+        (*stored.key == *key).then_some(stored)
+    }
+
+    fn live_record(&self, key: &str, slot: u64, now: Instant) -> Option<Record> {
+        let stored = self.stored(key, slot)?;
         (stored.expires_at > now).then_some(stored.record)
     }
 
@@ -254,11 +279,12 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
         let now = Instant::now();
+        let slot = self.inner.slot(key);
         // The replay path: no lock.
-        if let Some(record) = self.live_record(key, now) {
+        if let Some(record) = self.live_record(key, slot, now) {
             return Ok(ClaimOutcome::Completed(record));
         }
-        let mut shard = self.shard(key);
+        let mut shard = self.shard(slot);
         if let Some(claim) = shard.map.get(key) {
             if claim.deadline > now {
                 return Ok(ClaimOutcome::InFlight {
@@ -268,7 +294,7 @@ impl Store for MemoryStore {
         }
         // Records are written under the shard lock (see `complete`), so this second look
         // cannot miss one that a completion made between the first look and the lock.
-        if let Some(record) = self.live_record(key, now) {
+        if let Some(record) = self.live_record(key, slot, now) {
             return Ok(ClaimOutcome::Completed(record));
         }
         let token = *token;
@@ -291,7 +317,7 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         let now = Instant::now();
-        let mut shard = self.shard(key);
+        let mut shard = self.shard(self.inner.slot(key));
         match shard.map.get_mut(key) {
             Some(claim) if claim.token == *token && claim.deadline > now => {
                 claim.deadline = crate::protocol::later(now, lease);
@@ -308,24 +334,27 @@ impl Store for MemoryStore {
         record: Record,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let mut shard = self.shard(key);
+        let slot = self.inner.slot(key);
+        let mut shard = self.shard(slot);
         let (key, _claim) = Self::take_claim(&mut shard, key, token)?;
         let stored = Stored {
+            key,
             record,
             expires_at: crate::protocol::later(Instant::now(), ttl),
         };
-        self.inner.records.insert(key, stored);
+        self.inner.records.insert(slot, stored);
         Ok(())
     }
 
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
-        let mut shard = self.shard(key);
+        let mut shard = self.shard(self.inner.slot(key));
         Self::take_claim(&mut shard, key, token).map(drop)
     }
 
     async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
         let now = Instant::now();
-        if let Some(stored) = self.inner.records.get(key) {
+        let slot = self.inner.slot(key);
+        if let Some(stored) = self.stored(key, slot) {
             if stored.expires_at > now {
                 return Ok(KeyState::Completed {
                     expires_in: Some(stored.expires_at - now),
@@ -333,7 +362,7 @@ impl Store for MemoryStore {
                 });
             }
         }
-        Ok(match self.shard(key).map.get(key) {
+        Ok(match self.shard(slot).map.get(key) {
             Some(claim) if claim.deadline > now => KeyState::InFlight {
                 lease_remaining: Some(claim.deadline - now),
             },
@@ -342,15 +371,17 @@ impl Store for MemoryStore {
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        let mut shard = self.shard(key);
+        let slot = self.inner.slot(key);
+        let mut shard = self.shard(slot);
         let claim = shard.map.remove(key).is_some();
-        let record = self.inner.records.remove(key).is_some();
+        // Under the shard lock, which every write of this slot's records takes.
+        let record = self.stored(key, slot).is_some() && self.inner.records.remove(&slot).is_some();
         Ok(claim || record)
     }
 
     async fn wait(&self, key: &str, attempt: u32) {
         let mut receiver = {
-            let mut shard = self.shard(key);
+            let mut shard = self.shard(self.inner.slot(key));
             match shard.map.get_mut(key) {
                 Some(claim) => match &claim.waiters {
                     Some(sender) => sender.subscribe(),
@@ -425,6 +456,23 @@ mod tests {
             ClaimOutcome::Completed(record) => assert_eq!(record.payload(), "new"),
             other => panic!("the new record must live for its own TTL, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_record_under_a_colliding_hash_is_not_another_keys_record() {
+        let store = MemoryStore::new();
+        stored(&store, "tenant-b|POST|/charges|k", "b's answer", LEASE).await;
+        // What a hash collision would leave: b's record in the slot of a's key.
+        let b_slot = store.inner.slot("tenant-b|POST|/charges|k");
+        let b = store.inner.records.get(&b_slot).unwrap();
+        store
+            .inner
+            .records
+            .insert(store.inner.slot("tenant-a|POST|/charges|k"), b);
+        let a = "tenant-a|POST|/charges|k";
+        assert!(matches!(store.inspect(a).await.unwrap(), KeyState::Absent));
+        assert!(!store.delete(a).await.unwrap(), "nothing of a's to delete");
+        claimed(&store, a).await;
     }
 
     #[tokio::test(start_paused = true)]
