@@ -1,6 +1,7 @@
 //! [`RedisStore`]: records shared by every instance of a service, in Redis (feature `redis`).
 
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,8 +64,10 @@ return 0
 /// * **Client:** the `redis` crate (1.x) with its tokio [`ConnectionManager`], chosen because
 ///   it multiplexes every call over one connection and reconnects by itself after the server
 ///   goes away, so a restarted Redis needs no restart of the application.
-/// * **Atomicity:** a claim is `SET key claim NX PX lease` (inside one Lua script that also
-///   returns the record or the remaining lease, in one round trip). Renew, complete and
+/// * **Atomicity:** a claim is `SET key claim NX PX lease GET`, one plain command that also
+///   returns the record (so a replay is one round trip; a claim found in flight costs a
+///   second, `PTTL`). Servers before Redis 7.0 refuse that form; the store then claims with a
+///   Lua script that does the same, from the first refusal on. Renew, complete and
 ///   release are Lua compare-and-set scripts against the owner token, so a process whose lease
 ///   lapsed can never overwrite the work of the process that took over.
 /// * **Clocks:** leases and retention are Redis TTLs (`PX`), measured by the server.
@@ -134,6 +137,9 @@ impl redis::aio::ConnectionLike for Connection {
 }
 
 struct Scripts {
+    /// Whether the server takes `SET … NX GET` (Redis 7.0 and later): then a claim is that one
+    /// plain command, not a script. Cleared for good the first time the server refuses it.
+    plain_claim: std::sync::atomic::AtomicBool,
     claim: Script,
     renew: Script,
     complete: Script,
@@ -288,6 +294,7 @@ impl RedisStore {
             wake: Arc::default(),
             prefix: Arc::from("idempotency:"),
             scripts: Arc::new(Scripts {
+                plain_claim: std::sync::atomic::AtomicBool::new(true),
                 claim: Script::new(CLAIM),
                 renew: Script::new(RENEW),
                 complete: Script::new(COMPLETE),
@@ -338,6 +345,53 @@ impl RedisStore {
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = Arc::from(prefix.into());
         self
+    }
+
+    /// A claim in one plain command: `SET key claim NX PX lease GET` sets a free key and
+    /// answers nil, or leaves a taken key alone and answers its value (the record, or another
+    /// owner's claim). Cheaper for the server than the claim script (about 1 µs of its time
+    /// against 4 in `INFO commandstats`), and a replay is this one round trip. A claim in
+    /// flight costs a second one, `PTTL`, for the lease left (a hint for `Retry-After`).
+    /// `None` when the server refuses that form of `SET` (before Redis 7.0).
+    async fn claim_plain(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<Option<ClaimOutcome>, StoreError> {
+        let redis_key = self.redis_key(key);
+        let mut set = redis::cmd("SET");
+        set.arg(&redis_key)
+            .arg(&claim_value(token)[..])
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(lease))
+            .arg("GET");
+        let mut connection = self.connection.clone();
+        let previous: Option<Vec<u8>> = match set.query_async(&mut connection).await {
+            Ok(previous) => previous,
+            Err(error) if refused_command(&error) => {
+                tracing::info!(%error, "this Redis refuses SET NX GET (before 7.0): claims use a Lua script");
+                return Ok(None);
+            }
+            Err(error) => return Err(StoreError::backend(error)),
+        };
+        Ok(Some(match previous {
+            None => ClaimOutcome::Claimed(*token),
+            Some(value) if value.first() == Some(&RECORD_TAG) => {
+                ClaimOutcome::Completed(decode_record(value)?)
+            }
+            Some(_) => {
+                let pttl: i64 = redis::cmd("PTTL")
+                    .arg(&redis_key)
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(StoreError::backend)?;
+                ClaimOutcome::InFlight {
+                    lease_remaining: u64::try_from(pttl).ok().map(Duration::from_millis),
+                }
+            }
+        }))
     }
 
     fn redis_key(&self, key: &str) -> String {
@@ -409,6 +463,16 @@ impl RedisConfig {
     }
 }
 
+/// Whether the server refused a command it does not know in this form (an older Redis), as
+/// opposed to failing to answer.
+fn refused_command(error: &redis::RedisError) -> bool {
+    !(error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal())
+        && error.code() == Some("ERR")
+}
+
 fn millis(duration: Duration) -> String {
     duration.as_millis().max(1).to_string()
 }
@@ -473,6 +537,12 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
         let token = *token;
+        if self.scripts.plain_claim.load(Ordering::Relaxed) {
+            if let Some(outcome) = self.claim_plain(key, &token, lease).await? {
+                return Ok(outcome);
+            }
+            self.scripts.plain_claim.store(false, Ordering::Relaxed);
+        }
         let reply: Value = self
             .scripts
             .claim
@@ -586,6 +656,35 @@ impl fmt::Debug for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn server_error(reply: &[u8]) -> redis::RedisError {
+        redis::parse_redis_value(reply)
+            .unwrap()
+            .extract_error()
+            .unwrap_err()
+    }
+
+    #[test]
+    fn an_older_servers_refusal_of_set_nx_get_falls_back_but_an_outage_does_not() {
+        // What Redis 6.2 and 6.0 answer to `SET k v NX PX 1 GET`.
+        for reply in [
+            &b"-ERR syntax error\r\n"[..],
+            b"-ERR GET option cannot be used with NX\r\n",
+        ] {
+            assert!(refused_command(&server_error(reply)), "{reply:?}");
+        }
+        // Failures to answer, or answers about the data, are errors, not refusals.
+        for reply in [
+            &b"-LOADING Redis is loading the dataset in memory\r\n"[..],
+            b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+            b"-OOM command not allowed when used memory > 'maxmemory'\r\n",
+            b"-READONLY You can't write against a read only replica.\r\n",
+        ] {
+            assert!(!refused_command(&server_error(reply)), "{reply:?}");
+        }
+        let io = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(!refused_command(&io));
+    }
 
     #[test]
     fn records_round_trip_and_unknown_versions_are_refused() {
