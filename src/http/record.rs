@@ -148,12 +148,15 @@ impl Reader {
 
 impl Reader {
     /// A count, then that many headers.
-    fn header_map(&mut self) -> Result<HeaderMap, DecodeError> {
+    /// A map of the next headers, with room for `extra` more (what a replay adds), so that
+    /// adding them does not grow it.
+    fn header_map(&mut self, extra: usize) -> Result<HeaderMap, DecodeError> {
         let count = self.u16()? as usize;
         // Each header takes at least 6 bytes: a corrupt count must not reserve more than the
         // rest could hold (nor more than a `HeaderMap` can, which would panic).
         let room = (self.buf.len() - self.pos) / 6;
-        let mut map = HeaderMap::try_with_capacity(count.min(room)).map_err(|_| DecodeError)?;
+        let mut map =
+            HeaderMap::try_with_capacity(count.min(room) + extra).map_err(|_| DecodeError)?;
         for _ in 0..count {
             let (name, value) = self.header()?;
             map.try_append(name, value).map_err(|_| DecodeError)?;
@@ -177,13 +180,15 @@ pub(crate) fn decode(payload: Bytes) -> Result<StoredResponse, DecodeError> {
     }
     let flags = r.u8()?;
     let status = StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError)?;
-    let headers = r.header_map()?;
+    // A replay adds `idempotent-replayed`, the carried headers' `original-*` and perhaps
+    // the omitted-body marker.
+    let headers = r.header_map(4)?;
     let carried_count = r.u16()? as usize;
     let carried = (0..carried_count)
         .map(|_| r.header())
         .collect::<Result<_, _>>()?;
     let trailers = if version >= 2 && flags & FLAG_TRAILERS != 0 {
-        Some(r.header_map()?)
+        Some(r.header_map(0)?)
     } else {
         None
     };
