@@ -4,7 +4,9 @@
 #   keyless  POST /payments        through the layer, no Idempotency-Key (passthrough)
 #   fresh    POST /payments        a new key on every request (claim, run, store)
 #   replay   POST /payments        the same key on every request (replays)
-# Prints requests/s, p50 and p99 latency per scenario and the ratio to the bare route.
+# Prints requests/s, p50 and p99 latency per scenario and the ratio to the bare route, the CPU
+# time the demo and wrk spent per request, and the store calls per request (shared stores).
+# The memory store is filled to capacity first (every measured fresh request evicts).
 # The four scenarios run in turn, ROUNDS times (default 3), so that drift of a shared machine
 # hits them all alike; the table gives the median of the rounds.
 # Usage: benches/http.sh [seconds-per-scenario-per-round=5] [connections=32]
@@ -48,15 +50,37 @@ if [ -z "${STORE:-}" ]; then
   echo "filled the store: $fill" >&2
 fi
 
+# CPU time of a process so far, in clock ticks (user + system).
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+# Store calls so far: Redis commands (INFO commandstats, which also counts the commands a script
+# runs), or PostgreSQL transactions of the database (each store statement is its own).
+store_calls() {
+  case "${STORE:-}" in
+    redis://*) redis-cli -u "$STORE" info commandstats | python3 -c '
+import sys
+print(sum(int(part.split("=")[1]) for line in sys.stdin if line.startswith("cmdstat_")
+          and not line.startswith(("cmdstat_info", "cmdstat_subscribe", "cmdstat_config"))
+          for part in line.split(":")[1].split(",") if part.startswith("calls=")))' ;;
+    postgres://*|postgresql://*) psql "$STORE" -Atc "select xact_commit + xact_rollback from pg_stat_database where datname = current_database()" ;;
+    *) echo 0 ;;
+  esac
+}
+
 results=()
 run() {
   # 1 s of warm-up, then the measured run.
   MODE=$1 wrk -t"$THREADS" -c"$CONNS" -d1s -s benches/http.lua "$base" >/dev/null
-  local line
-  line=$(MODE=$1 wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" -s benches/http.lua "$base" | grep '^RESULT')
+  local line server0 calls0 wrk_cpu
+  server0=$(ticks "$server"); calls0=$(store_calls)
+  line=$( { TIMEFORMAT='%U %S'; time MODE=$1 wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" -s benches/http.lua "$base" | grep '^RESULT'; } 2>"$cpu")
+  wrk_cpu=$(awk '{print $1 + $2}' "$cpu")
+  line="$line $(( $(ticks "$server") - server0 )) $wrk_cpu $(( $(store_calls) - calls0 ))"
   results+=("$line")
   echo "round $round: $line" >&2
 }
+cpu=$(mktemp)
+trap 'kill $server 2>/dev/null; rm -f "$out" "$cpu"' EXIT
 for round in $(seq "$ROUNDS"); do
   for mode in bare keyless fresh replay; do run "$mode"; done
 done
@@ -66,21 +90,28 @@ echo
 echo "wrk -t$THREADS -c$CONNS; $ROUNDS rounds of ${SECS}s per scenario (after 1s of warm-up each), scenarios interleaved;"
 echo "$(nproc) cores shared by wrk and the server${STORE:+ and the store}; store ${STORE:-memory}; demo $stats"
 [ -z "$fill" ] || echo "the memory store was filled first (fresh keys until $fill; it holds ~65,000), so every fresh request evicts"
+echo "CPU per request: the demo's (user + system, from /proc) and wrk's, over the measured runs."
+case "${STORE:-}" in
+  redis://*) echo "Store calls: Redis commands per request (INFO commandstats; a script counts once plus the commands it runs)." ;;
+  postgres*) echo "Store calls: PostgreSQL transactions per request (pg_stat_database; each store statement is one; the statistics lag by up to a second)." ;;
+  *) echo "Store calls: none (the memory store is in process)." ;;
+esac
 echo
-printf '%s\n' "${results[@]}" | python3 -c '
-import statistics, sys
+printf '%s\n' "${results[@]}" | HZ=$hz python3 -c '
+import os, statistics, sys
+hz = int(os.environ["HZ"])
 rows = {}
 for line in sys.stdin:
-    _, mode, rps, p50, p99, total, errors = line.split()
-    rows.setdefault(mode, []).append((float(rps), float(p50), float(p99), int(errors)))
+    _, mode, rps, p50, p99, total, errors, server, wrk, calls = line.split()
+    n = int(total)
+    rows.setdefault(mode, []).append((float(rps), float(p50), float(p99), int(errors),
+        int(server) / hz / n * 1e6, float(wrk) / n * 1e6, int(calls) / n))
 bare = statistics.median(r[0] for r in rows["bare"])
-print("| scenario | requests/s (median) | ratio to bare | p50 | p99 | rounds (requests/s) | errors |")
-print("|---|---:|---:|---:|---:|---|---:|")
+print("| scenario | requests/s (median) | ratio to bare | p50 | p99 | rounds (requests/s) | demo CPU per request | wrk CPU per request | store calls per request | errors |")
+print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
 for mode in ["bare", "keyless", "fresh", "replay"]:
     r = rows[mode]
-    rps = statistics.median(x[0] for x in r)
-    p50 = statistics.median(x[1] for x in r)
-    p99 = statistics.median(x[2] for x in r)
+    med = lambda i: statistics.median(x[i] for x in r)
     each = ", ".join(f"{x[0]:.0f}" for x in r)
-    print(f"| {mode} | {rps:.0f} | {rps / bare:.3f} | {p50:.0f} µs | {p99:.0f} µs | {each} | {sum(x[3] for x in r)} |")
+    print(f"| {mode} | {med(0):.0f} | {med(0) / bare:.3f} | {med(1):.0f} µs | {med(2):.0f} µs | {each} | {med(4):.1f} µs | {med(5):.1f} µs | {med(6):.2f} | {sum(x[3] for x in r)} |")
 '
