@@ -352,8 +352,10 @@ where
                 let problem = Problem::RetryAfter(ProblemKind::InFlight, after);
                 (Ok(problem.respond(self.grpc)), Outcome::Conflict)
             }
+            // Boxed: a rare path (failing open runs the handler) that every request's state
+            // would otherwise carry.
             Err(error) => (
-                self.store_failed(error, parts, body).await,
+                Box::pin(self.store_failed(error, parts, body)).await,
                 Outcome::StoreError,
             ),
         }
@@ -394,12 +396,13 @@ where
         let (body, fingerprint) =
             request_body::attach(body, hasher, config.fingerprint.covers_body());
         let call = self.inner.call(Request::from_parts(parts, body));
-        let produced = guard
-            .run(async {
-                let response = call.await?;
-                Ok(capture::read(response, &config, grpc).await)
-            })
-            .await;
+        // Pinned here and passed by reference: each wrapper (panic capture, lease renewal)
+        // would otherwise hold its own copy of this future in its state.
+        let work = std::pin::pin!(async {
+            let response = call.await?;
+            Ok(capture::read(response, &config, grpc).await)
+        });
+        let produced = guard.run(work).await;
         let captured = match storable(produced, grpc) {
             ControlFlow::Continue(captured) => captured,
             ControlFlow::Break((answer, reason)) => {

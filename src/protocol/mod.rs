@@ -324,7 +324,10 @@ pub(crate) async fn begin<St: Store + Clone>(
             ClaimOutcome::Completed(record) => return Ok(Begin::Completed { record, waited }),
             ClaimOutcome::InFlight { lease_remaining } => match deadline {
                 Some(deadline) if Instant::now() < deadline => {
-                    let _ = tokio::time::timeout_at(deadline, store.wait(&key, attempt)).await;
+                    // Boxed: only a waiting duplicate needs this state, and every claim's
+                    // future would otherwise carry (allocate, move) it.
+                    let _ = Box::pin(tokio::time::timeout_at(deadline, store.wait(&key, attempt)))
+                        .await;
                     attempt = attempt.saturating_add(1);
                 }
                 _ => {
