@@ -347,6 +347,15 @@ impl RedisStore {
         self
     }
 
+    /// Makes this store (and its clones) claim with the Lua script, as it does on a server
+    /// before Redis 7.0, so that this crate's tests can run the script against a newer one.
+    #[cfg(feature = "__test")]
+    #[doc(hidden)]
+    pub fn claiming_by_script(self) -> Self {
+        self.scripts.plain_claim.store(false, Ordering::Relaxed);
+        self
+    }
+
     /// A claim in one plain command: `SET key claim NX PX lease GET` sets a free key and
     /// answers nil, or leaves a taken key alone and answers its value (the record, or another
     /// owner's claim). Cheaper for the server than the claim script (about 1 µs of its time
