@@ -31,11 +31,7 @@ async fn the_key_prefix_is_configurable_and_isolates_stores() {
         ClaimOutcome::Claimed(_)
     ));
     let url = redis_url().unwrap();
-    let mut raw = redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut raw = support::servers::raw_redis(&url).await;
     let exists: bool = redis::cmd("EXISTS")
         .arg("tenant-a:k")
         .query_async(&mut raw)
@@ -113,11 +109,7 @@ async fn an_evicting_policy_is_reported_and_refused_in_strict_mode() {
     let Some(server) = support::servers::own_redis("reconfigure") else {
         return;
     };
-    let mut admin = redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut admin = support::servers::raw_redis(&server.url()).await;
     let set = |policy: &'static str| {
         let mut cmd = redis::cmd("CONFIG");
         cmd.arg("SET").arg("maxmemory-policy").arg(policy);

@@ -18,11 +18,7 @@ shared_store_suite!();
 
 /// How often the server ran `command`, from `INFO commandstats`.
 async fn calls(url: &str, command: &str) -> u64 {
-    let mut connection = redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut connection = support::servers::raw_redis(url).await;
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(&mut connection)
