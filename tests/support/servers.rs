@@ -382,7 +382,6 @@ impl RedisCluster {
     }
 }
 
-/// The Redis URL the tests of this process share: `REDIS_URL`, or a server started once.
 /// A plain connection to the Redis at `url`, to look at or change what the store sees.
 pub async fn raw_redis(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
@@ -392,6 +391,7 @@ pub async fn raw_redis(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
+/// The Redis URL the tests of this process share: `REDIS_URL`, or a server started once.
 pub fn redis_url() -> Option<String> {
     if let Ok(url) = std::env::var("REDIS_URL") {
         return Some(url);
