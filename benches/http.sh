@@ -10,7 +10,9 @@
 # The four scenarios run in turn, ROUNDS times (default 3), so that drift of a shared machine
 # hits them all alike; the table gives the median of the rounds.
 # Usage: benches/http.sh [seconds-per-scenario-per-round=5] [connections=32]
-# STORE=redis://… or postgres://… runs the demo on that store (default: the memory store).
+# STORE=redis://… or postgres://… runs the demo on that store (default: the memory store);
+# FILL=seconds of fresh keys that fill the memory store first (default 4); THREADS=wrk threads
+# (default 2); DEMO=path runs another build of the demo (for before/after figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
