@@ -9,68 +9,72 @@ use bytes::Bytes;
 use tower_idempotency::store::{ClaimOutcome, MemoryStore, Record, Store};
 
 const PAYLOAD: usize = 1100;
-const TIMED: usize = 50_000;
+/// What one record is charged against the capacity (key, payload, the store's overhead).
+const PER_RECORD: u64 = PAYLOAD as u64 + 60 + 560;
+const TIMED: u64 = 50_000;
 const ROUNDS: usize = 5;
 
-fn key(i: usize) -> String {
-    format!("tenant-{:08}|POST|/payments|{i:032}", i % 1000)
-}
-
-/// Nanoseconds per claim and completion of `TIMED` fresh keys, on a store of `capacity`
-/// bytes, full (first filled with three times what it holds) or not.
-fn store_round(rt: &tokio::runtime::Runtime, capacity: u64, full: bool) -> f64 {
-    let payload = Bytes::from(vec![b'x'; PAYLOAD]);
-    let fresh = || MemoryStore::builder().max_bytes(capacity).build();
-    let mut store = fresh();
-    let fill = |store: &MemoryStore, from: usize, to: usize| {
-        rt.block_on(async {
-            for i in from..to {
-                let key = key(i);
-                let ClaimOutcome::Claimed(token) =
-                    store.claim(&key, Duration::from_secs(60)).await.unwrap()
-                else {
-                    unreachable!("fresh key")
-                };
-                store
-                    .complete(
-                        &key,
-                        &token,
-                        Record::new(Some(i as u128), payload.clone()),
-                        Duration::from_secs(3600),
-                    )
-                    .await
-                    .unwrap();
-            }
-        })
-    };
-    let per_record = PAYLOAD as u64 + 60 + 560;
-    if full {
-        fill(&store, 0, (3 * capacity / per_record) as usize);
-        store.record_count();
-    }
-    // Not full: a new store whenever the next batch could fill it (made outside the timing).
+/// Nanoseconds per write of `TIMED` fresh records into a cache made by `make` with room for
+/// `capacity` bytes: full (first given three times what it holds, so that every timed write
+/// evicts) or not (a new cache whenever the next batch could fill it, made outside the timing).
+/// `write(cache, from, to)` writes the records numbered `from..to`; `settle` runs the cache's
+/// pending maintenance after the prefill.
+fn round<C>(
+    capacity: u64,
+    full: bool,
+    make: impl Fn() -> C,
+    write: impl Fn(&C, u64, u64),
+    settle: impl Fn(&C),
+) -> f64 {
+    let mut cache = make();
     let batch = if full {
+        write(&cache, 0, 3 * capacity / PER_RECORD);
+        settle(&cache);
         TIMED
     } else {
-        ((capacity / per_record) as usize / 2).clamp(1, TIMED)
+        (capacity / PER_RECORD / 2).clamp(1, TIMED)
     };
     let mut elapsed = Duration::ZERO;
     let mut done = 0;
     while done < TIMED {
         if !full {
-            store = fresh();
+            cache = make();
         }
         let n = batch.min(TIMED - done);
         let start = Instant::now();
-        fill(&store, 10_000_000 + done, 10_000_000 + done + n);
+        write(&cache, 10_000_000 + done, 10_000_000 + done + n);
         elapsed += start.elapsed();
         done += n;
     }
     elapsed.as_nanos() as f64 / TIMED as f64
 }
 
-/// The same for moka alone: inserts of fresh 64-bit keys with the store's eviction policy,
-/// weigher and per-entry expiry.
+/// The memory store: a claim and a completion per record.
+fn store_round(rt: &tokio::runtime::Runtime, capacity: u64, full: bool) -> f64 {
+    let payload = Bytes::from(vec![b'x'; PAYLOAD]);
+    let make = || MemoryStore::builder().max_bytes(capacity).build();
+    let write = |store: &MemoryStore, from: u64, to: u64| {
+        rt.block_on(async {
+            for i in from..to {
+                let key = format!("tenant-{:08}|POST|/payments|{i:032}", i % 1000);
+                let ClaimOutcome::Claimed(token) =
+                    store.claim(&key, Duration::from_secs(60)).await.unwrap()
+                else {
+                    unreachable!("fresh key")
+                };
+                let record = Record::new(Some(i as u128), payload.clone());
+                let ttl = Duration::from_secs(3600);
+                store.complete(&key, &token, record, ttl).await.unwrap();
+            }
+        })
+    };
+    round(capacity, full, make, write, |store| {
+        store.record_count();
+    })
+}
+
+/// moka alone: inserts of fresh 64-bit keys with the store's eviction policy, weigher and
+/// per-entry expiry.
 fn moka_round(capacity: u64, full: bool) -> f64 {
     #[derive(Clone)]
     struct Value(#[allow(dead_code)] Bytes);
@@ -80,44 +84,22 @@ fn moka_round(capacity: u64, full: bool) -> f64 {
             Some(Duration::from_secs(3600))
         }
     }
-    let per_record = PAYLOAD as u64 + 60 + 560;
-    let fresh = move || {
+    type Cache = moka::sync::Cache<u64, Value, ahash::RandomState>;
+    let make = || -> Cache {
         moka::sync::Cache::builder()
             .max_capacity(capacity)
             .initial_capacity(((capacity / 1536) as usize).min(1 << 16))
             .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .weigher(move |_: &u64, _: &Value| per_record as u32)
+            .weigher(|_: &u64, _: &Value| PER_RECORD as u32)
             .expire_after(Expiry)
             .build_with_hasher(ahash::RandomState::new())
     };
-    let mut cache = fresh();
-    let insert = |cache: &moka::sync::Cache<u64, Value, ahash::RandomState>, from, to| {
+    let write = |cache: &Cache, from: u64, to: u64| {
         for i in from..to {
             cache.insert(i, Value(Bytes::from(vec![b'x'; PAYLOAD])));
         }
     };
-    if full {
-        insert(&cache, 0, 3 * capacity / per_record);
-        cache.run_pending_tasks();
-    }
-    let batch = if full {
-        TIMED as u64
-    } else {
-        (capacity / per_record / 2).clamp(1, TIMED as u64)
-    };
-    let mut elapsed = Duration::ZERO;
-    let mut done = 0;
-    while done < TIMED as u64 {
-        if !full {
-            cache = fresh();
-        }
-        let n = batch.min(TIMED as u64 - done);
-        let start = Instant::now();
-        insert(&cache, 10_000_000 + done, 10_000_000 + done + n);
-        elapsed += start.elapsed();
-        done += n;
-    }
-    elapsed.as_nanos() as f64 / TIMED as f64
+    round(capacity, full, make, write, Cache::run_pending_tasks)
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
