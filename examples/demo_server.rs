@@ -13,7 +13,8 @@
 //! * `POST /payments` (needs `Authorization: Bearer <tenant>`; keys are scoped per tenant):
 //!   `{"amount": u64, "currency": str}` → 201 with the payment. `"delay_ms": n` makes the
 //!   handler sleep, `"fail": true` makes it answer 500.
-//! * `GET /payments/{id}`, `GET /stats` (`{"executions": N}`: how often the POST handler started).
+//! * `GET /payments/{id}` (the payment's own tenant: anonymous 401, another tenant 404),
+//!   `GET /stats` (`{"executions": N}`: how often the POST handler started).
 //! * `POST /bare/payments`: the same handler without the layer (for load comparisons).
 
 use std::collections::{HashMap, VecDeque};
@@ -203,18 +204,16 @@ async fn create_payment(
     response
 }
 
-/// A payment, to its own tenant: with credentials, another tenant's payment is 404 (as if it
-/// did not exist). Without credentials it is still served, because the demo's published
-/// contract reads it anonymously; a real service would answer 401.
+/// A payment, to its own tenant (the authentication middleware refused anonymous reads with
+/// 401): another tenant's payment is 404, as if it did not exist.
 async fn get_payment(
     State(state): State<AppState>,
+    Extension(Tenant(tenant)): Extension<Tenant>,
     Path(id): Path<String>,
-    request: Request,
 ) -> Response {
-    let caller = bearer(&request);
     let payments = state.payments.lock().unwrap();
     match payments.by_id.get(&id) {
-        Some(payment) if caller.is_none_or(|tenant| payment["tenant"] == tenant.as_str()) => {
+        Some(payment) if payment["tenant"] == tenant.as_str() => {
             Json(payment.clone()).into_response()
         }
         _ => problem(StatusCode::NOT_FOUND, "Not found", "No such payment."),
@@ -294,7 +293,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .layer(idempotency);
     let app = Router::new()
         .route("/payments", post(create_payment).layer(guarded))
-        .route("/payments/{id}", get(get_payment))
+        .route(
+            "/payments/{id}",
+            get(get_payment).layer(middleware::from_fn(authenticate)),
+        )
         .route(
             "/bare/payments",
             post(create_payment).layer(middleware::from_fn(authenticate)),

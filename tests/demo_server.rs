@@ -136,6 +136,34 @@ async fn the_retrying_client_example_executes_every_payment_once_despite_dropped
     assert_eq!(demo.executions().await, 150);
 }
 
+/// Reading a payment needs its tenant: anonymous 401 (problem+json), the owner 200, another
+/// tenant 404 (as if it did not exist), an unknown id 404.
+#[tokio::test]
+async fn reading_a_payment_needs_its_tenant() {
+    let demo = Demo::start(&[]).await;
+    let created = demo.post("acme", Some("read-anon"), PAYMENT).await;
+    assert_eq!(created.status, 201);
+    let location = created.headers["location"].to_str().unwrap().to_owned();
+    let get = |path: &str, tenant: Option<&str>| {
+        let mut request = http::Request::get(format!("{}{path}", demo.base));
+        if let Some(tenant) = tenant {
+            request = request.header("authorization", format!("Bearer {tenant}"));
+        }
+        request.body(http_body_util::Full::default()).unwrap()
+    };
+    let anonymous = demo.send(get(&location, None)).await;
+    assert_eq!(anonymous.status, 401);
+    assert_eq!(
+        anonymous.headers["content-type"],
+        "application/problem+json"
+    );
+    assert_eq!(demo.send(get(&location, Some("acme"))).await.status, 200);
+    assert_eq!(demo.send(get(&location, Some("globex"))).await.status, 404);
+    let unknown = demo.send(get("/payments/pay_unknown", Some("acme"))).await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.headers["content-type"], "application/problem+json");
+}
+
 /// A tenant reads its own payments; another tenant's payment does not exist for it.
 #[tokio::test]
 async fn a_tenant_cannot_read_another_tenants_payment() {
