@@ -14,8 +14,11 @@
 //!   504. **Never retried**: any other status; in particular never a 422 (the key was reused
 //!   with another payload: a client bug to surface, not to retry). [`retry_on`] changes this.
 //! * **Backoff**: attempt `n` (from 0) waits a uniformly random time in
-//!   `[0, min(cap, base × 2ⁿ)]` ("full jitter") [base 100 ms, cap 10 s]; a `Retry-After`
-//!   header (seconds or an HTTP date) sets the minimum wait. At most \[5\] attempts in all,
+//!   `[0, min(cap, base × 2ⁿ)]` ("full jitter") [base 100 ms, cap 10 s]. A `Retry-After`
+//!   header (seconds or an HTTP date) is a floor, and jitter is added *above* it: the wait is
+//!   the floor plus a random share of the larger of that ceiling and half the floor, so a
+//!   burst of clients told `Retry-After: 1` comes back spread over 1 to 1.5 s, not in the same
+//!   millisecond (see [`RetryPolicy::delay`]). At most \[5\] attempts in all,
 //!   and no retry that would start after the overall deadline [30 s from the first attempt].
 //!   Every retry of every request draws its own random delay: requests that failed together
 //!   (an outage, a deploy) come back at independent moments.
@@ -351,22 +354,29 @@ impl RetryPolicy {
         }
     }
 
-    /// The wait before retry number `retry` (0 for the first retry): uniformly random in
-    /// `[0, min(cap, base × 2^retry)]`, never less than `at_least` (from `Retry-After`).
-    /// Every call draws a fresh random number.
+    /// The wait before retry number `retry` (0 for the first retry). Without a floor
+    /// (`at_least` zero): uniformly random in `[0, min(cap, base × 2^retry)]`. With a floor
+    /// (from `Retry-After`): the floor **plus** a uniformly random share of the larger of that
+    /// ceiling and half the floor (itself at most the cap), so that clients told the same
+    /// `Retry-After` come back spread over the following moments instead of all at once
+    /// (`Retry-After: 1` on the first retry: between 1 and 1.5 s). Every call draws a fresh
+    /// random number.
     pub fn delay(&self, retry: u32, at_least: Duration) -> Duration {
         let settings = &self.settings;
-        let ceiling = settings
+        let mut ceiling = settings
             .base
             .saturating_mul(1u32 << retry.min(20))
             .min(settings.cap);
+        if !at_least.is_zero() {
+            ceiling = ceiling.max((at_least / 2).min(settings.cap));
+        }
         let range = 0..=ceiling.as_nanos().min(u64::MAX as u128) as u64;
         let nanos = match &settings.jitter {
             Jitter::ThreadLocal => fastrand::u64(range),
             Jitter::Seeded(rng) => rng.lock().unwrap_or_else(|e| e.into_inner()).u64(range),
             Jitter::Off => *range.end(),
         };
-        Duration::from_nanos(nanos).max(at_least)
+        at_least.saturating_add(Duration::from_nanos(nanos))
     }
 }
 
@@ -507,10 +517,20 @@ mod tests {
                 assert!(policy.delay(retry, Duration::ZERO) <= ceiling);
             }
         }
+        for _ in 0..200 {
+            let wait = policy.delay(0, Duration::from_secs(3));
+            assert!(
+                wait >= Duration::from_secs(3) && wait <= Duration::from_millis(4500),
+                "Retry-After is a floor, with up to half of it above: {wait:?}"
+            );
+        }
+        let off = RetryPolicy::default();
+        let mut off_settings = off.clone();
+        off_settings.settings().jitter = Jitter::Off;
         assert_eq!(
-            policy.delay(0, Duration::from_secs(3)),
-            Duration::from_secs(3),
-            "Retry-After is a floor"
+            off_settings.delay(0, Duration::from_secs(3)),
+            Duration::from_millis(4500),
+            "without jitter, the floor and the whole share"
         );
     }
 

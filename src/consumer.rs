@@ -62,12 +62,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{BufMut, Bytes};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tower_layer::Layer;
 use tower_service::Service;
 use xxhash_rust::xxh3::xxh3_128;
 
+use crate::protocol::seal::{self, Unreadable};
 use crate::protocol::{
     self, Begin, DrainHandle, Failure, FinishOnDrop, Limits, OnConflict, Outcome, OutcomeHook,
     Refusal, ReleaseReason, Timings, Tracker,
@@ -202,9 +204,19 @@ pub enum ConsumerError<E> {
     /// The key was seen before with another fingerprint; the handler did not run.
     #[error("idempotency key reused with a different payload")]
     KeyReused,
-    /// The stored outcome could not be decoded into the handler's response type.
+    /// The stored outcome is damaged (changed or cut in the store, or not of the handler's
+    /// response type): the message *was* handled, so the handler did not run again. No
+    /// redelivery will read it; ack it and alert (`admin` inspects and deletes the record).
     #[error("stored outcome cannot be decoded")]
     Corrupt(#[source] BoxError),
+    /// The stored outcome was written by a newer release of this crate (a rolling upgrade):
+    /// the handler did not run. Do not ack; a consumer of that release can answer the
+    /// redelivery.
+    #[error("stored outcome has format version {version}, newer than this build reads")]
+    UnknownFormat {
+        /// The format version found.
+        version: u8,
+    },
     /// The handler panicked: the key was released (a redelivery runs it again) and the panic
     /// message is here. Over HTTP the same event answers 500.
     #[error("message handler panicked: {0}")]
@@ -222,6 +234,13 @@ pub enum ConsumerError<E> {
 impl<E> From<Failure> for ConsumerError<E> {
     fn from(failure: Failure) -> Self {
         match failure {
+            Failure::Store(StoreError::UnknownFormat { version }) => {
+                ConsumerError::UnknownFormat { version }
+            }
+            // The record exists but cannot be read: not an outage (the message was handled).
+            Failure::Store(error @ StoreError::Corrupt(_)) => {
+                ConsumerError::Corrupt(Box::new(error))
+            }
             Failure::Store(error) => ConsumerError::Store(Box::new(error)),
             Failure::Timeout => ConsumerError::Store("store call timed out".into()),
         }
@@ -377,11 +396,42 @@ impl<S: fmt::Debug, I, St: fmt::Debug> fmt::Debug for IdempotentConsumer<S, I, S
     }
 }
 
-/// What the store keeps for a message.
+/// What the store keeps for a message: JSON, inside the integrity envelope (`protocol::seal`)
+/// as `"TC" version=1 length xxh3 json`. Outcomes written before the envelope (bare JSON,
+/// starting with `{`) are still read, unchecked.
 #[derive(Serialize, Deserialize)]
 enum Stored<R> {
     Ok(R),
     Failed(String),
+}
+
+const MAGIC: &[u8; 2] = b"TC";
+const VERSION: u8 = 1;
+
+impl<R: Serialize> Stored<R> {
+    fn encode(&self) -> Result<Bytes, serde_json::Error> {
+        let mut buf = seal::start(MAGIC, VERSION, 64).writer();
+        serde_json::to_writer(&mut buf, self)?;
+        Ok(seal::finish(buf.into_inner()))
+    }
+}
+
+impl<R: DeserializeOwned> Stored<R> {
+    /// The outcome, or why it cannot be read (and the error that says so).
+    fn decode(payload: &Bytes) -> Result<Self, (Unreadable, BoxError)> {
+        let json = match payload.get(..3) {
+            Some([b'T', b'C', VERSION]) => seal::open(payload),
+            Some([b'T', b'C', 0]) => Err(Unreadable::Damaged("format version 0")),
+            Some([b'T', b'C', version]) => Err(Unreadable::Newer(*version)),
+            Some([b'{', ..]) => Ok(payload.clone()),
+            _ => Err(Unreadable::Damaged("not a stored outcome")),
+        };
+        let json = json.map_err(|unreadable| (unreadable, Box::new(unreadable) as BoxError))?;
+        serde_json::from_slice(&json).map_err(|error| {
+            let unreadable = Unreadable::Damaged("not an outcome of the handler's type");
+            (unreadable, Box::new(error) as BoxError)
+        })
+    }
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -494,10 +544,8 @@ where
         }
     };
     let stored = match &result {
-        Ok(outcome) => Some(serde_json::to_vec(&Stored::Ok(outcome))),
-        Err(error) if final_errors(error) => {
-            Some(serde_json::to_vec(&Stored::<()>::Failed(error.to_string())))
-        }
+        Ok(outcome) => Some(Stored::Ok(outcome).encode()),
+        Err(error) if final_errors(error) => Some(Stored::<()>::Failed(error.to_string()).encode()),
         Err(_) => None,
     };
     let outcome = match stored {
@@ -538,13 +586,17 @@ fn duplicate<R: DeserializeOwned, E>(
         outcome = "duplicate",
         "redelivery of a completed message; handler not run"
     );
-    match serde_json::from_slice::<Stored<R>>(record.payload()) {
+    match Stored::<R>::decode(record.payload()) {
         Ok(Stored::Ok(outcome)) => (Ok(Delivery::Duplicate(outcome)), Outcome::Replayed),
         Ok(Stored::Failed(text)) => (Ok(Delivery::DuplicateFailed(text)), Outcome::Replayed),
-        Err(error) => (
-            Err(ConsumerError::Corrupt(Box::new(error))),
-            Outcome::Unreadable,
-        ),
+        Err((unreadable, cause)) => {
+            seal::report(seal::identity(record.payload()), unreadable, &cause);
+            let error = match unreadable {
+                Unreadable::Newer(version) => ConsumerError::UnknownFormat { version },
+                Unreadable::Damaged(_) => ConsumerError::Corrupt(cause),
+            };
+            (Err(error), Outcome::Unreadable)
+        }
     }
 }
 

@@ -179,9 +179,60 @@ async fn retry_after_sets_the_minimum_wait() {
     client.ready().await.unwrap().call(payment()).await.unwrap();
     let waited = started.elapsed();
     assert!(
-        waited >= Duration::from_secs(4) && waited < Duration::from_secs(5),
-        "{waited:?}"
+        waited >= Duration::from_secs(4) && waited <= Duration::from_secs(6),
+        "at least the 4 s asked, plus up to half of it as jitter: {waited:?}"
     );
+}
+
+/// 200 requests told `Retry-After: 1` together do not come back together: each waits the
+/// second plus its own random share, so the retries land at many distinct moments, spread over
+/// hundreds of milliseconds (with the floor only, they all landed at +1.000 s).
+#[tokio::test(start_paused = true)]
+async fn retries_after_retry_after_spread_out() {
+    let start = tokio::time::Instant::now();
+    let retried_at = Arc::new(Mutex::new(Vec::new()));
+    let answered = Arc::new(Mutex::new(std::collections::HashSet::new()));
+    let server = service_fn({
+        let retried_at = retried_at.clone();
+        move |request: Request<Full<Bytes>>| {
+            let key = request.headers()["idempotency-key"].clone();
+            let first = answered.lock().unwrap().insert(key);
+            if !first {
+                retried_at.lock().unwrap().push(start.elapsed());
+            }
+            let status = if first { 503 } else { 201 };
+            let response = Response::builder()
+                .status(status)
+                .header("retry-after", "1")
+                .body(Full::<Bytes>::default())
+                .unwrap();
+            std::future::ready(Ok::<_, Infallible>(response))
+        }
+    });
+    let client = ServiceBuilder::new()
+        .layer(IdempotentRetryLayer::new().without_retry_budget())
+        .service(server);
+    let barrier = Arc::new(tokio::sync::Barrier::new(200));
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let (client, barrier) = (client.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                client.oneshot(payment()).await.unwrap().status()
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 201);
+    }
+    let retried_at = retried_at.lock().unwrap();
+    assert_eq!(retried_at.len(), 200);
+    let millis: std::collections::BTreeSet<u128> =
+        retried_at.iter().map(Duration::as_millis).collect();
+    let (first, last) = (millis.first().unwrap(), millis.last().unwrap());
+    assert!(*first >= 1000, "Retry-After is a floor: {first} ms");
+    assert!(millis.len() >= 60, "{} distinct milliseconds", millis.len());
+    assert!(last - first >= 300, "spread over {} ms", last - first);
 }
 
 #[tokio::test(start_paused = true)]
@@ -208,7 +259,8 @@ async fn attempts_and_the_deadline_bound_the_retries() {
         .layer(
             IdempotentRetryLayer::new()
                 .max_attempts(100)
-                .deadline(Duration::from_secs(10)),
+                .deadline(Duration::from_secs(10))
+                .without_jitter(),
         )
         .service(scripted(&[(503, Some("3"))], seen.clone()));
     let started = tokio::time::Instant::now();
@@ -216,8 +268,9 @@ async fn attempts_and_the_deadline_bound_the_retries() {
     assert!(started.elapsed() <= Duration::from_secs(10));
     assert_eq!(
         seen.0.lock().unwrap().len(),
-        4,
-        "attempts at 0, 3, 6 and 9 s; the next would pass 10 s"
+        3,
+        "attempts at 0, 4.5 and 9 s (the 3 s floor plus half of it, jitter off); the next \
+         would pass 10 s"
     );
 }
 

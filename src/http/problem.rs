@@ -14,7 +14,8 @@
 //! | 500 | `#missing-scope` | the scope function returned `None` (authentication must run before the layer) |
 //! | 500 | `#handler-panicked` | the handler panicked (the key is released) |
 //! | 500 | `#response-failed` | the handler's response body failed (the key is released) |
-//! | 500 | `#unreadable-record` | the stored response cannot be decoded |
+//! | 500 | `#unreadable-record` | the stored record is damaged (cut, changed, malformed): the key was used, so the handler is not run, under any store-error policy |
+//! | 503 | `#unknown-record-version` | the stored record was written by a newer release (a rolling upgrade): the handler is not run; retry later (carries `Retry-After`) |
 //! | 503 | `#store-unavailable` | the store failed or was slower than the store timeout (carries `Retry-After`) |
 //! | 503 | `#shutting-down` | the server is draining ([`DrainHandle`](crate::DrainHandle)); retry elsewhere (carries `Retry-After`) |
 //! | 503 | `#overloaded` | too many requests run on after their clients left (`max_detached`) (carries `Retry-After`) |
@@ -130,6 +131,8 @@ problem_kinds! {
         "The response could not be produced; it was not recorded and may be retried with the same key.";
     UnreadableRecord => INTERNAL_SERVER_ERROR, 13, "unreadable-record", "Stored response unreadable",
         "The response stored for this idempotency key cannot be replayed.";
+    UnknownRecordVersion => SERVICE_UNAVAILABLE, 14, "unknown-record-version", "Stored response from a newer version",
+        "The response stored for this idempotency key was written by a newer version of this service; retry later with the same key (an up-to-date instance will answer it).";
     StoreUnavailable => SERVICE_UNAVAILABLE, 14, "store-unavailable", "Idempotency store unavailable",
         "The request was not processed because its idempotency key could not be checked; retry later with the same key.";
     ShuttingDown => SERVICE_UNAVAILABLE, 14, "shutting-down", "Server shutting down",

@@ -1,29 +1,38 @@
 //! The stored form of an HTTP response: a small, versioned binary encoding.
 //!
-//! Layout (all integers big-endian):
+//! Layout of version 3, the one written (all integers big-endian):
 //!
 //! ```text
-//! "TI" version:u8=2 flags:u8 status:u16
+//! "TI" version:u8=3 length:u32 xxh3_64:u64          the integrity envelope (protocol::seal)
+//! flags:u8 status:u16
 //! header-count:u16  { name-len:u16 name value-len:u32 value }*   response headers
 //! carried-count:u16 { name-len:u16 name value-len:u32 value }*   e.g. the first x-request-id
 //! trailer-count:u16 { name-len:u16 name value-len:u32 value }*   when flags has TRAILERS
-//! body (the rest)
+//! body (the rest, its end fixed by the envelope's length)
 //! ```
 //!
-//! Version 1 (no trailers) is still read. A record written by an unknown version is refused as
-//! corrupt rather than misread. Decoding
-//! does not copy the body: the replayed body shares the stored bytes.
+//! Versions 1 (no trailers) and 2 (trailers) are the same without the envelope (`"TI" version
+//! flags status …`); they are still read, but cannot be checked: a record of those versions cut
+//! inside its body in the store would replay cut. A version above 3 was written by a newer
+//! release and is reported as such ([`Unreadable::Newer`]), never misread. Decoding does not
+//! copy the body: the replayed body shares the stored bytes.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
+use crate::protocol::seal::{self, Unreadable};
+
 const MAGIC: &[u8; 2] = b"TI";
-const VERSION: u8 = 2;
+/// The version written: 2's layout inside the integrity envelope.
+const VERSION: u8 = 3;
 /// The response ended with trailers (gRPC's `grpc-status`, for one), stored after the carried
 /// headers.
 const FLAG_TRAILERS: u8 = 2;
 /// The response body was too large to keep: only the status and headers were stored.
 const FLAG_BODY_OMITTED: u8 = 1;
+
+/// Any malformed field.
+const MALFORMED: Unreadable = Unreadable::Damaged("a field is malformed");
 
 /// A response as stored for replay.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,11 +46,6 @@ pub(crate) struct StoredResponse {
     /// The trailers the response ended with, if any.
     pub(crate) trailers: Option<HeaderMap>,
 }
-
-/// Why a stored record could not be decoded.
-#[derive(Debug, thiserror::Error)]
-#[error("stored response record is malformed or of an unknown version")]
-pub(crate) struct DecodeError;
 
 fn header_len(name: &HeaderName, value: &HeaderValue) -> usize {
     2 + name.as_str().len() + 4 + value.len()
@@ -72,9 +76,7 @@ pub(crate) fn encode<'a>(
         + trailers.map_or(0, |t| {
             t.iter().map(|(n, v)| header_len(n, v)).sum::<usize>()
         });
-    let mut buf = BytesMut::with_capacity(12 + head_len + body_len);
-    buf.put_slice(MAGIC);
-    buf.put_u8(VERSION);
+    let mut buf = seal::start(MAGIC, VERSION, 9 + head_len + body_len);
     let mut flags = if body.is_some() { 0 } else { FLAG_BODY_OMITTED };
     if trailers.is_some() {
         flags |= FLAG_TRAILERS;
@@ -102,7 +104,7 @@ pub(crate) fn encode<'a>(
     for chunk in body.into_iter().flatten() {
         buf.put_slice(chunk);
     }
-    buf.freeze()
+    seal::finish(buf)
 }
 
 struct Reader {
@@ -111,37 +113,36 @@ struct Reader {
 }
 
 impl Reader {
-    fn take(&mut self, n: usize) -> Result<Bytes, DecodeError> {
+    fn take(&mut self, n: usize) -> Result<Bytes, Unreadable> {
         let end = self
             .pos
             .checked_add(n)
             .filter(|&e| e <= self.buf.len())
-            .ok_or(DecodeError)?;
+            .ok_or(MALFORMED)?;
         let out = self.buf.slice(self.pos..end);
         self.pos = end;
         Ok(out)
     }
 
-    fn u8(&mut self) -> Result<u8, DecodeError> {
+    fn u8(&mut self) -> Result<u8, Unreadable> {
         Ok(self.take(1)?[0])
     }
 
-    fn u16(&mut self) -> Result<u16, DecodeError> {
+    fn u16(&mut self) -> Result<u16, Unreadable> {
         let b = self.take(2)?;
         Ok(u16::from_be_bytes([b[0], b[1]]))
     }
 
-    fn u32(&mut self) -> Result<u32, DecodeError> {
+    fn u32(&mut self) -> Result<u32, Unreadable> {
         let b = self.take(4)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
-    fn header(&mut self) -> Result<(HeaderName, HeaderValue), DecodeError> {
+    fn header(&mut self) -> Result<(HeaderName, HeaderValue), Unreadable> {
         let name_len = self.u16()? as usize;
-        let name = HeaderName::from_bytes(&self.take(name_len)?).map_err(|_| DecodeError)?;
+        let name = HeaderName::from_bytes(&self.take(name_len)?).map_err(|_| MALFORMED)?;
         let value_len = self.u32()? as usize;
-        let value =
-            HeaderValue::from_maybe_shared(self.take(value_len)?).map_err(|_| DecodeError)?;
+        let value = HeaderValue::from_maybe_shared(self.take(value_len)?).map_err(|_| MALFORMED)?;
         Ok((name, value))
     }
 }
@@ -150,36 +151,36 @@ impl Reader {
     /// A count, then that many headers.
     /// A map of the next headers, with room for `extra` more (what a replay adds), so that
     /// adding them does not grow it.
-    fn header_map(&mut self, extra: usize) -> Result<HeaderMap, DecodeError> {
+    fn header_map(&mut self, extra: usize) -> Result<HeaderMap, Unreadable> {
         let count = self.u16()? as usize;
         // Each header takes at least 6 bytes: a corrupt count must not reserve more than the
         // rest could hold (nor more than a `HeaderMap` can, which would panic).
         let room = (self.buf.len() - self.pos) / 6;
         let mut map =
-            HeaderMap::try_with_capacity(count.min(room) + extra).map_err(|_| DecodeError)?;
+            HeaderMap::try_with_capacity(count.min(room) + extra).map_err(|_| MALFORMED)?;
         for _ in 0..count {
             let (name, value) = self.header()?;
-            map.try_append(name, value).map_err(|_| DecodeError)?;
+            map.try_append(name, value).map_err(|_| MALFORMED)?;
         }
         Ok(map)
     }
 }
 
-/// Decodes what [`encode`] wrote.
-pub(crate) fn decode(payload: Bytes) -> Result<StoredResponse, DecodeError> {
-    let mut r = Reader {
-        buf: payload,
-        pos: 0,
+/// Decodes what [`encode`] wrote (or an earlier version did).
+pub(crate) fn decode(payload: Bytes) -> Result<StoredResponse, Unreadable> {
+    if payload.len() < 3 || &payload[..2] != MAGIC {
+        return Err(Unreadable::Damaged("not a stored response"));
+    }
+    let version = payload[2];
+    let (buf, pos) = match version {
+        1 | 2 => (payload, 3),
+        VERSION => (seal::open(&payload)?, 0),
+        0 => return Err(Unreadable::Damaged("version 0")),
+        newer => return Err(Unreadable::Newer(newer)),
     };
-    if &r.take(2)?[..] != MAGIC {
-        return Err(DecodeError);
-    }
-    let version = r.u8()?;
-    if version != 1 && version != VERSION {
-        return Err(DecodeError);
-    }
+    let mut r = Reader { buf, pos };
     let flags = r.u8()?;
-    let status = StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError)?;
+    let status = StatusCode::from_u16(r.u16()?).map_err(|_| MALFORMED)?;
     // A replay adds `idempotent-replayed`, the carried headers' `original-*` and perhaps
     // the omitted-body marker.
     let headers = r.header_map(4)?;
@@ -196,7 +197,7 @@ pub(crate) fn decode(payload: Bytes) -> Result<StoredResponse, DecodeError> {
     let body_omitted = flags & FLAG_BODY_OMITTED != 0;
     if body_omitted && !body.is_empty() {
         // `encode` writes no body for an omitted one: these bytes are not ours.
-        return Err(DecodeError);
+        return Err(MALFORMED);
     }
     Ok(StoredResponse {
         status,
@@ -313,15 +314,92 @@ mod tests {
             &HeaderMap::new(),
             |_| true,
             &[],
-            Some([].iter()),
+            Some([Bytes::from_static(b"{\"id\":1}")].iter()),
             None,
         );
         let mut future = payload.to_vec();
-        future[2] = 3;
-        assert!(decode(Bytes::from(future)).is_err());
+        future[2] = 4;
+        assert_eq!(decode(Bytes::from(future)), Err(Unreadable::Newer(4)));
         for cut in 0..payload.len() {
-            assert!(decode(payload.slice(..cut)).is_err(), "cut at {cut}");
+            assert!(
+                matches!(decode(payload.slice(..cut)), Err(Unreadable::Damaged(_))),
+                "cut at {cut}"
+            );
         }
         assert!(decode(Bytes::from_static(b"garbage that is long enough")).is_err());
+    }
+
+    /// A record cut inside its body, or with a body byte changed, is refused (version 3 carries
+    /// its length and checksum); before, it replayed as a success with a cut body.
+    #[test]
+    fn a_damaged_body_is_refused_not_replayed() {
+        let body = [Bytes::from_static(b"{\"id\":\"pay_1\",\"amount\":1000}")];
+        let payload = encode(
+            StatusCode::CREATED,
+            &HeaderMap::new(),
+            |_| true,
+            &[],
+            Some(body.iter()),
+            None,
+        );
+        let cut = payload.slice(..payload.len() - 5);
+        assert!(matches!(decode(cut), Err(Unreadable::Damaged(_))));
+        let mut flipped = payload.to_vec();
+        let last = flipped.len() - 1;
+        flipped[last] = b']';
+        assert!(matches!(
+            decode(Bytes::from(flipped)),
+            Err(Unreadable::Damaged(_))
+        ));
+    }
+
+    /// Records of every format version written so far replay, forever: these bytes are what
+    /// each release wrote for `201`, `content-type: application/json`, a carried
+    /// `x-request-id: r-1` and the body `{"id":1}` (version 2 with a `grpc-status: 0` trailer).
+    #[test]
+    fn golden_records_of_every_version_replay() {
+        let v1: &[u8] = b"TI\x01\x00\x00\xc9\x00\x01\x00\x0ccontent-type\x00\x00\x00\x10application/json\x00\x01\x00\x0cx-request-id\x00\x00\x00\x03r-1{\"id\":1}";
+        let v2: &[u8] = b"TI\x02\x02\x00\xc9\x00\x01\x00\x0ccontent-type\x00\x00\x00\x10application/json\x00\x01\x00\x0cx-request-id\x00\x00\x00\x03r-1\x00\x01\x00\x0bgrpc-status\x00\x00\x00\x010{\"id\":1}";
+        let v3: &[u8] = b"TI\x03\x00\x00\x00\x46\x6e\x88\x1f\xfa\xc0\x8c\xab\x84\x00\x00\xc9\x00\x01\x00\x0ccontent-type\x00\x00\x00\x10application/json\x00\x01\x00\x0cx-request-id\x00\x00\x00\x03r-1{\"id\":1}";
+        for (version, golden) in [(1, v1), (2, v2), (3, v3)] {
+            let decoded = decode(Bytes::from_static(golden))
+                .unwrap_or_else(|e| panic!("version {version}: {e}"));
+            assert_eq!(decoded.status, StatusCode::CREATED, "version {version}");
+            assert_eq!(decoded.headers["content-type"], "application/json");
+            assert_eq!(decoded.carried[0].1, "r-1");
+            assert_eq!(decoded.body, "{\"id\":1}", "version {version}");
+            let trailers = decoded.trailers.map(|t| t["grpc-status"].clone());
+            assert_eq!(
+                trailers,
+                (version == 2).then(|| HeaderValue::from_static("0"))
+            );
+        }
+    }
+
+    /// What this build writes is the version-3 golden record above, byte for byte.
+    #[test]
+    fn this_build_writes_the_version_3_format() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        let carried = [(
+            HeaderName::from_static("x-request-id"),
+            HeaderValue::from_static("r-1"),
+        )];
+        let encoded = encode(
+            StatusCode::CREATED,
+            &headers,
+            |_| true,
+            &carried,
+            Some([Bytes::from_static(b"{\"id\":1}")].iter()),
+            None,
+        );
+        let hex: String = encoded.iter().map(|b| format!("\\x{b:02x}")).collect();
+        assert_eq!(&encoded[..3], b"TI\x03", "{hex}");
+        assert_eq!(decode(encoded.clone()).unwrap().body, "{\"id\":1}", "{hex}");
+        assert_eq!(
+            &encoded[3..15],
+            &b"\x00\x00\x00\x46\x6e\x88\x1f\xfa\xc0\x8c\xab\x84"[..],
+            "{hex}"
+        );
     }
 }

@@ -10,6 +10,7 @@ use super::layer::Config;
 use super::problem::{Problem, ProblemKind};
 use super::record;
 use super::response_body::ResponseBody;
+use crate::protocol::seal::{self, Unreadable};
 use crate::protocol::{self, Outcome};
 use crate::store::Record;
 use crate::BoxError;
@@ -66,7 +67,8 @@ where
             }
         }
     }
-    match record::decode(record.into_payload()) {
+    let payload = record.into_payload();
+    match record::decode(payload.clone()) {
         Ok(stored) => {
             tracing::debug!(
                 outcome = "replayed",
@@ -75,14 +77,28 @@ where
             );
             (replay(stored, config), Outcome::Replayed)
         }
-        Err(error) => {
-            tracing::error!(outcome = "unreadable_record", %error, "stored response cannot be decoded");
-            (
-                Problem::Plain(ProblemKind::UnreadableRecord).respond(grpc),
-                Outcome::Unreadable,
-            )
+        Err(unreadable) => {
+            seal::report(seal::identity(&payload), unreadable, &unreadable);
+            unreadable_record(unreadable, config, grpc)
         }
     }
+}
+
+/// The answer to a record that exists but cannot be read: the handler is not run. Damaged:
+/// 500 (no retry will read it); from a newer release: 503 with `Retry-After` (an up-to-date
+/// instance will).
+pub(crate) fn unreadable_record<B>(
+    unreadable: Unreadable,
+    config: &Config,
+    grpc: bool,
+) -> (Response<ResponseBody<B>>, Outcome) {
+    let problem = match unreadable {
+        Unreadable::Damaged(_) => Problem::Plain(ProblemKind::UnreadableRecord),
+        Unreadable::Newer(_) => {
+            Problem::RetryAfter(ProblemKind::UnknownRecordVersion, config.retry_after)
+        }
+    };
+    (problem.respond(grpc), Outcome::Unreadable)
 }
 
 /// Builds the replay of a stored response.

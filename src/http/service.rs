@@ -352,12 +352,21 @@ where
                 let problem = Problem::RetryAfter(ProblemKind::InFlight, after);
                 (Ok(problem.respond(self.grpc)), Outcome::Conflict)
             }
-            // Boxed: a rare path (failing open runs the handler) that every request's state
-            // would otherwise carry.
-            Err(error) => (
-                Box::pin(self.store_failed(error, parts, body)).await,
-                Outcome::StoreError,
-            ),
+            Err(error) => match error.unreadable() {
+                // A record that exists but cannot be read proves the key was used: never a
+                // reason to run the handler, whatever the store-error policy (`begin` logged it).
+                Some(unreadable) => {
+                    let (response, outcome) =
+                        replay::unreadable_record(unreadable, &self.config, self.grpc);
+                    (Ok(response), outcome)
+                }
+                // Boxed: a rare path (failing open runs the handler) that every request's
+                // state would otherwise carry.
+                None => (
+                    Box::pin(self.store_failed(error, parts, body)).await,
+                    Outcome::StoreError,
+                ),
+            },
         }
     }
 

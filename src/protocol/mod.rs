@@ -27,6 +27,7 @@ mod detach;
 mod drain;
 mod guard;
 mod outcome;
+pub(crate) mod seal;
 
 pub(crate) use detach::FinishOnDrop;
 pub use drain::{DrainHandle, DrainReport};
@@ -123,6 +124,17 @@ pub(crate) enum Failure {
     Store(#[from] StoreError),
     #[error("store call timed out")]
     Timeout,
+}
+
+impl Failure {
+    /// The record exists but cannot be read (damaged, or from a newer release): the key was
+    /// used, so the work must not run, whatever the adapter's store-error policy.
+    pub(crate) fn unreadable(&self) -> Option<seal::Unreadable> {
+        match self {
+            Failure::Store(error) => seal::unreadable(error),
+            Failure::Timeout => None,
+        }
+    }
 }
 
 /// What [`begin`] found.
@@ -307,7 +319,12 @@ pub(crate) async fn begin<St: Store + Clone>(
                 release_if_it_lands(store, &key, token, timings);
                 return Err(Failure::Timeout);
             }
-            Err(error) => return Err(error),
+            Err(Failure::Store(error)) => {
+                if let Some(unreadable) = seal::unreadable(&error) {
+                    seal::report(seal::identity(key.as_bytes()), unreadable, &error);
+                }
+                return Err(Failure::Store(error));
+            }
         };
         match outcome {
             ClaimOutcome::Claimed(token) => {

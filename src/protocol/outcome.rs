@@ -22,7 +22,7 @@ use std::sync::Arc;
 /// | `MissingScope` | 500: the scope function found no tenant (authentication must run first) | – |
 /// | `Passthrough` | the handler's, without idempotency (method not handled, no key, or unscoped requests allowed) | – |
 /// | `BodyTooLarge` | 413: a duplicate's body is over the limit | – |
-/// | `Unreadable` | 400 (the duplicate's body failed) or 500 (the stored record cannot be decoded) | `Corrupt` |
+/// | `Unreadable` | 400 (the duplicate's body failed), 500 (the stored record is damaged) or 503 (it is from a newer release); the handler does not run | `Corrupt` / `UnknownFormat` |
 /// | `ShuttingDown` | 503: the layer is draining | `ShuttingDown` |
 /// | `Overloaded` | 503: too much work runs detached from its clients | – |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -55,7 +55,8 @@ pub enum Outcome {
     Passthrough,
     /// A duplicate's body was over the limit.
     BodyTooLarge,
-    /// A duplicate's body failed while being read, or the stored record cannot be decoded.
+    /// A duplicate's body failed while being read, or the stored record cannot be read
+    /// (damaged, or written by a newer release): the handler did not run.
     Unreadable,
     /// The layer is draining.
     ShuttingDown,

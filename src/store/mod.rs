@@ -194,9 +194,21 @@ pub enum StoreError {
     /// The backend could not be reached or failed.
     #[error("store backend failed")]
     Backend(#[source] BoxError),
-    /// A record in the backend could not be read (corrupt, or written by an unknown version).
+    /// What the backend holds for the key cannot be read: damaged (a changed or cut value, a
+    /// malformed row). The key *was* used, so the layer never runs the handler for it (whatever
+    /// its store-error policy): it answers 500 `#unreadable-record` until the record expires or
+    /// an operator deletes it.
     #[error("stored record is unreadable")]
     Corrupt(#[source] BoxError),
+    /// What the backend holds for the key was written in a format newer than this build reads
+    /// (a later release of this crate, during a rolling upgrade). The layer never runs the
+    /// handler for it: it answers 503 `#unknown-record-version` with `Retry-After`, so that the
+    /// retry may reach an instance that reads it.
+    #[error("stored record has format version {version}, newer than this build reads")]
+    UnknownFormat {
+        /// The format version found.
+        version: u8,
+    },
     /// The store does not implement this operation (an operator call on a custom store).
     #[error("this store does not support {0}")]
     Unsupported(&'static str),

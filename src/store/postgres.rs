@@ -347,20 +347,22 @@ fn token_bytes(token: &OwnerToken) -> [u8; 16] {
     token.as_u128().to_be_bytes()
 }
 
-/// A completed row's record, from its `fingerprint` and `payload` columns.
+/// A completed row's record, from its `fingerprint` and `payload` columns. A completed row
+/// always has a payload, and a fingerprint of 16 bytes or none: anything else is damaged
+/// ([`StoreError::Corrupt`]), never a reason to run the key again.
 pub(crate) fn record_from_columns(
     fingerprint: Option<Vec<u8>>,
     payload: Option<Vec<u8>>,
 ) -> Result<Record, StoreError> {
     let fingerprint = match fingerprint {
         None => None,
-        Some(bytes) => {
-            Some(u128::from_be_bytes(bytes.as_slice().try_into().map_err(
-                |_| StoreError::Corrupt("fingerprint is not 16 bytes".into()),
-            )?))
-        }
+        Some(bytes) => Some(u128::from_be_bytes(bytes.as_slice().try_into().map_err(
+            |_| StoreError::Corrupt("the row's fingerprint is not 16 bytes".into()),
+        )?)),
     };
-    Ok(Record::new(fingerprint, payload.unwrap_or_default()))
+    let payload =
+        payload.ok_or_else(|| StoreError::Corrupt("the completed row has no payload".into()))?;
+    Ok(Record::new(fingerprint, payload))
 }
 
 impl Store for PostgresStore {

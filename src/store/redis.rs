@@ -17,14 +17,15 @@ const VERSION: u8 = 1;
 const CLAIM_TAG: u8 = b'C';
 const RECORD_TAG: u8 = b'R';
 
-/// `SET NX PX` takes a free key; otherwise the key's record, or the remaining lease.
+/// `SET NX PX` takes a free key; otherwise the key's record (anything but a claim, `C`: a
+/// damaged value is decoded, and refused, as a record), or the remaining lease.
 /// Keys never expire during a script, so the `GET` after a failed `SET NX` always finds one.
 const CLAIM: &str = r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {0}
 end
 local value = redis.call('GET', KEYS[1])
-if string.byte(value, 1) == 82 then
+if string.byte(value, 1) ~= 67 then
   return {2, value}
 end
 return {1, redis.call('PTTL', KEYS[1])}
@@ -387,7 +388,8 @@ impl RedisStore {
         };
         Ok(Some(match previous {
             None => ClaimOutcome::Claimed(*token),
-            Some(value) if value.first() == Some(&RECORD_TAG) => {
+            // Anything but a claim is a record, or damaged (which decoding reports).
+            Some(value) if value.first() != Some(&CLAIM_TAG) => {
                 ClaimOutcome::Completed(decode_record(value)?)
             }
             Some(_) => {
@@ -510,14 +512,25 @@ pub(crate) fn encode_record(record: &Record) -> Bytes {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("redis value is not a record of a known version")]
-struct UnknownFormat;
+#[error("the Redis value is damaged: {0}")]
+struct Damaged(&'static str);
 
+/// A record's value, `'R' version fingerprint-flag [fingerprint] payload`. A value that is not
+/// one is [`StoreError::Corrupt`] (the key was used: never a reason to run again), one of a
+/// later version [`StoreError::UnknownFormat`].
 pub(crate) fn decode_record(value: Vec<u8>) -> Result<Record, StoreError> {
     let value = Bytes::from(value);
-    let corrupt = || StoreError::Corrupt(Box::new(UnknownFormat));
-    if value.len() < 3 || value[0] != RECORD_TAG || value[1] != VERSION {
-        return Err(corrupt());
+    let corrupt = |why| StoreError::Corrupt(Box::new(Damaged(why)));
+    if value.len() < 3 {
+        return Err(corrupt("shorter than its header"));
+    }
+    if value[0] != RECORD_TAG {
+        return Err(corrupt("not a record or a claim"));
+    }
+    match value[1] {
+        VERSION => {}
+        0 => return Err(corrupt("format version 0")),
+        version => return Err(StoreError::UnknownFormat { version }),
     }
     match value[2] {
         0 => Ok(Record::new(None, value.slice(3..))),
@@ -525,7 +538,8 @@ pub(crate) fn decode_record(value: Vec<u8>) -> Result<Record, StoreError> {
             let fingerprint = u128::from_be_bytes(value[3..19].try_into().expect("16 bytes"));
             Ok(Record::new(Some(fingerprint), value.slice(19..)))
         }
-        _ => Err(corrupt()),
+        1 => Err(corrupt("cut inside its fingerprint")),
+        _ => Err(corrupt("unknown fingerprint flag")),
     }
 }
 
@@ -708,7 +722,10 @@ mod tests {
         }
         let mut future = encode_record(&Record::new(None, "x")).to_vec();
         future[1] = VERSION + 1;
-        assert!(matches!(decode_record(future), Err(StoreError::Corrupt(_))));
+        assert!(matches!(
+            decode_record(future),
+            Err(StoreError::UnknownFormat { version }) if version == VERSION + 1
+        ));
         assert!(matches!(
             decode_record(b"R".to_vec()),
             Err(StoreError::Corrupt(_))

@@ -1,0 +1,242 @@
+//! A record damaged in the store, or written by a newer version, proves that its key was used:
+//! it is never answered by running the handler again (under either store-error policy) and never
+//! replayed as a success. Damaged: 500 `#unreadable-record`; newer: 503 `#unknown-record-version`
+//! with `Retry-After` (an instance that can read it may answer the retry).
+//!
+//! Each case stores a payment through the layer on a real server, changes the stored bytes with
+//! a plain client, then retries three times.
+
+mod support;
+
+use http::Method;
+use support::servers::{postgres_url, raw_redis, redis_url};
+use support::{app, request, send, App};
+use tower_idempotency::store::{PostgresStore, RedisStore, Store};
+use tower_idempotency::{admin, IdempotencyLayer, OnStoreError};
+
+const BODY: &str = r#"{"amount": 1000, "currency": "usd", "note": "a body long enough to cut"}"#;
+
+/// What a retry should get after the damage.
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    Damaged,
+    Newer,
+}
+
+fn policies() -> [OnStoreError; 2] {
+    [OnStoreError::FailClosed, OnStoreError::FailOpen]
+}
+
+/// Stores one payment under a fresh key; returns the app, its probe, the key and the store key.
+async fn stored<St: Store + Clone>(
+    store: St,
+    policy: OnStoreError,
+    case: &str,
+) -> (App<St>, support::Probe, String, String) {
+    let (mut app, probe) = app(IdempotencyLayer::with_store(store).on_store_error(policy));
+    let key = tower_idempotency::store::conformance::fresh_key(case);
+    let first = send(&mut app, request(Some(&key), BODY, &[])).await;
+    assert_eq!(first.status, 201);
+    let store_key = admin::http_key("", &Method::POST, "/payments", &key);
+    (app, probe, key, store_key)
+}
+
+async fn three_retries<St: Store + Clone>(
+    app: &mut App<St>,
+    probe: &support::Probe,
+    key: &str,
+    expect: Expect,
+    what: &str,
+) {
+    for attempt in 0..3 {
+        let retry = send(app, request(Some(key), BODY, &[])).await;
+        assert!(!retry.replayed(), "{what}: attempt {attempt} replayed");
+        match expect {
+            Expect::Damaged => retry.assert_problem(500, "unreadable-record"),
+            Expect::Newer => {
+                retry.assert_problem(503, "unknown-record-version");
+                assert!(retry.headers.contains_key("retry-after"), "{what}");
+            }
+        }
+    }
+    assert_eq!(probe.executions(), 1, "{what}: the handler ran again");
+}
+
+async fn redis_store() -> Option<(RedisStore, String)> {
+    let url = redis_url()?;
+    Some((RedisStore::connect(&url).await.unwrap(), url))
+}
+
+/// Rewrites the Redis value of `store_key`, keeping its TTL.
+async fn damage_redis(url: &str, store_key: &str, change: impl FnOnce(&mut Vec<u8>)) {
+    let mut redis = raw_redis(url).await;
+    let redis_key = format!("idempotency:{store_key}");
+    let mut value: Vec<u8> = redis::cmd("GET")
+        .arg(&redis_key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    change(&mut value);
+    let () = redis::cmd("SET")
+        .arg(&redis_key)
+        .arg(value)
+        .arg("KEEPTTL")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+}
+
+type Damage = (&'static str, Expect, fn(&mut Vec<u8>));
+
+/// The Redis value is `'R' version fingerprint-flag [fingerprint] payload`, the payload an HTTP
+/// record `"TI" version …`.
+const REDIS_DAMAGE: &[Damage] = &[
+    ("envelope tag byte", Expect::Damaged, |v| v[0] = b'X'),
+    ("envelope version byte zeroed", Expect::Damaged, |v| {
+        v[1] = 0
+    }),
+    ("envelope version from the future", Expect::Newer, |v| {
+        v[1] = 200
+    }),
+    ("fingerprint flag byte", Expect::Damaged, |v| v[2] = 7),
+    ("value cut inside the fingerprint", Expect::Damaged, |v| {
+        v.truncate(10)
+    }),
+    ("value cut inside the body", Expect::Damaged, |v| {
+        v.truncate(v.len() - 20)
+    }),
+    ("a body byte flipped", Expect::Damaged, |v| {
+        let last = v.len() - 1;
+        v[last] ^= 0x20;
+    }),
+    ("record version from the future", Expect::Newer, |v| {
+        v[19 + 2] = 200
+    }),
+];
+
+#[tokio::test]
+async fn damaged_redis_records_never_run_the_handler_again() {
+    let Some((store, url)) = redis_store().await else {
+        return;
+    };
+    for &(what, expect, change) in REDIS_DAMAGE {
+        for policy in policies() {
+            let (mut app, probe, key, store_key) = stored(store.clone(), policy, "redis").await;
+            damage_redis(&url, &store_key, change).await;
+            let what = format!("{what} ({policy:?})");
+            three_retries(&mut app, &probe, &key, expect, &what).await;
+        }
+    }
+}
+
+async fn postgres_store() -> Option<(PostgresStore, tokio_postgres::Client)> {
+    let url = postgres_url()?;
+    let store = PostgresStore::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    Some((store, client))
+}
+
+/// Each damage is an `UPDATE … WHERE key = $1` of the record's row.
+const POSTGRES_DAMAGE: &[(&str, Expect, &str)] = &[
+    (
+        "a 15-byte fingerprint",
+        Expect::Damaged,
+        "fingerprint = substring(fingerprint from 1 for 15)",
+    ),
+    ("a NULL payload", Expect::Damaged, "payload = NULL"),
+    (
+        "payload cut inside the body",
+        Expect::Damaged,
+        "payload = substring(payload from 1 for length(payload) - 20)",
+    ),
+    (
+        "record version from the future",
+        Expect::Newer,
+        "payload = set_byte(payload, 2, 200)",
+    ),
+];
+
+#[tokio::test]
+async fn damaged_postgres_rows_never_run_the_handler_again() {
+    let Some((store, client)) = postgres_store().await else {
+        return;
+    };
+    for &(what, expect, set) in POSTGRES_DAMAGE {
+        for policy in policies() {
+            let (mut app, probe, key, store_key) = stored(store.clone(), policy, "pg").await;
+            let sql = format!("UPDATE idempotency_records SET {set} WHERE key = $1");
+            assert_eq!(client.execute(&sql, &[&store_key]).await.unwrap(), 1);
+            let what = format!("{what} ({policy:?})");
+            three_retries(&mut app, &probe, &key, expect, &what).await;
+        }
+    }
+}
+
+mod consumer {
+    use super::*;
+    use tower::{service_fn, BoxError, ServiceExt};
+    use tower_idempotency::consumer::{ConsumerError, IdempotentConsumerLayer, Identity};
+
+    type Message = (String, u64);
+
+    /// Delivers `(id, amount)` through a consumer on `store` whose handler answers the amount
+    /// and counts its runs.
+    async fn deliver(
+        store: &RedisStore,
+        runs: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        message: &Message,
+    ) -> Result<tower_idempotency::consumer::Delivery<u64>, ConsumerError<BoxError>> {
+        let runs = runs.clone();
+        let handler = service_fn(move |(_, amount): Message| {
+            runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { Ok::<_, BoxError>(amount) }
+        });
+        let layer = IdempotentConsumerLayer::with_store(
+            |m: &Message| Identity::new(m.0.clone()).scope("damaged"),
+            store.clone(),
+        );
+        tower::Layer::layer(&layer, handler)
+            .oneshot(message.clone())
+            .await
+    }
+
+    /// A consumer's stored outcome with a digit changed is refused, never delivered as a
+    /// duplicate with another value; a damaged envelope is `Corrupt` (not a store outage), one
+    /// from a newer release `UnknownFormat`; the handler never runs again.
+    #[tokio::test]
+    async fn damaged_consumer_outcomes_are_refused_not_redelivered() {
+        let Some((store, url)) = redis_store().await else {
+            return;
+        };
+        let cases: &[Damage] = &[
+            ("a digit of the outcome changed", Expect::Damaged, |v| {
+                let at = v.iter().rposition(|b| *b == b'4').unwrap();
+                v[at] = b'5';
+            }),
+            ("the envelope tag byte", Expect::Damaged, |v| v[0] = b'Z'),
+            ("the envelope version from the future", Expect::Newer, |v| {
+                v[1] = 9
+            }),
+        ];
+        for &(what, expect, change) in cases {
+            let runs = std::sync::Arc::default();
+            let id = tower_idempotency::store::conformance::fresh_key("consumer");
+            let message = (id.clone(), 1234);
+            assert!(deliver(&store, &runs, &message).await.unwrap().ran());
+            damage_redis(&url, &admin::consumer_key("damaged", &id), change).await;
+            for _ in 0..3 {
+                match deliver(&store, &runs, &message).await {
+                    Err(ConsumerError::UnknownFormat { .. }) if matches!(expect, Expect::Newer) => {
+                    }
+                    Err(ConsumerError::Corrupt(_)) if matches!(expect, Expect::Damaged) => {}
+                    other => panic!("{what}: {other:?}"),
+                }
+            }
+            assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1, "{what}");
+        }
+    }
+}
