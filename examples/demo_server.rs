@@ -1,7 +1,7 @@
 //! A payments API guarded by `tower-idempotency`: the project's demo and its outside contract.
 //!
 //! ```text
-//! cargo run --example demo_server -- [--addr HOST:PORT] [--store memory] [--ttl SECS]
+//! cargo run --example demo_server -- [--addr HOST:PORT] [--store memory|sqlite://PATH|…] [--ttl SECS]
 //!     [--lock-ttl SECS] [--on-conflict reject|wait] [--require-key] [--drain-timeout SECS]
 //! ```
 //!
@@ -37,7 +37,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_idempotency::store::{BoxStore, MemoryStore, PostgresStore, RedisStore};
+use tower_idempotency::store::{
+    BoxStore, MemoryStore, PostgresStore, RedisStore, SqliteStore, Synchronous,
+};
 use tower_idempotency::{IdempotencyLayer, OnConflict};
 
 #[derive(Parser, Debug)]
@@ -46,8 +48,10 @@ struct Args {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:3000")]
     addr: SocketAddr,
-    /// Where records live: `memory`, `redis://HOST:PORT`, `redis+cluster://HOST:PORT[,HOST:PORT…]`
-    /// (one or more seed nodes of a Redis Cluster) or `postgres://USER@HOST:PORT/DB`.
+    /// Where records live: `memory`, `sqlite://PATH[?synchronous=normal|full]` (a file that
+    /// survives restarts; `full` survives a power loss too),
+    /// `redis://HOST:PORT`, `redis+cluster://HOST:PORT[,HOST:PORT…]` (one or more seed nodes of a
+    /// Redis Cluster) or `postgres://USER@HOST:PORT/DB`.
     #[arg(long, default_value = "memory")]
     store: String,
     /// How long responses are kept for replay, in seconds [library default: 24 h].
@@ -235,6 +239,19 @@ async fn open_store(
             builder = builder.max_bytes(mib * 1024 * 1024);
         }
         Ok(BoxStore::new(builder.build()))
+    } else if let Some(rest) = spec.strip_prefix("sqlite://") {
+        let (path, synchronous) = match rest.split_once('?') {
+            None => (rest, Synchronous::Normal),
+            Some((path, "synchronous=normal")) => (path, Synchronous::Normal),
+            Some((path, "synchronous=full")) => (path, Synchronous::Full),
+            Some((_, query)) => {
+                return Err(
+                    format!("unknown option {query:?}: use ?synchronous=normal|full").into(),
+                )
+            }
+        };
+        let store = SqliteStore::builder(path).synchronous(synchronous);
+        Ok(BoxStore::new(store.open().await?))
     } else if let Some(nodes) = spec.strip_prefix("redis+cluster://") {
         let nodes: Vec<String> = nodes.split(',').map(|n| format!("redis://{n}")).collect();
         Ok(BoxStore::new(RedisStore::connect_cluster(nodes).await?))
@@ -246,7 +263,7 @@ async fn open_store(
         Ok(BoxStore::new(store))
     } else {
         Err(format!(
-            "unsupported --store {spec:?}: use memory, redis://…, redis+cluster://HOST:PORT[,…] or postgres://…"
+            "unsupported --store {spec:?}: use memory, sqlite://PATH, redis://…, redis+cluster://HOST:PORT[,…] or postgres://…"
         )
         .into())
     }
@@ -269,15 +286,44 @@ fn idempotency_layer(args: &Args, store: BoxStore) -> IdempotencyLayer<BoxStore>
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> std::process::ExitCode {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let args = Args::parse();
-    let store = open_store(&args.store, args.memory_mib).await?;
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("demo_server: {}", sentence(&*error));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes, as one line: `what failed: why: why that`.
+fn sentence(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some errors repeat their cause in their own message.
+        if !out.contains(&cause_text) {
+            out.push_str(": ");
+            out.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let store = open_store(&args.store, args.memory_mib)
+        .await
+        .map_err(|error| format!("cannot use --store {}: {}", args.store, sentence(&*error)))?;
     let state = AppState {
         executions: Arc::default(),
         payments: Arc::new(Mutex::new(Payments {

@@ -30,7 +30,7 @@ pub fn postgres_columns(data: &[u8]) {
     let (fingerprint, payload) = rest.split_at(split);
     let fingerprint = (control & 1 == 1).then(|| fingerprint.to_vec());
     let payload = (control & 2 == 2).then(|| payload.to_vec());
-    if let Ok(record) = crate::store::postgres::record_from_columns(fingerprint.clone(), payload.clone()) {
+    if let Ok(record) = crate::store::record_from_columns(fingerprint.clone(), payload.clone()) {
         assert_eq!(record.fingerprint().map(u128::to_be_bytes).map(Vec::from), fingerprint);
         assert_eq!(record.payload(), &bytes::Bytes::from(payload.unwrap_or_default()));
     }

@@ -69,7 +69,9 @@ mod memory;
 pub(crate) mod postgres;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
-#[cfg(any(feature = "redis", feature = "postgres"))]
+#[cfg(feature = "sqlite")]
+mod sqlite;
+#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
 mod waker;
 
 #[cfg(feature = "conformance")]
@@ -84,6 +86,9 @@ pub use postgres::{InvalidTableName, PostgresStore};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis::{RedisConfig, RedisStore};
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use sqlite::{SqliteOpenError, SqliteStore, SqliteStoreBuilder, Synchronous};
 
 /// Proof of owning a claim. See the [module docs](self).
 ///
@@ -324,6 +329,51 @@ pub trait Store: Send + Sync + 'static {
     fn delete(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> + Send {
         let _ = key;
         std::future::ready(Err(StoreError::Unsupported("delete")))
+    }
+}
+
+/// A completed row's record, from its `fingerprint` and `payload` columns. A completed row
+/// always has a payload, and a fingerprint of 16 bytes or none: anything else is damaged
+/// ([`StoreError::Corrupt`]), never a reason to run the key again.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) fn record_from_columns(
+    fingerprint: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+) -> Result<Record, StoreError> {
+    let fingerprint = match fingerprint {
+        None => None,
+        Some(bytes) => Some(u128::from_be_bytes(bytes.as_slice().try_into().map_err(
+            |_| StoreError::Corrupt("the row's fingerprint is not 16 bytes".into()),
+        )?)),
+    };
+    let payload =
+        payload.ok_or_else(|| StoreError::Corrupt("the completed row has no payload".into()))?;
+    Ok(Record::new(fingerprint, payload))
+}
+
+/// Deletes expired rows with `purge` (one batch of at most the given size per call, answering
+/// how many went) until a batch comes back short; failures are logged and left to the next
+/// round.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) async fn purge_in_batches<F, Fut>(purge: F)
+where
+    F: Fn(i64) -> Fut,
+    Fut: Future<Output = Result<u64, StoreError>>,
+{
+    const BATCH: i64 = 1000;
+    let mut purged = 0;
+    loop {
+        match purge(BATCH).await {
+            Ok(n) if n == BATCH as u64 => purged += n,
+            Ok(n) => {
+                tracing::debug!(purged = purged + n, "expired idempotency records purged");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "purging expired idempotency records failed");
+                return;
+            }
+        }
     }
 }
 

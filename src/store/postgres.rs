@@ -8,7 +8,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
 use super::waker::Wake;
-use super::{ClaimOutcome, KeyState, OwnerToken, Record, Store, StoreError};
+use super::{record_from_columns, ClaimOutcome, KeyState, OwnerToken, Record, Store, StoreError};
 
 /// A store in PostgreSQL. See the [module docs](super) for the protocol.
 ///
@@ -301,19 +301,7 @@ impl PostgresStore {
             let mut interval = tokio::time::interval(period);
             loop {
                 interval.tick().await;
-                loop {
-                    match store.purge_expired(1000).await {
-                        Ok(1000) => continue,
-                        Ok(n) => {
-                            tracing::debug!(purged = n, "expired idempotency records purged");
-                            break;
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, "purging expired idempotency records failed");
-                            break;
-                        }
-                    }
-                }
+                super::purge_in_batches(|batch| store.purge_expired(batch)).await;
             }
         })
     }
@@ -345,24 +333,6 @@ impl PostgresStore {
 
 fn token_bytes(token: &OwnerToken) -> [u8; 16] {
     token.as_u128().to_be_bytes()
-}
-
-/// A completed row's record, from its `fingerprint` and `payload` columns. A completed row
-/// always has a payload, and a fingerprint of 16 bytes or none: anything else is damaged
-/// ([`StoreError::Corrupt`]), never a reason to run the key again.
-pub(crate) fn record_from_columns(
-    fingerprint: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
-) -> Result<Record, StoreError> {
-    let fingerprint = match fingerprint {
-        None => None,
-        Some(bytes) => Some(u128::from_be_bytes(bytes.as_slice().try_into().map_err(
-            |_| StoreError::Corrupt("the row's fingerprint is not 16 bytes".into()),
-        )?)),
-    };
-    let payload =
-        payload.ok_or_else(|| StoreError::Corrupt("the completed row has no payload".into()))?;
-    Ok(Record::new(fingerprint, payload))
 }
 
 impl Store for PostgresStore {

@@ -6,6 +6,14 @@
 //! claims again, so a missed notification (a reconnect, a listener that is down) costs at most
 //! that bound. While the listener is down, waiters back off with jitter as without it.
 
+#![cfg_attr(
+    not(any(feature = "redis", feature = "postgres")),
+    allow(
+        dead_code,
+        reason = "the listener side serves Redis and PostgreSQL; SQLite wakes locally"
+    )
+)]
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,6 +62,12 @@ impl Wakers {
             tokio::time::sleep(backoff_with_jitter(attempt)).await;
             return;
         }
+        let bound = LISTENING_BOUND + Duration::from_millis(fastrand::u64(0..250));
+        self.wait_at_most(key, bound).await;
+    }
+
+    /// Waits until `key` is notified, or `bound` passes.
+    pub(crate) async fn wait_at_most(&self, key: &str, bound: Duration) {
         let mut receiver = {
             let mut map = self.map();
             if map.len() >= 1024 {
@@ -64,7 +78,6 @@ impl Wakers {
                 .or_insert_with(|| watch::channel(()).0)
                 .subscribe()
         };
-        let bound = LISTENING_BOUND + Duration::from_millis(fastrand::u64(0..250));
         let _ = tokio::time::timeout(bound, receiver.changed()).await;
     }
 }

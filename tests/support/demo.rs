@@ -117,6 +117,11 @@ impl Demo {
         }
     }
 
+    /// Whether the process has exited.
+    pub fn exited_now(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+
     /// SIGKILL: the process dies wherever it is, as in a crash.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -159,4 +164,21 @@ impl Demo {
         let stats: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
         stats["executions"].as_u64().unwrap()
     }
+}
+
+/// Runs the demo with `args` and waits for it to exit: it must fail to start. Its exit status
+/// and standard error.
+pub async fn start_fails(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let output = tokio::process::Command::new(demo_binary())
+        .args(["--addr", "127.0.0.1:0"])
+        .args(args)
+        .output();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(20), output)
+        .await
+        .expect("the demo exits when it cannot start")
+        .unwrap();
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }

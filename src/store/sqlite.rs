@@ -1,0 +1,633 @@
+//! [`SqliteStore`]: claims and records in an embedded SQLite file, so that a single-node
+//! service keeps its keys across restarts (feature `sqlite`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Weak};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
+
+use super::waker::Wakers;
+use super::{
+    backoff_with_jitter, record_from_columns, ClaimOutcome, KeyState, OwnerToken, Record, Store,
+    StoreError,
+};
+
+/// The schema version this build writes and reads (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 1;
+
+/// Milliseconds since the Unix epoch, on the host's clock, as SQLite reads it: every process
+/// on the host shares it (one statement sees one `now`).
+const NOW: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
+
+/// How durable a write is when its call returns (SQLite's `PRAGMA synchronous`, in WAL mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Synchronous {
+    /// `NORMAL` \[default\]: a write survives a crash of the process (`kill -9`, a panic, the
+    /// OOM killer); a power loss or an operating-system crash may lose the writes of the last
+    /// moments (the WAL is synced at checkpoints, not at each commit). The cost: none beyond
+    /// the write itself.
+    #[default]
+    Normal,
+    /// `FULL`: every commit is synced to disk (an `fsync` of the WAL) before the call returns,
+    /// so a write also survives a power loss. The cost: one `fsync` per claim and per
+    /// completion, which on most disks is the largest part of a fresh request (see
+    /// `BENCHMARKS.md`).
+    Full,
+}
+
+impl Synchronous {
+    fn pragma(self) -> &'static str {
+        match self {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+        }
+    }
+}
+
+/// Why a SQLite database could not be opened: one readable sentence each.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SqliteOpenError {
+    /// The file could not be opened or created (a missing directory, no permission).
+    #[error("cannot open the SQLite database {path} (does its directory exist, and may this process write there?)")]
+    CannotOpen {
+        /// The path given.
+        path: PathBuf,
+        /// What SQLite said.
+        source: rusqlite::Error,
+    },
+    /// The file exists but is not a SQLite database.
+    #[error("{path} is not a SQLite database (point the store at a new file or an existing idempotency database)")]
+    NotADatabase {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The file or its directory is read-only (the store writes a WAL beside the file).
+    #[error("the SQLite database {path} is read-only: the store needs to write the file and its -wal and -shm files beside it")]
+    ReadOnly {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The disk is full.
+    #[error("the disk holding the SQLite database {path} is full")]
+    DiskFull {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The database was created by a newer version of this crate, whose schema this build
+    /// does not know.
+    #[error("the SQLite database {path} has schema version {found}, newer than this build of tower-idempotency reads ({SCHEMA_VERSION}): upgrade it, or use another file")]
+    NewerSchema {
+        /// The path given.
+        path: PathBuf,
+        /// The schema version found (`PRAGMA user_version`).
+        found: i64,
+    },
+    /// Anything else SQLite refused while setting up.
+    #[error("cannot set up the SQLite database {path}")]
+    Other {
+        /// The path given.
+        path: PathBuf,
+        /// What SQLite said.
+        source: rusqlite::Error,
+    },
+}
+
+impl SqliteOpenError {
+    fn from_sqlite(path: &Path, source: rusqlite::Error) -> Self {
+        let path = path.to_owned();
+        match source.sqlite_error_code() {
+            Some(ErrorCode::NotADatabase) => Self::NotADatabase { path },
+            Some(ErrorCode::ReadOnly) => Self::ReadOnly { path },
+            Some(ErrorCode::DiskFull) => Self::DiskFull { path },
+            Some(ErrorCode::CannotOpen | ErrorCode::PermissionDenied) => {
+                Self::CannotOpen { path, source }
+            }
+            _ => Self::Other { path, source },
+        }
+    }
+}
+
+/// A store in an embedded SQLite database file, for a service that runs on one host: its
+/// claims and records survive a restart of the process (a deploy, a crash, `kill -9`), and
+/// several processes on the host (a pre-fork server, two instances) share one file as one
+/// store. See the [module docs](super) for the protocol.
+///
+/// * **Client:** `rusqlite` with SQLite bundled (no system library needed). Each handle owns
+///   one connection, on a thread of its own: calls are sent to it and awaited, so the async
+///   runtime never blocks on the disk (measured against `spawn_blocking` per call in
+///   `BENCHMARKS.md`).
+/// * **Durability:** WAL mode; [`Synchronous::Normal`] by default (survives a crash of the
+///   process), [`Synchronous::Full`] to survive a power loss too.
+/// * **Atomicity:** a claim that finds nothing live runs in a `BEGIN IMMEDIATE` transaction
+///   (SQLite's write lock, held across processes), so exactly one claim wins across every
+///   process on the file; other processes wait up to the busy timeout \[5 s\] for that lock.
+///   Renew, complete and release are `UPDATE`/`DELETE … WHERE owner = token AND expires_at >
+///   now`: a holder whose lease lapsed is refused ([`StoreError::LeaseLost`]).
+/// * **Clocks:** leases and retention are compared with SQLite's `now` (the host's clock,
+///   shared by every process on it).
+/// * **Replays** of completed records are served from a bounded in-process cache \[16 MiB of
+///   records, each kept at most 60 s\] without touching the file: completed records never
+///   change. A record deleted by an operator through *another* process is still replayed here
+///   until its cache entry ages out (at most 60 s); [`delete`](Store::delete) through this
+///   handle takes effect at once.
+/// * **Expired rows** are ignored on read and overwritten by the next claim; a background task
+///   deletes them every 60 s (see [`SqliteStoreBuilder::purge_every`]).
+/// * **Waiting duplicates** are woken at once when the claim ends through the same handle (or
+///   its clones); a claim ended by another process is seen by backing off with jitter (10 to
+///   500 ms).
+/// * **Errors:** a path that cannot be opened, a read-only file, a full disk, a file that is not
+///   a database and a database of a newer schema each fail [`open`](Self::open) with a
+///   [`SqliteOpenError`] that says which; at request time a failing disk is a
+///   [`StoreError::Backend`] (503, the handler not run).
+///
+/// ```no_run
+/// use tower_idempotency::{store::SqliteStore, IdempotencyLayer};
+///
+/// # async fn f() -> Result<(), tower_idempotency::store::StoreError> {
+/// let store = SqliteStore::open("/var/lib/my-service/idempotency.db").await?;
+/// let layer = IdempotencyLayer::with_store(store);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    /// Jobs for the connection's thread; the thread ends when the last handle is dropped.
+    jobs: mpsc::Sender<Job>,
+    /// Completed records, by key, with the instant their cache entry stops being valid.
+    records: moka::sync::Cache<String, Cached>,
+    cache_for: Duration,
+    wakers: Wakers,
+}
+
+#[derive(Clone)]
+struct Cached {
+    record: Record,
+    valid_until: Instant,
+}
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings of a [`SqliteStore`]; see each method for its default.
+#[derive(Debug, Clone)]
+pub struct SqliteStoreBuilder {
+    path: PathBuf,
+    synchronous: Synchronous,
+    busy_timeout: Duration,
+    cache_bytes: u64,
+    cache_for: Duration,
+    purge_every: Option<Duration>,
+}
+
+impl SqliteStoreBuilder {
+    /// How durable a write is \[[`Synchronous::Normal`]\].
+    pub fn synchronous(mut self, synchronous: Synchronous) -> Self {
+        self.synchronous = synchronous;
+        self
+    }
+
+    /// How long a call waits for another process's write lock before it fails \[5 s\].
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// The in-process cache of completed records that serves replays, in bytes of payload
+    /// \[16 MiB\]; 0 turns it off (every replay reads the file).
+    pub fn replay_cache_bytes(mut self, bytes: u64) -> Self {
+        self.cache_bytes = bytes;
+        self
+    }
+
+    /// How often expired rows are deleted, in the background \[every 60 s\]; `None` never
+    /// (then call [`SqliteStore::purge_expired`] yourself).
+    pub fn purge_every(mut self, period: Option<Duration>) -> Self {
+        self.purge_every = period;
+        self
+    }
+
+    /// Opens (or creates) the database, sets it up (WAL mode, the table, its schema version)
+    /// and starts its thread. Fails with a [`SqliteOpenError`] (inside
+    /// [`StoreError::Backend`]) that says what is wrong with the path or the file.
+    pub async fn open(self) -> Result<SqliteStore, StoreError> {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let settings = self.clone();
+        std::thread::Builder::new()
+            .name("tower-idempotency-sqlite".into())
+            .spawn(move || {
+                let mut connection = match connect(&settings) {
+                    Ok(connection) => {
+                        let _ = ready_tx.send(Ok(()));
+                        connection
+                    }
+                    Err(error) => {
+                        let _ = ready_tx.send(Err(error));
+                        return;
+                    }
+                };
+                while let Ok(job) = queue.recv() {
+                    job(&mut connection);
+                }
+            })
+            .map_err(StoreError::backend)?;
+        ready_rx
+            .await
+            .map_err(|_| StoreError::backend("the SQLite thread stopped while opening"))?
+            .map_err(StoreError::backend)?;
+        let records = moka::sync::Cache::builder()
+            .max_capacity(self.cache_bytes)
+            .weigher(|key: &String, cached: &Cached| {
+                u32::try_from(key.len() + cached.record.payload().len() + 64).unwrap_or(u32::MAX)
+            })
+            .build();
+        let store = SqliteStore {
+            inner: Arc::new(Inner {
+                path: self.path,
+                jobs,
+                records,
+                cache_for: self.cache_for,
+                wakers: Wakers::default(),
+            }),
+        };
+        if let Some(period) = self.purge_every {
+            spawn_purger(Arc::downgrade(&store.inner), period);
+        }
+        Ok(store)
+    }
+}
+
+/// Opens the connection and sets the database up.
+fn connect(settings: &SqliteStoreBuilder) -> Result<Connection, SqliteOpenError> {
+    let path = &settings.path;
+    let error = |source| SqliteOpenError::from_sqlite(path, source);
+    let connection = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(error)?;
+    connection
+        .busy_timeout(settings.busy_timeout)
+        .map_err(error)?;
+    // The first statement reads the file's header: a file that is not a database fails here.
+    let found: i64 = connection
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(error)?;
+    if found > SCHEMA_VERSION {
+        return Err(SqliteOpenError::NewerSchema {
+            path: path.clone(),
+            found,
+        });
+    }
+    let mode: String = connection
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .map_err(error)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(path = %path.display(), mode, "SQLite refused WAL mode (a network file system?); the store works, with less concurrency");
+    }
+    connection
+        .pragma_update(None, "synchronous", settings.synchronous.pragma())
+        .map_err(error)?;
+    // Many processes may open a new file at once: the write lock orders them.
+    connection
+        .execute_batch(&format!(
+            "BEGIN IMMEDIATE;
+             CREATE TABLE IF NOT EXISTS idempotency_records (
+                 key         TEXT    PRIMARY KEY NOT NULL,
+                 owner       BLOB,
+                 completed   INTEGER NOT NULL DEFAULT 0,
+                 fingerprint BLOB,
+                 payload     BLOB,
+                 expires_at  INTEGER NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS idempotency_records_expires_at
+                 ON idempotency_records (expires_at);
+             PRAGMA user_version = {SCHEMA_VERSION};
+             COMMIT;"
+        ))
+        .map_err(error)?;
+    Ok(connection)
+}
+
+/// Deletes expired rows every `period` while the store lives.
+fn spawn_purger(inner: Weak<Inner>, period: Duration) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut interval = tokio::time::interval(period);
+        interval.tick().await;
+        loop {
+            interval.tick().await;
+            let Some(inner) = inner.upgrade() else { return };
+            let store = SqliteStore { inner };
+            super::purge_in_batches(|batch| store.purge_expired(batch)).await;
+        }
+    });
+}
+
+fn backend(error: rusqlite::Error) -> StoreError {
+    StoreError::backend(error)
+}
+
+fn ms(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis())
+        .unwrap_or(i64::MAX / 4)
+        .max(1)
+}
+
+fn token_bytes(token: &OwnerToken) -> [u8; 16] {
+    token.as_u128().to_be_bytes()
+}
+
+/// A live row: `(completed, fingerprint, payload, milliseconds left)`.
+type Row = (bool, Option<Vec<u8>>, Option<Vec<u8>>, i64);
+
+fn read_live(connection: &Connection, key: &str) -> rusqlite::Result<Option<Row>> {
+    connection
+        .prepare_cached(&format!(
+            "SELECT completed, fingerprint, payload, expires_at - {NOW} \
+             FROM idempotency_records WHERE key = ?1 AND expires_at > {NOW}"
+        ))?
+        .query_row([key], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })
+        .optional()
+}
+
+fn remaining(ms: i64) -> Option<Duration> {
+    u64::try_from(ms).ok().map(Duration::from_millis)
+}
+
+/// What a claim found in the file.
+enum Found {
+    Claimed,
+    InFlight(i64),
+    Completed(Option<Vec<u8>>, Option<Vec<u8>>, i64),
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the database at `path` with every default; see
+    /// [`builder`](Self::builder).
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::builder(path).open().await
+    }
+
+    /// Settings for the database at `path`.
+    pub fn builder(path: impl AsRef<Path>) -> SqliteStoreBuilder {
+        SqliteStoreBuilder {
+            path: path.as_ref().to_owned(),
+            synchronous: Synchronous::default(),
+            busy_timeout: Duration::from_secs(5),
+            cache_bytes: 16 * 1024 * 1024,
+            cache_for: Duration::from_secs(60),
+            purge_every: Some(Duration::from_secs(60)),
+        }
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Deletes up to `batch` expired rows (records past their TTL, lapsed claims); returns how
+    /// many went. Call it until it returns less than `batch`.
+    pub async fn purge_expired(&self, batch: i64) -> Result<u64, StoreError> {
+        self.call(move |connection| {
+            let purged = connection
+                .prepare_cached(&format!(
+                    "DELETE FROM idempotency_records WHERE rowid IN \
+                     (SELECT rowid FROM idempotency_records WHERE expires_at <= {NOW} LIMIT ?1)"
+                ))?
+                .execute([batch])?;
+            Ok(purged as u64)
+        })
+        .await
+    }
+
+    /// Runs `work` on the connection's thread.
+    async fn call<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |connection| {
+            let _ = tx.send(work(connection));
+        });
+        self.inner
+            .jobs
+            .send(job)
+            .map_err(|_| StoreError::backend("the SQLite thread stopped"))?;
+        rx.await
+            .map_err(|_| StoreError::backend("the SQLite thread stopped"))?
+            .map_err(backend)
+    }
+
+    fn cached(&self, key: &str) -> Option<Record> {
+        let cached = self.inner.records.get(key)?;
+        if Instant::now() < cached.valid_until {
+            Some(cached.record)
+        } else {
+            self.inner.records.invalidate(key);
+            None
+        }
+    }
+
+    fn cache(&self, key: &str, record: &Record, left: Duration) {
+        let valid_until = Instant::now() + left.min(self.inner.cache_for);
+        self.inner.records.insert(
+            key.to_owned(),
+            Cached {
+                record: record.clone(),
+                valid_until,
+            },
+        );
+    }
+}
+
+impl Store for SqliteStore {
+    async fn claim_as(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
+        if let Some(record) = self.cached(key) {
+            return Ok(ClaimOutcome::Completed(record));
+        }
+        let (owned_key, owner, lease_ms) = (key.to_owned(), token_bytes(token), ms(lease));
+        let found = self
+            .call(move |connection| {
+                // A live row answers without the write lock (a replay after a restart, a
+                // duplicate in flight); otherwise take the lock and look again.
+                let found = |row: Row| match row {
+                    (true, fingerprint, payload, left) => {
+                        Found::Completed(fingerprint, payload, left)
+                    }
+                    (false, _, _, left) => Found::InFlight(left),
+                };
+                if let Some(row) = read_live(connection, &owned_key)? {
+                    return Ok(found(row));
+                }
+                let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                if let Some(row) = read_live(&tx, &owned_key)? {
+                    return Ok(found(row));
+                }
+                tx.prepare_cached(&format!(
+                    "INSERT OR REPLACE INTO idempotency_records \
+                     (key, owner, completed, fingerprint, payload, expires_at) \
+                     VALUES (?1, ?2, 0, NULL, NULL, {NOW} + ?3)"
+                ))?
+                .execute(rusqlite::params![owned_key, &owner[..], lease_ms])?;
+                tx.commit()?;
+                Ok(Found::Claimed)
+            })
+            .await?;
+        Ok(match found {
+            Found::Claimed => ClaimOutcome::Claimed(*token),
+            Found::InFlight(left) => ClaimOutcome::InFlight {
+                lease_remaining: remaining(left),
+            },
+            Found::Completed(fingerprint, payload, left) => {
+                let record = record_from_columns(fingerprint, payload)?;
+                self.cache(key, &record, remaining(left).unwrap_or_default());
+                ClaimOutcome::Completed(record)
+            }
+        })
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let (key, owner, lease_ms) = (key.to_owned(), token_bytes(token), ms(lease));
+        let renewed = self
+            .call(move |connection| {
+                connection
+                    .prepare_cached(&format!(
+                        "UPDATE idempotency_records SET expires_at = {NOW} + ?3 \
+                         WHERE key = ?1 AND owner = ?2 AND completed = 0 AND expires_at > {NOW}"
+                    ))?
+                    .execute(rusqlite::params![key, &owner[..], lease_ms])
+            })
+            .await?;
+        if renewed == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::LeaseLost)
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let (owned_key, owner, ttl_ms) = (key.to_owned(), token_bytes(token), ms(ttl));
+        let fingerprint = record.fingerprint().map(|f| f.to_be_bytes().to_vec());
+        let payload = record.payload().clone();
+        let completed = self
+            .call(move |connection| {
+                connection
+                    .prepare_cached(&format!(
+                        "UPDATE idempotency_records SET completed = 1, owner = NULL, \
+                         fingerprint = ?3, payload = ?4, expires_at = {NOW} + ?5 \
+                         WHERE key = ?1 AND owner = ?2 AND completed = 0 AND expires_at > {NOW}"
+                    ))?
+                    .execute(rusqlite::params![
+                        owned_key,
+                        &owner[..],
+                        fingerprint,
+                        &payload[..],
+                        ttl_ms
+                    ])
+            })
+            .await?;
+        if completed != 1 {
+            return Err(StoreError::LeaseLost);
+        }
+        self.cache(key, &record, ttl);
+        self.inner.wakers.wake(key);
+        Ok(())
+    }
+
+    async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
+        let (owned_key, owner) = (key.to_owned(), token_bytes(token));
+        let released = self
+            .call(move |connection| {
+                connection
+                    .prepare_cached(&format!(
+                        "DELETE FROM idempotency_records \
+                         WHERE key = ?1 AND owner = ?2 AND completed = 0 AND expires_at > {NOW}"
+                    ))?
+                    .execute(rusqlite::params![owned_key, &owner[..]])
+            })
+            .await?;
+        if released != 1 {
+            return Err(StoreError::LeaseLost);
+        }
+        self.inner.wakers.wake(key);
+        Ok(())
+    }
+
+    /// Woken at once by a completion or release through this handle (or a clone); a claim
+    /// that another process ends is seen after a jittered backoff (10 to 500 ms).
+    async fn wait(&self, key: &str, attempt: u32) {
+        self.inner
+            .wakers
+            .wait_at_most(key, backoff_with_jitter(attempt))
+            .await;
+    }
+
+    async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
+        let owned_key = key.to_owned();
+        let row = self
+            .call(move |connection| read_live(connection, &owned_key))
+            .await?;
+        Ok(match row {
+            None => KeyState::Absent,
+            Some((false, _, _, left)) => KeyState::InFlight {
+                lease_remaining: remaining(left),
+            },
+            Some((true, fingerprint, payload, left)) => KeyState::Completed {
+                record: record_from_columns(fingerprint, payload)?,
+                expires_in: remaining(left),
+            },
+        })
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let owned_key = key.to_owned();
+        let deleted = self
+            .call(move |connection| {
+                connection
+                    .prepare_cached("DELETE FROM idempotency_records WHERE key = ?1")?
+                    .execute([owned_key])
+            })
+            .await?;
+        self.inner.records.invalidate(key);
+        self.inner.wakers.wake(key);
+        Ok(deleted > 0)
+    }
+}
