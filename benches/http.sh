@@ -10,7 +10,8 @@
 # The four scenarios run in turn, ROUNDS times (default 3), so that drift of a shared machine
 # hits them all alike; the table gives the median of the rounds.
 # Usage: benches/http.sh [seconds-per-scenario-per-round=5] [connections=32]
-# STORE=redis://… or postgres://… runs the demo on that store (default: the memory store);
+# STORE=redis://…, postgres://… or sqlite://PATH[?synchronous=full] runs the demo on that store
+# (default: the memory store; give SQLite a fresh file);
 # FILL=seconds of fresh keys that fill the memory store first (default 4); THREADS=wrk threads
 # (default 2); DEMO=path runs another build of the demo (for before/after figures).
 set -euo pipefail
@@ -96,6 +97,7 @@ echo "CPU per request: the demo's (user + system, from /proc) and wrk's, over th
 case "${STORE:-}" in
   redis://*) echo "Store calls: Redis commands per request (INFO commandstats; a script counts once plus the commands it runs)." ;;
   postgres*) echo "Store calls: PostgreSQL transactions per request (pg_stat_database; each store statement is one; the statistics lag by up to a second)." ;;
+  sqlite*) echo "Store calls: not counted (SQLite runs in the demo's process; its CPU is in the demo's)." ;;
   *) echo "Store calls: none (the memory store is in process)." ;;
 esac
 echo

@@ -1,6 +1,9 @@
 //! Store round trips: claim + complete of a fresh key, and the claim that finds the record (a
 //! replay), for each store. Redis and PostgreSQL run when a server can be started or is named
 //! by `REDIS_URL` / `DATABASE_URL` (the same rules as their tests); otherwise they say so.
+//! SQLite runs on a temporary file with each durability setting, and with its replay cache off
+//! (`sqlite-nocache/replay`: a replay that reads the file); `sqlite_dispatch` compares the
+//! two ways of keeping SQLite off the async runtime on the same read.
 
 #[path = "../tests/support/servers.rs"]
 mod servers;
@@ -10,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tower_idempotency::store::{
-    ClaimOutcome, MemoryStore, PostgresStore, Record, RedisStore, Store,
+    ClaimOutcome, MemoryStore, PostgresStore, Record, RedisStore, SqliteStore, Store, Synchronous,
 };
 
 const LEASE: Duration = Duration::from_secs(60);
@@ -85,6 +88,18 @@ fn stores(c: &mut Criterion) {
         .build()
         .unwrap();
     bench_store(c, &rt, "memory", MemoryStore::new());
+    let dir = servers::TempDir::new("bench-sqlite");
+    for (name, synchronous, cache) in [
+        ("sqlite-normal", Synchronous::Normal, 16 << 20),
+        ("sqlite-full", Synchronous::Full, 16 << 20),
+        ("sqlite-nocache", Synchronous::Normal, 0),
+    ] {
+        let store = SqliteStore::builder(dir.path().join(format!("{name}.db")))
+            .synchronous(synchronous)
+            .replay_cache_bytes(cache);
+        bench_store(c, &rt, name, rt.block_on(store.open()).unwrap());
+    }
+    sqlite_dispatch(c, &rt, &dir.path().join("dispatch.db"));
     // Benchmarks skip rather than fail when a server is missing, even under CI.
     std::env::remove_var("CI");
     match servers::redis_url() {
@@ -105,6 +120,57 @@ fn stores(c: &mut Criterion) {
         }
         None => eprintln!("store/postgres: skipped, no PostgreSQL and no DATABASE_URL"),
     }
+}
+
+/// One indexed read of a live row, dispatched the store's way (its connection's own thread,
+/// reached by a channel; `inspect` is that read and nothing else) and the other usual way
+/// (`spawn_blocking` on a connection behind a mutex).
+fn sqlite_dispatch(c: &mut Criterion, rt: &tokio::runtime::Runtime, path: &std::path::Path) {
+    use std::sync::{Arc, Mutex};
+    let store = rt.block_on(SqliteStore::open(path)).unwrap();
+    rt.block_on(async {
+        let ClaimOutcome::Claimed(token) = store.claim("k", LEASE).await.unwrap() else {
+            panic!()
+        };
+        store
+            .complete("k", &token, Record::new(Some(1), payload()), TTL)
+            .await
+            .unwrap();
+    });
+    let connection = Arc::new(Mutex::new(rusqlite::Connection::open(path).unwrap()));
+    const READ: &str = "SELECT completed, fingerprint, payload, expires_at - \
+        CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) \
+        FROM idempotency_records WHERE key = ?1 \
+        AND expires_at > CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
+    let mut group = c.benchmark_group("sqlite_dispatch");
+    group.bench_function("dedicated_thread", |b| {
+        b.to_async(rt)
+            .iter(|| async { store.inspect("k").await.unwrap() })
+    });
+    group.bench_function("spawn_blocking", |b| {
+        b.to_async(rt).iter(|| {
+            let connection = connection.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    let connection = connection.lock().unwrap();
+                    let mut statement = connection.prepare_cached(READ).unwrap();
+                    statement
+                        .query_row(["k"], |row| {
+                            Ok((
+                                row.get::<_, bool>(0)?,
+                                row.get::<_, Option<Vec<u8>>>(1)?,
+                                row.get::<_, Option<Vec<u8>>>(2)?,
+                                row.get::<_, i64>(3)?,
+                            ))
+                        })
+                        .unwrap()
+                })
+                .await
+                .unwrap()
+            }
+        })
+    });
+    group.finish();
 }
 
 criterion_group!(benches, stores);

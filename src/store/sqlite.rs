@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Weak};
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
 
 use super::waker::Wakers;
 use super::{
@@ -122,9 +122,10 @@ impl SqliteOpenError {
 ///   `BENCHMARKS.md`).
 /// * **Durability:** WAL mode; [`Synchronous::Normal`] by default (survives a crash of the
 ///   process), [`Synchronous::Full`] to survive a power loss too.
-/// * **Atomicity:** a claim that finds nothing live runs in a `BEGIN IMMEDIATE` transaction
-///   (SQLite's write lock, held across processes), so exactly one claim wins across every
-///   process on the file; other processes wait up to the busy timeout \[5 s\] for that lock.
+/// * **Atomicity:** a claim that finds nothing live is one `INSERT … ON CONFLICT DO UPDATE …
+///   WHERE expires_at <= now RETURNING` statement, which runs under SQLite's write lock (held
+///   across processes), so exactly one claim wins across every process on the file; other
+///   processes wait up to the busy timeout \[5 s\] for that lock.
 ///   Renew, complete and release are `UPDATE`/`DELETE … WHERE owner = token AND expires_at >
 ///   now`: a holder whose lease lapsed is refused ([`StoreError::LeaseLost`]).
 /// * **Clocks:** leases and retention are compared with SQLite's `now` (the host's clock,
@@ -379,6 +380,8 @@ fn remaining(ms: i64) -> Option<Duration> {
 /// What a claim found in the file.
 enum Found {
     Claimed,
+    /// Eight rounds saw the key change under them.
+    KeptChanging,
     InFlight(i64),
     Completed(Option<Vec<u8>>, Option<Vec<u8>>, i64),
 }
@@ -475,33 +478,49 @@ impl Store for SqliteStore {
         let (owned_key, owner, lease_ms) = (key.to_owned(), token_bytes(token), ms(lease));
         let found = self
             .call(move |connection| {
-                // A live row answers without the write lock (a replay after a restart, a
-                // duplicate in flight); otherwise take the lock and look again.
                 let found = |row: Row| match row {
                     (true, fingerprint, payload, left) => {
                         Found::Completed(fingerprint, payload, left)
                     }
                     (false, _, _, left) => Found::InFlight(left),
                 };
-                if let Some(row) = read_live(connection, &owned_key)? {
-                    return Ok(found(row));
+                // A live row answers without the write lock (a replay after a restart, a
+                // duplicate in flight). Otherwise one statement takes the key if it is free or
+                // its row expired: atomic across processes (SQLite's write lock); it answers
+                // nothing when another claim got there first, which is then read. Each round is
+                // atomic; another only follows a concurrent change.
+                for _ in 0..8 {
+                    if let Some(row) = read_live(connection, &owned_key)? {
+                        return Ok(found(row));
+                    }
+                    let taken = connection
+                        .prepare_cached(&format!(
+                            "INSERT INTO idempotency_records \
+                             (key, owner, completed, fingerprint, payload, expires_at) \
+                             VALUES (?1, ?2, 0, NULL, NULL, {NOW} + ?3) \
+                             ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, \
+                             completed = 0, fingerprint = NULL, payload = NULL, \
+                             expires_at = excluded.expires_at \
+                             WHERE idempotency_records.expires_at <= {NOW} RETURNING 1"
+                        ))?
+                        .query_row(rusqlite::params![owned_key, &owner[..], lease_ms], |_| {
+                            Ok(())
+                        })
+                        .optional()?;
+                    if taken.is_some() {
+                        return Ok(Found::Claimed);
+                    }
                 }
-                let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                if let Some(row) = read_live(&tx, &owned_key)? {
-                    return Ok(found(row));
-                }
-                tx.prepare_cached(&format!(
-                    "INSERT OR REPLACE INTO idempotency_records \
-                     (key, owner, completed, fingerprint, payload, expires_at) \
-                     VALUES (?1, ?2, 0, NULL, NULL, {NOW} + ?3)"
-                ))?
-                .execute(rusqlite::params![owned_key, &owner[..], lease_ms])?;
-                tx.commit()?;
-                Ok(Found::Claimed)
+                Ok(Found::KeptChanging)
             })
             .await?;
         Ok(match found {
             Found::Claimed => ClaimOutcome::Claimed(*token),
+            Found::KeptChanging => {
+                return Err(StoreError::backend(
+                    "the key kept changing while claiming it",
+                ))
+            }
             Found::InFlight(left) => ClaimOutcome::InFlight {
                 lease_remaining: remaining(left),
             },
