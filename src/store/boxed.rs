@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{ClaimOutcome, KeyState, OwnerToken, Record, Store, StoreError};
+use super::{ClaimOutcome, KeyState, OwnerToken, Record, RecoveryPoint, Store, StoreError};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -39,6 +39,18 @@ trait DynStore: Send + Sync + 'static {
     fn wait<'a>(&'a self, key: &'a str, attempt: u32) -> BoxFuture<'a, ()>;
     fn inspect<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<KeyState, StoreError>>;
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn save_point<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a OwnerToken,
+        point: &'a RecoveryPoint,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn load_point<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a OwnerToken,
+    ) -> BoxFuture<'a, Result<Option<RecoveryPoint>, StoreError>>;
 }
 
 impl<St: Store> DynStore for St {
@@ -88,6 +100,24 @@ impl<St: Store> DynStore for St {
 
     fn wait<'a>(&'a self, key: &'a str, attempt: u32) -> BoxFuture<'a, ()> {
         Box::pin(Store::wait(self, key, attempt))
+    }
+
+    fn save_point<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a OwnerToken,
+        point: &'a RecoveryPoint,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(Store::save_point(self, key, token, point, ttl))
+    }
+
+    fn load_point<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a OwnerToken,
+    ) -> BoxFuture<'a, Result<Option<RecoveryPoint>, StoreError>> {
+        Box::pin(Store::load_point(self, key, token))
     }
 }
 
@@ -173,5 +203,23 @@ impl Store for BoxStore {
 
     async fn wait(&self, key: &str, attempt: u32) {
         self.inner.wait(key, attempt).await
+    }
+
+    async fn save_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        point: &RecoveryPoint,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.save_point(key, token, point, ttl).await
+    }
+
+    async fn load_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+    ) -> Result<Option<RecoveryPoint>, StoreError> {
+        self.inner.load_point(key, token).await
     }
 }

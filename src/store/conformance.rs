@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{ClaimOutcome, KeyState, OwnerToken, Record, Store, StoreError};
+use super::{ClaimOutcome, KeyState, OwnerToken, Record, RecoveryPoint, Store, StoreError};
 
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);
@@ -352,6 +352,128 @@ pub async fn inspect_and_delete<St: Store>(store: &St) {
     store.release(&key, &next).await.unwrap();
 }
 
+/// Whether `store` keeps recovery points: a first save by the owner of a fresh claim. Stores
+/// that answer [`StoreError::Unsupported`] pass the recovery-point checks without them.
+async fn keeps_points<St: Store>(store: &St, key: &str, token: &OwnerToken) -> bool {
+    match store
+        .save_point(key, token, &RecoveryPoint::new("first", "1"), TTL)
+        .await
+    {
+        Err(StoreError::Unsupported(_)) => false,
+        Ok(()) => true,
+        Err(other) => panic!("the owner's first save failed: {other:?}"),
+    }
+}
+
+fn assert_point(found: Result<Option<RecoveryPoint>, StoreError>, phase: &str, data: &str) {
+    match found {
+        Ok(Some(point)) => {
+            assert_eq!(point.phase(), phase, "{point:?}");
+            assert_eq!(point.data(), data.as_bytes(), "{point:?}");
+        }
+        other => panic!("expected the point {phase:?}, got {other:?}"),
+    }
+}
+
+/// Recovery points are fenced by the owner token: once a lapsed lease was taken over, the old
+/// holder can neither save (`LeaseLost`, nothing written) nor read; the point it saved before
+/// the lapse survives for the new owner.
+pub async fn recovery_points_are_fenced_by_the_owner<St: Store>(store: &St) {
+    let key = fresh_key("point-fence");
+    let old = claim_owned(store, &key, SHORT).await;
+    if !keeps_points(store, &key, &old).await {
+        return;
+    }
+    tokio::time::sleep(SHORT * 2).await;
+    let new = claim_owned(store, &key, LEASE).await;
+    assert_lease_lost(
+        store
+            .save_point(&key, &old, &RecoveryPoint::new("late", "2"), TTL)
+            .await,
+        "a save by the holder whose lease lapsed",
+    );
+    assert!(
+        matches!(
+            store.load_point(&key, &old).await,
+            Err(StoreError::LeaseLost)
+        ),
+        "a read by the holder whose lease lapsed"
+    );
+    assert_point(store.load_point(&key, &new).await, "first", "1");
+    store.release(&key, &new).await.unwrap();
+}
+
+/// A point survives a release (a failed run): the next owner reads it, and a save replaces it.
+pub async fn recovery_points_survive_a_release<St: Store>(store: &St) {
+    let key = fresh_key("point-release");
+    let first = claim_owned(store, &key, LEASE).await;
+    if !keeps_points(store, &key, &first).await {
+        return;
+    }
+    store.release(&key, &first).await.unwrap();
+    let second = claim_owned(store, &key, LEASE).await;
+    assert_point(store.load_point(&key, &second).await, "first", "1");
+    store
+        .save_point(&key, &second, &RecoveryPoint::new("second", "2"), TTL)
+        .await
+        .unwrap();
+    assert_point(store.load_point(&key, &second).await, "second", "2");
+    let fresh = fresh_key("point-none");
+    let token = claim_owned(store, &fresh, LEASE).await;
+    assert!(
+        matches!(store.load_point(&fresh, &token).await, Ok(None)),
+        "a key without a point"
+    );
+    store.release(&fresh, &token).await.unwrap();
+    store.release(&key, &second).await.unwrap();
+}
+
+/// A point ends with its key's completion (the record supersedes it: a later run of the key,
+/// once the record expired, starts afresh) and with its own TTL.
+pub async fn recovery_points_end_with_completion_and_ttl<St: Store>(store: &St) {
+    let key = fresh_key("point-complete");
+    let token = claim_owned(store, &key, LEASE).await;
+    if !keeps_points(store, &key, &token).await {
+        return;
+    }
+    store
+        .complete(&key, &token, Record::new(None, "done"), SHORT)
+        .await
+        .unwrap();
+    let short = fresh_key("point-ttl");
+    let holder = claim_owned(store, &short, LEASE).await;
+    store
+        .save_point(&short, &holder, &RecoveryPoint::new("brief", "x"), SHORT)
+        .await
+        .unwrap();
+    tokio::time::sleep(SHORT * 2).await;
+    let next = claim_owned(store, &key, LEASE).await;
+    assert!(
+        matches!(store.load_point(&key, &next).await, Ok(None)),
+        "the point of a completed key is gone"
+    );
+    assert!(
+        matches!(store.load_point(&short, &holder).await, Ok(None)),
+        "a point past its TTL is gone"
+    );
+    store.release(&key, &next).await.unwrap();
+    store.release(&short, &holder).await.unwrap();
+}
+
+/// A point of 64 KiB (the layer's default limit), with any bytes, is kept exactly.
+pub async fn recovery_points_hold_64_kib<St: Store>(store: &St) {
+    let key = fresh_key("point-size");
+    let token = claim_owned(store, &key, LEASE).await;
+    if !keeps_points(store, &key, &token).await {
+        return;
+    }
+    let data: Bytes = (0..64 * 1024).map(|i| (i * 7 % 256) as u8).collect();
+    let point = RecoveryPoint::new("charged: ch_é", data);
+    store.save_point(&key, &token, &point, TTL).await.unwrap();
+    assert_eq!(store.load_point(&key, &token).await.unwrap(), Some(point));
+    store.release(&key, &token).await.unwrap();
+}
+
 /// Runs every check against `store`.
 pub async fn run_all<St: Store + Clone>(store: &St) {
     crate::store_conformance_tests!(@run store);
@@ -389,7 +511,9 @@ macro_rules! store_conformance_tests {
             claim_then_in_flight, complete_then_replay, release_then_reclaim, owner_checks,
             keys_are_independent, renew_extends_the_lease, lapsed_lease_is_taken_over_and_fenced,
             record_expires_after_ttl, concurrent_claims_have_one_winner,
-            wait_returns_when_the_claim_ends, inspect_and_delete);
+            wait_returns_when_the_claim_ends, inspect_and_delete,
+            recovery_points_are_fenced_by_the_owner, recovery_points_survive_a_release,
+            recovery_points_end_with_completion_and_ttl, recovery_points_hold_64_kib);
     };
     (@each [@run $store:expr] $($case:ident),*) => {
         $( $crate::store::conformance::$case($store).await; )*

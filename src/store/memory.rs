@@ -10,7 +10,7 @@ use moka::policy::EvictionPolicy;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{ClaimOutcome, KeyState, OwnerToken, Record, Store, StoreError};
+use super::{ClaimOutcome, KeyState, OwnerToken, Record, RecoveryPoint, Store, StoreError};
 
 const SHARDS: usize = 64;
 /// What a stored record costs beyond its key and payload, as charged against the capacity:
@@ -70,7 +70,13 @@ struct Shard {
     map: HashMap<Arc<str>, Claim, RandomState>,
     /// The map's length after the last sweep of lapsed leases.
     swept_len: usize,
+    /// Recovery points, with when each expires: at most [`MAX_POINTS_PER_SHARD`].
+    points: HashMap<Arc<str>, (RecoveryPoint, Instant), RandomState>,
 }
+
+/// The most recovery points a shard keeps (64 shards: 65,536 points); past it, expired points
+/// are dropped and, if none had, a save is refused with a store error rather than growing.
+const MAX_POINTS_PER_SHARD: usize = 1024;
 
 struct Claim {
     token: OwnerToken,
@@ -128,6 +134,7 @@ impl MemoryStoreBuilder {
                 Mutex::new(Shard {
                     map: HashMap::with_hasher(RandomState::new()),
                     swept_len: 0,
+                    points: HashMap::with_hasher(RandomState::new()),
                 })
             })
             .collect();
@@ -337,6 +344,10 @@ impl Store for MemoryStore {
         let slot = self.inner.slot(key);
         let mut shard = self.shard(slot);
         let (key, _claim) = Self::take_claim(&mut shard, key, token)?;
+        // The stored outcome supersedes the key's recovery point.
+        if !shard.points.is_empty() {
+            shard.points.remove(&key);
+        }
         let stored = Stored {
             key,
             record,
@@ -349,6 +360,50 @@ impl Store for MemoryStore {
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
         let mut shard = self.shard(self.inner.slot(key));
         Self::take_claim(&mut shard, key, token).map(drop)
+    }
+
+    async fn save_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        point: &RecoveryPoint,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut shard = self.shard(self.inner.slot(key));
+        let owned = match shard.map.get_key_value(key) {
+            Some((owned, claim)) if claim.token == *token && claim.deadline > now => owned.clone(),
+            _ => return Err(StoreError::LeaseLost),
+        };
+        if shard.points.len() >= MAX_POINTS_PER_SHARD && !shard.points.contains_key(key) {
+            shard.points.retain(|_, (_, expires_at)| *expires_at > now);
+            if shard.points.len() >= MAX_POINTS_PER_SHARD {
+                return Err(StoreError::backend(
+                    "the memory store holds too many recovery points (65,536)",
+                ));
+            }
+        }
+        let expires_at = crate::protocol::later(now, ttl);
+        shard.points.insert(owned, (point.clone(), expires_at));
+        Ok(())
+    }
+
+    async fn load_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+    ) -> Result<Option<RecoveryPoint>, StoreError> {
+        let now = Instant::now();
+        let shard = self.shard(self.inner.slot(key));
+        match shard.map.get(key) {
+            Some(claim) if claim.token == *token && claim.deadline > now => {}
+            _ => return Err(StoreError::LeaseLost),
+        }
+        Ok(shard
+            .points
+            .get(key)
+            .filter(|(_, expires_at)| *expires_at > now)
+            .map(|(point, _)| point.clone()))
     }
 
     async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
@@ -374,6 +429,7 @@ impl Store for MemoryStore {
         let slot = self.inner.slot(key);
         let mut shard = self.shard(slot);
         let claim = shard.map.remove(key).is_some();
+        shard.points.remove(key);
         // Under the shard lock, which every write of this slot's records takes.
         let record = self.stored(key, slot).is_some() && self.inner.records.remove(&slot).is_some();
         Ok(claim || record)

@@ -174,6 +174,93 @@ impl fmt::Debug for Record {
     }
 }
 
+/// A handler's progress under a key, saved so that a later run of the same key resumes instead
+/// of repeating a side effect: a phase name and a small value. See
+/// [`RecoveryPoints`](crate::RecoveryPoints) for how handlers use them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RecoveryPoint {
+    phase: String,
+    data: Bytes,
+}
+
+/// The stored form of a point: `"TP" version=1 length xxh3` (the integrity envelope), then
+/// `phase-len:u16 phase data`.
+const POINT_MAGIC: &[u8; 2] = b"TP";
+const POINT_VERSION: u8 = 1;
+
+impl RecoveryPoint {
+    /// A point at `phase`, carrying `data`.
+    pub fn new(phase: impl Into<String>, data: impl Into<Bytes>) -> Self {
+        Self {
+            phase: phase.into(),
+            data: data.into(),
+        }
+    }
+
+    /// The phase the work had reached.
+    pub fn phase(&self) -> &str {
+        &self.phase
+    }
+
+    /// What the work saved with it.
+    pub fn data(&self) -> &Bytes {
+        &self.data
+    }
+
+    /// The bytes a store keeps (stores that keep points as one value use this encoding).
+    pub(crate) fn encode(&self) -> Bytes {
+        use bytes::BufMut;
+        let phase = &self.phase.as_bytes()[..self.phase.len().min(usize::from(u16::MAX))];
+        let mut buf = crate::protocol::seal::start(
+            POINT_MAGIC,
+            POINT_VERSION,
+            2 + phase.len() + self.data.len(),
+        );
+        buf.put_u16(phase.len() as u16);
+        buf.put_slice(phase);
+        buf.put_slice(&self.data);
+        crate::protocol::seal::finish(buf)
+    }
+
+    /// Reads what [`encode`](Self::encode) wrote.
+    #[cfg_attr(
+        not(any(feature = "redis", feature = "postgres", feature = "sqlite")),
+        allow(dead_code)
+    )]
+    pub(crate) fn decode(stored: Bytes) -> Result<Self, StoreError> {
+        use crate::protocol::seal::Unreadable;
+        let content = match stored.get(..3) {
+            Some([b'T', b'P', POINT_VERSION]) => crate::protocol::seal::open(&stored),
+            Some([b'T', b'P', version]) if *version > POINT_VERSION => {
+                return Err(StoreError::UnknownFormat { version: *version })
+            }
+            _ => Err(Unreadable::Damaged("not a recovery point")),
+        }
+        .map_err(|error| StoreError::Corrupt(Box::new(error)))?;
+        let len = content
+            .get(..2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+            .filter(|len| 2 + len <= content.len())
+            .ok_or_else(|| StoreError::Corrupt("a recovery point's phase is cut".into()))?;
+        let phase = std::str::from_utf8(&content[2..2 + len])
+            .map_err(|_| StoreError::Corrupt("a recovery point's phase is not UTF-8".into()))?
+            .to_owned();
+        Ok(Self {
+            phase,
+            data: content.slice(2 + len..),
+        })
+    }
+}
+
+impl fmt::Debug for RecoveryPoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecoveryPoint")
+            .field("phase", &self.phase)
+            .field("data_len", &self.data.len())
+            .finish()
+    }
+}
+
 /// The answer to [`Store::claim`]. See the [module docs](self).
 #[derive(Debug, Clone)]
 pub enum ClaimOutcome {
@@ -314,6 +401,39 @@ pub trait Store: Send + Sync + 'static {
         tokio::time::sleep(backoff_with_jitter(attempt))
     }
 
+    /// Saves `point` as the recovery point of `key` (replacing the one before), kept for
+    /// `ttl`, **only if `token` owns a live claim on `key`**: otherwise
+    /// [`StoreError::LeaseLost`] and nothing is written (a holder whose lease lapsed, and whose
+    /// key another run took over, cannot overwrite that run's progress). The point survives
+    /// the claim lapsing and being released, so the next run of the key reads it; completing
+    /// the key deletes it (the stored outcome supersedes it).
+    ///
+    /// The default answers [`StoreError::Unsupported`]: the layer then tells handlers that this
+    /// store keeps no recovery points. Every store of this crate implements it; the
+    /// conformance suite checks it.
+    fn save_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        point: &RecoveryPoint,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (key, token, point, ttl);
+        std::future::ready(Err(StoreError::Unsupported("recovery points")))
+    }
+
+    /// The recovery point of `key`, for the owner of a live claim on it (`token`; otherwise
+    /// [`StoreError::LeaseLost`]); `None` when none was saved (or it expired). One round trip.
+    /// The default answers [`StoreError::Unsupported`].
+    fn load_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+    ) -> impl Future<Output = Result<Option<RecoveryPoint>, StoreError>> + Send {
+        let _ = (key, token);
+        std::future::ready(Err(StoreError::Unsupported("recovery points")))
+    }
+
     /// For operators: what the store holds for `key` now. Not used by the layer; the default
     /// answers [`StoreError::Unsupported`]. Every store of this crate implements it.
     fn inspect(&self, key: &str) -> impl Future<Output = Result<KeyState, StoreError>> + Send {
@@ -430,5 +550,23 @@ impl<T: Store> Store for Arc<T> {
 
     fn wait(&self, key: &str, attempt: u32) -> impl Future<Output = ()> + Send {
         (**self).wait(key, attempt)
+    }
+
+    fn save_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        point: &RecoveryPoint,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).save_point(key, token, point, ttl)
+    }
+
+    fn load_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+    ) -> impl Future<Output = Result<Option<RecoveryPoint>, StoreError>> + Send {
+        (**self).load_point(key, token)
     }
 }

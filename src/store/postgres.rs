@@ -8,7 +8,10 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
 use super::waker::Wake;
-use super::{record_from_columns, ClaimOutcome, KeyState, OwnerToken, Record, Store, StoreError};
+use super::{
+    record_from_columns, ClaimOutcome, KeyState, OwnerToken, Record, RecoveryPoint, Store,
+    StoreError,
+};
 
 /// A store in PostgreSQL. See the [module docs](super) for the protocol.
 ///
@@ -62,6 +65,11 @@ struct Sql {
     complete: String,
     release: String,
     purge: String,
+    /// Recovery points live in `<table>_points`, one row per key.
+    points: String,
+    save_point: String,
+    load_point: String,
+    purge_points: String,
 }
 
 /// Why a table name was refused.
@@ -86,7 +94,31 @@ impl Sql {
         let channel = channel_of(table);
         Ok(Self {
             table: t.to_owned(),
-            delete: format!("DELETE FROM {t} WHERE key = $1"),
+            // With its recovery point, if any.
+            delete: format!(
+                "WITH point AS (DELETE FROM {t}_points WHERE key = $1) DELETE FROM {t} WHERE key = $1"
+            ),
+            // Fenced: the owner's live claim is locked (`FOR SHARE`) for the statement, so a
+            // take-over of a lapsed lease either commits first (and this finds no claim) or
+            // waits for this save.
+            save_point: format!(
+                "WITH holder AS (SELECT key FROM {t} WHERE key = $1 AND owner = $2 \
+                   AND NOT completed AND expires_at > now() FOR SHARE) \
+                 INSERT INTO {t}_points (key, point, expires_at) \
+                 SELECT key, $3, now() + $4::bigint * interval '1 millisecond' FROM holder \
+                 ON CONFLICT (key) DO UPDATE SET point = excluded.point, expires_at = excluded.expires_at \
+                 RETURNING key"
+            ),
+            load_point: format!(
+                "SELECT p.point FROM {t} r LEFT JOIN {t}_points p \
+                   ON p.key = r.key AND p.expires_at > now() \
+                 WHERE r.key = $1 AND r.owner = $2 AND NOT r.completed AND r.expires_at > now()"
+            ),
+            purge_points: format!(
+                "DELETE FROM {t}_points WHERE key IN \
+                 (SELECT key FROM {t}_points WHERE expires_at <= now() LIMIT $1 FOR UPDATE SKIP LOCKED)"
+            ),
+            points: format!("{t}_points"),
             // One round trip for the common cases, and no row lock on a replay: insert a fresh
             // claim, or (the key exists) read the row as it stood before the statement. The
             // insert's `DO NOTHING` takes no lock and writes nothing when the key exists.
@@ -171,7 +203,21 @@ impl PostgresStore {
              \x20   expires_at  timestamptz NOT NULL,\n\
              \x20   created_at  timestamptz NOT NULL DEFAULT now()\n\
              );\n\
-             CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at);"
+             CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at);\n\
+             CREATE TABLE IF NOT EXISTS {points} (\n\
+             \x20   key         text        PRIMARY KEY,\n\
+             \x20   point       bytea       NOT NULL,\n\
+             \x20   expires_at  timestamptz NOT NULL\n\
+             );\n\
+             CREATE INDEX IF NOT EXISTS {index}_points ON {points} (expires_at);\n\
+             -- Completing a key deletes its recovery point (the stored outcome supersedes it).\n\
+             CREATE OR REPLACE FUNCTION {t}_drop_point() RETURNS trigger LANGUAGE plpgsql AS\n\
+             \x20   $$ BEGIN DELETE FROM {points} WHERE key = NEW.key; RETURN NULL; END $$;\n\
+             DROP TRIGGER IF EXISTS {trigger} ON {t};\n\
+             CREATE TRIGGER {trigger} AFTER UPDATE OF completed ON {t} FOR EACH ROW\n\
+             \x20   WHEN (NEW.completed AND NOT OLD.completed) EXECUTE FUNCTION {t}_drop_point();",
+            points = sql.points,
+            trigger = format!("{}_drop_point", t.rsplit('.').next().unwrap_or(t)),
         ))
     }
 
@@ -279,18 +325,28 @@ impl PostgresStore {
             .map_err(StoreError::backend)
     }
 
-    /// Deletes up to `batch` expired rows (records past their TTL, lapsed claims); returns how
-    /// many went. Call it until it returns less than `batch`.
+    /// Deletes up to `batch` expired rows (records past their TTL, lapsed claims) and up to
+    /// `batch` expired recovery points; returns the larger count. Call it until it returns less
+    /// than `batch`.
     pub async fn purge_expired(&self, batch: i64) -> Result<u64, StoreError> {
         let client = self.client().await?;
         let statement = client
             .prepare_cached(&self.sql.purge)
             .await
             .map_err(StoreError::backend)?;
-        client
+        let records = client
             .execute(&statement, &[&batch])
             .await
-            .map_err(StoreError::backend)
+            .map_err(StoreError::backend)?;
+        let statement = client
+            .prepare_cached(&self.sql.purge_points)
+            .await
+            .map_err(StoreError::backend)?;
+        let points = client
+            .execute(&statement, &[&batch])
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(records.max(points))
     }
 
     /// Spawns a task that purges expired rows every `period` (opt-in); abort the handle to
@@ -419,6 +475,52 @@ impl Store for PostgresStore {
                 lease_remaining: remaining,
             }
         })
+    }
+
+    async fn save_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        point: &RecoveryPoint,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&self.sql.save_point)
+            .await
+            .map_err(StoreError::backend)?;
+        let owner = &token_bytes(token)[..];
+        let encoded = point.encode();
+        let saved = client
+            .execute(&statement, &[&key, &owner, &&encoded[..], &ms(ttl)])
+            .await
+            .map_err(StoreError::backend)?;
+        if saved == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::LeaseLost)
+        }
+    }
+
+    async fn load_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+    ) -> Result<Option<RecoveryPoint>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&self.sql.load_point)
+            .await
+            .map_err(StoreError::backend)?;
+        let owner = &token_bytes(token)[..];
+        let row = client
+            .query_opt(&statement, &[&key, &owner])
+            .await
+            .map_err(StoreError::backend)?
+            .ok_or(StoreError::LeaseLost)?;
+        row.get::<_, Option<Vec<u8>>>(0)
+            .map(|point| RecoveryPoint::decode(point.into()))
+            .transpose()
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {

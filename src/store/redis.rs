@@ -10,7 +10,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
 use super::waker::Wake;
-use super::{ClaimOutcome, KeyState, OwnerToken, Record, Store, StoreError};
+use super::{ClaimOutcome, KeyState, OwnerToken, Record, RecoveryPoint, Store, StoreError};
 
 /// Format version of the values this store writes.
 const VERSION: u8 = 1;
@@ -41,13 +41,33 @@ return 0
 
 /// Completion and release also publish the key on the store's channel (ARGV's last), so that
 /// duplicates waiting in other processes wake at once.
+/// The key's recovery point (`KEYS[2]`, when given) is deleted with the claim: the record
+/// supersedes it.
 const COMPLETE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  if KEYS[2] then redis.call('DEL', KEYS[2]) end
   redis.call('PUBLISH', ARGV[4], KEYS[1])
   return 1
 end
 return 0
+";
+
+/// Saves a recovery point (`KEYS[2]`) for the owner of the claim on `KEYS[1]` only.
+const SAVE_POINT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+";
+
+/// The recovery point (`KEYS[2]`), for the owner of the claim on `KEYS[1]` only.
+const LOAD_POINT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return {1, redis.call('GET', KEYS[2])}
+end
+return {0}
 ";
 
 const RELEASE: &str = r"
@@ -145,6 +165,8 @@ struct Scripts {
     renew: Script,
     complete: Script,
     release: Script,
+    save_point: Script,
+    load_point: Script,
 }
 
 impl RedisStore {
@@ -300,6 +322,8 @@ impl RedisStore {
                 renew: Script::new(RENEW),
                 complete: Script::new(COMPLETE),
                 release: Script::new(RELEASE),
+                save_point: Script::new(SAVE_POINT),
+                load_point: Script::new(LOAD_POINT),
             }),
         }
     }
@@ -412,6 +436,31 @@ impl RedisStore {
         out
     }
 
+    /// The Redis key of `key`'s recovery point, in the same hash slot as the record's (so that
+    /// one script reaches both on a cluster): `{<the part of the record key that picks its
+    /// slot>}:point`. `None` on a cluster for the rare key whose slot part holds a `}` (no hash
+    /// tag can name it): such keys have no recovery points there.
+    fn point_key(&self, key: &str) -> Option<String> {
+        let redis_key = self.redis_key(key);
+        // Redis hashes the text between the first `{` and the next `}`, if not empty.
+        let slot_part = redis_key
+            .find('{')
+            .and_then(|open| {
+                let rest = &redis_key[open + 1..];
+                rest.find('}')
+                    .filter(|&close| close > 0)
+                    .map(|close| &rest[..close])
+            })
+            .unwrap_or(&redis_key);
+        if slot_part.contains('}') {
+            return match self.connection {
+                Connection::Cluster(_) => None,
+                Connection::Single(_) => Some(format!("{redis_key}:point")),
+            };
+        }
+        Some(format!("{{{slot_part}}}:point"))
+    }
+
     async fn owner_checked(
         &self,
         script: &Script,
@@ -419,7 +468,23 @@ impl RedisStore {
         token: &OwnerToken,
         args: &[&[u8]],
     ) -> Result<(), StoreError> {
+        self.owner_checked_with(script, key, None, token, args)
+            .await
+    }
+
+    /// Runs an owner-checked script on `key` (and `second`, a key in the same slot).
+    async fn owner_checked_with(
+        &self,
+        script: &Script,
+        key: &str,
+        second: Option<String>,
+        token: &OwnerToken,
+        args: &[&[u8]],
+    ) -> Result<(), StoreError> {
         let mut invocation = script.key(self.redis_key(key));
+        if let Some(second) = second {
+            invocation.key(second);
+        }
         invocation.arg(&claim_value(token)[..]);
         for arg in args {
             invocation.arg(*arg);
@@ -618,8 +683,12 @@ impl Store for RedisStore {
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        let deleted: i64 = redis::cmd("DEL")
-            .arg(self.redis_key(key))
+        let mut del = redis::cmd("DEL");
+        del.arg(self.redis_key(key));
+        if let Some(point_key) = self.point_key(key) {
+            del.arg(point_key);
+        }
+        let deleted: i64 = del
             .query_async(&mut self.connection.clone())
             .await
             .map_err(StoreError::backend)?;
@@ -647,13 +716,65 @@ impl Store for RedisStore {
         let value = encode_record(&record);
         let ttl = millis(ttl);
         let channel = self.channel();
-        self.owner_checked(
+        self.owner_checked_with(
             &self.scripts.complete,
             key,
+            self.point_key(key),
             token,
             &[&value, ttl.as_bytes(), channel.as_bytes()],
         )
         .await
+    }
+
+    async fn save_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        point: &RecoveryPoint,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let point_key = self.point_key(key).ok_or(StoreError::Unsupported(
+            "recovery points for a key holding '}' on a Redis Cluster",
+        ))?;
+        let (value, ttl) = (point.encode(), millis(ttl));
+        self.owner_checked_with(
+            &self.scripts.save_point,
+            key,
+            Some(point_key),
+            token,
+            &[&value, ttl.as_bytes()],
+        )
+        .await
+    }
+
+    async fn load_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+    ) -> Result<Option<RecoveryPoint>, StoreError> {
+        let point_key = self.point_key(key).ok_or(StoreError::Unsupported(
+            "recovery points for a key holding '}' on a Redis Cluster",
+        ))?;
+        let reply: Value = self
+            .scripts
+            .load_point
+            .key(self.redis_key(key))
+            .key(point_key)
+            .arg(&claim_value(token)[..])
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(StoreError::backend)?;
+        match reply {
+            Value::Array(items) => match items.as_slice() {
+                [Value::Int(1), Value::BulkString(point)] => {
+                    Ok(Some(RecoveryPoint::decode(Bytes::from(point.clone()))?))
+                }
+                [Value::Int(1)] | [Value::Int(1), Value::Nil] => Ok(None),
+                [Value::Int(0)] => Err(StoreError::LeaseLost),
+                _ => Err(unexpected(&Value::Array(items))),
+            },
+            other => Err(unexpected(&other)),
+        }
     }
 
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {

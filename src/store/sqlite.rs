@@ -10,8 +10,8 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
 
 use super::waker::Wakers;
 use super::{
-    backoff_with_jitter, record_from_columns, ClaimOutcome, KeyState, OwnerToken, Record, Store,
-    StoreError,
+    backoff_with_jitter, record_from_columns, ClaimOutcome, KeyState, OwnerToken, Record,
+    RecoveryPoint, Store, StoreError,
 };
 
 /// The schema version this build writes and reads (`PRAGMA user_version`).
@@ -320,6 +320,18 @@ fn connect(settings: &SqliteStoreBuilder) -> Result<Connection, SqliteOpenError>
              );
              CREATE INDEX IF NOT EXISTS idempotency_records_expires_at
                  ON idempotency_records (expires_at);
+             CREATE TABLE IF NOT EXISTS idempotency_points (
+                 key         TEXT    PRIMARY KEY NOT NULL,
+                 point       BLOB    NOT NULL,
+                 expires_at  INTEGER NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS idempotency_points_expires_at
+                 ON idempotency_points (expires_at);
+             -- Completing a key deletes its recovery point (the stored outcome supersedes it).
+             CREATE TRIGGER IF NOT EXISTS idempotency_points_drop
+                 AFTER UPDATE OF completed ON idempotency_records
+                 WHEN NEW.completed = 1 AND OLD.completed = 0
+                 BEGIN DELETE FROM idempotency_points WHERE key = NEW.key; END;
              PRAGMA user_version = {SCHEMA_VERSION};
              COMMIT;"
         ))
@@ -410,17 +422,22 @@ impl SqliteStore {
         &self.inner.path
     }
 
-    /// Deletes up to `batch` expired rows (records past their TTL, lapsed claims); returns how
-    /// many went. Call it until it returns less than `batch`.
+    /// Deletes up to `batch` expired rows (records past their TTL, lapsed claims) and up to
+    /// `batch` expired recovery points; returns the larger count. Call it until it returns less
+    /// than `batch`.
     pub async fn purge_expired(&self, batch: i64) -> Result<u64, StoreError> {
         self.call(move |connection| {
-            let purged = connection
-                .prepare_cached(&format!(
-                    "DELETE FROM idempotency_records WHERE rowid IN \
-                     (SELECT rowid FROM idempotency_records WHERE expires_at <= {NOW} LIMIT ?1)"
-                ))?
-                .execute([batch])?;
-            Ok(purged as u64)
+            let mut purged = 0;
+            for table in ["idempotency_records", "idempotency_points"] {
+                let n = connection
+                    .prepare_cached(&format!(
+                        "DELETE FROM {table} WHERE rowid IN \
+                         (SELECT rowid FROM {table} WHERE expires_at <= {NOW} LIMIT ?1)"
+                    ))?
+                    .execute([batch])?;
+                purged = purged.max(n as u64);
+            }
+            Ok(purged)
         })
         .await
     }
@@ -619,6 +636,65 @@ impl Store for SqliteStore {
             .await;
     }
 
+    async fn save_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        point: &RecoveryPoint,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let (key, owner, ttl_ms) = (key.to_owned(), token_bytes(token), ms(ttl));
+        let encoded = point.encode();
+        // One statement, under the write lock: the owner check and the write are atomic.
+        let saved = self
+            .call(move |connection| {
+                connection
+                    .prepare_cached(&format!(
+                        "INSERT INTO idempotency_points (key, point, expires_at) \
+                         SELECT key, ?3, {NOW} + ?4 FROM idempotency_records \
+                         WHERE key = ?1 AND owner = ?2 AND completed = 0 AND expires_at > {NOW} \
+                         ON CONFLICT (key) DO UPDATE SET point = excluded.point, \
+                         expires_at = excluded.expires_at"
+                    ))?
+                    .execute(rusqlite::params![key, &owner[..], &encoded[..], ttl_ms])
+            })
+            .await?;
+        if saved == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::LeaseLost)
+        }
+    }
+
+    async fn load_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+    ) -> Result<Option<RecoveryPoint>, StoreError> {
+        let (key, owner) = (key.to_owned(), token_bytes(token));
+        let row = self
+            .call(move |connection| {
+                connection
+                    .prepare_cached(&format!(
+                        "SELECT p.point FROM idempotency_records r \
+                         LEFT JOIN idempotency_points p ON p.key = r.key AND p.expires_at > {NOW} \
+                         WHERE r.key = ?1 AND r.owner = ?2 AND r.completed = 0 \
+                         AND r.expires_at > {NOW}"
+                    ))?
+                    .query_row(rusqlite::params![key, &owner[..]], |row| {
+                        row.get::<_, Option<Vec<u8>>>(0)
+                    })
+                    .optional()
+            })
+            .await?;
+        match row {
+            None => Err(StoreError::LeaseLost),
+            Some(point) => point
+                .map(|point| RecoveryPoint::decode(point.into()))
+                .transpose(),
+        }
+    }
+
     async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
         let owned_key = key.to_owned();
         let row = self
@@ -640,6 +716,9 @@ impl Store for SqliteStore {
         let owned_key = key.to_owned();
         let deleted = self
             .call(move |connection| {
+                connection
+                    .prepare_cached("DELETE FROM idempotency_points WHERE key = ?1")?
+                    .execute([&owned_key])?;
                 connection
                     .prepare_cached("DELETE FROM idempotency_records WHERE key = ?1")?
                     .execute([owned_key])
