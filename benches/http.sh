@@ -13,7 +13,8 @@
 # STORE=redis://…, postgres://… or sqlite://PATH[?synchronous=full] runs the demo on that store
 # (default: the memory store; give SQLite a fresh file);
 # FILL=seconds of fresh keys that fill the memory store first (default 4); THREADS=wrk threads
-# (default 2); DEMO=path runs another build of the demo (for before/after figures).
+# (default 2); DEMO=path runs another build of the demo (for before/after figures); POINTS=1
+# keeps the demo's recovery points on (a point load and save per fresh request).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
@@ -32,7 +33,11 @@ if [ -z "${DEMO:-}" ]; then
   DEMO=target/release/examples/demo_server
 fi
 out=$(mktemp)
-"$DEMO" --addr 127.0.0.1:0 ${STORE:+--store "$STORE"} >"$out" &
+# The demo's handler saves a recovery point after its simulated charge (a load and a save per
+# fresh request); the comparisons measure the layer, so that is off unless POINTS=1.
+points_flag=--no-recovery-points
+[ "${POINTS:-0}" = 1 ] && points_flag=
+"$DEMO" --addr 127.0.0.1:0 ${STORE:+--store "$STORE"} $points_flag >"$out" &
 server=$!
 trap 'kill $server 2>/dev/null; rm -f "$out"' EXIT
 for _ in $(seq 100); do grep -q listening "$out" && break; sleep 0.1; done

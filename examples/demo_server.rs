@@ -14,7 +14,14 @@
 //!   `{"amount": u64, "currency": str}` → 201 with the payment. `"delay_ms": n` makes the
 //!   handler sleep, `"fail": true` makes it answer 500.
 //! * `GET /payments/{id}` (the payment's own tenant: anonymous 401, another tenant 404),
-//!   `GET /stats` (`{"executions": N}`: how often the POST handler started).
+//!   `GET /stats` (`{"executions": N, "provider_charges": M}`: how often the POST handler
+//!   started, and how often it charged the simulated payment provider).
+//!
+//! The payment handler models a real one: it charges a simulated payment provider (a charge id
+//! `ch_…`, returned in the payment), saves a recovery point right after the charge, then sleeps
+//! `delay_ms` and answers. A run that finds a point (an earlier run crashed or failed after
+//! charging) reuses its charge instead of charging again. `"crash_after_charge": true` aborts
+//! the process right after the point is saved, on a key's first run only (a crash test).
 //! * `POST /bare/payments`: the same handler without the layer (for load comparisons).
 
 use std::collections::{HashMap, VecDeque};
@@ -40,7 +47,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_idempotency::store::{
     BoxStore, MemoryStore, PostgresStore, RedisStore, SqliteStore, Synchronous,
 };
-use tower_idempotency::{IdempotencyLayer, OnConflict};
+use tower_idempotency::{IdempotencyLayer, OnConflict, RecoveryError, RecoveryPoints};
 
 #[derive(Parser, Debug)]
 #[command(about = "Demo payments API behind tower-idempotency")]
@@ -77,6 +84,12 @@ struct Args {
     /// claims are released, in seconds.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
+    /// Append each charge of the simulated payment provider to this file (one id a line).
+    #[arg(long)]
+    provider_ledger: Option<std::path::PathBuf>,
+    /// Charge without recovery points (every run charges; for load comparisons).
+    #[arg(long)]
+    no_recovery_points: bool,
     /// How many payments `GET /payments/{id}` remembers (the oldest are forgotten first).
     #[arg(long, default_value_t = 100_000)]
     max_payments: usize,
@@ -91,6 +104,8 @@ enum Conflict {
 #[derive(Clone)]
 struct AppState {
     executions: Arc<AtomicU64>,
+    provider: Arc<Provider>,
+    recovery_points: bool,
     payments: Arc<Mutex<Payments>>,
 }
 
@@ -125,6 +140,27 @@ struct NewPayment {
     delay_ms: u64,
     #[serde(default)]
     fail: bool,
+    #[serde(default)]
+    crash_after_charge: bool,
+}
+
+/// The simulated payment provider: counts charges, and appends each charge id to the ledger
+/// file when there is one (so that a test sees charges across a crash of the demo).
+struct Provider {
+    charges: AtomicU64,
+    ledger: Option<Mutex<std::fs::File>>,
+}
+
+impl Provider {
+    fn charge(&self) -> String {
+        let id = format!("ch_{}", uuid::Uuid::new_v4().simple());
+        self.charges.fetch_add(1, Ordering::SeqCst);
+        if let Some(ledger) = &self.ledger {
+            let mut ledger = ledger.lock().unwrap();
+            writeln!(ledger, "{id}").expect("write the provider ledger");
+        }
+        id
+    }
 }
 
 fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
@@ -168,6 +204,7 @@ async fn authenticate(mut request: Request, next: Next) -> Response {
 async fn create_payment(
     State(state): State<AppState>,
     tenant: Option<Extension<Tenant>>,
+    points: Option<Extension<RecoveryPoints>>,
     body: Bytes,
 ) -> Response {
     state.executions.fetch_add(1, Ordering::SeqCst);
@@ -177,6 +214,17 @@ async fn create_payment(
             return problem(
                 StatusCode::BAD_REQUEST,
                 "Invalid payment",
+                &error.to_string(),
+            );
+        }
+    };
+    let points = points.filter(|_| state.recovery_points);
+    let charge = match charge(&state.provider, points, payment.crash_after_charge).await {
+        Ok(charge) => charge,
+        Err(error) => {
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Payment not completed",
                 &error.to_string(),
             );
         }
@@ -193,8 +241,8 @@ async fn create_payment(
     }
     let id = format!("pay_{}", uuid::Uuid::new_v4().simple());
     let tenant = tenant.map(|Extension(Tenant(t))| t).unwrap_or_default();
-    let record =
-        json!({"id": id, "amount": payment.amount, "currency": payment.currency, "tenant": tenant});
+    let record = json!({"id": id, "amount": payment.amount, "currency": payment.currency,
+        "tenant": tenant, "charge": charge});
     state
         .payments
         .lock()
@@ -224,8 +272,35 @@ async fn get_payment(
     }
 }
 
+/// Charges the provider once per key: a run that finds the recovery point of an earlier run of
+/// its key (which crashed or failed after charging) reuses that charge.
+async fn charge(
+    provider: &Provider,
+    points: Option<Extension<RecoveryPoints>>,
+    crash_after_charge: bool,
+) -> Result<String, RecoveryError> {
+    let Some(Extension(points)) = points else {
+        return Ok(provider.charge());
+    };
+    if let Some((phase, charge)) = points.load_json::<String>().await? {
+        if phase == "charged" {
+            return Ok(charge);
+        }
+    }
+    let charge = provider.charge();
+    points.save_json("charged", &charge).await?;
+    if crash_after_charge {
+        // The first run of this key only: a retry finds the point above and goes on.
+        std::process::abort();
+    }
+    Ok(charge)
+}
+
 async fn stats(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({"executions": state.executions.load(Ordering::SeqCst)}))
+    Json(json!({
+        "executions": state.executions.load(Ordering::SeqCst),
+        "provider_charges": state.provider.charges.load(Ordering::SeqCst),
+    }))
 }
 
 /// The store named on the command line.
@@ -326,6 +401,22 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .map_err(|error| format!("cannot use --store {}: {}", args.store, sentence(&*error)))?;
     let state = AppState {
         executions: Arc::default(),
+        provider: Arc::new(Provider {
+            charges: AtomicU64::new(0),
+            ledger: match &args.provider_ledger {
+                Some(path) => Some(Mutex::new(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .map_err(|error| {
+                            format!("cannot open --provider-ledger {}: {error}", path.display())
+                        })?,
+                )),
+                None => None,
+            },
+        }),
+        recovery_points: !args.no_recovery_points,
         payments: Arc::new(Mutex::new(Payments {
             by_id: HashMap::new(),
             order: VecDeque::new(),

@@ -319,6 +319,14 @@ impl<I, St> IdempotentConsumerLayer<I, St> {
         self
     }
 
+    /// The largest recovery point (phase and data) a handler may save through
+    /// [`RecoveryPoints::current`](crate::RecoveryPoints::current) \[64 KiB\]; a larger save is
+    /// refused, never truncated.
+    pub fn max_recovery_point(mut self, bytes: usize) -> Self {
+        self.limits.max_recovery_point = bytes;
+        self
+    }
+
     /// Called once per delivery with what became of it (see
     /// [`Outcome`]) \[none\]: feed your metrics from here.
     pub fn on_outcome(mut self, hook: impl Fn(crate::Outcome) + Send + Sync + 'static) -> Self {
@@ -459,6 +467,7 @@ where
         let inner = protocol::take_ready(&mut self.inner);
         let layer = &self.layer;
         let (store, timings) = (layer.store.clone(), layer.timings);
+        let max_point = layer.limits.max_recovery_point;
         let (final_errors, hook) = (layer.final_errors.clone(), layer.on_outcome.clone());
         let admitted = layer.tracker.enter(&layer.limits);
         let span = tracing::debug_span!("idempotent_consumer", key = %identity.key, scope = %identity.scope);
@@ -475,16 +484,13 @@ where
                         return (Err(ConsumerError::Overloaded), Outcome::Overloaded);
                     }
                 };
-                deliver(
-                    &store,
-                    identity,
-                    &timings,
-                    ticket,
-                    inner,
-                    message,
-                    &*final_errors,
-                )
-                .await
+                let rules = Rules {
+                    store: &store,
+                    timings: &timings,
+                    final_errors: &*final_errors,
+                    max_point,
+                };
+                deliver(&rules, identity, ticket, inner, message).await
             })
             .await;
             let (result, outcome) = delivered.unwrap_or_else(|panic| {
@@ -505,15 +511,22 @@ where
 
 type Answer<R, E> = Result<Delivery<R>, ConsumerError<E>>;
 
+/// What a delivery runs under: the layer's store and settings.
+struct Rules<'a, St> {
+    store: &'a St,
+    timings: &'a Timings,
+    final_errors: &'a FinalFn,
+    /// The largest recovery point a handler may save.
+    max_point: usize,
+}
+
 /// One admitted delivery: claim, run the handler under the claim, store or release.
 async fn deliver<S, M, St>(
-    store: &St,
+    rules: &Rules<'_, St>,
     identity: Identity,
-    timings: &Timings,
     ticket: protocol::Ticket,
     mut inner: S,
     message: M,
-    final_errors: &FinalFn,
 ) -> (Answer<S::Response, S::Error>, Outcome)
 where
     S: Service<M>,
@@ -521,6 +534,12 @@ where
     S::Error: fmt::Display + 'static,
     St: Store + Clone,
 {
+    let Rules {
+        store,
+        timings,
+        final_errors,
+        max_point,
+    } = *rules;
     let guard = match protocol::begin(store, identity.store_key(), timings, ticket).await {
         Ok(Begin::Claimed(guard)) => guard,
         Ok(Begin::InFlight { .. }) => {
@@ -534,7 +553,9 @@ where
         Err(failure) => return (Err(failure.into()), Outcome::StoreError),
     };
     tracing::debug!(outcome = "claimed", "running the handler");
-    let result = match guard.run(inner.call(message)).await {
+    // The handler reaches the key's recovery points through `RecoveryPoints::current()`.
+    let points = guard.recovery_points(timings.ttl, max_point);
+    let result = match guard.run(points.scope(inner.call(message))).await {
         Ok(result) => result,
         Err(panic) => {
             panic.report();

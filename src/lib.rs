@@ -159,7 +159,10 @@ pub use self::http::{
     KeyError, NoStore, OnStoreError, RequestBody, ResponseBody, ResponseFuture,
     BODY_OMITTED_HEADER, REPLAYED_HEADER,
 };
-pub use protocol::{DrainHandle, DrainReport, OnConflict, Outcome, ReleaseReason};
+pub use protocol::{
+    DrainHandle, DrainReport, OnConflict, Outcome, RecoveryError, RecoveryPoints, ReleaseReason,
+};
+pub use store::RecoveryPoint;
 
 /// A boxed error: body errors, and the sources of store errors.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -330,6 +330,14 @@ impl<St> IdempotencyLayer<St> {
         self
     }
 
+    /// The largest recovery point (phase and data) a handler may save through
+    /// [`RecoveryPoints`](crate::RecoveryPoints) \[64 KiB\]; a larger save is refused with
+    /// [`RecoveryError::TooLarge`](crate::RecoveryError::TooLarge), never truncated.
+    pub fn max_recovery_point(mut self, bytes: usize) -> Self {
+        self.config().limits.max_recovery_point = bytes;
+        self
+    }
+
     /// How many requests may run on after their clients left, and how many request-body
     /// bytes they may have declared (`Content-Length`) together [1,024 requests, 256 MiB].
     /// Past either, new keyed requests get 503 with `Retry-After` (problem type

@@ -402,6 +402,11 @@ where
     ) -> (Answer<ResBody, S::Error>, Outcome) {
         let (config, grpc) = (self.config.clone(), self.grpc);
         let carried = capture::carried_headers(&parts, &config);
+        // The handler reaches the key's recovery points from its request's extensions.
+        let mut parts = parts;
+        parts
+            .extensions
+            .insert(guard.recovery_points(ttl, config.limits.max_recovery_point));
         let (body, fingerprint) =
             request_body::attach(body, hasher, config.fingerprint.covers_body());
         let call = self.inner.call(Request::from_parts(parts, body));

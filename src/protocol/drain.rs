@@ -20,16 +20,19 @@ pub(crate) struct Limits {
     pub(crate) max_detached_bytes: u64,
     /// Bytes of outcomes whose completion is being retried after a store failure.
     pub(crate) max_pending_bytes: u64,
+    /// The largest recovery point a handler may save.
+    pub(crate) max_recovery_point: usize,
 }
 
 impl Default for Limits {
     /// 1,024 detached requests, 256 MiB of their declared request bodies, 64 MiB of pending
-    /// completions.
+    /// completions, recovery points of 64 KiB.
     fn default() -> Self {
         Self {
             max_detached: 1024,
             max_detached_bytes: 256 * 1024 * 1024,
             max_pending_bytes: 64 * 1024 * 1024,
+            max_recovery_point: super::recovery::DEFAULT_MAX_RECOVERY_POINT,
         }
     }
 }

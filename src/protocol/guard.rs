@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use std::sync::Arc;
 
-use super::{bounded, ready_now, Failure, Ticket, Timings};
+use super::{bounded, ready_now, Failure, RecoveryPoints, Ticket, Timings};
 use crate::store::{OwnerToken, Record, Store, StoreError};
 
 /// A claim this process holds on a key: the store, the key, the owner token and the timings,
@@ -95,6 +95,23 @@ impl<St: Store> ClaimGuard<St> {
     #[cfg(test)]
     pub(crate) fn token(&self) -> OwnerToken {
         self.held().token
+    }
+
+    /// The recovery points of this claim, for the work it runs: kept for `ttl`, each at most
+    /// `max_bytes`.
+    pub(crate) fn recovery_points(&self, ttl: Duration, max_bytes: usize) -> RecoveryPoints
+    where
+        St: Clone,
+    {
+        let held = self.held();
+        RecoveryPoints::new(
+            held.store.clone(),
+            held.key.clone(),
+            held.token,
+            ttl,
+            max_bytes,
+            held.timings.store_timeout,
+        )
     }
 
     /// Runs `work` while renewing the lease, catching a panic.

@@ -27,6 +27,7 @@ mod detach;
 mod drain;
 mod guard;
 mod outcome;
+mod recovery;
 pub(crate) mod seal;
 
 pub(crate) use detach::FinishOnDrop;
@@ -35,6 +36,7 @@ pub(crate) use drain::{Limits, Refusal, Ticket, Tracker};
 pub(crate) use guard::{catch_unwind, ClaimGuard, Panicked};
 pub(crate) use outcome::OutcomeHook;
 pub use outcome::{Outcome, ReleaseReason};
+pub use recovery::{RecoveryError, RecoveryPoints};
 
 /// What a duplicate gets while the original still runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -144,13 +144,44 @@ impl Demo {
     }
 
     pub async fn send(&self, request: Request<Full<Bytes>>) -> Reply {
-        let response = self.client.request(request).await.unwrap();
+        self.try_send(request).await.unwrap()
+    }
+
+    /// A payment POST whose connection may fail (the process crashing while it runs).
+    pub async fn try_post(&self, tenant: &str, key: &str, body: &str) -> Result<Reply, String> {
+        let request = Request::post(format!("{}/payments", self.base))
+            .header("authorization", format!("Bearer {tenant}"))
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .unwrap();
+        self.try_send(request).await
+    }
+
+    /// The demo's `/stats` document.
+    pub async fn stats(&self) -> serde_json::Value {
+        let reply = self
+            .send(
+                Request::get(format!("{}/stats", self.base))
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await;
+        serde_json::from_slice(&reply.body).unwrap()
+    }
+
+    pub async fn try_send(&self, request: Request<Full<Bytes>>) -> Result<Reply, String> {
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| e.to_string())?;
         let (parts, body) = response.into_parts();
-        Reply {
+        Ok(Reply {
             status: parts.status,
             headers: parts.headers,
-            body: body.collect().await.unwrap().to_bytes(),
-        }
+            body: body.collect().await.map_err(|e| e.to_string())?.to_bytes(),
+        })
     }
 
     pub async fn executions(&self) -> u64 {
@@ -181,4 +212,27 @@ pub async fn start_fails(args: &[&str]) -> (std::process::ExitStatus, String) {
         output.status,
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// A payment POST to the demo at `base` from a client of its own (to send from another task),
+/// whose connection may fail.
+pub async fn try_post_to(
+    base: &str,
+    tenant: &str,
+    key: &str,
+    body: &str,
+) -> Result<StatusCode, String> {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let request = Request::post(format!("{base}/payments"))
+        .header("authorization", format!("Bearer {tenant}"))
+        .header("content-type", "application/json")
+        .header("idempotency-key", key)
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    client
+        .request(request)
+        .await
+        .map(|r| r.status())
+        .map_err(|e| e.to_string())
 }

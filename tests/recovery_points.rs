@@ -1,0 +1,381 @@
+//! Recovery points: a retry after a crash (or a failed run) resumes from the point the earlier
+//! run saved instead of repeating its side effect. In process through the layer and the
+//! consumer, and with real demo processes crashed by `kill -9` and by `abort()` on every store.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::routing::post;
+use axum::{Extension, Router};
+use support::demo::Demo;
+use support::servers::{postgres_url, redis_url, TempDir};
+use support::{request, send, FaultyStore};
+use tower_idempotency::store::{
+    ClaimOutcome, KeyState, MemoryStore, OwnerToken, Record, RecoveryPoint, Store, StoreError,
+};
+use tower_idempotency::{IdempotencyLayer, RecoveryError, RecoveryPoints};
+
+/// What the handler found and did, per run.
+#[derive(Clone, Default)]
+struct Runs(Arc<Mutex<Vec<String>>>);
+
+/// A handler that reports the point it found, then saves `x-save` (when given) and answers
+/// `x-status`.
+fn app<St: Store + Clone>(layer: IdempotencyLayer<St>, runs: Runs) -> support::App<St> {
+    let handler = move |Extension(points): Extension<RecoveryPoints>,
+                        headers: axum::http::HeaderMap| {
+        let runs = runs.clone();
+        async move {
+            let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+            let found = match points.load().await {
+                Ok(Some(point)) => format!(
+                    "{}={}",
+                    point.phase(),
+                    String::from_utf8_lossy(point.data())
+                ),
+                Ok(None) => "none".to_owned(),
+                Err(error) => format!("load error: {error}"),
+            };
+            let saved = match header("x-save-bytes") {
+                Some(n) => match points.save("big", vec![b'x'; n.parse().unwrap()]).await {
+                    Ok(()) => "saved".to_owned(),
+                    Err(error @ RecoveryError::TooLarge { .. }) => format!("refused: {error}"),
+                    Err(error) => format!("error: {error}"),
+                },
+                None => match header("x-save") {
+                    Some(phase) => match points.save(phase, "data").await {
+                        Ok(()) => "saved".to_owned(),
+                        Err(error) => format!("error: {error:?}"),
+                    },
+                    None => "nothing".to_owned(),
+                },
+            };
+            runs.0.lock().unwrap().push(format!("{found}; {saved}"));
+            let status = header("x-status").map_or(201, |s| s.parse().unwrap());
+            (axum::http::StatusCode::from_u16(status).unwrap(), "{}")
+        }
+    };
+    let router = Router::new().route("/payments", post(handler));
+    tower::Layer::layer(&layer, router)
+}
+
+#[tokio::test]
+async fn a_point_saved_by_a_failed_run_is_read_by_the_retry() {
+    let runs = Runs::default();
+    let mut app = app(IdempotencyLayer::new(), runs.clone());
+    let failed = send(
+        &mut app,
+        request(
+            Some("k"),
+            "{}",
+            &[("x-save", "charged"), ("x-status", "500")],
+        ),
+    )
+    .await;
+    assert_eq!(failed.status, 500);
+    let retry = send(&mut app, request(Some("k"), "{}", &[])).await;
+    assert_eq!(retry.status, 201);
+    assert!(send(&mut app, request(Some("k"), "{}", &[]))
+        .await
+        .replayed());
+    let runs = runs.0.lock().unwrap().clone();
+    assert_eq!(runs, ["none; saved", "charged=data; nothing"]);
+}
+
+#[tokio::test]
+async fn an_oversized_point_is_refused_and_nothing_is_saved() {
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::new().max_recovery_point(1000);
+    let mut app = app(layer, runs.clone());
+    let failed = send(
+        &mut app,
+        request(
+            Some("k"),
+            "{}",
+            &[("x-save-bytes", "2000"), ("x-status", "500")],
+        ),
+    )
+    .await;
+    assert_eq!(failed.status, 500);
+    send(&mut app, request(Some("k"), "{}", &[])).await;
+    let runs = runs.0.lock().unwrap().clone();
+    assert!(
+        runs[0].contains("refused: recovery point of 2003 bytes is over the limit of 1000 bytes"),
+        "{runs:?}"
+    );
+    assert_eq!(
+        runs[1], "none; nothing",
+        "nothing was saved, nothing truncated"
+    );
+}
+
+#[tokio::test]
+async fn a_store_without_points_says_so() {
+    let runs = Runs::default();
+    let mut app = app(
+        IdempotencyLayer::with_store(FaultyStore::new()),
+        runs.clone(),
+    );
+    send(&mut app, request(Some("k"), "{}", &[("x-save", "charged")])).await;
+    let runs = runs.0.lock().unwrap().clone();
+    assert_eq!(
+        runs,
+        ["load error: the idempotency store does not keep recovery points; error: Unsupported"]
+    );
+}
+
+/// A message handler that crashed after its side effect (here: failed after saving) resumes
+/// from its point on redelivery.
+#[tokio::test]
+async fn a_consumer_resumes_from_its_point_on_redelivery() {
+    use tower::{service_fn, BoxError, ServiceExt};
+    use tower_idempotency::consumer::{ConsumerError, IdempotentConsumerLayer, Identity};
+    let effects = Arc::new(Mutex::new(0));
+    let handler = service_fn({
+        let effects = effects.clone();
+        move |fail: bool| {
+            let effects = effects.clone();
+            async move {
+                let points = RecoveryPoints::current().expect("inside the consumer layer");
+                if points.load().await?.is_none() {
+                    *effects.lock().unwrap() += 1;
+                    points.save("shipped", "parcel-1").await?;
+                }
+                if fail {
+                    return Err::<u32, BoxError>("the warehouse answered 500".into());
+                }
+                Ok(*effects.lock().unwrap())
+            }
+        }
+    });
+    let layer = IdempotentConsumerLayer::new(|_: &bool| Identity::new("order-1"));
+    let consumer = tower::Layer::layer(&layer, handler);
+    assert!(matches!(
+        consumer.clone().oneshot(true).await,
+        Err(ConsumerError::Handler(_))
+    ));
+    let redelivered = consumer.oneshot(false).await.unwrap();
+    assert!(redelivered.ran());
+    assert_eq!(*effects.lock().unwrap(), 1, "shipped once");
+    assert!(RecoveryPoints::current().is_none(), "only inside a handler");
+}
+
+/// A store whose saves ignore the owner token: the conformance check of fencing fails on it.
+#[derive(Clone, Default)]
+struct UnfencedStore {
+    inner: MemoryStore,
+    points: Arc<Mutex<HashMap<String, RecoveryPoint>>>,
+}
+
+impl Store for UnfencedStore {
+    async fn claim_as(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
+        self.inner.claim_as(key, token, lease).await
+    }
+    async fn renew(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.complete(key, token, record, ttl).await
+    }
+    async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+    async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
+        self.inner.inspect(key).await
+    }
+    async fn save_point(
+        &self,
+        key: &str,
+        _token: &OwnerToken,
+        point: &RecoveryPoint,
+        _ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.points
+            .lock()
+            .unwrap()
+            .insert(key.to_owned(), point.clone());
+        Ok(())
+    }
+    async fn load_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+    ) -> Result<Option<RecoveryPoint>, StoreError> {
+        self.inner
+            .renew(key, token, Duration::from_secs(30))
+            .await?;
+        Ok(self.points.lock().unwrap().get(key).cloned())
+    }
+}
+
+#[tokio::test]
+async fn the_fencing_check_fails_on_a_store_that_ignores_the_owner() {
+    use tower_idempotency::store::conformance;
+    let store = UnfencedStore::default();
+    let check = tokio::spawn(async move {
+        conformance::recovery_points_are_fenced_by_the_owner(&store).await;
+    });
+    let failed = check.await.expect_err("the check must fail");
+    assert!(failed.is_panic());
+    // And the fencing store passes it.
+    conformance::recovery_points_are_fenced_by_the_owner(&MemoryStore::new()).await;
+}
+
+// Real processes: the demo charges its simulated provider, saves a point, and crashes.
+
+const LEDGER: &str = "ledger.txt";
+
+fn charges(dir: &TempDir) -> Vec<String> {
+    std::fs::read_to_string(dir.path().join(LEDGER))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn demo_args<'a>(store: &'a str, ledger: &'a str) -> Vec<&'a str> {
+    vec![
+        "--store",
+        store,
+        "--lock-ttl",
+        "1",
+        "--provider-ledger",
+        ledger,
+    ]
+}
+
+/// Retries `body` until the original's lease lapsed (409 until then): the answer.
+async fn retry_after_the_lease(demo: &Demo, key: &str, body: &str) -> support::demo::Reply {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let reply = demo
+            .try_post("acme", key, body)
+            .await
+            .expect("the restarted demo answers");
+        if reply.status != 409 {
+            return reply;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never lapsed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The demo charges, saves its point and dies (`crash`: abort() by the fault flag, or
+/// `kill -9` during the delay after the charge); a new demo on the same store answers the
+/// retry with the first charge, and charges nothing.
+async fn a_crash_after_the_charge_does_not_charge_again(store: &str, kill_9: bool) {
+    let dir = TempDir::new("recovery");
+    let ledger = dir.path().join(LEDGER).display().to_string();
+    let key = tower_idempotency::store::conformance::fresh_key("crash").replace('/', "-");
+    let body = if kill_9 {
+        r#"{"amount": 1000, "currency": "usd", "delay_ms": 2000}"#
+    } else {
+        r#"{"amount": 1000, "currency": "usd", "crash_after_charge": true}"#
+    };
+    let mut first = Demo::start(&demo_args(store, &ledger)).await;
+    if kill_9 {
+        let sent = tokio::spawn({
+            let (base, key, body) = (first.base.clone(), key.clone(), body.to_owned());
+            async move {
+                let _ = support::demo::try_post_to(&base, "acme", &key, &body).await;
+            }
+        });
+        while charges(&dir).is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The point is saved right after the charge is written.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        first.kill();
+        let _ = sent.await;
+    } else {
+        let crashed = first.try_post("acme", &key, body).await;
+        assert!(
+            crashed.is_err(),
+            "the demo aborted mid-request: {:?}",
+            crashed.map(|r| r.status)
+        );
+    }
+    assert_eq!(charges(&dir).len(), 1, "the first run charged");
+    let second = Demo::start(&demo_args(store, &ledger)).await;
+    let retry = retry_after_the_lease(&second, &key, body).await;
+    assert_eq!(retry.status, 201, "{:?}", retry.body);
+    let payment: serde_json::Value = serde_json::from_slice(&retry.body).unwrap();
+    let ledger = charges(&dir);
+    assert_eq!(ledger.len(), 1, "charged once in all: {ledger:?}");
+    assert_eq!(
+        payment["charge"], ledger[0],
+        "the retry reuses the first charge"
+    );
+    assert_eq!(second.stats().await["provider_charges"], 0);
+    let again = second.try_post("acme", &key, body).await.unwrap();
+    assert!(again.replayed());
+    assert_eq!(again.body, retry.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_crash_after_the_charge_does_not_charge_again() {
+    let Some(url) = redis_url() else { return };
+    a_crash_after_the_charge_does_not_charge_again(&url, false).await;
+    a_crash_after_the_charge_does_not_charge_again(&url, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_crash_after_the_charge_does_not_charge_again() {
+    let Some(url) = postgres_url() else { return };
+    a_crash_after_the_charge_does_not_charge_again(&url, false).await;
+    a_crash_after_the_charge_does_not_charge_again(&url, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_crash_after_the_charge_does_not_charge_again() {
+    let dir = TempDir::new("recovery-sqlite");
+    let store = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+    a_crash_after_the_charge_does_not_charge_again(&store, false).await;
+    a_crash_after_the_charge_does_not_charge_again(&store, true).await;
+}
+
+/// On the memory store a restart loses everything, so there: a run that failed after charging
+/// (500, its key released) leaves its point to the retry in the same process.
+#[tokio::test]
+async fn memory_a_failed_run_after_the_charge_does_not_charge_again() {
+    let dir = TempDir::new("recovery-memory");
+    let ledger = dir.path().join(LEDGER).display().to_string();
+    let demo = Demo::start(&demo_args("memory", &ledger)).await;
+    let failed = demo
+        .post(
+            "acme",
+            Some("pay-1"),
+            r#"{"amount": 5, "currency": "usd", "fail": true}"#,
+        )
+        .await;
+    assert_eq!(failed.status, 500);
+    let body = r#"{"amount": 5, "currency": "usd"}"#;
+    let retry = demo.post("acme", Some("pay-1"), body).await;
+    assert_eq!(retry.status, 201);
+    let payment: serde_json::Value = serde_json::from_slice(&retry.body).unwrap();
+    assert_eq!(charges(&dir), [payment["charge"].as_str().unwrap()]);
+    assert_eq!(demo.stats().await["provider_charges"], 1);
+    assert!(demo.post("acme", Some("pay-1"), body).await.replayed());
+}
