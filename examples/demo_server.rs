@@ -73,6 +73,10 @@ struct Args {
     /// Refuse keyless POSTs with 400.
     #[arg(long)]
     require_key: bool,
+    /// Redis: replicas that must acknowledge every claim and completion (`WAIT`, 500 ms) before
+    /// the handler runs; 0 replicates asynchronously, as Redis does.
+    #[arg(long, default_value_t = 0)]
+    min_replicas: u32,
     /// Capacity of the memory store, in MiB of records [library default: 64].
     #[arg(long)]
     memory_mib: Option<u64>,
@@ -304,10 +308,10 @@ async fn stats(State(state): State<AppState>) -> Json<Value> {
 }
 
 /// The store named on the command line.
-async fn open_store(
-    spec: &str,
-    memory_mib: Option<u64>,
-) -> Result<BoxStore, Box<dyn std::error::Error>> {
+async fn open_store(args: &Args) -> Result<BoxStore, Box<dyn std::error::Error>> {
+    let (spec, memory_mib) = (args.store.as_str(), args.memory_mib);
+    let replicated =
+        |store: RedisStore| store.with_min_replicas(args.min_replicas, Duration::from_millis(500));
     if spec == "memory" {
         let mut builder = MemoryStore::builder();
         if let Some(mib) = memory_mib {
@@ -329,9 +333,11 @@ async fn open_store(
         Ok(BoxStore::new(store.open().await?))
     } else if let Some(nodes) = spec.strip_prefix("redis+cluster://") {
         let nodes: Vec<String> = nodes.split(',').map(|n| format!("redis://{n}")).collect();
-        Ok(BoxStore::new(RedisStore::connect_cluster(nodes).await?))
+        Ok(BoxStore::new(replicated(
+            RedisStore::connect_cluster(nodes).await?,
+        )))
     } else if spec.starts_with("redis://") || spec.starts_with("rediss://") {
-        Ok(BoxStore::new(RedisStore::connect(spec).await?))
+        Ok(BoxStore::new(replicated(RedisStore::connect(spec).await?)))
     } else if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
         let store = PostgresStore::connect(spec).await?;
         store.migrate().await?;
@@ -396,7 +402,7 @@ fn sentence(error: &(dyn std::error::Error + 'static)) -> String {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let store = open_store(&args.store, args.memory_mib)
+    let store = open_store(&args)
         .await
         .map_err(|error| format!("cannot use --store {}: {}", args.store, sentence(&*error)))?;
     let state = AppState {

@@ -82,7 +82,7 @@ pub use boxed::BoxStore;
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use postgres::{InvalidTableName, PostgresStore};
+pub use postgres::{InvalidTableName, PostgresReplication, PostgresStore};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis::{RedisConfig, RedisStore};

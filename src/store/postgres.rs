@@ -72,6 +72,49 @@ struct Sql {
     purge_points: String,
 }
 
+/// What [`PostgresStore::check_replication`] read from the server: whether a committed claim
+/// or record survives a failover to a standby.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PostgresReplication {
+    /// `synchronous_commit` (`on`, `remote_apply`, `remote_write`, `local`, `off`).
+    pub synchronous_commit: String,
+    /// `synchronous_standby_names`: empty when no commit waits for a standby.
+    pub synchronous_standby_names: String,
+    /// Standbys connected now (as far as this role may see).
+    pub standbys: u32,
+    /// Of those, the ones commits wait for (`sync` or `quorum`).
+    pub synchronous_standbys: u32,
+}
+
+impl PostgresReplication {
+    /// Whether a commit returns only once a standby has it: then a failover to that standby
+    /// loses no claim and no record.
+    pub fn commits_wait_for_a_standby(&self) -> bool {
+        !self.synchronous_standby_names.trim().is_empty()
+            && matches!(
+                self.synchronous_commit.as_str(),
+                "on" | "remote_apply" | "remote_write"
+            )
+    }
+
+    /// Logs what a failover could lose.
+    fn report(&self) {
+        if self.standbys > 0 && !self.commits_wait_for_a_standby() {
+            tracing::warn!(
+                standbys = self.standbys,
+                synchronous_commit = %self.synchronous_commit,
+                "PostgreSQL replicates asynchronously: a failover to a standby can lose the last \
+                 committed claims and records, and a retry of such a key runs again. Fix: \
+                 synchronous_standby_names (with synchronous_commit = on) for the store's \
+                 database, or accept that window"
+            );
+        } else {
+            tracing::debug!(replication = ?self, "PostgreSQL replication settings");
+        }
+    }
+}
+
 /// Why a table name was refused.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid table name {0:?}: use letters, digits and underscores (optionally schema.table), at most 63 each")]
@@ -224,10 +267,44 @@ impl PostgresStore {
     /// Connects a pool (16 connections) to `url` (`postgres://user:pass@host:port/db`),
     /// using the table `idempotency_records`, and checks that the server answers: a wrong URL
     /// or a server that is down fails here, at start.
+    ///
+    /// It also reads how the server replicates ([`check_replication`](Self::check_replication))
+    /// and logs what a failover could lose: a warning when standbys exist but commits do not
+    /// wait for any of them.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let store = Self::connect_lazy(url)?;
         let _connection = store.pool.get().await.map_err(StoreError::backend)?;
+        match store.check_replication().await {
+            Ok(replication) => replication.report(),
+            Err(error) => {
+                tracing::debug!(%error, "could not read the PostgreSQL replication settings")
+            }
+        }
         Ok(store)
+    }
+
+    /// Reads whether commits wait for a synchronous standby (`synchronous_commit`,
+    /// `synchronous_standby_names`) and which standbys are connected (`pg_stat_replication`,
+    /// whose rows a role without `pg_monitor` may not see).
+    pub async fn check_replication(&self) -> Result<PostgresReplication, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT current_setting('synchronous_commit'), \
+                        current_setting('synchronous_standby_names'), \
+                        (SELECT count(*) FROM pg_stat_replication), \
+                        (SELECT count(*) FROM pg_stat_replication \
+                           WHERE sync_state IN ('sync', 'quorum'))",
+                &[],
+            )
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(PostgresReplication {
+            synchronous_commit: row.get(0),
+            synchronous_standby_names: row.get(1),
+            standbys: u32::try_from(row.get::<_, i64>(2)).unwrap_or(u32::MAX),
+            synchronous_standbys: u32::try_from(row.get::<_, i64>(3)).unwrap_or(u32::MAX),
+        })
     }
 
     /// A pool that connects on first use: it never fails for want of a server (only for a

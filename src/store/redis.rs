@@ -43,11 +43,17 @@ return 0
 /// duplicates waiting in other processes wake at once.
 /// The key's recovery point (`KEYS[2]`, when given) is deleted with the claim: the record
 /// supersedes it.
+/// Completing twice with the same record is a success (a completion retried because replicas
+/// had not acknowledged it yet).
 const COMPLETE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local value = redis.call('GET', KEYS[1])
+if value == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   if KEYS[2] then redis.call('DEL', KEYS[2]) end
   redis.call('PUBLISH', ARGV[4], KEYS[1])
+  return 1
+end
+if value == ARGV[2] then
   return 1
 end
 return 0
@@ -114,6 +120,8 @@ return 0
 #[derive(Clone)]
 pub struct RedisStore {
     connection: Connection,
+    /// Replicas that must acknowledge a claim and a completion (`WAIT`), and how long to wait.
+    replicas: Option<(u32, Duration)>,
     prefix: Arc<str>,
     scripts: Arc<Scripts>,
     /// For the pub/sub subscriber (`None` over a bare connection manager: no wake-ups).
@@ -313,6 +321,7 @@ impl RedisStore {
     fn over(connection: Connection) -> Self {
         Self {
             connection,
+            replicas: None,
             client: None,
             wake: Arc::default(),
             prefix: Arc::from("idempotency:"),
@@ -364,6 +373,47 @@ impl RedisStore {
                     }
                 }
             });
+    }
+
+    /// Makes every claim and every completion wait until `replicas` replicas have it (`WAIT
+    /// replicas timeout`), at most `timeout` \[off: Redis replicates asynchronously, and a
+    /// failover can lose the last claims and records, letting a duplicate run\].
+    ///
+    /// * A claim not acknowledged in time is released and fails as a store error: the request
+    ///   answers 503 with `Retry-After` and the handler does not run (fail closed).
+    /// * A completion not acknowledged in time fails as a store error after it was written: the
+    ///   layer retries it like any store blip (the claim kept and renewed) until it is
+    ///   acknowledged or the lease runs out; duplicates get 409 meanwhile.
+    /// * On a cluster, `WAIT` runs on every master and the least count must reach `replicas`.
+    ///
+    /// What it guarantees: a claim that the handler ran under is on `replicas` replicas, so a
+    /// failover that promotes one of them still holds it (a duplicate gets 409, not a second
+    /// run). What it cannot: a completion lost in a failover leaves the key claimed on the new
+    /// master until the lease lapses, and the retry after that runs again (recovery points
+    /// cover what the first run did). `WAIT` blocks the store's shared connection while it
+    /// waits: a replica that stops acknowledging stalls every call for up to `timeout`, so keep
+    /// it short.
+    pub fn with_min_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replicas = (replicas > 0).then_some((replicas, timeout));
+        self
+    }
+
+    /// Waits until the configured number of replicas acknowledged this connection's writes.
+    async fn replicated(&self) -> Result<(), StoreError> {
+        let Some((wanted, timeout)) = self.replicas else {
+            return Ok(());
+        };
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(wanted)
+            .arg(timeout.as_millis().max(1) as u64)
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(StoreError::backend)?;
+        if acked >= i64::from(wanted) {
+            Ok(())
+        } else {
+            Err(StoreError::backend(NotReplicated { acked, wanted }))
+        }
     }
 
     /// Prefixes every Redis key \[`idempotency:`\] (and the wake-up channel, `<prefix>wake`).
@@ -427,6 +477,73 @@ impl RedisStore {
                 }
             }
         }))
+    }
+
+    /// A claim without waiting for replicas: one `SET … NX PX … GET` (or the script on servers
+    /// before 7.0).
+    async fn claim_unreplicated(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let token = *token;
+        if self.scripts.plain_claim.load(Ordering::Relaxed) {
+            if let Some(outcome) = self.claim_plain(key, &token, lease).await? {
+                return Ok(outcome);
+            }
+            self.scripts.plain_claim.store(false, Ordering::Relaxed);
+        }
+        let reply: Value = self
+            .scripts
+            .claim
+            .key(self.redis_key(key))
+            .arg(&claim_value(&token)[..])
+            .arg(millis(lease))
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(StoreError::backend)?;
+        let Value::Array(items) = reply else {
+            return Err(unexpected(&reply));
+        };
+        match items.as_slice() {
+            [Value::Int(0)] => Ok(ClaimOutcome::Claimed(token)),
+            [Value::Int(1), Value::Int(pttl)] => Ok(ClaimOutcome::InFlight {
+                lease_remaining: u64::try_from(*pttl).ok().map(Duration::from_millis),
+            }),
+            [Value::Int(2), Value::BulkString(value)] => {
+                Ok(ClaimOutcome::Completed(decode_record(value.clone())?))
+            }
+            _ => Err(unexpected(&Value::Array(items))),
+        }
+    }
+
+    /// What the store holds for `key`: `GET` and `PTTL` in one script.
+    async fn inspect_key(&self, key: &str) -> Result<KeyState, StoreError> {
+        let reply: Value = Script::new(INSPECT)
+            .key(self.redis_key(key))
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(StoreError::backend)?;
+        let Value::Array(items) = &reply else {
+            return Err(unexpected(&reply));
+        };
+        let remaining = match items.get(1) {
+            Some(Value::Int(ms)) => u64::try_from(*ms).ok().map(Duration::from_millis),
+            _ => None,
+        };
+        match items.first() {
+            Some(Value::BulkString(value)) if value.first() == Some(&CLAIM_TAG) => {
+                Ok(KeyState::InFlight {
+                    lease_remaining: remaining,
+                })
+            }
+            Some(Value::BulkString(value)) => Ok(KeyState::Completed {
+                record: decode_record(value.clone())?,
+                expires_in: remaining,
+            }),
+            _ => Ok(KeyState::Absent),
+        }
     }
 
     fn redis_key(&self, key: &str) -> String {
@@ -580,6 +697,14 @@ pub(crate) fn encode_record(record: &Record) -> Bytes {
 #[error("the Redis value is damaged: {0}")]
 struct Damaged(&'static str);
 
+/// Fewer replicas than required acknowledged a write in time.
+#[derive(Debug, thiserror::Error)]
+#[error("{acked} of the {wanted} required Redis replicas acknowledged the write in time")]
+struct NotReplicated {
+    acked: i64,
+    wanted: u32,
+}
+
 /// A record's value, `'R' version fingerprint-flag [fingerprint] payload`. A value that is not
 /// one is [`StoreError::Corrupt`] (the key was used: never a reason to run again), one of a
 /// later version [`StoreError::UnknownFormat`].
@@ -624,62 +749,19 @@ impl Store for RedisStore {
         token: &OwnerToken,
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
-        let token = *token;
-        if self.scripts.plain_claim.load(Ordering::Relaxed) {
-            if let Some(outcome) = self.claim_plain(key, &token, lease).await? {
-                return Ok(outcome);
+        let outcome = self.claim_unreplicated(key, token, lease).await?;
+        if let ClaimOutcome::Claimed(token) = &outcome {
+            if let Err(error) = self.replicated().await {
+                // Fail closed: the handler must not run under a claim a failover could lose.
+                let _ = self.release(key, token).await;
+                return Err(error);
             }
-            self.scripts.plain_claim.store(false, Ordering::Relaxed);
         }
-        let reply: Value = self
-            .scripts
-            .claim
-            .key(self.redis_key(key))
-            .arg(&claim_value(&token)[..])
-            .arg(millis(lease))
-            .invoke_async(&mut self.connection.clone())
-            .await
-            .map_err(StoreError::backend)?;
-        let Value::Array(items) = reply else {
-            return Err(unexpected(&reply));
-        };
-        match items.as_slice() {
-            [Value::Int(0)] => Ok(ClaimOutcome::Claimed(token)),
-            [Value::Int(1), Value::Int(pttl)] => Ok(ClaimOutcome::InFlight {
-                lease_remaining: u64::try_from(*pttl).ok().map(Duration::from_millis),
-            }),
-            [Value::Int(2), Value::BulkString(value)] => {
-                Ok(ClaimOutcome::Completed(decode_record(value.clone())?))
-            }
-            _ => Err(unexpected(&Value::Array(items))),
-        }
+        Ok(outcome)
     }
 
     async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
-        let reply: Value = Script::new(INSPECT)
-            .key(self.redis_key(key))
-            .invoke_async(&mut self.connection.clone())
-            .await
-            .map_err(StoreError::backend)?;
-        let Value::Array(items) = &reply else {
-            return Err(unexpected(&reply));
-        };
-        let remaining = match items.get(1) {
-            Some(Value::Int(ms)) => u64::try_from(*ms).ok().map(Duration::from_millis),
-            _ => None,
-        };
-        match items.first() {
-            Some(Value::BulkString(value)) if value.first() == Some(&CLAIM_TAG) => {
-                Ok(KeyState::InFlight {
-                    lease_remaining: remaining,
-                })
-            }
-            Some(Value::BulkString(value)) => Ok(KeyState::Completed {
-                record: decode_record(value.clone())?,
-                expires_in: remaining,
-            }),
-            _ => Ok(KeyState::Absent),
-        }
+        self.inspect_key(key).await
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
@@ -723,7 +805,10 @@ impl Store for RedisStore {
             token,
             &[&value, ttl.as_bytes(), channel.as_bytes()],
         )
-        .await
+        .await?;
+        // Written; not acknowledged by the replicas in time, it fails as a store error and the
+        // layer retries it (a second completion with the same record succeeds).
+        self.replicated().await
     }
 
     async fn save_point(

@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod demo;
+pub mod proxy;
 pub mod servers;
 pub mod shared_store;
 

@@ -240,7 +240,7 @@ impl RedisServer {
         let _ = Command::new("sh")
             .arg("-c")
             .arg(format!(
-                "pid=$(cat {0} 2>/dev/null) || exit 0; kill $pid; \
+                "pid=$(cat {0} 2>/dev/null) || exit 0; kill $pid 2>/dev/null; \
                  while kill -0 $pid 2>/dev/null; do sleep 0.05; done",
                 self.pidfile().display()
             ))

@@ -1,0 +1,143 @@
+//! Redis failover with real processes: a master, a replica linked through a proxy the test
+//! can cut (a partition), the master killed and the replica promoted. With `--min-replicas 1`
+//! a payment never runs twice across the failover; without it, it does (the hole the setting
+//! closes).
+
+mod support;
+
+use std::time::Duration;
+
+use support::demo::Demo;
+use support::proxy::Proxy;
+use support::servers::{own_redis, raw_redis, signal, RedisServer};
+
+const PAYMENT: &str = r#"{"amount": 1000, "currency": "usd"}"#;
+
+/// A master and a replica of it through a proxy, in sync.
+async fn pair() -> Option<(RedisServer, RedisServer, Proxy)> {
+    let master = own_redis("fail over")?;
+    let replica = own_redis("fail over")?;
+    let proxy = Proxy::start(master.port).await;
+    let mut connection = raw_redis(&replica.url()).await;
+    let () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(proxy.port)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    // In sync once a write on the master is acknowledged by the replica.
+    let mut on_master = raw_redis(&master.url()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let () = redis::cmd("SET")
+            .arg("sync-probe")
+            .arg(1)
+            .query_async(&mut on_master)
+            .await
+            .unwrap();
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(200)
+            .query_async(&mut on_master)
+            .await
+            .unwrap();
+        if acked >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never synced"
+        );
+    }
+    Some((master, replica, proxy))
+}
+
+/// Kills the master (`SIGKILL`) and promotes the replica.
+async fn fail_over(master: &RedisServer, replica: &RedisServer) {
+    signal(master.pid(), "KILL");
+    let mut connection = raw_redis(&replica.url()).await;
+    let () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+}
+
+/// Pays through a demo on the master with the link cut, fails over, and pays again through a
+/// demo on the promoted replica: how many times the payment ran in all.
+async fn executions_across_a_partitioned_failover(min_replicas: &str) -> Option<u64> {
+    let (master, replica, proxy) = pair().await?;
+    let before = Demo::start(&["--store", &master.url(), "--min-replicas", min_replicas]).await;
+    proxy.cut();
+    let first = before.post("acme", Some("failover-1"), PAYMENT).await;
+    let ran_before = before.executions().await;
+    if min_replicas == "0" {
+        assert_eq!(first.status, 201);
+    } else {
+        assert_eq!(first.status, 503, "{:?}", first.body);
+        assert!(first.headers.contains_key("retry-after"));
+        assert_eq!(ran_before, 0, "refused before the handler ran");
+    }
+    fail_over(&master, &replica).await;
+    let after = Demo::start(&["--store", &replica.url(), "--min-replicas", "0"]).await;
+    let retry = after.post("acme", Some("failover-1"), PAYMENT).await;
+    assert_eq!(retry.status, 201);
+    Some(ran_before + after.executions().await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_required_replica_a_payment_runs_at_most_once_across_a_failover() {
+    let Some(runs) = executions_across_a_partitioned_failover("1").await else {
+        return;
+    };
+    assert_eq!(runs, 1);
+}
+
+/// The hole `--min-replicas` closes, reproduced: the claim and the record never reached the
+/// replica, so the promoted replica runs the payment again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_required_replicas_a_partitioned_failover_runs_a_payment_twice() {
+    let Some(runs) = executions_across_a_partitioned_failover("0").await else {
+        return;
+    };
+    assert_eq!(runs, 2);
+}
+
+/// With the link healthy and one required replica, the promoted replica holds what the master
+/// acknowledged: a claim in flight (a duplicate gets 409, not a second run), and a record (a
+/// replay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_healthy_link_the_promoted_replica_holds_claims_and_records() {
+    let Some((master, replica, _proxy)) = pair().await else {
+        return;
+    };
+    let before = Demo::start(&[
+        "--store",
+        &master.url(),
+        "--min-replicas",
+        "1",
+        "--lock-ttl",
+        "30",
+    ])
+    .await;
+    let paid = before.post("acme", Some("healthy-1"), PAYMENT).await;
+    assert_eq!(paid.status, 201);
+    let slow = r#"{"amount": 7, "currency": "usd", "delay_ms": 60000}"#;
+    let running = tokio::spawn({
+        let base = before.base.clone();
+        async move { support::demo::try_post_to(&base, "acme", "healthy-2", slow).await }
+    });
+    while before.executions().await < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    fail_over(&master, &replica).await;
+    let after = Demo::start(&["--store", &replica.url()]).await;
+    let replay = after.post("acme", Some("healthy-1"), PAYMENT).await;
+    assert!(replay.replayed(), "the record survived the failover");
+    assert_eq!(replay.body, paid.body);
+    let duplicate = after.post("acme", Some("healthy-2"), slow).await;
+    assert_eq!(duplicate.status, 409, "the claim survived the failover");
+    assert_eq!(after.executions().await, 0);
+    running.abort();
+}
