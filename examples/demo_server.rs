@@ -58,7 +58,8 @@ struct Args {
     /// Where records live: `memory`, `sqlite://PATH[?synchronous=normal|full]` (a file that
     /// survives restarts; `full` survives a power loss too),
     /// `redis://HOST:PORT`, `redis+cluster://HOST:PORT[,HOST:PORT…]` (one or more seed nodes of a
-    /// Redis Cluster) or `postgres://USER@HOST:PORT/DB`.
+    /// Redis Cluster), `redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER_NAME` (the master Redis
+    /// Sentinel names, followed across failovers) or `postgres://USER@HOST:PORT/DB`.
     #[arg(long, default_value = "memory")]
     store: String,
     /// How long responses are kept for replay, in seconds [library default: 24 h].
@@ -331,6 +332,14 @@ async fn open_store(args: &Args) -> Result<BoxStore, Box<dyn std::error::Error>>
         };
         let store = SqliteStore::builder(path).synchronous(synchronous);
         Ok(BoxStore::new(store.open().await?))
+    } else if let Some(rest) = spec.strip_prefix("redis+sentinel://") {
+        let (nodes, master) = rest
+            .split_once('/')
+            .ok_or("use redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER_NAME")?;
+        let nodes: Vec<String> = nodes.split(',').map(|n| format!("redis://{n}")).collect();
+        Ok(BoxStore::new(replicated(
+            RedisStore::connect_sentinel(nodes, master).await?,
+        )))
     } else if let Some(nodes) = spec.strip_prefix("redis+cluster://") {
         let nodes: Vec<String> = nodes.split(',').map(|n| format!("redis://{n}")).collect();
         Ok(BoxStore::new(replicated(
@@ -344,7 +353,7 @@ async fn open_store(args: &Args) -> Result<BoxStore, Box<dyn std::error::Error>>
         Ok(BoxStore::new(store))
     } else {
         Err(format!(
-            "unsupported --store {spec:?}: use memory, sqlite://PATH, redis://…, redis+cluster://HOST:PORT[,…] or postgres://…"
+            "unsupported --store {spec:?}: use memory, sqlite://PATH, redis://…, redis+cluster://HOST:PORT[,…], redis+sentinel://HOST:PORT[,…]/MASTER or postgres://…"
         )
         .into())
     }

@@ -141,3 +141,94 @@ async fn with_a_healthy_link_the_promoted_replica_holds_claims_and_records() {
     assert_eq!(after.executions().await, 0);
     running.abort();
 }
+
+/// A demo on `redis+sentinel://…/mymaster` answers payments before and after a failover that
+/// the Sentinels carry out (`SENTINEL FAILOVER`), without a restart: it finds the promoted
+/// master by itself, and the payment made before the failover replays after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_configured_store_follows_a_failover() {
+    use support::servers::SentinelServer;
+    let Some((master, replica, _proxy)) = pair().await else {
+        return;
+    };
+    let sentinels: Vec<SentinelServer> = (0..3)
+        .map(|_| SentinelServer::start("mymaster", master.port, 2).expect("redis-server"))
+        .collect();
+    let mut sentinel = raw_redis(&sentinels[0].url()).await;
+    // Every Sentinel must know the replica before it can promote it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let replicas: Vec<redis::Value> = redis::cmd("SENTINEL")
+            .arg("REPLICAS")
+            .arg("mymaster")
+            .query_async(&mut sentinel)
+            .await
+            .unwrap();
+        if !replicas.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Sentinels never saw the replica"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let nodes: Vec<String> = sentinels
+        .iter()
+        .map(|s| format!("127.0.0.1:{}", s.port))
+        .collect();
+    let store = format!("redis+sentinel://{}/mymaster", nodes.join(","));
+    let demo = Demo::start(&["--store", &store, "--min-replicas", "1"]).await;
+    let before = demo.post("acme", Some("sentinel-1"), PAYMENT).await;
+    assert_eq!(before.status, 201, "{:?}", before.body);
+
+    let () = redis::cmd("SENTINEL")
+        .arg("FAILOVER")
+        .arg("mymaster")
+        .query_async(&mut sentinel)
+        .await
+        .unwrap();
+    loop {
+        let (_, port): (String, u16) = redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg("mymaster")
+            .query_async(&mut sentinel)
+            .await
+            .unwrap();
+        if port == replica.port {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline + Duration::from_secs(30),
+            "no failover"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // During the switch a payment may be refused (503, nothing run); then it is answered by
+    // the promoted master.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let reply = demo.post("acme", Some("sentinel-2"), PAYMENT).await;
+        if reply.status != 503 {
+            break reply;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never answered after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(after.status, 201, "{:?}", after.body);
+    let replay = demo.post("acme", Some("sentinel-1"), PAYMENT).await;
+    assert!(replay.replayed(), "the record from before the failover");
+    assert_eq!(replay.body, before.body);
+    assert_eq!(demo.executions().await, 2);
+    // The promoted replica holds the new record.
+    let mut promoted = raw_redis(&replica.url()).await;
+    let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut promoted).await.unwrap();
+    assert!(
+        matches!(&role[0], redis::Value::BulkString(r) if r == b"master"),
+        "{role:?}"
+    );
+    drop(master);
+}

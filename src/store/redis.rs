@@ -135,6 +135,60 @@ pub struct RedisStore {
 enum Connection {
     Single(ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
+    /// The master that Redis Sentinel names now: rediscovered after a connection fails or the
+    /// server says it is a replica (a failover demoted it).
+    Sentinel(Arc<SentinelLink>),
+}
+
+/// A connection to the master a set of Sentinels names.
+struct SentinelLink {
+    sentinel: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    current: std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+}
+
+impl SentinelLink {
+    /// The connection to the current master, asking the Sentinels for it when there is none.
+    async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        if let Some(connection) = self.cached() {
+            return Ok(connection);
+        }
+        let mut sentinel = self.sentinel.lock().await;
+        // Another call may have connected while this one waited for the lock.
+        if let Some(connection) = self.cached() {
+            return Ok(connection);
+        }
+        let client = sentinel.async_get_client().await?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)));
+        let connection = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        tracing::info!(master = ?client.get_connection_info().addr(), "connected to the Redis master named by Sentinel");
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(connection.clone());
+        Ok(connection)
+    }
+
+    fn cached(&self) -> Option<redis::aio::MultiplexedConnection> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Forgets the connection after an error that says the master moved (or is gone): the next
+    /// call asks the Sentinels again.
+    fn check(&self, error: &redis::RedisError) {
+        let moved = error.is_io_error()
+            || error.is_connection_dropped()
+            || error.is_connection_refusal()
+            || error.is_timeout()
+            || matches!(error.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"));
+        if moved {
+            tracing::warn!(%error, "the Redis master is unreachable or demoted; asking Sentinel for the current one");
+            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
 }
 
 impl redis::aio::ConnectionLike for Connection {
@@ -142,6 +196,14 @@ impl redis::aio::ConnectionLike for Connection {
         match self {
             Connection::Single(c) => c.req_packed_command(cmd),
             Connection::Cluster(c) => c.req_packed_command(cmd),
+            Connection::Sentinel(link) => Box::pin(async move {
+                let mut connection = link.connection().await?;
+                let reply = connection.req_packed_command(cmd).await;
+                if let Err(error) = &reply {
+                    link.check(error);
+                }
+                reply
+            }),
         }
     }
 
@@ -154,6 +216,16 @@ impl redis::aio::ConnectionLike for Connection {
         match self {
             Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Sentinel(link) => Box::pin(async move {
+                let mut connection = link.connection().await?;
+                let reply = connection
+                    .req_packed_commands(pipeline, offset, count)
+                    .await;
+                if let Err(error) = &reply {
+                    link.check(error);
+                }
+                reply
+            }),
         }
     }
 
@@ -161,6 +233,7 @@ impl redis::aio::ConnectionLike for Connection {
         match self {
             Connection::Single(c) => c.get_db(),
             Connection::Cluster(c) => c.get_db(),
+            Connection::Sentinel(_) => 0,
         }
     }
 }
@@ -269,6 +342,43 @@ impl RedisStore {
             Ok(config) => config.report(),
             Err(error) => {
                 tracing::warn!(%error, "could not read the Redis configuration (CONFIG GET is disabled?); make sure maxmemory-policy is noeviction on every node")
+            }
+        }
+        Ok(store)
+    }
+
+    /// Connects to the master that Redis Sentinel names `master_name`, through any of
+    /// `sentinels` (`redis://host:port` each), and follows failovers: after a connection fails
+    /// or the server answers that it is now a replica (`READONLY`), the next call asks the
+    /// Sentinels for the new master, without a restart. Calls during the switch fail as store
+    /// errors (503, the handler not run). Waiting duplicates back off instead of being woken
+    /// (no pub/sub subscriber). Fails when no Sentinel names a reachable master.
+    pub async fn connect_sentinel<I, S>(sentinels: I, master_name: &str) -> Result<Self, StoreError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let sentinels: Vec<String> = sentinels
+            .into_iter()
+            .map(|s| s.as_ref().to_owned())
+            .collect();
+        let client = redis::sentinel::SentinelClient::build(
+            sentinels,
+            master_name.to_owned(),
+            None,
+            redis::sentinel::SentinelServerType::Master,
+        )
+        .map_err(StoreError::backend)?;
+        let link = Arc::new(SentinelLink {
+            sentinel: tokio::sync::Mutex::new(client),
+            current: std::sync::Mutex::new(None),
+        });
+        link.connection().await.map_err(StoreError::backend)?;
+        let store = Self::over(Connection::Sentinel(link));
+        match store.check_config().await {
+            Ok(config) => config.report(),
+            Err(error) => {
+                tracing::warn!(%error, "could not read the Redis configuration (CONFIG GET is disabled?); make sure maxmemory-policy is noeviction")
             }
         }
         Ok(store)
@@ -572,7 +682,9 @@ impl RedisStore {
         if slot_part.contains('}') {
             return match self.connection {
                 Connection::Cluster(_) => None,
-                Connection::Single(_) => Some(format!("{redis_key}:point")),
+                Connection::Single(_) | Connection::Sentinel(_) => {
+                    Some(format!("{redis_key}:point"))
+                }
             };
         }
         Some(format!("{{{slot_part}}}:point"))

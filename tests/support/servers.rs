@@ -565,3 +565,76 @@ pub fn shared_temp_dir() -> &'static Path {
     static DIR: OnceLock<TempDir> = OnceLock::new();
     DIR.get_or_init(|| TempDir::new("shared")).path()
 }
+
+/// A Redis Sentinel (`redis-server --sentinel`) watching the master `name` at `master_port`,
+/// deciding with a quorum of `quorum`; stopped, and its directory deleted, on drop.
+pub struct SentinelServer {
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl SentinelServer {
+    pub fn start(name: &str, master_port: u16, quorum: u32) -> Option<Self> {
+        let binary = find_binary("redis-server")?;
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "tower-idempotency-sentinel-{port}-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pidfile = dir.join("sentinel.pid");
+        let config = dir.join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndaemonize yes\npidfile {}\ndir {}\n\
+                 sentinel monitor {name} 127.0.0.1 {master_port} {quorum}\n\
+                 sentinel down-after-milliseconds {name} 1000\n\
+                 sentinel failover-timeout {name} 10000\n",
+                pidfile.display(),
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let server = Self { port, dir };
+        watchdog(
+            &format!(
+                "pid=$(cat {} 2>/dev/null) && kill $pid 2>/dev/null; \
+                 while kill -0 $pid 2>/dev/null; do sleep 0.1; done",
+                pidfile.display()
+            ),
+            false,
+            &server.dir,
+        );
+        let status = Command::new(binary)
+            .arg(&config)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "redis-server --sentinel failed to start");
+        assert!(
+            wait_for_port(port, Duration::from_secs(10)),
+            "the sentinel did not listen"
+        );
+        Some(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for SentinelServer {
+    fn drop(&mut self) {
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "pid=$(cat {0} 2>/dev/null) || exit 0; kill $pid 2>/dev/null; \
+                 while kill -0 $pid 2>/dev/null; do sleep 0.05; done",
+                self.dir.join("sentinel.pid").display()
+            ))
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
