@@ -240,3 +240,72 @@ mod consumer {
         }
     }
 }
+
+/// Each damage rewrites the record's row with a plain SQLite connection.
+type SqliteDamage = (&'static str, Expect, fn(&rusqlite::Connection, &str));
+
+const SQLITE_DAMAGE: &[SqliteDamage] = &[
+    ("a 15-byte fingerprint", Expect::Damaged, |db, key| {
+        db.execute(
+            "UPDATE idempotency_records SET fingerprint = substr(fingerprint, 1, 15) WHERE key = ?1",
+            [key],
+        )
+        .unwrap();
+    }),
+    ("a NULL payload", Expect::Damaged, |db, key| {
+        db.execute(
+            "UPDATE idempotency_records SET payload = NULL WHERE key = ?1",
+            [key],
+        )
+        .unwrap();
+    }),
+    ("payload cut inside the body", Expect::Damaged, |db, key| {
+        db.execute(
+            "UPDATE idempotency_records SET payload = substr(payload, 1, length(payload) - 20) WHERE key = ?1",
+            [key],
+        )
+        .unwrap();
+    }),
+    (
+        "record version from the future",
+        Expect::Newer,
+        |db, key| {
+            let mut payload: Vec<u8> = db
+                .query_row(
+                    "SELECT payload FROM idempotency_records WHERE key = ?1",
+                    [key],
+                    |row| row.get(0),
+                )
+                .unwrap();
+            payload[2] = 200;
+            db.execute(
+                "UPDATE idempotency_records SET payload = ?2 WHERE key = ?1",
+                rusqlite::params![key, payload],
+            )
+            .unwrap();
+        },
+    ),
+];
+
+#[tokio::test]
+async fn damaged_sqlite_rows_never_run_the_handler_again() {
+    use tower_idempotency::store::SqliteStore;
+    let dir = support::servers::TempDir::new("damaged-sqlite");
+    let path = dir.path().join("damaged.db");
+    let db = rusqlite::Connection::open(&path).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    for &(what, expect, damage) in SQLITE_DAMAGE {
+        for policy in policies() {
+            // No replay cache: each retry reads the damaged row.
+            let store = SqliteStore::builder(&path)
+                .replay_cache_bytes(0)
+                .open()
+                .await
+                .unwrap();
+            let (mut app, probe, key, store_key) = stored(store, policy, "sqlite").await;
+            damage(&db, &store_key);
+            let what = format!("{what} ({policy:?})");
+            three_retries(&mut app, &probe, &key, expect, &what).await;
+        }
+    }
+}

@@ -471,6 +471,9 @@ impl SqliteStore {
     }
 
     fn cache(&self, key: &str, record: &Record, left: Duration) {
+        if self.inner.records.policy().max_capacity() == Some(0) {
+            return;
+        }
         let valid_until = Instant::now() + left.min(self.inner.cache_for);
         self.inner.records.insert(
             key.to_owned(),
