@@ -361,7 +361,8 @@ impl RedisCluster {
     /// Waits until every node reports `cluster_state:ok`.
     pub fn wait_until_ok(&self) {
         let cli = find_binary("redis-cli").unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Generous: a node restarted on a loaded machine takes a while to rejoin.
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let ok = self.nodes.iter().all(|node| {
                 Command::new(&cli)
