@@ -35,6 +35,25 @@ struct Args {
     concurrency: usize,
 }
 
+/// Waits up to 30 s for the demo to answer `GET /stats` (it may still be compiling or
+/// starting): its executions so far, or `None`.
+async fn wait_for_server(url: &str) -> Option<u64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let request = Request::get(format!("{url}/stats"))
+            .body(Full::default())
+            .ok()?;
+        if client.request(request).await.is_ok() {
+            return Some(executions(url).await);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn executions(url: &str) -> u64 {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let request = Request::get(format!("{url}/stats"))
@@ -63,7 +82,17 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let before = executions(&args.url).await;
+    let before = match wait_for_server(&args.url).await {
+        Some(executions) => executions,
+        None => {
+            eprintln!(
+                "retrying_client: no demo server answers at {} after 30 s; start it first \
+                 (cargo run --example demo_server) or pass --url",
+                args.url
+            );
+            std::process::exit(1);
+        }
+    };
 
     // hyper's client, behind the retry layer: a key per payment, retries with the same key.
     let http = Client::builder(TokioExecutor::new())

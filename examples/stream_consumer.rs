@@ -122,7 +122,13 @@ async fn main() -> Result<(), BoxError> {
         .init();
     let args = Args::parse();
     let client = redis::Client::open(args.redis.as_str())?;
-    let mut redis = ConnectionManager::new(client).await?;
+    let mut redis = ConnectionManager::new(client).await.map_err(|error| {
+        format!(
+            "this example needs a Redis server: none answers at {} ({error}); start one \
+             (redis-server) or pass --redis redis://HOST:PORT",
+            args.redis
+        )
+    })?;
     if let Some(count) = args.produce {
         produce(&mut redis, &args, count).await?;
         return Ok(());

@@ -28,6 +28,7 @@
 //! | duplicate, original done, other payload (body or query) | refused | 422 |
 //! | duplicate, original still running | refused with `Retry-After` [or waits for the original, then replays] | 409 |
 //! | the store fails or is slower than the timeout [5 s] | refused with `Retry-After`, handler not run [or fail open] | 503 |
+//! | the stored record is damaged / from a newer release | refused, handler not run (under any store-error policy) | 500 / 503 with `Retry-After` |
 //!
 //! Every answer the layer makes itself is an RFC 9457 problem document; see [`problem`].
 //!
@@ -54,7 +55,17 @@
 //! # let _ = app;
 //! ```
 //!
-//! A request for which the scope function returns `None` passes through without idempotency.
+//! A keyed request for which the scope function returns `None` is **refused** with 500
+//! `#missing-scope` and the handler does not run (authentication did not run first); only with
+//! [`allow_unscoped(true)`](IdempotencyLayer::allow_unscoped) does it pass through without
+//! idempotency (logged at warn).
+//!
+//! # Features
+//!
+//! The default build has the layer and [`MemoryStore`](store::MemoryStore). `redis`
+//! ([`RedisStore`](store::RedisStore)), `postgres`, `sqlite`, `client`, `consumer` and
+//! `conformance` add the rest; docs.rs shows every feature's items. Locally:
+//! `cargo doc --open --features redis,postgres,sqlite,client,consumer,conformance`.
 //!
 //! # Guarantees and their limits
 //!
