@@ -434,8 +434,13 @@ type Row = (bool, Option<Vec<u8>>, Option<Vec<u8>>, i64);
 
 fn read_live(connection: &Connection, key: &str) -> rusqlite::Result<Option<Row>> {
     connection
-        .prepare_cached(concat!("SELECT completed, fingerprint, payload, expires_at - ", now!(), " \
-             FROM idempotency_records WHERE key = ?1 AND expires_at > ", now!(), ""))?
+        .prepare_cached(concat!(
+            "SELECT completed, fingerprint, payload, expires_at - ",
+            now!(),
+            " \
+             FROM idempotency_records WHERE key = ?1 AND expires_at > ",
+            now!()
+        ))?
         .query_row([key], |row| {
             Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
         })
@@ -576,13 +581,19 @@ impl Store for SqliteStore {
                 // Each round is atomic; another only follows a concurrent change.
                 for _ in 0..8 {
                     let taken = connection
-                        .prepare_cached(concat!("INSERT INTO idempotency_records \
+                        .prepare_cached(concat!(
+                            "INSERT INTO idempotency_records \
                              (key, owner, completed, fingerprint, payload, expires_at) \
-                             VALUES (?1, ?2, 0, NULL, NULL, ", now!(), " + ?3) \
+                             VALUES (?1, ?2, 0, NULL, NULL, ",
+                            now!(),
+                            " + ?3) \
                              ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, \
                              completed = 0, fingerprint = NULL, payload = NULL, \
                              expires_at = excluded.expires_at \
-                             WHERE idempotency_records.expires_at <= ", now!(), " RETURNING 1"))?
+                             WHERE idempotency_records.expires_at <= ",
+                            now!(),
+                            " RETURNING 1"
+                        ))?
                         .query_row(rusqlite::params![owned_key, &owner[..], lease_ms], |_| {
                             Ok(())
                         })
@@ -625,8 +636,13 @@ impl Store for SqliteStore {
         let renewed = self
             .call(move |connection| {
                 connection
-                    .prepare_cached(concat!("UPDATE idempotency_records SET expires_at = ", now!(), " + ?3 \
-                         WHERE key = ?1 AND owner = ?2 AND completed = 0 AND expires_at > ", now!(), ""))?
+                    .prepare_cached(concat!(
+                        "UPDATE idempotency_records SET expires_at = ",
+                        now!(),
+                        " + ?3 \
+                         WHERE key = ?1 AND owner = ?2 AND completed = 0 AND expires_at > ",
+                        now!()
+                    ))?
                     .execute(rusqlite::params![key, &owner[..], lease_ms])
             })
             .await?;
@@ -650,9 +666,14 @@ impl Store for SqliteStore {
         let completed = self
             .call(move |connection| {
                 connection
-                    .prepare_cached(concat!("UPDATE idempotency_records SET completed = 1, owner = NULL, \
-                         fingerprint = ?3, payload = ?4, expires_at = ", now!(), " + ?5 \
-                         WHERE key = ?1 AND owner = ?2 AND completed = 0 AND expires_at > ", now!(), ""))?
+                    .prepare_cached(concat!(
+                        "UPDATE idempotency_records SET completed = 1, owner = NULL, \
+                         fingerprint = ?3, payload = ?4, expires_at = ",
+                        now!(),
+                        " + ?5 \
+                         WHERE key = ?1 AND owner = ?2 AND completed = 0 AND expires_at > ",
+                        now!()
+                    ))?
                     .execute(rusqlite::params![
                         owned_key,
                         &owner[..],
@@ -675,8 +696,11 @@ impl Store for SqliteStore {
         let released = self
             .call(move |connection| {
                 connection
-                    .prepare_cached(concat!("DELETE FROM idempotency_records \
-                         WHERE key = ?1 AND owner = ?2 AND completed = 0 AND expires_at > ", now!(), ""))?
+                    .prepare_cached(concat!(
+                        "DELETE FROM idempotency_records \
+                         WHERE key = ?1 AND owner = ?2 AND completed = 0 AND expires_at > ",
+                        now!()
+                    ))?
                     .execute(rusqlite::params![owned_key, &owner[..]])
             })
             .await?;
@@ -709,11 +733,17 @@ impl Store for SqliteStore {
         let saved = self
             .call(move |connection| {
                 connection
-                    .prepare_cached(concat!("INSERT INTO idempotency_points (key, point, expires_at) \
-                         SELECT key, ?3, ", now!(), " + ?4 FROM idempotency_records \
-                         WHERE key = ?1 AND owner = ?2 AND completed = 0 AND expires_at > ", now!(), " \
+                    .prepare_cached(concat!(
+                        "INSERT INTO idempotency_points (key, point, expires_at) \
+                         SELECT key, ?3, ",
+                        now!(),
+                        " + ?4 FROM idempotency_records \
+                         WHERE key = ?1 AND owner = ?2 AND completed = 0 AND expires_at > ",
+                        now!(),
+                        " \
                          ON CONFLICT (key) DO UPDATE SET point = excluded.point, \
-                         expires_at = excluded.expires_at"))?
+                         expires_at = excluded.expires_at"
+                    ))?
                     .execute(rusqlite::params![key, &owner[..], &encoded[..], ttl_ms])
             })
             .await?;
@@ -733,10 +763,15 @@ impl Store for SqliteStore {
         let row = self
             .call(move |connection| {
                 connection
-                    .prepare_cached(concat!("SELECT p.point FROM idempotency_records r \
-                         LEFT JOIN idempotency_points p ON p.key = r.key AND p.expires_at > ", now!(), " \
+                    .prepare_cached(concat!(
+                        "SELECT p.point FROM idempotency_records r \
+                         LEFT JOIN idempotency_points p ON p.key = r.key AND p.expires_at > ",
+                        now!(),
+                        " \
                          WHERE r.key = ?1 AND r.owner = ?2 AND r.completed = 0 \
-                         AND r.expires_at > ", now!(), ""))?
+                         AND r.expires_at > ",
+                        now!()
+                    ))?
                     .query_row(rusqlite::params![key, &owner[..]], |row| {
                         row.get::<_, Option<Vec<u8>>>(0)
                     })
