@@ -178,7 +178,33 @@ pub use store::RecoveryPoint;
 /// A boxed error: body errors, and the sources of store errors.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-// Compiles the README's examples as doctests.
+// Compiles the README's and the guides' examples as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+#[cfg(doctest)]
+mod guides {
+    #[doc = include_str!("../docs/lifecycle.md")]
+    struct Lifecycle;
+    #[doc = include_str!("../docs/failures.md")]
+    struct Failures;
+    #[doc = include_str!("../docs/stores.md")]
+    struct Stores;
+    #[doc = include_str!("../docs/recovery-points.md")]
+    struct RecoveryPoints;
+    #[doc = include_str!("../docs/shutdown.md")]
+    struct Shutdown;
+    #[doc = include_str!("../docs/hyper.md")]
+    struct Hyper;
+    #[doc = include_str!("../docs/grpc.md")]
+    struct Grpc;
+    #[doc = include_str!("../docs/client.md")]
+    struct Client;
+    #[doc = include_str!("../docs/consumers.md")]
+    struct Consumers;
+    #[doc = include_str!("../docs/operations.md")]
+    struct Operations;
+    #[doc = include_str!("../docs/development.md")]
+    struct Development;
+}
