@@ -5,85 +5,23 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
 use super::waker::Wake;
 use super::{ClaimOutcome, KeyState, OwnerToken, Record, RecoveryPoint, Store, StoreError};
 
-/// Format version of the values this store writes.
-const VERSION: u8 = 1;
-const CLAIM_TAG: u8 = b'C';
-const RECORD_TAG: u8 = b'R';
+mod codec;
+mod connection;
+mod scripts;
+mod server_config;
 
-/// `SET NX PX` takes a free key; otherwise the key's record (anything but a claim, `C`: a
-/// damaged value is decoded, and refused, as a record), or the remaining lease.
-/// Keys never expire during a script, so the `GET` after a failed `SET NX` always finds one.
-const CLAIM: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {0}
-end
-local value = redis.call('GET', KEYS[1])
-if string.byte(value, 1) ~= 67 then
-  return {2, value}
-end
-return {1, redis.call('PTTL', KEYS[1])}
-";
-
-/// Owner-checked calls: compare the stored claim with the caller's before acting.
-const RENEW: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-";
-
-/// Completion and release also publish the key on the store's channel (ARGV's last), so that
-/// duplicates waiting in other processes wake at once.
-/// The key's recovery point (`KEYS[2]`, when given) is deleted with the claim: the record
-/// supersedes it.
-/// Completing twice with the same record is a success (a completion retried because replicas
-/// had not acknowledged it yet).
-const COMPLETE: &str = r"
-local value = redis.call('GET', KEYS[1])
-if value == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  if KEYS[2] then redis.call('DEL', KEYS[2]) end
-  redis.call('PUBLISH', ARGV[4], KEYS[1])
-  return 1
-end
-if value == ARGV[2] then
-  return 1
-end
-return 0
-";
-
-/// Saves a recovery point (`KEYS[2]`) for the owner of the claim on `KEYS[1]` only.
-const SAVE_POINT: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-  return 1
-end
-return 0
-";
-
-/// The recovery point (`KEYS[2]`), for the owner of the claim on `KEYS[1]` only.
-const LOAD_POINT: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return {1, redis.call('GET', KEYS[2])}
-end
-return {0}
-";
-
-const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], KEYS[1])
-  return 1
-end
-return 0
-";
+use codec::{claim_value, CLAIM_TAG};
+pub(crate) use codec::{decode_record, encode_record};
+use connection::{Connection, SentinelLink};
+use scripts::{Scripts, CLAIM, COMPLETE, INSPECT, LOAD_POINT, RELEASE, RENEW, SAVE_POINT};
+pub use server_config::RedisConfig;
 
 /// A store in Redis, for a fleet of instances: every instance sees the same claims and
 /// records. See the [module docs](super) for the protocol.
@@ -127,127 +65,6 @@ pub struct RedisStore {
     /// For the pub/sub subscriber (`None` over a bare connection manager: no wake-ups).
     client: Option<redis::Client>,
     wake: Arc<Wake>,
-}
-
-/// One server (a reconnecting connection manager), or a cluster (the cluster client follows
-/// `MOVED`/`ASK` redirections and reconnects to restarted masters).
-#[derive(Clone)]
-enum Connection {
-    Single(ConnectionManager),
-    Cluster(redis::cluster_async::ClusterConnection),
-    /// The master that Redis Sentinel names now: rediscovered after a connection fails or the
-    /// server says it is a replica (a failover demoted it).
-    Sentinel(Arc<SentinelLink>),
-}
-
-/// A connection to the master a set of Sentinels names.
-struct SentinelLink {
-    sentinel: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
-    current: std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
-}
-
-impl SentinelLink {
-    /// The connection to the current master, asking the Sentinels for it when there is none.
-    async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        if let Some(connection) = self.cached() {
-            return Ok(connection);
-        }
-        let mut sentinel = self.sentinel.lock().await;
-        // Another call may have connected while this one waited for the lock.
-        if let Some(connection) = self.cached() {
-            return Ok(connection);
-        }
-        let client = sentinel.async_get_client().await?;
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)));
-        let connection = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        tracing::info!(master = ?client.get_connection_info().addr(), "connected to the Redis master named by Sentinel");
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(connection.clone());
-        Ok(connection)
-    }
-
-    fn cached(&self) -> Option<redis::aio::MultiplexedConnection> {
-        self.current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Forgets the connection after an error that says the master moved (or is gone): the next
-    /// call asks the Sentinels again.
-    fn check(&self, error: &redis::RedisError) {
-        let moved = error.is_io_error()
-            || error.is_connection_dropped()
-            || error.is_connection_refusal()
-            || error.is_timeout()
-            || matches!(error.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"));
-        if moved {
-            tracing::warn!(%error, "the Redis master is unreachable or demoted; asking Sentinel for the current one");
-            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        }
-    }
-}
-
-impl redis::aio::ConnectionLike for Connection {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
-        match self {
-            Connection::Single(c) => c.req_packed_command(cmd),
-            Connection::Cluster(c) => c.req_packed_command(cmd),
-            Connection::Sentinel(link) => Box::pin(async move {
-                let mut connection = link.connection().await?;
-                let reply = connection.req_packed_command(cmd).await;
-                if let Err(error) = &reply {
-                    link.check(error);
-                }
-                reply
-            }),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<Value>> {
-        match self {
-            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-            Connection::Sentinel(link) => Box::pin(async move {
-                let mut connection = link.connection().await?;
-                let reply = connection
-                    .req_packed_commands(pipeline, offset, count)
-                    .await;
-                if let Err(error) = &reply {
-                    link.check(error);
-                }
-                reply
-            }),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Connection::Single(c) => c.get_db(),
-            Connection::Cluster(c) => c.get_db(),
-            Connection::Sentinel(_) => 0,
-        }
-    }
-}
-
-struct Scripts {
-    /// Whether the server takes `SET … NX GET` (Redis 7.0 and later): then a claim is that one
-    /// plain command, not a script. Cleared for good the first time the server refuses it.
-    plain_claim: std::sync::atomic::AtomicBool,
-    claim: Script,
-    renew: Script,
-    complete: Script,
-    release: Script,
-    save_point: Script,
-    load_point: Script,
 }
 
 impl RedisStore {
@@ -730,44 +547,6 @@ impl RedisStore {
     }
 }
 
-/// What [`RedisStore::check_config`] read from the server.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct RedisConfig {
-    /// `maxmemory-policy`: only `noeviction` never deletes a claim or a record.
-    pub maxmemory_policy: String,
-    /// `appendonly yes`: writes survive a restart.
-    pub appendonly: bool,
-    /// `save` has snapshot points: writes up to the last snapshot survive a restart.
-    pub snapshots: bool,
-}
-
-impl RedisConfig {
-    /// Whether the server may delete keys under memory pressure. `allkeys-*` policies evict
-    /// any key; `volatile-*` ones evict keys with a TTL, which every claim and record has.
-    pub fn can_evict(&self) -> bool {
-        self.maxmemory_policy != "noeviction"
-    }
-
-    /// Logs what this configuration risks.
-    fn report(&self) {
-        if self.can_evict() {
-            tracing::error!(
-                maxmemory_policy = %self.maxmemory_policy,
-                "Redis can evict idempotency claims and records under memory pressure: an evicted \
-                 claim lets a duplicate run, an evicted record lets a retry run again. Fix: \
-                 CONFIG SET maxmemory-policy noeviction (and in redis.conf), or a dedicated Redis"
-            );
-        }
-        if !self.appendonly && !self.snapshots {
-            tracing::warn!(
-                "Redis keeps no data on disk (appendonly no, no save points): a restart loses \
-                 every claim and record, so retries after it run again. Fix: appendonly yes"
-            );
-        }
-    }
-}
-
 /// Whether the server refused a command it does not know in this form (an older Redis), as
 /// opposed to failing to answer.
 fn refused_command(error: &redis::RedisError) -> bool {
@@ -782,34 +561,6 @@ fn millis(duration: Duration) -> String {
     duration.as_millis().max(1).to_string()
 }
 
-fn claim_value(token: &OwnerToken) -> [u8; 18] {
-    let mut out = [0u8; 18];
-    out[0] = CLAIM_TAG;
-    out[1] = VERSION;
-    out[2..].copy_from_slice(&token.as_u128().to_be_bytes());
-    out
-}
-
-pub(crate) fn encode_record(record: &Record) -> Bytes {
-    let mut out = BytesMut::with_capacity(19 + record.payload().len());
-    out.put_u8(RECORD_TAG);
-    out.put_u8(VERSION);
-    match record.fingerprint() {
-        Some(fingerprint) => {
-            out.put_u8(1);
-            out.put_u128(fingerprint);
-        }
-        None => out.put_u8(0),
-    }
-    out.put_slice(record.payload());
-    out.freeze()
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("the Redis value is damaged: {0}")]
-struct Damaged(&'static str);
-
-/// Fewer replicas than required acknowledged a write in time.
 #[derive(Debug, thiserror::Error)]
 #[error("{acked} of the {wanted} required Redis replicas acknowledged the write in time")]
 struct NotReplicated {
@@ -817,42 +568,9 @@ struct NotReplicated {
     wanted: u32,
 }
 
-/// A record's value, `'R' version fingerprint-flag [fingerprint] payload`. A value that is not
-/// one is [`StoreError::Corrupt`] (the key was used: never a reason to run again), one of a
-/// later version [`StoreError::UnknownFormat`].
-pub(crate) fn decode_record(value: Vec<u8>) -> Result<Record, StoreError> {
-    let value = Bytes::from(value);
-    let corrupt = |why| StoreError::Corrupt(Box::new(Damaged(why)));
-    if value.len() < 3 {
-        return Err(corrupt("shorter than its header"));
-    }
-    if value[0] != RECORD_TAG {
-        return Err(corrupt("not a record or a claim"));
-    }
-    match value[1] {
-        VERSION => {}
-        0 => return Err(corrupt("format version 0")),
-        version => return Err(StoreError::UnknownFormat { version }),
-    }
-    match value[2] {
-        0 => Ok(Record::new(None, value.slice(3..))),
-        1 if value.len() >= 19 => {
-            let fingerprint = u128::from_be_bytes(value[3..19].try_into().expect("16 bytes"));
-            Ok(Record::new(Some(fingerprint), value.slice(19..)))
-        }
-        1 => Err(corrupt("cut inside its fingerprint")),
-        _ => Err(corrupt("unknown fingerprint flag")),
-    }
-}
-
 fn unexpected(value: &Value) -> StoreError {
     StoreError::backend(format!("unexpected reply from the claim script: {value:?}"))
 }
-
-/// `GET` and `PTTL` in one round trip, for operators.
-const INSPECT: &str = r"
-return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
-";
 
 impl Store for RedisStore {
     async fn claim_as(
@@ -1025,28 +743,5 @@ mod tests {
         }
         let io = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
         assert!(!refused_command(&io));
-    }
-
-    #[test]
-    fn records_round_trip_and_unknown_versions_are_refused() {
-        for record in [
-            Record::new(Some(7), "payload"),
-            Record::new(None, Bytes::new()),
-        ] {
-            assert_eq!(
-                decode_record(encode_record(&record).to_vec()).unwrap(),
-                record
-            );
-        }
-        let mut future = encode_record(&Record::new(None, "x")).to_vec();
-        future[1] = VERSION + 1;
-        assert!(matches!(
-            decode_record(future),
-            Err(StoreError::UnknownFormat { version }) if version == VERSION + 1
-        ));
-        assert!(matches!(
-            decode_record(b"R".to_vec()),
-            Err(StoreError::Corrupt(_))
-        ));
     }
 }

@@ -1,0 +1,90 @@
+//! The Lua scripts of the Redis store: owner-checked compare-and-set calls, and the claim for
+//! servers before Redis 7.0.
+
+use redis::Script;
+
+/// `SET NX PX` takes a free key; otherwise the key's record (anything but a claim, `C`: a
+/// damaged value is decoded, and refused, as a record), or the remaining lease.
+/// Keys never expire during a script, so the `GET` after a failed `SET NX` always finds one.
+pub(super) const CLAIM: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {0}
+end
+local value = redis.call('GET', KEYS[1])
+if string.byte(value, 1) ~= 67 then
+  return {2, value}
+end
+return {1, redis.call('PTTL', KEYS[1])}
+";
+
+/// Owner-checked calls: compare the stored claim with the caller's before acting.
+pub(super) const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// Completion and release also publish the key on the store's channel (ARGV's last), so that
+/// duplicates waiting in other processes wake at once.
+/// The key's recovery point (`KEYS[2]`, when given) is deleted with the claim: the record
+/// supersedes it.
+/// Completing twice with the same record is a success (a completion retried because replicas
+/// had not acknowledged it yet).
+pub(super) const COMPLETE: &str = r"
+local value = redis.call('GET', KEYS[1])
+if value == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  if KEYS[2] then redis.call('DEL', KEYS[2]) end
+  redis.call('PUBLISH', ARGV[4], KEYS[1])
+  return 1
+end
+if value == ARGV[2] then
+  return 1
+end
+return 0
+";
+
+/// Saves a recovery point (`KEYS[2]`) for the owner of the claim on `KEYS[1]` only.
+pub(super) const SAVE_POINT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+";
+
+/// The recovery point (`KEYS[2]`), for the owner of the claim on `KEYS[1]` only.
+pub(super) const LOAD_POINT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return {1, redis.call('GET', KEYS[2])}
+end
+return {0}
+";
+
+pub(super) const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], KEYS[1])
+  return 1
+end
+return 0
+";
+
+/// `GET` and `PTTL` in one round trip, for operators.
+pub(super) const INSPECT: &str = r"
+return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
+";
+
+/// The scripts, loaded once per store (and its clones).
+pub(super) struct Scripts {
+    /// Whether the server takes `SET … NX GET` (Redis 7.0 and later): then a claim is that one
+    /// plain command, not a script. Cleared for good the first time the server refuses it.
+    pub(super) plain_claim: std::sync::atomic::AtomicBool,
+    pub(super) claim: Script,
+    pub(super) renew: Script,
+    pub(super) complete: Script,
+    pub(super) release: Script,
+    pub(super) save_point: Script,
+    pub(super) load_point: Script,
+}
