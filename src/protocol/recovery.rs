@@ -145,6 +145,7 @@ impl RecoveryPoints {
     }
 
     /// Runs `work` with these points [`current`](Self::current).
+    #[cfg(feature = "consumer")]
     pub(crate) async fn scope<F: std::future::Future>(self, work: F) -> F::Output {
         CURRENT.scope(self, work).await
     }

@@ -185,7 +185,9 @@ pub struct RecoveryPoint {
 
 /// The stored form of a point: `"TP" version=1 length xxh3` (the integrity envelope), then
 /// `phase-len:u16 phase data`.
+#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
 const POINT_MAGIC: &[u8; 2] = b"TP";
+#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
 const POINT_VERSION: u8 = 1;
 
 impl RecoveryPoint {
@@ -208,6 +210,7 @@ impl RecoveryPoint {
     }
 
     /// The bytes a store keeps (stores that keep points as one value use this encoding).
+    #[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
     pub(crate) fn encode(&self) -> Bytes {
         use bytes::BufMut;
         let phase = &self.phase.as_bytes()[..self.phase.len().min(usize::from(u16::MAX))];
@@ -223,10 +226,7 @@ impl RecoveryPoint {
     }
 
     /// Reads what [`encode`](Self::encode) wrote.
-    #[cfg_attr(
-        not(any(feature = "redis", feature = "postgres", feature = "sqlite")),
-        allow(dead_code)
-    )]
+    #[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
     pub(crate) fn decode(stored: Bytes) -> Result<Self, StoreError> {
         use crate::protocol::seal::Unreadable;
         let content = match stored.get(..3) {

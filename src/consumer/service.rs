@@ -1,0 +1,258 @@
+//! [`IdempotentConsumer`]: one delivery, claimed, run, stored or released.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tower_service::Service;
+
+use crate::protocol::seal::{self, Unreadable};
+use crate::protocol::{self, Begin, FinishOnDrop, Outcome, Refusal, ReleaseReason, Timings};
+use crate::store::{MemoryStore, Record, Store};
+use crate::BoxError;
+
+use super::error::{ConsumerError, Delivery};
+use super::identity::{Identify, Identity};
+use super::layer::IdempotentConsumerLayer;
+
+use super::layer::FinalFn;
+
+/// The service [`IdempotentConsumerLayer`] makes.
+#[derive(Clone)]
+pub struct IdempotentConsumer<S, I, St = MemoryStore> {
+    pub(super) inner: S,
+    pub(super) layer: IdempotentConsumerLayer<I, St>,
+}
+
+impl<S: fmt::Debug, I, St: fmt::Debug> fmt::Debug for IdempotentConsumer<S, I, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotentConsumer")
+            .field("inner", &self.inner)
+            .field("layer", &self.layer)
+            .finish()
+    }
+}
+
+/// What the store keeps for a message: JSON, inside the integrity envelope (`protocol::seal`)
+/// as `"TC" version=1 length xxh3 json`. Outcomes written before the envelope (bare JSON,
+/// starting with `{`) are still read, unchecked.
+#[derive(Serialize, Deserialize)]
+enum Stored<R> {
+    Ok(R),
+    Failed(String),
+}
+
+const MAGIC: &[u8; 2] = b"TC";
+const VERSION: u8 = 1;
+
+impl<R: Serialize> Stored<R> {
+    fn encode(&self) -> Result<Bytes, serde_json::Error> {
+        let mut buf = seal::start(MAGIC, VERSION, 64).writer();
+        serde_json::to_writer(&mut buf, self)?;
+        Ok(seal::finish(buf.into_inner()))
+    }
+}
+
+impl<R: DeserializeOwned> Stored<R> {
+    /// The outcome, or why it cannot be read (and the error that says so).
+    fn decode(payload: &Bytes) -> Result<Self, (Unreadable, BoxError)> {
+        let json = match payload.get(..3) {
+            Some([b'T', b'C', VERSION]) => seal::open(payload),
+            Some([b'T', b'C', 0]) => Err(Unreadable::Damaged("format version 0")),
+            Some([b'T', b'C', version]) => Err(Unreadable::Newer(*version)),
+            Some([b'{', ..]) => Ok(payload.clone()),
+            _ => Err(Unreadable::Damaged("not a stored outcome")),
+        };
+        let json = json.map_err(|unreadable| (unreadable, Box::new(unreadable) as BoxError))?;
+        serde_json::from_slice(&json).map_err(|error| {
+            let unreadable = Unreadable::Damaged("not an outcome of the handler's type");
+            (unreadable, Box::new(error) as BoxError)
+        })
+    }
+}
+
+/// The future of [`IdempotentConsumer`]: the delivery's outcome, or why it failed. Boxed: the
+/// delivery runs on to its end even if this future is dropped (see the module docs).
+pub type ConsumerFuture<R, E> =
+    Pin<Box<dyn Future<Output = Result<Delivery<R>, ConsumerError<E>>> + Send>>;
+
+impl<S, I, St, M> Service<M> for IdempotentConsumer<S, I, St>
+where
+    S: Service<M> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Serialize + DeserializeOwned + Send + 'static,
+    S::Error: fmt::Display + Send + 'static,
+    I: Identify<M>,
+    St: Store + Clone,
+    M: Send + 'static,
+{
+    type Response = Delivery<S::Response>;
+    type Error = ConsumerError<S::Error>;
+    type Future = ConsumerFuture<S::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(ConsumerError::Handler)
+    }
+
+    fn call(&mut self, message: M) -> Self::Future {
+        let identity = self.layer.identify.identify(&message);
+        let inner = protocol::take_ready(&mut self.inner);
+        let layer = &self.layer;
+        let (store, timings) = (layer.store.clone(), layer.timings);
+        let max_point = layer.limits.max_recovery_point;
+        let (final_errors, hook) = (layer.final_errors.clone(), layer.on_outcome.clone());
+        let admitted = layer.tracker.enter(&layer.limits);
+        let span = tracing::debug_span!("idempotent_consumer", key = %identity.key, scope = %identity.scope);
+        let work = async move {
+            let delivered = protocol::catch_unwind(async move {
+                let ticket = match admitted {
+                    Ok(ticket) => ticket,
+                    Err(Refusal::Draining) => {
+                        tracing::info!(outcome = "shutting_down", "draining: delivery refused");
+                        return (Err(ConsumerError::ShuttingDown), Outcome::ShuttingDown);
+                    }
+                    Err(Refusal::Overloaded) => {
+                        tracing::warn!(outcome = "overloaded", "delivery refused");
+                        return (Err(ConsumerError::Overloaded), Outcome::Overloaded);
+                    }
+                };
+                let rules = Rules {
+                    store: &store,
+                    timings: &timings,
+                    final_errors: &*final_errors,
+                    max_point,
+                };
+                deliver(&rules, identity, ticket, inner, message).await
+            })
+            .await;
+            let (result, outcome) = delivered.unwrap_or_else(|panic| {
+                panic.report();
+                let error = ConsumerError::Panicked(panic.message().to_owned());
+                (Err(error), Outcome::Released(ReleaseReason::Panic))
+            });
+            hook.fire(outcome);
+            result
+        };
+        Box::pin(FinishOnDrop::new(
+            Box::pin(tracing::Instrument::instrument(work, span)),
+            self.layer.tracker.clone(),
+            0,
+        ))
+    }
+}
+
+type Answer<R, E> = Result<Delivery<R>, ConsumerError<E>>;
+
+/// What a delivery runs under: the layer's store and settings.
+struct Rules<'a, St> {
+    store: &'a St,
+    timings: &'a Timings,
+    final_errors: &'a FinalFn,
+    /// The largest recovery point a handler may save.
+    max_point: usize,
+}
+
+/// One admitted delivery: claim, run the handler under the claim, store or release.
+async fn deliver<S, M, St>(
+    rules: &Rules<'_, St>,
+    identity: Identity,
+    ticket: protocol::Ticket,
+    mut inner: S,
+    message: M,
+) -> (Answer<S::Response, S::Error>, Outcome)
+where
+    S: Service<M>,
+    S::Response: Serialize + DeserializeOwned,
+    S::Error: fmt::Display + 'static,
+    St: Store + Clone,
+{
+    let Rules {
+        store,
+        timings,
+        final_errors,
+        max_point,
+    } = *rules;
+    let guard = match protocol::begin(store, identity.store_key(), timings, ticket).await {
+        Ok(Begin::Claimed(guard)) => guard,
+        Ok(Begin::InFlight { .. }) => {
+            tracing::info!(
+                outcome = "in_progress",
+                "message is being processed elsewhere"
+            );
+            return (Ok(Delivery::InProgress), Outcome::Conflict);
+        }
+        Ok(Begin::Completed { record, .. }) => return duplicate(&identity, record),
+        Err(failure) => return (Err(failure.into()), Outcome::StoreError),
+    };
+    tracing::debug!(outcome = "claimed", "running the handler");
+    // The handler reaches the key's recovery points through `RecoveryPoints::current()`.
+    let points = guard.recovery_points(timings.ttl, max_point);
+    let result = match guard.run(points.scope(inner.call(message))).await {
+        Ok(result) => result,
+        Err(panic) => {
+            panic.report();
+            guard.release().await;
+            let error = ConsumerError::Panicked(panic.message().to_owned());
+            return (Err(error), Outcome::Released(ReleaseReason::Panic));
+        }
+    };
+    let stored = match &result {
+        Ok(outcome) => Some(Stored::Ok(outcome).encode()),
+        Err(error) if final_errors(error) => Some(Stored::<()>::Failed(error.to_string()).encode()),
+        Err(_) => None,
+    };
+    let outcome = match stored {
+        Some(Ok(payload)) => guard
+            .complete(Record::new(identity.fingerprint, payload))
+            .await
+            .into(),
+        Some(Err(error)) => {
+            guard.release().await;
+            let error = ConsumerError::Corrupt(Box::new(error));
+            return (Err(error), Outcome::Released(ReleaseReason::Error));
+        }
+        None => {
+            tracing::info!(
+                outcome = "not_stored",
+                reason = "handler_error",
+                "releasing the key for redelivery"
+            );
+            guard.release().await;
+            Outcome::Released(ReleaseReason::Error)
+        }
+    };
+    let answer = result
+        .map(Delivery::Processed)
+        .map_err(ConsumerError::Handler);
+    (answer, outcome)
+}
+
+/// A redelivery of a completed message.
+fn duplicate<R: DeserializeOwned, E>(
+    identity: &Identity,
+    record: Record,
+) -> (Answer<R, E>, Outcome) {
+    if !protocol::same_payload(record.fingerprint(), identity.fingerprint) {
+        return (Err(ConsumerError::KeyReused), Outcome::Mismatch);
+    }
+    tracing::debug!(
+        outcome = "duplicate",
+        "redelivery of a completed message; handler not run"
+    );
+    match Stored::<R>::decode(record.payload()) {
+        Ok(Stored::Ok(outcome)) => (Ok(Delivery::Duplicate(outcome)), Outcome::Replayed),
+        Ok(Stored::Failed(text)) => (Ok(Delivery::DuplicateFailed(text)), Outcome::Replayed),
+        Err((unreadable, cause)) => {
+            seal::report(seal::identity(record.payload()), unreadable, &cause);
+            let error = match unreadable {
+                Unreadable::Newer(version) => ConsumerError::UnknownFormat { version },
+                Unreadable::Damaged(_) => ConsumerError::Corrupt(cause),
+            };
+            (Err(error), Outcome::Unreadable)
+        }
+    }
+}
