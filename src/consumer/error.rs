@@ -4,7 +4,7 @@ use crate::protocol::Failure;
 use crate::store::StoreError;
 use crate::BoxError;
 
-/// What the consumer service answers for one delivery. See the [module docs](self).
+/// What the consumer service answers for one delivery. See the [module docs](super).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery<R> {
     /// First delivery: the handler ran and its outcome was stored.
@@ -61,12 +61,12 @@ pub enum ConsumerError<E> {
     /// message is here. Over HTTP the same event answers 500.
     #[error("message handler panicked: {0}")]
     Panicked(String),
-    /// The consumer is draining ([`DrainHandle`]): the handler did not
+    /// The consumer is draining ([`DrainHandle`](crate::DrainHandle)): the handler did not
     /// run. Do not ack; another consumer will get the message.
     #[error("the consumer is shutting down")]
     ShuttingDown,
     /// Too many deliveries run on after their callers gave up on them (see
-    /// [`IdempotentConsumerLayer::max_detached`]): the handler did not run. Do not ack.
+    /// [`IdempotentConsumerLayer::max_detached`](super::IdempotentConsumerLayer::max_detached)): the handler did not run. Do not ack.
     #[error("too many deliveries still running")]
     Overloaded,
 }

@@ -29,7 +29,7 @@ impl Identity {
     }
 
     /// A fingerprint of the payload (xxh3-128 of `bytes`): a redelivery with the same key but
-    /// another payload is refused with [`ConsumerError::KeyReused`] instead of being
+    /// another payload is refused with [`ConsumerError::KeyReused`](super::ConsumerError::KeyReused) instead of being
     /// treated as a duplicate.
     pub fn fingerprint(mut self, bytes: &[u8]) -> Self {
         self.fingerprint = Some(xxh3_128(bytes));

@@ -14,7 +14,7 @@ use super::service::IdempotentConsumer;
 
 pub(super) type FinalFn = dyn Fn(&dyn Any) -> bool + Send + Sync;
 
-/// Makes a message handler idempotent. See the [module docs](self).
+/// Makes a message handler idempotent. See the [module docs](super).
 #[derive(Clone)]
 pub struct IdempotentConsumerLayer<I, St = MemoryStore> {
     pub(super) identify: I,
@@ -78,7 +78,7 @@ impl<I, St> IdempotentConsumerLayer<I, St> {
     }
 
     /// How many deliveries may run on after their callers dropped them (a timeout around
-    /// the call) \[1,024\]; past it, new deliveries get [`ConsumerError::Overloaded`].
+    /// the call) \[1,024\]; past it, new deliveries get [`ConsumerError::Overloaded`](super::ConsumerError::Overloaded).
     pub fn max_detached(mut self, deliveries: usize) -> Self {
         self.limits.max_detached = deliveries;
         self
@@ -93,21 +93,21 @@ impl<I, St> IdempotentConsumerLayer<I, St> {
     }
 
     /// Called once per delivery with what became of it (see
-    /// [`Outcome`]) \[none\]: feed your metrics from here.
+    /// [`Outcome`](crate::Outcome)) \[none\]: feed your metrics from here.
     pub fn on_outcome(mut self, hook: impl Fn(crate::Outcome) + Send + Sync + 'static) -> Self {
         self.on_outcome = OutcomeHook::new(hook);
         self
     }
 
     /// What a redelivery gets while the first delivery runs [`OnConflict::Reject`]:
-    /// [`Delivery::InProgress`]; or wait for the outcome.
+    /// [`Delivery::InProgress`](super::Delivery::InProgress); or wait for the outcome.
     pub fn on_conflict(mut self, on_conflict: OnConflict) -> Self {
         self.timings.set_on_conflict(on_conflict);
         self
     }
 
     /// Which handler errors are final \[none\]: their text is stored as the outcome, so a
-    /// redelivery answers [`Delivery::DuplicateFailed`] instead of running again. `E` is the
+    /// redelivery answers [`Delivery::DuplicateFailed`](super::Delivery::DuplicateFailed) instead of running again. `E` is the
     /// handler's error type; errors of another type are never final.
     pub fn final_errors<E: 'static>(
         mut self,
@@ -121,7 +121,7 @@ impl<I, St> IdempotentConsumerLayer<I, St> {
 
 impl<I, St: Clone> IdempotentConsumerLayer<I, St> {
     /// A handle to shut this consumer down gracefully: once draining, new deliveries get
-    /// [`ConsumerError::ShuttingDown`] (do not ack them), deliveries already running finish
+    /// [`ConsumerError::ShuttingDown`](super::ConsumerError::ShuttingDown) (do not ack them), deliveries already running finish
     /// and store their outcomes, and claims still held at the deadline are released. See
     /// [`DrainHandle`].
     pub fn drain_handle(&self) -> DrainHandle<St> {

@@ -3,7 +3,7 @@
 //! Brokers deliver at least once: after a consumer crash, a rebalance or a missed ack, the same
 //! message arrives again, and a handler that charges a card must not charge twice.
 //! [`IdempotentConsumerLayer`] wraps any `Service<M>` (your handler) and drives the same
-//! claim → complete | release protocol, against the same [`Store`]s, as the HTTP layer:
+//! claim → complete | release protocol, against the same [`Store`](crate::store::Store)s, as the HTTP layer:
 //!
 //! | delivery | what happens | the service answers |
 //! |---|---|---|

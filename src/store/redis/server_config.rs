@@ -1,6 +1,6 @@
 //! What of the Redis server's configuration matters to idempotency.
 
-/// What [`RedisStore::check_config`] read from the server.
+/// What [`RedisStore::check_config`](super::RedisStore::check_config) read from the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RedisConfig {
