@@ -174,3 +174,26 @@ async fn a_lazy_store_starts_before_postgres_and_works_once_it_is_up() {
         PostgresStore::connect_lazy(&server.url()).expect("lazy connect never needs the server");
     shared_store::a_lazy_store_works_once_its_server_is_up(store, || server.restart()).await;
 }
+
+/// `migrate()` on an up-to-date schema reads the catalog only: it returns while another
+/// session holds the strongest lock on the live table (instances that start while others
+/// serve traffic must not queue DDL behind, or deadlock with, claims in progress).
+#[tokio::test]
+async fn migrating_an_up_to_date_table_takes_no_lock_on_it() {
+    let Some(store) = store().await else { return };
+    let url = support::servers::postgres_url().unwrap();
+    let (mut client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let holder = client.transaction().await.unwrap();
+    holder
+        .batch_execute("LOCK TABLE idempotency_records IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), store.migrate())
+        .await
+        .expect("migrate waited for the table lock")
+        .unwrap();
+    holder.rollback().await.unwrap();
+}

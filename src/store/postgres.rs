@@ -256,9 +256,14 @@ impl PostgresStore {
              -- Completing a key deletes its recovery point (the stored outcome supersedes it).\n\
              CREATE OR REPLACE FUNCTION {t}_drop_point() RETURNS trigger LANGUAGE plpgsql AS\n\
              \x20   $$ BEGIN DELETE FROM {points} WHERE key = NEW.key; RETURN NULL; END $$;\n\
-             DROP TRIGGER IF EXISTS {trigger} ON {t};\n\
-             CREATE TRIGGER {trigger} AFTER UPDATE OF completed ON {t} FOR EACH ROW\n\
-             \x20   WHEN (NEW.completed AND NOT OLD.completed) EXECUTE FUNCTION {t}_drop_point();",
+             -- Created once: a migration on a live table then takes no lock on it.\n\
+             DO $$ BEGIN\n\
+             \x20   IF NOT EXISTS (SELECT 1 FROM pg_trigger\n\
+             \x20       WHERE tgname = '{trigger}' AND tgrelid = '{t}'::regclass) THEN\n\
+             \x20       CREATE TRIGGER {trigger} AFTER UPDATE OF completed ON {t} FOR EACH ROW\n\
+             \x20           WHEN (NEW.completed AND NOT OLD.completed) EXECUTE FUNCTION {t}_drop_point();\n\
+             \x20   END IF;\n\
+             END $$;",
             points = sql.points,
             trigger = format!("{}_drop_point", t.rsplit('.').next().unwrap_or(t)),
         ))
@@ -392,14 +397,41 @@ impl PostgresStore {
 
     /// Creates the table and its index if they do not exist (safe to run on every start, by
     /// many instances at once: it holds an advisory lock while it runs).
+    ///
+    /// An up-to-date schema is seen from the catalog alone (the tables and the trigger exist),
+    /// so the migration of every instance that starts while others serve takes no lock on the
+    /// live table (a DDL statement would, and could deadlock with a claim in progress).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let sql = Self::schema_sql(&self.sql.table).expect("validated at construction");
         let client = self.client().await?;
-        let locked = format!("BEGIN; SELECT pg_advisory_xact_lock(7346910231); {sql} COMMIT;");
+        let t = &self.sql.table;
+        let trigger = format!("{}_drop_point", t.rsplit('.').next().unwrap_or(t));
+        let check = "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL \
+                     AND EXISTS (SELECT 1 FROM pg_trigger \
+                                 WHERE tgname = $3 AND tgrelid = to_regclass($1))";
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [t, &self.sql.points, &trigger];
+        let current = |row: tokio_postgres::Row| row.get::<_, bool>(0);
+        let backend = StoreError::backend;
+        if current(client.query_one(check, &params).await.map_err(backend)?) {
+            return Ok(());
+        }
+        // Another instance may be migrating: wait for it, then look again.
         client
-            .batch_execute(&locked)
+            .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(7346910231)")
             .await
-            .map_err(StoreError::backend)
+            .map_err(backend)?;
+        let migrated = async {
+            if !current(client.query_one(check, &params).await?) {
+                client.batch_execute(&sql).await?;
+            }
+            client.batch_execute("COMMIT").await
+        }
+        .await;
+        if migrated.is_err() {
+            let _ = client.batch_execute("ROLLBACK").await;
+        }
+        migrated.map_err(backend)
     }
 
     /// Deletes up to `batch` expired rows (records past their TTL, lapsed claims) and up to

@@ -50,17 +50,23 @@ pub async fn spawn_listening(binary: &std::path::Path, args: &[&str]) -> (Child,
         .args(["--addr", "127.0.0.1:0"])
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stdout = tokio::process::ChildStdout::from_std(child.stdout.take().unwrap()).unwrap();
+    let mut stderr = child.stderr.take().unwrap();
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).await.unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect(&line)
-        .to_owned();
+    let Some(base) = line.trim().strip_prefix("listening on ").map(str::to_owned) else {
+        // It did not start: say why (its standard error, read to the end as it exited).
+        let mut why = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut why);
+        panic!("{} {args:?} did not start: {why}", binary.display());
+    };
+    // Keep draining its standard error (logs), so that it never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+    });
     (child, base)
 }
 
