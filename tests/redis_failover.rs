@@ -52,6 +52,22 @@ async fn pair() -> Option<(RedisServer, RedisServer, Proxy)> {
     Some((master, replica, proxy))
 }
 
+/// Sends until the answer is not 503 (at most 20 s).
+async fn until_not_503<F, Fut>(send: F) -> support::demo::Reply
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = support::demo::Reply>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let reply = send().await;
+        if reply.status != 503 || std::time::Instant::now() >= deadline {
+            return reply;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Kills the master (`SIGKILL`) and promotes the replica.
 async fn fail_over(master: &RedisServer, replica: &RedisServer) {
     signal(master.pid(), "KILL");
@@ -121,12 +137,22 @@ async fn with_a_healthy_link_the_promoted_replica_holds_claims_and_records() {
         "30",
     ])
     .await;
-    let paid = before.post("acme", Some("healthy-1"), PAYMENT).await;
+    // A claim the replica did not acknowledge within the demo's 500 ms (a loaded machine)
+    // is refused with 503 before the handler runs: the client retries, as a client would.
+    let paid = until_not_503(|| before.post("acme", Some("healthy-1"), PAYMENT)).await;
     assert_eq!(paid.status, 201);
     let slow = r#"{"amount": 7, "currency": "usd", "delay_ms": 60000}"#;
     let running = tokio::spawn({
         let base = before.base.clone();
-        async move { support::demo::try_post_to(&base, "acme", "healthy-2", slow).await }
+        async move {
+            loop {
+                let status = support::demo::try_post_to(&base, "acme", "healthy-2", slow).await;
+                if status != Ok(http::StatusCode::SERVICE_UNAVAILABLE) {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     });
     while before.executions().await < 2 {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -179,7 +205,7 @@ async fn a_sentinel_configured_store_follows_a_failover() {
         .collect();
     let store = format!("redis+sentinel://{}/mymaster", nodes.join(","));
     let demo = Demo::start(&["--store", &store, "--min-replicas", "1"]).await;
-    let before = demo.post("acme", Some("sentinel-1"), PAYMENT).await;
+    let before = until_not_503(|| demo.post("acme", Some("sentinel-1"), PAYMENT)).await;
     assert_eq!(before.status, 201, "{:?}", before.body);
 
     let () = redis::cmd("SENTINEL")
