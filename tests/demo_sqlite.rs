@@ -5,7 +5,7 @@ mod support;
 
 use std::sync::Arc;
 
-use support::demo::{start_fails, Demo};
+use support::demo::{start_fails, start_fails_as, Demo};
 use support::servers::TempDir;
 
 const PAYMENT: &str = r#"{"amount": 1000, "currency": "usd"}"#;
@@ -106,5 +106,39 @@ async fn a_file_that_is_not_a_database_fails_at_start_with_a_clear_message() {
         stderr.contains("payments.csv is not a SQLite database"),
         "{stderr}"
     );
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+}
+
+/// A database this process may only read fails at start with a message that says so. As root
+/// (which ignores file permissions) the demo runs as `nobody`, for whom the file and its
+/// directory are read-only; otherwise the file and directory are made read-only.
+#[tokio::test]
+async fn a_read_only_database_fails_at_start_with_a_clear_message() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("demo-sqlite-ro");
+    let path = dir.path().join("ro.db");
+    drop(
+        tower_idempotency::store::SqliteStore::open(&path)
+            .await
+            .unwrap(),
+    );
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| out.stdout.starts_with(b"0"));
+    let store = format!("sqlite://{}", path.display());
+    let (status, stderr) = if root {
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        start_fails_as(Some("nobody"), &["--store", &store]).await
+    } else {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o555)).unwrap();
+        let failed = start_fails(&["--store", &store]).await;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        failed
+    };
+    assert!(!status.success());
+    assert!(stderr.contains("ro.db is read-only"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
 }

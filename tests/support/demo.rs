@@ -206,10 +206,23 @@ impl Demo {
 /// Runs the demo with `args` and waits for it to exit: it must fail to start. Its exit status
 /// and standard error.
 pub async fn start_fails(args: &[&str]) -> (std::process::ExitStatus, String) {
-    let output = tokio::process::Command::new(demo_binary())
-        .args(["--addr", "127.0.0.1:0"])
-        .args(args)
-        .output();
+    start_fails_as(None, args).await
+}
+
+/// [`start_fails`], run as `user` (with `runuser`, when the tests run as root).
+pub async fn start_fails_as(
+    user: Option<&str>,
+    args: &[&str],
+) -> (std::process::ExitStatus, String) {
+    let mut command = match user {
+        Some(user) => {
+            let mut command = tokio::process::Command::new("runuser");
+            command.args(["-u", user, "--"]).arg(demo_binary());
+            command
+        }
+        None => tokio::process::Command::new(demo_binary()),
+    };
+    let output = command.args(["--addr", "127.0.0.1:0"]).args(args).output();
     let output = tokio::time::timeout(std::time::Duration::from_secs(20), output)
         .await
         .expect("the demo exits when it cannot start")
