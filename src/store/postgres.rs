@@ -593,22 +593,13 @@ impl Store for PostgresStore {
         point: &RecoveryPoint,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(&self.sql.save_point)
-            .await
-            .map_err(StoreError::backend)?;
         let owner = &token_bytes(token)[..];
         let encoded = point.encode();
-        let saved = client
-            .execute(&statement, &[&key, &owner, &&encoded[..], &ms(ttl)])
-            .await
-            .map_err(StoreError::backend)?;
-        if saved == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::LeaseLost)
-        }
+        self.owner_checked(
+            &self.sql.save_point,
+            &[&key, &owner, &&encoded[..], &ms(ttl)],
+        )
+        .await
     }
 
     async fn load_point(
