@@ -47,7 +47,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_idempotency::store::{
     BoxStore, MemoryStore, PostgresStore, RedisStore, SqliteStore, Synchronous,
 };
-use tower_idempotency::{IdempotencyLayer, OnConflict, RecoveryError, RecoveryPoints};
+use tower_idempotency::{IdempotencyLayer, OnConflict, RecoveryError, RecoveryPoints, Settings};
 
 #[derive(Parser, Debug)]
 #[command(about = "Demo payments API behind tower-idempotency")]
@@ -360,19 +360,19 @@ async fn open_store(args: &Args) -> Result<BoxStore, Box<dyn std::error::Error>>
 }
 
 fn idempotency_layer(args: &Args, store: BoxStore) -> IdempotencyLayer<BoxStore> {
-    let mut layer = IdempotencyLayer::with_store(store)
-        .scope(|parts| parts.extensions.get::<Tenant>().map(|t| t.0.clone()))
-        .require_key(args.require_key);
+    let mut settings = Settings::new(store);
     if let Some(ttl) = args.ttl {
-        layer = layer.ttl(Duration::from_secs(ttl));
+        settings = settings.ttl(Duration::from_secs(ttl));
     }
     if let Some(lease) = args.lock_ttl {
-        layer = layer.lease(Duration::from_secs(lease));
+        settings = settings.lease(Duration::from_secs(lease));
     }
     if let Conflict::Wait = args.on_conflict {
-        layer = layer.on_conflict(OnConflict::Wait(Duration::from_secs(30)));
+        settings = settings.on_conflict(OnConflict::Wait(Duration::from_secs(30)));
     }
-    layer
+    IdempotencyLayer::with_settings(settings)
+        .scope(|parts| parts.extensions.get::<Tenant>().map(|t| t.0.clone()))
+        .require_key(args.require_key)
 }
 
 #[tokio::main]
@@ -439,7 +439,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         })),
     };
     let idempotency = idempotency_layer(&args, store);
-    let drain = idempotency.drain_handle();
+    let drain = idempotency.settings().drain_handle();
     let guarded = ServiceBuilder::new()
         .layer(middleware::from_fn(authenticate))
         .layer(idempotency);

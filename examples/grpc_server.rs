@@ -152,7 +152,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let idempotency = IdempotencyLayer::with_store(open_store(&args.store).await?)
         .scope(|parts| parts.extensions.get::<Tenant>().map(|t| t.0.clone()));
-    let drain = idempotency.drain_handle();
+    let drain = idempotency.settings().drain_handle();
     let executions = Arc::new(AtomicU64::new(0));
     let app = Router::new()
         .route(payments::CREATE, post(create))

@@ -16,7 +16,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
-use tower_idempotency::{IdempotencyLayer, RequestBody};
+use tower_idempotency::{IdempotencyLayer, RequestBody, Settings};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -24,9 +24,9 @@ async fn main() {
     let snapshotter = recorder.snapshotter();
     metrics::set_global_recorder(recorder).expect("no recorder installed yet");
 
-    let layer = IdempotencyLayer::new().on_outcome(|outcome| {
+    let layer = IdempotencyLayer::with_settings(Settings::default().on_outcome(|outcome| {
         metrics::counter!("idempotency_requests_total", "outcome" => outcome.as_str()).increment(1);
-    });
+    }));
     let mut service = ServiceBuilder::new().layer(layer).service(service_fn(
         |request: Request<RequestBody<Full<Bytes>>>| async move {
             let status = if request.uri().path() == "/fail" {

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tower::{service_fn, BoxError, Service};
 use tower_idempotency::consumer::{ConsumerError, Delivery, IdempotentConsumerLayer, Identity};
 use tower_idempotency::store::RedisStore;
+use tower_idempotency::Settings;
 
 #[derive(Parser, Debug, Clone)]
 struct Args {
@@ -159,15 +160,14 @@ async fn main() -> Result<(), BoxError> {
         }
     });
     let store = RedisStore::new(redis.clone());
-    let layer = IdempotentConsumerLayer::with_store(
+    let layer = IdempotentConsumerLayer::with_settings(
         |event: &PaymentEvent| {
             Identity::new(event.id.clone())
                 .scope(event.stream.clone())
                 .fingerprint(&event.amount.to_le_bytes())
         },
-        store,
-    )
-    .lease(Duration::from_secs(args.lease_secs));
+        Settings::new(store).lease(Duration::from_secs(args.lease_secs)),
+    );
     let mut consumer = tower::Layer::layer(&layer, handler);
 
     let mut tally = Tally::default();

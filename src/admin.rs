@@ -3,8 +3,8 @@
 //!
 //! The layer stores each request under a composite key built from the scope (tenant), the
 //! method, the path and the idempotency key; [`http_key`] builds it exactly as the layer does
-//! (including the digest of keys over 256 bytes), and [`consumer_key`] as the consumer layer
-//! does. [`Store::inspect`] and [`Store::delete`] work on every store of this crate.
+//! (including the digest of keys over 256 bytes), and `consumer_key` (feature `consumer`) as
+//! the consumer layer does. [`Store::inspect`] and [`Store::delete`] work on every store of this crate.
 //!
 //! ```
 //! use http::Method;
@@ -32,23 +32,15 @@
 //! [`Store::inspect`]: crate::store::Store::inspect
 //! [`Store::delete`]: crate::store::Store::delete
 
-use http::{Method, StatusCode};
+use http::StatusCode;
 
-use crate::protocol::composite_key;
 use crate::store::Record;
 
-/// The store key of an HTTP request: `scope` is what the layer's scope function returns
-/// (empty without one), `path` the request path without its query, `key` the idempotency key
-/// as the layer reads it (unquoted: `order-42` for `Idempotency-Key: "order-42"`).
-pub fn http_key(scope: &str, method: &Method, path: &str, key: &str) -> String {
-    composite_key("", &[scope, method.as_str(), path], key)
-}
+pub use crate::http::http_key;
 
-/// The store key of a message, as the consumer layer builds it from an `Identity`'s scope
-/// (empty without one) and key.
-pub fn consumer_key(scope: &str, key: &str) -> String {
-    composite_key("consumer|", &[scope], key)
-}
+#[cfg(feature = "consumer")]
+#[cfg_attr(docsrs, doc(cfg(feature = "consumer")))]
+pub use crate::consumer::identity::store_key as consumer_key;
 
 /// The status of the response an HTTP record holds, if it is one (a consumer's record is not).
 pub fn response_status(record: &Record) -> Option<StatusCode> {

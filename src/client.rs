@@ -84,20 +84,20 @@ use tower_service::Service;
 /// What an attempt produced, as [`IdempotentRetryLayer::retry_on`] sees it.
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
-pub enum Outcome {
+pub enum Attempt {
     /// The inner service failed (connection refused or reset, timeout, …).
     Error,
     /// The server answered with this status.
     Status(StatusCode),
 }
 
-type RetryOn = dyn Fn(Outcome) -> bool + Send + Sync;
+type RetryOn = dyn Fn(Attempt) -> bool + Send + Sync;
 
 /// The default: transport errors, 409, 429, 502, 503, 504.
-pub fn default_retry_on(outcome: Outcome) -> bool {
-    match outcome {
-        Outcome::Error => true,
-        Outcome::Status(status) => matches!(status.as_u16(), 409 | 429 | 502 | 503 | 504),
+pub fn default_retry_on(attempt: Attempt) -> bool {
+    match attempt {
+        Attempt::Error => true,
+        Attempt::Status(status) => matches!(status.as_u16(), 409 | 429 | 502 | 503 | 504),
     }
 }
 
@@ -154,8 +154,8 @@ impl IdempotentRetryLayer {
         self
     }
 
-    /// Which outcomes are retried [`default_retry_on`].
-    pub fn retry_on(mut self, retry_on: impl Fn(Outcome) -> bool + Send + Sync + 'static) -> Self {
+    /// Which attempts are retried [`default_retry_on`].
+    pub fn retry_on(mut self, retry_on: impl Fn(Attempt) -> bool + Send + Sync + 'static) -> Self {
         self.policy.settings().retry_on = Arc::new(retry_on);
         self
     }
@@ -307,7 +307,7 @@ struct Settings {
     budget: Option<Arc<TpsBudget>>,
 }
 
-/// The retry [`Policy`]: which outcomes to retry, and how long to wait before each retry.
+/// The retry [`Policy`]: which attempts to retry, and how long to wait before each retry.
 ///
 /// The layer keeps one as a template; each request runs with its own copy, whose retry count
 /// and deadline belong to that request alone. The configuration, the retry budget and a seeded
@@ -419,19 +419,19 @@ impl<B: Clone, ResBody, E> Policy<Request<B>, Response<ResBody>, E> for RetryPol
         if !settings.methods.contains(request.method()) {
             return None;
         }
-        let (outcome, at_least) = match result {
+        let (answer, at_least) = match result {
             Ok(response) => (
-                Outcome::Status(response.status()),
+                Attempt::Status(response.status()),
                 retry_after(response.headers()),
             ),
-            Err(_) => (Outcome::Error, None),
+            Err(_) => (Attempt::Error, None),
         };
-        if !(settings.retry_on)(outcome) {
+        if !(settings.retry_on)(answer) {
             return None;
         }
         let attempt = self.retries + 1;
         if attempt >= settings.max_attempts {
-            tracing::warn!(attempts = attempt, ?outcome, "giving up: no attempts left");
+            tracing::warn!(attempts = attempt, ?answer, "giving up: no attempts left");
             return None;
         }
         let wait = self.delay(self.retries, at_least.unwrap_or(Duration::ZERO));
@@ -439,7 +439,7 @@ impl<B: Clone, ResBody, E> Policy<Request<B>, Response<ResBody>, E> for RetryPol
         if self.deadline.is_some_and(|deadline| now + wait > deadline) {
             tracing::warn!(
                 attempts = attempt,
-                ?outcome,
+                ?answer,
                 "giving up: the next retry would pass the deadline"
             );
             return None;
@@ -451,7 +451,7 @@ impl<B: Clone, ResBody, E> Policy<Request<B>, Response<ResBody>, E> for RetryPol
         {
             tracing::warn!(
                 attempts = attempt,
-                ?outcome,
+                ?answer,
                 "giving up: the retry budget is spent (the server is failing for many requests)"
             );
             return None;
@@ -460,7 +460,7 @@ impl<B: Clone, ResBody, E> Policy<Request<B>, Response<ResBody>, E> for RetryPol
         tracing::info!(
             attempt = attempt + 1,
             wait_ms = wait.as_millis() as u64,
-            reason = ?outcome,
+            reason = ?answer,
             key = ?request.headers().get("idempotency-key"),
             "retrying with the same idempotency key"
         );
@@ -536,16 +536,16 @@ mod tests {
 
     #[test]
     fn the_default_retries_transient_outcomes_only() {
-        assert!(default_retry_on(Outcome::Error));
+        assert!(default_retry_on(Attempt::Error));
         for status in [409, 429, 502, 503, 504] {
             assert!(
-                default_retry_on(Outcome::Status(StatusCode::from_u16(status).unwrap())),
+                default_retry_on(Attempt::Status(StatusCode::from_u16(status).unwrap())),
                 "{status}"
             );
         }
         for status in [200, 201, 400, 401, 404, 422, 500] {
             assert!(
-                !default_retry_on(Outcome::Status(StatusCode::from_u16(status).unwrap())),
+                !default_retry_on(Attempt::Status(StatusCode::from_u16(status).unwrap())),
                 "{status}"
             );
         }

@@ -150,6 +150,7 @@ pub mod __fuzz {
     include!("fuzz.rs");
 }
 pub mod admin;
+pub mod defaults;
 mod http;
 mod protocol;
 pub mod store;
@@ -172,6 +173,7 @@ pub use self::http::{
 };
 pub use protocol::{
     DrainHandle, DrainReport, OnConflict, Outcome, RecoveryError, RecoveryPoints, ReleaseReason,
+    Settings,
 };
 pub use store::RecoveryPoint;
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Barrier;
-use tower_idempotency::{IdempotencyLayer, OnConflict};
+use tower_idempotency::{IdempotencyLayer, OnConflict, Settings};
 
 const BODY: &str = r#"{"amount":100}"#;
 const TASKS: usize = 64;
@@ -62,8 +62,9 @@ async fn simultaneous_duplicates_run_the_handler_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn simultaneous_waiting_duplicates_all_get_the_one_response() {
-    let (app, probe) =
-        app(IdempotencyLayer::new().on_conflict(OnConflict::Wait(Duration::from_secs(30))));
+    let (app, probe) = app(IdempotencyLayer::with_settings(
+        Settings::default().on_conflict(OnConflict::Wait(Duration::from_secs(30))),
+    ));
     for round in 0..10 {
         let key = format!("wait-race-{round}");
         let answers = race(&app, &key, &[("x-delay-ms", "20")]).await;
@@ -108,8 +109,9 @@ async fn distinct_keys_racing_each_run_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_mid_request_over_tcp_gets_a_replay_on_retry() {
     let probe = Probe::default();
-    let app = router(probe.clone())
-        .layer(IdempotencyLayer::new().on_conflict(OnConflict::Wait(Duration::from_secs(30))));
+    let app = router(probe.clone()).layer(IdempotencyLayer::with_settings(
+        Settings::default().on_conflict(OnConflict::Wait(Duration::from_secs(30))),
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });

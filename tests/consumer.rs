@@ -16,7 +16,7 @@ use tower_idempotency::consumer::{
     ConsumerError, Delivery, FromMessage, IdempotentConsumerLayer, IdempotentMessage, Identity,
 };
 use tower_idempotency::store::{MemoryStore, PostgresStore, RedisStore, Store};
-use tower_idempotency::OnConflict;
+use tower_idempotency::{OnConflict, Settings};
 
 #[derive(Clone, Debug)]
 struct Event {
@@ -204,9 +204,11 @@ async fn waiting_redeliveries_get_the_outcome() {
             }
         }
     });
-    let service = IdempotentConsumerLayer::new(FromMessage)
-        .on_conflict(OnConflict::Wait(Duration::from_secs(30)))
-        .layer_on(handler);
+    let service = IdempotentConsumerLayer::with_settings(
+        FromMessage,
+        Settings::default().on_conflict(OnConflict::Wait(Duration::from_secs(30))),
+    )
+    .layer_on(handler);
     let message = event("wait", 1);
     let tasks: Vec<_> = (0..5)
         .map(|_| {

@@ -12,7 +12,7 @@ use support::{app, request, send};
 use tower::{service_fn, BoxError, ServiceExt};
 use tower_idempotency::consumer::{ConsumerError, Delivery, IdempotentConsumerLayer};
 use tower_idempotency::store::MemoryStore;
-use tower_idempotency::IdempotencyLayer;
+use tower_idempotency::{IdempotencyLayer, Settings};
 
 const BODY: &str = r#"{"amount": 1}"#;
 
@@ -21,7 +21,7 @@ const BODY: &str = r#"{"amount": 1}"#;
 #[tokio::test]
 async fn a_draining_layer_refuses_new_keyed_requests_with_503() {
     let layer = IdempotencyLayer::new().retry_after(Duration::from_secs(2));
-    let drain = layer.drain_handle();
+    let drain = layer.settings().drain_handle();
     let (mut app, probe) = app(layer);
     drain.start();
     assert!(drain.is_draining());
@@ -41,7 +41,7 @@ async fn a_draining_layer_refuses_new_keyed_requests_with_503() {
 async fn the_drain_waits_for_admitted_and_detached_requests_to_store_their_outcomes() {
     let store = MemoryStore::new();
     let layer = IdempotencyLayer::with_store(store.clone());
-    let drain = layer.drain_handle();
+    let drain = layer.settings().drain_handle();
     let (app, probe) = app(layer);
     let waiting = tokio::spawn({
         let mut app = app.clone();
@@ -90,8 +90,10 @@ async fn the_drain_waits_for_admitted_and_detached_requests_to_store_their_outco
 #[tokio::test(start_paused = true)]
 async fn at_the_deadline_held_claims_are_released_and_reported() {
     let store = MemoryStore::new();
-    let layer = IdempotencyLayer::with_store(store.clone()).lease(Duration::from_secs(600));
-    let drain = layer.drain_handle();
+    let layer = IdempotencyLayer::with_settings(
+        Settings::new(store.clone()).lease(Duration::from_secs(600)),
+    );
+    let drain = layer.settings().drain_handle();
     let (app, probe) = app(layer);
     let _stuck = tokio::spawn({
         let mut app = app.clone();
@@ -112,7 +114,7 @@ async fn at_the_deadline_held_claims_are_released_and_reported() {
 #[tokio::test]
 async fn one_handle_drains_every_clone_of_the_layer() {
     let layer = IdempotencyLayer::new();
-    let drain = layer.drain_handle();
+    let drain = layer.settings().drain_handle();
     let (mut first, _) = app(layer.clone());
     let (mut second, _) = app(layer);
     drain.start();
@@ -129,7 +131,7 @@ async fn one_handle_drains_every_clone_of_the_layer() {
 async fn a_draining_consumer_refuses_new_deliveries_and_finishes_running_ones() {
     let runs = Arc::new(AtomicUsize::new(0));
     let layer = IdempotentConsumerLayer::new(|m: &(String, u64)| m.0.clone());
-    let drain = layer.drain_handle();
+    let drain = layer.settings().drain_handle();
     let consumer = tower::Layer::layer(
         &layer,
         service_fn({

@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{HeaderName, Method, Request};
 use support::*;
-use tower_idempotency::{Fingerprint, IdempotencyLayer, OnConflict, OnStoreError};
+use tower_idempotency::{Fingerprint, IdempotencyLayer, OnConflict, OnStoreError, Settings};
 
 const BODY: &str = r#"{"amount":100}"#;
 
@@ -410,9 +410,10 @@ async fn a_duplicate_of_a_running_request_gets_409_with_retry_after() {
 /// runs: past it the key is free (or taken over), so a later retry would waste time.
 #[tokio::test]
 async fn retry_after_on_409_is_bounded_by_the_lease_remaining() {
-    let (app, probe) = app(IdempotencyLayer::new()
-        .retry_after(Duration::from_secs(30))
-        .lease(Duration::from_secs(4)));
+    let (app, probe) = app(IdempotencyLayer::with_settings(
+        Settings::default().lease(Duration::from_secs(4)),
+    )
+    .retry_after(Duration::from_secs(30)));
     let original = tokio::spawn({
         let mut app = app.clone();
         async move { send(&mut app, request(Some("k"), BODY, &[("x-hold", "1")])).await }
@@ -435,8 +436,9 @@ async fn retry_after_on_409_is_bounded_by_the_lease_remaining() {
 
 #[tokio::test]
 async fn waiting_duplicates_get_the_original_response() {
-    let (app, probe) =
-        app(IdempotencyLayer::new().on_conflict(OnConflict::Wait(Duration::from_secs(30))));
+    let (app, probe) = app(IdempotencyLayer::with_settings(
+        Settings::default().on_conflict(OnConflict::Wait(Duration::from_secs(30))),
+    ));
     let original = tokio::spawn({
         let mut app = app.clone();
         async move { send(&mut app, request(Some("k"), BODY, &[("x-hold", "1")])).await }
@@ -461,8 +463,9 @@ async fn waiting_duplicates_get_the_original_response() {
 
 #[tokio::test]
 async fn a_waiting_duplicate_runs_the_request_when_the_original_fails() {
-    let (app, probe) =
-        app(IdempotencyLayer::new().on_conflict(OnConflict::Wait(Duration::from_secs(30))));
+    let (app, probe) = app(IdempotencyLayer::with_settings(
+        Settings::default().on_conflict(OnConflict::Wait(Duration::from_secs(30))),
+    ));
     let original = tokio::spawn({
         let mut app = app.clone();
         async move {
@@ -495,8 +498,9 @@ async fn a_waiting_duplicate_runs_the_request_when_the_original_fails() {
 #[tokio::test(start_paused = true)]
 async fn waiting_duplicates_back_off_instead_of_polling_the_store() {
     let store = FaultyStore::new();
-    let layer = IdempotencyLayer::with_store(store.clone())
-        .on_conflict(OnConflict::Wait(Duration::from_secs(30)));
+    let layer = IdempotencyLayer::with_settings(
+        Settings::new(store.clone()).on_conflict(OnConflict::Wait(Duration::from_secs(30))),
+    );
     let (app, probe) = app(layer);
     let original = tokio::spawn({
         let mut app = app.clone();
@@ -526,8 +530,9 @@ async fn waiting_duplicates_back_off_instead_of_polling_the_store() {
 
 #[tokio::test(start_paused = true)]
 async fn waiting_is_bounded_then_409() {
-    let (app, probe) =
-        app(IdempotencyLayer::new().on_conflict(OnConflict::Wait(Duration::from_secs(5))));
+    let (app, probe) = app(IdempotencyLayer::with_settings(
+        Settings::default().on_conflict(OnConflict::Wait(Duration::from_secs(5))),
+    ));
     let _original = tokio::spawn({
         let mut app = app.clone();
         async move { send(&mut app, request(Some("k"), BODY, &[("x-hold", "1")])).await }
@@ -571,8 +576,9 @@ async fn a_failing_store_fails_closed_with_503_and_the_handler_does_not_run() {
 #[tokio::test(start_paused = true)]
 async fn a_store_that_fails_after_the_handler_ran_still_gives_the_client_its_answer() {
     let store = FaultyStore::new();
-    let (app, probe) =
-        app(IdempotencyLayer::with_store(store.clone()).lease(Duration::from_secs(60)));
+    let (app, probe) = app(IdempotencyLayer::with_settings(
+        Settings::new(store.clone()).lease(Duration::from_secs(60)),
+    ));
     let original = tokio::spawn({
         let mut app = app.clone();
         async move { send(&mut app, request(Some("k"), BODY, &[("x-hold", "1")])).await }
@@ -607,8 +613,9 @@ async fn a_store_that_fails_after_the_handler_ran_still_gives_the_client_its_ans
 #[tokio::test(start_paused = true)]
 async fn a_hung_store_answers_503_after_the_store_timeout() {
     let store = FaultyStore::new();
-    let (mut app, probe) =
-        app(IdempotencyLayer::with_store(store.clone()).store_timeout(Duration::from_secs(2)));
+    let (mut app, probe) = app(IdempotencyLayer::with_settings(
+        Settings::new(store.clone()).store_timeout(Duration::from_secs(2)),
+    ));
     store.set(Fault::Hang);
     let started = tokio::time::Instant::now();
     send(&mut app, request(Some("k"), BODY, &[]))
@@ -731,7 +738,9 @@ async fn a_response_just_under_the_limit_is_stored_whole() {
 
 #[tokio::test(start_paused = true)]
 async fn records_are_kept_for_the_ttl_then_the_key_runs_again() {
-    let (mut app, probe) = app(IdempotencyLayer::new().ttl(Duration::from_secs(3600)));
+    let (mut app, probe) = app(IdempotencyLayer::with_settings(
+        Settings::default().ttl(Duration::from_secs(3600)),
+    ));
     send(&mut app, request(Some("k"), BODY, &[])).await;
     tokio::time::advance(Duration::from_secs(3599)).await;
     assert!(send(&mut app, request(Some("k"), BODY, &[]))
@@ -746,7 +755,9 @@ async fn records_are_kept_for_the_ttl_then_the_key_runs_again() {
 
 #[tokio::test(start_paused = true)]
 async fn the_lease_is_renewed_while_a_slow_handler_runs() {
-    let (app, probe) = app(IdempotencyLayer::new().lease(Duration::from_secs(3)));
+    let (app, probe) = app(IdempotencyLayer::with_settings(
+        Settings::default().lease(Duration::from_secs(3)),
+    ));
     let original = tokio::spawn({
         let mut app = app.clone();
         // Ten leases long.
@@ -775,8 +786,9 @@ async fn the_lease_is_renewed_while_a_slow_handler_runs() {
 
 #[tokio::test]
 async fn a_dropped_request_still_runs_to_completion_and_is_replayed() {
-    let (app, probe) =
-        app(IdempotencyLayer::new().on_conflict(OnConflict::Wait(Duration::from_secs(30))));
+    let (app, probe) = app(IdempotencyLayer::with_settings(
+        Settings::default().on_conflict(OnConflict::Wait(Duration::from_secs(30))),
+    ));
     let mut first = app.clone();
     let call = tokio::spawn(async move {
         send(&mut first, request(Some("k"), BODY, &[("x-hold", "1")])).await

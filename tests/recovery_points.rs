@@ -16,7 +16,7 @@ use support::{request, send, FaultyStore};
 use tower_idempotency::store::{
     ClaimOutcome, KeyState, MemoryStore, OwnerToken, Record, RecoveryPoint, Store, StoreError,
 };
-use tower_idempotency::{IdempotencyLayer, RecoveryError, RecoveryPoints};
+use tower_idempotency::{IdempotencyLayer, RecoveryError, RecoveryPoints, Settings};
 
 /// What the handler found and did, per run.
 #[derive(Clone, Default)]
@@ -88,7 +88,7 @@ async fn a_point_saved_by_a_failed_run_is_read_by_the_retry() {
 #[tokio::test]
 async fn an_oversized_point_is_refused_and_nothing_is_saved() {
     let runs = Runs::default();
-    let layer = IdempotencyLayer::new().max_recovery_point(1000);
+    let layer = IdempotencyLayer::with_settings(Settings::default().max_recovery_point(1000));
     let mut app = app(layer, runs.clone());
     let failed = send(
         &mut app,

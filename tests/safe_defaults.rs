@@ -12,7 +12,7 @@ use axum::{Extension, Router};
 use support::{app, request, send, Fault, FaultyStore};
 use tower_idempotency::problem::ProblemKind;
 use tower_idempotency::store::MemoryStore;
-use tower_idempotency::{IdempotencyKey, IdempotencyLayer, Outcome, ReleaseReason};
+use tower_idempotency::{IdempotencyKey, IdempotencyLayer, Outcome, ReleaseReason, Settings};
 
 const BODY: &str = r#"{"amount": 1}"#;
 
@@ -66,19 +66,19 @@ async fn set_cookie_is_never_replayed_whatever_the_skip_list() {
 #[test]
 #[should_panic(expected = "the TTL must be between")]
 fn an_absurd_ttl_is_refused_when_the_layer_is_built() {
-    let _ = IdempotencyLayer::new().ttl(Duration::from_secs(u64::MAX));
+    let _ = Settings::default().ttl(Duration::from_secs(u64::MAX));
 }
 
 #[test]
 #[should_panic(expected = "the lease must be between")]
 fn a_zero_lease_is_refused_when_the_layer_is_built() {
-    let _ = IdempotencyLayer::new().lease(Duration::ZERO);
+    let _ = Settings::default().lease(Duration::ZERO);
 }
 
 #[test]
 #[should_panic(expected = "the TTL must be between")]
 fn a_zero_ttl_is_refused_when_the_layer_is_built() {
-    let _ = IdempotencyLayer::new().ttl(Duration::ZERO);
+    let _ = Settings::default().ttl(Duration::ZERO);
 }
 
 #[test]
@@ -115,7 +115,11 @@ async fn a_panic_after_the_claim_answers_500_and_releases_the_key() {
 /// `Retry-After` (back-pressure) until some of it finishes.
 #[tokio::test]
 async fn detached_work_is_capped_with_503_back_pressure() {
-    let layer = IdempotencyLayer::new().max_detached(2, u64::MAX);
+    let layer = IdempotencyLayer::with_settings(
+        Settings::default()
+            .max_detached(2)
+            .max_detached_bytes(u64::MAX),
+    );
     let (app, probe) = app(layer);
     let mut abandoned = Vec::new();
     for i in 0..2 {
@@ -151,7 +155,11 @@ async fn detached_work_is_capped_with_503_back_pressure() {
 /// Declared request bytes count too: one detached 16 MiB upload fills a 16 MiB allowance.
 #[tokio::test]
 async fn detached_request_bytes_are_capped_too() {
-    let layer = IdempotencyLayer::new().max_detached(100, 16 * 1024 * 1024);
+    let layer = IdempotencyLayer::with_settings(
+        Settings::default()
+            .max_detached(100)
+            .max_detached_bytes(16 * 1024 * 1024),
+    );
     let (app, probe) = app(layer);
     let task = tokio::spawn({
         let mut app = app.clone();
@@ -265,10 +273,10 @@ async fn a_per_request_ttl_is_honoured() {
 #[tokio::test]
 async fn the_outcome_hook_fires_once_per_request() {
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let layer = IdempotencyLayer::new().on_outcome({
+    let layer = IdempotencyLayer::with_settings(Settings::default().on_outcome({
         let seen = seen.clone();
         move |outcome| seen.lock().unwrap().push(outcome)
-    });
+    }));
     let (mut app, _) = app(layer);
     send(&mut app, request(Some("k"), BODY, &[])).await;
     send(&mut app, request(Some("k"), BODY, &[])).await;

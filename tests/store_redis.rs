@@ -5,6 +5,7 @@ mod support;
 use support::servers::redis_url;
 use support::shared_store;
 use tower_idempotency::store::RedisStore;
+use tower_idempotency::Settings;
 
 async fn store() -> Option<RedisStore> {
     let url = redis_url()?;
@@ -61,9 +62,11 @@ async fn a_claim_that_timed_out_and_landed_late_does_not_lock_the_key() {
         return;
     };
     let store = RedisStore::connect(&server.url()).await.unwrap();
-    let layer = IdempotencyLayer::with_store(store)
-        .store_timeout(Duration::from_millis(500))
-        .lease(Duration::from_secs(60));
+    let layer = IdempotencyLayer::with_settings(
+        Settings::new(store)
+            .store_timeout(Duration::from_millis(500))
+            .lease(Duration::from_secs(60)),
+    );
     let (mut app, probe) = app(layer);
     // Warm: the scripts are loaded (a first call on a paused server would fail NOSCRIPT).
     assert_eq!(

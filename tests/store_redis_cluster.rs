@@ -9,7 +9,7 @@ use support::servers::{redis_cluster_urls, RedisCluster};
 use support::{app, request, send};
 use tower_idempotency::store::conformance::fresh_key;
 use tower_idempotency::store::{ClaimOutcome, RedisStore, Store};
-use tower_idempotency::IdempotencyLayer;
+use tower_idempotency::{IdempotencyLayer, Settings};
 
 async fn store() -> Option<RedisStore> {
     let urls = redis_cluster_urls()?;
@@ -75,8 +75,9 @@ async fn the_store_recovers_from_a_master_restart() {
         return;
     };
     let store = RedisStore::connect_cluster(cluster.urls()).await.unwrap();
-    let (mut app, _probe) =
-        app(IdempotencyLayer::with_store(store).store_timeout(Duration::from_secs(2)));
+    let (mut app, _probe) = app(IdempotencyLayer::with_settings(
+        Settings::new(store).store_timeout(Duration::from_secs(2)),
+    ));
     let statuses = |app: &mut support::App<RedisStore>, tag: &'static str| {
         let mut app = app.clone();
         async move {

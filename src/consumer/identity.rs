@@ -37,8 +37,15 @@ impl Identity {
     }
 
     pub(super) fn store_key(&self) -> String {
-        crate::admin::consumer_key(&self.scope, &self.key)
+        store_key(&self.scope, &self.key)
     }
+}
+
+/// The store key of a message, as the consumer layer builds it from an [`Identity`]'s scope
+/// (empty without one) and key. Re-exported as
+/// [`admin::consumer_key`](crate::admin::consumer_key).
+pub fn store_key(scope: &str, key: &str) -> String {
+    crate::protocol::composite_key("consumer|", &[scope], key)
 }
 
 impl From<String> for Identity {

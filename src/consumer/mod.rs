@@ -54,7 +54,7 @@
 //! [`final_errors`]: IdempotentConsumerLayer::final_errors
 
 mod error;
-mod identity;
+pub(crate) mod identity;
 mod layer;
 mod service;
 

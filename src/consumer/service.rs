@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tower_service::Service;
 
 use crate::protocol::seal::{self, Unreadable};
-use crate::protocol::{self, Begin, FinishOnDrop, Outcome, Refusal, ReleaseReason, Timings};
+use crate::protocol::{self, Begin, FinishOnDrop, Outcome, Refusal, ReleaseReason, Settings};
 use crate::store::{MemoryStore, Record, Store};
 use crate::BoxError;
 
@@ -101,36 +101,31 @@ where
     fn call(&mut self, message: M) -> Self::Future {
         let identity = self.layer.identify.identify(&message);
         let inner = protocol::take_ready(&mut self.inner);
-        let layer = &self.layer;
-        let (store, timings) = (layer.store.clone(), layer.timings);
-        let max_point = layer.limits.max_recovery_point;
-        let (final_errors, hook) = (layer.final_errors.clone(), layer.on_outcome.clone());
-        let admitted = layer.tracker.enter(&layer.limits);
+        let settings = self.layer.settings.clone();
+        let final_errors = self.layer.final_errors.clone();
+        let admitted = settings.tracker().enter(settings.limits());
+        let (hook, tracker) = (settings.hook().clone(), settings.tracker().clone());
         let span = tracing::debug_span!("idempotent_consumer", key = %identity.key, scope = %identity.scope);
         let work = async move {
             let delivered = protocol::catch_unwind(async move {
                 let ticket = match admitted {
                     Ok(ticket) => ticket,
-                    Err(Refusal::Draining) => {
-                        tracing::info!(outcome = "shutting_down", "draining: delivery refused");
-                        return (Err(ConsumerError::ShuttingDown), Outcome::ShuttingDown);
-                    }
-                    Err(Refusal::Overloaded) => {
-                        tracing::warn!(outcome = "overloaded", "delivery refused");
-                        return (Err(ConsumerError::Overloaded), Outcome::Overloaded);
+                    Err(refusal) => {
+                        let error = match refusal {
+                            Refusal::Draining => ConsumerError::ShuttingDown,
+                            Refusal::Overloaded => ConsumerError::Overloaded,
+                        };
+                        return (Err(error), refusal.outcome());
                     }
                 };
                 let rules = Rules {
-                    store: &store,
-                    timings: &timings,
+                    settings: &settings,
                     final_errors: &*final_errors,
-                    max_point,
                 };
                 deliver(&rules, identity, ticket, inner, message).await
             })
             .await;
             let (result, outcome) = delivered.unwrap_or_else(|panic| {
-                panic.report();
                 let error = ConsumerError::Panicked(panic.message().to_owned());
                 (Err(error), Outcome::Released(ReleaseReason::Panic))
             });
@@ -139,7 +134,7 @@ where
         };
         Box::pin(FinishOnDrop::new(
             Box::pin(tracing::Instrument::instrument(work, span)),
-            self.layer.tracker.clone(),
+            tracker,
             0,
         ))
     }
@@ -149,11 +144,8 @@ type Answer<R, E> = Result<Delivery<R>, ConsumerError<E>>;
 
 /// What a delivery runs under: the layer's store and settings.
 struct Rules<'a, St> {
-    store: &'a St,
-    timings: &'a Timings,
+    settings: &'a Settings<St>,
     final_errors: &'a FinalFn,
-    /// The largest recovery point a handler may save.
-    max_point: usize,
 }
 
 /// One admitted delivery: claim, run the handler under the claim, store or release.
@@ -171,11 +163,10 @@ where
     St: Store + Clone,
 {
     let Rules {
-        store,
-        timings,
+        settings,
         final_errors,
-        max_point,
     } = *rules;
+    let (store, timings) = (settings.store(), settings.timings());
     let guard = match protocol::begin(store, identity.store_key(), timings, ticket).await {
         Ok(Begin::Claimed(guard)) => guard,
         Ok(Begin::InFlight { .. }) => {
@@ -190,11 +181,10 @@ where
     };
     tracing::debug!(outcome = "claimed", "running the handler");
     // The handler reaches the key's recovery points through `RecoveryPoints::current()`.
-    let points = guard.recovery_points(timings.ttl, max_point);
+    let points = guard.recovery_points(timings.ttl, settings.limits().max_recovery_point);
     let result = match guard.run(points.scope(inner.call(message))).await {
         Ok(result) => result,
         Err(panic) => {
-            panic.report();
             guard.release().await;
             let error = ConsumerError::Panicked(panic.message().to_owned());
             return (Err(error), Outcome::Released(ReleaseReason::Panic));

@@ -10,7 +10,7 @@ use http::request::Parts;
 use http::{HeaderName, Response};
 use http_body::{Body, Frame};
 
-use super::layer::Config;
+use super::config::StatusFn;
 use super::record;
 use super::response_body::ResponseBody;
 use crate::protocol::ReleaseReason;
@@ -42,20 +42,28 @@ pub(crate) struct Captured<B> {
 }
 
 /// Request headers of the original that replays carry (`x-request-id` by default).
-pub(crate) fn carried_headers(parts: &Parts, config: &Config) -> Vec<(HeaderName, HeaderValue)> {
-    config
-        .carried
+pub(crate) fn carried_headers(
+    parts: &Parts,
+    carried: &[(HeaderName, HeaderName)],
+) -> Vec<(HeaderName, HeaderValue)> {
+    carried
         .iter()
         .filter_map(|(name, _)| parts.headers.get(name).map(|v| (name.clone(), v.clone())))
         .collect()
 }
 
-/// Reads a storable response's body up to the limit; anything else is returned untouched.
+/// Reads a storable response's body up to `max_body` bytes; anything else is returned
+/// untouched. `store_status` says which statuses of a plain HTTP answer are stored.
 ///
 /// A gRPC call (`grpc`) is storable only when it succeeded: HTTP 200 and `grpc-status: 0` (in
 /// its trailers, or in the headers of a trailers-only answer), which is known only once the
 /// body is read; and only whole (a replay without its trailers is no gRPC answer).
-pub(crate) async fn read<B>(response: Response<B>, config: &Config, grpc: bool) -> Produced<B>
+pub(crate) async fn read<B>(
+    response: Response<B>,
+    store_status: &StatusFn,
+    max_body: usize,
+    grpc: bool,
+) -> Produced<B>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -63,7 +71,7 @@ where
     let storable_status = if grpc {
         response.status() == http::StatusCode::OK
     } else {
-        (config.store_status)(response.status())
+        store_status(response.status())
     };
     if !storable_status {
         return Produced::Unstored(response.map(ResponseBody::inner), ReleaseReason::Status);
@@ -72,7 +80,7 @@ where
         return Produced::Unstored(response.map(ResponseBody::inner), ReleaseReason::NoStore);
     }
     let (head, body) = response.into_parts();
-    let limit = config.max_response_body as u64;
+    let limit = max_body as u64;
     let mut frames = VecDeque::new();
     let mut rest = Box::pin(body);
     let mut whole = rest.size_hint().lower() <= limit;
@@ -104,7 +112,7 @@ where
     if !whole {
         tracing::info!(
             outcome = "body_omitted",
-            limit = config.max_response_body,
+            limit = max_body,
             "response body too large to store; storing status and headers only"
         );
     }
@@ -123,9 +131,8 @@ impl<B> Captured<B> {
         &self,
         fingerprint: Option<u128>,
         carried: &[(HeaderName, HeaderValue)],
-        config: &Config,
+        keep: impl Fn(&HeaderName) -> bool,
     ) -> Record {
-        let keep = |name: &HeaderName| config.stores_header(name);
         let body = self
             .whole
             .then(|| self.frames.iter().filter_map(Frame::data_ref));

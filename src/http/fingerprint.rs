@@ -6,9 +6,9 @@
 //! dates, tracing ids, auth tokens being refreshed).
 //!
 //! The body is never buffered: the handler receives a [`RequestBody`](crate::RequestBody) that hashes each chunk
-//! as it passes. Should the handler stop reading early, the layer drains and hashes the rest
+//! as it passes. Should the handler stop reading early, the layer reads out and hashes the rest
 //! after the handler answered, so the fingerprint always covers the whole body. A duplicate's
-//! body is drained and hashed the same way before it is judged.
+//! body is read out and hashed the same way before it is judged.
 //!
 //! What feeds the fingerprint is a choice ([`Fingerprint`]):
 //!
@@ -167,7 +167,7 @@ impl fmt::Debug for FingerprintHasher {
 }
 
 /// Reads `body` to its end, hashing every data chunk into `hasher`, and returns the digest.
-pub(crate) async fn drain<B>(
+pub(crate) async fn read_rest<B>(
     mut body: Pin<&mut B>,
     mut hasher: FingerprintHasher,
 ) -> Result<u128, BoxError>
@@ -285,7 +285,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_body_dropped_early_leaves_the_rest_to_drain() {
+    async fn a_body_dropped_early_leaves_the_rest_to_read() {
         let data = vec![9u8; 50_000];
         let fp = Fingerprint::default();
         let (mut body, slot) =
@@ -297,7 +297,7 @@ mod tests {
             panic!("an unfinished body must be handed back");
         };
         assert_eq!(
-            drain(rest.as_mut(), hasher).await.unwrap(),
+            read_rest(rest.as_mut(), hasher).await.unwrap(),
             fingerprint_of(&fp, "/p", &data)
         );
     }

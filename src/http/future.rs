@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::protocol::{FinishOnDrop, Tracker};
 
-type Guarded<B, E> = Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
+type KeyedWork<B, E> = Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
 
 pin_project_lite::pin_project! {
     /// Response future of [`Idempotency`](crate::Idempotency).
@@ -33,7 +33,7 @@ pin_project_lite::pin_project! {
     enum Kind<F, B, E> {
         Passthrough { #[pin] future: F },
         Ready { response: Option<Response<ResponseBody<B>>> },
-        Guarded { work: FinishOnDrop<Result<Response<ResponseBody<B>>, E>> },
+        Keyed { work: FinishOnDrop<Result<Response<ResponseBody<B>>, E>> },
     }
 }
 
@@ -52,13 +52,13 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(crate) fn guarded(work: Guarded<B, E>, tracker: Arc<Tracker>, bytes: u64) -> Self
+    pub(crate) fn keyed(work: KeyedWork<B, E>, tracker: Arc<Tracker>, bytes: u64) -> Self
     where
         B: 'static,
         E: 'static,
     {
         Self {
-            kind: Kind::Guarded {
+            kind: Kind::Keyed {
                 work: FinishOnDrop::new(work, tracker, bytes),
             },
         }
@@ -80,7 +80,7 @@ where
             KindProj::Ready { response } => Poll::Ready(Ok(response
                 .take()
                 .expect("ResponseFuture polled after completion"))),
-            KindProj::Guarded { work } => Pin::new(work).poll(cx),
+            KindProj::Keyed { work } => Pin::new(work).poll(cx),
         }
     }
 }

@@ -95,6 +95,14 @@ pub(crate) enum KeyHeader {
     Invalid(KeyError),
 }
 
+/// The store key of an HTTP request: `scope` is what the layer's scope function returns
+/// (empty without one), `path` the request path without its query, `key` the idempotency key
+/// as the layer reads it (unquoted: `order-42` for `Idempotency-Key: "order-42"`).
+/// Re-exported as [`admin::http_key`](crate::admin::http_key).
+pub fn store_key(scope: &str, method: &http::Method, path: &str, key: &str) -> String {
+    crate::protocol::composite_key("", &[scope, method.as_str(), path], key)
+}
+
 /// Reads the key from the request head: absent, one valid key, or why it is refused.
 pub(crate) fn read(
     headers: &http::HeaderMap,

@@ -1,4 +1,5 @@
-//! [`IdempotencyLayer`]: every knob of the layer, each with its default.
+//! [`IdempotencyLayer`]: the HTTP adapter's own knobs, each with its default, over the shared
+//! [`Settings`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -8,165 +9,45 @@ use http::request::Parts;
 use http::{HeaderName, Method, StatusCode};
 use tower_layer::Layer;
 
+use super::config::{carried_pair, Config, GrpcMode, OnStoreError};
 use super::fingerprint::Fingerprint;
 use super::service::Idempotency;
-use crate::protocol::{DrainHandle, Limits, OnConflict, Outcome, OutcomeHook, Timings, Tracker};
+use crate::protocol::Settings;
 use crate::store::MemoryStore;
-
-type PredicateFn = dyn Fn(&Parts) -> bool + Send + Sync;
-type ScopeFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
-type StatusFn = dyn Fn(StatusCode) -> bool + Send + Sync;
-type TtlFn = dyn Fn(&Parts) -> Option<Duration> + Send + Sync;
-
-/// What a request gets when the store fails or is slower than the store timeout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum OnStoreError {
-    /// Answer 503 with `Retry-After`; the handler does not run (the default).
-    FailClosed,
-    /// Run the handler without idempotency and log a warning.
-    FailOpen,
-}
-
-/// Which requests are gRPC calls, answered in gRPC's terms. See the README's gRPC section.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum GrpcMode {
-    /// A request whose `content-type` is `application/grpc` (or `application/grpc+…`) is a
-    /// gRPC call (the default).
-    Detect,
-    /// Every handled request is a gRPC call.
-    Always,
-    /// No request is: gRPC calls are handled as plain HTTP (their failures, HTTP 200 with a
-    /// non-zero `grpc-status`, would then be stored).
-    Never,
-}
-
-/// The layer's configuration, shared by every clone of the service.
-#[derive(Clone)]
-pub(crate) struct Config {
-    pub(crate) header: HeaderName,
-    pub(crate) max_key_len: usize,
-    pub(crate) require_key: bool,
-    pub(crate) methods: Vec<Method>,
-    pub(crate) predicate: Option<Arc<PredicateFn>>,
-    pub(crate) scope: Option<Arc<ScopeFn>>,
-    pub(crate) allow_unscoped: bool,
-    pub(crate) fingerprint: Fingerprint,
-    pub(crate) timings: Timings,
-    pub(crate) ttl_fn: Option<Arc<TtlFn>>,
-    pub(crate) max_duplicate_body: u64,
-    pub(crate) limits: Limits,
-    pub(crate) on_outcome: OutcomeHook,
-    pub(crate) grpc: GrpcMode,
-    pub(crate) retry_after: Duration,
-    pub(crate) on_store_error: OnStoreError,
-    pub(crate) store_status: Arc<StatusFn>,
-    pub(crate) max_response_body: usize,
-    pub(crate) skip_headers: Vec<HeaderName>,
-    /// Request headers carried into replays, with the name they are replayed under.
-    pub(crate) carried: Vec<(HeaderName, HeaderName)>,
-}
-
-/// Headers never stored whatever the configuration: cookies (a replay must never hand one
-/// client's session to another), hop-by-hop headers, and the framing that the replay recomputes.
-pub(crate) const ALWAYS_SKIPPED: [&str; 11] = [
-    "set-cookie",
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-];
-
-fn carried_pair(name: HeaderName) -> (HeaderName, HeaderName) {
-    let replayed = HeaderName::try_from(format!("original-{}", name.as_str()))
-        .expect("a header name prefixed with `original-` is a header name");
-    (name, replayed)
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            header: HeaderName::from_static("idempotency-key"),
-            max_key_len: 255,
-            require_key: false,
-            methods: vec![Method::POST, Method::PATCH],
-            predicate: None,
-            scope: None,
-            allow_unscoped: false,
-            fingerprint: Fingerprint::default(),
-            timings: Timings::default(),
-            ttl_fn: None,
-            max_duplicate_body: 16 * 1024 * 1024,
-            limits: Limits::default(),
-            on_outcome: OutcomeHook::none(),
-            grpc: GrpcMode::Detect,
-            retry_after: Duration::from_secs(1),
-            on_store_error: OnStoreError::FailClosed,
-            store_status: Arc::new(|status: StatusCode| status.as_u16() < 400),
-            max_response_body: 1024 * 1024,
-            skip_headers: vec![http::header::DATE],
-            carried: vec![carried_pair(HeaderName::from_static("x-request-id"))],
-        }
-    }
-}
-
-impl Config {
-    /// Whether the layer handles this request at all.
-    pub(crate) fn applies(&self, parts: &Parts) -> bool {
-        match &self.predicate {
-            Some(predicate) => predicate(parts),
-            None => self.methods.contains(&parts.method),
-        }
-    }
-
-    /// Whether this request is a gRPC call.
-    pub(crate) fn is_grpc(&self, parts: &Parts) -> bool {
-        match self.grpc {
-            GrpcMode::Always => true,
-            GrpcMode::Never => false,
-            GrpcMode::Detect => parts
-                .headers
-                .get(http::header::CONTENT_TYPE)
-                .is_some_and(|v| {
-                    let v = v.as_bytes();
-                    v.starts_with(b"application/grpc") && !v.starts_with(b"application/grpc-web")
-                }),
-        }
-    }
-
-    /// How long the record of this request is kept.
-    pub(crate) fn ttl_for(&self, parts: &Parts) -> Duration {
-        self.ttl_fn
-            .as_ref()
-            .and_then(|ttl| ttl(parts))
-            .unwrap_or(self.timings.ttl)
-    }
-
-    /// Whether a response header is kept in the record.
-    pub(crate) fn stores_header(&self, name: &HeaderName) -> bool {
-        !ALWAYS_SKIPPED.contains(&name.as_str())
-            && !self.skip_headers.contains(name)
-            && !self.carried.iter().any(|(carried, _)| carried == name)
-    }
-}
 
 /// Applies [`Idempotency`] to a service. See the [crate docs](crate) for the lifecycle and
 /// the README for the table of defaults.
 ///
+/// What every adapter shares (the store, lease, TTL, store timeout, conflicts, detached-work
+/// bounds, outcome hook and drain) is set on [`Settings`] and given to
+/// [`with_settings`](Self::with_settings); the setters here are the HTTP adapter's own.
 /// Setters take `self` by value; every one has a default, so `IdempotencyLayer::new()` alone
 /// is a working layer on the embedded [`MemoryStore`].
-#[derive(Clone)]
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::{IdempotencyLayer, Settings};
+/// use tower_idempotency::store::MemoryStore;
+///
+/// let layer = IdempotencyLayer::with_settings(
+///     Settings::new(MemoryStore::new()).lease(Duration::from_secs(30)),
+/// )
+/// .require_key(true);
+/// let drain = layer.settings().drain_handle();
+/// # let _ = drain;
+/// ```
 pub struct IdempotencyLayer<St = MemoryStore> {
-    store: St,
+    settings: Settings<St>,
     config: Arc<Config>,
-    tracker: Arc<Tracker>,
+}
+
+impl<St: Clone> Clone for IdempotencyLayer<St> {
+    fn clone(&self) -> Self {
+        Self {
+            settings: self.settings.clone(),
+            config: self.config.clone(),
+        }
+    }
 }
 
 impl IdempotencyLayer<MemoryStore> {
@@ -183,14 +64,25 @@ impl Default for IdempotencyLayer<MemoryStore> {
 }
 
 impl<St> IdempotencyLayer<St> {
-    /// A layer on `store` with every default. Clones of the layer (and of the services it
-    /// makes) share the store.
+    /// A layer on `store` with every default: `with_settings(Settings::new(store))`. Clones
+    /// of the layer (and of the services it makes) share the store.
     pub fn with_store(store: St) -> Self {
+        Self::with_settings(Settings::new(store))
+    }
+
+    /// A layer on `settings` (the store and what every adapter shares), with the HTTP
+    /// adapter's own defaults.
+    pub fn with_settings(settings: Settings<St>) -> Self {
         Self {
-            store,
+            settings,
             config: Arc::new(Config::default()),
-            tracker: Arc::default(),
         }
+    }
+
+    /// The shared settings: the store, and the [drain handle](Settings::drain_handle) that
+    /// sees every service made by this layer and its clones.
+    pub fn settings(&self) -> &Settings<St> {
+        &self.settings
     }
 
     fn config(&mut self) -> &mut Config {
@@ -203,7 +95,8 @@ impl<St> IdempotencyLayer<St> {
         self
     }
 
-    /// The longest key accepted, in characters \[255\]; longer keys get 400.
+    /// The longest key accepted, in characters
+    /// \[[`defaults::MAX_KEY_LEN`](crate::defaults::MAX_KEY_LEN)\]; longer keys get 400.
     pub fn max_key_len(mut self, max: usize) -> Self {
         self.config().max_key_len = max;
         self
@@ -261,30 +154,8 @@ impl<St> IdempotencyLayer<St> {
         self
     }
 
-    /// How long a claim lasts without renewal [60 s]. It is renewed every third of this while
-    /// the handler runs; only a dead process lets it lapse, blocking the key this long.
-    ///
-    /// # Panics
-    ///
-    /// Below 30 ms or above ten years.
-    pub fn lease(mut self, lease: Duration) -> Self {
-        self.config().timings.set_lease(lease);
-        self
-    }
-
-    /// How long a completed response is kept for replay [24 h]. A key reused after this runs
-    /// the request again.
-    ///
-    /// # Panics
-    ///
-    /// When zero or above ten years.
-    pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.config().timings.set_ttl(ttl);
-        self
-    }
-
     /// Chooses the retention per request from its head (a route, a tenant's plan); `None`
-    /// keeps the layer's [`ttl`](Self::ttl) \[none\]. Honoured by every store; values are
+    /// keeps the settings' [`ttl`](Settings::ttl) \[none\]. Honoured by every store; values are
     /// clamped to between 1 ms and ten years.
     pub fn ttl_fn(
         mut self,
@@ -294,24 +165,8 @@ impl<St> IdempotencyLayer<St> {
         self
     }
 
-    /// The longest any store call may take [5 s]; past it the request is treated as a store
-    /// failure (see [`on_store_error`](Self::on_store_error)).
-    ///
-    /// # Panics
-    ///
-    /// When zero or above ten years.
-    pub fn store_timeout(mut self, timeout: Duration) -> Self {
-        self.config().timings.set_store_timeout(timeout);
-        self
-    }
-
-    /// What a duplicate gets while the original runs [`OnConflict::Reject`]: 409.
-    pub fn on_conflict(mut self, on_conflict: OnConflict) -> Self {
-        self.config().timings.set_on_conflict(on_conflict);
-        self
-    }
-
-    /// The `Retry-After` of 409 and 503 answers [1 s]. A 409 asks for no more than the
+    /// The `Retry-After` of 409 and 503 answers
+    /// \[[`defaults::RETRY_AFTER`](crate::defaults::RETRY_AFTER)\]. A 409 asks for no more than the
     /// original's lease still runs (at least 1 s), when the store reports it.
     ///
     /// # Panics
@@ -322,39 +177,12 @@ impl<St> IdempotencyLayer<St> {
         self
     }
 
-    /// The largest body a duplicate may send to be compared with the original [16 MiB]; a
+    /// The largest body a duplicate may send to be compared with the original
+    /// \[[`defaults::MAX_DUPLICATE_BODY`](crate::defaults::MAX_DUPLICATE_BODY)\]; a
     /// larger one gets 413 (problem type `#body-too-large`) without being read further. The
     /// original's body is the handler's business: put a `RequestBodyLimitLayer` in front.
     pub fn max_duplicate_body(mut self, bytes: u64) -> Self {
         self.config().max_duplicate_body = bytes;
-        self
-    }
-
-    /// The largest recovery point (phase and data) a handler may save through
-    /// [`RecoveryPoints`](crate::RecoveryPoints) \[64 KiB\]; a larger save is refused with
-    /// [`RecoveryError::TooLarge`](crate::RecoveryError::TooLarge), never truncated.
-    pub fn max_recovery_point(mut self, bytes: usize) -> Self {
-        self.config().limits.max_recovery_point = bytes;
-        self
-    }
-
-    /// How many requests may run on after their clients left, and how many request-body
-    /// bytes they may have declared (`Content-Length`) together [1,024 requests, 256 MiB].
-    /// Past either, new keyed requests get 503 with `Retry-After` (problem type
-    /// `#overloaded`) until some finish: back-pressure instead of unbounded memory.
-    pub fn max_detached(mut self, requests: usize, bytes: u64) -> Self {
-        let limits = &mut self.config().limits;
-        limits.max_detached = requests;
-        limits.max_detached_bytes = bytes;
-        self
-    }
-
-    /// How many bytes of outcomes may wait for a store that failed at the moment of their
-    /// completion [64 MiB]. Such a completion is retried in the background (the claim kept and
-    /// renewed) until the store takes it; past this bound it is not retried, and its claim
-    /// lapses with its lease (a retry after that runs again), as if the process had died.
-    pub fn max_pending_completions(mut self, bytes: u64) -> Self {
-        self.config().limits.max_pending_bytes = bytes;
         self
     }
 
@@ -363,14 +191,6 @@ impl<St> IdempotencyLayer<St> {
     /// layer's own answers to it are gRPC errors. See the README's gRPC section.
     pub fn grpc(mut self, mode: GrpcMode) -> Self {
         self.config().grpc = mode;
-        self
-    }
-
-    /// Called once for every request the layer sees, with what became of it (see
-    /// [`Outcome`]): feed your metrics from here \[none\]. It runs on the request's task:
-    /// keep it cheap (increment a counter).
-    pub fn on_outcome(mut self, hook: impl Fn(Outcome) + Send + Sync + 'static) -> Self {
-        self.config().on_outcome = OutcomeHook::new(hook);
         self
     }
 
@@ -390,7 +210,8 @@ impl<St> IdempotencyLayer<St> {
         self
     }
 
-    /// The largest response body stored [1 MiB]. Larger responses reach the client whole, but
+    /// The largest response body stored
+    /// \[[`defaults::MAX_RESPONSE_BODY`](crate::defaults::MAX_RESPONSE_BODY)\]. Larger responses reach the client whole, but
     /// only their status and headers are kept: a duplicate gets that status with an empty body
     /// and `idempotent-body-omitted: true`, never a second execution.
     pub fn max_response_body(mut self, bytes: usize) -> Self {
@@ -412,23 +233,12 @@ impl<St> IdempotencyLayer<St> {
         self.config().carried = names.into_iter().map(carried_pair).collect();
         self
     }
+}
 
-    /// The store.
-    pub fn store(&self) -> &St {
-        &self.store
-    }
-
-    /// A handle to shut this layer down gracefully: it sees every service made by this layer
-    /// and its clones. See [`DrainHandle`] and the README's shutdown section.
-    pub fn drain_handle(&self) -> DrainHandle<St>
-    where
-        St: Clone,
-    {
-        DrainHandle::new(
-            self.tracker.clone(),
-            self.store.clone(),
-            self.config.timings.store_timeout,
-        )
+impl<S> Idempotency<S, MemoryStore> {
+    /// A layer with every default; see [`IdempotencyLayer`].
+    pub fn layer() -> IdempotencyLayer<MemoryStore> {
+        IdempotencyLayer::new()
     }
 }
 
@@ -436,45 +246,15 @@ impl<S, St: Clone> Layer<S> for IdempotencyLayer<St> {
     type Service = Idempotency<S, St>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Idempotency::from_parts(
-            inner,
-            self.store.clone(),
-            self.config.clone(),
-            self.tracker.clone(),
-        )
+        Idempotency::from_parts(inner, self.settings.clone(), self.config.clone())
     }
 }
 
 impl<St: fmt::Debug> fmt::Debug for IdempotencyLayer<St> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IdempotencyLayer")
-            .field("store", &self.store)
+            .field("settings", &self.settings)
             .field("config", &self.config)
             .finish()
-    }
-}
-
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("header", &self.header)
-            .field("max_key_len", &self.max_key_len)
-            .field("require_key", &self.require_key)
-            .field("methods", &self.methods)
-            .field("predicate", &self.predicate.is_some())
-            .field("scope", &self.scope.is_some())
-            .field("fingerprint", &self.fingerprint)
-            .field("timings", &self.timings)
-            .field("retry_after", &self.retry_after)
-            .field("allow_unscoped", &self.allow_unscoped)
-            .field("max_duplicate_body", &self.max_duplicate_body)
-            .field("limits", &self.limits)
-            .field("on_outcome", &self.on_outcome)
-            .field("grpc", &self.grpc)
-            .field("on_store_error", &self.on_store_error)
-            .field("max_response_body", &self.max_response_body)
-            .field("skip_headers", &self.skip_headers)
-            .field("carried", &self.carried)
-            .finish_non_exhaustive()
     }
 }

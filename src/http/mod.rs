@@ -2,7 +2,8 @@
 //!
 //! | file | concern |
 //! |---|---|
-//! | `layer.rs` | [`IdempotencyLayer`]: every knob, with its default |
+//! | `config.rs` | the adapter's own settings (header, scope, what is stored) and their defaults |
+//! | `layer.rs` | [`IdempotencyLayer`]: the adapter's own knobs over the shared [`Settings`](crate::Settings) |
 //! | `service.rs` | [`Idempotency`]: the request lifecycle, step by step |
 //! | `future.rs` | [`ResponseFuture`]: passthrough, immediate answers, guarded work that outlives its client |
 //! | `key.rs` | the `Idempotency-Key` header: parsing and validation |
@@ -17,6 +18,7 @@
 #[cfg(feature = "__bench")]
 pub mod bench;
 mod capture;
+mod config;
 pub mod fingerprint;
 mod future;
 mod key;
@@ -29,10 +31,11 @@ mod response_body;
 mod service;
 
 pub use capture::NoStore;
+pub use config::{GrpcMode, OnStoreError};
 pub use fingerprint::{Fingerprint, FingerprintHasher};
 pub use future::ResponseFuture;
-pub use key::{IdempotencyKey, KeyError};
-pub use layer::{GrpcMode, IdempotencyLayer, OnStoreError};
+pub use key::{store_key as http_key, IdempotencyKey, KeyError};
+pub use layer::IdempotencyLayer;
 pub use replay::{BODY_OMITTED_HEADER, REPLAYED_HEADER};
 pub use request_body::RequestBody;
 pub use response_body::ResponseBody;

@@ -2,11 +2,12 @@
 //! stored response (or refuse it with 422).
 
 use http::header::{HeaderValue, CONTENT_TYPE};
+use std::time::Duration;
+
 use http::{HeaderName, Response};
 use http_body::Body;
 
 use super::fingerprint::{self, FingerprintHasher, HashError};
-use super::layer::Config;
 use super::problem::{Problem, ProblemKind};
 use super::record;
 use super::response_body::ResponseBody;
@@ -20,24 +21,32 @@ pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-repl
 /// The header a replay carries when the original body was too large to keep.
 pub const BODY_OMITTED_HEADER: HeaderName = HeaderName::from_static("idempotent-body-omitted");
 
+/// How the layer answers a duplicate: which carried request headers a replay restores (and
+/// under which names), the `Retry-After` of a 503, and whether it is a gRPC call.
+pub(crate) struct Answering<'a> {
+    pub(crate) carried: &'a [(HeaderName, HeaderName)],
+    pub(crate) retry_after: Duration,
+    pub(crate) grpc: bool,
+}
+
 /// A duplicate of a completed request: replay, or 422 when the payload differs (413 when its
-/// body is too large to compare).
+/// body is over `body_limit`; `None`: the fingerprint does not cover the body).
 pub(crate) async fn duplicate<ReqBody, ResBody>(
-    config: &Config,
     record: Record,
     body: ReqBody,
     hasher: Option<FingerprintHasher>,
-    grpc: bool,
+    body_limit: Option<u64>,
+    answering: Answering<'_>,
 ) -> (Response<ResponseBody<ResBody>>, Outcome)
 where
     ReqBody: Body,
     ReqBody::Error: Into<BoxError>,
 {
+    let grpc = answering.grpc;
     if let (Some(stored), Some(hasher)) = (record.fingerprint(), hasher) {
-        let hashed = if config.fingerprint.covers_body() {
-            fingerprint::hash_body(body, hasher, config.max_duplicate_body).await
-        } else {
-            Ok(hasher.finish())
+        let hashed = match body_limit {
+            Some(limit) => fingerprint::hash_body(body, hasher, limit).await,
+            None => Ok(hasher.finish()),
         };
         match hashed {
             Ok(fingerprint) if protocol::same_payload(Some(stored), Some(fingerprint)) => {}
@@ -50,7 +59,7 @@ where
             Err(HashError::TooLarge) => {
                 tracing::info!(
                     outcome = "body_too_large",
-                    limit = config.max_duplicate_body,
+                    limit = body_limit,
                     "duplicate's body over the limit"
                 );
                 return (
@@ -75,11 +84,11 @@ where
                 status = stored.status.as_u16(),
                 "replaying stored response"
             );
-            (replay(stored, config), Outcome::Replayed)
+            (replay(stored, answering.carried), Outcome::Replayed)
         }
         Err(unreadable) => {
             seal::report(seal::identity(&payload), unreadable, &unreadable);
-            unreadable_record(unreadable, config, grpc)
+            unreadable_record(unreadable, answering.retry_after, grpc)
         }
     }
 }
@@ -89,20 +98,21 @@ where
 /// instance will).
 pub(crate) fn unreadable_record<B>(
     unreadable: Unreadable,
-    config: &Config,
+    retry_after: Duration,
     grpc: bool,
 ) -> (Response<ResponseBody<B>>, Outcome) {
     let problem = match unreadable {
         Unreadable::Damaged(_) => Problem::Plain(ProblemKind::UnreadableRecord),
-        Unreadable::Newer(_) => {
-            Problem::RetryAfter(ProblemKind::UnknownRecordVersion, config.retry_after)
-        }
+        Unreadable::Newer(_) => Problem::RetryAfter(ProblemKind::UnknownRecordVersion, retry_after),
     };
     (problem.respond(grpc), Outcome::Unreadable)
 }
 
 /// Builds the replay of a stored response.
-fn replay<B>(stored: record::StoredResponse, config: &Config) -> Response<ResponseBody<B>> {
+fn replay<B>(
+    stored: record::StoredResponse,
+    carried: &[(HeaderName, HeaderName)],
+) -> Response<ResponseBody<B>> {
     let mut response = Response::new(ResponseBody::full_with_trailers(
         stored.body,
         stored.trailers,
@@ -112,7 +122,7 @@ fn replay<B>(stored: record::StoredResponse, config: &Config) -> Response<Respon
     *headers = stored.headers;
     for (name, value) in stored.carried {
         // Only headers the layer (still) carries are replayed.
-        if let Some((_, replayed)) = config.carried.iter().find(|(carried, _)| *carried == name) {
+        if let Some((_, replayed)) = carried.iter().find(|(carried, _)| *carried == name) {
             headers.insert(replayed.clone(), value);
         }
     }

@@ -39,7 +39,7 @@ pub(crate) enum SlotState<B> {
     Reading,
     /// The body was read to its end: here is the fingerprint.
     Done(u128),
-    /// The handler dropped the body before its end: the rest, to drain.
+    /// The handler dropped the body before its end: the rest, to read out.
     Leftover(Pin<Box<B>>, FingerprintHasher),
     /// The body failed: no fingerprint can be made.
     Failed,
@@ -200,7 +200,7 @@ where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    /// The fingerprint, once the handler answered. A body the handler left unread is drained
+    /// The fingerprint, once the handler answered. A body the handler left unread is read out
     /// and hashed now, still under the claim (a slow client may take a while); `None` when the
     /// body failed or the handler kept it past its answer.
     pub(crate) async fn finish<St: Store>(self, guard: &ClaimGuard<St>) -> Option<u128> {
@@ -210,7 +210,7 @@ where
                 let fingerprint = match take_slot(&slot) {
                     SlotState::Done(digest) => Some(digest),
                     SlotState::Leftover(mut rest, hasher) => guard
-                        .keep_alive(super::fingerprint::drain(rest.as_mut(), hasher))
+                        .keep_alive(super::fingerprint::read_rest(rest.as_mut(), hasher))
                         .await
                         .ok(),
                     SlotState::Failed | SlotState::Reading => None,

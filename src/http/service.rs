@@ -4,7 +4,7 @@
 //! 2. Key header: none → pass through (or 400 when required); invalid or repeated → 400.
 //! 3. Scope (tenant) + method + path + key → the record's composite key.
 //! 4. Claim it in the store (bounded by the store timeout; on failure 503 or fail open).
-//!    * completed → drain and hash the duplicate's body → replay, or 422 on a mismatch;
+//!    * completed → read out and hash the duplicate's body → replay, or 422 on a mismatch;
 //!    * in flight → 409, or wait for the original and replay it;
 //!    * claimed → run the handler with the body hashed as it streams, renewing the lease.
 //! 5. The handler answered: a storable answer is buffered (up to the limit) and stored with
@@ -29,16 +29,16 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use super::capture::{self, Captured, Produced};
+use super::config::{Config, OnStoreError};
 use super::fingerprint::FingerprintHasher;
 use super::future::ResponseFuture;
 use super::key::{self, KeyHeader};
-use super::layer::{Config, IdempotencyLayer, OnStoreError};
 use super::problem::{Problem, ProblemKind};
 use super::replay;
 use super::request_body::{self, RequestBody};
 use super::response_body::ResponseBody;
 use crate::protocol::{
-    self, Begin, ClaimGuard, Failure, Outcome, Panicked, Refusal, ReleaseReason, Ticket, Tracker,
+    self, Begin, ClaimGuard, Failure, Outcome, Panicked, Refusal, ReleaseReason, Settings, Ticket,
 };
 use crate::store::{MemoryStore, Store};
 use crate::BoxError;
@@ -47,35 +47,23 @@ use crate::BoxError;
 #[derive(Clone)]
 pub struct Idempotency<S, St = MemoryStore> {
     inner: S,
-    store: St,
+    settings: Settings<St>,
     config: Arc<Config>,
-    tracker: Arc<Tracker>,
 }
 
 impl<S> Idempotency<S, MemoryStore> {
     /// Wraps `inner` with every default, on a fresh [`MemoryStore`].
     pub fn new(inner: S) -> Self {
-        Self::from_parts(inner, MemoryStore::new(), Arc::default(), Arc::default())
-    }
-
-    /// A layer with every default; see [`IdempotencyLayer`].
-    pub fn layer() -> IdempotencyLayer<MemoryStore> {
-        IdempotencyLayer::new()
+        Self::from_parts(inner, Settings::default(), Arc::default())
     }
 }
 
 impl<S, St> Idempotency<S, St> {
-    pub(crate) fn from_parts(
-        inner: S,
-        store: St,
-        config: Arc<Config>,
-        tracker: Arc<Tracker>,
-    ) -> Self {
+    pub(crate) fn from_parts(inner: S, settings: Settings<St>, config: Arc<Config>) -> Self {
         Self {
             inner,
-            store,
+            settings,
             config,
-            tracker,
         }
     }
 
@@ -99,7 +87,7 @@ impl<S: fmt::Debug, St: fmt::Debug> fmt::Debug for Idempotency<S, St> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Idempotency")
             .field("inner", &self.inner)
-            .field("store", &self.store)
+            .field("settings", &self.settings)
             .field("config", &self.config)
             .finish()
     }
@@ -130,35 +118,35 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let (mut parts, body) = request.into_parts();
-        let config = &self.config;
+        let (config, settings) = (&self.config, &self.settings);
         let grpc = config.is_grpc(&parts);
-        let (store_key, ticket) = match admit(config, &self.tracker, &mut parts) {
+        let (store_key, ticket) = match admit(config, settings, &mut parts) {
             Admission::Guard(store_key, ticket) => (store_key, ticket),
             Admission::Pass(outcome) => {
-                config.on_outcome.fire(outcome);
+                settings.hook().fire(outcome);
                 return self.passthrough(parts, body);
             }
             Admission::Refuse(problem, outcome) => {
-                config.on_outcome.fire(outcome);
+                settings.hook().fire(outcome);
                 return ResponseFuture::ready(problem.respond(grpc));
             }
         };
         let span = tracing::debug_span!("idempotency", key = %store_key, method = %parts.method, path = parts.uri.path());
-        let ttl = config.ttl_for(&parts);
+        let ttl = config.ttl_for(&parts, settings.timings().ttl);
         let declared = parts
             .headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
             .unwrap_or(0);
-        let work = Guarded {
+        let work = Keyed {
             inner: protocol::take_ready(&mut self.inner),
-            store: self.store.clone(),
+            settings: self.settings.clone(),
             config: self.config.clone(),
             grpc,
             _body: PhantomData,
         };
-        let hook = self.config.on_outcome.clone();
-        let guarded = async move {
+        let hook = self.settings.hook().clone();
+        let keyed = async move {
             // A panic in the layer's own code (or the store's) answers 500; the claim guard,
             // dropped with the work, releases the key. The work is boxed where it is made: it
             // is a large future, and moving it by value through the wrappers cost more (a fifth
@@ -169,20 +157,17 @@ where
             .await
             {
                 Ok(done) => done,
-                Err(panic) => {
-                    panic.report();
-                    (
-                        Ok(Problem::Plain(ProblemKind::HandlerPanicked).respond(grpc)),
-                        Outcome::Released(ReleaseReason::Panic),
-                    )
-                }
+                Err(_panic) => (
+                    Ok(Problem::Plain(ProblemKind::HandlerPanicked).respond(grpc)),
+                    Outcome::Released(ReleaseReason::Panic),
+                ),
             };
             hook.fire(outcome);
             answer
         };
-        ResponseFuture::guarded(
-            Box::pin(guarded.instrument(span)),
-            self.tracker.clone(),
+        ResponseFuture::keyed(
+            Box::pin(keyed.instrument(span)),
+            self.settings.tracker().clone(),
             declared,
         )
     }
@@ -200,7 +185,7 @@ enum Admission {
 
 /// Steps 1 to 3: is the request handled, its key, its scope, and room for it. A valid key is
 /// put in the request's extensions for the handler.
-fn admit(config: &Config, tracker: &Arc<Tracker>, parts: &mut Parts) -> Admission {
+fn admit<St>(config: &Config, settings: &Settings<St>, parts: &mut Parts) -> Admission {
     if !config.applies(parts) {
         tracing::trace!(
             outcome = "passthrough",
@@ -257,18 +242,18 @@ fn admit(config: &Config, tracker: &Arc<Tracker>, parts: &mut Parts) -> Admissio
             }
         },
     };
-    let ticket = match tracker.enter(&config.limits) {
+    let ticket = match settings.tracker().enter(settings.limits()) {
         Ok(ticket) => ticket,
         Err(refusal) => {
-            let (kind, outcome) = match refusal {
-                Refusal::Draining => (ProblemKind::ShuttingDown, Outcome::ShuttingDown),
-                Refusal::Overloaded => (ProblemKind::Overloaded, Outcome::Overloaded),
+            let kind = match refusal {
+                Refusal::Draining => ProblemKind::ShuttingDown,
+                Refusal::Overloaded => ProblemKind::Overloaded,
             };
-            tracing::warn!(outcome = outcome.as_str(), "keyed request refused");
-            return Admission::Refuse(Problem::RetryAfter(kind, config.retry_after), outcome);
+            let problem = Problem::RetryAfter(kind, config.retry_after);
+            return Admission::Refuse(problem, refusal.outcome());
         }
     };
-    let store_key = crate::admin::http_key(&scope, &parts.method, parts.uri.path(), key.as_str());
+    let store_key = key::store_key(&scope, &parts.method, parts.uri.path(), key.as_str());
     parts.extensions.insert(key);
     Admission::Guard(store_key, ticket)
 }
@@ -289,10 +274,10 @@ impl<S, St> Idempotency<S, St> {
     }
 }
 
-/// One guarded request: everything from the claim on.
-struct Guarded<S, St, ReqBody> {
+/// One keyed request: everything from the claim on.
+struct Keyed<S, St, ReqBody> {
     inner: S,
-    store: St,
+    settings: Settings<St>,
     config: Arc<Config>,
     /// Whether the request is a gRPC call (answered in gRPC's terms).
     grpc: bool,
@@ -301,7 +286,7 @@ struct Guarded<S, St, ReqBody> {
 
 type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
 
-impl<S, St, ReqBody, ResBody> Guarded<S, St, ReqBody>
+impl<S, St, ReqBody, ResBody> Keyed<S, St, ReqBody>
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
     St: Store + Clone,
@@ -319,9 +304,8 @@ where
         parts: Parts,
         body: ReqBody,
     ) -> (Answer<ResBody, S::Error>, Outcome) {
-        let timings = self.config.timings;
         let hasher = self.config.fingerprint.start(&parts);
-        match protocol::begin(&self.store, key, &timings, ticket).await {
+        match protocol::begin(self.settings.store(), key, self.settings.timings(), ticket).await {
             Ok(Begin::Claimed(guard)) => {
                 tracing::debug!(outcome = "claimed", "key claimed; running the handler");
                 self.original(guard, ttl, parts, body, hasher).await
@@ -333,8 +317,18 @@ where
                         "original finished while the duplicate waited"
                     );
                 }
+                let config = &self.config;
+                let body_limit = config
+                    .fingerprint
+                    .covers_body()
+                    .then_some(config.max_duplicate_body);
+                let answering = replay::Answering {
+                    carried: &config.carried,
+                    retry_after: config.retry_after,
+                    grpc: self.grpc,
+                };
                 let (response, outcome) =
-                    replay::duplicate(&self.config, record, body, hasher, self.grpc).await;
+                    replay::duplicate(record, body, hasher, body_limit, answering).await;
                 (Ok(response), outcome)
             }
             Ok(Begin::InFlight {
@@ -357,7 +351,7 @@ where
                 // reason to run the handler, whatever the store-error policy (`begin` logged it).
                 Some(unreadable) => {
                     let (response, outcome) =
-                        replay::unreadable_record(unreadable, &self.config, self.grpc);
+                        replay::unreadable_record(unreadable, self.config.retry_after, self.grpc);
                     (Ok(response), outcome)
                 }
                 // Boxed: a rare path (failing open runs the handler) that every request's
@@ -401,12 +395,12 @@ where
         hasher: Option<FingerprintHasher>,
     ) -> (Answer<ResBody, S::Error>, Outcome) {
         let (config, grpc) = (self.config.clone(), self.grpc);
-        let carried = capture::carried_headers(&parts, &config);
+        let carried = capture::carried_headers(&parts, &config.carried);
         // The handler reaches the key's recovery points from its request's extensions.
         let mut parts = parts;
         parts
             .extensions
-            .insert(guard.recovery_points(ttl, config.limits.max_recovery_point));
+            .insert(guard.recovery_points(ttl, self.settings.limits().max_recovery_point));
         let (body, fingerprint) =
             request_body::attach(body, hasher, config.fingerprint.covers_body());
         let call = self.inner.call(Request::from_parts(parts, body));
@@ -414,7 +408,8 @@ where
         // would otherwise hold its own copy of this future in its state.
         let work = std::pin::pin!(async {
             let response = call.await?;
-            Ok(capture::read(response, &config, grpc).await)
+            let max_body = config.max_response_body;
+            Ok(capture::read(response, &*config.store_status, max_body, grpc).await)
         });
         let produced = guard.run(work).await;
         let captured = match storable(produced, grpc) {
@@ -425,7 +420,7 @@ where
             }
         };
         let fingerprint = fingerprint.finish(&guard).await;
-        let record = captured.record(fingerprint, &carried, &config);
+        let record = captured.record(fingerprint, &carried, |name| config.stores_header(name));
         let outcome = guard.complete_for(record, ttl).await.into();
         let response = Response::from_parts(
             captured.head,
@@ -467,12 +462,9 @@ fn storable<B, E>(
             );
             (Err(error), ReleaseReason::Error)
         }
-        Err(panic) => {
-            panic.report();
-            (
-                Ok(Problem::Plain(ProblemKind::HandlerPanicked).respond(grpc)),
-                ReleaseReason::Panic,
-            )
-        }
+        Err(_panic) => (
+            Ok(Problem::Plain(ProblemKind::HandlerPanicked).respond(grpc)),
+            ReleaseReason::Panic,
+        ),
     })
 }

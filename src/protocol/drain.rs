@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{bounded, Failure};
+use super::{bounded, Failure, Outcome};
 use crate::store::{OwnerToken, Store, StoreError};
 
 /// How much work may run on after its caller left, before new keyed work is refused.
@@ -25,14 +25,14 @@ pub(crate) struct Limits {
 }
 
 impl Default for Limits {
-    /// 1,024 detached requests, 256 MiB of their declared request bodies, 64 MiB of pending
-    /// completions, recovery points of 64 KiB.
+    /// The [`defaults`](crate::defaults).
     fn default() -> Self {
+        use crate::defaults;
         Self {
-            max_detached: 1024,
-            max_detached_bytes: 256 * 1024 * 1024,
-            max_pending_bytes: 64 * 1024 * 1024,
-            max_recovery_point: super::recovery::DEFAULT_MAX_RECOVERY_POINT,
+            max_detached: defaults::MAX_DETACHED,
+            max_detached_bytes: defaults::MAX_DETACHED_BYTES,
+            max_pending_bytes: defaults::MAX_PENDING_COMPLETIONS,
+            max_recovery_point: defaults::MAX_RECOVERY_POINT,
         }
     }
 }
@@ -44,6 +44,26 @@ pub(crate) enum Refusal {
     Draining,
     /// Detached work is at its limit.
     Overloaded,
+}
+
+impl Refusal {
+    /// What became of the refused work, logged here for every adapter; each answers it in
+    /// its own terms (HTTP 503, a consumer error).
+    pub(crate) fn outcome(self) -> Outcome {
+        match self {
+            Refusal::Draining => {
+                tracing::info!(outcome = "shutting_down", "draining: keyed work refused");
+                Outcome::ShuttingDown
+            }
+            Refusal::Overloaded => {
+                tracing::warn!(
+                    outcome = "overloaded",
+                    "too much detached work: keyed work refused"
+                );
+                Outcome::Overloaded
+            }
+        }
+    }
 }
 
 /// What one layer (and every clone of it) has in flight.
@@ -174,8 +194,9 @@ impl Drop for Ticket {
 }
 
 /// Shuts an [`IdempotencyLayer`](crate::IdempotencyLayer) (or a consumer layer) down without
-/// losing work or blocking keys. Get one with `drain_handle()` on the layer; it shares the
-/// state of every service the layer made.
+/// losing work or blocking keys. Get one with [`Settings::drain_handle`](crate::Settings::drain_handle)
+/// (`layer.settings().drain_handle()`); it sees every service made by a layer built on those
+/// settings or a clone of them, HTTP and consumer alike.
 ///
 /// Once [`start`](Self::start) (or [`drain`](Self::drain)) is called:
 ///
@@ -194,7 +215,7 @@ impl Drop for Ticket {
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
 /// let layer = IdempotencyLayer::new();
-/// let drain = layer.drain_handle();
+/// let drain = layer.settings().drain_handle();
 /// // ... serve with `layer`; on SIGTERM stop accepting, then:
 /// let report = drain.drain(Duration::from_secs(25)).await;
 /// assert!(report.released().is_empty());

@@ -49,8 +49,8 @@ impl Panicked {
 }
 
 impl Panicked {
-    /// Logs the panic, as every adapter does before it releases the key.
-    pub(crate) fn report(&self) {
+    /// Logs the panic (done by [`catch_unwind`], where it is caught).
+    fn report(&self) {
         tracing::error!(
             outcome = "not_stored",
             reason = "panic",
@@ -256,10 +256,9 @@ impl Pending {
     }
 }
 
-/// Backoff between retries of a pending call: full jitter, from 50 ms, capped at 2 s.
+/// Backoff between retries of a pending call.
 pub(super) fn retry_backoff(attempt: u32) -> Duration {
-    let cap_ms = 50u64.saturating_mul(1 << attempt.min(6)).min(2000);
-    Duration::from_millis(fastrand::u64(10..=cap_ms))
+    crate::store::backoff_with_jitter(attempt, crate::store::RETRY)
 }
 
 impl<St: Store> Held<St> {
@@ -388,8 +387,13 @@ impl<St: Store> fmt::Debug for ClaimGuard<St> {
 /// Runs `future`, turning a panic while polling it into [`Panicked`]: the adapters wrap their
 /// own code in it too, so that a bug in the layer answers an error (and drops the claim guard,
 /// which releases the key) instead of unwinding into the server.
+/// The panic is logged here, once, for every adapter.
 pub(crate) async fn catch_unwind<F: Future>(future: F) -> Result<F::Output, Panicked> {
-    CatchUnwind { inner: future }.await.map_err(Panicked)
+    CatchUnwind { inner: future }.await.map_err(|panic| {
+        let panic = Panicked(panic);
+        panic.report();
+        panic
+    })
 }
 
 pin_project_lite::pin_project! {

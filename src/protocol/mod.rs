@@ -29,6 +29,7 @@ mod guard;
 mod outcome;
 mod recovery;
 pub(crate) mod seal;
+mod settings;
 
 pub(crate) use detach::FinishOnDrop;
 pub use drain::{DrainHandle, DrainReport};
@@ -37,6 +38,7 @@ pub(crate) use guard::{catch_unwind, ClaimGuard, Panicked};
 pub(crate) use outcome::OutcomeHook;
 pub use outcome::{Outcome, ReleaseReason};
 pub use recovery::{RecoveryError, RecoveryPoints};
+pub use settings::Settings;
 
 /// What a duplicate gets while the original still runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,12 +67,12 @@ pub(crate) struct Timings {
 }
 
 impl Default for Timings {
-    /// Lease 60 s, TTL 24 h, store timeout 5 s, no waiting.
+    /// The [`defaults`](crate::defaults); no waiting.
     fn default() -> Self {
         Self {
-            lease: Duration::from_secs(60),
-            ttl: Duration::from_secs(24 * 60 * 60),
-            store_timeout: Duration::from_secs(5),
+            lease: crate::defaults::LEASE,
+            ttl: crate::defaults::TTL,
+            store_timeout: crate::defaults::STORE_TIMEOUT,
             wait: None,
         }
     }

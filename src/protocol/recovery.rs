@@ -11,9 +11,6 @@ use serde::Serialize;
 
 use crate::store::{BoxStore, OwnerToken, RecoveryPoint, Store, StoreError};
 
-/// The largest recovery point (phase and data together) by default: 64 KiB.
-pub(crate) const DEFAULT_MAX_RECOVERY_POINT: usize = 64 * 1024;
-
 /// A handler's access to the recovery point of the key it runs under.
 ///
 /// The layer puts one in the request's extensions (next to the

@@ -85,7 +85,7 @@ pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use postgres::{InvalidTableName, PostgresReplication, PostgresStore};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use redis::{RedisConfig, RedisStore};
+pub use redis::{RedisServerReport, RedisStore};
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::{SqliteOpenError, SqliteStore, SqliteStoreBuilder, Synchronous};
@@ -398,7 +398,7 @@ pub trait Store: Send + Sync + 'static {
     /// (the memory store, Redis pub/sub) override it to wake as soon as the key changes.
     fn wait(&self, key: &str, attempt: u32) -> impl Future<Output = ()> + Send {
         let _ = key;
-        tokio::time::sleep(backoff_with_jitter(attempt))
+        tokio::time::sleep(backoff_with_jitter(attempt, POLL))
     }
 
     /// Saves `point` as the recovery point of `key` (replacing the one before), kept for
@@ -497,11 +497,20 @@ where
     }
 }
 
-/// Exponential backoff with full jitter, from 10 ms, capped at 500 ms.
-pub(crate) fn backoff_with_jitter(attempt: u32) -> Duration {
-    let cap_ms = 10u64.saturating_mul(1 << attempt.min(6)).min(500);
-    Duration::from_millis(fastrand::u64(1..=cap_ms))
+/// Exponential backoff with full jitter: attempt `n` waits a random time up to
+/// `first × 2^n` (at least a fifth of `first`), capped at `cap`. Polling a store waits
+/// [`POLL`]; retrying a failed store call waits [`RETRY`].
+pub(crate) fn backoff_with_jitter(attempt: u32, (first, cap): (Duration, Duration)) -> Duration {
+    let ceiling = first.saturating_mul(1 << attempt.min(6)).min(cap);
+    let floor = (first / 5).min(ceiling);
+    floor + ceiling.mul_f64(fastrand::f64()).saturating_sub(floor)
 }
+
+/// Between polls of a store for a key's end: from 10 ms, capped at 500 ms.
+pub(crate) const POLL: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_millis(500));
+/// Between retries of a store call that failed: from 50 ms, capped at 2 s.
+pub(crate) const RETRY: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
 
 impl<T: Store> Store for Arc<T> {
     fn claim_as(

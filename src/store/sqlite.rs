@@ -716,7 +716,7 @@ impl Store for SqliteStore {
     async fn wait(&self, key: &str, attempt: u32) {
         self.inner
             .wakers
-            .wait_at_most(key, backoff_with_jitter(attempt))
+            .wait_at_most(key, backoff_with_jitter(attempt, super::POLL))
             .await;
     }
 

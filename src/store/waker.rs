@@ -59,7 +59,7 @@ impl Wakers {
     /// Waits until `key` is notified, or the bound for `attempt` passes.
     pub(crate) async fn wait(&self, key: &str, attempt: u32) {
         if !self.is_listening() {
-            tokio::time::sleep(backoff_with_jitter(attempt)).await;
+            tokio::time::sleep(backoff_with_jitter(attempt, super::POLL)).await;
             return;
         }
         let bound = LISTENING_BOUND + Duration::from_millis(fastrand::u64(0..250));

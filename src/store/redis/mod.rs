@@ -15,13 +15,13 @@ use super::{ClaimOutcome, KeyState, OwnerToken, Record, RecoveryPoint, Store, St
 mod codec;
 mod connection;
 mod scripts;
-mod server_config;
+mod server_report;
 
 use codec::{claim_value, CLAIM_TAG};
 pub(crate) use codec::{decode_record, encode_record};
 use connection::{Connection, SentinelLink};
 use scripts::{Scripts, CLAIM, COMPLETE, INSPECT, LOAD_POINT, RELEASE, RENEW, SAVE_POINT};
-pub use server_config::RedisConfig;
+pub use server_report::RedisServerReport;
 
 /// A store in Redis, for a fleet of instances: every instance sees the same claims and
 /// records. See the [module docs](super) for the protocol.
@@ -211,7 +211,7 @@ impl RedisStore {
 
     /// Reads what of the server's configuration matters to idempotency: its eviction policy
     /// and whether it persists its data.
-    pub async fn check_config(&self) -> Result<RedisConfig, StoreError> {
+    pub async fn check_config(&self) -> Result<RedisServerReport, StoreError> {
         let mut connection = self.connection.clone();
         let get = |name: &'static str| {
             let mut cmd = redis::cmd("CONFIG");
@@ -231,7 +231,7 @@ impl RedisStore {
             .await
             .map_err(StoreError::backend)?;
         let value = |pair: &[String]| pair.get(1).cloned().unwrap_or_default();
-        Ok(RedisConfig {
+        Ok(RedisServerReport {
             maxmemory_policy: value(&policy),
             appendonly: value(&appendonly) == "yes",
             snapshots: !value(&save).trim().is_empty(),

@@ -3,7 +3,7 @@
 /// What [`RedisStore::check_config`](super::RedisStore::check_config) read from the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct RedisConfig {
+pub struct RedisServerReport {
     /// `maxmemory-policy`: only `noeviction` never deletes a claim or a record.
     pub maxmemory_policy: String,
     /// `appendonly yes`: writes survive a restart.
@@ -12,7 +12,7 @@ pub struct RedisConfig {
     pub snapshots: bool,
 }
 
-impl RedisConfig {
+impl RedisServerReport {
     /// Whether the server may delete keys under memory pressure. `allkeys-*` policies evict
     /// any key; `volatile-*` ones evict keys with a TTL, which every claim and record has.
     pub fn can_evict(&self) -> bool {
