@@ -66,7 +66,7 @@ pub enum ConsumerError<E> {
     #[error("the consumer is shutting down")]
     ShuttingDown,
     /// Too many deliveries run on after their callers gave up on them (see
-    /// [`IdempotentConsumerLayer::max_detached`](super::IdempotentConsumerLayer::max_detached)): the handler did not run. Do not ack.
+    /// [`Settings::max_detached`](crate::Settings::max_detached)): the handler did not run. Do not ack.
     #[error("too many deliveries still running")]
     Overloaded,
 }
