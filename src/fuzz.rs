@@ -1,4 +1,4 @@
-// Entry points for the fuzz targets in `fuzz/` (feature `__fuzz`, which only they enable):
+// Entry points for the fuzz targets in `fuzz/` (hidden from the docs):
 // not part of the public API. Each takes arbitrary bytes and must never panic; the round
 // trips check that what is decoded is what was encoded.
 

@@ -143,7 +143,6 @@
     rust_2018_idioms
 )]
 
-#[cfg(feature = "__fuzz")]
 #[doc(hidden)]
 pub mod __fuzz {
     //! Not public API: entry points for this crate's fuzz targets.
@@ -162,7 +161,6 @@ pub mod client;
 #[cfg_attr(docsrs, doc(cfg(feature = "consumer")))]
 pub mod consumer;
 
-#[cfg(feature = "__bench")]
 #[doc(hidden)]
 pub use self::http::bench as __bench;
 pub use self::http::{fingerprint, problem};

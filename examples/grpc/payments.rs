@@ -1,5 +1,5 @@
-//! The `payments.v1` protocol of the gRPC example, shared by `examples/grpc_server.rs` and
-//! `tests/grpc.rs` (included with `#[path]`). Written out by hand, as `prost` derives it, so
+//! The `payments.v1` protocol of the gRPC example, shared by `examples/grpc/grpc_server.rs` and
+//! `examples/grpc/tests/grpc.rs` (included with `#[path]`). Written out by hand, as `prost` derives it, so
 //! that no `protoc` is needed to build:
 //!
 //! ```proto

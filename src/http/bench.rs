@@ -1,5 +1,5 @@
-//! Entry points for the crate's benchmarks (feature `__bench`, which only this crate's own
-//! benches enable): not part of the public API.
+//! Entry points for the crate's benchmarks (hidden from the docs): not part of the
+//! public API.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;

@@ -15,7 +15,6 @@
 //! | `response_body.rs` | [`ResponseBody`]: the handler's body, a buffered original, or a replay |
 //! | `problem.rs` | the RFC 9457 answers the layer gives on its own |
 
-#[cfg(feature = "__bench")]
 pub mod bench;
 mod capture;
 mod config;
@@ -49,7 +48,6 @@ pub(crate) fn stored_status(record: &crate::store::Record) -> Option<http::Statu
 }
 
 /// The record decoder's fuzz entry point: decode; what decodes re-encodes to the same response.
-#[cfg(feature = "__fuzz")]
 pub(crate) fn fuzz_record(data: &[u8]) {
     if let Ok(stored) = record::decode(bytes::Bytes::copy_from_slice(data)) {
         let body = (!stored.body_omitted).then(|| std::iter::once(&stored.body));

@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 
 /// What became of one request (or one delivery): the layer's `on_outcome` callback receives
-/// exactly one per request it sees. Feed counters with it (see `examples/metrics.rs`);
+/// exactly one per request it sees. Feed counters with it (see `examples/metrics/metrics.rs`);
 /// [`as_str`](Self::as_str) is a stable label.
 ///
 /// | outcome | HTTP answer | consumer answer |

@@ -351,7 +351,6 @@ impl RedisStore {
 
     /// Makes this store (and its clones) claim with the Lua script, as it does on a server
     /// before Redis 7.0, so that this crate's tests can run the script against a newer one.
-    #[cfg(feature = "__test")]
     #[doc(hidden)]
     pub fn claiming_by_script(self) -> Self {
         self.scripts.plain_claim.store(false, Ordering::Relaxed);

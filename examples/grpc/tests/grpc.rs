@@ -1,7 +1,8 @@
 //! The gRPC example (a tonic service behind the layer) driven by a real tonic client over
 //! loopback: for a gRPC client it behaves as the HTTP demo does for an HTTP client.
 
-mod support;
+#[path = "../../../tests/support/demo.rs"]
+mod demo;
 
 use std::process::Child;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-#[path = "../examples/grpc/payments.rs"]
+#[path = "../payments.rs"]
 mod payments;
 use payments::{CreatePaymentRequest, Payment, Stats, StatsRequest, Tick, TicksRequest};
 
@@ -29,8 +30,8 @@ impl Drop for Server {
 
 impl Server {
     async fn start() -> Self {
-        let binary = support::demo::example_binary("grpc_server");
-        let (child, base) = support::demo::spawn_listening(&binary, &[]).await;
+        let binary = demo::example_binary("grpc_server");
+        let (child, base) = demo::spawn_listening(&binary, &[]).await;
         Self { child, base }
     }
 

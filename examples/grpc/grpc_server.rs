@@ -33,7 +33,7 @@ use tower::{service_fn, ServiceBuilder};
 use tower_idempotency::store::{BoxStore, MemoryStore, PostgresStore, RedisStore};
 use tower_idempotency::IdempotencyLayer;
 
-#[path = "grpc/payments.rs"]
+#[path = "payments.rs"]
 mod payments;
 use payments::{CreatePaymentRequest, Payment, Stats, StatsRequest, Tick, TicksRequest};
 
