@@ -62,10 +62,10 @@ struct Args {
     /// Sentinel names, followed across failovers) or `postgres://USER@HOST:PORT/DB`.
     #[arg(long, default_value = "memory")]
     store: String,
-    /// How long responses are kept for replay, in seconds [library default: 24 h].
+    /// How long responses are kept for replay, in seconds [the library's default, `defaults::TTL`].
     #[arg(long)]
     ttl: Option<u64>,
-    /// How long a claim lasts without renewal, in seconds [library default: 60 s].
+    /// How long a claim lasts without renewal, in seconds [the library's default, `defaults::LEASE`].
     #[arg(long)]
     lock_ttl: Option<u64>,
     /// What a duplicate gets while the original runs.

@@ -21,13 +21,13 @@
 //! |---|---|---|
 //! | method not handled [handled: POST, PATCH], or no key (and keys not required) | passes through untouched | the handler's |
 //! | key required and absent; key empty, too long \[255\], not visible ASCII, a broken quoted string, or sent twice | refused; the handler does not run | 400 |
-//! | first request with this key | key claimed with a lease [60 s] renewed while the handler runs; body hashed as it streams | the handler's |
-//! | … whose answer is storable [status < 400, no `Cache-Control: no-store`, no [`NoStore`] extension] | stored for the TTL [24 h] | the handler's |
+//! | first request with this key | key claimed with a lease [[`defaults::LEASE`]] renewed while the handler runs; body hashed as it streams | the handler's |
+//! | … whose answer is storable [status < 400, no `Cache-Control: no-store`, no [`NoStore`] extension] | stored for the TTL [[`defaults::TTL`]] | the handler's |
 //! | … whose answer is not storable, or whose handler failed | key released: a corrected retry runs | the handler's (500 after a panic) |
 //! | duplicate, original done, same payload | stored response replayed, `idempotent-replayed: true`, `original-x-request-id` | the stored one |
 //! | duplicate, original done, other payload (body or query) | refused | 422 |
 //! | duplicate, original still running | refused with `Retry-After` [or waits for the original, then replays] | 409 |
-//! | the store fails or is slower than the timeout [5 s] | refused with `Retry-After`, handler not run [or fail open] | 503 |
+//! | the store fails or is slower than the timeout [[`defaults::STORE_TIMEOUT`]] | refused with `Retry-After`, handler not run [or fail open] | 503 |
 //! | the stored record is damaged / from a newer release | refused, handler not run (under any store-error policy) | 500 / 503 with `Retry-After` |
 //!
 //! Every answer the layer makes itself is an RFC 9457 problem document; see [`problem`].
@@ -73,7 +73,7 @@
 //!   the key: the claim is one atomic store operation.
 //! * Once a request holds its key, the handler runs to its end even if the client disconnects:
 //!   the retry replays the stored outcome (see [`ResponseFuture`]).
-//! * A response body over the limit [1 MiB] reaches the client whole, but only its status and
+//! * A response body over the limit [[`defaults::MAX_RESPONSE_BODY`]] reaches the client whole, but only its status and
 //!   headers are stored: a duplicate gets that status, an empty body and
 //!   `idempotent-body-omitted: true`, never a second execution.
 //! * `Set-Cookie`, `Date`, hop-by-hop headers and `Content-Length` are never stored.

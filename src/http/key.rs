@@ -9,7 +9,7 @@
 //! * Any other value is the key verbatim, and must be visible ASCII (no spaces) without a
 //!   comma (`a,b` is what a proxy makes of two merged `Idempotency-Key` fields).
 //!
-//! The key (after unquoting) must hold 1 to `max_len` characters [255].
+//! The key (after unquoting) must hold 1 to `max_len` characters [[`defaults::MAX_KEY_LEN`](crate::defaults::MAX_KEY_LEN)].
 //!
 //! ```
 //! use tower_idempotency::IdempotencyKey;

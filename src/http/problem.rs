@@ -9,7 +9,7 @@
 //! | 400 | `#invalid-key` | empty, too long, non-ASCII or control characters, a comma in a bare key, a broken quoted string, or several `Idempotency-Key` fields |
 //! | 400 | `#unreadable-body` | the duplicate's body failed while it was being read |
 //! | 409 | `#in-flight` | the original request with this key is still running (carries `Retry-After`) |
-//! | 413 | `#body-too-large` | a duplicate's body is over `max_duplicate_body` [16 MiB] |
+//! | 413 | `#body-too-large` | a duplicate's body is over `max_duplicate_body` [[`defaults::MAX_DUPLICATE_BODY`](crate::defaults::MAX_DUPLICATE_BODY)] |
 //! | 422 | `#key-reused` | the key was used before with another payload |
 //! | 500 | `#missing-scope` | the scope function returned `None` (authentication must run before the layer) |
 //! | 500 | `#handler-panicked` | the handler panicked (the key is released) |

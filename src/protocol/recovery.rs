@@ -71,7 +71,7 @@ struct Inner {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RecoveryError {
-    /// The point (phase and data) is over the limit (`max_recovery_point` of the layer, 64 KiB
+    /// The point (phase and data) is over the limit (`max_recovery_point` of the settings, [`defaults::MAX_RECOVERY_POINT`](crate::defaults::MAX_RECOVERY_POINT)
     /// by default): nothing was saved. Points are progress markers, not payloads.
     #[error(
         "recovery point of {size} bytes is over the limit of {limit} bytes; nothing was saved"
