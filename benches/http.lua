@@ -1,6 +1,8 @@
--- wrk script for benches/http.sh. MODE: bare | keyless | fresh | replay.
+-- wrk script for benches/http.sh. MODE: bare | keyless | fresh | replay | limit_fresh | limit_replay.
 local mode = os.getenv("MODE") or "keyless"
-local path = mode == "bare" and "/bare/payments" or "/payments"
+local paths = { bare = "/bare/payments", limit_fresh = "/limit/fresh/payments",
+  limit_replay = "/limit/replay/payments" }
+local path = paths[mode] or "/payments"
 local body = '{"amount":1000,"currency":"usd"}'
 local counter = 0
 local threads = 0
@@ -12,10 +14,10 @@ end
 
 function request()
   local headers = { ["Content-Type"] = "application/json", ["Authorization"] = "Bearer bench" }
-  if mode == "fresh" then
+  if mode == "fresh" or mode == "limit_fresh" then
     counter = counter + 1
     headers["Idempotency-Key"] = "fresh-" .. os.time() .. "-" .. tid .. "-" .. counter
-  elseif mode == "replay" then
+  elseif mode == "replay" or mode == "limit_replay" then
     headers["Idempotency-Key"] = "replayed-key"
   end
   return wrk.format("POST", path, headers, body)

@@ -4,6 +4,11 @@
 #   keyless  POST /payments        through the layer, no Idempotency-Key (passthrough)
 #   fresh    POST /payments        a new key on every request (claim, run, store)
 #   replay   POST /payments        the same key on every request (replays)
+# and, on a store with round trips (STORE=redis://, postgres://, sqlite://), the store's limit:
+#   limit_fresh   POST /limit/fresh/payments    the handler plus one claim write and one
+#                                               completion write, raw (the demo's limit.rs)
+#   limit_replay  POST /limit/replay/payments   one raw read of the stored bytes
+# The layer's fresh and replay are reported as ratios of the bare route and of their limit.
 # Prints requests/s, p50 and p99 latency per scenario and the ratio to the bare route, the CPU
 # time the demo and wrk spent per request, and the store calls per request (shared stores).
 # The memory store is filled to capacity first (every measured fresh request evicts).
@@ -37,16 +42,22 @@ out=$(mktemp)
 # fresh request); the comparisons measure the layer, so that is off unless POINTS=1.
 points_flag=--no-recovery-points
 [ "${POINTS:-0}" = 1 ] && points_flag=
-"$DEMO" --addr 127.0.0.1:0 ${STORE:+--store "$STORE"} $points_flag >"$out" &
+limit_flag=
+case "${STORE:-}" in redis://*|postgres://*|postgresql://*|sqlite://*) limit_flag=--limit-routes ;; esac
+"$DEMO" --addr 127.0.0.1:0 ${STORE:+--store "$STORE"} $points_flag $limit_flag >"$out" &
 server=$!
 trap 'kill $server 2>/dev/null; rm -f "$out"' EXIT
 for _ in $(seq 100); do grep -q listening "$out" && break; sleep 0.1; done
 base=$(sed -n 's/^listening on //p' "$out")
 [ -n "$base" ] || { echo "demo did not start" >&2; exit 1; }
 
-# Prime the replayed key.
-curl -s -o /dev/null -X POST "$base/payments" -H 'Authorization: Bearer bench' \
-  -H 'Content-Type: application/json' -H 'Idempotency-Key: replayed-key' -d '{"amount":1000,"currency":"usd"}'
+# Prime the replayed key (and the limit route's).
+for path in /payments ${limit_flag:+/limit/replay/payments}; do
+  curl -s -o /dev/null -X POST "$base$path" -H 'Authorization: Bearer bench' \
+    -H 'Content-Type: application/json' -H 'Idempotency-Key: replayed-key' -d '{"amount":1000,"currency":"usd"}'
+done
+modes="bare keyless fresh replay"
+[ -z "$limit_flag" ] || modes="$modes limit_fresh limit_replay"
 
 # The memory store at capacity: FILL seconds (default 4) of fresh keys, several times what its
 # 64 MiB hold (the demo's records are ~1 KiB as charged, so ~65,000), so that every measured
@@ -90,7 +101,7 @@ run() {
 cpu=$(mktemp)
 trap 'kill $server 2>/dev/null; rm -f "$out" "$cpu"' EXIT
 for round in $(seq "$ROUNDS"); do
-  for mode in bare keyless fresh replay; do run "$mode"; done
+  for mode in $modes; do run "$mode"; done
 done
 stats=$(curl -s "$base/stats")
 
@@ -115,12 +126,17 @@ for line in sys.stdin:
     n = int(total)
     rows.setdefault(mode, []).append((float(rps), float(p50), float(p99), int(errors),
         int(server) / hz / n * 1e6, float(wrk) / n * 1e6, int(calls) / n))
-bare = statistics.median(r[0] for r in rows["bare"])
-print("| scenario | requests/s (median) | ratio to bare | p50 | p99 | rounds (requests/s) | demo CPU per request | wrk CPU per request | store calls per request | errors |")
-print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
-for mode in ["bare", "keyless", "fresh", "replay"]:
+rps = lambda mode: statistics.median(r[0] for r in rows[mode])
+bare = rps("bare")
+print("| scenario | requests/s (median) | ratio to bare | ratio to the limit | p50 | p99 | rounds (requests/s) | demo CPU per request | wrk CPU per request | store calls per request | errors |")
+print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+for mode in ["bare", "keyless", "fresh", "replay", "limit_fresh", "limit_replay"]:
+    if mode not in rows:
+        continue
     r = rows[mode]
     med = lambda i: statistics.median(x[i] for x in r)
     each = ", ".join(f"{x[0]:.0f}" for x in r)
-    print(f"| {mode} | {med(0):.0f} | {med(0) / bare:.3f} | {med(1):.0f} µs | {med(2):.0f} µs | {each} | {med(4):.1f} µs | {med(5):.1f} µs | {med(6):.2f} | {sum(x[3] for x in r)} |")
+    limit = f"limit_{mode}" if f"limit_{mode}" in rows else None
+    to_limit = f"{med(0) / rps(limit):.3f}" if limit else "–"
+    print(f"| {mode} | {med(0):.0f} | {med(0) / bare:.3f} | {to_limit} | {med(1):.0f} µs | {med(2):.0f} µs | {each} | {med(4):.1f} µs | {med(5):.1f} µs | {med(6):.2f} | {sum(x[3] for x in r)} |")
 '

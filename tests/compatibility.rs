@@ -65,7 +65,7 @@ async fn redis_records_of_every_format_replay() {
 }
 
 /// The table as release 0.1.0 created it (`schema_sql` then), with a row it wrote: `migrate()`
-/// upgrades it in place (recovery points' table and trigger), the row replays, and new keys
+/// upgrades it in place (the recovery points' table), the row replays, and new keys
 /// work, recovery points included.
 #[tokio::test]
 async fn a_table_of_the_first_release_is_migrated_and_its_rows_replay() {

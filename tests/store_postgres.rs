@@ -197,3 +197,67 @@ async fn migrating_an_up_to_date_table_takes_no_lock_on_it() {
         .unwrap();
     holder.rollback().await.unwrap();
 }
+
+/// Development builds deleted a completed key's recovery point with a trigger on the records
+/// table, which cost a fifth of the write throughput. `migrate` drops it; the completion
+/// statement deletes the point itself.
+#[tokio::test]
+async fn migrate_drops_the_recovery_point_trigger_and_completion_still_deletes_the_point() {
+    use std::time::Duration;
+    use tower_idempotency::store::{ClaimOutcome, Record, Store};
+    let Some(store) = store().await else { return };
+    let store = store.with_table("trigger_upgrade").unwrap();
+    let url = postgres_url().unwrap();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(
+            "DROP TABLE IF EXISTS trigger_upgrade, trigger_upgrade_points;
+             CREATE TABLE trigger_upgrade (key text PRIMARY KEY, owner bytea,
+                 completed boolean NOT NULL DEFAULT false, fingerprint bytea, payload bytea,
+                 expires_at timestamptz NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+             CREATE TABLE trigger_upgrade_points (key text PRIMARY KEY, point bytea NOT NULL,
+                 expires_at timestamptz NOT NULL);
+             CREATE OR REPLACE FUNCTION trigger_upgrade_drop_point() RETURNS trigger
+                 LANGUAGE plpgsql AS
+                 $$ BEGIN DELETE FROM trigger_upgrade_points WHERE key = NEW.key; RETURN NULL; END $$;
+             CREATE TRIGGER trigger_upgrade_drop_point AFTER UPDATE OF completed ON trigger_upgrade
+                 FOR EACH ROW WHEN (NEW.completed AND NOT OLD.completed)
+                 EXECUTE FUNCTION trigger_upgrade_drop_point();",
+        )
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let triggers: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'trigger_upgrade'::regclass \
+             AND NOT tgisinternal",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, 0, "migrate dropped the trigger");
+
+    let (lease, ttl) = (Duration::from_secs(30), Duration::from_secs(60));
+    let ClaimOutcome::Claimed(token) = store.claim("k", lease).await.unwrap() else {
+        panic!("a fresh key is claimed")
+    };
+    let point = tower_idempotency::RecoveryPoint::new("charged", &b"ch_1"[..]);
+    store.save_point("k", &token, &point, ttl).await.unwrap();
+    let points = || async {
+        client
+            .query_one("SELECT count(*) FROM trigger_upgrade_points", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(points().await, 1);
+    store
+        .complete("k", &token, Record::new(None, &b"done"[..]), ttl)
+        .await
+        .unwrap();
+    assert_eq!(points().await, 0, "the completion deleted the point");
+}

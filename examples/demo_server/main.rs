@@ -23,6 +23,11 @@
 //! charging) reuses its charge instead of charging again. `"crash_after_charge": true` aborts
 //! the process right after the point is saved, on a key's first run only (a crash test).
 //! * `POST /bare/payments`: the same handler without the layer (for load comparisons).
+//! * With `--limit-routes`, `POST /limit/replay/payments` and `POST /limit/fresh/payments`: the
+//!   same handler with exactly the store round trips the layer needs on each path, and nothing
+//!   else (see `limit.rs`; for `benches/http.sh`).
+
+mod limit;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::IntoFuture;
@@ -98,6 +103,9 @@ struct Args {
     /// How many payments `GET /payments/{id}` remembers (the oldest are forgotten first).
     #[arg(long, default_value_t = 100_000)]
     max_payments: usize,
+    /// Serve the store's limit routes `POST /limit/{replay,fresh}/payments` (for benches).
+    #[arg(long)]
+    limit_routes: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -112,6 +120,8 @@ struct AppState {
     provider: Arc<Provider>,
     recovery_points: bool,
     payments: Arc<Mutex<Payments>>,
+    /// The store's raw connection for the limit routes (`--limit-routes`).
+    limit: Option<limit::Limit>,
 }
 
 /// The payments made, at most `max` (the oldest are forgotten first): a demo must not grow
@@ -301,6 +311,51 @@ async fn charge(
     Ok(charge)
 }
 
+/// `POST /limit/{replay,fresh}/payments`: the handler with only the store round trips the
+/// layer needs on that path (see `limit.rs`). A replay of a key not stored yet runs the fresh
+/// path, which stores it.
+async fn limit_payment(
+    Path(path): Path<String>,
+    State(state): State<AppState>,
+    tenant: Option<Extension<Tenant>>,
+    headers: header::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(limit) = state.limit.clone() else {
+        return problem(StatusCode::NOT_FOUND, "No limit route", "Start with --limit-routes.");
+    };
+    let failed = |error: Box<dyn std::error::Error + Send + Sync>| {
+        problem(StatusCode::SERVICE_UNAVAILABLE, "Store failed", &error.to_string())
+    };
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    if path == "replay" {
+        match limit.read(key.clone()).await {
+            Ok(Some(stored)) => {
+                let json = [(header::CONTENT_TYPE, "application/json")];
+                return (StatusCode::CREATED, json, stored).into_response();
+            }
+            Ok(None) => {}
+            Err(error) => return failed(error),
+        }
+    }
+    if let Err(error) = limit.claim(key.clone()).await {
+        return failed(error);
+    }
+    let response = create_payment(State(state), tenant, None, body).await;
+    let (response, stored) = match limit::buffered(response).await {
+        Ok(buffered) => buffered,
+        Err(error) => return failed(error),
+    };
+    match limit.complete(key, stored).await {
+        Ok(()) => response,
+        Err(error) => failed(error),
+    }
+}
+
 async fn stats(State(state): State<AppState>) -> Json<Value> {
     Json(json!({
         "executions": state.executions.load(Ordering::SeqCst),
@@ -437,6 +492,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             order: VecDeque::new(),
             max: args.max_payments.max(1),
         })),
+        limit: match args.limit_routes {
+            true => limit::Limit::open(&args.store)
+                .await
+                .map_err(|error| format!("cannot open the limit routes' connection: {error}"))?,
+            false => None,
+        },
     };
     let idempotency = idempotency_layer(&args, store);
     let drain = idempotency.settings().drain_handle();
@@ -452,6 +513,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .route(
             "/bare/payments",
             post(create_payment).layer(middleware::from_fn(authenticate)),
+        )
+        .route(
+            "/limit/{path}/payments",
+            post(limit_payment).layer(middleware::from_fn(authenticate)),
         )
         .route("/stats", get(stats))
         .layer(DefaultBodyLimit::max(16 * 1024 * 1024 + 64 * 1024))
