@@ -6,6 +6,8 @@ local path = paths[mode] or "/payments"
 local body = '{"amount":1000,"currency":"usd"}'
 local counter = 0
 local threads = 0
+-- Unique per wrk run (benches/http.sh sets it), so that no two runs send the same fresh key.
+local run = os.getenv("RUN") or tostring(os.time())
 
 function setup(thread)
   threads = threads + 1
@@ -16,7 +18,7 @@ function request()
   local headers = { ["Content-Type"] = "application/json", ["Authorization"] = "Bearer bench" }
   if mode == "fresh" or mode == "limit_fresh" then
     counter = counter + 1
-    headers["Idempotency-Key"] = "fresh-" .. os.time() .. "-" .. tid .. "-" .. counter
+    headers["Idempotency-Key"] = "fresh-" .. run .. "-" .. tid .. "-" .. counter
   elseif mode == "replay" or mode == "limit_replay" then
     headers["Idempotency-Key"] = "replayed-key"
   end

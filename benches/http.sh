@@ -64,7 +64,7 @@ modes="bare keyless fresh replay"
 # fresh request evicts a record, as it would in production. Shared stores have no capacity to reach.
 fill=""
 if [ -z "${STORE:-}" ]; then
-  MODE=fresh wrk -t"$THREADS" -c"$CONNS" -d"${FILL:-4}s" -s benches/http.lua "$base" >/dev/null
+  RUN=fill-$(date +%s%N) MODE=fresh wrk -t"$THREADS" -c"$CONNS" -d"${FILL:-4}s" -s benches/http.lua "$base" >/dev/null
   fill=$(curl -s "$base/stats")
   echo "filled the store: $fill" >&2
 fi
@@ -89,10 +89,10 @@ print(sum(int(part.split("=")[1]) for line in sys.stdin if line.startswith("cmds
 results=()
 run() {
   # 1 s of warm-up, then the measured run.
-  MODE=$1 wrk -t"$THREADS" -c"$CONNS" -d1s -s benches/http.lua "$base" >/dev/null
+  RUN=$(date +%s%N) MODE=$1 wrk -t"$THREADS" -c"$CONNS" -d1s -s benches/http.lua "$base" >/dev/null
   local line server0 calls0 wrk_cpu
   server0=$(ticks "$server"); calls0=$(store_calls)
-  line=$( { TIMEFORMAT='%U %S'; time MODE=$1 wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" -s benches/http.lua "$base" | grep '^RESULT'; } 2>"$cpu")
+  line=$( { TIMEFORMAT='%U %S'; time RUN=$(date +%s%N) MODE=$1 wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" -s benches/http.lua "$base" | grep '^RESULT'; } 2>"$cpu")
   wrk_cpu=$(awk '{print $1 + $2}' "$cpu")
   line="$line $(( $(ticks "$server") - server0 )) $wrk_cpu $(( $(store_calls) - calls0 ))"
   results+=("$line")

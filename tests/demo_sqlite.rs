@@ -142,3 +142,34 @@ async fn a_read_only_database_fails_at_start_with_a_clear_message() {
     assert!(stderr.contains("ro.db is read-only"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
 }
+
+/// The limit routes of `benches/http.sh` (`--limit-routes`) do what the bench says they do: the
+/// fresh route runs the handler and stores its body; the replay route answers a stored key
+/// with those bytes without running the handler.
+#[tokio::test]
+async fn the_limit_routes_store_once_and_read_back() {
+    let dir = TempDir::new("demo-sqlite");
+    let store = sqlite_arg(&dir);
+    let demo = Demo::start(&["--store", &store, "--limit-routes"]).await;
+    let post = |path: &'static str, key: &'static str| {
+        let request = http::Request::post(format!("{}{path}", demo.base))
+            .header("authorization", "Bearer acme")
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .body(http_body_util::Full::new(bytes::Bytes::from(PAYMENT)))
+            .unwrap();
+        demo.send(request)
+    };
+    let fresh = post("/limit/fresh/payments", "limit-1").await;
+    assert_eq!(fresh.status, 201);
+    assert_eq!(demo.executions().await, 1);
+    let stored = post("/limit/replay/payments", "limit-1").await;
+    assert_eq!(stored.status, 201);
+    assert_eq!(stored.body, fresh.body, "the replay route reads the stored body");
+    assert_eq!(demo.executions().await, 1, "reading ran nothing");
+    let unseen = post("/limit/replay/payments", "limit-2").await;
+    assert_eq!(unseen.status, 201);
+    assert_eq!(demo.executions().await, 2, "a key not stored yet runs the fresh path");
+    let again = post("/limit/fresh/payments", "limit-1").await;
+    assert_eq!(again.status, 503, "a second claim of a key fails: the route is no layer");
+}
