@@ -165,11 +165,21 @@ async fn the_limit_routes_store_once_and_read_back() {
     assert_eq!(demo.executions().await, 1);
     let stored = post("/limit/replay/payments", "limit-1").await;
     assert_eq!(stored.status, 201);
-    assert_eq!(stored.body, fresh.body, "the replay route reads the stored body");
+    assert_eq!(
+        stored.body, fresh.body,
+        "the replay route reads the stored body"
+    );
     assert_eq!(demo.executions().await, 1, "reading ran nothing");
     let unseen = post("/limit/replay/payments", "limit-2").await;
     assert_eq!(unseen.status, 201);
-    assert_eq!(demo.executions().await, 2, "a key not stored yet runs the fresh path");
+    assert_eq!(
+        demo.executions().await,
+        2,
+        "a key not stored yet runs the fresh path"
+    );
     let again = post("/limit/fresh/payments", "limit-1").await;
-    assert_eq!(again.status, 503, "a second claim of a key fails: the route is no layer");
+    assert_eq!(
+        again.status, 503,
+        "a second claim of a key fails: the route is no layer"
+    );
 }

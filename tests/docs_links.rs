@@ -43,7 +43,10 @@ fn every_relative_link_in_the_readme_and_the_guides_resolves() {
             }
         }
     }
-    assert!(checked >= 11, "the README links every guide; found {checked} links");
+    assert!(
+        checked >= 11,
+        "the README links every guide; found {checked} links"
+    );
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
 }
 
@@ -57,5 +60,8 @@ fn every_guide_is_linked_from_the_readme() {
         .map(|path| format!("docs/{}", path.file_name().unwrap().to_string_lossy()))
         .filter(|guide| !links.contains(guide))
         .collect();
-    assert!(unlinked.is_empty(), "guides the README does not link: {unlinked:?}");
+    assert!(
+        unlinked.is_empty(),
+        "guides the README does not link: {unlinked:?}"
+    );
 }

@@ -56,7 +56,11 @@ impl Limit {
             Ok(Some(Limit::Postgres(pool)))
         } else if let Some(rest) = spec.strip_prefix("sqlite://") {
             let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-            let synchronous = if query == "synchronous=full" { "FULL" } else { "NORMAL" };
+            let synchronous = if query == "synchronous=full" {
+                "FULL"
+            } else {
+                "NORMAL"
+            };
             let connection = rusqlite::Connection::open(path)?;
             connection.execute_batch(&format!(
                 "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous}; \

@@ -322,10 +322,18 @@ async fn limit_payment(
     body: Bytes,
 ) -> Response {
     let Some(limit) = state.limit.clone() else {
-        return problem(StatusCode::NOT_FOUND, "No limit route", "Start with --limit-routes.");
+        return problem(
+            StatusCode::NOT_FOUND,
+            "No limit route",
+            "Start with --limit-routes.",
+        );
     };
     let failed = |error: Box<dyn std::error::Error + Send + Sync>| {
-        problem(StatusCode::SERVICE_UNAVAILABLE, "Store failed", &error.to_string())
+        problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Store failed",
+            &error.to_string(),
+        )
     };
     let key = headers
         .get("idempotency-key")

@@ -746,7 +746,8 @@ impl Store for PostgresStore {
 
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
         let owner = &token_bytes(token)[..];
-        self.owner_checked(&self.sql.release, &[&key, &owner]).await?;
+        self.owner_checked(&self.sql.release, &[&key, &owner])
+            .await?;
         self.notify_later(key);
         Ok(())
     }
