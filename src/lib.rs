@@ -133,6 +133,13 @@
 //! [`MemoryStore`](store::MemoryStore) is the default (one process). Any [`Store`](store::Store)
 //! plugs in with [`IdempotencyLayer::with_store`]; see the [`store`] module for the protocol
 //! and for writing your own.
+//!
+//! # Settings
+//!
+//! What the HTTP layer and the consumer layer share (the store, lease, TTL, store timeout,
+//! conflicts, bounds on detached work, the outcome hook and the drain) is one [`Settings`],
+//! given to `with_settings`; each layer's own setters cover the rest. Every default is a
+//! constant in [`defaults`].
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
