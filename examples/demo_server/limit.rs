@@ -30,6 +30,19 @@ pub enum Limit {
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 const TABLE: &str = "idempotency_limit";
+// The statements, written out once (not formatted on every request: the limit pays only the
+// round trip). The table is `TABLE`.
+const PG_READ: &str = "SELECT payload FROM idempotency_limit WHERE key = $1 AND expires_at > now()";
+const PG_CLAIM: &str = "INSERT INTO idempotency_limit (key, expires_at) \
+     VALUES ($1, now() + interval '60 seconds')";
+const PG_COMPLETE: &str = "UPDATE idempotency_limit SET payload = $2, \
+     expires_at = now() + interval '1 day' WHERE key = $1";
+const SQLITE_READ: &str = "SELECT payload FROM idempotency_limit \
+     WHERE key = ?1 AND expires_at > unixepoch('subsec') * 1000";
+const SQLITE_CLAIM: &str = "INSERT INTO idempotency_limit (key, expires_at) \
+     VALUES (?1, unixepoch('subsec') * 1000 + 60000)";
+const SQLITE_COMPLETE: &str = "UPDATE idempotency_limit SET payload = ?2, \
+     expires_at = unixepoch('subsec') * 1000 + 86400000 WHERE key = ?1";
 
 impl Limit {
     /// The limit of the store `spec` names; `None` for the stores without a round trip
@@ -86,22 +99,15 @@ impl Limit {
             }
             Limit::Postgres(pool) => {
                 let client = pool.get().await?;
-                let statement = client
-                    .prepare_cached(&format!(
-                        "SELECT payload FROM {TABLE} WHERE key = $1 AND expires_at > now()"
-                    ))
-                    .await?;
+                let statement = client.prepare_cached(PG_READ).await?;
                 let row = client.query_opt(&statement, &[&key]).await?;
                 Ok(row.and_then(|row| row.get::<_, Option<Vec<u8>>>(0).map(Bytes::from)))
             }
             Limit::Sqlite(connection) => {
                 let connection = connection.clone();
-                let sql = format!(
-                    "SELECT payload FROM {TABLE} WHERE key = ?1 AND expires_at > unixepoch('subsec') * 1000"
-                );
                 let value = tokio::task::spawn_blocking(move || {
                     let connection = connection.lock().unwrap();
-                    let mut statement = connection.prepare_cached(&sql)?;
+                    let mut statement = connection.prepare_cached(SQLITE_READ)?;
                     let mut rows = statement.query([&key])?;
                     let value = match rows.next()? {
                         Some(row) => row.get::<_, Option<Vec<u8>>>(0)?,
@@ -144,21 +150,11 @@ impl Limit {
                 let client = pool.get().await?;
                 match payload {
                     None => {
-                        let statement = client
-                            .prepare_cached(&format!(
-                                "INSERT INTO {TABLE} (key, expires_at) \
-                                 VALUES ($1, now() + interval '60 seconds')"
-                            ))
-                            .await?;
+                        let statement = client.prepare_cached(PG_CLAIM).await?;
                         client.execute(&statement, &[&key]).await?;
                     }
                     Some(payload) => {
-                        let statement = client
-                            .prepare_cached(&format!(
-                                "UPDATE {TABLE} SET payload = $2, \
-                                 expires_at = now() + interval '1 day' WHERE key = $1"
-                            ))
-                            .await?;
+                        let statement = client.prepare_cached(PG_COMPLETE).await?;
                         client
                             .execute(&statement, &[&key, &payload.as_ref()])
                             .await?;
@@ -171,17 +167,9 @@ impl Limit {
                 tokio::task::spawn_blocking(move || {
                     let connection = connection.lock().unwrap();
                     match payload {
-                        None => connection
-                            .prepare_cached(&format!(
-                                "INSERT INTO {TABLE} (key, expires_at) \
-                                 VALUES (?1, unixepoch('subsec') * 1000 + 60000)"
-                            ))?
-                            .execute([&key])?,
+                        None => connection.prepare_cached(SQLITE_CLAIM)?.execute([&key])?,
                         Some(payload) => connection
-                            .prepare_cached(&format!(
-                                "UPDATE {TABLE} SET payload = ?2, \
-                                 expires_at = unixepoch('subsec') * 1000 + 86400000 WHERE key = ?1"
-                            ))?
+                            .prepare_cached(SQLITE_COMPLETE)?
                             .execute(rusqlite::params![key, payload.as_ref()])?,
                     };
                     Ok::<_, rusqlite::Error>(())

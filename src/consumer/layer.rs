@@ -19,20 +19,11 @@ pub(super) type FinalFn = dyn Fn(&dyn Any) -> bool + Send + Sync;
 /// bound, outcome hook and drain) is set on [`Settings`] and given to
 /// [`with_settings`](Self::with_settings); [`final_errors`](Self::final_errors) is the
 /// consumer's own.
+#[derive(Clone)]
 pub struct IdempotentConsumerLayer<I, St = MemoryStore> {
     pub(super) identify: I,
     pub(super) settings: Settings<St>,
     pub(super) final_errors: Arc<FinalFn>,
-}
-
-impl<I: Clone, St: Clone> Clone for IdempotentConsumerLayer<I, St> {
-    fn clone(&self) -> Self {
-        Self {
-            identify: self.identify.clone(),
-            settings: self.settings.clone(),
-            final_errors: self.final_errors.clone(),
-        }
-    }
 }
 
 impl<I> IdempotentConsumerLayer<I, MemoryStore> {

@@ -36,18 +36,10 @@ use crate::store::MemoryStore;
 /// let drain = layer.settings().drain_handle();
 /// # let _ = drain;
 /// ```
+#[derive(Clone)]
 pub struct IdempotencyLayer<St = MemoryStore> {
     settings: Settings<St>,
     config: Arc<Config>,
-}
-
-impl<St: Clone> Clone for IdempotencyLayer<St> {
-    fn clone(&self) -> Self {
-        Self {
-            settings: self.settings.clone(),
-            config: self.config.clone(),
-        }
-    }
 }
 
 impl IdempotencyLayer<MemoryStore> {

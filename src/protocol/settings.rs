@@ -34,6 +34,7 @@ use crate::store::MemoryStore;
 /// let layer = IdempotencyLayer::with_settings(settings);
 /// # let _ = (drain, layer);
 /// ```
+#[derive(Clone)]
 pub struct Settings<St = MemoryStore> {
     pub(crate) store: St,
     pub(crate) shared: Arc<Shared>,
@@ -48,15 +49,6 @@ pub(crate) struct Shared {
     pub(crate) on_outcome: OutcomeHook,
     /// Shared by every clone, also across a setter that copies `Shared`.
     pub(crate) tracker: Arc<Tracker>,
-}
-
-impl<St: Clone> Clone for Settings<St> {
-    fn clone(&self) -> Self {
-        Self {
-            store: self.store.clone(),
-            shared: self.shared.clone(),
-        }
-    }
 }
 
 impl Default for Settings<MemoryStore> {

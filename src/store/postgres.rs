@@ -51,8 +51,9 @@ use super::{
 pub struct PostgresStore {
     pool: Pool,
     sql: Arc<Sql>,
-    /// For the `LISTEN` connection (`None` over a bare pool: no wake-ups).
-    config: Option<tokio_postgres::Config>,
+    /// For the `LISTEN` connection (`None` over a bare pool: no wake-ups). Behind an `Arc`:
+    /// the store is cloned for every request, and a `Config` owns several strings.
+    config: Option<Arc<tokio_postgres::Config>>,
     wake: Arc<Wake>,
     notifier: Arc<Notifier>,
 }
@@ -379,7 +380,7 @@ impl PostgresStore {
             .build()
             .map_err(StoreError::backend)?;
         let mut store = Self::new(pool);
-        store.config = Some(listen_config);
+        store.config = Some(Arc::new(listen_config));
         Ok(store)
     }
 
