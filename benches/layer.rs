@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full};
 use tower::{Service, ServiceExt};
@@ -180,6 +180,18 @@ fn overhead(c: &mut Criterion) {
         rt.block_on(drive(&mut service, request("idempotency-key", 1)));
         bench_requests(b, &rt, service, |_| request("idempotency-key", 1))
     });
+    // Duplicate on a store that keeps records decoded (`MemoryStoreBuilder::keep_decoded`).
+    let kept_decoded = || {
+        let store = tower_idempotency::store::MemoryStore::builder()
+            .keep_decoded(true)
+            .build();
+        tower::Layer::layer(&IdempotencyLayer::with_store(store), handler.clone())
+    };
+    group.bench_function("replay_kept_decoded", |b| {
+        let mut service = kept_decoded();
+        rt.block_on(drive(&mut service, request("idempotency-key", 1)));
+        bench_requests(b, &rt, service, |_| request("idempotency-key", 1))
+    });
     // Mismatch: the same key with another body (422).
     group.bench_function("mismatch_422", |b| {
         let mut service = layered();
@@ -315,5 +327,66 @@ fn contention(c: &mut Criterion) {
 #[allow(dead_code)]
 type LayeredRequest = Request<RequestBody<Full<Bytes>>>;
 
+/// Counting mode, for `benches/instructions.sh`: `LAYER_COUNT=PATH:N` sends N requests of one
+/// path (after its set-up) and exits, so that the script can run it under cachegrind twice
+/// and divide the difference by the requests: instructions per request, which, unlike time,
+/// a shared machine's noise does not move.
+fn count(spec: &str) {
+    let (path, n) = spec.split_once(':').expect("LAYER_COUNT=PATH:N");
+    let n: u64 = n.parse().expect("N requests");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let handler = Handler(payload());
+    let layered = || tower::Layer::layer(&IdempotencyLayer::new(), handler.clone());
+    rt.block_on(async {
+        match path {
+            "bare_handler" => {
+                let mut service = handler.clone();
+                for i in 0..n {
+                    drive(&mut service, request("x-other", i)).await;
+                }
+            }
+            "passthrough_no_key" => {
+                let mut service = layered();
+                for i in 0..n {
+                    drive(&mut service, request("x-other", i)).await;
+                }
+            }
+            "first_request_fresh_key" => {
+                let mut service = layered();
+                for i in 0..n {
+                    drive(&mut service, request("idempotency-key", i)).await;
+                }
+            }
+            "replay" => {
+                let mut service = layered();
+                for _ in 0..=n {
+                    drive(&mut service, request("idempotency-key", 1)).await;
+                }
+            }
+            "replay_kept_decoded" => {
+                let store = tower_idempotency::store::MemoryStore::builder()
+                    .keep_decoded(true)
+                    .build();
+                let mut service =
+                    tower::Layer::layer(&IdempotencyLayer::with_store(store), handler.clone());
+                for _ in 0..=n {
+                    drive(&mut service, request("idempotency-key", 1)).await;
+                }
+            }
+            other => panic!("unknown path {other}"),
+        }
+    });
+}
+
 criterion_group!(benches, overhead, contention);
-criterion_main!(benches);
+
+fn main() {
+    if let Ok(spec) = std::env::var("LAYER_COUNT") {
+        return count(&spec);
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

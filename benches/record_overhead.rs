@@ -78,6 +78,73 @@ fn main() {
     let after = dhat::HeapStats::get().curr_bytes;
     let moka_only = (after - before) as f64 / RECORDS as f64;
     println!("of which moka's own bookkeeping (same configuration, unit values): {moka_only:.0} B per entry");
+    drop(cache);
+
+    through_the_layer(&rt, false);
+    through_the_layer(&rt, true);
+}
+
+/// Records written and replayed by the HTTP layer: what the store charges per record (its
+/// weighted size, the decoded form's estimate included), against the heap a record takes once
+/// replayed (its decoded form kept).
+fn through_the_layer(rt: &tokio::runtime::Runtime, keep_decoded: bool) {
+    use http::{Request, Response};
+    use http_body_util::{BodyExt, Full};
+    use tower::{Service, ServiceExt};
+
+    const REQUESTS: u64 = 20_000;
+    let store = MemoryStore::builder()
+        .max_bytes(1 << 40)
+        .keep_decoded(keep_decoded)
+        .build();
+    let handler = tower::service_fn(|_request: Request<_>| async {
+        let body = Bytes::from(vec![b'x'; PAYLOAD]);
+        let response = Response::builder()
+            .header("content-type", "application/json")
+            .header("location", "/payments/pay_0123456789abcdef")
+            .header("x-ratelimit-remaining", "99")
+            .body(Full::new(body))
+            .unwrap();
+        Ok::<_, std::convert::Infallible>(response)
+    });
+    let mut service = tower::Layer::layer(
+        &tower_idempotency::IdempotencyLayer::with_store(store.clone()),
+        handler,
+    );
+    let request = |n: u64| {
+        Request::post("/payments")
+            .header("idempotency-key", format!("{n:032}"))
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap()
+    };
+    // Every key once: the first pass stores, the second replays.
+    let mut pass = |replays: bool| {
+        rt.block_on(async {
+            for n in 0..REQUESTS {
+                let response = service.ready().await.unwrap();
+                let response = response.call(request(n)).await.unwrap();
+                assert_eq!(
+                    response.headers().contains_key("idempotent-replayed"),
+                    replays
+                );
+                response.into_body().collect().await.unwrap();
+            }
+        })
+    };
+    store.record_count();
+    let before = dhat::HeapStats::get().curr_bytes;
+    pass(false);
+    let charged = store.weighted_size() as f64 / REQUESTS as f64;
+    let stored = dhat::HeapStats::get().curr_bytes;
+    pass(true);
+    let replayed = dhat::HeapStats::get().curr_bytes;
+    let per = |bytes: f64| bytes / REQUESTS as f64;
+    println!(
+        "through the layer, keep_decoded({keep_decoded}) ({REQUESTS} records, {PAYLOAD} B bodies, 3 headers): charged {charged:.0} B per record; heap {:.0} B per record stored, {:.0} B once replayed (+{:.0} B)",
+        per(stored as f64 - before as f64),
+        per(replayed as f64 - before as f64),
+        per(replayed as f64 - stored as f64),
+    );
 }
 
 struct NoExpiry;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{HeaderName, Method, Request};
 use support::*;
+use tower_idempotency::store::MemoryStore;
 use tower_idempotency::{Fingerprint, IdempotencyLayer, OnConflict, OnStoreError, Settings};
 
 const BODY: &str = r#"{"amount":100}"#;
@@ -365,6 +366,32 @@ async fn a_replay_is_the_stored_response_marked_replayed() {
     assert_eq!(retry.headers["original-x-request-id"], "first");
     assert!(first.headers.get("idempotent-replayed").is_none());
     assert_eq!(probe.executions(), 1);
+}
+
+#[tokio::test]
+async fn a_store_that_keeps_records_decoded_replays_the_same_answer_every_time() {
+    let retries = |store: MemoryStore| async move {
+        let (mut app, probe) = app(IdempotencyLayer::with_store(store));
+        let first = request(Some("k"), BODY, &[("x-request-id", "first")]);
+        assert!(!send(&mut app, first).await.replayed());
+        let mut retries = Vec::new();
+        for n in 0..3 {
+            let id = format!("retry-{n}");
+            let retry = send(&mut app, request(Some("k"), BODY, &[("x-request-id", &id)])).await;
+            retries.push((retry.status, retry.headers, retry.body));
+        }
+        assert_eq!(probe.executions(), 1);
+        retries
+    };
+    let decoding = retries(MemoryStore::new()).await;
+    let kept = retries(MemoryStore::builder().keep_decoded(true).build()).await;
+    assert_eq!(decoding[0].1["original-x-request-id"], "first");
+    for retry in &kept {
+        assert_eq!(
+            retry, &decoding[0],
+            "every replay, the first (decoding) and the later (copying)"
+        );
+    }
 }
 
 #[tokio::test]

@@ -137,7 +137,7 @@ impl<B> Captured<B> {
             .whole
             .then(|| self.frames.iter().filter_map(Frame::data_ref));
         let trailers = self.frames.iter().find_map(Frame::trailers_ref);
-        let payload = record::encode(
+        let (payload, decoded_weight) = record::encode_weighed(
             self.head.status,
             &self.head.headers,
             keep,
@@ -145,7 +145,7 @@ impl<B> Captured<B> {
             body,
             trailers.filter(|_| self.whole),
         );
-        Record::new(fingerprint, payload)
+        Record::new(fingerprint, payload).with_memo_weight(decoded_weight)
     }
 }
 

@@ -67,6 +67,24 @@ pub(crate) fn encode<'a>(
     body: Option<impl Iterator<Item = &'a Bytes> + Clone>,
     trailers: Option<&HeaderMap>,
 ) -> Bytes {
+    encode_weighed(status, headers, keep, carried, body, trailers).0
+}
+
+/// [`encode`], and about what the response takes in memory once decoded beyond its body
+/// (which shares the record's bytes): the struct, its maps' entries, custom names' copies.
+/// A store that keeps decoded records charges it (see `Record::with_memo_weight`).
+pub(crate) fn encode_weighed<'a>(
+    status: StatusCode,
+    headers: &HeaderMap,
+    keep: impl Fn(&HeaderName) -> bool,
+    carried: &[(HeaderName, HeaderValue)],
+    body: Option<impl Iterator<Item = &'a Bytes> + Clone>,
+    trailers: Option<&HeaderMap>,
+) -> (Bytes, u32) {
+    const FIXED: usize = std::mem::size_of::<StoredResponse>() + 64;
+    // An entry of a `HeaderMap` (name, value, links, hash) and its index slots.
+    const PER_HEADER: usize = 128;
+    let mut weight = FIXED;
     let body_len: usize = body
         .clone()
         .map_or(0, |chunks| chunks.map(Bytes::len).sum());
@@ -86,25 +104,29 @@ pub(crate) fn encode<'a>(
     let count_at = buf.len();
     buf.put_u16(0);
     let mut count = 0u16;
+    let mut put = |buf: &mut BytesMut, name: &HeaderName, value: &HeaderValue| {
+        put_header(buf, name, value);
+        weight += PER_HEADER + name.as_str().len();
+    };
     for (name, value) in kept() {
-        put_header(&mut buf, name, value);
+        put(&mut buf, name, value);
         count += 1;
     }
     buf[count_at..count_at + 2].copy_from_slice(&count.to_be_bytes());
     buf.put_u16(carried.len() as u16);
     for (name, value) in carried {
-        put_header(&mut buf, name, value);
+        put(&mut buf, name, value);
     }
     if let Some(trailers) = trailers {
         buf.put_u16(trailers.len() as u16);
         for (name, value) in trailers {
-            put_header(&mut buf, name, value);
+            put(&mut buf, name, value);
         }
     }
     for chunk in body.into_iter().flatten() {
         buf.put_slice(chunk);
     }
-    seal::finish(buf)
+    (seal::finish(buf), u32::try_from(weight).unwrap_or(u32::MAX))
 }
 
 struct Reader {
@@ -166,8 +188,19 @@ impl Reader {
     }
 }
 
-/// Decodes what [`encode`] wrote (or an earlier version did).
+/// Decodes what [`encode`] wrote (or an earlier version did), with room in its header map for
+/// what a replay adds.
 pub(crate) fn decode(payload: Bytes) -> Result<StoredResponse, Unreadable> {
+    decode_with_room(payload, REPLAY_ADDS)
+}
+
+/// A replay adds `idempotent-replayed`, the carried headers' `original-*` and perhaps the
+/// omitted-body marker.
+pub(crate) const REPLAY_ADDS: usize = 4;
+
+/// Decodes, with room for `extra` more headers in the header map (none for a decoded record
+/// that is kept: its replays copy it into a map of their own).
+pub(crate) fn decode_with_room(payload: Bytes, extra: usize) -> Result<StoredResponse, Unreadable> {
     if payload.len() < 3 || &payload[..2] != MAGIC {
         return Err(Unreadable::Damaged("not a stored response"));
     }
@@ -181,9 +214,7 @@ pub(crate) fn decode(payload: Bytes) -> Result<StoredResponse, Unreadable> {
     let mut r = Reader { buf, pos };
     let flags = r.u8()?;
     let status = StatusCode::from_u16(r.u16()?).map_err(|_| MALFORMED)?;
-    // A replay adds `idempotent-replayed`, the carried headers' `original-*` and perhaps
-    // the omitted-body marker.
-    let headers = r.header_map(4)?;
+    let headers = r.header_map(extra)?;
     let carried_count = r.u16()? as usize;
     let carried = (0..carried_count)
         .map(|_| r.header())

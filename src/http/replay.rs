@@ -4,8 +4,9 @@
 use http::header::{HeaderValue, CONTENT_TYPE};
 use std::time::Duration;
 
-use http::{HeaderName, Response};
+use http::{HeaderMap, HeaderName, Response};
 use http_body::Body;
+use std::sync::Arc;
 
 use super::fingerprint::{self, FingerprintHasher, HashError};
 use super::problem::{Problem, ProblemKind};
@@ -13,7 +14,7 @@ use super::record;
 use super::response_body::ResponseBody;
 use crate::protocol::seal::{self, Unreadable};
 use crate::protocol::{self, Outcome};
-use crate::store::Record;
+use crate::store::{Memo, Record};
 use crate::BoxError;
 
 /// The header every replay carries (`idempotent-replayed: true`).
@@ -76,21 +77,59 @@ where
             }
         }
     }
-    let payload = record.into_payload();
-    match record::decode(payload.clone()) {
+    let decoded = match record.memo() {
+        // A record the store keeps decoded: decoded (and checked) by its first replay only.
+        Some(memo) => remembered(memo, record.payload()).map(Decoded::Shared),
+        None => record::decode(record.payload().clone()).map(Decoded::Owned),
+    };
+    match decoded {
         Ok(stored) => {
             tracing::debug!(
                 outcome = "replayed",
-                status = stored.status.as_u16(),
+                status = stored.status().as_u16(),
                 "replaying stored response"
             );
             (replay(stored, answering.carried), Outcome::Replayed)
         }
         Err(unreadable) => {
-            seal::report(seal::identity(&payload), unreadable, &unreadable);
+            seal::report(seal::identity(record.payload()), unreadable, &unreadable);
             unreadable_record(unreadable, answering.retry_after, grpc)
         }
     }
+}
+
+/// A decoded response: this replay's own, or one kept with the record for every replay.
+// Lives on the stack for one replay; boxing the owned one would cost an allocation each time.
+#[allow(clippy::large_enum_variant)]
+enum Decoded {
+    Owned(record::StoredResponse),
+    Shared(Arc<record::StoredResponse>),
+}
+
+impl Decoded {
+    fn status(&self) -> http::StatusCode {
+        match self {
+            Decoded::Owned(stored) => stored.status,
+            Decoded::Shared(stored) => stored.status,
+        }
+    }
+}
+
+/// The decoded form kept in `memo`, decoding `payload` into it the first time. A record that
+/// cannot be decoded keeps nothing (each replay reports it).
+fn remembered(
+    memo: &Memo,
+    payload: &bytes::Bytes,
+) -> Result<Arc<record::StoredResponse>, Unreadable> {
+    if let Some(kept) = memo.get() {
+        if let Ok(stored) = Arc::clone(kept).downcast::<record::StoredResponse>() {
+            return Ok(stored);
+        }
+    }
+    let stored = Arc::new(record::decode_with_room(payload.clone(), 0)?);
+    // Another replay may have filled it meanwhile: both decoded the same bytes.
+    let _ = memo.set(stored.clone());
+    Ok(stored)
 }
 
 /// The answer to a record that exists but cannot be read: the handler is not run. Damaged:
@@ -109,10 +148,25 @@ pub(crate) fn unreadable_record<B>(
 }
 
 /// Builds the replay of a stored response.
-fn replay<B>(
-    stored: record::StoredResponse,
-    carried: &[(HeaderName, HeaderName)],
-) -> Response<ResponseBody<B>> {
+fn replay<B>(decoded: Decoded, carried: &[(HeaderName, HeaderName)]) -> Response<ResponseBody<B>> {
+    let stored = match decoded {
+        Decoded::Owned(stored) => stored,
+        Decoded::Shared(kept) => {
+            // The kept map has no spare room: copy it into one with room for what follows.
+            let mut headers = HeaderMap::with_capacity(kept.headers.len() + record::REPLAY_ADDS);
+            for (name, value) in &kept.headers {
+                headers.append(name.clone(), value.clone());
+            }
+            record::StoredResponse {
+                status: kept.status,
+                headers,
+                carried: kept.carried.clone(),
+                body: kept.body.clone(),
+                body_omitted: kept.body_omitted,
+                trailers: kept.trailers.clone(),
+            }
+        }
+    };
     let mut response = Response::new(ResponseBody::full_with_trailers(
         stored.body,
         stored.trailers,
@@ -132,4 +186,44 @@ fn replay<B>(
     }
     headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_decoded_form_is_decoded_once_and_shared() {
+        let mut headers = HeaderMap::new();
+        headers.append("set-cookie", HeaderValue::from_static("a=1"));
+        headers.append("set-cookie", HeaderValue::from_static("b=2"));
+        let body = bytes::Bytes::from_static(b"{}");
+        let payload = record::encode(
+            http::StatusCode::CREATED,
+            &headers,
+            |_| true,
+            &[],
+            Some(std::iter::once(&body)),
+            None,
+        );
+        let memo = Memo::new();
+        let first = remembered(&memo, &payload).unwrap();
+        let again = remembered(&memo, &payload).unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "the second replay decodes nothing"
+        );
+        let response = replay::<()>(Decoded::Shared(again), &[]);
+        let cookies: Vec<_> = response.headers().get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"], "every value of a repeated header");
+        assert_eq!(response.headers()[REPLAYED_HEADER], "true");
+        assert!(memo.get().is_some());
+    }
+
+    #[test]
+    fn a_record_that_does_not_decode_keeps_nothing() {
+        let memo = Memo::new();
+        assert!(remembered(&memo, &bytes::Bytes::from_static(b"TI\x03junk")).is_err());
+        assert!(memo.get().is_none());
+    }
 }

@@ -130,11 +130,30 @@ impl fmt::Display for OwnerToken {
 ///
 /// The payload is opaque to the store (the HTTP layer encodes a response into it, the consumer
 /// adapter a serialised outcome); cloning a record is cheap (the payload is reference counted).
-#[derive(Clone, PartialEq, Eq)]
+/// Two records are equal when their fingerprints and payloads are.
+#[derive(Clone)]
 pub struct Record {
     fingerprint: Option<u128>,
     payload: Bytes,
+    /// The decoded form of the payload, kept by a store that hands out clones of one record
+    /// (the memory store), so that its replays decode it once. See [`Memo`].
+    memo: Option<Arc<Memo>>,
+    /// What the decoded form takes in memory, as estimated by the adapter that wrote the
+    /// record (0: it keeps none). A store that attaches a memo charges it to its capacity.
+    memo_weight: u32,
 }
+
+/// The decoded form of a record's payload, filled by the first replay: the adapter that wrote
+/// it decodes (and checks) the payload once; later replays clone the result.
+pub(crate) type Memo = std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>;
+
+impl PartialEq for Record {
+    fn eq(&self, other: &Self) -> bool {
+        self.fingerprint == other.fingerprint && self.payload == other.payload
+    }
+}
+
+impl Eq for Record {}
 
 impl Record {
     /// A record of `payload`, produced by a request whose fingerprint was `fingerprint`
@@ -143,6 +162,8 @@ impl Record {
         Self {
             fingerprint,
             payload: payload.into(),
+            memo: None,
+            memo_weight: 0,
         }
     }
 
@@ -159,6 +180,30 @@ impl Record {
     /// Takes the stored outcome.
     pub fn into_payload(self) -> Bytes {
         self.payload
+    }
+
+    /// Says that the decoded form of this record takes about `weight` bytes, and may be kept.
+    pub(crate) fn with_memo_weight(mut self, weight: u32) -> Self {
+        self.memo_weight = weight;
+        self
+    }
+
+    /// What the decoded form would take (0: none is to be kept).
+    pub(crate) fn memo_weight(&self) -> u32 {
+        self.memo_weight
+    }
+
+    /// Gives this record (and the clones made from it from now on) a slot for its decoded
+    /// form, if its writer asked for one.
+    pub(crate) fn attach_memo(&mut self) {
+        if self.memo_weight > 0 && self.memo.is_none() {
+            self.memo = Some(Arc::default());
+        }
+    }
+
+    /// The slot for the decoded form, when the store attached one.
+    pub(crate) fn memo(&self) -> Option<&Memo> {
+        self.memo.as_deref()
     }
 }
 
