@@ -146,8 +146,9 @@ where
             _body: PhantomData,
         };
         let hook = self.settings.hook().clone();
-        // Boxed where it is made, so that the wrappers below hold a pointer: moving a future
-        // by value through each of them copies all of it (a fifth of a replay, in memmove).
+        // Boxed where it is made, so that the wrappers below hold a pointer: each of them would
+        // otherwise copy the whole future as it moves (the outer future shrank from 4,784 B to
+        // 56 B; `memmove` was a seventh of a replay's profile).
         let run = Box::pin(work.run(store_key, ticket, ttl, parts, body));
         let keyed = async move {
             // A panic in the layer's own code (or the store's) answers 500; the claim guard,

@@ -23,9 +23,10 @@ const RECORD_OVERHEAD: u64 = 560;
 /// An in-process store: the default. One process only; use a shared store for a fleet.
 ///
 /// * Completed records live in a [moka] cache bounded by the **total bytes** of records
-///   (keys, payloads and a fixed per-record overhead) [64 MiB], evicting the least recently
-///   used record first. A record evicted early (capacity pressure) behaves like an expired one:
-///   a retry with its key runs again. Size the capacity for your retention. The cache is
+///   (keys, payloads, a fixed per-record overhead and, with
+///   [`keep_decoded`](MemoryStoreBuilder::keep_decoded), the decoded form's estimate)
+///   [64 MiB], evicting the least recently used record first. A record evicted early
+///   (capacity pressure) behaves like an expired one: a retry with its key runs again. Size the capacity for your retention. The cache is
 ///   keyed by a 64-bit hash of the key under a per-store random key (hashed once per call; the
 ///   cache never touches key strings when it rehashes or evicts), and every read compares the
 ///   whole key: two keys whose hashes collide (about one chance in 10¹⁰ per 50,000 stored
