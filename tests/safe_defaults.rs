@@ -12,7 +12,9 @@ use axum::{Extension, Router};
 use support::{app, request, send, Fault, FaultyStore};
 use tower_idempotency::problem::ProblemKind;
 use tower_idempotency::store::MemoryStore;
-use tower_idempotency::{IdempotencyKey, IdempotencyLayer, Outcome, ReleaseReason, Settings};
+use tower_idempotency::{
+    IdempotencyKey, IdempotencyLayer, OnStoreError, Outcome, ReleaseReason, Settings,
+};
 
 const BODY: &str = r#"{"amount": 1}"#;
 
@@ -216,7 +218,8 @@ async fn a_duplicate_body_over_the_limit_gets_413() {
     assert_eq!(probe.executions(), 1);
 }
 
-/// The handler sees the parsed key, as tower-http's request-id layer hands over its id.
+/// The handler sees the parsed key, as tower-http's request-id layer hands over its id; also
+/// when the store is down and the layer fails open.
 #[tokio::test]
 async fn the_handler_finds_the_key_in_the_request_extensions() {
     let seen = Arc::new(Mutex::new(None));
@@ -230,10 +233,18 @@ async fn the_handler_finds_the_key_in_the_request_extensions() {
             }
         }),
     );
-    let mut app = tower::Layer::layer(&IdempotencyLayer::new(), router);
+    let mut app = tower::Layer::layer(&IdempotencyLayer::new(), router.clone());
     let answer = send(&mut app, request(Some("\"order 42\""), BODY, &[])).await;
     assert_eq!(answer.status, 200);
-    assert_eq!(seen.lock().unwrap().as_deref(), Some("order 42"));
+    assert_eq!(seen.lock().unwrap().take().as_deref(), Some("order 42"));
+
+    let store = FaultyStore::new();
+    store.set(Fault::Fail);
+    let failing_open = IdempotencyLayer::with_store(store).on_store_error(OnStoreError::FailOpen);
+    let mut app = tower::Layer::layer(&failing_open, router);
+    let answer = send(&mut app, request(Some("order-43"), BODY, &[])).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(seen.lock().unwrap().as_deref(), Some("order-43"));
 }
 
 /// A TTL chosen per request: the short-lived record expires while the default one stays.

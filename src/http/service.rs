@@ -32,7 +32,7 @@ use super::capture::{self, Captured, Produced};
 use super::config::{Config, OnStoreError};
 use super::fingerprint::FingerprintHasher;
 use super::future::ResponseFuture;
-use super::key::{self, KeyHeader};
+use super::key::{self, IdempotencyKey, KeyHeader};
 use super::problem::{Problem, ProblemKind};
 use super::replay;
 use super::request_body::{self, RequestBody};
@@ -117,11 +117,11 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let (mut parts, body) = request.into_parts();
+        let (parts, body) = request.into_parts();
         let (config, settings) = (&self.config, &self.settings);
         let grpc = config.is_grpc(&parts);
-        let (store_key, ticket) = match admit(config, settings, &mut parts) {
-            Admission::Guard(store_key, ticket) => (store_key, ticket),
+        let (store_key, key, ticket) = match admit(config, settings, &parts) {
+            Admission::Guard(store_key, key, ticket) => (store_key, key, ticket),
             Admission::Pass(outcome) => {
                 settings.hook().fire(outcome);
                 return self.passthrough(parts, body);
@@ -149,7 +149,7 @@ where
         // Boxed where it is made, so that the wrappers below hold a pointer: each of them would
         // otherwise copy the whole future as it moves (the outer future shrank from 4,784 B to
         // 56 B; `memmove` was a seventh of a replay's profile).
-        let run = Box::pin(work.run(store_key, ticket, ttl, parts, body));
+        let run = Box::pin(work.run(store_key, key, ticket, ttl, parts, body));
         let keyed = async move {
             // A panic in the layer's own code (or the store's) answers 500; the claim guard,
             // dropped with the work, releases the key.
@@ -173,17 +173,16 @@ where
 
 /// What the layer does with a request before any store call.
 enum Admission {
-    /// Guard it under this store key.
-    Guard(String, Ticket),
+    /// Guard it under this store key (built from this idempotency key).
+    Guard(String, IdempotencyKey, Ticket),
     /// Let it through untouched.
     Pass(Outcome),
     /// Answer it at once.
     Refuse(Problem, Outcome),
 }
 
-/// Steps 1 to 3: is the request handled, its key, its scope, and room for it. A valid key is
-/// put in the request's extensions for the handler.
-fn admit<St>(config: &Config, settings: &Settings<St>, parts: &mut Parts) -> Admission {
+/// Steps 1 to 3: is the request handled, its key, its scope, and room for it.
+fn admit<St>(config: &Config, settings: &Settings<St>, parts: &Parts) -> Admission {
     if !config.applies(parts) {
         tracing::trace!(
             outcome = "passthrough",
@@ -252,8 +251,7 @@ fn admit<St>(config: &Config, settings: &Settings<St>, parts: &mut Parts) -> Adm
         }
     };
     let store_key = key::store_key(&scope, &parts.method, parts.uri.path(), key.as_str());
-    parts.extensions.insert(key);
-    Admission::Guard(store_key, ticket)
+    Admission::Guard(store_key, key, ticket)
 }
 
 impl<S, St> Idempotency<S, St> {
@@ -296,17 +294,19 @@ where
     /// Claims `key`, then runs the original, replays, or refuses.
     async fn run(
         self,
-        key: String,
+        store_key: String,
+        key: IdempotencyKey,
         ticket: Ticket,
         ttl: Duration,
         parts: Parts,
         body: ReqBody,
     ) -> (Answer<ResBody, S::Error>, Outcome) {
         let hasher = self.config.fingerprint.start(&parts);
-        match protocol::begin(self.settings.store(), key, self.settings.timings(), ticket).await {
+        let timings = self.settings.timings();
+        match protocol::begin(self.settings.store(), store_key, timings, ticket).await {
             Ok(Begin::Claimed(guard)) => {
                 tracing::debug!(outcome = "claimed", "key claimed; running the handler");
-                self.original(guard, ttl, parts, body, hasher).await
+                self.original(guard, key, ttl, parts, body, hasher).await
             }
             Ok(Begin::Completed { record, waited }) => {
                 if waited {
@@ -355,7 +355,7 @@ where
                 // Boxed: a rare path (failing open runs the handler) that every request's
                 // state would otherwise carry.
                 None => (
-                    Box::pin(self.store_failed(error, parts, body)).await,
+                    Box::pin(self.store_failed(error, key, parts, body)).await,
                     Outcome::StoreError,
                 ),
             },
@@ -365,7 +365,8 @@ where
     async fn store_failed(
         mut self,
         error: Failure,
-        parts: Parts,
+        key: IdempotencyKey,
+        mut parts: Parts,
         body: ReqBody,
     ) -> Answer<ResBody, S::Error> {
         match self.config.on_store_error {
@@ -377,6 +378,7 @@ where
             }
             OnStoreError::FailOpen => {
                 tracing::warn!(outcome = "store_error", %error, "store unavailable; running without idempotency");
+                parts.extensions.insert(key);
                 let request = Request::from_parts(parts, RequestBody::plain(body));
                 Ok(self.inner.call(request).await?.map(ResponseBody::inner))
             }
@@ -387,6 +389,7 @@ where
     async fn original(
         mut self,
         guard: ClaimGuard<St>,
+        key: IdempotencyKey,
         ttl: Duration,
         parts: Parts,
         body: ReqBody,
@@ -394,8 +397,10 @@ where
     ) -> (Answer<ResBody, S::Error>, Outcome) {
         let (config, grpc) = (self.config.clone(), self.grpc);
         let carried = capture::carried_headers(&parts, &config.carried);
-        // The handler reaches the key's recovery points from its request's extensions.
+        // The handler reaches its key and the key's recovery points from its request's
+        // extensions (put there only now: a replay never builds the extensions map).
         let mut parts = parts;
+        parts.extensions.insert(key);
         parts
             .extensions
             .insert(guard.recovery_points(ttl, self.settings.limits().max_recovery_point));
