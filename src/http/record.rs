@@ -191,7 +191,7 @@ impl Reader {
 /// Decodes what [`encode`] wrote (or an earlier version did), with room in its header map for
 /// what a replay adds.
 pub(crate) fn decode(payload: Bytes) -> Result<StoredResponse, Unreadable> {
-    decode_with_room(payload, REPLAY_ADDS)
+    decode_with_room(payload, REPLAY_ADDS, true)
 }
 
 /// A replay adds `idempotent-replayed`, the carried headers' `original-*` and perhaps the
@@ -199,15 +199,20 @@ pub(crate) fn decode(payload: Bytes) -> Result<StoredResponse, Unreadable> {
 pub(crate) const REPLAY_ADDS: usize = 4;
 
 /// Decodes, with room for `extra` more headers in the header map (none for a decoded record
-/// that is kept: its replays copy it into a map of their own).
-pub(crate) fn decode_with_room(payload: Bytes, extra: usize) -> Result<StoredResponse, Unreadable> {
+/// that is kept: its replays copy it into a map of their own); the integrity envelope's
+/// checksum is checked when `checksum` is set (see `seal::open_checking`).
+pub(crate) fn decode_with_room(
+    payload: Bytes,
+    extra: usize,
+    checksum: bool,
+) -> Result<StoredResponse, Unreadable> {
     if payload.len() < 3 || &payload[..2] != MAGIC {
         return Err(Unreadable::Damaged("not a stored response"));
     }
     let version = payload[2];
     let (buf, pos) = match version {
         1 | 2 => (payload, 3),
-        VERSION => (seal::open(&payload)?, 0),
+        VERSION => (seal::open_checking(&payload, checksum)?, 0),
         0 => return Err(Unreadable::Damaged("version 0")),
         newer => return Err(Unreadable::Newer(newer)),
     };

@@ -77,10 +77,15 @@ where
             }
         }
     }
+    // A payload that never left this process needs no checksum (the memory store's).
+    let checksum = !record.in_process();
     let decoded = match record.memo() {
-        // A record the store keeps decoded: decoded (and checked) by its first replay only.
-        Some(memo) => remembered(memo, record.payload()).map(Decoded::Shared),
-        None => record::decode(record.payload().clone()).map(Decoded::Owned),
+        // A record the store keeps decoded: decoded by its first replay only.
+        Some(memo) => remembered(memo, record.payload(), checksum).map(Decoded::Shared),
+        None => {
+            let payload = record.payload().clone();
+            record::decode_with_room(payload, record::REPLAY_ADDS, checksum).map(Decoded::Owned)
+        }
     };
     match decoded {
         Ok(stored) => {
@@ -120,13 +125,14 @@ impl Decoded {
 fn remembered(
     memo: &Memo,
     payload: &bytes::Bytes,
+    checksum: bool,
 ) -> Result<Arc<record::StoredResponse>, Unreadable> {
     if let Some(kept) = memo.get() {
         if let Ok(stored) = Arc::clone(kept).downcast::<record::StoredResponse>() {
             return Ok(stored);
         }
     }
-    let stored = Arc::new(record::decode_with_room(payload.clone(), 0)?);
+    let stored = Arc::new(record::decode_with_room(payload.clone(), 0, checksum)?);
     // Another replay may have filled it meanwhile: both decoded the same bytes.
     let _ = memo.set(stored.clone());
     Ok(stored)
@@ -207,8 +213,8 @@ mod tests {
             None,
         );
         let memo = Memo::new();
-        let first = remembered(&memo, &payload).unwrap();
-        let again = remembered(&memo, &payload).unwrap();
+        let first = remembered(&memo, &payload, true).unwrap();
+        let again = remembered(&memo, &payload, true).unwrap();
         assert!(
             Arc::ptr_eq(&first, &again),
             "the second replay decodes nothing"
@@ -223,7 +229,8 @@ mod tests {
     #[test]
     fn a_record_that_does_not_decode_keeps_nothing() {
         let memo = Memo::new();
-        assert!(remembered(&memo, &bytes::Bytes::from_static(b"TI\x03junk")).is_err());
+        let junk = bytes::Bytes::from_static(b"TI\x03junk");
+        assert!(remembered(&memo, &junk, true).is_err());
         assert!(memo.get().is_none());
     }
 }

@@ -374,6 +374,7 @@ impl Store for MemoryStore {
             shard.points.remove(&key);
         }
         let mut record = record;
+        record.mark_in_process();
         if self.inner.keep_decoded {
             // Replays of this record share one decoded form (charged to the capacity).
             record.attach_memo();
@@ -640,6 +641,7 @@ mod tests {
                 }
             };
             let (one, two) = (read().await, read().await);
+            assert!(one.in_process(), "its bytes never left the process");
             let charged = store.weighted_size();
             let base = 1 + 1000 + RECORD_OVERHEAD;
             if keep {

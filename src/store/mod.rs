@@ -141,6 +141,9 @@ pub struct Record {
     /// What the decoded form takes in memory, as estimated by the adapter that wrote the
     /// record (0: it keeps none). A store that attaches a memo charges it to its capacity.
     memo_weight: u32,
+    /// The payload never left this process (the memory store): its integrity envelope need
+    /// not be checked when it is read, since the bytes are the ones the writer sealed.
+    in_process: bool,
 }
 
 /// The decoded form of a record's payload, filled by the first replay: the adapter that wrote
@@ -164,6 +167,7 @@ impl Record {
             payload: payload.into(),
             memo: None,
             memo_weight: 0,
+            in_process: false,
         }
     }
 
@@ -199,6 +203,17 @@ impl Record {
         if self.memo_weight > 0 && self.memo.is_none() {
             self.memo = Some(Arc::default());
         }
+    }
+
+    /// Says that the payload is held in this process as its writer gave it (never serialised,
+    /// sent or stored outside): reading it needs no integrity check.
+    pub(crate) fn mark_in_process(&mut self) {
+        self.in_process = true;
+    }
+
+    /// Whether the payload is held in this process as its writer gave it.
+    pub(crate) fn in_process(&self) -> bool {
+        self.in_process
     }
 
     /// The slot for the decoded form, when the store attached one.
