@@ -78,7 +78,7 @@ pub(crate) struct Tracker {
     /// Bytes of completions being retried in the background.
     pending_bytes: AtomicU64,
     /// The claims held now, to release at the deadline.
-    claims: Mutex<HashMap<u64, (Arc<str>, OwnerToken)>>,
+    claims: Claims,
     next_id: AtomicU64,
     /// Woken when `active` falls to zero.
     idle: Notify,
@@ -119,9 +119,48 @@ impl Tracker {
             self.idle.notify_waiters();
         }
     }
+}
 
-    fn claims(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Arc<str>, OwnerToken)>> {
-        self.claims.lock().unwrap_or_else(|p| p.into_inner())
+/// How many locks the claim registry spreads its claims over.
+const CLAIM_SHARDS: usize = 16;
+
+type ClaimShard = HashMap<u64, (Arc<str>, OwnerToken), ahash::RandomState>;
+
+/// The claims held now, by the id of the ticket holding each. Every claimed request adds and
+/// removes its own: sharded by id (consecutive ids land on different locks), so that requests
+/// running at once seldom wait for each other, and hashed with ahash (ids come from a counter
+/// in this process; nobody outside chooses them).
+#[derive(Default)]
+struct Claims {
+    shards: [Mutex<ClaimShard>; CLAIM_SHARDS],
+}
+
+impl Claims {
+    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, ClaimShard> {
+        // A panic while holding a shard cannot leave it half-updated (one map operation).
+        self.shards[id as usize % CLAIM_SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn insert(&self, id: u64, key: Arc<str>, token: OwnerToken) {
+        self.shard(id).insert(id, (key, token));
+    }
+
+    fn remove(&self, id: u64) {
+        self.shard(id).remove(&id);
+    }
+
+    /// Takes every claim held now.
+    fn take_all(&self) -> Vec<(Arc<str>, OwnerToken)> {
+        (0..CLAIM_SHARDS as u64)
+            .flat_map(|id| {
+                self.shard(id)
+                    .drain()
+                    .map(|(_, claim)| claim)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 }
 
@@ -179,7 +218,7 @@ impl Ticket {
     /// Records the claim this request now holds.
     pub(crate) fn hold(&mut self, key: &Arc<str>, token: OwnerToken) {
         let id = self.tracker.next_id.fetch_add(1, Ordering::Relaxed);
-        self.tracker.claims().insert(id, (key.clone(), token));
+        self.tracker.claims.insert(id, key.clone(), token);
         self.claim = Some(id);
     }
 }
@@ -187,7 +226,7 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         if let Some(id) = self.claim {
-            self.tracker.claims().remove(&id);
+            self.tracker.claims.remove(id);
         }
         self.tracker.leave();
     }
@@ -336,12 +375,7 @@ impl<St: Store + Clone> DrainHandle<St> {
             }
         }
         let waited = started.elapsed();
-        let held: Vec<_> = self
-            .tracker
-            .claims()
-            .drain()
-            .map(|(_, claim)| claim)
-            .collect();
+        let held = self.tracker.claims.take_all();
         let mut report = DrainReport {
             waited,
             ..DrainReport::default()
