@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::store::{BoxStore, OwnerToken, RecoveryPoint, Store, StoreError};
+use crate::store::{DynStore, OwnerToken, RecoveryPoint, Store, StoreError};
 
 /// A handler's access to the recovery point of the key it runs under.
 ///
@@ -55,16 +55,18 @@ use crate::store::{BoxStore, OwnerToken, RecoveryPoint, Store, StoreError};
 /// ```
 #[derive(Clone)]
 pub struct RecoveryPoints {
-    inner: Arc<Inner>,
+    /// One allocation per claimed request: the store is the last field, unsized behind the
+    /// `Arc` (a boxed store would be a second one).
+    inner: Arc<Inner<dyn DynStore>>,
 }
 
-struct Inner {
-    store: BoxStore,
+struct Inner<S: ?Sized> {
     key: Arc<str>,
     token: OwnerToken,
     ttl: Duration,
     max_bytes: usize,
     timeout: Duration,
+    store: S,
 }
 
 /// Why a recovery point could not be saved or read.
@@ -123,16 +125,15 @@ impl RecoveryPoints {
         max_bytes: usize,
         timeout: Duration,
     ) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                store: BoxStore::new(store),
-                key,
-                token,
-                ttl,
-                max_bytes,
-                timeout,
-            }),
-        }
+        let inner: Arc<Inner<dyn DynStore>> = Arc::new(Inner {
+            key,
+            token,
+            ttl,
+            max_bytes,
+            timeout,
+            store,
+        });
+        Self { inner }
     }
 
     /// The recovery points of the message being handled, inside a handler run by the consumer

@@ -11,7 +11,7 @@ use super::{ClaimOutcome, KeyState, OwnerToken, Record, RecoveryPoint, Store, St
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The object-safe twin of [`Store`], implemented for every store.
-trait DynStore: Send + Sync + 'static {
+pub(crate) trait DynStore: Send + Sync + 'static {
     fn claim_as<'a>(
         &'a self,
         key: &'a str,

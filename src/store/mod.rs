@@ -79,6 +79,7 @@ mod waker;
 pub mod conformance;
 
 pub use boxed::BoxStore;
+pub(crate) use boxed::DynStore;
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
