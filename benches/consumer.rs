@@ -6,6 +6,7 @@
 //! Redis and PostgreSQL run when a server can be started or is named by `REDIS_URL` /
 //! `DATABASE_URL` (the same rules as the tests); otherwise they say so.
 
+mod fleet;
 #[path = "../tests/support/servers.rs"]
 mod servers;
 
@@ -17,7 +18,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde::{Deserialize, Serialize};
 use tower::{service_fn, Layer, Service, ServiceExt};
 use tower_idempotency::consumer::{Delivery, IdempotentConsumerLayer};
-use tower_idempotency::store::{MemoryStore, PostgresStore, RedisStore, SqliteStore, Store};
+use tower_idempotency::store::{MemoryStore, SqliteStore, Store};
 
 /// A payment event, as a broker would deliver it.
 #[derive(Clone)]
@@ -141,25 +142,12 @@ fn consumers(c: &mut Criterion) {
     let dir = servers::TempDir::new("bench-consumer");
     let sqlite = rt.block_on(SqliteStore::open(dir.path().join("consumer.db")));
     bench_store(c, &rt, "sqlite", sqlite.unwrap());
-    // Benchmarks skip rather than fail when a server is missing, even under CI.
-    std::env::remove_var("CI");
-    match servers::redis_url() {
-        Some(url) => {
-            let store = rt.block_on(RedisStore::connect(&url)).unwrap();
-            bench_store(c, &rt, "redis", store);
-        }
-        None => eprintln!("consumer/redis: skipped, no redis-server and no REDIS_URL"),
+    let (redis, postgres) = fleet::fleet_stores(&rt, "consumer");
+    if let Some(store) = redis {
+        bench_store(c, &rt, "redis", store);
     }
-    match servers::postgres_url() {
-        Some(url) => {
-            let store = rt.block_on(async {
-                let store = PostgresStore::connect(&url).await.unwrap();
-                store.migrate().await.unwrap();
-                store
-            });
-            bench_store(c, &rt, "postgres", store);
-        }
-        None => eprintln!("consumer/postgres: skipped, no PostgreSQL and no DATABASE_URL"),
+    if let Some(store) = postgres {
+        bench_store(c, &rt, "postgres", store);
     }
 }
 

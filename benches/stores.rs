@@ -5,6 +5,7 @@
 //! (`sqlite-nocache/replay`: a replay that reads the file); `sqlite_dispatch` compares the
 //! two ways of keeping SQLite off the async runtime on the same read.
 
+mod fleet;
 #[path = "../tests/support/servers.rs"]
 mod servers;
 
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tower_idempotency::store::{
-    ClaimOutcome, MemoryStore, PostgresStore, Record, RedisStore, SqliteStore, Store, Synchronous,
+    ClaimOutcome, MemoryStore, Record, SqliteStore, Store, Synchronous,
 };
 
 const LEASE: Duration = Duration::from_secs(60);
@@ -100,25 +101,12 @@ fn stores(c: &mut Criterion) {
         bench_store(c, &rt, name, rt.block_on(store.open()).unwrap());
     }
     sqlite_dispatch(c, &rt, &dir.path().join("dispatch.db"));
-    // Benchmarks skip rather than fail when a server is missing, even under CI.
-    std::env::remove_var("CI");
-    match servers::redis_url() {
-        Some(url) => {
-            let store = rt.block_on(RedisStore::connect(&url)).unwrap();
-            bench_store(c, &rt, "redis", store);
-        }
-        None => eprintln!("store/redis: skipped, no redis-server and no REDIS_URL"),
+    let (redis, postgres) = fleet::fleet_stores(&rt, "store");
+    if let Some(store) = redis {
+        bench_store(c, &rt, "redis", store);
     }
-    match servers::postgres_url() {
-        Some(url) => {
-            let store = rt.block_on(async {
-                let store = PostgresStore::connect(&url).await.unwrap();
-                store.migrate().await.unwrap();
-                store
-            });
-            bench_store(c, &rt, "postgres", store);
-        }
-        None => eprintln!("store/postgres: skipped, no PostgreSQL and no DATABASE_URL"),
+    if let Some(store) = postgres {
+        bench_store(c, &rt, "postgres", store);
     }
 }
 

@@ -122,14 +122,20 @@ async fn the_background_purger_deletes_expired_rows() {
     purger.abort();
 }
 
-/// Rows of the purger's table, counted over a connection of its own.
-async fn rows() -> i64 {
+/// A plain client on the test server, beside the store's pool.
+async fn raw_client() -> tokio_postgres::Client {
     let url = postgres_url().unwrap();
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(connection);
     client
+}
+
+/// Rows of the purger's table, counted over a connection of its own.
+async fn rows() -> i64 {
+    raw_client()
+        .await
         .query_one("SELECT count(*) FROM purger_test", &[])
         .await
         .unwrap()
@@ -181,11 +187,7 @@ async fn a_lazy_store_starts_before_postgres_and_works_once_it_is_up() {
 #[tokio::test]
 async fn migrating_an_up_to_date_table_takes_no_lock_on_it() {
     let Some(store) = store().await else { return };
-    let url = support::servers::postgres_url().unwrap();
-    let (mut client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let mut client = raw_client().await;
     let holder = client.transaction().await.unwrap();
     holder
         .batch_execute("LOCK TABLE idempotency_records IN ACCESS EXCLUSIVE MODE")
@@ -207,11 +209,7 @@ async fn migrate_drops_the_recovery_point_trigger_and_completion_still_deletes_t
     use tower_idempotency::store::{ClaimOutcome, Record, Store};
     let Some(store) = store().await else { return };
     let store = store.with_table("trigger_upgrade").unwrap();
-    let url = postgres_url().unwrap();
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = raw_client().await;
     client
         .batch_execute(
             "DROP TABLE IF EXISTS trigger_upgrade, trigger_upgrade_points;
