@@ -259,3 +259,58 @@ async fn migrate_drops_the_recovery_point_trigger_and_completion_still_deletes_t
         .unwrap();
     assert_eq!(points().await, 0, "the completion deleted the point");
 }
+
+/// A retry of a completed key is answered by a plain read, as the limit route's replay: no
+/// write statement, so it is served even by a session that refuses writes (a hot standby, a
+/// primary being demoted during a failover), and it costs the server a read's work.
+#[tokio::test]
+async fn a_replay_is_a_plain_read_and_is_served_by_a_read_only_session() {
+    use std::time::Duration;
+    use tower_idempotency::store::{ClaimOutcome, Record, Store};
+    let Some(store) = store().await else { return };
+    let table = "read_only_replays";
+    let store = store.with_table(table).unwrap();
+    store.migrate().await.unwrap();
+    let lease = Duration::from_secs(30);
+    let (done, running) = (
+        tower_idempotency::store::conformance::fresh_key("read-only-done"),
+        tower_idempotency::store::conformance::fresh_key("read-only-running"),
+    );
+    let ClaimOutcome::Claimed(token) = store.claim(&done, lease).await.unwrap() else {
+        panic!("a fresh key is claimed")
+    };
+    let record = Record::new(Some(7), "stored answer");
+    store
+        .complete(&done, &token, record.clone(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    store.claim(&running, lease).await.unwrap();
+
+    let mut config: tokio_postgres::Config = postgres_url().unwrap().parse().unwrap();
+    config.options("-c default_transaction_read_only=on");
+    let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .max_size(1)
+        .build()
+        .unwrap();
+    let read_only = PostgresStore::new(pool).with_table(table).unwrap();
+    match read_only.claim(&done, lease).await {
+        Ok(ClaimOutcome::Completed(replayed)) => {
+            assert_eq!(replayed.payload(), record.payload());
+            assert_eq!(replayed.fingerprint(), Some(7));
+        }
+        other => panic!("a completed key is replayed by a read: {other:?}"),
+    }
+    assert!(
+        matches!(
+            read_only.claim(&running, lease).await,
+            Ok(ClaimOutcome::InFlight { .. })
+        ),
+        "a key in flight is reported by a read"
+    );
+    let fresh = tower_idempotency::store::conformance::fresh_key("read-only-fresh");
+    assert!(
+        read_only.claim(&fresh, lease).await.is_err(),
+        "a fresh key needs a write, which the session refuses"
+    );
+}

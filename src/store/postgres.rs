@@ -21,10 +21,11 @@ use super::{
 /// * **Table:** one row per key [`idempotency_records`, name configurable and validated],
 ///   created by [`migrate`](Self::migrate) (idempotent); the SQL is [`PostgresStore::schema_sql`]
 ///   for teams that run their own migrations.
-/// * **Atomicity:** a claim is one statement, `INSERT … ON CONFLICT DO NOTHING` joined with a
-///   read of the existing row: it takes a free key, or reports the live row (a replay is a
-///   plain read: no row lock, no write); a row whose lease or TTL lapsed is taken over by an
-///   `UPDATE … WHERE expires_at <= now()`. Renew, complete and
+/// * **Atomicity:** a claim first reads the key's live row: a replay, or a duplicate of a
+///   request in flight, is that one plain `SELECT` (no lock, no write: a read-only session
+///   answers it). A key it does not find is claimed by one statement, `INSERT … ON CONFLICT
+///   DO NOTHING` joined with a read of the row, which reports a claim made since; a row whose
+///   lease or TTL lapsed is taken over by an `UPDATE … WHERE expires_at <= now()`. Renew, complete and
 ///   release are `UPDATE`/`DELETE … WHERE owner = $token AND expires_at > now()`.
 /// * **Clocks:** every lease and expiry is computed and compared with the database's `now()`.
 /// * **Expired rows** are ignored on read and overwritten by the next claim; delete them with
@@ -579,6 +580,23 @@ impl PostgresStore {
     }
 }
 
+/// The outcome of a claim that found the key's live row, whose columns `completed`,
+/// `fingerprint`, `payload` and the milliseconds left start at column `first`.
+fn existing(row: &tokio_postgres::Row, first: usize) -> Result<ClaimOutcome, StoreError> {
+    if row.get::<_, Option<bool>>(first) == Some(true) {
+        return Ok(ClaimOutcome::Completed(record_from_columns(
+            row.get(first + 1),
+            row.get(first + 2),
+        )?));
+    }
+    let remaining: Option<i64> = row.get(first + 3);
+    Ok(ClaimOutcome::InFlight {
+        lease_remaining: remaining
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(Duration::from_millis),
+    })
+}
+
 fn token_bytes(token: &OwnerToken) -> [u8; 16] {
     token.as_u128().to_be_bytes()
 }
@@ -591,6 +609,22 @@ impl Store for PostgresStore {
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
         let client = self.client().await?;
+        // A retry of a key that exists (a replay, a duplicate in flight) costs one plain read:
+        // a statement that could insert costs the server ~1.7 times a read's work even when it
+        // inserts nothing, and a session that refuses writes (a standby, a primary being
+        // demoted) still answers it. A fresh key pays this read before its claim (no commit:
+        // its throughput is bound by the two commits that follow).
+        let read = client
+            .prepare_cached(&self.sql.read)
+            .await
+            .map_err(StoreError::backend)?;
+        if let Some(row) = client
+            .query_opt(&read, &[&key])
+            .await
+            .map_err(StoreError::backend)?
+        {
+            return existing(&row, 0);
+        }
         let claim = client
             .prepare_cached(&self.sql.claim)
             .await
@@ -606,20 +640,8 @@ impl Store for PostgresStore {
                 .map_err(StoreError::backend)?;
             match row {
                 Some(row) if row.get::<_, bool>(0) => return Ok(ClaimOutcome::Claimed(token)),
-                Some(row) if row.get::<_, Option<bool>>(1) == Some(true) => {
-                    return Ok(ClaimOutcome::Completed(record_from_columns(
-                        row.get(2),
-                        row.get(3),
-                    )?));
-                }
-                Some(row) => {
-                    let remaining: Option<i64> = row.get(4);
-                    return Ok(ClaimOutcome::InFlight {
-                        lease_remaining: remaining
-                            .and_then(|ms| u64::try_from(ms).ok())
-                            .map(Duration::from_millis),
-                    });
-                }
+                // Claimed by someone else since the read.
+                Some(row) => return existing(&row, 1),
                 // The key exists but its row expired: take it over, unless someone else did.
                 None => {
                     let take_over = client
