@@ -2,6 +2,12 @@
 local mode = os.getenv("MODE") or "keyless"
 local paths = { bare = "/bare/payments", limit_fresh = "/limit/fresh/payments",
   limit_replay = "/limit/replay/payments" }
+-- The memory store has no round trip: its limit is the bare route, sent the very requests the
+-- layer's fresh and replay scenarios send (their key header included).
+if os.getenv("LIMIT_BARE") == "1" then
+  paths.limit_fresh = "/bare/payments"
+  paths.limit_replay = "/bare/payments"
+end
 local path = paths[mode] or "/payments"
 local body = '{"amount":1000,"currency":"usd"}'
 local counter = 0

@@ -8,6 +8,8 @@
 #   limit_fresh   POST /limit/fresh/payments    the handler plus one claim write and one
 #                                               completion write, raw (the demo's limit.rs)
 #   limit_replay  POST /limit/replay/payments   one raw read of the stored bytes
+# On the memory store (no round trip) the limit routes are the bare route sent the same requests
+# as fresh and replay, key header included: what the load generator's own work costs.
 # The layer's fresh and replay are reported as ratios of the bare route and of their limit.
 # Prints requests/s, p50 and p99 latency per scenario and the ratio to the bare route, the CPU
 # time the demo and wrk spent per request, and the store calls per request (shared stores).
@@ -58,6 +60,7 @@ for path in /payments ${limit_flag:+/limit/replay/payments}; do
 done
 modes="bare keyless fresh replay"
 [ -z "$limit_flag" ] || modes="$modes limit_fresh limit_replay"
+if [ -z "${STORE:-}" ]; then modes="$modes limit_fresh limit_replay"; export LIMIT_BARE=1; fi
 
 # The memory store at capacity: FILL seconds (default 4) of fresh keys, several times what its
 # 64 MiB hold (the demo's records are ~1 KiB as charged, so ~65,000), so that every measured

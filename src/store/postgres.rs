@@ -26,9 +26,9 @@ use super::{
 ///   write). While nearly every claim finds its key (a herd of retries), the store reads the
 ///   key first, so a replay or a duplicate in flight is one plain `SELECT`, at a read's cost
 ///   (the claim statement costs the server 1.7 times more even when it inserts nothing); it
-///   goes back to the one statement once fresh keys return. A row whose
-///   lease or TTL lapsed is taken over by an `UPDATE … WHERE expires_at <= now()`. Renew, complete and
-///   release are `UPDATE`/`DELETE … WHERE owner = $token AND expires_at > now()`.
+///   goes back to the one statement once fresh keys return. A row whose lease or TTL lapsed
+///   is taken over by an `UPDATE … WHERE expires_at <= now()`. Renew, complete and release
+///   are `UPDATE`/`DELETE … WHERE owner = $token AND expires_at > now()`.
 /// * **Clocks:** every lease and expiry is computed and compared with the database's `now()`.
 /// * **Expired rows** are ignored on read and overwritten by the next claim; delete them with
 ///   [`purge_expired`](Self::purge_expired) on a schedule, or [`spawn_purger`](Self::spawn_purger).
