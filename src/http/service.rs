@@ -119,7 +119,6 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let (parts, body) = request.into_parts();
         let (config, settings) = (&self.config, &self.settings);
-        let grpc = config.is_grpc(&parts);
         let (store_key, key, ticket) = match admit(config, settings, &parts) {
             Admission::Guard(store_key, key, ticket) => (store_key, key, ticket),
             Admission::Pass(outcome) => {
@@ -128,9 +127,12 @@ where
             }
             Admission::Refuse(problem, outcome) => {
                 settings.hook().fire(outcome);
-                return ResponseFuture::ready(problem.respond(grpc));
+                return ResponseFuture::ready(problem.respond(config.is_grpc(&parts)));
             }
         };
+        // Looked up only for requests the layer answers or guards: a passthrough pays no
+        // `content-type` lookup.
+        let grpc = config.is_grpc(&parts);
         let span = tracing::debug_span!("idempotency", key = %store_key, method = %parts.method, path = parts.uri.path());
         let ttl = config.ttl_for(&parts, settings.timings().ttl);
         let declared = parts
