@@ -309,9 +309,18 @@ async fn during_a_herd_of_retries_a_replay_is_one_plain_read() {
         .unwrap();
     let replayer = store_as_role(&role, table).await;
     let mut herd = Vec::new();
-    for _ in 0..40 {
+    for _ in 0..60 {
         herd.push(replayer.claim(&done, lease).await);
     }
+    // Reading first, a fresh key is still claimed, and a lapsed claim taken over.
+    let fresh = replayer.claim(&fresh_key("herd-fresh"), lease).await;
+    let lapsed = fresh_key("herd-lapsed");
+    store
+        .claim(&lapsed, Duration::from_millis(50))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let taken_over = replayer.claim(&lapsed, lease).await;
     admin
         .batch_execute(&format!(
             "REVOKE INSERT, UPDATE, DELETE ON {table}, {table}_points FROM {role}"
@@ -330,6 +339,11 @@ async fn during_a_herd_of_retries_a_replay_is_one_plain_read() {
     assert!(herd
         .iter()
         .all(|outcome| matches!(outcome, Ok(ClaimOutcome::Completed(_)))));
+    assert!(matches!(fresh, Ok(ClaimOutcome::Claimed(_))), "{fresh:?}");
+    assert!(
+        matches!(taken_over, Ok(ClaimOutcome::Claimed(_))),
+        "{taken_over:?}"
+    );
     match replayed {
         Ok(ClaimOutcome::Completed(replayed)) => {
             assert_eq!(replayed.payload(), record.payload());
