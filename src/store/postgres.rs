@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
 
 use super::waker::Wake;
@@ -491,8 +492,7 @@ impl PostgresStore {
         let check = "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL \
                      AND NOT EXISTS (SELECT 1 FROM pg_trigger \
                                      WHERE tgname = $3 AND tgrelid = to_regclass($1))";
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-            [t, &self.sql.points, &trigger];
+        let params: [&(dyn ToSql + Sync); 3] = [t, &self.sql.points, &trigger];
         let current = |row: tokio_postgres::Row| row.get::<_, bool>(0);
         let backend = StoreError::backend;
         if current(client.query_one(check, &params).await.map_err(backend)?) {
@@ -596,7 +596,7 @@ impl PostgresStore {
     async fn owner_checked(
         &self,
         sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        params: &[&(dyn ToSql + Sync)],
     ) -> Result<(), StoreError> {
         let client = self.client().await?;
         let statement = client
@@ -612,6 +612,22 @@ impl PostgresStore {
             _ => Err(StoreError::LeaseLost),
         }
     }
+}
+
+/// Runs `sql` (prepared once per connection) and returns its row, if any.
+async fn query_opt(
+    client: &deadpool_postgres::Object,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Option<tokio_postgres::Row>, StoreError> {
+    let statement = client
+        .prepare_cached(sql)
+        .await
+        .map_err(StoreError::backend)?;
+    client
+        .query_opt(&statement, params)
+        .await
+        .map_err(StoreError::backend)
 }
 
 /// The outcome of a claim that found the key's live row, whose columns `completed`,
@@ -647,15 +663,7 @@ impl Store for PostgresStore {
         // replay, a duplicate in flight) costs one plain read, which a session that refuses
         // writes (a standby, a primary being demoted) also answers.
         if self.read_first.enabled() {
-            let read = client
-                .prepare_cached(&self.sql.read)
-                .await
-                .map_err(StoreError::backend)?;
-            let row = client
-                .query_opt(&read, &[&key])
-                .await
-                .map_err(StoreError::backend)?;
-            if let Some(row) = row {
+            if let Some(row) = query_opt(&client, &self.sql.read, &[&key]).await? {
                 self.read_first.record(true);
                 return existing(&row, 0);
             }
@@ -684,15 +692,11 @@ impl Store for PostgresStore {
                 }
                 // The key exists but its row expired: take it over, unless someone else did.
                 None => {
-                    let take_over = client
-                        .prepare_cached(&self.sql.take_over)
-                        .await
-                        .map_err(StoreError::backend)?;
-                    let taken = client
-                        .query_opt(&take_over, &[&key, &owner, &ms(lease)])
-                        .await
-                        .map_err(StoreError::backend)?;
-                    if taken.is_some() {
+                    let params: [&(dyn ToSql + Sync); 3] = [&key, &owner, &ms(lease)];
+                    if query_opt(&client, &self.sql.take_over, &params)
+                        .await?
+                        .is_some()
+                    {
                         return Ok(ClaimOutcome::Claimed(token));
                     }
                 }
@@ -703,15 +707,7 @@ impl Store for PostgresStore {
 
     async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
         let client = self.client().await?;
-        let read = client
-            .prepare_cached(&self.sql.read)
-            .await
-            .map_err(StoreError::backend)?;
-        let Some(row) = client
-            .query_opt(&read, &[&key])
-            .await
-            .map_err(StoreError::backend)?
-        else {
+        let Some(row) = query_opt(&client, &self.sql.read, &[&key]).await? else {
             return Ok(KeyState::Absent);
         };
         let remaining: Option<i64> = row.get(3);
