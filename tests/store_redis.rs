@@ -156,3 +156,44 @@ async fn a_lazy_store_starts_before_redis_and_works_once_it_is_up() {
         RedisStore::connect_lazy(&server.url()).expect("lazy connect never needs the server");
     shared_store::a_lazy_store_works_once_its_server_is_up(store, || server.restart()).await;
 }
+
+/// A server that forgot its scripts (restarted, failed over, `SCRIPT FLUSH`) is sent the
+/// script again by the first owner-checked call that needs it, which then succeeds.
+#[tokio::test]
+async fn owner_checked_calls_reload_the_scripts_a_server_forgot() {
+    use std::time::Duration;
+    use tower_idempotency::store::conformance::fresh_key;
+    use tower_idempotency::store::{ClaimOutcome, Record, Store};
+    let Some(store) = store().await else { return };
+    let mut raw = support::servers::raw_redis(&redis_url().unwrap()).await;
+    let forget = || {
+        let mut flush = redis::cmd("SCRIPT");
+        flush.arg("FLUSH");
+        flush
+    };
+    let lease = Duration::from_secs(30);
+    let (done, released) = (fresh_key("noscript-done"), fresh_key("noscript-released"));
+    let ClaimOutcome::Claimed(token) = store.claim(&done, lease).await.unwrap() else {
+        panic!("a fresh key is claimed")
+    };
+    let () = forget().query_async(&mut raw).await.unwrap();
+    store.renew(&done, &token, lease).await.unwrap();
+    let () = forget().query_async(&mut raw).await.unwrap();
+    store
+        .complete(&done, &token, Record::new(Some(3), "kept"), lease)
+        .await
+        .unwrap();
+    match store.claim(&done, lease).await.unwrap() {
+        ClaimOutcome::Completed(record) => assert_eq!(&record.payload()[..], b"kept"),
+        other => panic!("the completion was stored: {other:?}"),
+    }
+    let ClaimOutcome::Claimed(token) = store.claim(&released, lease).await.unwrap() else {
+        panic!("a fresh key is claimed")
+    };
+    let () = forget().query_async(&mut raw).await.unwrap();
+    store.release(&released, &token).await.unwrap();
+    assert!(matches!(
+        store.claim(&released, lease).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+}

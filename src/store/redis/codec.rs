@@ -19,17 +19,41 @@ pub(super) fn claim_value(token: &OwnerToken) -> [u8; 18] {
 
 pub(crate) fn encode_record(record: &Record) -> Bytes {
     let mut out = BytesMut::with_capacity(19 + record.payload().len());
-    out.put_u8(RECORD_TAG);
-    out.put_u8(VERSION);
-    match record.fingerprint() {
-        Some(fingerprint) => {
-            out.put_u8(1);
-            out.put_u128(fingerprint);
-        }
-        None => out.put_u8(0),
-    }
+    let (head, len) = record_head(record);
+    out.put_slice(&head[..len]);
     out.put_slice(record.payload());
     out.freeze()
+}
+
+/// What precedes a record's payload in its value: the tag, the version and the fingerprint
+/// (flag and bytes); the array and how many of its bytes are used.
+fn record_head(record: &Record) -> ([u8; 19], usize) {
+    let mut head = [0u8; 19];
+    head[0] = RECORD_TAG;
+    head[1] = VERSION;
+    match record.fingerprint() {
+        Some(fingerprint) => {
+            head[2] = 1;
+            head[3..].copy_from_slice(&fingerprint.to_be_bytes());
+            (head, 19)
+        }
+        None => (head, 3),
+    }
+}
+
+/// A record's value (as [`encode_record`]) written straight into a command's buffer, with no
+/// copy of its own: a completion sends the record as this argument.
+pub(super) struct RecordArg<'a>(pub(super) &'a Record);
+
+impl redis::ToRedisArgs for RecordArg<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        use std::io::Write;
+        let (head, len) = record_head(self.0);
+        let mut arg = out.writer_for_next_arg();
+        // Writing into the command's buffer cannot fail.
+        let _ = arg.write_all(&head[..len]);
+        let _ = arg.write_all(self.0.payload());
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +92,20 @@ pub(crate) fn decode_record(value: Vec<u8>) -> Result<Record, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_written_into_a_command_is_its_encoded_value() {
+        for record in [
+            Record::new(Some(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10), "payload"),
+            Record::new(None, Bytes::new()),
+            Record::new(Some(7), vec![b'x'; 2000]),
+        ] {
+            let (mut streamed, mut copied) = (redis::cmd("X"), redis::cmd("X"));
+            streamed.arg(RecordArg(&record));
+            copied.arg(&encode_record(&record)[..]);
+            assert_eq!(streamed.get_packed_command(), copied.get_packed_command());
+        }
+    }
 
     #[test]
     fn records_round_trip_and_unknown_versions_are_refused() {

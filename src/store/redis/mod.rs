@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Script, Value};
+use redis::{ErrorKind, Script, ServerErrorKind, ToRedisArgs, Value};
 
 use super::waker::Wake;
 use super::{ClaimOutcome, KeyState, OwnerToken, Record, RecoveryPoint, Store, StoreError};
@@ -17,7 +17,7 @@ mod connection;
 mod scripts;
 mod server_report;
 
-use codec::{claim_value, CLAIM_TAG};
+use codec::{claim_value, RecordArg, CLAIM_TAG};
 pub(crate) use codec::{decode_record, encode_record};
 use connection::{Connection, SentinelLink};
 use scripts::{Scripts, CLAIM, COMPLETE, INSPECT, LOAD_POINT, RELEASE, RENEW, SAVE_POINT};
@@ -271,7 +271,7 @@ impl RedisStore {
 
     /// The channel completions and releases are published on.
     fn channel(&self) -> String {
-        format!("{}wake", self.prefix)
+        format!("{}{WAKE_CHANNEL}", self.prefix)
     }
 
     /// Starts this handle's subscriber, once: it wakes local waiters from the channel, and
@@ -369,9 +369,10 @@ impl RedisStore {
         token: &OwnerToken,
         lease: Duration,
     ) -> Result<Option<ClaimOutcome>, StoreError> {
-        let redis_key = self.redis_key(key);
-        let mut set = redis::cmd("SET");
-        set.arg(&redis_key)
+        // Sized once: a command grown argument by argument reallocates its buffer each time.
+        let mut set = redis::Cmd::with_capacity(7, 96 + self.prefix.len() + key.len());
+        set.arg("SET")
+            .arg(Prefixed(&self.prefix, key))
             .arg(&claim_value(token)[..])
             .arg("NX")
             .arg("PX")
@@ -394,7 +395,7 @@ impl RedisStore {
             }
             Some(_) => {
                 let pttl: i64 = redis::cmd("PTTL")
-                    .arg(&redis_key)
+                    .arg(Prefixed(&self.prefix, key))
                     .query_async(&mut connection)
                     .await
                     .map_err(StoreError::backend)?;
@@ -511,38 +512,67 @@ impl RedisStore {
         script: &Script,
         key: &str,
         token: &OwnerToken,
-        args: &[&[u8]],
+        args: impl ToRedisArgs,
     ) -> Result<(), StoreError> {
-        self.owner_checked_with(script, key, None, token, args)
+        self.owner_checked_with(script, key, None, token, 0, args)
             .await
     }
 
-    /// Runs an owner-checked script on `key` (and `second`, a key in the same slot).
+    /// Runs an owner-checked script on `key` (and `second`, a key in the same slot), with the
+    /// owner's token and `args` (about `size` bytes) as its arguments. The `EVALSHA` is built
+    /// here, each argument written once into the command: `ScriptInvocation` copies every
+    /// argument into a vector of its own first (a completion's whole record, once more).
     async fn owner_checked_with(
         &self,
         script: &Script,
         key: &str,
         second: Option<String>,
         token: &OwnerToken,
-        args: &[&[u8]],
+        size: usize,
+        args: impl ToRedisArgs,
     ) -> Result<(), StoreError> {
-        let mut invocation = script.key(self.redis_key(key));
-        if let Some(second) = second {
-            invocation.key(second);
+        let mut eval = redis::Cmd::with_capacity(8, 160 + key.len() + self.prefix.len() + size);
+        eval.arg("EVALSHA")
+            .arg(script.get_hash())
+            .arg(1 + usize::from(second.is_some()))
+            .arg(Prefixed(&self.prefix, key));
+        if let Some(second) = &second {
+            eval.arg(second);
         }
-        invocation.arg(&claim_value(token)[..]);
-        for arg in args {
-            invocation.arg(*arg);
+        eval.arg(&claim_value(token)[..]).arg(args);
+        let mut connection = self.connection.clone();
+        let done: i64 = match eval.query_async(&mut connection).await {
+            // Not in the server's script cache (a restarted or new server): load it, once more.
+            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                script
+                    .prepare_invoke()
+                    .load_async(&mut connection)
+                    .await
+                    .map_err(StoreError::backend)?;
+                eval.query_async(&mut connection).await
+            }
+            done => done,
         }
-        let done: i64 = invocation
-            .invoke_async(&mut self.connection.clone())
-            .await
-            .map_err(StoreError::backend)?;
+        .map_err(StoreError::backend)?;
         if done == 1 {
             Ok(())
         } else {
             Err(StoreError::LeaseLost)
         }
+    }
+}
+
+/// A Redis key written as one argument from its prefix and the store's key, without building
+/// the `String`.
+struct Prefixed<'a>(&'a str, &'a str);
+
+impl ToRedisArgs for Prefixed<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        use std::io::Write;
+        let mut arg = out.writer_for_next_arg();
+        // Writing into the command's buffer cannot fail.
+        let _ = arg.write_all(self.0.as_bytes());
+        let _ = arg.write_all(self.1.as_bytes());
     }
 }
 
@@ -556,8 +586,13 @@ fn refused_command(error: &redis::RedisError) -> bool {
         && error.code() == Some("ERR")
 }
 
-fn millis(duration: Duration) -> String {
-    duration.as_millis().max(1).to_string()
+/// The wake-up channel's name after the store's prefix.
+const WAKE_CHANNEL: &str = "wake";
+
+/// Milliseconds, at least 1 (Redis refuses a zero `PX`), written as a number argument (no
+/// `String` per call).
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis().max(1)).unwrap_or(u64::MAX)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -612,8 +647,7 @@ impl Store for RedisStore {
         token: &OwnerToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        let lease = millis(lease);
-        self.owner_checked(&self.scripts.renew, key, token, &[lease.as_bytes()])
+        self.owner_checked(&self.scripts.renew, key, token, millis(lease))
             .await
     }
 
@@ -624,15 +658,17 @@ impl Store for RedisStore {
         record: Record,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let value = encode_record(&record);
-        let ttl = millis(ttl);
-        let channel = self.channel();
         self.owner_checked_with(
             &self.scripts.complete,
             key,
             self.point_key(key),
             token,
-            &[&value, ttl.as_bytes(), channel.as_bytes()],
+            record.payload().len(),
+            (
+                RecordArg(&record),
+                millis(ttl),
+                Prefixed(&self.prefix, WAKE_CHANNEL),
+            ),
         )
         .await?;
         // Written; not acknowledged by the replicas in time, it fails as a store error and the
@@ -650,13 +686,14 @@ impl Store for RedisStore {
         let point_key = self.point_key(key).ok_or(StoreError::Unsupported(
             "recovery points for a key holding '}' on a Redis Cluster",
         ))?;
-        let (value, ttl) = (point.encode(), millis(ttl));
+        let value = point.encode();
         self.owner_checked_with(
             &self.scripts.save_point,
             key,
             Some(point_key),
             token,
-            &[&value, ttl.as_bytes()],
+            value.len(),
+            (&value[..], millis(ttl)),
         )
         .await
     }
@@ -692,9 +729,13 @@ impl Store for RedisStore {
     }
 
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
-        let channel = self.channel();
-        self.owner_checked(&self.scripts.release, key, token, &[channel.as_bytes()])
-            .await
+        self.owner_checked(
+            &self.scripts.release,
+            key,
+            token,
+            Prefixed(&self.prefix, WAKE_CHANNEL),
+        )
+        .await
     }
 
     async fn wait(&self, key: &str, attempt: u32) {
