@@ -137,7 +137,7 @@ impl<B> Captured<B> {
             .whole
             .then(|| self.frames.iter().filter_map(Frame::data_ref));
         let trailers = self.frames.iter().find_map(Frame::trailers_ref);
-        let (payload, decoded_weight) = record::encode_weighed(
+        let (payload, decoded_weight) = record::encode(
             self.head.status,
             &self.head.headers,
             keep,

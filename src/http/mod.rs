@@ -58,7 +58,8 @@ pub(crate) fn fuzz_record(data: &[u8]) {
             &stored.carried,
             body,
             stored.trailers.as_ref(),
-        );
+        )
+        .0;
         let again = record::decode(encoded).expect("a re-encoded record decodes");
         assert_eq!(again, stored);
     }

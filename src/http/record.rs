@@ -58,22 +58,11 @@ fn put_header(buf: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
     buf.put_slice(value.as_bytes());
 }
 
-/// Encodes a response head and body; `body` is `None` when it was too large to keep.
+/// Encodes a response head and body (`body` is `None` when it was too large to keep), and
+/// tells about what the response takes in memory once decoded beyond its body (which shares
+/// the record's bytes): the struct, its maps' entries, custom names' copies. A store that
+/// keeps decoded records charges it (see `Record::with_memo_weight`).
 pub(crate) fn encode<'a>(
-    status: StatusCode,
-    headers: &HeaderMap,
-    keep: impl Fn(&HeaderName) -> bool,
-    carried: &[(HeaderName, HeaderValue)],
-    body: Option<impl Iterator<Item = &'a Bytes> + Clone>,
-    trailers: Option<&HeaderMap>,
-) -> Bytes {
-    encode_weighed(status, headers, keep, carried, body, trailers).0
-}
-
-/// [`encode`], and about what the response takes in memory once decoded beyond its body
-/// (which shares the record's bytes): the struct, its maps' entries, custom names' copies.
-/// A store that keeps decoded records charges it (see `Record::with_memo_weight`).
-pub(crate) fn encode_weighed<'a>(
     status: StatusCode,
     headers: &HeaderMap,
     keep: impl Fn(&HeaderName) -> bool,
@@ -288,7 +277,8 @@ mod tests {
             &carried,
             Some(body.iter()),
             None,
-        );
+        )
+        .0;
         let decoded = decode(payload).unwrap();
         assert_eq!(decoded.status, StatusCode::CREATED);
         assert_eq!(decoded.headers, headers);
@@ -304,14 +294,17 @@ mod tests {
         trailers.insert("grpc-status", HeaderValue::from_static("0"));
         trailers.insert("grpc-message", HeaderValue::from_static(""));
         let body = [Bytes::from_static(b"\0\0\0\0\x02\x08\x01")];
-        let decoded = decode(encode(
-            StatusCode::OK,
-            &HeaderMap::new(),
-            |_| true,
-            &[],
-            Some(body.iter()),
-            Some(&trailers),
-        ))
+        let decoded = decode(
+            encode(
+                StatusCode::OK,
+                &HeaderMap::new(),
+                |_| true,
+                &[],
+                Some(body.iter()),
+                Some(&trailers),
+            )
+            .0,
+        )
         .unwrap();
         assert_eq!(decoded.trailers, Some(trailers));
         assert_eq!(decoded.body, body[0]);
@@ -330,14 +323,17 @@ mod tests {
 
     #[test]
     fn omitted_body_is_flagged() {
-        let decoded = decode(encode(
-            StatusCode::OK,
-            &HeaderMap::new(),
-            |_| true,
-            &[],
-            None::<std::slice::Iter<'_, Bytes>>,
-            None,
-        ))
+        let decoded = decode(
+            encode(
+                StatusCode::OK,
+                &HeaderMap::new(),
+                |_| true,
+                &[],
+                None::<std::slice::Iter<'_, Bytes>>,
+                None,
+            )
+            .0,
+        )
         .unwrap();
         assert!(decoded.body_omitted);
         assert!(decoded.body.is_empty());
@@ -352,7 +348,8 @@ mod tests {
             &[],
             Some([Bytes::from_static(b"{\"id\":1}")].iter()),
             None,
-        );
+        )
+        .0;
         let mut future = payload.to_vec();
         future[2] = 4;
         assert_eq!(decode(Bytes::from(future)), Err(Unreadable::Newer(4)));
@@ -377,7 +374,8 @@ mod tests {
             &[],
             Some(body.iter()),
             None,
-        );
+        )
+        .0;
         let cut = payload.slice(..payload.len() - 5);
         assert!(matches!(decode(cut), Err(Unreadable::Damaged(_))));
         let mut flipped = payload.to_vec();
@@ -428,7 +426,8 @@ mod tests {
             &carried,
             Some([Bytes::from_static(b"{\"id\":1}")].iter()),
             None,
-        );
+        )
+        .0;
         let hex: String = encoded.iter().map(|b| format!("\\x{b:02x}")).collect();
         assert_eq!(&encoded[..3], b"TI\x03", "{hex}");
         assert_eq!(decode(encoded.clone()).unwrap().body, "{\"id\":1}", "{hex}");

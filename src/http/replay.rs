@@ -211,7 +211,8 @@ mod tests {
             &[],
             Some(std::iter::once(&body)),
             None,
-        );
+        )
+        .0;
         let memo = Memo::new();
         let first = remembered(&memo, &payload, true).unwrap();
         let again = remembered(&memo, &payload, true).unwrap();
