@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -54,7 +55,7 @@ pub struct MemoryStore {
 struct Inner {
     /// Completed records, by the keyed 64-bit hash of their key (see [`Inner::slot`]).
     records: moka::sync::Cache<u64, Stored, RandomState>,
-    claims: Box<[Mutex<Shard>]>,
+    claims: Box<[ClaimShard]>,
     hasher: RandomState,
     /// Whether records keep their decoded form ([`MemoryStoreBuilder::keep_decoded`]).
     keep_decoded: bool,
@@ -67,6 +68,16 @@ struct Stored {
     key: Arc<str>,
     record: Record,
     expires_at: Instant,
+}
+
+/// A shard of the claims, and how many records were written under its lock.
+struct ClaimShard {
+    lock: Mutex<Shard>,
+    /// Bumped (under the lock, after the write) by every completion of a key of this shard:
+    /// a claim that read it before its lock-free look for a record, and reads the same count
+    /// once it holds the lock, knows that no record of its shard was written in between, so
+    /// its first look still stands (see `claim_as`).
+    completions: AtomicU64,
 }
 
 struct Shard {
@@ -153,12 +164,13 @@ impl MemoryStoreBuilder {
             .expire_after(Expiry)
             .build_with_hasher(RandomState::new());
         let claims = (0..SHARDS)
-            .map(|_| {
-                Mutex::new(Shard {
+            .map(|_| ClaimShard {
+                lock: Mutex::new(Shard {
                     map: HashMap::with_hasher(RandomState::new()),
                     swept_len: 0,
                     points: HashMap::with_hasher(RandomState::new()),
-                })
+                }),
+                completions: AtomicU64::new(0),
             })
             .collect();
         MemoryStore {
@@ -242,12 +254,16 @@ impl MemoryStore {
     }
 
     fn shard(&self, slot: u64) -> MutexGuard<'_, Shard> {
-        let index = slot as usize % SHARDS;
         // A panic while holding a shard lock cannot leave a shard half-updated (every update
         // is a single map operation), so a poisoned lock is safe to keep using.
-        self.inner.claims[index]
+        self.claim_shard(slot)
+            .lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn claim_shard(&self, slot: u64) -> &ClaimShard {
+        &self.inner.claims[slot as usize % SHARDS]
     }
 
     /// The record stored under `key`, whatever its expiry.
@@ -312,6 +328,10 @@ impl Store for MemoryStore {
     ) -> Result<ClaimOutcome, StoreError> {
         let now = Instant::now();
         let slot = self.inner.slot(key);
+        let completions = &self.claim_shard(slot).completions;
+        // Read before the first look: it pairs with the increment that follows every record
+        // write (`complete`), so a write counted here is one the first look sees.
+        let seen = completions.load(Ordering::Acquire);
         // The replay path: no lock.
         if let Some(record) = self.live_record(key, slot, now) {
             return Ok(ClaimOutcome::Completed(record));
@@ -324,10 +344,14 @@ impl Store for MemoryStore {
                 });
             }
         }
-        // Records are written under the shard lock (see `complete`), so this second look
-        // cannot miss one that a completion made between the first look and the lock.
-        if let Some(record) = self.live_record(key, slot, now) {
-            return Ok(ClaimOutcome::Completed(record));
+        // Records are written under the shard lock (see `complete`), so a second look now
+        // cannot miss one that a completion made between the first look and the lock; it is
+        // needed only if a completion of this shard came in between (a fresh key on a full
+        // store saves a cache probe that misses).
+        if completions.load(Ordering::Relaxed) != seen {
+            if let Some(record) = self.live_record(key, slot, now) {
+                return Ok(ClaimOutcome::Completed(record));
+            }
         }
         let token = *token;
         shard.sweep_if_grown(now);
@@ -385,6 +409,10 @@ impl Store for MemoryStore {
             expires_at: crate::protocol::later(Instant::now(), ttl),
         };
         self.inner.records.insert(slot, stored);
+        // After the write, under the lock: see `claim_as`.
+        self.claim_shard(slot)
+            .completions
+            .fetch_add(1, Ordering::Release);
         Ok(())
     }
 
@@ -608,6 +636,49 @@ mod tests {
             .unwrap();
     }
 
+    /// A claim that races the completion of its key (its lock-free look for the record before
+    /// the write, its lock after it) finds the record: it never claims a completed key.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_claim_racing_a_completion_never_claims_the_completed_key() {
+        const RACERS: usize = 3;
+        let store = MemoryStore::new();
+        let mut claimed_again = 0;
+        let mut completed_seen = 0;
+        for round in 0..2000 {
+            let key: Arc<str> = format!("race-{round}").into();
+            let owner = claimed(&store, &key).await;
+            let barrier = Arc::new(tokio::sync::Barrier::new(RACERS + 1));
+            let racers: Vec<_> = (0..RACERS)
+                .map(|_| {
+                    let (store, key, barrier) = (store.clone(), key.clone(), barrier.clone());
+                    tokio::spawn(async move {
+                        barrier.wait().await;
+                        loop {
+                            match store.claim(&key, LEASE).await.unwrap() {
+                                ClaimOutcome::InFlight { .. } => tokio::task::yield_now().await,
+                                ClaimOutcome::Completed(_) => return false,
+                                ClaimOutcome::Claimed(_) => return true,
+                            }
+                        }
+                    })
+                })
+                .collect();
+            barrier.wait().await;
+            store
+                .complete(&key, &owner, Record::new(None, "done"), LEASE)
+                .await
+                .unwrap();
+            for racer in racers {
+                match racer.await.unwrap() {
+                    true => claimed_again += 1,
+                    false => completed_seen += 1,
+                }
+            }
+        }
+        assert_eq!(claimed_again, 0, "a completed key was claimed again");
+        assert_eq!(completed_seen, 2000 * RACERS);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn lapsed_claims_are_swept_so_the_map_stays_bounded() {
         let store = MemoryStore::new();
@@ -621,7 +692,7 @@ mod tests {
             .inner
             .claims
             .iter()
-            .map(|s| s.lock().unwrap().map.len())
+            .map(|s| s.lock.lock().unwrap().map.len())
             .sum();
         assert!(held < 3000, "{held} claims held; lapsed ones must be swept");
     }
