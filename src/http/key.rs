@@ -87,8 +87,8 @@ impl IdempotencyKey {
     }
 }
 
-/// Parses the rest of an sf-string after its opening quote.
 /// What a request's key header says.
+#[derive(Debug)]
 pub(crate) enum KeyHeader {
     Missing,
     Present(IdempotencyKey),
@@ -103,17 +103,28 @@ pub fn store_key(scope: &str, method: &http::Method, path: &str, key: &str) -> S
     crate::protocol::composite_key("", &[scope, method.as_str(), path], key)
 }
 
+/// Up to this many header values, [`read`] scans the headers instead of looking the name up.
+const SCANNED: usize = 8;
+
 /// Reads the key from the request head: absent, one valid key, or why it is refused.
 pub(crate) fn read(
     headers: &http::HeaderMap,
     name: &http::HeaderName,
     max_len: usize,
 ) -> KeyHeader {
-    let mut values = headers.get_all(name).iter();
-    let Some(value) = values.next() else {
+    let (value, repeated) = if headers.len() <= SCANNED {
+        // A request with a few headers is scanned: comparing names is cheaper than hashing a
+        // header name that is not a standard one (which `HeaderMap` does on every lookup).
+        let mut values = headers.iter().filter(|(n, _)| *n == name).map(|(_, v)| v);
+        (values.next(), values.next().is_some())
+    } else {
+        let mut values = headers.get_all(name).iter();
+        (values.next(), values.next().is_some())
+    };
+    let Some(value) = value else {
         return KeyHeader::Missing;
     };
-    if values.next().is_some() {
+    if repeated {
         return KeyHeader::Invalid(KeyError::Multiple);
     }
     match IdempotencyKey::parse(value.as_bytes(), max_len) {
@@ -122,6 +133,7 @@ pub(crate) fn read(
     }
 }
 
+/// Parses the rest of an sf-string after its opening quote.
 fn parse_sf_string(rest: &[u8], max_len: usize) -> Result<String, KeyError> {
     let mut out = String::with_capacity(rest.len().min(max_len));
     let mut bytes = rest.iter();
@@ -165,6 +177,39 @@ impl fmt::Display for IdempotencyKey {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Whether a request with `others` unrelated headers and `keys` key headers reads as
+    /// missing, present or repeated: the same on both sides of the scan's threshold.
+    #[test]
+    fn the_key_header_reads_the_same_in_small_and_large_requests() {
+        let name = http::HeaderName::from_static("idempotency-key");
+        for others in [0, 1, SCANNED - 1, SCANNED, SCANNED + 1, 40] {
+            for keys in 0..3 {
+                let mut headers = http::HeaderMap::new();
+                for i in 0..others {
+                    let other = http::HeaderName::try_from(format!("x-other-{i}")).unwrap();
+                    headers.insert(other, http::HeaderValue::from_static("v"));
+                }
+                headers.insert(http::header::CONTENT_TYPE, "text/plain".parse().unwrap());
+                for k in 0..keys {
+                    headers.append(&name, format!("key-{k}").parse().unwrap());
+                }
+                let read = read(&headers, &name, 255);
+                let case = format!("{others} other headers, {keys} key headers: {read:?}");
+                match keys {
+                    0 => assert!(matches!(read, KeyHeader::Missing), "{case}"),
+                    1 => assert!(
+                        matches!(&read, KeyHeader::Present(key) if key.as_str() == "key-0"),
+                        "{case}"
+                    ),
+                    _ => assert!(
+                        matches!(read, KeyHeader::Invalid(KeyError::Multiple)),
+                        "{case}"
+                    ),
+                }
+            }
+        }
+    }
 
     #[test]
     fn rejects_each_kind_of_bad_value() {
