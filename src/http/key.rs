@@ -112,14 +112,17 @@ pub(crate) fn read(
     name: &http::HeaderName,
     max_len: usize,
 ) -> KeyHeader {
+    fn first_and_more<'a>(
+        mut values: impl Iterator<Item = &'a http::HeaderValue>,
+    ) -> (Option<&'a http::HeaderValue>, bool) {
+        (values.next(), values.next().is_some())
+    }
     let (value, repeated) = if headers.len() <= SCANNED {
         // A request with a few headers is scanned: comparing names is cheaper than hashing a
         // header name that is not a standard one (which `HeaderMap` does on every lookup).
-        let mut values = headers.iter().filter(|(n, _)| *n == name).map(|(_, v)| v);
-        (values.next(), values.next().is_some())
+        first_and_more(headers.iter().filter(|(n, _)| *n == name).map(|(_, v)| v))
     } else {
-        let mut values = headers.get_all(name).iter();
-        (values.next(), values.next().is_some())
+        first_and_more(headers.get_all(name).iter())
     };
     let Some(value) = value else {
         return KeyHeader::Missing;
