@@ -89,3 +89,96 @@ async fn each_outcome_is_traced() {
     send(&mut app, request(Some("s"), BODY, &[])).await;
     assert_eq!(outcomes.take(), ["store_error"]);
 }
+
+/// For each event with an outcome: the outcome, and the `key` of the span it happened in.
+#[derive(Clone, Default)]
+struct InSpan(Arc<Mutex<Vec<(String, Option<String>)>>>);
+
+struct KeyField(String);
+
+struct KeyVisitor<'a>(&'a mut Option<String>);
+
+impl Visit for KeyVisitor<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "key" {
+            *self.0 = Some(format!("{value:?}"));
+        }
+    }
+}
+
+impl<S> Layer<S> for InSpan
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: Context<'_, S>,
+    ) {
+        let mut key = None;
+        attrs.record(&mut KeyVisitor(&mut key));
+        if let (Some(key), Some(span)) = (key, ctx.span(id)) {
+            span.extensions_mut().insert(KeyField(key));
+        }
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: Context<'_, S>) {
+        let mut outcome = None;
+        event.record(&mut OutcomeVisitor(&mut outcome));
+        if let Some(outcome) = outcome {
+            let key = ctx.event_span(event).and_then(|span| {
+                (span.name() == "idempotency")
+                    .then(|| span.extensions().get::<KeyField>().map(|k| k.0.clone()))
+                    .flatten()
+            });
+            self.0.lock().unwrap().push((outcome, key));
+        }
+    }
+}
+
+/// Every event of a keyed request, from its claim to its end (a stored response, a replay, a
+/// panic), is logged inside the request's `idempotency` span, which names its store key.
+#[tokio::test(flavor = "current_thread")]
+async fn a_keyed_requests_events_are_inside_its_span() {
+    let seen = InSpan::default();
+    let subscriber = tracing_subscriber::registry()
+        .with(seen.clone())
+        .with(tracing_subscriber::filter::LevelFilter::TRACE);
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let (mut app, _probe) = app(IdempotencyLayer::new());
+    let take = || std::mem::take(&mut *seen.0.lock().unwrap());
+    let key_of = |key: &str| {
+        Some(tower_idempotency::admin::http_key(
+            "",
+            &http::Method::POST,
+            "/payments",
+            key,
+        ))
+    };
+
+    send(&mut app, request(Some("k"), "{}", &[])).await;
+    send(&mut app, request(Some("k"), "{}", &[])).await;
+    let k = key_of("k");
+    assert_eq!(
+        take(),
+        [
+            ("claimed".to_owned(), k.clone()),
+            ("stored".to_owned(), k.clone()),
+            ("replayed".to_owned(), k)
+        ]
+    );
+    send(&mut app, request(Some("p"), "{}", &[("x-panic", "1")]))
+        .await
+        .assert_problem(500, "handler-panicked");
+    let p = key_of("p");
+    let events = take();
+    assert!(!events.is_empty());
+    for (outcome, key) in &events {
+        assert_eq!(key, &p, "{outcome} logged outside its span");
+    }
+    assert!(
+        events.iter().any(|(outcome, _)| outcome == "not_stored"),
+        "{events:?}"
+    );
+}

@@ -15,10 +15,12 @@
 //! in `replay`, and the claim itself in the transport-free `protocol` module.
 
 use std::fmt;
+use std::future::Future;
 use std::marker::PhantomData;
 use std::ops::ControlFlow;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,7 +28,6 @@ use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
-use tracing::Instrument;
 
 use super::capture::{self, Captured, Produced};
 use super::config::{Config, OnStoreError};
@@ -38,7 +39,8 @@ use super::replay;
 use super::request_body::{self, RequestBody};
 use super::response_body::ResponseBody;
 use crate::protocol::{
-    self, Begin, ClaimGuard, Failure, Outcome, Panicked, Refusal, ReleaseReason, Settings, Ticket,
+    self, Begin, CatchUnwind, ClaimGuard, Failure, Outcome, OutcomeHook, Panicked, Refusal,
+    ReleaseReason, Settings, Ticket,
 };
 use crate::store::{MemoryStore, Store};
 use crate::BoxError;
@@ -147,29 +149,69 @@ where
             grpc,
             _body: PhantomData,
         };
-        let hook = self.settings.hook().clone();
-        // Boxed where it is made, so that the wrappers below hold a pointer: each of them would
-        // otherwise copy the whole future as it moves (the outer future shrank from 4,784 B to
-        // 56 B; `memmove` was a seventh of a replay's profile).
-        let run = Box::pin(work.run(store_key, key, ticket, ttl, parts, body));
-        let keyed = async move {
-            // A panic in the layer's own code (or the store's) answers 500; the claim guard,
-            // dropped with the work, releases the key.
-            let (answer, outcome) = match protocol::catch_unwind(run).await {
-                Ok(done) => done,
-                Err(_panic) => (
-                    Ok(Problem::Plain(ProblemKind::HandlerPanicked).respond(grpc)),
-                    Outcome::Released(ReleaseReason::Panic),
-                ),
-            };
-            hook.fire(outcome);
-            answer
+        // One box for the whole keyed request, made where the work is made: the wrappers
+        // (panic capture, span, outcome hook) are fields of one future beside it, so nothing
+        // moves the work's state (4 KiB) after it is boxed, and there is no second allocation.
+        let task = Box::pin(KeyedTask {
+            run: Some(protocol::catch_unwind(
+                work.run(store_key, key, ticket, ttl, parts, body),
+            )),
+            span,
+            hook: self.settings.hook().clone(),
+            grpc,
+        });
+        ResponseFuture::keyed(task, self.settings.tracker().clone(), declared)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A keyed request's work with what wraps it: polled inside its span, a panic in the
+    /// layer's own code (or the store's) answered with 500 (the claim guard, dropped with the
+    /// work, releases the key), and its outcome reported to the hook once it ends. Dropped
+    /// unfinished, the work is dropped inside its span too, so what its guard logs then is
+    /// attributed to the request.
+    struct KeyedTask<F> {
+        #[pin]
+        run: Option<CatchUnwind<F>>,
+        span: tracing::Span,
+        hook: OutcomeHook,
+        grpc: bool,
+    }
+
+    impl<F> PinnedDrop for KeyedTask<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let mut this = this.project();
+            let _entered = this.span.enter();
+            this.run.set(None);
+        }
+    }
+}
+
+impl<F, B, E> Future for KeyedTask<F>
+where
+    F: Future<Output = (Answer<B, E>, Outcome)>,
+{
+    type Output = Answer<B, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let _entered = this.span.enter();
+        let run = this
+            .run
+            .as_mut()
+            .as_pin_mut()
+            .expect("KeyedTask polled after completion");
+        let (answer, outcome) = match ready!(run.poll(cx)) {
+            Ok(done) => done,
+            Err(_panic) => (
+                Ok(Problem::Plain(ProblemKind::HandlerPanicked).respond(*this.grpc)),
+                Outcome::Released(ReleaseReason::Panic),
+            ),
         };
-        ResponseFuture::keyed(
-            Box::pin(keyed.instrument(span)),
-            self.settings.tracker().clone(),
-            declared,
-        )
+        // The work's state is dropped now, inside the span, not when the box is.
+        this.run.set(None);
+        this.hook.fire(outcome);
+        Poll::Ready(answer)
     }
 }
 
@@ -294,7 +336,12 @@ where
     ResBody::Error: Into<BoxError>,
 {
     /// Claims `key`, then runs the original, replays, or refuses.
-    async fn run(
+    ///
+    /// An `async` block, not an `async fn`: an `async fn` moves each argument into a local of
+    /// its own, and its state keeps both (the request's parts twice, 224 B each), which every
+    /// keyed request copies into its box.
+    #[allow(clippy::manual_async_fn)]
+    fn run(
         self,
         store_key: String,
         key: IdempotencyKey,
@@ -302,65 +349,70 @@ where
         ttl: Duration,
         parts: Parts,
         body: ReqBody,
-    ) -> (Answer<ResBody, S::Error>, Outcome) {
-        let hasher = self.config.fingerprint.start(&parts);
-        let timings = self.settings.timings();
-        match protocol::begin(self.settings.store(), store_key, timings, ticket).await {
-            Ok(Begin::Claimed(guard)) => {
-                tracing::debug!(outcome = "claimed", "key claimed; running the handler");
-                self.original(guard, key, ttl, parts, body, hasher).await
-            }
-            Ok(Begin::Completed { record, waited }) => {
-                if waited {
-                    tracing::debug!(
-                        outcome = "waited",
-                        "original finished while the duplicate waited"
-                    );
+    ) -> impl Future<Output = (Answer<ResBody, S::Error>, Outcome)> {
+        async move {
+            let hasher = self.config.fingerprint.start(&parts);
+            let timings = self.settings.timings();
+            match protocol::begin(self.settings.store(), store_key, timings, ticket).await {
+                Ok(Begin::Claimed(guard)) => {
+                    tracing::debug!(outcome = "claimed", "key claimed; running the handler");
+                    self.original(guard, key, ttl, parts, body, hasher).await
                 }
-                let config = &self.config;
-                let body_limit = config
-                    .fingerprint
-                    .covers_body()
-                    .then_some(config.max_duplicate_body);
-                let answering = replay::Answering {
-                    carried: &config.carried,
-                    retry_after: config.retry_after,
-                    grpc: self.grpc,
-                };
-                let (response, outcome) =
-                    replay::duplicate(record, body, hasher, body_limit, answering).await;
-                (Ok(response), outcome)
-            }
-            Ok(Begin::InFlight {
-                waited,
-                lease_remaining,
-            }) => {
-                tracing::info!(
-                    outcome = "conflict",
-                    waited,
-                    "original request still in flight"
-                );
-                let after = lease_remaining.map_or(self.config.retry_after, |remaining| {
-                    remaining.clamp(Duration::from_secs(1), self.config.retry_after)
-                });
-                let problem = Problem::RetryAfter(ProblemKind::InFlight, after);
-                (Ok(problem.respond(self.grpc)), Outcome::Conflict)
-            }
-            Err(error) => match error.unreadable() {
-                // A record that exists but cannot be read proves the key was used: never a
-                // reason to run the handler, whatever the store-error policy (`begin` logged it).
-                Some(unreadable) => {
+                Ok(Begin::Completed { record, waited }) => {
+                    if waited {
+                        tracing::debug!(
+                            outcome = "waited",
+                            "original finished while the duplicate waited"
+                        );
+                    }
+                    let config = &self.config;
+                    let body_limit = config
+                        .fingerprint
+                        .covers_body()
+                        .then_some(config.max_duplicate_body);
+                    let answering = replay::Answering {
+                        carried: &config.carried,
+                        retry_after: config.retry_after,
+                        grpc: self.grpc,
+                    };
                     let (response, outcome) =
-                        replay::unreadable_record(unreadable, self.config.retry_after, self.grpc);
+                        replay::duplicate(record, body, hasher, body_limit, answering).await;
                     (Ok(response), outcome)
                 }
-                // Boxed: a rare path (failing open runs the handler) that every request's
-                // state would otherwise carry.
-                None => (
-                    Box::pin(self.store_failed(error, key, parts, body)).await,
-                    Outcome::StoreError,
-                ),
-            },
+                Ok(Begin::InFlight {
+                    waited,
+                    lease_remaining,
+                }) => {
+                    tracing::info!(
+                        outcome = "conflict",
+                        waited,
+                        "original request still in flight"
+                    );
+                    let after = lease_remaining.map_or(self.config.retry_after, |remaining| {
+                        remaining.clamp(Duration::from_secs(1), self.config.retry_after)
+                    });
+                    let problem = Problem::RetryAfter(ProblemKind::InFlight, after);
+                    (Ok(problem.respond(self.grpc)), Outcome::Conflict)
+                }
+                Err(error) => match error.unreadable() {
+                    // A record that exists but cannot be read proves the key was used: never a
+                    // reason to run the handler, whatever the store-error policy (`begin` logged it).
+                    Some(unreadable) => {
+                        let (response, outcome) = replay::unreadable_record(
+                            unreadable,
+                            self.config.retry_after,
+                            self.grpc,
+                        );
+                        (Ok(response), outcome)
+                    }
+                    // Boxed: a rare path (failing open runs the handler) that every request's
+                    // state would otherwise carry.
+                    None => (
+                        Box::pin(self.store_failed(error, key, parts, body)).await,
+                        Outcome::StoreError,
+                    ),
+                },
+            }
         }
     }
 
@@ -387,51 +439,54 @@ where
         }
     }
 
-    /// The first request with this key: run it under the claim, then store or release.
-    async fn original(
+    /// The first request with this key: run it under the claim, then store or release. (An
+    /// `async` block for the reason given at [`run`](Self::run).)
+    #[allow(clippy::manual_async_fn)]
+    fn original(
         mut self,
         guard: ClaimGuard<St>,
         key: IdempotencyKey,
         ttl: Duration,
-        parts: Parts,
+        mut parts: Parts,
         body: ReqBody,
         hasher: Option<FingerprintHasher>,
-    ) -> (Answer<ResBody, S::Error>, Outcome) {
-        let (config, grpc) = (self.config.clone(), self.grpc);
-        let carried = capture::carried_headers(&parts, &config.carried);
-        // The handler reaches its key and the key's recovery points from its request's
-        // extensions (put there only now: a replay never builds the extensions map).
-        let mut parts = parts;
-        parts.extensions.insert(key);
-        parts
-            .extensions
-            .insert(guard.recovery_points(ttl, self.settings.limits().max_recovery_point));
-        let (body, fingerprint) =
-            request_body::attach(body, hasher, config.fingerprint.covers_body());
-        let call = self.inner.call(Request::from_parts(parts, body));
-        // Pinned here and passed by reference: each wrapper (panic capture, lease renewal)
-        // would otherwise hold its own copy of this future in its state.
-        let work = std::pin::pin!(async {
-            let response = call.await?;
-            let max_body = config.max_response_body;
-            Ok(capture::read(response, &*config.store_status, max_body, grpc).await)
-        });
-        let produced = guard.run(work).await;
-        let captured = match storable(produced, grpc) {
-            ControlFlow::Continue(captured) => captured,
-            ControlFlow::Break((answer, reason)) => {
-                guard.release().await;
-                return (answer, Outcome::Released(reason));
-            }
-        };
-        let fingerprint = fingerprint.finish(&guard).await;
-        let record = captured.record(fingerprint, &carried, |name| config.stores_header(name));
-        let outcome = guard.complete_for(record, ttl).await.into();
-        let response = Response::from_parts(
-            captured.head,
-            ResponseBody::prefixed(captured.frames, captured.rest),
-        );
-        (Ok(response), outcome)
+    ) -> impl Future<Output = (Answer<ResBody, S::Error>, Outcome)> {
+        async move {
+            let (config, grpc) = (self.config.clone(), self.grpc);
+            let carried = capture::carried_headers(&parts, &config.carried);
+            // The handler reaches its key and the key's recovery points from its request's
+            // extensions (put there only now: a replay never builds the extensions map).
+            parts.extensions.insert(key);
+            parts
+                .extensions
+                .insert(guard.recovery_points(ttl, self.settings.limits().max_recovery_point));
+            let (body, fingerprint) =
+                request_body::attach(body, hasher, config.fingerprint.covers_body());
+            let call = self.inner.call(Request::from_parts(parts, body));
+            // Pinned here and passed by reference: each wrapper (panic capture, lease renewal)
+            // would otherwise hold its own copy of this future in its state.
+            let work = std::pin::pin!(async {
+                let response = call.await?;
+                let max_body = config.max_response_body;
+                Ok(capture::read(response, &*config.store_status, max_body, grpc).await)
+            });
+            let produced = guard.run(work).await;
+            let captured = match storable(produced, grpc) {
+                ControlFlow::Continue(captured) => captured,
+                ControlFlow::Break((answer, reason)) => {
+                    guard.release().await;
+                    return (answer, Outcome::Released(reason));
+                }
+            };
+            let fingerprint = fingerprint.finish(&guard).await;
+            let record = captured.record(fingerprint, &carried, |name| config.stores_header(name));
+            let outcome = guard.complete_for(record, ttl).await.into();
+            let response = Response::from_parts(
+                captured.head,
+                ResponseBody::prefixed(captured.frames, captured.rest),
+            );
+            (Ok(response), outcome)
+        }
     }
 }
 

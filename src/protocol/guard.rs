@@ -388,24 +388,20 @@ impl<St: Store> fmt::Debug for ClaimGuard<St> {
 /// own code in it too, so that a bug in the layer answers an error (and drops the claim guard,
 /// which releases the key) instead of unwinding into the server.
 /// The panic is logged here, once, for every adapter.
-pub(crate) async fn catch_unwind<F: Future>(future: F) -> Result<F::Output, Panicked> {
-    CatchUnwind { inner: future }.await.map_err(|panic| {
-        let panic = Panicked(panic);
-        panic.report();
-        panic
-    })
+pub(crate) fn catch_unwind<F: Future>(future: F) -> CatchUnwind<F> {
+    CatchUnwind { inner: future }
 }
 
 pin_project_lite::pin_project! {
-    /// Turns a panic while polling `inner` into an `Err`.
-    struct CatchUnwind<F> {
+    /// Turns a panic while polling `inner` into [`Panicked`], logged (see [`catch_unwind`]).
+    pub(crate) struct CatchUnwind<F> {
         #[pin]
         inner: F,
     }
 }
 
 impl<F: Future> Future for CatchUnwind<F> {
-    type Output = Result<F::Output, Box<dyn Any + Send>>;
+    type Output = Result<F::Output, Panicked>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let inner = self.project().inner;
@@ -415,6 +411,10 @@ impl<F: Future> Future for CatchUnwind<F> {
                 Err(panic) => Poll::Ready(Err(panic)),
             }
         );
-        Poll::Ready(output)
+        Poll::Ready(output.map_err(|panic| {
+            let panic = Panicked(panic);
+            panic.report();
+            panic
+        }))
     }
 }

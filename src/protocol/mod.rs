@@ -34,7 +34,7 @@ mod settings;
 pub(crate) use detach::FinishOnDrop;
 pub use drain::{DrainHandle, DrainReport};
 pub(crate) use drain::{Limits, Refusal, Ticket, Tracker};
-pub(crate) use guard::{catch_unwind, ClaimGuard, Panicked};
+pub(crate) use guard::{catch_unwind, CatchUnwind, ClaimGuard, Panicked};
 pub(crate) use outcome::OutcomeHook;
 pub use outcome::{Outcome, ReleaseReason};
 pub use recovery::{RecoveryError, RecoveryPoints};
