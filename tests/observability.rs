@@ -90,9 +90,12 @@ async fn each_outcome_is_traced() {
     assert_eq!(outcomes.take(), ["store_error"]);
 }
 
-/// For each event with an outcome: the outcome, and the `key` of the span it happened in.
+/// An event's outcome, and the `key` of the `idempotency` span it happened in.
+type Seen = (String, Option<String>);
+
+/// Every event with an outcome, as [`Seen`].
 #[derive(Clone, Default)]
-struct InSpan(Arc<Mutex<Vec<(String, Option<String>)>>>);
+struct InSpan(Arc<Mutex<Vec<Seen>>>);
 
 struct KeyField(String);
 
