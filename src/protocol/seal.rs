@@ -50,7 +50,14 @@ pub(crate) fn finish(mut buf: BytesMut) -> Bytes {
 }
 
 /// The content of an envelope whose magic and version were already read: checks its length
-/// and checksum.
+/// and checksum. (Used by what reads records from outside the process: the consumer's and the
+/// out-of-process stores' recovery points.)
+#[cfg(any(
+    feature = "consumer",
+    feature = "redis",
+    feature = "postgres",
+    feature = "sqlite"
+))]
 pub(crate) fn open(payload: &Bytes) -> Result<Bytes, Unreadable> {
     open_checking(payload, true)
 }
