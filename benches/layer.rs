@@ -360,6 +360,18 @@ fn count(spec: &str) {
                     drive(&mut service, request("idempotency-key", i)).await;
                 }
             }
+            "first_request_fresh_key_full_store" => {
+                // As in the criterion bench: the default 64 MiB store, prefilled with three
+                // times what it holds, so that every fresh record evicts one.
+                let mut service = layered();
+                let capacity_records = 64 * 1024 * 1024 / 1800;
+                for i in 0..3 * capacity_records {
+                    drive(&mut service, request("idempotency-key", (1 << 50) + i)).await;
+                }
+                for i in 0..n {
+                    drive(&mut service, request("idempotency-key", i)).await;
+                }
+            }
             "replay" => {
                 let mut service = layered();
                 for _ in 0..=n {

@@ -121,16 +121,18 @@ impl Config {
 
     /// Whether this request is a gRPC call.
     pub(crate) fn is_grpc(&self, parts: &Parts) -> bool {
+        self.is_grpc_typed(parts.headers.get(http::header::CONTENT_TYPE))
+    }
+
+    /// Whether a request with this `content-type` is a gRPC call.
+    pub(crate) fn is_grpc_typed(&self, content_type: Option<&http::HeaderValue>) -> bool {
         match self.grpc {
             GrpcMode::Always => true,
             GrpcMode::Never => false,
-            GrpcMode::Detect => parts
-                .headers
-                .get(http::header::CONTENT_TYPE)
-                .is_some_and(|v| {
-                    let v = v.as_bytes();
-                    v.starts_with(b"application/grpc") && !v.starts_with(b"application/grpc-web")
-                }),
+            GrpcMode::Detect => content_type.is_some_and(|v| {
+                let v = v.as_bytes();
+                v.starts_with(b"application/grpc") && !v.starts_with(b"application/grpc-web")
+            }),
         }
     }
 

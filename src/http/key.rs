@@ -106,6 +106,26 @@ pub fn store_key(scope: &str, method: &http::Method, path: &str, key: &str) -> S
 /// Up to this many header values, [`read`] scans the headers instead of looking the name up.
 const SCANNED: usize = 8;
 
+/// A request's `content-type` and `content-length`, found in one pass over a request with
+/// few headers (two lookups hash twice; see [`read`]).
+pub(crate) fn content_headers(
+    headers: &http::HeaderMap,
+) -> (Option<&http::HeaderValue>, Option<&http::HeaderValue>) {
+    use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+    if headers.len() > SCANNED {
+        return (headers.get(CONTENT_TYPE), headers.get(CONTENT_LENGTH));
+    }
+    let (mut content_type, mut content_length) = (None, None);
+    for (name, value) in headers {
+        if *name == CONTENT_TYPE {
+            content_type = content_type.or(Some(value));
+        } else if *name == CONTENT_LENGTH {
+            content_length = content_length.or(Some(value));
+        }
+    }
+    (content_type, content_length)
+}
+
 /// Reads the key from the request head: absent, one valid key, or why it is refused.
 pub(crate) fn read(
     headers: &http::HeaderMap,
@@ -180,6 +200,33 @@ impl fmt::Display for IdempotencyKey {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// `content-type` and `content-length` are found as `HeaderMap::get` finds them (the
+    /// first value of each, or none), on both sides of the scan's threshold.
+    #[test]
+    fn content_headers_read_as_lookups_do() {
+        use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+        for others in [0, 1, SCANNED - 2, SCANNED, SCANNED + 1, 40] {
+            for (types, lengths) in [(0, 0), (1, 0), (0, 1), (1, 1), (2, 2)] {
+                let mut headers = http::HeaderMap::new();
+                for i in 0..others {
+                    let other = http::HeaderName::try_from(format!("x-other-{i}")).unwrap();
+                    headers.insert(other, http::HeaderValue::from_static("v"));
+                }
+                for i in 0..types {
+                    headers.append(CONTENT_TYPE, format!("type/{i}").parse().unwrap());
+                }
+                for i in 0..lengths {
+                    headers.append(CONTENT_LENGTH, i.into());
+                }
+                assert_eq!(
+                    content_headers(&headers),
+                    (headers.get(CONTENT_TYPE), headers.get(CONTENT_LENGTH)),
+                    "{others} others, {types} types, {lengths} lengths"
+                );
+            }
+        }
+    }
 
     /// Whether a request with `others` unrelated headers and `keys` key headers reads as
     /// missing, present or repeated: the same on both sides of the scan's threshold.

@@ -134,14 +134,13 @@ where
         };
         // Looked up only for requests the layer answers or guards: a passthrough pays no
         // `content-type` lookup.
-        let grpc = config.is_grpc(&parts);
-        let span = tracing::debug_span!("idempotency", key = %store_key, method = %parts.method, path = parts.uri.path());
-        let ttl = config.ttl_for(&parts, settings.timings().ttl);
-        let declared = parts
-            .headers
-            .get(http::header::CONTENT_LENGTH)
+        let (content_type, content_length) = key::content_headers(&parts.headers);
+        let grpc = config.is_grpc_typed(content_type);
+        let declared = content_length
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
             .unwrap_or(0);
+        let span = tracing::debug_span!("idempotency", key = %store_key, method = %parts.method, path = parts.uri.path());
+        let ttl = config.ttl_for(&parts, settings.timings().ttl);
         let work = Keyed {
             inner: protocol::take_ready(&mut self.inner),
             settings: self.settings.clone(),
