@@ -3,6 +3,10 @@
 //! alone in the store's configuration. `cargo bench --bench eviction` prints the table of
 //! `BENCHMARKS.md`; medians of interleaved rounds.
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;

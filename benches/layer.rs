@@ -1,6 +1,10 @@
 //! What the layer adds to a request, in process, next to the bare handler measured in the
 //! same run; and how replays and claims scale with tasks on a multi-threaded runtime.
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
