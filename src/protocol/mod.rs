@@ -183,17 +183,20 @@ const READABLE_PREFIX: usize = 160;
 /// a short one.
 pub(crate) fn composite_key(tag: &str, fields: &[&str], key: &str) -> String {
     let len = tag.len() + fields.iter().map(|f| f.len() + 8).sum::<usize>() + key.len();
-    let mut out = String::with_capacity(len);
-    out.push_str(tag);
+    // Built as bytes: every piece is a `&str` or ASCII, so the whole is UTF-8; `String`'s
+    // pushes would check capacity and re-encode each `char` (a third of a replay's key cost).
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(tag.as_bytes());
     for field in fields {
         push_decimal(&mut out, field.len());
-        out.push(':');
-        out.push_str(field);
-        out.push('|');
+        out.push(b':');
+        out.extend_from_slice(field.as_bytes());
+        out.push(b'|');
     }
-    out.push_str(key);
+    out.extend_from_slice(key.as_bytes());
+    let out = String::from_utf8(out).expect("str pieces and ASCII digits are UTF-8");
     if out.len() > MAX_STORE_KEY {
-        out = digested(&out);
+        return digested(&out);
     }
     out
 }
@@ -217,7 +220,11 @@ fn digested(long: &str) -> String {
     out
 }
 
-fn push_decimal(out: &mut String, mut n: usize) {
+fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
+    if n < 10 {
+        out.push(b'0' + n as u8);
+        return;
+    }
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {
@@ -228,7 +235,7 @@ fn push_decimal(out: &mut String, mut n: usize) {
             break;
         }
     }
-    out.push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// Takes the instance of `inner` that `poll_ready` drove to readiness and leaves a clone in
@@ -556,6 +563,12 @@ mod tests {
             composite_key("", &["a", "b|c"], "k")
         );
         assert_eq!(composite_key("t|", &["ab", ""], "k"), "t|2:ab|0:|k");
+        // Lengths of one, two and three digits.
+        let (nine, twelve, hundred) = ("n".repeat(9), "t".repeat(12), "h".repeat(100));
+        assert_eq!(
+            composite_key("", &[&nine, &twelve, &hundred], "k"),
+            format!("9:{nine}|12:{twelve}|100:{hundred}|k")
+        );
     }
 
     #[test]
