@@ -234,9 +234,19 @@ async fn the_handler_finds_the_key_in_the_request_extensions() {
         }),
     );
     let mut app = tower::Layer::layer(&IdempotencyLayer::new(), router.clone());
-    let answer = send(&mut app, request(Some("\"order 42\""), BODY, &[])).await;
-    assert_eq!(answer.status, 200);
-    assert_eq!(seen.lock().unwrap().take().as_deref(), Some("order 42"));
+    // Quoted, quoted with escapes, bare, and so long that the store key is a digest of it (the
+    // layer keeps no copy of a key whose store key ends with it: each must still arrive whole).
+    let long = "k".repeat(255);
+    for (sent, key) in [
+        ("\"order 42\"", "order 42"),
+        (r#""a \"b\" \\ c""#, r#"a "b" \ c"#),
+        ("order-44", "order-44"),
+        (long.as_str(), long.as_str()),
+    ] {
+        let answer = send(&mut app, request(Some(sent), BODY, &[])).await;
+        assert_eq!(answer.status, 200, "{sent}");
+        assert_eq!(seen.lock().unwrap().take().as_deref(), Some(key));
+    }
 
     let store = FaultyStore::new();
     store.set(Fault::Fail);

@@ -21,6 +21,7 @@
 //! assert!(IdempotencyKey::parse(b"", 255).is_err());
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// A validated idempotency key: see [`IdempotencyKey::parse`] for the rules.
@@ -59,26 +60,7 @@ impl IdempotencyKey {
     /// Parses a raw header value (quoted sf-string or bare) into a key of at most `max_len`
     /// characters.
     pub fn parse(value: &[u8], max_len: usize) -> Result<Self, KeyError> {
-        let key = match value.first() {
-            Some(b'"') => parse_sf_string(&value[1..], max_len)?,
-            _ => {
-                if value.is_empty() {
-                    return Err(KeyError::Empty);
-                }
-                if !value.iter().all(|b| (0x21..=0x7e).contains(b)) {
-                    return Err(KeyError::InvalidCharacter);
-                }
-                if value.contains(&b',') {
-                    return Err(KeyError::Comma);
-                }
-                if value.len() > max_len {
-                    return Err(KeyError::TooLong { max: max_len });
-                }
-                // All visible ASCII, so valid UTF-8.
-                String::from_utf8(value.to_vec()).map_err(|_| KeyError::InvalidCharacter)?
-            }
-        };
-        Ok(Self(key))
+        parse_text(value, max_len).map(|key| Self(key.into_owned()))
     }
 
     /// The key, unquoted.
@@ -87,12 +69,93 @@ impl IdempotencyKey {
     }
 }
 
-/// What a request's key header says.
+/// [`IdempotencyKey::parse`] without the copy: a bare key is the header's own bytes, a quoted
+/// one its unquoted text.
+fn parse_text(value: &[u8], max_len: usize) -> Result<Cow<'_, str>, KeyError> {
+    match value.first() {
+        Some(b'"') => parse_sf_string(&value[1..], max_len).map(Cow::Owned),
+        _ => {
+            if value.is_empty() {
+                return Err(KeyError::Empty);
+            }
+            if !value.iter().all(|b| (0x21..=0x7e).contains(b)) {
+                return Err(KeyError::InvalidCharacter);
+            }
+            if value.contains(&b',') {
+                return Err(KeyError::Comma);
+            }
+            if value.len() > max_len {
+                return Err(KeyError::TooLong { max: max_len });
+            }
+            // All visible ASCII, so valid UTF-8.
+            std::str::from_utf8(value)
+                .map(Cow::Borrowed)
+                .map_err(|_| KeyError::InvalidCharacter)
+        }
+    }
+}
+
+/// What a request's key header says: the key's text is borrowed from the header when it is
+/// bare (see [`HeldKey`] for why nothing copies it).
 #[derive(Debug)]
-pub(crate) enum KeyHeader {
+pub(crate) enum KeyHeader<'a> {
     Missing,
-    Present(IdempotencyKey),
+    Present(Cow<'a, str>),
     Invalid(KeyError),
+}
+
+/// A guarded request's key until its handler runs. Most store keys end with the key itself
+/// (`…|<key>`), so the key needs no copy of its own: a replay, which never hands the key to a
+/// handler, copies it nowhere. A store key too long to keep whole is a digest, and then the
+/// key is kept apart.
+#[derive(Debug)]
+pub(crate) enum HeldKey {
+    /// The last this many bytes of the store key.
+    Suffix(usize),
+    /// The store key is a digest.
+    Owned(IdempotencyKey),
+}
+
+impl HeldKey {
+    /// The key, for the handler's extensions: `store_key` is the one built with it.
+    pub(crate) fn into_key(self, store_key: &str) -> IdempotencyKey {
+        match self {
+            HeldKey::Suffix(len) => IdempotencyKey(store_key[store_key.len() - len..].to_owned()),
+            HeldKey::Owned(key) => key,
+        }
+    }
+}
+
+/// The key of a request whose key header admission accepted, read again: for the rare path
+/// that runs the handler after the store key has gone (a store error, failing open).
+pub(crate) fn key_of(
+    headers: &http::HeaderMap,
+    name: &http::HeaderName,
+    max_len: usize,
+) -> Option<IdempotencyKey> {
+    match read(headers, name, max_len) {
+        KeyHeader::Present(key) => Some(IdempotencyKey(key.into_owned())),
+        _ => None,
+    }
+}
+
+/// The store key of a request (see [`store_key`]) and its key as held until the handler runs.
+pub(crate) fn store_key_holding(
+    scope: &str,
+    method: &http::Method,
+    path: &str,
+    key: Cow<'_, str>,
+) -> (String, HeldKey) {
+    let store_key = store_key(scope, method, path, &key);
+    // A composite key that is not a digest ends with the key (a digest starts with `~`, which
+    // no composite key does: see `protocol::composite_key`).
+    let held = if store_key.starts_with('~') {
+        HeldKey::Owned(IdempotencyKey(key.into_owned()))
+    } else {
+        debug_assert!(store_key.ends_with(&*key));
+        HeldKey::Suffix(key.len())
+    };
+    (store_key, held)
 }
 
 /// The store key of an HTTP request: `scope` is what the layer's scope function returns
@@ -127,11 +190,11 @@ pub(crate) fn content_headers(
 }
 
 /// Reads the key from the request head: absent, one valid key, or why it is refused.
-pub(crate) fn read(
-    headers: &http::HeaderMap,
+pub(crate) fn read<'a>(
+    headers: &'a http::HeaderMap,
     name: &http::HeaderName,
     max_len: usize,
-) -> KeyHeader {
+) -> KeyHeader<'a> {
     fn first_and_more<'a>(
         mut values: impl Iterator<Item = &'a http::HeaderValue>,
     ) -> (Option<&'a http::HeaderValue>, bool) {
@@ -150,7 +213,7 @@ pub(crate) fn read(
     if repeated {
         return KeyHeader::Invalid(KeyError::Multiple);
     }
-    match IdempotencyKey::parse(value.as_bytes(), max_len) {
+    match parse_text(value.as_bytes(), max_len) {
         Ok(key) => KeyHeader::Present(key),
         Err(error) => KeyHeader::Invalid(error),
     }
@@ -249,7 +312,7 @@ mod tests {
                 match keys {
                     0 => assert!(matches!(read, KeyHeader::Missing), "{case}"),
                     1 => assert!(
-                        matches!(&read, KeyHeader::Present(key) if key.as_str() == "key-0"),
+                        matches!(&read, KeyHeader::Present(key) if key == "key-0"),
                         "{case}"
                     ),
                     _ => assert!(

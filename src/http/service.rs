@@ -33,7 +33,7 @@ use super::capture::{self, Captured, Produced};
 use super::config::{Config, OnStoreError};
 use super::fingerprint::FingerprintHasher;
 use super::future::ResponseFuture;
-use super::key::{self, IdempotencyKey, KeyHeader};
+use super::key::{self, HeldKey, KeyHeader};
 use super::problem::{Problem, ProblemKind};
 use super::replay;
 use super::request_body::{self, RequestBody};
@@ -217,7 +217,7 @@ where
 /// What the layer does with a request before any store call.
 enum Admission {
     /// Guard it under this store key (built from this idempotency key).
-    Guard(String, IdempotencyKey, Ticket),
+    Guard(String, HeldKey, Ticket),
     /// Let it through untouched.
     Pass(Outcome),
     /// Answer it at once.
@@ -293,7 +293,7 @@ fn admit<St>(config: &Config, settings: &Settings<St>, parts: &Parts) -> Admissi
             return Admission::Refuse(problem, refusal.outcome());
         }
     };
-    let store_key = key::store_key(&scope, &parts.method, parts.uri.path(), key.as_str());
+    let (store_key, key) = key::store_key_holding(&scope, &parts.method, parts.uri.path(), key);
     Admission::Guard(store_key, key, ticket)
 }
 
@@ -343,7 +343,7 @@ where
     fn run(
         self,
         store_key: String,
-        key: IdempotencyKey,
+        key: HeldKey,
         ticket: Ticket,
         ttl: Duration,
         parts: Parts,
@@ -407,7 +407,7 @@ where
                     // Boxed: a rare path (failing open runs the handler) that every request's
                     // state would otherwise carry.
                     None => (
-                        Box::pin(self.store_failed(error, key, parts, body)).await,
+                        Box::pin(self.store_failed(error, parts, body)).await,
                         Outcome::StoreError,
                     ),
                 },
@@ -418,7 +418,6 @@ where
     async fn store_failed(
         mut self,
         error: Failure,
-        key: IdempotencyKey,
         mut parts: Parts,
         body: ReqBody,
     ) -> Answer<ResBody, S::Error> {
@@ -431,7 +430,12 @@ where
             }
             OnStoreError::FailOpen => {
                 tracing::warn!(outcome = "store_error", %error, "store unavailable; running without idempotency");
-                parts.extensions.insert(key);
+                // The store key (which holds the key) went with the failed claim: the key is
+                // read again from the head, where admission found it.
+                let config = &self.config;
+                if let Some(key) = key::key_of(&parts.headers, &config.header, config.max_key_len) {
+                    parts.extensions.insert(key);
+                }
                 let request = Request::from_parts(parts, RequestBody::plain(body));
                 Ok(self.inner.call(request).await?.map(ResponseBody::inner))
             }
@@ -444,7 +448,7 @@ where
     fn original(
         mut self,
         guard: ClaimGuard<St>,
-        key: IdempotencyKey,
+        key: HeldKey,
         ttl: Duration,
         mut parts: Parts,
         body: ReqBody,
@@ -455,7 +459,7 @@ where
             let carried = capture::carried_headers(&parts, &config.carried);
             // The handler reaches its key and the key's recovery points from its request's
             // extensions (put there only now: a replay never builds the extensions map).
-            parts.extensions.insert(key);
+            parts.extensions.insert(key.into_key(guard.key()));
             parts
                 .extensions
                 .insert(guard.recovery_points(ttl, self.settings.limits().max_recovery_point));

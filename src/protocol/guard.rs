@@ -91,6 +91,11 @@ impl<St: Store> ClaimGuard<St> {
             .expect("a claim guard is held until it is consumed")
     }
 
+    /// The store key this guard holds.
+    pub(crate) fn key(&self) -> &str {
+        &self.held().key
+    }
+
     /// The owner token of this claim.
     #[cfg(test)]
     pub(crate) fn token(&self) -> OwnerToken {
