@@ -82,6 +82,21 @@ where
         .len()
 }
 
+/// Fills the default 64 MiB store behind `service` with three times what it holds (fresh keys
+/// numbered from 2^50), so that every later fresh record evicts one.
+async fn fill<S, B>(service: &mut S)
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let capacity_records = 64 * 1024 * 1024 / 1800;
+    for n in 0..3 * capacity_records {
+        drive(service, request("idempotency-key", (1 << 50) + n)).await;
+    }
+}
+
 /// Times `iters` sequential requests made by `make` (given the iteration number).
 fn bench_requests<S, B>(
     b: &mut criterion::Bencher<'_>,
@@ -154,13 +169,7 @@ fn overhead(c: &mut Criterion) {
             &IdempotencyLayer::with_store(full_store.clone()),
             handler.clone(),
         );
-        let capacity_records = 64 * 1024 * 1024 / 1800;
-        for n in 0..3 * capacity_records {
-            rt.block_on(drive(
-                &mut service,
-                request("idempotency-key", (1 << 50) + n),
-            ));
-        }
+        rt.block_on(fill(&mut service));
         eprintln!(
             "full store: {} records, {} bytes charged",
             full_store.record_count(),
@@ -365,13 +374,9 @@ fn count(spec: &str) {
                 }
             }
             "first_request_fresh_key_full_store" => {
-                // As in the criterion bench: the default 64 MiB store, prefilled with three
-                // times what it holds, so that every fresh record evicts one.
+                // As in the criterion bench: every fresh record evicts one.
                 let mut service = layered();
-                let capacity_records = 64 * 1024 * 1024 / 1800;
-                for i in 0..3 * capacity_records {
-                    drive(&mut service, request("idempotency-key", (1 << 50) + i)).await;
-                }
+                fill(&mut service).await;
                 for i in 0..n {
                     drive(&mut service, request("idempotency-key", i)).await;
                 }

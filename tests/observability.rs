@@ -45,13 +45,21 @@ impl Outcomes {
     }
 }
 
+/// Sends every event and span of this thread, at every level, to `layer` until the guard drops.
+fn trace_into<L>(layer: L) -> tracing::subscriber::DefaultGuard
+where
+    L: Layer<tracing_subscriber::Registry> + Send + Sync + 'static,
+{
+    let subscriber = tracing_subscriber::registry()
+        .with(layer)
+        .with(tracing_subscriber::filter::LevelFilter::TRACE);
+    tracing::subscriber::set_default(subscriber)
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn each_outcome_is_traced() {
     let outcomes = Outcomes::default();
-    let subscriber = tracing_subscriber::registry()
-        .with(outcomes.clone())
-        .with(tracing_subscriber::filter::LevelFilter::TRACE);
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = trace_into(outcomes.clone());
     let store = FaultyStore::new();
     let (mut app, probe) = app(IdempotencyLayer::with_store(store.clone()));
     const BODY: &str = "{}";
@@ -145,10 +153,7 @@ where
 #[tokio::test(flavor = "current_thread")]
 async fn a_keyed_requests_events_are_inside_its_span() {
     let seen = InSpan::default();
-    let subscriber = tracing_subscriber::registry()
-        .with(seen.clone())
-        .with(tracing_subscriber::filter::LevelFilter::TRACE);
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = trace_into(seen.clone());
     let (mut app, _probe) = app(IdempotencyLayer::new());
     let take = || std::mem::take(&mut *seen.0.lock().unwrap());
     let key_of = |key: &str| {

@@ -60,7 +60,12 @@ impl IdempotencyKey {
     /// Parses a raw header value (quoted sf-string or bare) into a key of at most `max_len`
     /// characters.
     pub fn parse(value: &[u8], max_len: usize) -> Result<Self, KeyError> {
-        parse_text(value, max_len).map(|key| Self(key.into_owned()))
+        parse_text(value, max_len).map(Self::from_text)
+    }
+
+    /// A key from text that [`parse_text`] accepted.
+    fn from_text(text: Cow<'_, str>) -> Self {
+        Self(text.into_owned())
     }
 
     /// The key, unquoted.
@@ -134,7 +139,7 @@ pub(crate) fn key_of(
     max_len: usize,
 ) -> Option<IdempotencyKey> {
     match read(headers, name, max_len) {
-        KeyHeader::Present(key) => Some(IdempotencyKey(key.into_owned())),
+        KeyHeader::Present(key) => Some(IdempotencyKey::from_text(key)),
         _ => None,
     }
 }
@@ -150,7 +155,7 @@ pub(crate) fn store_key_holding(
     // A composite key that is not a digest ends with the key (a digest starts with `~`, which
     // no composite key does: see `protocol::composite_key`).
     let held = if store_key.starts_with('~') {
-        HeldKey::Owned(IdempotencyKey(key.into_owned()))
+        HeldKey::Owned(IdempotencyKey::from_text(key))
     } else {
         debug_assert!(store_key.ends_with(&*key));
         HeldKey::Suffix(key.len())
