@@ -180,8 +180,11 @@ pin_project_lite::pin_project! {
     impl<F> PinnedDrop for KeyedTask<F> {
         fn drop(this: Pin<&mut Self>) {
             let mut this = this.project();
-            let _entered = this.span.enter();
-            this.run.set(None);
+            // A finished task dropped its work already (in `poll`): nothing to enter for.
+            if this.run.is_some() {
+                let _entered = this.span.enter();
+                this.run.set(None);
+            }
         }
     }
 }

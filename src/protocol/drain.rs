@@ -115,7 +115,11 @@ impl Tracker {
     }
 
     fn leave(&self) {
-        if self.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+        // Only a drain waits for `idle`, and it sets `draining` before it looks at `active`:
+        // all SeqCst, so either this sees `draining` and wakes it, or the drain's look comes
+        // after this decrement and sees it. Outside a drain nothing is woken: `notify_waiters`
+        // takes a lock, every time a process falls idle.
+        if self.active.fetch_sub(1, Ordering::SeqCst) == 1 && self.draining.load(Ordering::SeqCst) {
             self.idle.notify_waiters();
         }
     }
@@ -411,5 +415,49 @@ impl<St: Store + Clone> DrainHandle<St> {
             "drain deadline passed: claims still held were released so that retries run elsewhere"
         );
         report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    /// A drain that starts while the last requests leave is woken by the last of them, never
+    /// left to wait for its deadline: `leave` skips the wake-up only while no drain has begun.
+    /// Real threads race each round: the requests' ends against the drain's start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drain_racing_the_last_requests_is_woken_by_them() {
+        const ROUNDS: usize = 300;
+        const REQUESTS: usize = 4;
+        for round in 0..ROUNDS {
+            let tracker = Arc::new(Tracker::default());
+            let handle =
+                DrainHandle::new(tracker.clone(), MemoryStore::new(), Duration::from_secs(1));
+            let tickets: Vec<_> = (0..REQUESTS)
+                .map(|_| tracker.enter(&Limits::default()).unwrap())
+                .collect();
+            let barrier = Arc::new(std::sync::Barrier::new(REQUESTS + 1));
+            let leaving: Vec<_> = tickets
+                .into_iter()
+                .map(|ticket| {
+                    let barrier = barrier.clone();
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        drop(ticket);
+                    })
+                })
+                .collect();
+            barrier.wait();
+            let report = handle.drain(Duration::from_secs(20)).await;
+            for thread in leaving {
+                thread.join().unwrap();
+            }
+            assert!(
+                report.waited() < Duration::from_secs(10),
+                "round {round}: the drain waited for its deadline: {report:?}"
+            );
+            assert_eq!(handle.in_flight(), 0);
+        }
     }
 }
