@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One run of benches/http.sh on every store, one after the other: the memory store, Redis,
+# PostgreSQL and SQLite, each against its bare route and its limit route (issue 24's "one run").
+# Starts its own Redis (no persistence) and PostgreSQL (fsync on) on loopback, in a temporary
+# directory, and stops them and deletes it at the end, on failure too.
+#
+#   benches/http_all.sh                 # ROUNDS=3, 4 s per scenario per round, 32 connections
+#   ROUNDS=5 benches/http_all.sh 5 32   # arguments and ROUNDS as for benches/http.sh
+#
+# Needs redis-server and PostgreSQL's binaries (/usr/lib/postgresql/*/bin); runs PostgreSQL as
+# the `postgres` user when started as root. Ports: REDIS_PORT (6390), PG_PORT (5499).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-4}
+CONNS=${2:-32}
+export ROUNDS=${ROUNDS:-3}
+REDIS_PORT=${REDIS_PORT:-6390}
+PG_PORT=${PG_PORT:-5499}
+PG=$(dirname "$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | tail -1 || command -v initdb)")
+tmp=$(mktemp -d)
+as_pg() { if [ "$(id -u)" = 0 ]; then su postgres -c "$*"; else sh -c "$*"; fi; }
+cleanup() {
+  redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+  as_pg "$PG/pg_ctl -D $tmp/pg -m fast stop" >/dev/null 2>&1 || true
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+  --dir "$tmp" >/dev/null
+mkdir -p "$tmp/pg"
+[ "$(id -u)" = 0 ] && chown postgres "$tmp" "$tmp/pg"
+as_pg "$PG/initdb -D $tmp/pg -A trust -U postgres" >/dev/null
+as_pg "$PG/pg_ctl -D $tmp/pg -w -o '-p $PG_PORT -k $tmp -c listen_addresses=127.0.0.1' -l $tmp/pg.log start" >/dev/null
+cargo build -q --release --example demo_server
+for store in memory "redis://127.0.0.1:$REDIS_PORT" "postgres://postgres@127.0.0.1:$PG_PORT/postgres" \
+  "sqlite://$tmp/bench.db"; do
+  echo "=== $store ($(date +%T))"
+  if [ "$store" = memory ]; then
+    benches/http.sh "$SECS" "$CONNS"
+  else
+    STORE=$store benches/http.sh "$SECS" "$CONNS"
+  fi
+done
+echo "=== done ($(date +%T))"
