@@ -16,7 +16,9 @@ CONNS=${2:-32}
 export ROUNDS=${ROUNDS:-3}
 REDIS_PORT=${REDIS_PORT:-6390}
 PG_PORT=${PG_PORT:-5499}
-PG=$(dirname "$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | tail -1 || command -v initdb)")
+initdb=$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | tail -1)
+initdb=${initdb:-$(command -v initdb)} || { echo "PostgreSQL's initdb not found" >&2; exit 1; }
+PG=$(dirname "$initdb")
 tmp=$(mktemp -d)
 as_pg() { if [ "$(id -u)" = 0 ]; then su postgres -c "$*"; else sh -c "$*"; fi; }
 cleanup() {
