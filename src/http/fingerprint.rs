@@ -222,32 +222,36 @@ pub(crate) enum HashError {
     Body(BoxError),
 }
 
-/// Hashes a whole body of at most `limit` bytes: the fingerprint of a duplicate.
-pub(crate) async fn hash_body<B>(
+/// Hashes a whole body of at most `limit` bytes: the fingerprint of a duplicate. (An `async`
+/// block, so that its arguments are not kept twice in every replay's state.)
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn hash_body<B>(
     body: B,
     mut hasher: FingerprintHasher,
     limit: u64,
-) -> Result<u128, HashError>
+) -> impl std::future::Future<Output = Result<u128, HashError>>
 where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    if body.size_hint().lower() > limit {
-        return Err(HashError::TooLarge);
-    }
-    let mut body = std::pin::pin!(body);
-    let mut read = 0u64;
-    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-        let frame = frame.map_err(|e| HashError::Body(e.into()))?;
-        if let Some(data) = frame.data_ref() {
-            read += data.remaining() as u64;
-            if read > limit {
-                return Err(HashError::TooLarge);
-            }
-            hasher.update_body(data.chunk());
+    async move {
+        if body.size_hint().lower() > limit {
+            return Err(HashError::TooLarge);
         }
+        let mut body = std::pin::pin!(body);
+        let mut read = 0u64;
+        while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+            let frame = frame.map_err(|e| HashError::Body(e.into()))?;
+            if let Some(data) = frame.data_ref() {
+                read += data.remaining() as u64;
+                if read > limit {
+                    return Err(HashError::TooLarge);
+                }
+                hasher.update_body(data.chunk());
+            }
+        }
+        Ok(hasher.finish())
     }
-    Ok(hasher.finish())
 }
 
 #[cfg(test)]

@@ -32,73 +32,79 @@ pub(crate) struct Answering<'a> {
 
 /// A duplicate of a completed request: replay, or 422 when the payload differs (413 when its
 /// body is over `body_limit`; `None`: the fingerprint does not cover the body).
-pub(crate) async fn duplicate<ReqBody, ResBody>(
+///
+/// An `async` block, not an `async fn`, for the reason given at the keyed request's `run`: its
+/// arguments (a record, the body, the hasher) would be kept twice in every replay's state.
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn duplicate<'a, ReqBody, ResBody>(
     record: Record,
     body: ReqBody,
     hasher: Option<FingerprintHasher>,
     body_limit: Option<u64>,
-    answering: Answering<'_>,
-) -> (Response<ResponseBody<ResBody>>, Outcome)
+    answering: Answering<'a>,
+) -> impl std::future::Future<Output = (Response<ResponseBody<ResBody>>, Outcome)> + 'a
 where
-    ReqBody: Body,
+    ReqBody: Body + 'a,
     ReqBody::Error: Into<BoxError>,
 {
-    let grpc = answering.grpc;
-    if let (Some(stored), Some(hasher)) = (record.fingerprint(), hasher) {
-        let hashed = match body_limit {
-            Some(limit) => fingerprint::hash_body(body, hasher, limit).await,
-            None => Ok(hasher.finish()),
+    async move {
+        let grpc = answering.grpc;
+        if let (Some(stored), Some(hasher)) = (record.fingerprint(), hasher) {
+            let hashed = match body_limit {
+                Some(limit) => fingerprint::hash_body(body, hasher, limit).await,
+                None => Ok(hasher.finish()),
+            };
+            match hashed {
+                Ok(fingerprint) if protocol::same_payload(Some(stored), Some(fingerprint)) => {}
+                Ok(_) => {
+                    return (
+                        Problem::Plain(ProblemKind::KeyReused).respond(grpc),
+                        Outcome::Mismatch,
+                    )
+                }
+                Err(HashError::TooLarge) => {
+                    tracing::info!(
+                        outcome = "body_too_large",
+                        limit = body_limit,
+                        "duplicate's body over the limit"
+                    );
+                    return (
+                        Problem::Plain(ProblemKind::BodyTooLarge).respond(grpc),
+                        Outcome::BodyTooLarge,
+                    );
+                }
+                Err(HashError::Body(error)) => {
+                    tracing::debug!(outcome = "unreadable_body", %error, "duplicate's body failed");
+                    return (
+                        Problem::Plain(ProblemKind::UnreadableBody).respond(grpc),
+                        Outcome::Unreadable,
+                    );
+                }
+            }
+        }
+        // A payload that never left this process needs no checksum (the memory store's).
+        let checksum = !record.in_process();
+        let decoded = match record.memo() {
+            // A record the store keeps decoded: decoded by its first replay only.
+            Some(memo) => remembered(memo, record.payload(), checksum).map(Decoded::Shared),
+            None => {
+                let payload = record.payload().clone();
+                record::decode_with_room(payload, record::REPLAY_ADDS, checksum).map(Decoded::Owned)
+            }
         };
-        match hashed {
-            Ok(fingerprint) if protocol::same_payload(Some(stored), Some(fingerprint)) => {}
-            Ok(_) => {
-                return (
-                    Problem::Plain(ProblemKind::KeyReused).respond(grpc),
-                    Outcome::Mismatch,
-                )
-            }
-            Err(HashError::TooLarge) => {
-                tracing::info!(
-                    outcome = "body_too_large",
-                    limit = body_limit,
-                    "duplicate's body over the limit"
+        match decoded {
+            Ok(stored) => {
+                tracing::debug!(
+                    outcome = "replayed",
+                    status = stored.status().as_u16(),
+                    "replaying stored response"
                 );
-                return (
-                    Problem::Plain(ProblemKind::BodyTooLarge).respond(grpc),
-                    Outcome::BodyTooLarge,
-                );
+                (replay(stored, answering.carried), Outcome::Replayed)
             }
-            Err(HashError::Body(error)) => {
-                tracing::debug!(outcome = "unreadable_body", %error, "duplicate's body failed");
-                return (
-                    Problem::Plain(ProblemKind::UnreadableBody).respond(grpc),
-                    Outcome::Unreadable,
-                );
+            Err(unreadable) => {
+                seal::report(seal::identity(record.payload()), unreadable, &unreadable);
+                unreadable_record(unreadable, answering.retry_after, grpc)
             }
-        }
-    }
-    // A payload that never left this process needs no checksum (the memory store's).
-    let checksum = !record.in_process();
-    let decoded = match record.memo() {
-        // A record the store keeps decoded: decoded by its first replay only.
-        Some(memo) => remembered(memo, record.payload(), checksum).map(Decoded::Shared),
-        None => {
-            let payload = record.payload().clone();
-            record::decode_with_room(payload, record::REPLAY_ADDS, checksum).map(Decoded::Owned)
-        }
-    };
-    match decoded {
-        Ok(stored) => {
-            tracing::debug!(
-                outcome = "replayed",
-                status = stored.status().as_u16(),
-                "replaying stored response"
-            );
-            (replay(stored, answering.carried), Outcome::Replayed)
-        }
-        Err(unreadable) => {
-            seal::report(seal::identity(record.payload()), unreadable, &unreadable);
-            unreadable_record(unreadable, answering.retry_after, grpc)
         }
     }
 }

@@ -309,62 +309,69 @@ fn release_if_it_lands<St: Store + Clone>(
 /// Claims `key` for the request admitted with `ticket`; while the key is in flight and waiting
 /// is on, waits for it (woken by the store, never polling in a tight loop) until the wait
 /// bound.
-pub(crate) async fn begin<St: Store + Clone>(
-    store: &St,
+///
+/// An `async` block, not an `async fn`, for the reason given at the HTTP adapter's `run`: its
+/// arguments would be kept twice in the state of every keyed request.
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn begin<'a, St: Store + Clone>(
+    store: &'a St,
     key: String,
-    timings: &Timings,
+    timings: &'a Timings,
     mut ticket: Ticket,
-) -> Result<Begin<St>, Failure> {
-    let deadline = timings.wait.map(|wait| later(Instant::now(), wait));
-    let mut attempt = 0u32;
-    loop {
-        let waited = attempt > 0;
-        let token = OwnerToken::random();
-        let claimed = bounded(
-            timings.store_timeout,
-            store.claim_as(&key, &token, timings.lease),
-        );
-        let outcome = match claimed.await {
-            Ok(outcome) => outcome,
-            Err(Failure::Timeout) => {
-                release_if_it_lands(store, &key, token, timings);
-                return Err(Failure::Timeout);
-            }
-            Err(Failure::Store(error)) => {
-                if let Some(unreadable) = seal::unreadable(&error) {
-                    seal::report(seal::identity(key.as_bytes()), unreadable, &error);
+) -> impl Future<Output = Result<Begin<St>, Failure>> + 'a {
+    async move {
+        let deadline = timings.wait.map(|wait| later(Instant::now(), wait));
+        let mut attempt = 0u32;
+        loop {
+            let waited = attempt > 0;
+            let token = OwnerToken::random();
+            let claimed = bounded(
+                timings.store_timeout,
+                store.claim_as(&key, &token, timings.lease),
+            );
+            let outcome = match claimed.await {
+                Ok(outcome) => outcome,
+                Err(Failure::Timeout) => {
+                    release_if_it_lands(store, &key, token, timings);
+                    return Err(Failure::Timeout);
                 }
-                return Err(Failure::Store(error));
-            }
-        };
-        match outcome {
-            ClaimOutcome::Claimed(token) => {
-                let key: std::sync::Arc<str> = key.into();
-                ticket.hold(&key, token);
-                return Ok(Begin::Claimed(ClaimGuard::new(
-                    store.clone(),
-                    key,
-                    token,
-                    *timings,
-                    ticket,
-                )));
-            }
-            ClaimOutcome::Completed(record) => return Ok(Begin::Completed { record, waited }),
-            ClaimOutcome::InFlight { lease_remaining } => match deadline {
-                Some(deadline) if Instant::now() < deadline => {
-                    // Boxed: only a waiting duplicate needs this state, and every claim's
-                    // future would otherwise carry (allocate, move) it.
-                    let _ = Box::pin(tokio::time::timeout_at(deadline, store.wait(&key, attempt)))
-                        .await;
-                    attempt = attempt.saturating_add(1);
+                Err(Failure::Store(error)) => {
+                    if let Some(unreadable) = seal::unreadable(&error) {
+                        seal::report(seal::identity(key.as_bytes()), unreadable, &error);
+                    }
+                    return Err(Failure::Store(error));
                 }
-                _ => {
-                    return Ok(Begin::InFlight {
-                        waited,
-                        lease_remaining,
-                    })
+            };
+            match outcome {
+                ClaimOutcome::Claimed(token) => {
+                    let key: std::sync::Arc<str> = key.into();
+                    ticket.hold(&key, token);
+                    return Ok(Begin::Claimed(ClaimGuard::new(
+                        store.clone(),
+                        key,
+                        token,
+                        *timings,
+                        ticket,
+                    )));
                 }
-            },
+                ClaimOutcome::Completed(record) => return Ok(Begin::Completed { record, waited }),
+                ClaimOutcome::InFlight { lease_remaining } => match deadline {
+                    Some(deadline) if Instant::now() < deadline => {
+                        // Boxed: only a waiting duplicate needs this state, and every claim's
+                        // future would otherwise carry (allocate, move) it.
+                        let _ =
+                            Box::pin(tokio::time::timeout_at(deadline, store.wait(&key, attempt)))
+                                .await;
+                        attempt = attempt.saturating_add(1);
+                    }
+                    _ => {
+                        return Ok(Begin::InFlight {
+                            waited,
+                            lease_remaining,
+                        })
+                    }
+                },
+            }
         }
     }
 }
