@@ -182,39 +182,54 @@ impl<St: Store> ClaimGuard<St> {
     /// it succeeds, the store says the lease is lost, or a whole lease passes without any
     /// contact with the store. Duplicates meanwhile get 409 (or wait), never a second run.
     /// The caller answers without waiting for the retries.
-    pub(crate) async fn complete_for(mut self, record: Record, ttl: Duration) -> Completion {
-        let ttl = ttl.clamp(Duration::from_millis(1), super::MAX_DURATION);
-        // The guard keeps the claim until the call returns: should it panic, the drop releases.
-        let held = self.held();
-        let result = bounded(
-            held.timings.store_timeout,
-            held.store
-                .complete(&held.key, &held.token, record.clone(), ttl),
-        )
-        .await;
-        let held = self.held.take().expect("held until consumed");
-        match result {
-            Ok(()) => {
-                tracing::debug!(outcome = "stored", "outcome stored");
-                Completion::Stored
+    ///
+    /// This and the releases are functions returning `async` blocks, not `async fn`s: an
+    /// `async fn` keeps its arguments (the guard, the record) twice, in every fresh key's state.
+    #[allow(clippy::manual_async_fn)]
+    pub(crate) fn complete_for(
+        mut self,
+        record: Record,
+        ttl: Duration,
+    ) -> impl Future<Output = Completion> {
+        async move {
+            let ttl = ttl.clamp(Duration::from_millis(1), super::MAX_DURATION);
+            // The guard keeps the claim until the call returns: should it panic, the drop releases.
+            let held = self.held();
+            let result = bounded(
+                held.timings.store_timeout,
+                held.store
+                    .complete(&held.key, &held.token, record.clone(), ttl),
+            )
+            .await;
+            let held = self.held.take().expect("held until consumed");
+            match result {
+                Ok(()) => {
+                    tracing::debug!(outcome = "stored", "outcome stored");
+                    Completion::Stored
+                }
+                Err(Failure::Store(StoreError::LeaseLost)) => {
+                    tracing::error!(
+                        outcome = "not_stored",
+                        reason = "lease_lost",
+                        "lease lost before completion; outcome not stored"
+                    );
+                    Completion::Failed
+                }
+                Err(error) => held.retry_in_background(Pending::Complete(record, ttl), &error),
             }
-            Err(Failure::Store(StoreError::LeaseLost)) => {
-                tracing::error!(
-                    outcome = "not_stored",
-                    reason = "lease_lost",
-                    "lease lost before completion; outcome not stored"
-                );
-                Completion::Failed
-            }
-            Err(error) => held.retry_in_background(Pending::Complete(record, ttl), &error),
         }
     }
 
     /// Releases the claim so the next attempt runs. A transient failure is retried in the
     /// background (a released key must not stay blocked for a lease because one call failed).
-    pub(crate) async fn release(mut self) {
-        let held = self.held.take().expect("held until consumed");
-        held.release().await;
+    #[allow(clippy::manual_async_fn)]
+    pub(crate) fn release(mut self) -> impl Future<Output = ()> {
+        // Taken on the first poll, not now: a release dropped unpolled leaves the guard to
+        // release the claim from its drop.
+        async move {
+            let held = self.held.take().expect("held until consumed");
+            held.release().await;
+        }
     }
 }
 
@@ -267,19 +282,22 @@ pub(super) fn retry_backoff(attempt: u32) -> Duration {
 }
 
 impl<St: Store> Held<St> {
-    async fn release(self) {
-        match bounded(
-            self.timings.store_timeout,
-            self.store.release(&self.key, &self.token),
-        )
-        .await
-        {
-            Ok(()) => tracing::debug!("claim released"),
-            Err(Failure::Store(StoreError::LeaseLost)) => {
-                tracing::warn!("claim already lost when releasing it")
-            }
-            Err(error) => {
-                let _ = self.retry_in_background(Pending::Release, &error);
+    #[allow(clippy::manual_async_fn)]
+    fn release(self) -> impl Future<Output = ()> {
+        async move {
+            match bounded(
+                self.timings.store_timeout,
+                self.store.release(&self.key, &self.token),
+            )
+            .await
+            {
+                Ok(()) => tracing::debug!("claim released"),
+                Err(Failure::Store(StoreError::LeaseLost)) => {
+                    tracing::warn!("claim already lost when releasing it")
+                }
+                Err(error) => {
+                    let _ = self.retry_in_background(Pending::Release, &error);
+                }
             }
         }
     }
