@@ -8,7 +8,10 @@
 #   ROUNDS=5 benches/http_all.sh 5 32   # arguments and ROUNDS as for benches/http.sh
 #
 # Needs redis-server and PostgreSQL's binaries (/usr/lib/postgresql/*/bin); runs PostgreSQL as
-# the `postgres` user when started as root. Ports: REDIS_PORT (6390), PG_PORT (5499).
+# the `postgres` user when started as root. Ports: REDIS_PORT (6390), PG_PORT (5499). With a
+# `valkey-server` on the PATH (8.1 or later, whose `SET` takes `IFEQ`: the Redis store then
+# completes without its script; `.ci/run` shows how to build one), the Redis scenarios also run
+# on it, on VALKEY_PORT (6393).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-4}
@@ -16,6 +19,8 @@ CONNS=${2:-32}
 export ROUNDS=${ROUNDS:-3}
 REDIS_PORT=${REDIS_PORT:-6390}
 PG_PORT=${PG_PORT:-5499}
+VALKEY_PORT=${VALKEY_PORT:-6393}
+valkey=$(command -v valkey-server || true)
 initdb=$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | tail -1)
 initdb=${initdb:-$(command -v initdb)} || { echo "PostgreSQL's initdb not found" >&2; exit 1; }
 PG=$(dirname "$initdb")
@@ -23,20 +28,30 @@ tmp=$(mktemp -d)
 as_pg() { if [ "$(id -u)" = 0 ]; then su postgres -c "$*"; else sh -c "$*"; fi; }
 cleanup() {
   redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+  [ -z "$valkey" ] || redis-cli -p "$VALKEY_PORT" shutdown nosave >/dev/null 2>&1 || true
   as_pg "$PG/pg_ctl -D $tmp/pg -m fast stop" >/dev/null 2>&1 || true
   rm -rf "$tmp"
 }
 trap cleanup EXIT
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
   --dir "$tmp" >/dev/null
+stores=(memory "redis://127.0.0.1:$REDIS_PORT")
+if [ -n "$valkey" ]; then
+  mkdir -p "$tmp/valkey"
+  "$valkey" --port "$VALKEY_PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+    --dir "$tmp/valkey" >/dev/null
+  stores+=("redis://127.0.0.1:$VALKEY_PORT")
+fi
+stores+=("postgres://postgres@127.0.0.1:$PG_PORT/postgres" "sqlite://$tmp/bench.db")
 mkdir -p "$tmp/pg"
 [ "$(id -u)" = 0 ] && chown postgres "$tmp" "$tmp/pg"
 as_pg "$PG/initdb -D $tmp/pg -A trust -U postgres" >/dev/null
 as_pg "$PG/pg_ctl -D $tmp/pg -w -o '-p $PG_PORT -k $tmp -c listen_addresses=127.0.0.1' -l $tmp/pg.log start" >/dev/null
 cargo build -q --release --example demo_server
-for store in memory "redis://127.0.0.1:$REDIS_PORT" "postgres://postgres@127.0.0.1:$PG_PORT/postgres" \
-  "sqlite://$tmp/bench.db"; do
-  echo "=== $store ($(date +%T))"
+for store in "${stores[@]}"; do
+  label=$store
+  [ "$store" != "redis://127.0.0.1:$VALKEY_PORT" ] || label="$store ($("$valkey" --version | cut -d' ' -f1-3))"
+  echo "=== $label ($(date +%T))"
   if [ "$store" = memory ]; then
     benches/http.sh "$SECS" "$CONNS"
   else

@@ -16,18 +16,9 @@ async fn store() -> Option<RedisStore> {
 // The conformance suite and the cases of shared stores, on `store()`.
 shared_store_suite!();
 
-/// How often the server ran `command`, from `INFO commandstats`.
+/// How often the server ran `command`.
 async fn calls(url: &str, command: &str) -> u64 {
-    let mut connection = support::servers::raw_redis(url).await;
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let prefix = format!("cmdstat_{command}:calls=");
-    info.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+    support::servers::command_calls(url, command).await.0
 }
 
 /// The switch really selects the script: a claim is a plain `SET` without it, the script

@@ -50,6 +50,21 @@ pub fn own_redis(to: &str) -> Option<RedisServer> {
     RedisServer::start().or_else(|| unavailable("redis-server").and(None))
 }
 
+/// A Valkey server this test owns (see [`RedisServer::start_valkey`]), or `None` after saying
+/// why (see [`unavailable`]).
+pub fn own_valkey() -> Option<RedisServer> {
+    RedisServer::start_valkey().or_else(|| unavailable("valkey-server (8.1 or later)").and(None))
+}
+
+/// The URL of a Valkey server the tests of this process share, started once (see [`own_valkey`]).
+pub fn valkey_url() -> Option<String> {
+    static SERVER: OnceLock<Option<RedisServer>> = OnceLock::new();
+    match SERVER.get_or_init(RedisServer::start_valkey) {
+        Some(server) => Some(server.url()),
+        None => unavailable("valkey-server (8.1 or later)"),
+    }
+}
+
 /// A PostgreSQL server this test owns, or `None` after saying why (see [`own_redis`]).
 pub fn own_postgres(to: &str) -> Option<PostgresServer> {
     if std::env::var_os("DATABASE_URL").is_some() {
@@ -161,8 +176,18 @@ impl RedisServer {
         Self::start_with(true)
     }
 
+    /// A Valkey server (`valkey-server`, 8.1 or later: its `SET` takes `IFEQ`, which the
+    /// Redis store's completion uses when the server has it; `.ci/run` builds one).
+    pub fn start_valkey() -> Option<Self> {
+        Self::start_from("valkey-server", false)
+    }
+
     fn start_with(persistent: bool) -> Option<Self> {
-        let binary = find_binary("redis-server")?;
+        Self::start_from("redis-server", persistent)
+    }
+
+    fn start_from(server: &str, persistent: bool) -> Option<Self> {
+        let binary = find_binary(server)?;
         let port = free_port();
         let dir = std::env::temp_dir().join(format!(
             "tower-idempotency-redis-{port}-{}",
@@ -384,6 +409,26 @@ impl RedisCluster {
 }
 
 /// A plain connection to the Redis at `url`, to look at or change what the store sees.
+/// How often a Redis server ran `command` (lower case, as `INFO commandstats` names it), and
+/// how often that failed (a refused form of the command among them).
+pub async fn command_calls(url: &str, command: &str) -> (u64, u64) {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut raw_redis(url).await)
+        .await
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:");
+    let Some(line) = info.lines().find_map(|line| line.strip_prefix(&prefix)) else {
+        return (0, 0);
+    };
+    let field = |name: &str| {
+        line.split(',')
+            .find_map(|part| part.strip_prefix(name))
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    (field("calls="), field("failed_calls="))
+}
+
 pub async fn raw_redis(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
         .unwrap()

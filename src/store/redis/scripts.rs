@@ -81,6 +81,10 @@ pub(super) struct Scripts {
     /// Whether the server takes `SET … NX GET` (Redis 7.0 and later): then a claim is that one
     /// plain command, not a script. Cleared for good the first time the server refuses it.
     pub(super) plain_claim: std::sync::atomic::AtomicBool,
+    /// Whether the server takes `SET … IFEQ` (Valkey 8.1, Redis 8.4 and later): then a
+    /// completion is plain commands, not the script (see `RedisStore::complete_conditional`).
+    /// Cleared for good the first time the server refuses it.
+    pub(super) conditional_set: std::sync::atomic::AtomicBool,
     pub(super) claim: Script,
     pub(super) renew: Script,
     pub(super) complete: Script,
