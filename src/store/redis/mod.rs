@@ -477,20 +477,17 @@ impl RedisStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let ms = millis(ttl);
-        let mut pipe = redis::pipe();
+        // Each command sized once (one grown argument by argument reallocates its buffer each
+        // time); the record is most of the `SET`.
+        let named = 2 * (self.prefix.len() + key.len());
+        let mut pipe = redis::Pipeline::with_capacity(3);
         pipe.ignore_errors();
         if let Some(point_key) = self.point_key(key) {
-            pipe.cmd("PEXPIRE")
-                .arg(point_key)
-                .arg(ms)
-                .arg("LT")
-                .ignore();
+            let mut pexpire = redis::Cmd::with_capacity(4, 64 + point_key.len());
+            pexpire.arg("PEXPIRE").arg(point_key).arg(ms).arg("LT");
+            pipe.add_command(pexpire).ignore();
         }
-        // Sized once, as the claim's `SET`: the record is most of it.
-        let mut set = redis::Cmd::with_capacity(
-            8,
-            128 + self.prefix.len() + key.len() + record.payload().len(),
-        );
+        let mut set = redis::Cmd::with_capacity(7, 128 + named + record.payload().len());
         set.arg("SET")
             .arg(Prefixed(&self.prefix, key))
             .arg(RecordArg(record))
@@ -499,10 +496,12 @@ impl RedisStore {
             .arg("IFEQ")
             .arg(&claim_value(token)[..]);
         pipe.add_command(set);
-        pipe.cmd("PUBLISH")
+        let mut publish = redis::Cmd::with_capacity(3, 64 + named + WAKE_CHANNEL.len());
+        publish
+            .arg("PUBLISH")
             .arg(Prefixed(&self.prefix, WAKE_CHANNEL))
-            .arg(Prefixed(&self.prefix, key))
-            .ignore();
+            .arg(Prefixed(&self.prefix, key));
+        pipe.add_command(publish).ignore();
         let reply: Vec<Value> = pipe
             .query_async(&mut self.connection.clone())
             .await
