@@ -183,18 +183,17 @@ const READABLE_PREFIX: usize = 160;
 /// a short one.
 pub(crate) fn composite_key(tag: &str, fields: &[&str], key: &str) -> String {
     let len = tag.len() + fields.iter().map(|f| f.len() + 8).sum::<usize>() + key.len();
-    // Built as bytes: every piece is a `&str` or ASCII, so the whole is UTF-8; `String`'s
-    // pushes would check capacity and re-encode each `char` (a third of a replay's key cost).
-    let mut out = Vec::with_capacity(len);
-    out.extend_from_slice(tag.as_bytes());
+    // Every piece is a `&str` (copied by `push_str`, which checks nothing) or an ASCII `char`
+    // (one byte): no UTF-8 check of the whole, as building it as bytes would need.
+    let mut out = String::with_capacity(len);
+    out.push_str(tag);
     for field in fields {
         push_decimal(&mut out, field.len());
-        out.push(b':');
-        out.extend_from_slice(field.as_bytes());
-        out.push(b'|');
+        out.push(':');
+        out.push_str(field);
+        out.push('|');
     }
-    out.extend_from_slice(key.as_bytes());
-    let out = String::from_utf8(out).expect("str pieces and ASCII digits are UTF-8");
+    out.push_str(key);
     if out.len() > MAX_STORE_KEY {
         return digested(&out);
     }
@@ -220,9 +219,9 @@ fn digested(long: &str) -> String {
     out
 }
 
-fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
+fn push_decimal(out: &mut String, mut n: usize) {
     if n < 10 {
-        out.push(b'0' + n as u8);
+        out.push(char::from(b'0' + n as u8));
         return;
     }
     let mut digits = [0u8; 20];
@@ -235,7 +234,7 @@ fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
             break;
         }
     }
-    out.extend_from_slice(&digits[at..]);
+    out.extend(digits[at..].iter().map(|&d| char::from(d)));
 }
 
 /// Takes the instance of `inner` that `poll_ready` drove to readiness and leaves a clone in
