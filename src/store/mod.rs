@@ -467,7 +467,9 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::LeaseLost`] and nothing is written (a holder whose lease lapsed, and whose
     /// key another run took over, cannot overwrite that run's progress). The point survives
     /// the claim lapsing and being released, so the next run of the key reads it; completing
-    /// the key deletes it (the stored outcome supersedes it).
+    /// the key ends it, so that no later run of the key reads it (the stored outcome
+    /// supersedes it): the completion deletes it, or makes it expire no later than the record
+    /// (the Redis store on a server with `SET … IFEQ`).
     ///
     /// The default answers [`StoreError::Unsupported`]: the layer then tells handlers that this
     /// store keeps no recovery points. Every store of this crate implements it; the
