@@ -853,7 +853,7 @@ mod tests {
             Value::ServerError(error) => error,
             other => panic!("{other:?}"),
         };
-        // Redis 7.0 and 6.2 to `SET k v PX 1 IFEQ c`.
+        // What Redis 7.0 answers to `SET k v PX 1 IFEQ c`.
         assert!(refuses_ifeq(&answer(b"-ERR syntax error\r\n")));
         for reply in [
             &b"-ERR invalid expire time in 'set' command\r\n"[..],
