@@ -14,8 +14,9 @@
 # Prints requests/s, p50 and p99 latency per scenario and the ratio to the bare route, the CPU
 # time the demo and wrk spent per request, and the store calls per request (shared stores).
 # The memory store is filled to capacity first (every measured fresh request evicts).
-# The four scenarios run in turn, ROUNDS times (default 3), so that drift of a shared machine
-# hits them all alike; the table gives the median of the rounds.
+# The scenarios run in turn, ROUNDS times (default 3), in a different order each round, so that
+# drift of a shared machine, and what ran just before, hit them all alike; the table gives the
+# median of the rounds.
 # Usage: benches/http.sh [seconds-per-scenario-per-round=5] [connections=32]
 # STORE=redis://…, postgres://… or sqlite://PATH[?synchronous=full] runs the demo on that store
 # (default: the memory store; give SQLite a fresh file);
@@ -103,8 +104,13 @@ run() {
 }
 cpu=$(mktemp)
 trap 'kill $server 2>/dev/null; rm -f "$out" "$cpu"' EXIT
+# The first round runs the scenarios in the order above; every later one in a shuffled order
+# (seeded by the round, so reproducible), so that no scenario always follows the same one: a
+# run just after fresh keys is slower (benches/ab_fresh.sh measured about 5 %).
 for round in $(seq "$ROUNDS"); do
-  for mode in $modes; do run "$mode"; done
+  order=$modes
+  [ "$round" = 1 ] || order=$(printf '%s\n' $modes | shuf --random-source=<(yes "$round"))
+  for mode in $order; do run "$mode"; done
 done
 stats=$(curl -s "$base/stats")
 
