@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Fresh keys on a Redis-protocol server, paired: two builds of the demo (A and B) on one server
-# of this script's own, their `fresh` and `limit_fresh` scenarios alternated round by round (and
-# which goes first, too), so that the machine's drift hits both alike. For an A/B of a store change that benches/http.sh,
-# one demo at a time, cannot resolve. Prints each run, then medians, each round's ratio of
-# fresh to the mean of that round's two limit runs, and B's fresh over A's.
+# of this script's own, their `fresh` and `limit_fresh` scenarios alternated round by round
+# (and which goes first, too), so that the machine's drift hits both alike. For an A/B of a
+# store change that benches/http.sh, one demo at a time, cannot resolve. Prints each run, then
+# medians, each round's ratio of fresh to the mean of that round's two limit runs, and B's
+# fresh over A's.
 #
 #   A=/tmp/demo-before B=target/release/examples/demo_server benches/ab_fresh.sh
 #   SERVER=redis-server ROUNDS=8 SECS=4 A=… B=… benches/ab_fresh.sh

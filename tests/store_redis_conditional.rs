@@ -12,7 +12,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::servers::valkey_url;
+use support::servers::{command_calls as calls, valkey_url};
 use tower_idempotency::store::{ClaimOutcome, Record, RecoveryPoint, RedisStore, Store};
 
 async fn store() -> Option<RedisStore> {
@@ -22,10 +22,6 @@ async fn store() -> Option<RedisStore> {
 
 // The conformance suite and the cases of shared stores, on `store()`.
 shared_store_suite!();
-
-async fn calls(url: &str, command: &str) -> (u64, u64) {
-    support::servers::command_calls(url, command).await
-}
 
 const LEASE: Duration = Duration::from_secs(60);
 const TTL: Duration = Duration::from_secs(600);
@@ -123,11 +119,6 @@ async fn a_plain_completion_ends_the_point_with_the_record_and_a_lapsed_one_writ
         .save_point(&key, &token, &RecoveryPoint::new("charged", "ch_1"), TTL)
         .await
         .unwrap();
-    let short = Duration::from_millis(300);
-    store
-        .complete(&key, &token, Record::new(Some(1), "done"), short)
-        .await
-        .unwrap();
     let pttl = |name: String| {
         let mut raw = raw.clone();
         async move {
@@ -139,10 +130,18 @@ async fn a_plain_completion_ends_the_point_with_the_record_and_a_lapsed_one_writ
             ms
         }
     };
+    let point_key = format!("{{idempotency:{key}}}:point");
+    // The point is where this test looks for it (the store's naming), so "gone" below means
+    // the completion ended it, not a wrong name.
+    assert!(pttl(point_key.clone()).await > 0, "the saved point exists");
+    let short = Duration::from_millis(300);
+    store
+        .complete(&key, &token, Record::new(Some(1), "done"), short)
+        .await
+        .unwrap();
     let record_ms = pttl(format!("idempotency:{key}")).await;
-    let point_ms = pttl(format!("{{idempotency:{key}}}:point")).await;
+    let point_ms = pttl(point_key).await;
     assert!(record_ms > 0 && record_ms <= 300, "record PTTL {record_ms}");
-    // The point key's name is the store's; if it changes, this finds no key (-2) and fails.
     assert!(
         point_ms == -2 || (0..=record_ms).contains(&point_ms),
         "the point is gone or expires no later than the record: point {point_ms} ms, record {record_ms} ms"

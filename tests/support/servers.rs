@@ -408,7 +408,6 @@ impl RedisCluster {
     }
 }
 
-/// A plain connection to the Redis at `url`, to look at or change what the store sees.
 /// How often a Redis server ran `command` (lower case, as `INFO commandstats` names it), and
 /// how often that failed (a refused form of the command among them).
 pub async fn command_calls(url: &str, command: &str) -> (u64, u64) {
@@ -429,6 +428,7 @@ pub async fn command_calls(url: &str, command: &str) -> (u64, u64) {
     (field("calls="), field("failed_calls="))
 }
 
+/// A plain connection to the Redis at `url`, to look at or change what the store sees.
 pub async fn raw_redis(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
         .unwrap()

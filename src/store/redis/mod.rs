@@ -249,6 +249,8 @@ impl RedisStore {
     }
 
     fn over(connection: Connection) -> Self {
+        // A cluster keeps the completion script (see `complete_conditional`).
+        let conditional_set = !matches!(connection, Connection::Cluster(_));
         Self {
             connection,
             replicas: None,
@@ -257,7 +259,7 @@ impl RedisStore {
             prefix: Arc::from("idempotency:"),
             scripts: Arc::new(Scripts {
                 plain_claim: std::sync::atomic::AtomicBool::new(true),
-                conditional_set: std::sync::atomic::AtomicBool::new(true),
+                conditional_set: std::sync::atomic::AtomicBool::new(conditional_set),
                 claim: Script::new(CLAIM),
                 renew: Script::new(RENEW),
                 complete: Script::new(COMPLETE),
@@ -738,7 +740,6 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let written = self.scripts.conditional_set.load(Ordering::Relaxed)
-            && !matches!(self.connection, Connection::Cluster(_))
             && self.complete_conditional(key, token, &record, ttl).await?;
         if !written {
             self.owner_checked_with(

@@ -83,7 +83,8 @@ pub(super) struct Scripts {
     pub(super) plain_claim: std::sync::atomic::AtomicBool,
     /// Whether the server takes `SET … IFEQ` (Valkey 8.1, Redis 8.4 and later): then a
     /// completion is plain commands, not the script (see `RedisStore::complete_conditional`).
-    /// Cleared for good the first time the server refuses it.
+    /// Cleared for good the first time the server refuses it; never set on a cluster, where a
+    /// pipeline with the keyless `PUBLISH` is routed by the cluster client (not tested).
     pub(super) conditional_set: std::sync::atomic::AtomicBool,
     pub(super) claim: Script,
     pub(super) renew: Script,
