@@ -16,7 +16,11 @@
 # The memory store is filled to capacity first (every measured fresh request evicts).
 # The scenarios run in turn, ROUNDS times (default 3), in a different order each round, so that
 # drift of a shared machine, and what ran just before, hit them all alike; the table gives the
-# median of the rounds.
+# median of the rounds. Each layered scenario runs next to its reference (fresh beside
+# limit_fresh, replay beside limit_replay, keyless beside bare; which of the two goes first
+# alternates by round), and the table also gives the ratio of each such pair, round by round
+# (median, lowest and highest): two runs a few seconds apart share the machine's state, which
+# the rounds' spread on a shared machine (often a third) does not cancel.
 # Usage: benches/http.sh [seconds-per-scenario-per-round=5] [connections=32]
 # STORE=redis://…, postgres://… or sqlite://PATH[?synchronous=full] runs the demo on that store
 # (default: the memory store; give SQLite a fresh file);
@@ -98,7 +102,7 @@ run() {
   server0=$(ticks "$server"); calls0=$(store_calls)
   line=$( { TIMEFORMAT='%U %S'; time RUN=$(date +%s%N) MODE=$1 wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" -s benches/http.lua "$base" | grep '^RESULT'; } 2>"$cpu")
   wrk_cpu=$(awk '{print $1 + $2}' "$cpu")
-  line="$line $(( $(ticks "$server") - server0 )) $wrk_cpu $(( $(store_calls) - calls0 ))"
+  line="$line $(( $(ticks "$server") - server0 )) $wrk_cpu $(( $(store_calls) - calls0 )) $round"
   results+=("$line")
   echo "round $round: $line" >&2
 }
@@ -107,10 +111,20 @@ trap 'kill $server 2>/dev/null; rm -f "$out" "$cpu"' EXIT
 # The first round runs the scenarios in the order above; every later one in a shuffled order
 # (seeded by the round, so reproducible), so that no scenario always follows the same one: a
 # run just after fresh keys is slower (benches/ab_fresh.sh measured about 5 %).
+# Pairs: a layered scenario and its reference, run back to back.
+case " $modes " in
+  *" limit_fresh "*) pairs="fresh:limit_fresh replay:limit_replay keyless:bare" ;;
+  *) pairs="keyless:bare fresh replay" ;;
+esac
 for round in $(seq "$ROUNDS"); do
-  order=$modes
-  [ "$round" = 1 ] || order=$(printf '%s\n' $modes | shuf --random-source=<(yes "$round"))
-  for mode in $order; do run "$mode"; done
+  order=$pairs
+  [ "$round" = 1 ] || order=$(printf '%s\n' $pairs | shuf --random-source=<(yes "$round"))
+  for pair in $order; do
+    first=${pair%%:*} second=${pair#*:}
+    [ "$round" = 1 ] || (( round % 2 )) || { first=${pair#*:} second=${pair%%:*}; }
+    run "$first"
+    [ "$second" = "$first" ] || run "$second"
+  done
 done
 stats=$(curl -s "$base/stats")
 
@@ -131,14 +145,23 @@ import os, statistics, sys
 hz = int(os.environ["HZ"])
 rows = {}
 for line in sys.stdin:
-    _, mode, rps, p50, p99, total, errors, server, wrk, calls = line.split()
+    _, mode, rps, p50, p99, total, errors, server, wrk, calls, round_ = line.split()
     n = int(total)
     rows.setdefault(mode, []).append((float(rps), float(p50), float(p99), int(errors),
-        int(server) / hz / n * 1e6, float(wrk) / n * 1e6, int(calls) / n))
+        int(server) / hz / n * 1e6, float(wrk) / n * 1e6, int(calls) / n, int(round_)))
 rps = lambda mode: statistics.median(r[0] for r in rows[mode])
 bare = rps("bare")
-print("| scenario | requests/s (median) | ratio to bare | ratio to the limit | p50 | p99 | rounds (requests/s) | demo CPU per request | wrk CPU per request | store calls per request | errors |")
-print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+# The ratio of a scenario to its reference run beside it, round by round.
+def paired(mode, reference):
+    if reference not in rows:
+        return "–"
+    ref = {x[7]: x[0] for x in rows[reference]}
+    ratios = sorted(x[0] / ref[x[7]] for x in rows[mode] if x[7] in ref)
+    if not ratios:
+        return "–"
+    return f"**{statistics.median(ratios):.3f}** ({ratios[0]:.3f}–{ratios[-1]:.3f})"
+print("| scenario | requests/s (median) | ratio to bare | ratio to the limit | paired with its reference: median (range) | p50 | p99 | rounds (requests/s) | demo CPU per request | wrk CPU per request | store calls per request | errors |")
+print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
 for mode in ["bare", "keyless", "fresh", "replay", "limit_fresh", "limit_replay"]:
     if mode not in rows:
         continue
@@ -147,5 +170,7 @@ for mode in ["bare", "keyless", "fresh", "replay", "limit_fresh", "limit_replay"
     each = ", ".join(f"{x[0]:.0f}" for x in r)
     limit = f"limit_{mode}" if f"limit_{mode}" in rows else None
     to_limit = f"{med(0) / rps(limit):.3f}" if limit else "–"
-    print(f"| {mode} | {med(0):.0f} | {med(0) / bare:.3f} | {to_limit} | {med(1):.0f} µs | {med(2):.0f} µs | {each} | {med(4):.1f} µs | {med(5):.1f} µs | {med(6):.2f} | {sum(x[3] for x in r)} |")
+    reference = limit or ("bare" if mode == "keyless" else None)
+    pair = paired(mode, reference) if reference else "–"
+    print(f"| {mode} | {med(0):.0f} | {med(0) / bare:.3f} | {to_limit} | {pair} | {med(1):.0f} µs | {med(2):.0f} µs | {each} | {med(4):.1f} µs | {med(5):.1f} µs | {med(6):.2f} | {sum(x[3] for x in r)} |")
 '

@@ -397,6 +397,27 @@ fn count(spec: &str) {
                     drive(&mut service, request("idempotency-key", 1)).await;
                 }
             }
+            // The same two paths on a Redis store (`REDIS_URL`, a server of the caller's): the
+            // layer's work around the store's round trips, the client's included, in
+            // instructions (a server's work is in another process, and waiting costs none).
+            "redis_replay" | "redis_fresh" => {
+                let url = std::env::var("REDIS_URL").expect("REDIS_URL for the redis_ paths");
+                let store = tower_idempotency::store::RedisStore::connect(&url)
+                    .await
+                    .expect("Redis at REDIS_URL")
+                    .with_prefix(format!("layer-count-{}:", std::process::id()));
+                let mut service =
+                    tower::Layer::layer(&IdempotencyLayer::with_store(store), handler.clone());
+                if path == "redis_replay" {
+                    for _ in 0..=n {
+                        drive(&mut service, request("idempotency-key", 1)).await;
+                    }
+                } else {
+                    for i in 0..n {
+                        drive(&mut service, request("idempotency-key", i)).await;
+                    }
+                }
+            }
             other => panic!("unknown path {other}"),
         }
     });

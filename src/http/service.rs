@@ -49,6 +49,13 @@ use crate::BoxError;
 #[derive(Clone)]
 pub struct Idempotency<S, St = MemoryStore> {
     inner: S,
+    core: Arc<Core<St>>,
+}
+
+/// What a service shares with each of its keyed requests, behind one `Arc`: a request clones
+/// that, not the store (a Redis or PostgreSQL store is several `Arc`s) and the configuration
+/// one by one.
+struct Core<St> {
     settings: Settings<St>,
     config: Arc<Config>,
 }
@@ -64,8 +71,7 @@ impl<S, St> Idempotency<S, St> {
     pub(crate) fn from_parts(inner: S, settings: Settings<St>, config: Arc<Config>) -> Self {
         Self {
             inner,
-            settings,
-            config,
+            core: Arc::new(Core { settings, config }),
         }
     }
 
@@ -89,8 +95,8 @@ impl<S: fmt::Debug, St: fmt::Debug> fmt::Debug for Idempotency<S, St> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Idempotency")
             .field("inner", &self.inner)
-            .field("settings", &self.settings)
-            .field("config", &self.config)
+            .field("settings", &self.core.settings)
+            .field("config", &self.core.config)
             .finish()
     }
 }
@@ -120,7 +126,7 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let (parts, body) = request.into_parts();
-        let (config, settings) = (&self.config, &self.settings);
+        let (config, settings) = (&*self.core.config, &self.core.settings);
         let (store_key, key, ticket) = match admit(config, settings, &parts) {
             Admission::Guard(store_key, key, ticket) => (store_key, key, ticket),
             Admission::Pass(outcome) => {
@@ -143,8 +149,7 @@ where
         let ttl = config.ttl_for(&parts, settings.timings().ttl);
         let work = Keyed {
             inner: protocol::take_ready(&mut self.inner),
-            settings: self.settings.clone(),
-            config: self.config.clone(),
+            core: self.core.clone(),
             grpc,
             _body: PhantomData,
         };
@@ -156,10 +161,10 @@ where
                 work.run(store_key, key, ticket, ttl, parts, body),
             )),
             span,
-            hook: self.settings.hook().clone(),
+            hook: settings.hook().clone(),
             grpc,
         });
-        ResponseFuture::keyed(task, self.settings.tracker().clone(), declared)
+        ResponseFuture::keyed(task, settings.tracker().clone(), declared)
     }
 }
 
@@ -319,8 +324,7 @@ impl<S, St> Idempotency<S, St> {
 /// One keyed request: everything from the claim on.
 struct Keyed<S, St, ReqBody> {
     inner: S,
-    settings: Settings<St>,
-    config: Arc<Config>,
+    core: Arc<Core<St>>,
     /// Whether the request is a gRPC call (answered in gRPC's terms).
     grpc: bool,
     _body: PhantomData<fn(ReqBody)>,
@@ -353,9 +357,9 @@ where
         body: ReqBody,
     ) -> impl Future<Output = (Answer<ResBody, S::Error>, Outcome)> {
         async move {
-            let hasher = self.config.fingerprint.start(&parts);
-            let timings = self.settings.timings();
-            match protocol::begin(self.settings.store(), store_key, timings, ticket).await {
+            let hasher = self.core.config.fingerprint.start(&parts);
+            let timings = self.core.settings.timings();
+            match protocol::begin(self.core.settings.store(), store_key, timings, ticket).await {
                 Ok(Begin::Claimed(guard)) => {
                     tracing::debug!(outcome = "claimed", "key claimed; running the handler");
                     self.original(guard, key, ttl, parts, body, hasher).await
@@ -367,7 +371,7 @@ where
                             "original finished while the duplicate waited"
                         );
                     }
-                    let config = &self.config;
+                    let config = &self.core.config;
                     let body_limit = config
                         .fingerprint
                         .covers_body()
@@ -390,8 +394,9 @@ where
                         waited,
                         "original request still in flight"
                     );
-                    let after = lease_remaining.map_or(self.config.retry_after, |remaining| {
-                        remaining.clamp(Duration::from_secs(1), self.config.retry_after)
+                    let retry_after = self.core.config.retry_after;
+                    let after = lease_remaining.map_or(retry_after, |remaining| {
+                        remaining.clamp(Duration::from_secs(1), retry_after)
                     });
                     let problem = Problem::RetryAfter(ProblemKind::InFlight, after);
                     (Ok(problem.respond(self.grpc)), Outcome::Conflict)
@@ -402,7 +407,7 @@ where
                     Some(unreadable) => {
                         let (response, outcome) = replay::unreadable_record(
                             unreadable,
-                            self.config.retry_after,
+                            self.core.config.retry_after,
                             self.grpc,
                         );
                         (Ok(response), outcome)
@@ -424,18 +429,18 @@ where
         mut parts: Parts,
         body: ReqBody,
     ) -> Answer<ResBody, S::Error> {
-        match self.config.on_store_error {
+        let config = &self.core.config;
+        match config.on_store_error {
             OnStoreError::FailClosed => {
                 tracing::error!(outcome = "store_error", %error, "store unavailable; failing closed");
                 let problem =
-                    Problem::RetryAfter(ProblemKind::StoreUnavailable, self.config.retry_after);
+                    Problem::RetryAfter(ProblemKind::StoreUnavailable, config.retry_after);
                 Ok(problem.respond(self.grpc))
             }
             OnStoreError::FailOpen => {
                 tracing::warn!(outcome = "store_error", %error, "store unavailable; running without idempotency");
                 // The store key (which holds the key) went with the failed claim: the key is
                 // read again from the head, where admission found it.
-                let config = &self.config;
                 if let Some(key) = key::key_of(&parts.headers, &config.header, config.max_key_len) {
                     parts.extensions.insert(key);
                 }
@@ -449,7 +454,7 @@ where
     /// `async` block for the reason given at [`run`](Self::run).)
     #[allow(clippy::manual_async_fn)]
     fn original(
-        mut self,
+        self,
         guard: ClaimGuard<St>,
         key: HeldKey,
         ttl: Duration,
@@ -458,17 +463,23 @@ where
         hasher: Option<FingerprintHasher>,
     ) -> impl Future<Output = (Answer<ResBody, S::Error>, Outcome)> {
         async move {
-            let (config, grpc) = (self.config.clone(), self.grpc);
+            let Keyed {
+                mut inner,
+                core,
+                grpc,
+                ..
+            } = self;
+            let config = &*core.config;
             let carried = capture::carried_headers(&parts, &config.carried);
             // The handler reaches its key and the key's recovery points from its request's
             // extensions (put there only now: a replay never builds the extensions map).
             parts.extensions.insert(key.into_key(guard.key()));
             parts
                 .extensions
-                .insert(guard.recovery_points(ttl, self.settings.limits().max_recovery_point));
+                .insert(guard.recovery_points(ttl, core.settings.limits().max_recovery_point));
             let (body, fingerprint) =
                 request_body::attach(body, hasher, config.fingerprint.covers_body());
-            let call = self.inner.call(Request::from_parts(parts, body));
+            let call = inner.call(Request::from_parts(parts, body));
             // Pinned here and passed by reference: each wrapper (panic capture, lease renewal)
             // would otherwise hold its own copy of this future in its state.
             let work = std::pin::pin!(async {

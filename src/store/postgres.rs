@@ -54,9 +54,16 @@ use super::{
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// The rest, behind one `Arc`: the store is cloned for every claim (its guard and its
+    /// recovery points each hold one).
+    shared: Arc<Shared>,
+}
+
+#[derive(Clone)]
+struct Shared {
     sql: Arc<Sql>,
-    /// For the `LISTEN` connection (`None` over a bare pool: no wake-ups). Behind an `Arc`:
-    /// the store is cloned for every request, and a `Config` owns several strings.
+    /// For the `LISTEN` connection (`None` over a bare pool: no wake-ups); a `Config` owns
+    /// several strings.
     config: Option<Arc<tokio_postgres::Config>>,
     wake: Arc<Wake>,
     notifier: Arc<Notifier>,
@@ -415,7 +422,7 @@ impl PostgresStore {
             .build()
             .map_err(StoreError::backend)?;
         let mut store = Self::new(pool);
-        store.config = Some(Arc::new(listen_config));
+        Arc::make_mut(&mut store.shared).config = Some(Arc::new(listen_config));
         Ok(store)
     }
 
@@ -426,11 +433,13 @@ impl PostgresStore {
     pub fn new(pool: Pool) -> Self {
         Self {
             pool,
-            sql: Arc::new(Sql::new("idempotency_records").expect("valid default name")),
-            config: None,
-            wake: Arc::default(),
-            notifier: Arc::default(),
-            read_first: Arc::default(),
+            shared: Arc::new(Shared {
+                sql: Arc::new(Sql::new("idempotency_records").expect("valid default name")),
+                config: None,
+                wake: Arc::default(),
+                notifier: Arc::default(),
+                read_first: Arc::default(),
+            }),
         }
     }
 
@@ -438,9 +447,12 @@ impl PostgresStore {
     /// the table's channel, waking local waiters; it reconnects (after a pause) whenever the
     /// connection drops.
     fn start_listener(&self) {
-        let Some(config) = &self.config else { return };
-        let (config, channel) = (config.clone(), self.sql.channel.clone());
-        self.wake
+        let Some(config) = &self.shared.config else {
+            return;
+        };
+        let (config, channel) = (config.clone(), self.shared.sql.channel.clone());
+        self.shared
+            .wake
             .start("the PostgreSQL LISTEN connection", move |listener| {
                 let (config, channel) = (config.clone(), channel.clone());
                 async move {
@@ -473,7 +485,7 @@ impl PostgresStore {
 
     /// Uses `table` (letters, digits, underscores; optionally `schema.table`).
     pub fn with_table(mut self, table: &str) -> Result<Self, InvalidTableName> {
-        self.sql = Arc::new(Sql::new(table)?);
+        Arc::make_mut(&mut self.shared).sql = Arc::new(Sql::new(table)?);
         Ok(self)
     }
 
@@ -485,14 +497,14 @@ impl PostgresStore {
     /// so the migration of every instance that starts while others serve takes no lock on the
     /// live table (a DDL statement would, and could deadlock with a claim in progress).
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let sql = Self::schema_sql(&self.sql.table).expect("validated at construction");
+        let sql = Self::schema_sql(&self.shared.sql.table).expect("validated at construction");
         let client = self.client().await?;
-        let t = &self.sql.table;
+        let t = &self.shared.sql.table;
         let trigger = format!("{}_drop_point", t.rsplit('.').next().unwrap_or(t));
         let check = "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL \
                      AND NOT EXISTS (SELECT 1 FROM pg_trigger \
                                      WHERE tgname = $3 AND tgrelid = to_regclass($1))";
-        let params: [&(dyn ToSql + Sync); 3] = [t, &self.sql.points, &trigger];
+        let params: [&(dyn ToSql + Sync); 3] = [t, &self.shared.sql.points, &trigger];
         let current = |row: tokio_postgres::Row| row.get::<_, bool>(0);
         let backend = StoreError::backend;
         if current(client.query_one(check, &params).await.map_err(backend)?) {
@@ -522,7 +534,7 @@ impl PostgresStore {
     pub async fn purge_expired(&self, batch: i64) -> Result<u64, StoreError> {
         let client = self.client().await?;
         let statement = client
-            .prepare_cached(&self.sql.purge)
+            .prepare_cached(&self.shared.sql.purge)
             .await
             .map_err(StoreError::backend)?;
         let records = client
@@ -530,7 +542,7 @@ impl PostgresStore {
             .await
             .map_err(StoreError::backend)?;
         let statement = client
-            .prepare_cached(&self.sql.purge_points)
+            .prepare_cached(&self.shared.sql.purge_points)
             .await
             .map_err(StoreError::backend)?;
         let points = client
@@ -556,7 +568,7 @@ impl PostgresStore {
     /// Queues a wake-up for the waiters of `key` in every process, sent after the commit that
     /// ended the key (see [`Notifier`]).
     fn notify_later(&self, key: &str) {
-        if self.notifier.push(key) {
+        if self.shared.notifier.push(key) {
             tokio::spawn(self.clone().send_notifications());
         }
     }
@@ -565,9 +577,9 @@ impl PostgresStore {
     /// that fails is dropped (its waiters wake at their polling bound).
     async fn send_notifications(self) {
         loop {
-            let keys = self.notifier.take();
+            let keys = self.shared.notifier.take();
             if keys.is_empty() {
-                if self.notifier.stop() {
+                if self.shared.notifier.stop() {
                     return;
                 }
                 continue;
@@ -575,7 +587,7 @@ impl PostgresStore {
             let sent = async {
                 let client = self.client().await?;
                 let statement = client
-                    .prepare_cached(&self.sql.notify)
+                    .prepare_cached(&self.shared.sql.notify)
                     .await
                     .map_err(StoreError::backend)?;
                 client
@@ -662,14 +674,14 @@ impl Store for PostgresStore {
         // While most claims find their key (see `ReadFirst`), a retry of a key that exists (a
         // replay, a duplicate in flight) costs one plain read, which a session that refuses
         // writes (a standby, a primary being demoted) also answers.
-        if self.read_first.enabled() {
-            if let Some(row) = query_opt(&client, &self.sql.read, &[&key]).await? {
-                self.read_first.record(true);
+        if self.shared.read_first.enabled() {
+            if let Some(row) = query_opt(&client, &self.shared.sql.read, &[&key]).await? {
+                self.shared.read_first.record(true);
                 return existing(&row, 0);
             }
         }
         let claim = client
-            .prepare_cached(&self.sql.claim)
+            .prepare_cached(&self.shared.sql.claim)
             .await
             .map_err(StoreError::backend)?;
         let token = *token;
@@ -684,7 +696,7 @@ impl Store for PostgresStore {
             match row {
                 Some(row) => {
                     let claimed = row.get::<_, bool>(0);
-                    self.read_first.record(!claimed);
+                    self.shared.read_first.record(!claimed);
                     return match claimed {
                         true => Ok(ClaimOutcome::Claimed(token)),
                         false => existing(&row, 1),
@@ -693,7 +705,7 @@ impl Store for PostgresStore {
                 // The key exists but its row expired: take it over, unless someone else did.
                 None => {
                     let params: [&(dyn ToSql + Sync); 3] = [&key, &owner, &ms(lease)];
-                    if query_opt(&client, &self.sql.take_over, &params)
+                    if query_opt(&client, &self.shared.sql.take_over, &params)
                         .await?
                         .is_some()
                     {
@@ -707,7 +719,7 @@ impl Store for PostgresStore {
 
     async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
         let client = self.client().await?;
-        let Some(row) = query_opt(&client, &self.sql.read, &[&key]).await? else {
+        let Some(row) = query_opt(&client, &self.shared.sql.read, &[&key]).await? else {
             return Ok(KeyState::Absent);
         };
         let remaining: Option<i64> = row.get(3);
@@ -737,7 +749,7 @@ impl Store for PostgresStore {
         let owner = &token_bytes(token)[..];
         let encoded = point.encode();
         self.owner_checked(
-            &self.sql.save_point,
+            &self.shared.sql.save_point,
             &[&key, &owner, &&encoded[..], &ms(ttl)],
         )
         .await
@@ -750,7 +762,7 @@ impl Store for PostgresStore {
     ) -> Result<Option<RecoveryPoint>, StoreError> {
         let client = self.client().await?;
         let statement = client
-            .prepare_cached(&self.sql.load_point)
+            .prepare_cached(&self.shared.sql.load_point)
             .await
             .map_err(StoreError::backend)?;
         let owner = &token_bytes(token)[..];
@@ -767,7 +779,7 @@ impl Store for PostgresStore {
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let client = self.client().await?;
         let deleted = client
-            .execute(&self.sql.delete, &[&key])
+            .execute(&self.shared.sql.delete, &[&key])
             .await
             .map_err(StoreError::backend)?;
         Ok(deleted > 0)
@@ -780,7 +792,7 @@ impl Store for PostgresStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         let owner = &token_bytes(token)[..];
-        self.owner_checked(&self.sql.renew, &[&key, &owner, &ms(lease)])
+        self.owner_checked(&self.shared.sql.renew, &[&key, &owner, &ms(lease)])
             .await
     }
 
@@ -795,7 +807,7 @@ impl Store for PostgresStore {
         let fingerprint = record.fingerprint().map(|f| f.to_be_bytes().to_vec());
         let payload = &record.payload()[..];
         self.owner_checked(
-            &self.sql.complete,
+            &self.shared.sql.complete,
             &[&key, &owner, &fingerprint, &payload, &ms(ttl)],
         )
         .await?;
@@ -805,7 +817,7 @@ impl Store for PostgresStore {
 
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
         let owner = &token_bytes(token)[..];
-        self.owner_checked(&self.sql.release, &[&key, &owner])
+        self.owner_checked(&self.shared.sql.release, &[&key, &owner])
             .await?;
         self.notify_later(key);
         Ok(())
@@ -813,14 +825,14 @@ impl Store for PostgresStore {
 
     async fn wait(&self, key: &str, attempt: u32) {
         self.start_listener();
-        self.wake.wakers.wait(key, attempt).await;
+        self.shared.wake.wakers.wait(key, attempt).await;
     }
 }
 
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore")
-            .field("table", &self.sql.table)
+            .field("table", &self.shared.sql.table)
             .field("pool", &self.pool.status())
             .finish()
     }

@@ -65,8 +65,9 @@ pub struct RedisStore {
     replicas: Option<(u32, Duration)>,
     prefix: Arc<str>,
     scripts: Arc<Scripts>,
-    /// For the pub/sub subscriber (`None` over a bare connection manager: no wake-ups).
-    client: Option<redis::Client>,
+    /// For the pub/sub subscriber (`None` over a bare connection manager: no wake-ups). Behind
+    /// an `Arc`: the store is cloned for every keyed request, and a client owns its host name.
+    client: Option<Arc<redis::Client>>,
     wake: Arc<Wake>,
 }
 
@@ -271,7 +272,7 @@ impl RedisStore {
     }
 
     fn with_client(mut self, client: redis::Client) -> Self {
-        self.client = Some(client);
+        self.client = Some(Arc::new(client));
         self
     }
 
