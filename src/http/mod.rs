@@ -42,14 +42,14 @@ pub use service::Idempotency;
 
 /// The status of the response a record holds, if it decodes as one.
 pub(crate) fn stored_status(record: &crate::store::Record) -> Option<http::StatusCode> {
-    record::decode(record.payload().clone())
+    record::decode(record.payload())
         .ok()
         .map(|stored| stored.status)
 }
 
 /// The record decoder's fuzz entry point: decode; what decodes re-encodes to the same response.
 pub(crate) fn fuzz_record(data: &[u8]) {
-    if let Ok(stored) = record::decode(bytes::Bytes::copy_from_slice(data)) {
+    if let Ok(stored) = record::decode(&bytes::Bytes::copy_from_slice(data)) {
         let body = (!stored.body_omitted).then(|| std::iter::once(&stored.body));
         let encoded = record::encode(
             stored.status,
@@ -60,7 +60,7 @@ pub(crate) fn fuzz_record(data: &[u8]) {
             stored.trailers.as_ref(),
         )
         .0;
-        let again = record::decode(encoded).expect("a re-encoded record decodes");
+        let again = record::decode(&encoded).expect("a re-encoded record decodes");
         assert_eq!(again, stored);
     }
 }

@@ -118,12 +118,14 @@ pub(crate) fn encode<'a>(
     (seal::finish(buf), u32::try_from(weight).unwrap_or(u32::MAX))
 }
 
-struct Reader {
-    buf: Bytes,
+/// Reads a record's fields from the payload, borrowed: only what a decoded response keeps (its
+/// header values and body) is a slice of it.
+struct Reader<'a> {
+    buf: &'a Bytes,
     pos: usize,
 }
 
-impl Reader {
+impl Reader<'_> {
     /// The next `n` bytes, borrowed: lengths and names are read from them without touching
     /// the record's reference count (a `Bytes` slice is an atomic increment and decrement).
     fn bytes(&mut self, n: usize) -> Result<&[u8], Unreadable> {
@@ -205,7 +207,7 @@ known_names! {
     b"access-control-allow-origin" => ACCESS_CONTROL_ALLOW_ORIGIN,
 }
 
-impl Reader {
+impl Reader<'_> {
     /// A count, then that many headers.
     /// A map of the next headers, with room for `extra` more (what a replay adds), so that
     /// adding them does not grow it.
@@ -226,7 +228,7 @@ impl Reader {
 
 /// Decodes what [`encode`] wrote (or an earlier version did), with room in its header map for
 /// what a replay adds.
-pub(crate) fn decode(payload: Bytes) -> Result<StoredResponse, Unreadable> {
+pub(crate) fn decode(payload: &Bytes) -> Result<StoredResponse, Unreadable> {
     decode_with_room(payload, REPLAY_ADDS, true)
 }
 
@@ -238,7 +240,7 @@ pub(crate) const REPLAY_ADDS: usize = 4;
 /// that is kept: its replays copy it into a map of their own); the integrity envelope's
 /// checksum is checked when `checksum` is set (see `seal::open_checking`).
 pub(crate) fn decode_with_room(
-    payload: Bytes,
+    payload: &Bytes,
     extra: usize,
     checksum: bool,
 ) -> Result<StoredResponse, Unreadable> {
@@ -246,13 +248,13 @@ pub(crate) fn decode_with_room(
         return Err(Unreadable::Damaged("not a stored response"));
     }
     let version = payload[2];
-    let (buf, pos) = match version {
-        1 | 2 => (payload, 3),
-        VERSION => (seal::open_checking(&payload, checksum)?, 0),
+    let pos = match version {
+        1 | 2 => 3,
+        VERSION => seal::check(payload, checksum)?,
         0 => return Err(Unreadable::Damaged("version 0")),
         newer => return Err(Unreadable::Newer(newer)),
     };
-    let mut r = Reader { buf, pos };
+    let mut r = Reader { buf: payload, pos };
     let flags = r.u8()?;
     let status = StatusCode::from_u16(r.u16()?).map_err(|_| MALFORMED)?;
     let headers = r.header_map(extra)?;
@@ -316,10 +318,10 @@ mod tests {
     #[test]
     fn a_corrupt_header_count_is_an_error_not_a_panic() {
         let crash = b"TI\x01\x00\x00\x8b\x8b\x8b\x8b\x8b\x8b\x8b\x00\x00II\x00\x00I";
-        assert!(decode(Bytes::from_static(crash)).is_err());
+        assert!(decode(&Bytes::from_static(crash)).is_err());
         let mut huge = b"TI\x01\x00\x00\xc8\xff\xff".to_vec();
         huge.extend(std::iter::repeat_n(0u8, 64));
-        assert!(decode(Bytes::from(huge)).is_err());
+        assert!(decode(&Bytes::from(huge)).is_err());
     }
 
     /// Found by `cargo fuzz run http_record`: a record flagged "body omitted" that still
@@ -327,9 +329,9 @@ mod tests {
     #[test]
     fn an_omitted_body_with_bytes_behind_it_is_refused() {
         let crash = b"TI\x01\x01\x01\x01\x00\x00\x00\x00ITI\x01\x00\x01\x00\xf9I";
-        assert!(decode(Bytes::from_static(crash)).is_err());
+        assert!(decode(&Bytes::from_static(crash)).is_err());
         let crash = b"TI\x02\x01\x01\x01\x00\x00\x00\x00ITI\x01\x00\x01\x00\xf9I";
-        assert!(decode(Bytes::from_static(crash)).is_err());
+        assert!(decode(&Bytes::from_static(crash)).is_err());
     }
 
     #[test]
@@ -352,7 +354,7 @@ mod tests {
             None,
         )
         .0;
-        let decoded = decode(payload).unwrap();
+        let decoded = decode(&payload).unwrap();
         assert_eq!(decoded.status, StatusCode::CREATED);
         assert_eq!(decoded.headers, headers);
         assert_eq!(decoded.carried, carried);
@@ -368,7 +370,7 @@ mod tests {
         trailers.insert("grpc-message", HeaderValue::from_static(""));
         let body = [Bytes::from_static(b"\0\0\0\0\x02\x08\x01")];
         let decoded = decode(
-            encode(
+            &encode(
                 StatusCode::OK,
                 &HeaderMap::new(),
                 |_| true,
@@ -387,7 +389,7 @@ mod tests {
     #[test]
     fn version_1_records_are_still_read() {
         let v1 = b"TI\x01\x00\x00\xc9\x00\x01\x00\x0ccontent-type\x00\x00\x00\x10application/json\x00\x00{}";
-        let decoded = decode(Bytes::from_static(v1)).unwrap();
+        let decoded = decode(&Bytes::from_static(v1)).unwrap();
         assert_eq!(decoded.status, StatusCode::CREATED);
         assert_eq!(decoded.headers["content-type"], "application/json");
         assert_eq!(decoded.body, "{}");
@@ -397,7 +399,7 @@ mod tests {
     #[test]
     fn omitted_body_is_flagged() {
         let decoded = decode(
-            encode(
+            &encode(
                 StatusCode::OK,
                 &HeaderMap::new(),
                 |_| true,
@@ -425,14 +427,14 @@ mod tests {
         .0;
         let mut future = payload.to_vec();
         future[2] = 4;
-        assert_eq!(decode(Bytes::from(future)), Err(Unreadable::Newer(4)));
+        assert_eq!(decode(&Bytes::from(future)), Err(Unreadable::Newer(4)));
         for cut in 0..payload.len() {
             assert!(
-                matches!(decode(payload.slice(..cut)), Err(Unreadable::Damaged(_))),
+                matches!(decode(&payload.slice(..cut)), Err(Unreadable::Damaged(_))),
                 "cut at {cut}"
             );
         }
-        assert!(decode(Bytes::from_static(b"garbage that is long enough")).is_err());
+        assert!(decode(&Bytes::from_static(b"garbage that is long enough")).is_err());
     }
 
     /// A record cut inside its body, or with a body byte changed, is refused (version 3 carries
@@ -450,12 +452,12 @@ mod tests {
         )
         .0;
         let cut = payload.slice(..payload.len() - 5);
-        assert!(matches!(decode(cut), Err(Unreadable::Damaged(_))));
+        assert!(matches!(decode(&cut), Err(Unreadable::Damaged(_))));
         let mut flipped = payload.to_vec();
         let last = flipped.len() - 1;
         flipped[last] = b']';
         assert!(matches!(
-            decode(Bytes::from(flipped)),
+            decode(&Bytes::from(flipped)),
             Err(Unreadable::Damaged(_))
         ));
     }
@@ -469,7 +471,7 @@ mod tests {
         let v2: &[u8] = b"TI\x02\x02\x00\xc9\x00\x01\x00\x0ccontent-type\x00\x00\x00\x10application/json\x00\x01\x00\x0cx-request-id\x00\x00\x00\x03r-1\x00\x01\x00\x0bgrpc-status\x00\x00\x00\x010{\"id\":1}";
         let v3: &[u8] = b"TI\x03\x00\x00\x00\x46\x6e\x88\x1f\xfa\xc0\x8c\xab\x84\x00\x00\xc9\x00\x01\x00\x0ccontent-type\x00\x00\x00\x10application/json\x00\x01\x00\x0cx-request-id\x00\x00\x00\x03r-1{\"id\":1}";
         for (version, golden) in [(1, v1), (2, v2), (3, v3)] {
-            let decoded = decode(Bytes::from_static(golden))
+            let decoded = decode(&Bytes::from_static(golden))
                 .unwrap_or_else(|e| panic!("version {version}: {e}"));
             assert_eq!(decoded.status, StatusCode::CREATED, "version {version}");
             assert_eq!(decoded.headers["content-type"], "application/json");
@@ -503,7 +505,11 @@ mod tests {
         .0;
         let hex: String = encoded.iter().map(|b| format!("\\x{b:02x}")).collect();
         assert_eq!(&encoded[..3], b"TI\x03", "{hex}");
-        assert_eq!(decode(encoded.clone()).unwrap().body, "{\"id\":1}", "{hex}");
+        assert_eq!(
+            decode(&encoded.clone()).unwrap().body,
+            "{\"id\":1}",
+            "{hex}"
+        );
         assert_eq!(
             &encoded[3..15],
             &b"\x00\x00\x00\x46\x6e\x88\x1f\xfa\xc0\x8c\xab\x84"[..],

@@ -87,10 +87,8 @@ where
         let decoded = match record.memo() {
             // A record the store keeps decoded: decoded by its first replay only.
             Some(memo) => remembered(memo, record.payload(), checksum).map(Decoded::Shared),
-            None => {
-                let payload = record.payload().clone();
-                record::decode_with_room(payload, record::REPLAY_ADDS, checksum).map(Decoded::Owned)
-            }
+            None => record::decode_with_room(record.payload(), record::REPLAY_ADDS, checksum)
+                .map(Decoded::Owned),
         };
         match decoded {
             Ok(stored) => {
@@ -138,7 +136,7 @@ fn remembered(
             return Ok(stored);
         }
     }
-    let stored = Arc::new(record::decode_with_room(payload.clone(), 0, checksum)?);
+    let stored = Arc::new(record::decode_with_room(payload, 0, checksum)?);
     // Another replay may have filled it meanwhile: both decoded the same bytes.
     let _ = memo.set(stored.clone());
     Ok(stored)

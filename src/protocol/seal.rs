@@ -65,19 +65,26 @@ pub(crate) fn open(payload: &Bytes) -> Result<Bytes, Unreadable> {
 /// [`open`], with the checksum checked only when `checksum` is set: a payload that never left
 /// the process (the memory store's) cannot have been damaged between its writer and here.
 pub(crate) fn open_checking(payload: &Bytes, checksum: bool) -> Result<Bytes, Unreadable> {
+    Ok(payload.slice(check(payload, checksum)?..))
+}
+
+/// Checks an envelope as [`open_checking`] does, in place: where its content starts (it runs
+/// to the end). A reader of the content borrows the payload instead of holding a slice of it
+/// (a slice is an atomic increment and decrement).
+pub(crate) fn check(payload: &[u8], checksum: bool) -> Result<usize, Unreadable> {
     if payload.len() < HEADER_LEN {
         return Err(Unreadable::Damaged("shorter than its header"));
     }
     let len = u32::from_be_bytes(payload[3..7].try_into().expect("4 bytes")) as usize;
     let hash = u64::from_be_bytes(payload[7..15].try_into().expect("8 bytes"));
-    let content = payload.slice(HEADER_LEN..);
+    let content = &payload[HEADER_LEN..];
     if content.len() != len {
         return Err(Unreadable::Damaged("its length does not match"));
     }
-    if checksum && xxhash_rust::xxh3::xxh3_64(&content) != hash {
+    if checksum && xxhash_rust::xxh3::xxh3_64(content) != hash {
         return Err(Unreadable::Damaged("its checksum does not match"));
     }
-    Ok(content)
+    Ok(HEADER_LEN)
 }
 
 /// What a store error says of the record, when it is unreadable rather than unreachable: the
