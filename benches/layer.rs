@@ -418,6 +418,75 @@ fn count(spec: &str) {
                     }
                 }
             }
+            // Their limit, as the demo's limit routes (`examples/demo_server/limit.rs`): the
+            // bare handler with only the raw round trips (a replay: `GET`, answered with the
+            // bytes read; a fresh key: `SET NX PX`, the handler, its body read whole, `SET PX`)
+            // on one multiplexed connection, as `redis_replay` and `redis_fresh` send.
+            "redis_limit_replay" | "redis_limit_fresh" => {
+                let url = std::env::var("REDIS_URL").expect("REDIS_URL for the redis_ paths");
+                let client = redis::Client::open(url.as_str()).expect("a Redis URL");
+                let connection = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("Redis at REDIS_URL");
+                let prefix = format!("layer-limit-{}:", std::process::id());
+                let fresh = path == "redis_limit_fresh";
+                let handler = handler.clone();
+                let mut service = tower::service_fn(move |request: Request<Full<Bytes>>| {
+                    let (mut connection, mut handler) = (connection.clone(), handler.clone());
+                    let key = format!(
+                        "{prefix}{}",
+                        request.headers()["idempotency-key"].to_str().unwrap()
+                    );
+                    async move {
+                        if !fresh {
+                            let stored: Option<Vec<u8>> = redis::cmd("GET")
+                                .arg(&key)
+                                .query_async(&mut connection)
+                                .await
+                                .unwrap();
+                            if let Some(stored) = stored {
+                                let mut response = Response::new(Full::new(Bytes::from(stored)));
+                                response.headers_mut().insert(
+                                    "content-type",
+                                    HeaderValue::from_static("application/json"),
+                                );
+                                return Ok::<_, Infallible>(response);
+                            }
+                        }
+                        let _: Option<String> = redis::cmd("SET")
+                            .arg(&key)
+                            .arg("c")
+                            .arg("NX")
+                            .arg("PX")
+                            .arg(60_000)
+                            .query_async(&mut connection)
+                            .await
+                            .unwrap();
+                        let response = handler.call(request).await?;
+                        let (parts, body) = response.into_parts();
+                        let bytes = body.collect().await.unwrap().to_bytes();
+                        let _: Option<String> = redis::cmd("SET")
+                            .arg(&key)
+                            .arg(bytes.as_ref())
+                            .arg("PX")
+                            .arg(86_400_000)
+                            .query_async(&mut connection)
+                            .await
+                            .unwrap();
+                        Ok(Response::from_parts(parts, Full::new(bytes)))
+                    }
+                });
+                if fresh {
+                    for i in 0..n {
+                        drive(&mut service, request("idempotency-key", i)).await;
+                    }
+                } else {
+                    for _ in 0..=n {
+                        drive(&mut service, request("idempotency-key", 1)).await;
+                    }
+                }
+            }
             other => panic!("unknown path {other}"),
         }
     });

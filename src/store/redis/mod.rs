@@ -560,26 +560,8 @@ impl RedisStore {
     /// slot>}:point`. `None` on a cluster for the rare key whose slot part holds a `}` (no hash
     /// tag can name it): such keys have no recovery points there.
     fn point_key(&self, key: &str) -> Option<String> {
-        let redis_key = self.redis_key(key);
-        // Redis hashes the text between the first `{` and the next `}`, if not empty.
-        let slot_part = redis_key
-            .find('{')
-            .and_then(|open| {
-                let rest = &redis_key[open + 1..];
-                rest.find('}')
-                    .filter(|&close| close > 0)
-                    .map(|close| &rest[..close])
-            })
-            .unwrap_or(&redis_key);
-        if slot_part.contains('}') {
-            return match self.connection {
-                Connection::Cluster(_) => None,
-                Connection::Single(_) | Connection::Sentinel(_) => {
-                    Some(format!("{redis_key}:point"))
-                }
-            };
-        }
-        Some(format!("{{{slot_part}}}:point"))
+        let cluster = matches!(self.connection, Connection::Cluster(_));
+        point_key_of(&self.redis_key(key), cluster)
     }
 
     async fn owner_checked(
@@ -649,6 +631,31 @@ impl ToRedisArgs for Prefixed<'_> {
         let _ = arg.write_all(self.0.as_bytes());
         let _ = arg.write_all(self.1.as_bytes());
     }
+}
+
+/// The recovery point's key for the record key `redis_key` (see `RedisStore::point_key`).
+/// Written out, not formatted: every completion names it.
+fn point_key_of(redis_key: &str, cluster: bool) -> Option<String> {
+    // Redis hashes the text between the first `{` and the next `}`, if not empty.
+    let slot_part = redis_key
+        .find('{')
+        .and_then(|open| {
+            let rest = &redis_key[open + 1..];
+            rest.find('}')
+                .filter(|&close| close > 0)
+                .map(|close| &rest[..close])
+        })
+        .unwrap_or(redis_key);
+    const SUFFIX: &str = "}:point";
+    if slot_part.contains('}') {
+        // No hash tag can name this slot part; outside a cluster the slot does not matter.
+        return (!cluster).then(|| [redis_key, &SUFFIX[1..]].concat());
+    }
+    let mut out = String::with_capacity(1 + slot_part.len() + SUFFIX.len());
+    out.push('{');
+    out.push_str(slot_part);
+    out.push_str(SUFFIX);
+    Some(out)
 }
 
 /// Whether the server refused a command it does not know in this form (an older Redis), as
@@ -847,6 +854,29 @@ mod tests {
             .unwrap()
             .extract_error()
             .unwrap_err()
+    }
+
+    #[test]
+    fn a_recovery_points_key_is_tagged_with_its_records_hash_slot() {
+        let point = |record, cluster| point_key_of(record, cluster);
+        // The hashed part of the record's key, as the point's hash tag (one slot for both).
+        assert_eq!(
+            point("idempotency:k", true).as_deref(),
+            Some("{idempotency:k}:point")
+        );
+        assert_eq!(
+            point("idempotency:{user-7}:k", true).as_deref(),
+            Some("{user-7}:point")
+        );
+        // A slot part holding `}` cannot be a tag: no point on a cluster, any name elsewhere.
+        for record in ["idempotency:{}k", "id}empotency:k"] {
+            assert_eq!(point(record, true), None, "{record}");
+            assert_eq!(
+                point(record, false),
+                Some(format!("{record}:point")),
+                "{record}"
+            );
+        }
     }
 
     #[test]
