@@ -108,10 +108,10 @@ run() {
 }
 cpu=$(mktemp)
 trap 'kill $server 2>/dev/null; rm -f "$out" "$cpu"' EXIT
-# The first round runs the scenarios in the order above; every later one in a shuffled order
-# (seeded by the round, so reproducible), so that no scenario always follows the same one: a
-# run just after fresh keys is slower (benches/ab_fresh.sh measured about 5 %).
-# Pairs: a layered scenario and its reference, run back to back.
+# Pairs: a layered scenario and its reference, run back to back. The first round runs the
+# pairs in the order below; every later one in a shuffled order (seeded by the round, so
+# reproducible), so that no pair always follows the same one: a run just after fresh keys is
+# slower (benches/ab_fresh.sh measured about 5 %).
 case " $modes " in
   *" limit_fresh "*) pairs="fresh:limit_fresh replay:limit_replay keyless:bare" ;;
   *) pairs="keyless:bare fresh replay" ;;

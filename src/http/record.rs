@@ -505,11 +505,7 @@ mod tests {
         .0;
         let hex: String = encoded.iter().map(|b| format!("\\x{b:02x}")).collect();
         assert_eq!(&encoded[..3], b"TI\x03", "{hex}");
-        assert_eq!(
-            decode(&encoded.clone()).unwrap().body,
-            "{\"id\":1}",
-            "{hex}"
-        );
+        assert_eq!(decode(&encoded).unwrap().body, "{\"id\":1}", "{hex}");
         assert_eq!(
             &encoded[3..15],
             &b"\x00\x00\x00\x46\x6e\x88\x1f\xfa\xc0\x8c\xab\x84"[..],
