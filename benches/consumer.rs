@@ -14,7 +14,7 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use serde::{Deserialize, Serialize};
 use tower::{service_fn, Layer, Service, ServiceExt};
 use tower_idempotency::consumer::{Delivery, IdempotentConsumerLayer};
@@ -152,4 +152,46 @@ fn consumers(c: &mut Criterion) {
 }
 
 criterion_group!(benches, consumers);
-criterion_main!(benches);
+
+fn main() {
+    if let Ok(spec) = std::env::var("CONSUMER_COUNT") {
+        return count(&spec);
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
+
+/// Counting mode, for cachegrind (as `benches/instructions.sh` counts the HTTP layer):
+/// `CONSUMER_COUNT=PATH:N` delivers N messages on one path, on the memory store, and exits;
+/// two counts' difference over their difference in N is what one message costs. Paths: `bare`
+/// (the handler called directly), `fresh`, `redelivery`.
+fn count(spec: &str) {
+    let (path, n) = spec.split_once(':').expect("CONSUMER_COUNT=PATH:N");
+    let n: u64 = n.parse().expect("N messages");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let layer =
+        IdempotentConsumerLayer::with_store(|event: &Event| event.id.clone(), MemoryStore::new());
+    let mut consumer = layer.layer(service_fn(handle));
+    let event = |i: u64| Event {
+        id: format!("evt/{i}"),
+        amount: 1,
+    };
+    assert!(
+        matches!(path, "bare" | "fresh" | "redelivery"),
+        "unknown path {path}"
+    );
+    rt.block_on(async {
+        for i in 0..n {
+            let event = event(if path == "redelivery" { 0 } else { i });
+            if path == "bare" {
+                drop(std::hint::black_box(handle(event).await));
+                continue;
+            }
+            let delivered = consumer.ready().await.unwrap().call(event).await;
+            drop(std::hint::black_box(delivered.unwrap()));
+        }
+    });
+}
