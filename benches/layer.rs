@@ -369,23 +369,17 @@ fn count(spec: &str) {
             }
             "first_request_fresh_key" => {
                 let mut service = layered();
-                for i in 0..n {
-                    drive(&mut service, request("idempotency-key", i)).await;
-                }
+                keyed(&mut service, true, n).await;
             }
             "first_request_fresh_key_full_store" => {
                 // As in the criterion bench: every fresh record evicts one.
                 let mut service = layered();
                 fill(&mut service).await;
-                for i in 0..n {
-                    drive(&mut service, request("idempotency-key", i)).await;
-                }
+                keyed(&mut service, true, n).await;
             }
             "replay" => {
                 let mut service = layered();
-                for _ in 0..=n {
-                    drive(&mut service, request("idempotency-key", 1)).await;
-                }
+                keyed(&mut service, false, n).await;
             }
             "replay_kept_decoded" => {
                 let store = tower_idempotency::store::MemoryStore::builder()
@@ -393,9 +387,7 @@ fn count(spec: &str) {
                     .build();
                 let mut service =
                     tower::Layer::layer(&IdempotencyLayer::with_store(store), handler.clone());
-                for _ in 0..=n {
-                    drive(&mut service, request("idempotency-key", 1)).await;
-                }
+                keyed(&mut service, false, n).await;
             }
             // The same two paths on a Redis store (`REDIS_URL`, a server of the caller's): the
             // layer's work around the store's round trips, the client's included, in
@@ -408,15 +400,7 @@ fn count(spec: &str) {
                     .with_prefix(format!("layer-count-{}:", std::process::id()));
                 let mut service =
                     tower::Layer::layer(&IdempotencyLayer::with_store(store), handler.clone());
-                if path == "redis_replay" {
-                    for _ in 0..=n {
-                        drive(&mut service, request("idempotency-key", 1)).await;
-                    }
-                } else {
-                    for i in 0..n {
-                        drive(&mut service, request("idempotency-key", i)).await;
-                    }
-                }
+                keyed(&mut service, path == "redis_fresh", n).await;
             }
             // Their limit, as the demo's limit routes (`examples/demo_server/limit.rs`): the
             // bare handler with only the raw round trips (a replay: `GET`, answered with the
@@ -477,19 +461,31 @@ fn count(spec: &str) {
                         Ok(Response::from_parts(parts, Full::new(bytes)))
                     }
                 });
-                if fresh {
-                    for i in 0..n {
-                        drive(&mut service, request("idempotency-key", i)).await;
-                    }
-                } else {
-                    for _ in 0..=n {
-                        drive(&mut service, request("idempotency-key", 1)).await;
-                    }
-                }
+                keyed(&mut service, fresh, n).await;
             }
             other => panic!("unknown path {other}"),
         }
     });
+}
+
+/// `n` keyed requests through `service`: a fresh key each (`fresh`), or one key sent `n + 1`
+/// times (the first stores it, the rest replay it).
+async fn keyed<S, B>(service: &mut S, fresh: bool, n: u64)
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    if fresh {
+        for i in 0..n {
+            drive(service, request("idempotency-key", i)).await;
+        }
+    } else {
+        for _ in 0..=n {
+            drive(service, request("idempotency-key", 1)).await;
+        }
+    }
 }
 
 criterion_group!(benches, overhead, contention);

@@ -561,7 +561,7 @@ impl RedisStore {
     /// tag can name it): such keys have no recovery points there.
     fn point_key(&self, key: &str) -> Option<String> {
         let cluster = matches!(self.connection, Connection::Cluster(_));
-        point_key_of(&self.redis_key(key), cluster)
+        point_key_of(&self.prefix, key, cluster)
     }
 
     async fn owner_checked(
@@ -633,9 +633,22 @@ impl ToRedisArgs for Prefixed<'_> {
     }
 }
 
-/// The recovery point's key for the record key `redis_key` (see `RedisStore::point_key`).
-/// Written out, not formatted: every completion names it.
-fn point_key_of(redis_key: &str, cluster: bool) -> Option<String> {
+/// The recovery point's key for the record key `<prefix><key>` (see `RedisStore::point_key`).
+/// Written out, not formatted, and without the record key built first: every completion names
+/// it.
+fn point_key_of(prefix: &str, key: &str, cluster: bool) -> Option<String> {
+    const SUFFIX: &str = "}:point";
+    let braceless = |part: &str| !part.bytes().any(|b| b == b'{' || b == b'}');
+    if braceless(prefix) && braceless(key) {
+        // No hash tag: Redis hashes the whole record key, which becomes the point's tag.
+        let mut out = String::with_capacity(1 + prefix.len() + key.len() + SUFFIX.len());
+        out.push('{');
+        out.push_str(prefix);
+        out.push_str(key);
+        out.push_str(SUFFIX);
+        return Some(out);
+    }
+    let redis_key = &[prefix, key].concat();
     // Redis hashes the text between the first `{` and the next `}`, if not empty.
     let slot_part = redis_key
         .find('{')
@@ -646,7 +659,6 @@ fn point_key_of(redis_key: &str, cluster: bool) -> Option<String> {
                 .map(|close| &rest[..close])
         })
         .unwrap_or(redis_key);
-    const SUFFIX: &str = "}:point";
     if slot_part.contains('}') {
         // No hash tag can name this slot part; outside a cluster the slot does not matter.
         return (!cluster).then(|| [redis_key, &SUFFIX[1..]].concat());
@@ -858,21 +870,26 @@ mod tests {
 
     #[test]
     fn a_recovery_points_key_is_tagged_with_its_records_hash_slot() {
-        let point = |record, cluster| point_key_of(record, cluster);
+        let point = |(prefix, key), cluster| point_key_of(prefix, key, cluster);
         // The hashed part of the record's key, as the point's hash tag (one slot for both).
         assert_eq!(
-            point("idempotency:k", true).as_deref(),
+            point(("idempotency:", "k"), true).as_deref(),
             Some("{idempotency:k}:point")
         );
         assert_eq!(
-            point("idempotency:{user-7}:k", true).as_deref(),
+            point(("idempotency:", "{user-7}:k"), true).as_deref(),
             Some("{user-7}:point")
         );
+        assert_eq!(
+            point(("tenant-{7}:", "k"), true).as_deref(),
+            Some("{7}:point")
+        );
         // A slot part holding `}` cannot be a tag: no point on a cluster, any name elsewhere.
-        for record in ["idempotency:{}k", "id}empotency:k"] {
-            assert_eq!(point(record, true), None, "{record}");
+        for (prefix, key) in [("idempotency:", "{}k"), ("id}empotency:", "k")] {
+            let record = format!("{prefix}{key}");
+            assert_eq!(point((prefix, key), true), None, "{record}");
             assert_eq!(
-                point(record, false),
+                point((prefix, key), false),
                 Some(format!("{record}:point")),
                 "{record}"
             );
