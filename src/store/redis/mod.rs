@@ -483,12 +483,17 @@ impl RedisStore {
         // Each command sized once (one grown argument by argument reallocates its buffer each
         // time); the record is most of the `SET`.
         let named = 2 * (self.prefix.len() + key.len());
+        // Every reply is kept, none marked `ignore()`d: redis-rs keeps those marks in a SipHash
+        // set, built and searched per pipeline (about 1,000 instructions). The `SET`'s reply is
+        // the one after the `PEXPIRE`'s, if there is one.
         let mut pipe = redis::Pipeline::with_capacity(3);
         pipe.ignore_errors();
-        if let Some(point_key) = self.point_key(key) {
+        let point_key = self.point_key(key);
+        let set_at = usize::from(point_key.is_some());
+        if let Some(point_key) = point_key {
             let mut pexpire = redis::Cmd::with_capacity(4, 64 + point_key.len());
             pexpire.arg("PEXPIRE").arg(point_key).arg(ms).arg("LT");
-            pipe.add_command(pexpire).ignore();
+            pipe.add_command(pexpire);
         }
         let mut set = redis::Cmd::with_capacity(7, 128 + named + record.payload().len());
         set.arg("SET")
@@ -504,14 +509,14 @@ impl RedisStore {
             .arg("PUBLISH")
             .arg(Prefixed(&self.prefix, WAKE_CHANNEL))
             .arg(Prefixed(&self.prefix, key));
-        pipe.add_command(publish).ignore();
+        pipe.add_command(publish);
         let reply: Vec<Value> = pipe
             .query_async(&mut self.connection.clone())
             .await
             .map_err(StoreError::backend)?;
-        match reply.as_slice() {
-            [Value::Okay] => Ok(true),
-            [Value::ServerError(error)] if refuses_ifeq(error) => {
+        match reply.get(set_at) {
+            Some(Value::Okay) => Ok(true),
+            Some(Value::ServerError(error)) if refuses_ifeq(error) => {
                 tracing::info!(error = %redis::RedisError::from(error.clone()), "this Redis refuses SET IFEQ (before Valkey 8.1 and Redis 8.4): completions use a Lua script");
                 self.scripts.conditional_set.store(false, Ordering::Relaxed);
                 Ok(false)
@@ -638,7 +643,7 @@ impl ToRedisArgs for Prefixed<'_> {
 /// it.
 fn point_key_of(prefix: &str, key: &str, cluster: bool) -> Option<String> {
     const SUFFIX: &str = "}:point";
-    let braceless = |part: &str| !part.bytes().any(|b| b == b'{' || b == b'}');
+    let braceless = |part: &str| memchr::memchr2(b'{', b'}', part.as_bytes()).is_none();
     if braceless(prefix) && braceless(key) {
         // No hash tag: Redis hashes the whole record key, which becomes the point's tag.
         let mut out = String::with_capacity(1 + prefix.len() + key.len() + SUFFIX.len());
