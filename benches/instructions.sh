@@ -23,7 +23,7 @@ if [[ -z "${BIN:-}" ]]; then
   # `-p`: the bench package alone, built as a service that depends on this crate builds it.
   # From the root (`cargo bench --bench layer`) the root package's dev-dependencies are unified
   # in: tokio's `test-util` (its clock read under a mutex) and tracing's `log` fallback (a span
-  # consults `log` when no subscriber is set), about 300 instructions per replay and 1,000 to
+  # consults `log` when no subscriber is set), about 300 instructions per replay and 900 to
   # 1,500 per Redis request that no production build pays.
   BIN=$(cargo bench -p tower-idempotency-benches --bench layer --no-run --message-format=json 2>/dev/null |
     python3 -c 'import sys,json
