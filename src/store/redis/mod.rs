@@ -484,7 +484,7 @@ impl RedisStore {
         // time); the record is most of the `SET`.
         let named = 2 * (self.prefix.len() + key.len());
         // Every reply is kept, none marked `ignore()`d: redis-rs keeps those marks in a SipHash
-        // set, built and searched per pipeline (about 1,000 instructions). The `SET`'s reply is
+        // set, built and searched per pipeline (about 1,600 instructions). The `SET`'s reply is
         // the one after the `PEXPIRE`'s, if there is one.
         let mut pipe = redis::Pipeline::with_capacity(3);
         pipe.ignore_errors();
