@@ -238,7 +238,7 @@ pub(crate) const REPLAY_ADDS: usize = 4;
 
 /// Decodes, with room for `extra` more headers in the header map (none for a decoded record
 /// that is kept: its replays copy it into a map of their own); the integrity envelope's
-/// checksum is checked when `checksum` is set (see `seal::open_checking`).
+/// checksum is checked when `checksum` is set (see `seal::check`).
 pub(crate) fn decode_with_room(
     payload: &Bytes,
     extra: usize,

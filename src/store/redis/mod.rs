@@ -643,15 +643,19 @@ impl ToRedisArgs for Prefixed<'_> {
 /// it.
 fn point_key_of(prefix: &str, key: &str, cluster: bool) -> Option<String> {
     const SUFFIX: &str = "}:point";
+    // `{<parts>}:point`, in one allocation.
+    let tagged = |parts: &[&str]| {
+        let len = parts.iter().map(|p| p.len()).sum::<usize>();
+        let mut out = String::with_capacity(1 + len + SUFFIX.len());
+        out.push('{');
+        parts.iter().for_each(|part| out.push_str(part));
+        out.push_str(SUFFIX);
+        out
+    };
     let braceless = |part: &str| memchr::memchr2(b'{', b'}', part.as_bytes()).is_none();
     if braceless(prefix) && braceless(key) {
         // No hash tag: Redis hashes the whole record key, which becomes the point's tag.
-        let mut out = String::with_capacity(1 + prefix.len() + key.len() + SUFFIX.len());
-        out.push('{');
-        out.push_str(prefix);
-        out.push_str(key);
-        out.push_str(SUFFIX);
-        return Some(out);
+        return Some(tagged(&[prefix, key]));
     }
     let redis_key = &[prefix, key].concat();
     // Redis hashes the text between the first `{` and the next `}`, if not empty.
@@ -668,11 +672,7 @@ fn point_key_of(prefix: &str, key: &str, cluster: bool) -> Option<String> {
         // No hash tag can name this slot part; outside a cluster the slot does not matter.
         return (!cluster).then(|| [redis_key, &SUFFIX[1..]].concat());
     }
-    let mut out = String::with_capacity(1 + slot_part.len() + SUFFIX.len());
-    out.push('{');
-    out.push_str(slot_part);
-    out.push_str(SUFFIX);
-    Some(out)
+    Some(tagged(&[slot_part]))
 }
 
 /// Whether the server refused a command it does not know in this form (an older Redis), as
