@@ -8,9 +8,12 @@
 #
 #   A=/tmp/demo-before B=target/release/examples/demo_server benches/ab_fresh.sh
 #   SERVER=redis-server ROUNDS=8 SECS=4 A=… B=… benches/ab_fresh.sh
+#   STORE=memory SCENARIO=replay A=… B=… benches/ab_fresh.sh
 #
 # SERVER: the server binary (default valkey-server, else redis-server), on PORT (6395).
-# CPU per request: the demo's and the server's (INFO cpu), over each measured run.
+# STORE=memory: the demos on their own memory stores instead, their limit the bare route.
+# SCENARIO: fresh (default) or replay, each paired with its limit.
+# CPU per request: the demo's and the server's (INFO cpu; 0 on memory), over each measured run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${A:?A=path of the first demo build}" "${B:?B=path of the second demo build}"
@@ -18,6 +21,8 @@ PORT=${PORT:-6395}
 ROUNDS=${ROUNDS:-8}
 SECS=${SECS:-4}
 SERVER=${SERVER:-$(command -v valkey-server || command -v redis-server)}
+SCENARIO=${SCENARIO:-fresh}
+MEMORY=$([ "${STORE:-}" = memory ] && echo 1 || echo "")
 dir=$(mktemp -d)
 pids=()
 cleanup() {
@@ -26,12 +31,17 @@ cleanup() {
   rm -rf "$dir"
 }
 trap cleanup EXIT
-"$SERVER" --port "$PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes --dir "$dir" \
-  --logfile "$dir/server.log" >/dev/null
-for _ in $(seq 50); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+store=memory
+if [ -z "$MEMORY" ]; then
+  "$SERVER" --port "$PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes --dir "$dir" \
+    --logfile "$dir/server.log" >/dev/null
+  for _ in $(seq 50); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  store="redis://127.0.0.1:$PORT"
+fi
+export LIMIT_BARE=$MEMORY
 declare -A base pid
 for side in A B; do
-  "${!side}" --addr 127.0.0.1:0 --store "redis://127.0.0.1:$PORT" --no-recovery-points --limit-routes \
+  "${!side}" --addr 127.0.0.1:0 --store "$store" --no-recovery-points --limit-routes \
     >"$dir/$side.out" &
   pid[$side]=$!
   pids+=("$!")
@@ -42,15 +52,16 @@ for side in A B; do
   [ -n "${base[$side]}" ] || { echo "demo $side did not start" >&2; exit 1; }
 done
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-server_cpu() { redis-cli -p "$PORT" info cpu | awk -F: '/used_cpu_(user|sys):/ { s += $2 } END { printf "%.6f", s }'; }
+server_cpu() { [ -z "$MEMORY" ] || { echo 0; return; }; redis-cli -p "$PORT" info cpu | awk -F: '/used_cpu_(user|sys):/ { s += $2 } END { printf "%.6f", s }'; }
 hz=$(getconf CLK_TCK)
-echo "$("$SERVER" --version | cut -d' ' -f1-3); $ROUNDS rounds of ${SECS}s per run, wrk -t2 -c32"
+echo "$([ -n "$MEMORY" ] && echo memory || "$SERVER" --version | cut -d' ' -f1-3), $SCENARIO; $ROUNDS rounds of ${SECS}s per run, wrk -t2 -c32"
 lines=$(mktemp -p "$dir")
 for round in $(seq "$ROUNDS"); do
   # Which build goes first alternates: a run just after another build's fresh keys runs
   # slower (about 5 % on identical builds), so a fixed order would favour one side.
-  order="A:fresh B:fresh B:limit_fresh A:limit_fresh"
-  [ $((round % 2)) = 1 ] || order="B:fresh A:fresh A:limit_fresh B:limit_fresh"
+  s=$SCENARIO
+  order="A:$s B:$s B:limit_$s A:limit_$s"
+  [ $((round % 2)) = 1 ] || order="B:$s A:$s A:limit_$s B:limit_$s"
   for run in $order; do
     side=${run%%:*} mode=${run#*:}
     RUN=$(date +%s%N) MODE=$mode wrk -t2 -c32 -d1s -s benches/http.lua "${base[$side]}" >/dev/null
@@ -63,21 +74,22 @@ for round in $(seq "$ROUNDS"); do
       tee -a "$lines"
   done
 done
-python3 - "$lines" <<'PY'
+python3 - "$lines" "$SCENARIO" <<'PY'
 import statistics as st, sys
+sc = sys.argv[2]
 rows = {}
 for line in open(sys.argv[1]):
     r, side, mode, rps, demo, server = line.split()
     rows.setdefault(int(r), {})[(side, mode)] = (int(rps), float(demo), float(server))
 print("| run | requests/s (median; rounds) | demo CPU per request | server CPU per request |")
 print("|---|---|---:|---:|")
-for key in [("A", "fresh"), ("B", "fresh"), ("A", "limit_fresh"), ("B", "limit_fresh")]:
+for key in [("A", sc), ("B", sc), ("A", "limit_" + sc), ("B", "limit_" + sc)]:
     v = [rows[r][key] for r in sorted(rows)]
     print(f"| {key[0]} {key[1]} | {st.median(x[0] for x in v):,.0f} ({', '.join(str(x[0]) for x in v)}) "
           f"| {st.median(x[1] for x in v):.1f} µs | {st.median(x[2] for x in v):.1f} µs |")
 for side in "AB":
-    ratios = [rows[r][(side, "fresh")][0] / st.mean(rows[r][(s, "limit_fresh")][0] for s in "AB") for r in sorted(rows)]
-    print(f"{side} fresh / limit, per round: {', '.join(f'{x:.2f}' for x in ratios)}; median {st.median(ratios):.3f}")
-ab = [rows[r][("B", "fresh")][0] / rows[r][("A", "fresh")][0] for r in sorted(rows)]
-print(f"B fresh / A fresh, per round: {', '.join(f'{x:.2f}' for x in ab)}; median {st.median(ab):.3f}")
+    ratios = [rows[r][(side, sc)][0] / st.mean(rows[r][(s, "limit_" + sc)][0] for s in "AB") for r in sorted(rows)]
+    print(f"{side} {sc} / limit, per round: {', '.join(f'{x:.2f}' for x in ratios)}; median {st.median(ratios):.3f}")
+ab = [rows[r][("B", sc)][0] / rows[r][("A", sc)][0] for r in sorted(rows)]
+print(f"B {sc} / A {sc}, per round: {', '.join(f'{x:.2f}' for x in ab)}; median {st.median(ab):.3f}")
 PY

@@ -37,7 +37,7 @@ sim=no
 [[ -n "${CACHESIM:-}" ]] && sim=yes
 # Prints "instructions D1-misses LLd-misses" (misses 0 without CACHESIM).
 irs() {
-  LAYER_COUNT="$1:$2" valgrind --tool=cachegrind --cache-sim=$sim --cachegrind-out-file="$tmp/out" \
+  LAYER_COUNT="$1:$2" ${PRELOAD:+env LD_PRELOAD=$PRELOAD} valgrind --tool=cachegrind --cache-sim=$sim --cachegrind-out-file="$tmp/out" \
     "$BIN" 2>&1 | awk '
       { for (i = 1; i <= NF; i++) gsub(",", "", $i) }
       /I *refs:/ { ir = $4 } /D1 *misses:/ { d1 = $4 } /LLd *misses:/ { ll = $4 }

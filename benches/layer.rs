@@ -389,6 +389,16 @@ fn count(spec: &str) {
                     tower::Layer::layer(&IdempotencyLayer::with_store(store), handler.clone());
                 keyed(&mut service, false, n).await;
             }
+            // The memory store behind a `BoxStore`, as the demo (and any service that picks its
+            // store at run time) runs it: each store call through a boxed future.
+            "boxed_replay" | "boxed_fresh" => {
+                let store = tower_idempotency::store::BoxStore::new(
+                    tower_idempotency::store::MemoryStore::new(),
+                );
+                let mut service =
+                    tower::Layer::layer(&IdempotencyLayer::with_store(store), handler.clone());
+                keyed(&mut service, path == "boxed_fresh", n).await;
+            }
             // The same two paths on a Redis store (`REDIS_URL`, a server of the caller's): the
             // layer's work around the store's round trips, the client's included, in
             // instructions (a server's work is in another process, and waiting costs none).

@@ -167,7 +167,7 @@ where
         final_errors,
     } = *rules;
     let (store, timings) = (settings.store(), settings.timings());
-    let guard = match protocol::begin(store, identity.store_key(), timings, ticket).await {
+    let guard = match protocol::begin(store, identity.store_key(), timings, ticket, None).await {
         Ok(Begin::Claimed(guard)) => guard,
         Ok(Begin::InFlight { .. }) => {
             tracing::info!(

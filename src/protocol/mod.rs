@@ -305,9 +305,30 @@ fn release_if_it_lands<St: Store + Clone>(
     });
 }
 
+/// A claim the store answered at once ([`Store::claim_now`]): [`begin`] starts from its
+/// outcome instead of calling the store again.
+pub(crate) enum FirstClaim {
+    /// The key was claimed, for this token (a fresh key).
+    Claimed(OwnerToken),
+    /// Any other answer, to the claim made with this token. Boxed: rare on this path (a replay
+    /// is answered before it), and every keyed request's state would carry it.
+    Other(OwnerToken, Box<Result<ClaimOutcome, StoreError>>),
+}
+
+impl FirstClaim {
+    /// What the store answered to a claim made with `token`.
+    pub(crate) fn new(token: OwnerToken, claimed: Result<ClaimOutcome, StoreError>) -> Self {
+        match claimed {
+            Ok(ClaimOutcome::Claimed(owner)) => FirstClaim::Claimed(owner),
+            other => FirstClaim::Other(token, Box::new(other)),
+        }
+    }
+}
+
 /// Claims `key` for the request admitted with `ticket`; while the key is in flight and waiting
 /// is on, waits for it (woken by the store, never polling in a tight loop) until the wait
-/// bound.
+/// bound. `first` is the outcome of a claim already made at once, if any (then the first
+/// round makes no store call).
 ///
 /// An `async` block, not an `async fn`, for the reason given at the HTTP adapter's `run`: its
 /// arguments would be kept twice in the state of every keyed request.
@@ -317,18 +338,23 @@ pub(crate) fn begin<'a, St: Store + Clone>(
     key: String,
     timings: &'a Timings,
     mut ticket: Ticket,
+    mut first: Option<FirstClaim>,
 ) -> impl Future<Output = Result<Begin<St>, Failure>> + 'a {
     async move {
         let deadline = timings.wait.map(|wait| later(Instant::now(), wait));
         let mut attempt = 0u32;
         loop {
             let waited = attempt > 0;
-            let token = OwnerToken::random();
-            let claimed = bounded(
-                timings.store_timeout,
-                store.claim_as(&key, &token, timings.lease),
-            );
-            let outcome = match claimed.await {
+            let (token, claimed) = match first.take() {
+                Some(FirstClaim::Claimed(token)) => (token, Ok(ClaimOutcome::Claimed(token))),
+                Some(FirstClaim::Other(token, claimed)) => (token, claimed.map_err(Failure::Store)),
+                None => {
+                    let token = OwnerToken::random();
+                    let claim = store.claim_as(&key, &token, timings.lease);
+                    (token, bounded(timings.store_timeout, claim).await)
+                }
+            };
+            let outcome = match claimed {
                 Ok(outcome) => outcome,
                 Err(Failure::Timeout) => {
                     release_if_it_lands(store, &key, token, timings);
@@ -397,7 +423,10 @@ mod tests {
     }
 
     async fn claim(store: &MemoryStore, t: &Timings) -> ClaimGuard<MemoryStore> {
-        match begin(store, "k".to_owned(), t, ticket()).await.unwrap() {
+        match begin(store, "k".to_owned(), t, ticket(), None)
+            .await
+            .unwrap()
+        {
             Begin::Claimed(guard) => guard,
             other => panic!("expected a claim, got {other:?}"),
         }
@@ -405,7 +434,9 @@ mod tests {
 
     async fn in_flight(store: &MemoryStore, t: &Timings) -> bool {
         matches!(
-            begin(store, "k".to_owned(), t, ticket()).await.unwrap(),
+            begin(store, "k".to_owned(), t, ticket(), None)
+                .await
+                .unwrap(),
             Begin::InFlight { .. }
         )
     }
@@ -503,7 +534,10 @@ mod tests {
             "detached work counts against the limit"
         );
         tokio::time::sleep(t.lease * 3).await;
-        match begin(&store, "k".to_owned(), &t, ticket()).await.unwrap() {
+        match begin(&store, "k".to_owned(), &t, ticket(), None)
+            .await
+            .unwrap()
+        {
             Begin::Completed { record, .. } => assert_eq!(record.payload(), "done"),
             other => panic!("{other:?}"),
         }
@@ -525,7 +559,7 @@ mod tests {
         t.wait = Some(Duration::from_secs(30));
         let waiter = tokio::spawn({
             let store = store.clone();
-            async move { begin(&store, "k".to_owned(), &t, ticket()).await }
+            async move { begin(&store, "k".to_owned(), &t, ticket(), None).await }
         });
         // Within the 3 s lease: the waiter is still waiting on the original.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -552,7 +586,9 @@ mod tests {
         t.wait = Some(Duration::from_secs(2));
         let started = Instant::now();
         assert!(matches!(
-            begin(&store, "k".to_owned(), &t, ticket()).await.unwrap(),
+            begin(&store, "k".to_owned(), &t, ticket(), None)
+                .await
+                .unwrap(),
             Begin::InFlight { waited: true, .. }
         ));
         let waited = started.elapsed();

@@ -18,6 +18,12 @@ pub(crate) trait DynStore: Send + Sync + 'static {
         token: &'a OwnerToken,
         lease: Duration,
     ) -> BoxFuture<'a, Result<ClaimOutcome, StoreError>>;
+    fn claim_now(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Option<Result<ClaimOutcome, StoreError>>;
     fn renew<'a>(
         &'a self,
         key: &'a str,
@@ -61,6 +67,15 @@ impl<St: Store> DynStore for St {
         lease: Duration,
     ) -> BoxFuture<'a, Result<ClaimOutcome, StoreError>> {
         Box::pin(Store::claim_as(self, key, token, lease))
+    }
+
+    fn claim_now(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Option<Result<ClaimOutcome, StoreError>> {
+        Store::claim_now(self, key, token, lease)
     }
 
     fn renew<'a>(
@@ -168,6 +183,15 @@ impl Store for BoxStore {
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
         self.inner.claim_as(key, token, lease).await
+    }
+
+    fn claim_now(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Option<Result<ClaimOutcome, StoreError>> {
+        self.inner.claim_now(key, token, lease)
     }
 
     async fn renew(

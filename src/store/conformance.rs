@@ -267,6 +267,77 @@ pub async fn concurrent_claims_have_one_winner<St: Store + Clone>(store: &St) {
     }
 }
 
+/// A store that claims at once ([`Store::claim_now`]) answers as `claim_as` does, and the two
+/// are atomic together: of many racing claims, half made at once and half not, exactly one
+/// wins. A store that never claims at once (the default) passes.
+pub async fn claim_now_answers_as_claim_as<St: Store + Clone>(store: &St) {
+    let key = fresh_key("now");
+    let token = OwnerToken::random();
+    let Some(first) = store.claim_now(&key, &token, LEASE) else {
+        return;
+    };
+    match first.expect("claim at once") {
+        ClaimOutcome::Claimed(owner) => assert_eq!(owner, token, "claimed for the given token"),
+        other => panic!("expected to claim {key} at once, got {other:?}"),
+    }
+    let again = store.claim_now(&key, &OwnerToken::random(), LEASE);
+    assert_in_flight(
+        again
+            .expect("a store that claims at once answers every time")
+            .unwrap(),
+    );
+    assert_in_flight(store.claim(&key, LEASE).await.unwrap());
+    let record = Record::new(Some(7), Bytes::from_static(b"done"));
+    store
+        .complete(&key, &token, record.clone(), TTL)
+        .await
+        .unwrap();
+    match store.claim_now(&key, &OwnerToken::random(), LEASE) {
+        Some(Ok(ClaimOutcome::Completed(got))) => assert_eq!(got, record),
+        other => panic!("expected the record at once, got {other:?}"),
+    }
+    let key = fresh_key("now-release");
+    let released = claim_owned(store, &key, LEASE).await;
+    store.release(&key, &released).await.unwrap();
+    let token = OwnerToken::random();
+    match store.claim_now(&key, &token, LEASE) {
+        Some(Ok(ClaimOutcome::Claimed(owner))) => assert_eq!(owner, token),
+        other => panic!("expected to claim a released key at once, got {other:?}"),
+    }
+
+    const TASKS: usize = 64;
+    let key = Arc::new(fresh_key("now-race"));
+    let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
+    let winners = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let (store, key, barrier, winners) =
+                (store.clone(), key.clone(), barrier.clone(), winners.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let token = OwnerToken::random();
+                let outcome = match task % 2 {
+                    0 => store
+                        .claim_now(&key, &token, LEASE)
+                        .expect("answers at once"),
+                    _ => store.claim_as(&key, &token, LEASE).await,
+                };
+                match outcome.unwrap() {
+                    ClaimOutcome::Claimed(_) => {
+                        winners.fetch_add(1, Ordering::SeqCst);
+                    }
+                    ClaimOutcome::InFlight { .. } => {}
+                    ClaimOutcome::Completed(_) => panic!("nobody completed"),
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(winners.load(Ordering::SeqCst), 1, "exactly one claim wins");
+}
+
 /// A waiter returns soon after the claim it waits on completes (it never waits forever), and
 /// at once for a key that is not in flight.
 pub async fn wait_returns_when_the_claim_ends<St: Store + Clone>(store: &St) {
@@ -511,6 +582,7 @@ macro_rules! store_conformance_tests {
             claim_then_in_flight, complete_then_replay, release_then_reclaim, owner_checks,
             keys_are_independent, renew_extends_the_lease, lapsed_lease_is_taken_over_and_fenced,
             record_expires_after_ttl, concurrent_claims_have_one_winner,
+            claim_now_answers_as_claim_as,
             wait_returns_when_the_claim_ends, inspect_and_delete,
             recovery_points_are_fenced_by_the_owner, recovery_points_survive_a_release,
             recovery_points_end_with_completion_and_ttl, recovery_points_hold_64_kib);

@@ -267,6 +267,53 @@ impl MemoryStore {
     }
 
     /// The record stored under `key`, whatever its expiry.
+    /// The claim, which never waits: a lock-free look for the record, then the shard lock.
+    fn claim_at_once(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let now = Instant::now();
+        let slot = self.inner.slot(key);
+        let completions = &self.claim_shard(slot).completions;
+        // Read before the first look: it pairs with the increment that follows every record
+        // write (`complete`), so a write counted here is one the first look sees.
+        let seen = completions.load(Ordering::Acquire);
+        // The replay path: no lock.
+        if let Some(record) = self.live_record(key, slot, now) {
+            return Ok(ClaimOutcome::Completed(record));
+        }
+        let mut shard = self.shard(slot);
+        if let Some(claim) = shard.map.get(key) {
+            if claim.deadline > now {
+                return Ok(ClaimOutcome::InFlight {
+                    lease_remaining: Some(claim.deadline - now),
+                });
+            }
+        }
+        // Records are written under the shard lock (see `complete`), so a second look now
+        // cannot miss one that a completion made between the first look and the lock; it is
+        // needed only if a completion of this shard came in between (a fresh key on a full
+        // store saves a cache probe that misses).
+        if completions.load(Ordering::Relaxed) != seen {
+            if let Some(record) = self.live_record(key, slot, now) {
+                return Ok(ClaimOutcome::Completed(record));
+            }
+        }
+        let token = *token;
+        shard.sweep_if_grown(now);
+        shard.map.insert(
+            Arc::from(key),
+            Claim {
+                token,
+                deadline: crate::protocol::later(now, lease),
+                waiters: None,
+            },
+        );
+        Ok(ClaimOutcome::Claimed(token))
+    }
+
     fn stored(&self, key: &str, slot: u64) -> Option<Stored> {
         let stored = self.inner.records.get(&slot)?;
         (*stored.key == *key).then_some(stored)
@@ -326,44 +373,16 @@ impl Store for MemoryStore {
         token: &OwnerToken,
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
-        let now = Instant::now();
-        let slot = self.inner.slot(key);
-        let completions = &self.claim_shard(slot).completions;
-        // Read before the first look: it pairs with the increment that follows every record
-        // write (`complete`), so a write counted here is one the first look sees.
-        let seen = completions.load(Ordering::Acquire);
-        // The replay path: no lock.
-        if let Some(record) = self.live_record(key, slot, now) {
-            return Ok(ClaimOutcome::Completed(record));
-        }
-        let mut shard = self.shard(slot);
-        if let Some(claim) = shard.map.get(key) {
-            if claim.deadline > now {
-                return Ok(ClaimOutcome::InFlight {
-                    lease_remaining: Some(claim.deadline - now),
-                });
-            }
-        }
-        // Records are written under the shard lock (see `complete`), so a second look now
-        // cannot miss one that a completion made between the first look and the lock; it is
-        // needed only if a completion of this shard came in between (a fresh key on a full
-        // store saves a cache probe that misses).
-        if completions.load(Ordering::Relaxed) != seen {
-            if let Some(record) = self.live_record(key, slot, now) {
-                return Ok(ClaimOutcome::Completed(record));
-            }
-        }
-        let token = *token;
-        shard.sweep_if_grown(now);
-        shard.map.insert(
-            Arc::from(key),
-            Claim {
-                token,
-                deadline: crate::protocol::later(now, lease),
-                waiters: None,
-            },
-        );
-        Ok(ClaimOutcome::Claimed(token))
+        self.claim_at_once(key, token, lease)
+    }
+
+    fn claim_now(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Option<Result<ClaimOutcome, StoreError>> {
+        Some(self.claim_at_once(key, token, lease))
     }
 
     async fn renew(

@@ -414,6 +414,41 @@ pub trait Store: Send + Sync + 'static {
         lease: Duration,
     ) -> impl Future<Output = Result<ClaimOutcome, StoreError>> + Send;
 
+    /// [`claim_as`](Self::claim_as) answered at once, for a store that can claim without
+    /// waiting: no I/O, and no lock held longer than a map operation. The layer calls it first,
+    /// on the request's own task, and when it answers, a replay skips the store call's future,
+    /// its timeout and the keyed request's general state. It must answer exactly as `claim_as`
+    /// would (atomically, taking the key for `token` when it is free).
+    ///
+    /// `None`, the default, means the store cannot, and the layer calls `claim_as` instead.
+    /// [`MemoryStore`] answers; the stores with a network or a file behind them do not.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::store::{ClaimOutcome, MemoryStore, OwnerToken, Store};
+    ///
+    /// let store = MemoryStore::new();
+    /// let token = OwnerToken::random();
+    /// let lease = Duration::from_secs(30);
+    /// match store.claim_now("key", &token, lease) {
+    ///     Some(Ok(ClaimOutcome::Claimed(owner))) => assert_eq!(owner, token),
+    ///     other => panic!("a fresh key is claimed at once: {other:?}"),
+    /// }
+    /// assert!(matches!(
+    ///     store.claim_now("key", &OwnerToken::random(), lease),
+    ///     Some(Ok(ClaimOutcome::InFlight { .. }))
+    /// ));
+    /// ```
+    fn claim_now(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Option<Result<ClaimOutcome, StoreError>> {
+        let _ = (key, token, lease);
+        None
+    }
+
     /// [`claim_as`](Self::claim_as) with a fresh random token.
     fn claim(
         &self,
@@ -583,6 +618,15 @@ impl<T: Store> Store for Arc<T> {
         lease: Duration,
     ) -> impl Future<Output = Result<ClaimOutcome, StoreError>> + Send {
         (**self).claim_as(key, token, lease)
+    }
+
+    fn claim_now(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Option<Result<ClaimOutcome, StoreError>> {
+        (**self).claim_now(key, token, lease)
     }
 
     fn inspect(&self, key: &str) -> impl Future<Output = Result<KeyState, StoreError>> + Send {
