@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 PORT=${PORT:-6395}
 ROUNDS=${ROUNDS:-8}
 SECS=${SECS:-4}
-SERVER=${SERVER:-$(command -v valkey-server || command -v redis-server)}
+SERVER=${SERVER:-$(command -v valkey-server || command -v redis-server || true)}
 SCENARIO=${SCENARIO:-fresh}
 MEMORY=$([ "${STORE:-}" = memory ] && echo 1 || echo "")
 dir=$(mktemp -d)

@@ -161,8 +161,7 @@ where
             }
         };
         let first = match first {
-            None => None,
-            Some((_, Ok(ClaimOutcome::Completed(record)))) => {
+            (_, Some(Ok(ClaimOutcome::Completed(record)))) => {
                 let hasher = config.fingerprint.start(&parts);
                 drop(parts);
                 let task = Box::pin(KeyedTask {
@@ -180,7 +179,7 @@ where
                 });
                 return ResponseFuture::keyed(task, tracker, declared);
             }
-            Some((token, claimed)) => Some(FirstClaim::new(token, claimed)),
+            (token, claimed) => Some(FirstClaim::new(token, claimed)),
         };
         let work = Keyed {
             inner: protocol::take_ready(&mut self.inner),
@@ -210,13 +209,13 @@ impl<S, St: Store> Idempotency<S, St> {
         &self,
         store_key: &str,
         span: &tracing::Span,
-    ) -> std::thread::Result<Option<(OwnerToken, Result<ClaimOutcome, StoreError>)>> {
+    ) -> std::thread::Result<(OwnerToken, Option<Result<ClaimOutcome, StoreError>>)> {
         let _entered = span.enter();
         let store = self.core.settings.store();
         let lease = self.core.settings.timings().lease;
+        let token = OwnerToken::random();
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let token = OwnerToken::random();
-            Some((token, store.claim_now(store_key, &token, lease)?))
+            (token, store.claim_now(store_key, &token, lease))
         }))
     }
 }

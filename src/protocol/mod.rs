@@ -305,9 +305,11 @@ fn release_if_it_lands<St: Store + Clone>(
     });
 }
 
-/// A claim the store answered at once ([`Store::claim_now`]): [`begin`] starts from its
-/// outcome instead of calling the store again.
+/// The first claim's token, and what the store answered to it at once ([`Store::claim_now`]):
+/// [`begin`] starts from that outcome instead of calling the store again.
 pub(crate) enum FirstClaim {
+    /// The store did not answer at once: the first call to `claim_as` uses this token.
+    Unanswered(OwnerToken),
     /// The key was claimed, for this token (a fresh key).
     Claimed(OwnerToken),
     /// Any other answer, to the claim made with this token. Boxed: rare on this path (a replay
@@ -317,10 +319,11 @@ pub(crate) enum FirstClaim {
 
 impl FirstClaim {
     /// What the store answered to a claim made with `token`.
-    pub(crate) fn new(token: OwnerToken, claimed: Result<ClaimOutcome, StoreError>) -> Self {
+    pub(crate) fn new(token: OwnerToken, claimed: Option<Result<ClaimOutcome, StoreError>>) -> Self {
         match claimed {
-            Ok(ClaimOutcome::Claimed(owner)) => FirstClaim::Claimed(owner),
-            other => FirstClaim::Other(token, Box::new(other)),
+            None => FirstClaim::Unanswered(token),
+            Some(Ok(ClaimOutcome::Claimed(owner))) => FirstClaim::Claimed(owner),
+            Some(other) => FirstClaim::Other(token, Box::new(other)),
         }
     }
 }
@@ -348,8 +351,11 @@ pub(crate) fn begin<'a, St: Store + Clone>(
             let (token, claimed) = match first.take() {
                 Some(FirstClaim::Claimed(token)) => (token, Ok(ClaimOutcome::Claimed(token))),
                 Some(FirstClaim::Other(token, claimed)) => (token, claimed.map_err(Failure::Store)),
-                None => {
-                    let token = OwnerToken::random();
+                unanswered => {
+                    let token = match unanswered {
+                        Some(FirstClaim::Unanswered(token)) => token,
+                        _ => OwnerToken::random(),
+                    };
                     let claim = store.claim_as(&key, &token, timings.lease);
                     (token, bounded(timings.store_timeout, claim).await)
                 }
