@@ -319,7 +319,10 @@ pub(crate) enum FirstClaim {
 
 impl FirstClaim {
     /// What the store answered to a claim made with `token`.
-    pub(crate) fn new(token: OwnerToken, claimed: Option<Result<ClaimOutcome, StoreError>>) -> Self {
+    pub(crate) fn new(
+        token: OwnerToken,
+        claimed: Option<Result<ClaimOutcome, StoreError>>,
+    ) -> Self {
         match claimed {
             None => FirstClaim::Unanswered(token),
             Some(Ok(ClaimOutcome::Claimed(owner))) => FirstClaim::Claimed(owner),
