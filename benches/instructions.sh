@@ -9,6 +9,9 @@
 #
 #   CACHESIM=1 benches/instructions.sh first_request_fresh_key first_request_fresh_key_full_store
 #                                           # also simulated D1 and last-level data misses
+#   PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 benches/instructions.sh replay
+#                                           # on another allocator (LD_PRELOAD), to tell what a
+#                                           # change costs from where glibc happens to carve it
 #
 # Needs valgrind. Instructions are not time (a cache miss costs no instruction, `rep movsb`
 # counts per byte moved): read them next to the criterion figures, not instead of them.
