@@ -266,7 +266,6 @@ impl MemoryStore {
         &self.inner.claims[slot as usize % SHARDS]
     }
 
-    /// The record stored under `key`, whatever its expiry.
     /// The claim, which never waits: a lock-free look for the record, then the shard lock.
     fn claim_at_once(
         &self,
@@ -314,6 +313,7 @@ impl MemoryStore {
         Ok(ClaimOutcome::Claimed(token))
     }
 
+    /// The record stored under `key`, whatever its expiry.
     fn stored(&self, key: &str, slot: u64) -> Option<Stored> {
         let stored = self.inner.records.get(&slot)?;
         (*stored.key == *key).then_some(stored)
