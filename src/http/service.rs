@@ -190,7 +190,7 @@ where
         };
         // One box for the whole keyed request, made where the work is made: the wrappers
         // (panic capture, span, outcome hook) are fields of one future beside it, so nothing
-        // moves the work's state (3.5 KiB) after it is boxed, and there is no second allocation.
+        // moves the work's state (3,232 B for a small handler on the memory store, 4,768 B on Redis) after it is boxed, and there is no second allocation.
         let task = Box::pin(KeyedTask {
             run: Some(protocol::catch_unwind(
                 work.run(store_key, key, ticket, first, parts, body),
@@ -236,24 +236,34 @@ where
     ReqBody: Body,
     ReqBody::Error: Into<BoxError>,
 {
-    let config = &core.config;
-    let (response, outcome) = replay::duplicate(
-        record,
-        body,
-        hasher,
-        config
-            .fingerprint
-            .covers_body()
-            .then_some(config.max_duplicate_body),
-        replay::Answering {
-            carried: &config.carried,
-            retry_after: config.retry_after,
-            grpc,
-        },
-    )
-    .await;
+    let (response, outcome) = duplicate(&core.config, grpc, record, body, hasher).await;
     drop(ticket);
     (Ok(response), outcome)
+}
+
+/// A duplicate of a completed key, answered from its record under `config`: its body hashed
+/// (up to the duplicate body limit) and compared, then the record replayed.
+fn duplicate<'a, ReqBody, ResBody>(
+    config: &'a Config,
+    grpc: bool,
+    record: Record,
+    body: ReqBody,
+    hasher: Option<FingerprintHasher>,
+) -> impl Future<Output = (Response<ResponseBody<ResBody>>, Outcome)> + 'a
+where
+    ReqBody: Body + 'a,
+    ReqBody::Error: Into<BoxError>,
+{
+    let body_limit = config
+        .fingerprint
+        .covers_body()
+        .then_some(config.max_duplicate_body);
+    let answering = replay::Answering {
+        carried: &config.carried,
+        retry_after: config.retry_after,
+        grpc,
+    };
+    replay::duplicate(record, body, hasher, body_limit, answering)
 }
 
 pin_project_lite::pin_project! {
@@ -462,17 +472,8 @@ where
                         );
                     }
                     let config = &self.core.config;
-                    let body_limit = config
-                        .fingerprint
-                        .covers_body()
-                        .then_some(config.max_duplicate_body);
-                    let answering = replay::Answering {
-                        carried: &config.carried,
-                        retry_after: config.retry_after,
-                        grpc: self.grpc,
-                    };
                     let (response, outcome) =
-                        replay::duplicate(record, body, hasher, body_limit, answering).await;
+                        duplicate(config, self.grpc, record, body, hasher).await;
                     (Ok(response), outcome)
                 }
                 Ok(Begin::InFlight {

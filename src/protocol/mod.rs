@@ -312,9 +312,10 @@ pub(crate) enum FirstClaim {
     Unanswered(OwnerToken),
     /// The key was claimed, for this token (a fresh key).
     Claimed(OwnerToken),
-    /// Any other answer, to the claim made with this token. Boxed: rare on this path (a replay
-    /// is answered before it), and every keyed request's state would carry it.
-    Other(OwnerToken, Box<Result<ClaimOutcome, StoreError>>),
+    /// Any other answer (no timeout to clean up after: the store answered at once). Boxed: rare
+    /// on this path (a replay is answered before it), and every keyed request's state would
+    /// carry it.
+    Other(Box<Result<ClaimOutcome, StoreError>>),
 }
 
 impl FirstClaim {
@@ -326,7 +327,7 @@ impl FirstClaim {
         match claimed {
             None => FirstClaim::Unanswered(token),
             Some(Ok(ClaimOutcome::Claimed(owner))) => FirstClaim::Claimed(owner),
-            Some(other) => FirstClaim::Other(token, Box::new(other)),
+            Some(other) => FirstClaim::Other(Box::new(other)),
         }
     }
 }
@@ -351,25 +352,29 @@ pub(crate) fn begin<'a, St: Store + Clone>(
         let mut attempt = 0u32;
         loop {
             let waited = attempt > 0;
-            let (token, claimed) = match first.take() {
-                Some(FirstClaim::Claimed(token)) => (token, Ok(ClaimOutcome::Claimed(token))),
-                Some(FirstClaim::Other(token, claimed)) => (token, claimed.map_err(Failure::Store)),
-                unanswered => {
-                    let token = match unanswered {
-                        Some(FirstClaim::Unanswered(token)) => token,
-                        _ => OwnerToken::random(),
-                    };
+            // The first round may have been claimed at once already; every other one calls
+            // the store.
+            let round = first
+                .take()
+                .unwrap_or_else(|| FirstClaim::Unanswered(OwnerToken::random()));
+            let claimed = match round {
+                FirstClaim::Claimed(token) => Ok(ClaimOutcome::Claimed(token)),
+                FirstClaim::Other(claimed) => *claimed,
+                FirstClaim::Unanswered(token) => {
                     let claim = store.claim_as(&key, &token, timings.lease);
-                    (token, bounded(timings.store_timeout, claim).await)
+                    match bounded(timings.store_timeout, claim).await {
+                        Ok(outcome) => Ok(outcome),
+                        Err(Failure::Store(error)) => Err(error),
+                        Err(Failure::Timeout) => {
+                            release_if_it_lands(store, &key, token, timings);
+                            return Err(Failure::Timeout);
+                        }
+                    }
                 }
             };
             let outcome = match claimed {
                 Ok(outcome) => outcome,
-                Err(Failure::Timeout) => {
-                    release_if_it_lands(store, &key, token, timings);
-                    return Err(Failure::Timeout);
-                }
-                Err(Failure::Store(error)) => {
+                Err(error) => {
                     if let Some(unreadable) = seal::unreadable(&error) {
                         seal::report(seal::identity(key.as_bytes()), unreadable, &error);
                     }
