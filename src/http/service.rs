@@ -190,7 +190,8 @@ where
         };
         // One box for the whole keyed request, made where the work is made: the wrappers
         // (panic capture, span, outcome hook) are fields of one future beside it, so nothing
-        // moves the work's state (3,232 B for a small handler on the memory store, 4,768 B on Redis) after it is boxed, and there is no second allocation.
+        // moves the work's state (3,232 B for a small handler on the memory store, 4,768 B on
+        // Redis) after it is boxed, and there is no second allocation.
         let task = Box::pin(KeyedTask {
             run: Some(protocol::catch_unwind(
                 work.run(store_key, key, ticket, first, parts, body),
