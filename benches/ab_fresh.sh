@@ -9,10 +9,13 @@
 #   A=/tmp/demo-before B=target/release/examples/demo_server benches/ab_fresh.sh
 #   SERVER=redis-server ROUNDS=8 SECS=4 A=… B=… benches/ab_fresh.sh
 #   STORE=memory SCENARIO=replay A=… B=… benches/ab_fresh.sh
+#   STORE=memory A=demo B=demo PRELOAD_B=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 benches/ab_fresh.sh
 #
 # SERVER: the server binary (default valkey-server, else redis-server), on PORT (6395).
 # STORE=memory: the demos on their own memory stores instead, their limit the bare route.
 # SCENARIO: fresh (default) or replay, each paired with its limit.
+# PRELOAD_A, PRELOAD_B: a library to LD_PRELOAD into that side's demo (another allocator: the
+# same build on glibc's malloc and on jemalloc, Debian's `libjemalloc2`).
 # CPU per request: the demo's and the server's (INFO cpu; 0 on memory), over each measured run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +44,8 @@ fi
 export LIMIT_BARE=$MEMORY
 declare -A base pid
 for side in A B; do
-  "${!side}" --addr 127.0.0.1:0 --store "$store" --no-recovery-points --limit-routes \
+  preload=PRELOAD_$side
+  ${!preload:+env LD_PRELOAD=${!preload}} "${!side}" --addr 127.0.0.1:0 --store "$store" --no-recovery-points --limit-routes \
     >"$dir/$side.out" &
   pid[$side]=$!
   pids+=("$!")
