@@ -22,18 +22,7 @@ cd "$(dirname "$0")/.."
 PATHS=("${@:-bare_handler passthrough_no_key replay replay_kept_decoded first_request_fresh_key}")
 N1=${N1:-2000}
 N2=${N2:-12000}
-if [[ -z "${BIN:-}" ]]; then
-  # `-p`: the bench package alone, built as a service that depends on this crate builds it.
-  # From the root (`cargo bench --bench layer`) the root package's dev-dependencies are unified
-  # in: tokio's `test-util` (its clock read under a mutex) and tracing's `log` fallback (a span
-  # consults `log` when no subscriber is set), about 300 instructions per replay and 900 to
-  # 1,500 per Redis request that no production build pays.
-  BIN=$(cargo bench -p tower-idempotency-benches --bench layer --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import sys,json
-for l in sys.stdin:
-    m=json.loads(l)
-    if m.get("reason")=="compiler-artifact" and m.get("target",{}).get("name")=="layer" and m.get("executable"): print(m["executable"])')
-fi
+source benches/layer_bin.sh
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 sim=no
