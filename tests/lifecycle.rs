@@ -395,6 +395,45 @@ async fn a_store_that_keeps_records_decoded_replays_the_same_answer_every_time()
 }
 
 #[tokio::test]
+async fn a_store_that_keeps_records_decoded_replays_an_omitted_body_as_the_decoding_one() {
+    // The kept form holds a replay's marks (`idempotent-replayed`, the omitted-body marker in
+    // place of `content-type`) from its first replay on; every replay must still read as one
+    // decoded afresh.
+    let retries = |store: MemoryStore| async move {
+        let layer = IdempotencyLayer::with_store(store).max_response_body(64 * 1024);
+        let (mut app, probe) = app(layer);
+        let oversized = |id: &str| {
+            request(
+                Some("k"),
+                BODY,
+                &[("x-response-bytes", "200000"), ("x-request-id", id)],
+            )
+        };
+        assert!(!send(&mut app, oversized("first")).await.replayed());
+        let mut retries = Vec::new();
+        for n in 0..3 {
+            let retry = send(&mut app, oversized(&format!("retry-{n}"))).await;
+            retries.push((retry.status, retry.headers, retry.body));
+        }
+        assert_eq!(probe.executions(), 1);
+        retries
+    };
+    let decoding = retries(MemoryStore::new()).await;
+    let kept = retries(MemoryStore::builder().keep_decoded(true).build()).await;
+    assert_eq!(decoding[0].1["idempotent-body-omitted"], "true");
+    assert!(!decoding[0].1.contains_key("content-type"));
+    assert_eq!(decoding[0].1["original-x-request-id"], "first");
+    for retry in &kept {
+        assert_eq!(retry, &decoding[0], "the first replay (decoding) and the later (copying)");
+        assert_eq!(
+            retry.1.get_all("idempotent-replayed").iter().count(),
+            1,
+            "marked once, not once per replay"
+        );
+    }
+}
+
+#[tokio::test]
 async fn carried_request_headers_are_configurable() {
     let layer = IdempotencyLayer::new()
         .carry_request_headers([HeaderName::from_static("x-correlation-id")]);

@@ -136,10 +136,27 @@ fn remembered(
             return Ok(stored);
         }
     }
-    let stored = Arc::new(record::decode_with_room(payload, 0, checksum)?);
+    let mut stored = record::decode_with_room(payload, REPLAY_MARKS, checksum)?;
+    mark_replay(&mut stored.headers, stored.body_omitted);
+    let stored = Arc::new(stored);
     // Another replay may have filled it meanwhile: both decoded the same bytes.
     let _ = memo.set(stored.clone());
     Ok(stored)
+}
+
+/// The most headers [`mark_replay`] adds.
+const REPLAY_MARKS: usize = 2;
+
+/// What every replay of `stored` shows whatever the layer's settings: `idempotent-replayed`,
+/// and for a body too large to keep, the marker in place of its `content-type`. A kept
+/// decoded form holds them already, so that its replays copy the header map as it is.
+#[inline]
+fn mark_replay(headers: &mut HeaderMap, body_omitted: bool) {
+    if body_omitted {
+        headers.remove(CONTENT_TYPE);
+        headers.insert(BODY_OMITTED_HEADER, HeaderValue::from_static("true"));
+    }
+    headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
 }
 
 /// The answer to a record that exists but cannot be read: the handler is not run. Damaged:
@@ -159,42 +176,56 @@ pub(crate) fn unreadable_record<B>(
 
 /// Builds the replay of a stored response.
 fn replay<B>(decoded: Decoded, carried: &[(HeaderName, HeaderName)]) -> Response<ResponseBody<B>> {
-    let stored = match decoded {
-        Decoded::Owned(stored) => stored,
+    match decoded {
+        Decoded::Owned(stored) => {
+            let mut response = ready(stored.status, stored.headers, stored.body, stored.trailers);
+            let headers = response.headers_mut();
+            carry(headers, &stored.carried, carried);
+            mark_replay(headers, stored.body_omitted);
+            response
+        }
+        // Marked when it was kept: its header map is copied as it is (one allocation for the
+        // entries, one for the index, no header hashed again).
         Decoded::Shared(kept) => {
-            // The kept map has no spare room: copy it into one with room for what follows.
-            let mut headers = HeaderMap::with_capacity(kept.headers.len() + record::REPLAY_ADDS);
-            for (name, value) in &kept.headers {
-                headers.append(name.clone(), value.clone());
-            }
-            record::StoredResponse {
-                status: kept.status,
-                headers,
-                carried: kept.carried.clone(),
-                body: kept.body.clone(),
-                body_omitted: kept.body_omitted,
-                trailers: kept.trailers.clone(),
-            }
-        }
-    };
-    let mut response = Response::new(ResponseBody::full_with_trailers(
-        stored.body,
-        stored.trailers,
-    ));
-    *response.status_mut() = stored.status;
-    let headers = response.headers_mut();
-    *headers = stored.headers;
-    for (name, value) in stored.carried {
-        // Only headers the layer (still) carries are replayed.
-        if let Some((_, replayed)) = carried.iter().find(|(carried, _)| *carried == name) {
-            headers.insert(replayed.clone(), value);
+            let mut response = ready(
+                kept.status,
+                kept.headers.clone(),
+                kept.body.clone(),
+                kept.trailers.clone(),
+            );
+            // Carried after the marks: their replayed names (`original-*`) never meet them.
+            carry(response.headers_mut(), &kept.carried, carried);
+            response
         }
     }
-    if stored.body_omitted {
-        headers.remove(CONTENT_TYPE);
-        headers.insert(BODY_OMITTED_HEADER, HeaderValue::from_static("true"));
+}
+
+/// The original's request headers the layer (still) carries, under their replayed names. The
+/// layer's choice, not the record's: applied to each replay, never kept decoded.
+#[inline]
+fn carry(
+    headers: &mut HeaderMap,
+    stored: &[(HeaderName, HeaderValue)],
+    carried: &[(HeaderName, HeaderName)],
+) {
+    for (name, value) in stored {
+        if let Some((_, replayed)) = carried.iter().find(|(carried, _)| carried == name) {
+            headers.insert(replayed.clone(), value.clone());
+        }
     }
-    headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+}
+
+/// A response of `status` with `headers`, answering `body` then `trailers`.
+#[inline]
+fn ready<B>(
+    status: http::StatusCode,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+    trailers: Option<HeaderMap>,
+) -> Response<ResponseBody<B>> {
+    let mut response = Response::new(ResponseBody::full_with_trailers(body, trailers));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
     response
 }
 

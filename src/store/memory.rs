@@ -122,7 +122,8 @@ impl MemoryStoreBuilder {
     }
 
     /// Keeps each record's decoded response with it, so that only its first replay decodes
-    /// (and checks) the stored bytes and later ones copy the result (off by default).
+    /// (and checks) the stored bytes and later ones copy the result, a response ready to
+    /// clone (off by default).
     ///
     /// A trade of capacity for replay speed: the decoded form (its headers parsed, the body
     /// shared with the stored bytes) is charged against [`max_bytes`](Self::max_bytes) for
