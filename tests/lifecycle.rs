@@ -424,7 +424,10 @@ async fn a_store_that_keeps_records_decoded_replays_an_omitted_body_as_the_decod
     assert!(!decoding[0].1.contains_key("content-type"));
     assert_eq!(decoding[0].1["original-x-request-id"], "first");
     for retry in &kept {
-        assert_eq!(retry, &decoding[0], "the first replay (decoding) and the later (copying)");
+        assert_eq!(
+            retry, &decoding[0],
+            "the first replay (decoding) and the later (copying)"
+        );
         assert_eq!(
             retry.1.get_all("idempotent-replayed").iter().count(),
             1,
