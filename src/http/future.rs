@@ -34,6 +34,9 @@ pin_project_lite::pin_project! {
         Passthrough { #[pin] future: F },
         Ready { response: Option<Response<ResponseBody<B>>> },
         Keyed { work: FinishOnDrop<Result<Response<ResponseBody<B>>, E>> },
+        // A replay answered from a record the store gave at once: it holds no key, so when
+        // it is dropped unfinished there is nothing to finish.
+        Replay { work: KeyedWork<B, E> },
     }
 }
 
@@ -65,6 +68,14 @@ impl<F, B, E> ResponseFuture<F, B, E> {
     }
 }
 
+impl<F, B, E> ResponseFuture<F, B, E> {
+    pub(crate) fn replay(work: KeyedWork<B, E>) -> Self {
+        Self {
+            kind: Kind::Replay { work },
+        }
+    }
+}
+
 impl<F, B, E> Future for ResponseFuture<F, B, E>
 where
     F: Future<Output = Result<Response<B>, E>>,
@@ -81,6 +92,7 @@ where
                 .take()
                 .expect("ResponseFuture polled after completion"))),
             KindProj::Keyed { work } => Pin::new(work).poll(cx),
+            KindProj::Replay { work } => work.as_mut().poll(cx),
         }
     }
 }

@@ -147,7 +147,6 @@ where
             .unwrap_or(0);
         let span = tracing::debug_span!("idempotency", key = %store_key, method = %parts.method, path = parts.uri.path());
         let hook = settings.hook().clone();
-        let tracker = settings.tracker().clone();
         // A store that claims without waiting (the memory store) claims here, on the caller's
         // task. A replay then needs none of the general state below: it is answered by a small
         // future of its own (736 bytes with its wrapper against the general state's 3,232, for
@@ -178,7 +177,8 @@ where
                     hook,
                     grpc,
                 });
-                return ResponseFuture::keyed(task, tracker, declared);
+                // Nothing to finish should its caller go away: the key is not held.
+                return ResponseFuture::replay(task);
             }
             (token, claimed) => Some(FirstClaim::new(token, claimed)),
         };
@@ -200,7 +200,7 @@ where
             hook,
             grpc,
         });
-        ResponseFuture::keyed(task, tracker, declared)
+        ResponseFuture::keyed(task, settings.tracker().clone(), declared)
     }
 }
 
