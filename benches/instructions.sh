@@ -19,7 +19,7 @@
 # what a path costs in misses, the part of its time that instructions leave out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PATHS=("${@:-bare_handler passthrough_no_key replay replay_kept_decoded first_request_fresh_key}")
+PATHS=("${@:-bare_handler passthrough_no_key replay replay_decoding first_request_fresh_key}")
 N1=${N1:-2000}
 N2=${N2:-12000}
 source benches/layer_bin.sh

@@ -6,7 +6,7 @@
 # every path, so a path's "added to bare" is read against the bare run of its own round, a few
 # seconds apart; the table gives every round and the medians.
 #
-#   benches/timed.sh                         # bare_handler, passthrough_no_key, replay, replay_kept_decoded
+#   benches/timed.sh                         # bare_handler, passthrough_no_key, replay, replay_decoding
 #   ROUNDS=9 benches/timed.sh replay first_request_fresh_key_full_store
 #   BIN=/path/to/layer-bench benches/timed.sh replay    # a saved binary (A/B: run both)
 #
@@ -16,7 +16,7 @@
 # leave out (clock reads, atomics, cache misses). Targets are read from it, never asserted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PATHS=(${@:-passthrough_no_key replay replay_kept_decoded})
+PATHS=(${@:-passthrough_no_key replay replay_decoding})
 N1=${N1:-20000}
 N2=${N2:-420000}
 ROUNDS=${ROUNDS:-5}

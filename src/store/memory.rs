@@ -24,8 +24,8 @@ const RECORD_OVERHEAD: u64 = 560;
 /// An in-process store: the default. One process only; use a shared store for a fleet.
 ///
 /// * Completed records live in a [moka] cache bounded by the **total bytes** of records
-///   (keys, payloads, a fixed per-record overhead and, with
-///   [`keep_decoded`](MemoryStoreBuilder::keep_decoded), the decoded form's estimate)
+///   (keys, payloads, a fixed per-record overhead and, for a record that has been replayed,
+///   its decoded form's estimate: see [`keep_decoded`](MemoryStoreBuilder::keep_decoded))
 ///   [64 MiB], evicting the least recently used record first. A record evicted early
 ///   (capacity pressure) behaves like an expired one: a retry with its key runs again. Size the capacity for your retention. The cache is
 ///   keyed by a 64-bit hash of the key under a per-store random key (hashed once per call; the
@@ -68,7 +68,15 @@ struct Stored {
     key: Arc<str>,
     record: Record,
     expires_at: Instant,
+    /// Whether the record's decoded form is in its weight: it is charged once a replay has
+    /// filled it (see [`MemoryStore::charge_decoded`]), so records never replayed cost nothing
+    /// for it.
+    charged: bool,
 }
+
+/// What a record's empty slot for its decoded form takes (an `Arc` of a `OnceLock` of a fat
+/// pointer, as glibc rounds it), charged from the start.
+const MEMO_SLOT: u64 = 48;
 
 /// A shard of the claims, and how many records were written under its lock.
 struct ClaimShard {
@@ -122,15 +130,15 @@ impl MemoryStoreBuilder {
     }
 
     /// Keeps each record's decoded response with it, so that only its first replay decodes
-    /// (and checks) the stored bytes and later ones copy the result, a response ready to
-    /// clone (off by default).
+    /// (and checks) the stored bytes and later ones clone a response ready to answer [on].
     ///
-    /// A trade of capacity for replay speed: the decoded form (its headers parsed, the body
-    /// shared with the stored bytes) is charged against [`max_bytes`](Self::max_bytes) for
-    /// every record when it is stored, about 200 B plus 130 B per stored header (a record with
-    /// a 1 KiB body and three headers is charged about two fifths more), so a full store holds
-    /// fewer records. Measured in `BENCHMARKS.md`: a replay takes about a fifth less CPU.
-    /// Records the consumer adapter writes keep nothing.
+    /// The decoded form (its headers parsed, the body shared with the stored bytes) is charged
+    /// against [`max_bytes`](Self::max_bytes) once a replay has made it, about 200 B plus 130 B
+    /// per stored header: only records that are replayed pay for it, and a store whose records
+    /// are never replayed holds as many as without it (each record's empty slot for it is
+    /// charged 48 B). Measured in `BENCHMARKS.md`: a later replay takes about a sixth fewer
+    /// instructions. `false` keeps nothing: every replay decodes the stored bytes. Records the
+    /// consumer adapter writes keep nothing either way.
     pub fn keep_decoded(mut self, keep: bool) -> Self {
         self.keep_decoded = keep;
         self
@@ -152,13 +160,14 @@ impl MemoryStoreBuilder {
             // its retry run again.
             .eviction_policy(EvictionPolicy::lru())
             .weigher(|_slot: &u64, stored: &Stored| {
-                let memo = stored
-                    .record
-                    .memo()
-                    .map_or(0, |_| stored.record.memo_weight());
+                let memo = match stored.record.memo() {
+                    None => 0,
+                    Some(_) if stored.charged => MEMO_SLOT + u64::from(stored.record.memo_weight()),
+                    Some(_) => MEMO_SLOT,
+                };
                 let weight = stored.key.len() as u64
                     + stored.record.payload().len() as u64
-                    + u64::from(memo)
+                    + memo
                     + RECORD_OVERHEAD;
                 u32::try_from(weight).unwrap_or(u32::MAX)
             })
@@ -189,7 +198,7 @@ impl Default for MemoryStoreBuilder {
     fn default() -> Self {
         Self {
             max_bytes: 64 * 1024 * 1024,
-            keep_decoded: false,
+            keep_decoded: true,
         }
     }
 }
@@ -280,7 +289,7 @@ impl MemoryStore {
         // Read before the first look: it pairs with the increment that follows every record
         // write (`complete`), so a write counted here is one the first look sees.
         let seen = completions.load(Ordering::Acquire);
-        // The replay path: no lock.
+        // The replay path: no lock (but once per kept record, to charge its decoded form).
         if let Some(record) = self.live_record(key, slot, now) {
             return Ok(ClaimOutcome::Completed(record));
         }
@@ -297,8 +306,10 @@ impl MemoryStore {
         // needed only if a completion of this shard came in between (a fresh key on a full
         // store saves a cache probe that misses).
         if completions.load(Ordering::Relaxed) != seen {
-            if let Some(record) = self.live_record(key, slot, now) {
-                return Ok(ClaimOutcome::Completed(record));
+            // Not `live_record`: under the lock, a record just written has no decoded form
+            // to charge yet.
+            if let Some(stored) = self.stored(key, slot).filter(|s| s.expires_at > now) {
+                return Ok(ClaimOutcome::Completed(stored.record));
             }
         }
         let token = *token;
@@ -320,9 +331,36 @@ impl MemoryStore {
         (*stored.key == *key).then_some(stored)
     }
 
+    /// The live record stored under `key`, its decoded form charged if a replay has just filled
+    /// it. Never called under a shard lock (the charge takes it).
     fn live_record(&self, key: &str, slot: u64, now: Instant) -> Option<Record> {
         let stored = self.stored(key, slot)?;
-        (stored.expires_at > now).then_some(stored.record)
+        if stored.expires_at <= now {
+            return None;
+        }
+        if !stored.charged && stored.record.memo_filled() {
+            self.charge_decoded(slot, &stored);
+        }
+        Some(stored.record)
+    }
+
+    /// Writes `seen` again with its decoded form in its weight (moka weighs a value when it is
+    /// written), under the shard lock that every write of its slot takes, and only while it is
+    /// still the record stored there: a completion or a delete that came first wins. Once per
+    /// kept record, by the first read that finds its decoded form filled.
+    #[cold]
+    fn charge_decoded(&self, slot: u64, seen: &Stored) {
+        let _shard = self.shard(slot);
+        let Some(current) = self.inner.records.get(&slot) else {
+            return;
+        };
+        if !current.charged && current.record.same_memo(&seen.record) {
+            let charged = Stored {
+                charged: true,
+                ..current
+            };
+            self.inner.records.insert(slot, charged);
+        }
     }
 
     /// Checks that `token` owns a live lease on `key`, and removes that claim, handing back
@@ -420,13 +458,14 @@ impl Store for MemoryStore {
         let mut record = record;
         record.mark_in_process();
         if self.inner.keep_decoded {
-            // Replays of this record share one decoded form (charged to the capacity).
+            // Replays of this record share one decoded form (charged once it is filled).
             record.attach_memo();
         }
         let stored = Stored {
             key,
             record,
             expires_at: crate::protocol::later(Instant::now(), ttl),
+            charged: false,
         };
         self.inner.records.insert(slot, stored);
         // After the write, under the lock: see `claim_as`.
@@ -718,7 +757,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn records_keep_a_decoded_form_only_when_asked_and_it_is_charged() {
+    async fn a_decoded_form_is_kept_unless_declined_and_charged_once_a_replay_made_it() {
         let payload = bytes::Bytes::from(vec![b'x'; 1000]);
         for keep in [false, true] {
             let store = MemoryStore::builder().keep_decoded(keep).build();
@@ -733,17 +772,65 @@ mod tests {
             };
             let (one, two) = (read().await, read().await);
             assert!(one.in_process(), "its bytes never left the process");
-            let charged = store.weighted_size();
             let base = 1 + 1000 + RECORD_OVERHEAD;
-            if keep {
-                let (one, two) = (one.memo().unwrap(), two.memo().unwrap());
-                assert!(std::ptr::eq(one, two), "every read shares one slot");
-                assert_eq!(charged, base + 500);
-            } else {
+            if !keep {
                 assert!(one.memo().is_none() && two.memo().is_none());
-                assert_eq!(charged, base);
+                assert_eq!(store.weighted_size(), base);
+                continue;
             }
+            assert!(two.same_memo(&one), "every read shares one slot");
+            assert_eq!(
+                store.weighted_size(),
+                base + MEMO_SLOT,
+                "nothing decoded yet: only the empty slot is charged"
+            );
+            // What the first replay does: fill the slot.
+            assert!(one.memo().unwrap().set(Arc::new(())).is_ok());
+            let three = read().await;
+            assert!(three.same_memo(&one), "charging keeps the same slot");
+            assert_eq!(store.weighted_size(), base + MEMO_SLOT + 500);
+            read().await;
+            assert_eq!(
+                store.weighted_size(),
+                base + MEMO_SLOT + 500,
+                "charged once"
+            );
         }
+    }
+
+    #[tokio::test]
+    async fn charging_a_decoded_form_never_brings_back_a_record_deleted_or_replaced() {
+        let store = MemoryStore::new();
+        let complete = |payload: &'static [u8]| {
+            let store = store.clone();
+            async move {
+                let token = claimed(&store, "k").await;
+                let record = Record::new(None, payload).with_memo_weight(500);
+                store.complete("k", &token, record, LEASE).await.unwrap();
+                match store.claim("k", LEASE).await.unwrap() {
+                    ClaimOutcome::Completed(record) => record,
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        let slot = store.inner.slot("k");
+        // Deleted after a read saw it filled: the charge finds nothing to write.
+        let old = complete(b"old").await;
+        old.memo().unwrap().set(Arc::new(())).unwrap();
+        let seen = store.stored("k", slot).unwrap();
+        assert!(store.delete("k").await.unwrap());
+        store.charge_decoded(slot, &seen);
+        assert!(store.stored("k", slot).is_none(), "the delete stands");
+        // Replaced by another record of the key: the charge leaves the new one alone.
+        let old = complete(b"old").await;
+        old.memo().unwrap().set(Arc::new(())).unwrap();
+        let seen = store.stored("k", slot).unwrap();
+        assert!(store.delete("k").await.unwrap());
+        complete(b"new").await;
+        store.charge_decoded(slot, &seen);
+        let current = store.stored("k", slot).unwrap();
+        assert_eq!(current.record.payload().as_ref(), b"new");
+        assert!(!current.charged, "the new record was not replayed");
     }
 
     #[tokio::test(start_paused = true)]
