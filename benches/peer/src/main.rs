@@ -5,71 +5,14 @@
 //! crate's paths (`BIN=` this binary). Paths: `bare_handler`, `passthrough_no_key`, `replay`,
 //! `first_request_fresh_key` (its store is unbounded, so it never evicts).
 
-use std::convert::Infallible;
-use std::task::{Context, Poll};
-
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response};
+use http::Request;
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, Service, ServiceExt};
 
-/// The same ~1 KiB JSON answer as `benches/layer.rs`.
-fn payload() -> Bytes {
-    let mut json =
-        String::from(r#"{"id":"pay_0123456789abcdef","amount":1000,"currency":"usd","metadata":{"#);
-    while json.len() < 1000 {
-        json.push_str(r#""k":"vvvvvvvvvvvvvvvvvvvvvvvvvvvvvvv","#);
-    }
-    json.push_str(r#""end":true}}"#);
-    Bytes::from(json)
-}
-
-#[derive(Clone)]
-struct Handler(Bytes);
-
-impl<B> Service<Request<B>> for Handler {
-    type Response = Response<Full<Bytes>>;
-    type Error = Infallible;
-    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _request: Request<B>) -> Self::Future {
-        let mut response = Response::new(Full::new(self.0.clone()));
-        response
-            .headers_mut()
-            .insert("content-type", HeaderValue::from_static("application/json"));
-        std::future::ready(Ok(response))
-    }
-}
-
-const BODY: &[u8] = br#"{"amount":1000,"currency":"usd"}"#;
-
-fn request(header: &'static str, n: u64) -> Request<Full<Bytes>> {
-    Request::post("/payments")
-        .header(header, HeaderValue::from(n))
-        .body(Full::new(Bytes::from_static(BODY)))
-        .unwrap()
-}
-
-async fn drive<S, B>(service: &mut S, request: Request<Full<Bytes>>) -> usize
-where
-    S: Service<Request<Full<Bytes>>, Response = Response<B>>,
-    S::Error: std::fmt::Debug,
-    B: http_body::Body,
-    B::Error: std::fmt::Debug,
-{
-    let response = service.ready().await.unwrap().call(request).await.unwrap();
-    response
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
-        .len()
-}
+#[path = "../../driven.rs"]
+mod driven;
+use driven::{drive, payload, request, Handler};
 
 fn main() {
     let spec = std::env::var("LAYER_COUNT").expect("LAYER_COUNT=PATH:N");
