@@ -68,14 +68,10 @@ struct Stored {
     key: Arc<str>,
     record: Record,
     expires_at: Instant,
-    /// Whether the record's decoded form is in its weight: it is charged once a replay has
-    /// filled it (see [`MemoryStore::charge_decoded`]), so records never replayed cost nothing
-    /// for it.
-    charged: bool,
 }
 
-/// What a record's empty slot for its decoded form takes (an `Arc` of a `OnceLock` of a fat
-/// pointer, as glibc rounds it), charged from the start.
+/// What a record's slot for its decoded form takes itself (an `Arc` of a `OnceLock` of a fat
+/// pointer, as glibc rounds it), charged with the decoded form's estimate.
 const MEMO_SLOT: u64 = 48;
 
 /// A shard of the claims, and how many records were written under its lock.
@@ -132,13 +128,12 @@ impl MemoryStoreBuilder {
     /// Keeps each record's decoded response with it, so that only its first replay decodes
     /// (and checks) the stored bytes and later ones clone a response ready to answer [on].
     ///
-    /// The decoded form (its headers parsed, the body shared with the stored bytes) is charged
-    /// against [`max_bytes`](Self::max_bytes) once a replay has made it, about 200 B plus 130 B
-    /// per stored header: only records that are replayed pay for it, and a store whose records
-    /// are never replayed holds as many as without it (each record's empty slot for it is
-    /// charged 48 B). Measured in `BENCHMARKS.md`: a later replay takes about a sixth fewer
-    /// instructions. `false` keeps nothing: every replay decodes the stored bytes. Records the
-    /// consumer adapter writes keep nothing either way.
+    /// A record gets its decoded form from its first replay, and is charged for it against
+    /// [`max_bytes`](Self::max_bytes) from then on, about 250 B plus 130 B per stored header:
+    /// only records that are replayed pay for it, and a store whose records are never replayed
+    /// holds as many as without it. Measured in `BENCHMARKS.md`: a later replay takes about a
+    /// sixth fewer instructions. `false` keeps nothing: every replay decodes the stored bytes.
+    /// Records the consumer adapter writes keep nothing either way.
     pub fn keep_decoded(mut self, keep: bool) -> Self {
         self.keep_decoded = keep;
         self
@@ -160,11 +155,12 @@ impl MemoryStoreBuilder {
             // its retry run again.
             .eviction_policy(EvictionPolicy::lru())
             .weigher(|_slot: &u64, stored: &Stored| {
-                let memo = match stored.record.memo() {
-                    None => 0,
-                    Some(_) if stored.charged => MEMO_SLOT + u64::from(stored.record.memo_weight()),
-                    Some(_) => MEMO_SLOT,
-                };
+                // A record gets its slot from its first replay, which fills it (see
+                // `MemoryStore::keep_decoded_form`): charged from then on.
+                let memo = stored
+                    .record
+                    .memo()
+                    .map_or(0, |_| MEMO_SLOT + u64::from(stored.record.memo_weight()));
                 let weight = stored.key.len() as u64
                     + stored.record.payload().len() as u64
                     + memo
@@ -289,7 +285,7 @@ impl MemoryStore {
         // Read before the first look: it pairs with the increment that follows every record
         // write (`complete`), so a write counted here is one the first look sees.
         let seen = completions.load(Ordering::Acquire);
-        // The replay path: no lock (but once per kept record, to charge its decoded form).
+        // The replay path: no lock (but once per kept record, to give it its decoded form).
         if let Some(record) = self.live_record(key, slot, now) {
             return Ok(ClaimOutcome::Completed(record));
         }
@@ -331,35 +327,45 @@ impl MemoryStore {
         (*stored.key == *key).then_some(stored)
     }
 
-    /// The live record stored under `key`, its decoded form charged if a replay has just filled
-    /// it. Never called under a shard lock (the charge takes it).
+    /// The live record stored under `key`; on its first read with `keep_decoded`, with the
+    /// slot for its decoded form that this read's replay is to fill. Never called under a shard
+    /// lock (giving the slot takes it).
     fn live_record(&self, key: &str, slot: u64, now: Instant) -> Option<Record> {
         let stored = self.stored(key, slot)?;
         if stored.expires_at <= now {
             return None;
         }
-        if !stored.charged && stored.record.memo_filled() {
-            self.charge_decoded(slot, &stored);
+        if self.inner.keep_decoded
+            && stored.record.memo().is_none()
+            && stored.record.memo_weight() > 0
+        {
+            return Some(self.keep_decoded_form(slot, stored));
         }
         Some(stored.record)
     }
 
-    /// Writes `seen` again with its decoded form in its weight (moka weighs a value when it is
-    /// written), under the shard lock that every write of its slot takes, and only while it is
-    /// still the record stored there: a completion or a delete that came first wins. Once per
-    /// kept record, by the first read that finds its decoded form filled.
+    /// Gives `seen` its slot for a decoded form, charged to the capacity (moka weighs a value
+    /// when it is written, so the record is written again, with its expiry unchanged). Under
+    /// the shard lock that every write of its slot takes, and only while `seen` is still the
+    /// record stored there (its key's allocation is its own): a completion or a delete that
+    /// came first wins, and this replay decodes on its own. Once per replayed record, so a
+    /// record never replayed costs nothing for it.
     #[cold]
-    fn charge_decoded(&self, slot: u64, seen: &Stored) {
+    fn keep_decoded_form(&self, slot: u64, seen: Stored) -> Record {
         let _shard = self.shard(slot);
-        let Some(current) = self.inner.records.get(&slot) else {
-            return;
-        };
-        if !current.charged && current.record.same_memo(&seen.record) {
-            let charged = Stored {
-                charged: true,
-                ..current
-            };
-            self.inner.records.insert(slot, charged);
+        match self.inner.records.get(&slot) {
+            Some(current) if Arc::ptr_eq(&current.key, &seen.key) => {
+                if current.record.memo().is_some() {
+                    // Another replay gave it one meanwhile: share it.
+                    return current.record;
+                }
+                let mut kept = current;
+                kept.record.attach_memo();
+                let record = kept.record.clone();
+                self.inner.records.insert(slot, kept);
+                record
+            }
+            _ => seen.record,
         }
     }
 
@@ -457,15 +463,11 @@ impl Store for MemoryStore {
         }
         let mut record = record;
         record.mark_in_process();
-        if self.inner.keep_decoded {
-            // Replays of this record share one decoded form (charged once it is filled).
-            record.attach_memo();
-        }
+        // With `keep_decoded`, its first replay gives it a slot for its decoded form.
         let stored = Stored {
             key,
             record,
             expires_at: crate::protocol::later(Instant::now(), ttl),
-            charged: false,
         };
         self.inner.records.insert(slot, stored);
         // After the write, under the lock: see `claim_as`.
@@ -757,13 +759,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_decoded_form_is_kept_unless_declined_and_charged_once_a_replay_made_it() {
+    async fn a_decoded_form_is_kept_unless_declined_and_charged_from_the_first_replay() {
         let payload = bytes::Bytes::from(vec![b'x'; 1000]);
         for keep in [false, true] {
             let store = MemoryStore::builder().keep_decoded(keep).build();
             let token = claimed(&store, "k").await;
             let record = Record::new(None, payload.clone()).with_memo_weight(500);
             store.complete("k", &token, record, LEASE).await.unwrap();
+            let base = 1 + 1000 + RECORD_OVERHEAD;
+            assert_eq!(
+                store.weighted_size(),
+                base,
+                "a record not replayed pays nothing"
+            );
+            let stored_until = store.stored("k", store.inner.slot("k")).unwrap().expires_at;
             let read = || async {
                 match store.claim("k", LEASE).await.unwrap() {
                     ClaimOutcome::Completed(record) => record,
@@ -772,22 +781,16 @@ mod tests {
             };
             let (one, two) = (read().await, read().await);
             assert!(one.in_process(), "its bytes never left the process");
-            let base = 1 + 1000 + RECORD_OVERHEAD;
             if !keep {
                 assert!(one.memo().is_none() && two.memo().is_none());
                 assert_eq!(store.weighted_size(), base);
                 continue;
             }
-            assert!(two.same_memo(&one), "every read shares one slot");
-            assert_eq!(
-                store.weighted_size(),
-                base + MEMO_SLOT,
-                "nothing decoded yet: only the empty slot is charged"
+            let (slot_one, slot_two) = (one.memo().unwrap(), two.memo().unwrap());
+            assert!(
+                std::ptr::eq(slot_one, slot_two),
+                "the first replay's slot is every later one's"
             );
-            // What the first replay does: fill the slot.
-            assert!(one.memo().unwrap().set(Arc::new(())).is_ok());
-            let three = read().await;
-            assert!(three.same_memo(&one), "charging keeps the same slot");
             assert_eq!(store.weighted_size(), base + MEMO_SLOT + 500);
             read().await;
             assert_eq!(
@@ -795,11 +798,16 @@ mod tests {
                 base + MEMO_SLOT + 500,
                 "charged once"
             );
+            let expires_at = store.stored("k", store.inner.slot("k")).unwrap().expires_at;
+            assert_eq!(
+                expires_at, stored_until,
+                "written again with its own expiry"
+            );
         }
     }
 
     #[tokio::test]
-    async fn charging_a_decoded_form_never_brings_back_a_record_deleted_or_replaced() {
+    async fn keeping_a_decoded_form_never_brings_back_a_record_deleted_or_replaced() {
         let store = MemoryStore::new();
         let complete = |payload: &'static [u8]| {
             let store = store.clone();
@@ -807,30 +815,29 @@ mod tests {
                 let token = claimed(&store, "k").await;
                 let record = Record::new(None, payload).with_memo_weight(500);
                 store.complete("k", &token, record, LEASE).await.unwrap();
-                match store.claim("k", LEASE).await.unwrap() {
-                    ClaimOutcome::Completed(record) => record,
-                    other => panic!("{other:?}"),
-                }
             }
         };
         let slot = store.inner.slot("k");
-        // Deleted after a read saw it filled: the charge finds nothing to write.
-        let old = complete(b"old").await;
-        old.memo().unwrap().set(Arc::new(())).unwrap();
+        // Deleted after a read found it: the slot is not given, the record not written again.
+        complete(b"old").await;
         let seen = store.stored("k", slot).unwrap();
         assert!(store.delete("k").await.unwrap());
-        store.charge_decoded(slot, &seen);
+        let record = store.keep_decoded_form(slot, seen);
+        assert!(record.memo().is_none(), "this replay decodes on its own");
         assert!(store.stored("k", slot).is_none(), "the delete stands");
-        // Replaced by another record of the key: the charge leaves the new one alone.
-        let old = complete(b"old").await;
-        old.memo().unwrap().set(Arc::new(())).unwrap();
+        // Replaced by another record of the key meanwhile: the new one is left as it is.
+        complete(b"old").await;
         let seen = store.stored("k", slot).unwrap();
         assert!(store.delete("k").await.unwrap());
         complete(b"new").await;
-        store.charge_decoded(slot, &seen);
+        let record = store.keep_decoded_form(slot, seen);
+        assert_eq!(record.payload().as_ref(), b"old");
         let current = store.stored("k", slot).unwrap();
         assert_eq!(current.record.payload().as_ref(), b"new");
-        assert!(!current.charged, "the new record was not replayed");
+        assert!(
+            current.record.memo().is_none(),
+            "the new record was not replayed"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -221,20 +221,6 @@ impl Record {
     pub(crate) fn memo(&self) -> Option<&Memo> {
         self.memo.as_deref()
     }
-
-    /// Whether a replay has filled the slot for the decoded form.
-    pub(crate) fn memo_filled(&self) -> bool {
-        self.memo().is_some_and(|memo| memo.get().is_some())
-    }
-
-    /// Whether `self` and `other` share one slot for the decoded form: clones of one stored
-    /// record.
-    pub(crate) fn same_memo(&self, other: &Record) -> bool {
-        match (&self.memo, &other.memo) {
-            (Some(one), Some(two)) => Arc::ptr_eq(one, two),
-            _ => false,
-        }
-    }
 }
 
 impl fmt::Debug for Record {
