@@ -126,7 +126,8 @@ impl MemoryStoreBuilder {
     }
 
     /// Keeps each record's decoded response with it, so that only its first replay decodes
-    /// (and checks) the stored bytes and later ones clone a response ready to answer [on].
+    /// (and checks) the stored bytes and later ones clone a response ready to answer (on by
+    /// default).
     ///
     /// A record gets its decoded form from its first replay, and is charged for it against
     /// [`max_bytes`](Self::max_bytes) from then on, about 250 B plus 130 B per stored header:
