@@ -55,6 +55,13 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         }
     }
 
+    /// A replay that holds no key: dropped unfinished, it is dropped (nothing to finish).
+    pub(crate) fn replay(work: KeyedWork<B, E>) -> Self {
+        Self {
+            kind: Kind::Replay { work },
+        }
+    }
+
     pub(crate) fn keyed(work: KeyedWork<B, E>, tracker: Arc<Tracker>, bytes: u64) -> Self
     where
         B: 'static,
@@ -64,14 +71,6 @@ impl<F, B, E> ResponseFuture<F, B, E> {
             kind: Kind::Keyed {
                 work: FinishOnDrop::new(work, tracker, bytes),
             },
-        }
-    }
-}
-
-impl<F, B, E> ResponseFuture<F, B, E> {
-    pub(crate) fn replay(work: KeyedWork<B, E>) -> Self {
-        Self {
-            kind: Kind::Replay { work },
         }
     }
 }

@@ -236,9 +236,8 @@ pub(crate) fn decode(payload: &Bytes) -> Result<StoredResponse, Unreadable> {
 /// omitted-body marker.
 pub(crate) const REPLAY_ADDS: usize = 4;
 
-/// Decodes, with room for `extra` more headers in the header map (none for a decoded record
-/// that is kept: its replays copy it into a map of their own); the integrity envelope's
-/// checksum is checked when `checksum` is set (see `seal::check`).
+/// Decodes, with room for `extra` more headers in the header map (a replay's, [`REPLAY_ADDS`]);
+/// the integrity envelope's checksum is checked when `checksum` is set (see `seal::check`).
 pub(crate) fn decode_with_room(
     payload: &Bytes,
     extra: usize,

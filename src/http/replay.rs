@@ -136,16 +136,13 @@ fn remembered(
             return Ok(stored);
         }
     }
-    let mut stored = record::decode_with_room(payload, REPLAY_MARKS, checksum)?;
+    let mut stored = record::decode_with_room(payload, record::REPLAY_ADDS, checksum)?;
     mark_replay(&mut stored.headers, stored.body_omitted);
     let stored = Arc::new(stored);
     // Another replay may have filled it meanwhile: both decoded the same bytes.
     let _ = memo.set(stored.clone());
     Ok(stored)
 }
-
-/// The most headers [`mark_replay`] adds.
-const REPLAY_MARKS: usize = 2;
 
 /// What every replay of `stored` shows whatever the layer's settings: `idempotent-replayed`,
 /// and for a body too large to keep, the marker in place of its `content-type`. A kept
