@@ -30,6 +30,14 @@ fn app<St: Store + Clone>(layer: IdempotencyLayer<St>, runs: Runs) -> support::A
         let runs = runs.clone();
         async move {
             let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+            if let Some(phase) = header("x-save-first") {
+                let saved = points.save(phase, "data").await;
+                runs.0.lock().unwrap().push(match saved {
+                    Ok(()) => "save-first saved".to_owned(),
+                    Err(error) => format!("save-first error: {error:?}"),
+                });
+                return (axum::http::StatusCode::CREATED, "{}");
+            }
             let found = match points.load().await {
                 Ok(Some(point)) => format!(
                     "{}={}",
@@ -54,6 +62,9 @@ fn app<St: Store + Clone>(layer: IdempotencyLayer<St>, runs: Runs) -> support::A
                 },
             };
             runs.0.lock().unwrap().push(format!("{found}; {saved}"));
+            if header("x-panic").is_some() {
+                panic!("the handler failed after its side effect");
+            }
             let status = header("x-status").map_or(201, |s| s.parse().unwrap());
             (axum::http::StatusCode::from_u16(status).unwrap(), "{}")
         }
@@ -85,8 +96,10 @@ async fn a_point_saved_by_a_failed_run_is_read_by_the_retry() {
     assert_eq!(runs, ["none; saved", "charged=data; nothing"]);
 }
 
+/// An oversized point is refused whole (nothing saved, nothing cut); since the run had done
+/// its side effect, its 500 is kept (replayed) rather than the key released.
 #[tokio::test]
-async fn an_oversized_point_is_refused_and_nothing_is_saved() {
+async fn an_oversized_point_is_refused_and_the_run_is_kept() {
     let runs = Runs::default();
     let layer = IdempotencyLayer::with_settings(Settings::default().max_recovery_point(1000));
     let mut app = app(layer, runs.clone());
@@ -100,16 +113,192 @@ async fn an_oversized_point_is_refused_and_nothing_is_saved() {
     )
     .await;
     assert_eq!(failed.status, 500);
-    send(&mut app, request(Some("k"), "{}", &[])).await;
+    let retry = send(&mut app, request(Some("k"), "{}", &[])).await;
+    assert_eq!(retry.status, 500);
+    assert!(retry.replayed(), "the failed save kept the run's answer");
     let runs = runs.0.lock().unwrap().clone();
+    assert_eq!(runs.len(), 1, "the handler ran once: {runs:?}");
     assert!(
         runs[0].contains("refused: recovery point of 2003 bytes is over the limit of 1000 bytes"),
         "{runs:?}"
     );
+}
+
+/// A request that reuses a key with another payload never sees the point an earlier run of
+/// the key saved: 422 `#key-reused`, whatever the handler answered, and the point stays for
+/// the request that saved it.
+#[tokio::test]
+async fn a_point_is_refused_to_a_request_with_another_payload() {
+    let runs = Runs::default();
+    let mut app = app(IdempotencyLayer::new(), runs.clone());
+    let original = r#"{"amount": 1, "currency": "usd"}"#;
+    let failed = send(
+        &mut app,
+        request(
+            Some("k"),
+            original,
+            &[("x-save", "charged"), ("x-status", "500")],
+        ),
+    )
+    .await;
+    assert_eq!(failed.status, 500);
+    let other = send(
+        &mut app,
+        request(Some("k"), r#"{"amount": 500, "currency": "eur"}"#, &[]),
+    )
+    .await;
+    assert_eq!(other.status, 422);
     assert_eq!(
-        runs[1], "none; nothing",
-        "nothing was saved, nothing truncated"
+        other.json()["type"].as_str().unwrap(),
+        tower_idempotency::problem::ProblemKind::KeyReused.type_uri()
     );
+    let retry = send(&mut app, request(Some("k"), original, &[])).await;
+    assert_eq!(retry.status, 201, "the original payload resumes");
+    let runs = runs.0.lock().unwrap().clone();
+    assert_eq!(runs.len(), 3);
+    assert!(
+        runs[1].starts_with("load error: this idempotency key's recovery point belongs to a request with another payload"),
+        "{runs:?}"
+    );
+    assert_eq!(runs[2], "charged=data; nothing", "{runs:?}");
+}
+
+/// A run that saves without loading first cannot overwrite the point of a request with
+/// another payload.
+#[tokio::test]
+async fn a_save_never_overwrites_another_payloads_point() {
+    let runs = Runs::default();
+    let mut app = app(IdempotencyLayer::new(), runs.clone());
+    let original = r#"{"amount": 1}"#;
+    let failed = send(
+        &mut app,
+        request(
+            Some("k"),
+            original,
+            &[("x-save", "charged"), ("x-status", "500")],
+        ),
+    )
+    .await;
+    assert_eq!(failed.status, 500);
+    // This run's handler saves before it loads.
+    let overwrite = send(
+        &mut app,
+        request(
+            Some("k"),
+            r#"{"amount": 2}"#,
+            &[("x-save-first", "shipped")],
+        ),
+    )
+    .await;
+    assert_eq!(overwrite.status, 422);
+    let retry = send(&mut app, request(Some("k"), original, &[])).await;
+    assert_eq!(retry.status, 201);
+    let runs = runs.0.lock().unwrap().clone();
+    assert!(
+        runs[1].starts_with("save-first error: KeyReused"),
+        "{runs:?}"
+    );
+    assert_eq!(
+        runs[2], "charged=data; nothing",
+        "the original's point: {runs:?}"
+    );
+}
+
+/// When a save fails after the side effect, the key is kept: the handler's 503 is stored and
+/// replayed, and the retry does not run the side effect again.
+#[tokio::test]
+async fn a_failed_save_keeps_the_runs_answer_instead_of_releasing_the_key() {
+    let runs = Runs::default();
+    let store = NoSaveStore::default();
+    let mut app = app(IdempotencyLayer::with_store(store), runs.clone());
+    let failed = send(
+        &mut app,
+        request(
+            Some("k"),
+            "{}",
+            &[("x-save", "charged"), ("x-status", "503")],
+        ),
+    )
+    .await;
+    assert_eq!(failed.status, 503);
+    let retry = send(&mut app, request(Some("k"), "{}", &[])).await;
+    assert_eq!(retry.status, 503);
+    assert!(retry.replayed());
+    assert_eq!(runs.0.lock().unwrap().len(), 1, "the handler ran once");
+}
+
+/// A panic after a failed save stores 500 `#progress-unsaved`: no retry runs the work again.
+#[tokio::test]
+async fn a_panic_after_a_failed_save_is_kept_as_progress_unsaved() {
+    let runs = Runs::default();
+    let store = NoSaveStore::default();
+    let mut app = app(IdempotencyLayer::with_store(store), runs.clone());
+    let failed = send(
+        &mut app,
+        request(Some("k"), "{}", &[("x-save", "charged"), ("x-panic", "1")]),
+    )
+    .await;
+    assert_eq!(failed.status, 500);
+    let kind = tower_idempotency::problem::ProblemKind::ProgressUnsaved;
+    assert_eq!(failed.json()["type"].as_str().unwrap(), kind.type_uri());
+    let retry = send(&mut app, request(Some("k"), "{}", &[])).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.json()["type"].as_str().unwrap(), kind.type_uri());
+    assert_eq!(runs.0.lock().unwrap().len(), 1, "the handler ran once");
+}
+
+/// A memory store whose recovery point saves fail (a full disk, a store outage during the
+/// save); everything else works.
+#[derive(Clone, Default)]
+struct NoSaveStore {
+    inner: MemoryStore,
+}
+
+impl Store for NoSaveStore {
+    async fn claim_as(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
+        self.inner.claim_as(key, token, lease).await
+    }
+    async fn renew(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.complete(key, token, record, ttl).await
+    }
+    async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+    async fn save_point(
+        &self,
+        _key: &str,
+        _token: &OwnerToken,
+        _point: &RecoveryPoint,
+        _ttl: Duration,
+    ) -> Result<(), StoreError> {
+        Err(StoreError::backend("database or disk is full"))
+    }
+    async fn load_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+    ) -> Result<Option<RecoveryPoint>, StoreError> {
+        self.inner.load_point(key, token).await
+    }
 }
 
 #[tokio::test]
@@ -319,6 +508,14 @@ async fn a_crash_after_the_charge_does_not_charge_again(store: &str, kill_9: boo
     }
     assert_eq!(charges(&dir).len(), 1, "the first run charged");
     let second = Demo::start(&demo_args(store, &ledger)).await;
+    // Another payload under the crashed run's key never inherits its charge.
+    let other = retry_after_the_lease(&second, &key, r#"{"amount": 9, "currency": "eur"}"#).await;
+    assert_eq!(
+        other.status,
+        422,
+        "{:?}",
+        String::from_utf8_lossy(&other.body)
+    );
     let retry = retry_after_the_lease(&second, &key, body).await;
     assert_eq!(retry.status, 201, "{:?}", retry.body);
     let payment: serde_json::Value = serde_json::from_slice(&retry.body).unwrap();
@@ -371,11 +568,111 @@ async fn memory_a_failed_run_after_the_charge_does_not_charge_again() {
         )
         .await;
     assert_eq!(failed.status, 500);
-    let body = r#"{"amount": 5, "currency": "usd"}"#;
+    // The same payload: `fail` fails a key's first run only.
+    let body = r#"{"amount": 5, "currency": "usd", "fail": true}"#;
     let retry = demo.post("acme", Some("pay-1"), body).await;
     assert_eq!(retry.status, 201);
     let payment: serde_json::Value = serde_json::from_slice(&retry.body).unwrap();
     assert_eq!(charges(&dir), [payment["charge"].as_str().unwrap()]);
     assert_eq!(demo.stats().await["provider_charges"], 1);
     assert!(demo.post("acme", Some("pay-1"), body).await.replayed());
+}
+
+/// A run that charged and failed leaves its point bound to its payload: a request with the
+/// same key and another payload is refused 422 and charges nothing; the original payload's
+/// retry then resumes from the point (one charge in all).
+async fn a_point_never_serves_another_payload(store: &str) {
+    let dir = TempDir::new("recovery-payload");
+    let ledger = dir.path().join(LEDGER).display().to_string();
+    let demo = Demo::start(&demo_args(store, &ledger)).await;
+    let key = tower_idempotency::store::conformance::fresh_key("payload").replace('/', "-");
+    let original = r#"{"amount": 1, "currency": "usd", "fail": true}"#;
+    let failed = demo.post("acme", Some(&key), original).await;
+    assert_eq!(failed.status, 500);
+    assert_eq!(charges(&dir).len(), 1);
+    let other = demo
+        .post("acme", Some(&key), r#"{"amount": 500, "currency": "eur"}"#)
+        .await;
+    assert_eq!(
+        other.status,
+        422,
+        "{:?}",
+        String::from_utf8_lossy(&other.body)
+    );
+    assert_eq!(charges(&dir).len(), 1, "the other payload charged nothing");
+    let retry = demo.post("acme", Some(&key), original).await;
+    assert_eq!(
+        retry.status,
+        201,
+        "{:?}",
+        String::from_utf8_lossy(&retry.body)
+    );
+    let payment: serde_json::Value = serde_json::from_slice(&retry.body).unwrap();
+    assert_eq!(charges(&dir), [payment["charge"].as_str().unwrap()]);
+    assert_eq!(payment["amount"], 1);
+}
+
+#[tokio::test]
+async fn memory_a_point_never_serves_another_payload() {
+    a_point_never_serves_another_payload("memory").await;
+}
+
+#[tokio::test]
+async fn sqlite_a_point_never_serves_another_payload() {
+    let dir = TempDir::new("recovery-payload-sqlite");
+    let store = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+    a_point_never_serves_another_payload(&store).await;
+}
+
+#[tokio::test]
+async fn redis_a_point_never_serves_another_payload() {
+    let Some(url) = redis_url() else { return };
+    a_point_never_serves_another_payload(&url).await;
+}
+
+#[tokio::test]
+async fn postgres_a_point_never_serves_another_payload() {
+    let Some(url) = postgres_url() else { return };
+    a_point_never_serves_another_payload(&url).await;
+}
+
+/// A redelivery with another payload never sees the point a message handler saved: it is
+/// refused with `KeyReused`, and the original's redelivery resumes from the point.
+#[tokio::test]
+async fn a_consumer_redelivery_with_another_payload_is_refused() {
+    use tower::{service_fn, BoxError, ServiceExt};
+    use tower_idempotency::consumer::{ConsumerError, IdempotentConsumerLayer, Identity};
+    let effects = Arc::new(Mutex::new(0));
+    let handler = service_fn({
+        let effects = effects.clone();
+        move |(_amount, fail): (u32, bool)| {
+            let effects = effects.clone();
+            async move {
+                let points = RecoveryPoints::current().expect("inside the consumer layer");
+                if points.load().await?.is_none() {
+                    *effects.lock().unwrap() += 1;
+                    points.save("shipped", "parcel-1").await?;
+                }
+                if fail {
+                    return Err::<u32, BoxError>("the warehouse answered 500".into());
+                }
+                Ok(*effects.lock().unwrap())
+            }
+        }
+    });
+    let layer = IdempotentConsumerLayer::new(|(amount, _): &(u32, bool)| {
+        Identity::new("order-1").fingerprint(&amount.to_be_bytes())
+    });
+    let consumer = tower::Layer::layer(&layer, handler);
+    assert!(matches!(
+        consumer.clone().oneshot((1, true)).await,
+        Err(ConsumerError::Handler(_))
+    ));
+    assert!(matches!(
+        consumer.clone().oneshot((500, false)).await,
+        Err(ConsumerError::KeyReused)
+    ));
+    let redelivered = consumer.oneshot((1, false)).await.unwrap();
+    assert!(redelivered.ran());
+    assert_eq!(*effects.lock().unwrap(), 1, "shipped once");
 }

@@ -12,7 +12,8 @@
 //!
 //! * `POST /payments` (needs `Authorization: Bearer <tenant>`; keys are scoped per tenant):
 //!   `{"amount": u64, "currency": str}` → 201 with the payment. `"delay_ms": n` makes the
-//!   handler sleep, `"fail": true` makes it answer 500.
+//!   handler sleep, `"fail": true` makes it answer 500 after the charge, on a key's first run
+//!   (a retry with the same payload resumes from its recovery point and succeeds).
 //! * `GET /payments/{id}` (the payment's own tenant: anonymous 401, another tenant 404),
 //!   `GET /stats` (`{"executions": N, "provider_charges": M}`: how often the POST handler
 //!   started, and how often it charged the simulated payment provider).
@@ -234,8 +235,9 @@ async fn create_payment(
         }
     };
     let points = points.filter(|_| state.recovery_points);
-    let charge = match charge(&state.provider, points, payment.crash_after_charge).await {
-        Ok(charge) => charge,
+    let (charge, resumed) = match charge(&state.provider, points, payment.crash_after_charge).await
+    {
+        Ok(charged) => charged,
         Err(error) => {
             return problem(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -247,7 +249,9 @@ async fn create_payment(
     if payment.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(payment.delay_ms)).await;
     }
-    if payment.fail {
+    // A simulated failure after the charge, on a key's first run: a retry with the same
+    // payload resumes from the recovery point and succeeds without charging again.
+    if payment.fail && !resumed {
         return (
             StatusCode::INTERNAL_SERVER_ERROR,
             Json(json!({"error": "simulated failure"})),
@@ -288,27 +292,34 @@ async fn get_payment(
 }
 
 /// Charges the provider once per key: a run that finds the recovery point of an earlier run of
-/// its key (which crashed or failed after charging) reuses that charge.
+/// its key (which crashed or failed after charging) reuses that charge. The charge id, and
+/// whether it was resumed from a point.
 async fn charge(
     provider: &Provider,
     points: Option<Extension<RecoveryPoints>>,
     crash_after_charge: bool,
-) -> Result<String, RecoveryError> {
+) -> Result<(String, bool), RecoveryError> {
     let Some(Extension(points)) = points else {
-        return Ok(provider.charge());
+        return Ok((provider.charge(), false));
     };
+    // Before the charge an error is safe to answer: nothing happened yet. (A point saved by a
+    // request with another payload is `KeyReused`, which the layer answers 422.)
     if let Some((phase, charge)) = points.load_json::<String>().await? {
         if phase == "charged" {
-            return Ok(charge);
+            return Ok((charge, true));
         }
     }
     let charge = provider.charge();
-    points.save_json("charged", &charge).await?;
+    // After the charge, finish whatever happens: the stored outcome is what keeps a retry from
+    // charging again; the point only matters should this process die before it is stored.
+    if let Err(error) = points.save_json("charged", &charge).await {
+        tracing::warn!(%error, "recovery point not saved after the charge; finishing the payment");
+    }
     if crash_after_charge {
         // The first run of this key only: a retry finds the point above and goes on.
         std::process::abort();
     }
-    Ok(charge)
+    Ok((charge, false))
 }
 
 /// `POST /limit/{replay,fresh}/payments`: the handler with only the store round trips the

@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use tower_service::Service;
 
 use crate::protocol::seal::{self, Unreadable};
-use crate::protocol::{self, Begin, FinishOnDrop, Outcome, Refusal, ReleaseReason, Settings};
+use crate::protocol::{
+    self, Begin, FinishOnDrop, Outcome, Refusal, ReleaseReason, RequestFingerprint, Settings,
+};
 use crate::store::{MemoryStore, Record, Store};
 use crate::BoxError;
 
@@ -181,9 +183,29 @@ where
     };
     tracing::debug!(outcome = "claimed", "running the handler");
     // The handler reaches the key's recovery points through `RecoveryPoints::current()`.
-    let points = guard.recovery_points(timings.ttl, settings.limits().max_recovery_point);
-    let result = match guard.run(points.scope(inner.call(message))).await {
+    let points = guard.recovery_points(
+        timings.ttl,
+        settings.limits().max_recovery_point,
+        RequestFingerprint::Known(identity.fingerprint),
+    );
+    let result = guard.run(points.clone().scope(inner.call(message))).await;
+    if points.reused() {
+        // The key's point belongs to a message with another payload: whatever the handler
+        // did with the refusal, the redelivery is refused and the point kept for its owner.
+        guard.release().await;
+        return (Err(ConsumerError::KeyReused), Outcome::Mismatch);
+    }
+    let result = match result {
         Ok(result) => result,
+        Err(panic) if points.unsaved() => {
+            // A save failed after a side effect: keep the key (as a failure) rather than let
+            // a redelivery repeat it.
+            let text = format!(
+                "handler panicked after a recovery point was not saved: {}",
+                panic.message()
+            );
+            return keep_failure(guard, &identity, text).await;
+        }
         Err(panic) => {
             guard.release().await;
             let error = ConsumerError::Panicked(panic.message().to_owned());
@@ -192,7 +214,9 @@ where
     };
     let stored = match &result {
         Ok(outcome) => Some(Stored::Ok(outcome).encode()),
-        Err(error) if final_errors(error) => Some(Stored::<()>::Failed(error.to_string()).encode()),
+        Err(error) if final_errors(error) || points.unsaved() => {
+            Some(Stored::<()>::Failed(error.to_string()).encode())
+        }
         Err(_) => None,
     };
     let outcome = match stored {
@@ -219,6 +243,32 @@ where
         .map(Delivery::Processed)
         .map_err(ConsumerError::Handler);
     (answer, outcome)
+}
+
+/// Stores `text` as the message's final failure (its redeliveries get
+/// [`Delivery::DuplicateFailed`]): for a run whose side effect may be recorded nowhere else.
+async fn keep_failure<R, E, St: Store>(
+    guard: protocol::ClaimGuard<St>,
+    identity: &Identity,
+    text: String,
+) -> (Answer<R, E>, Outcome) {
+    tracing::error!(outcome = "stored", "a recovery point was not saved and the handler failed; storing the failure instead of releasing the key");
+    match Stored::<()>::Failed(text.clone()).encode() {
+        Ok(payload) => {
+            let outcome = guard
+                .complete(Record::new(identity.fingerprint, payload))
+                .await
+                .into();
+            (Err(ConsumerError::Panicked(text)), outcome)
+        }
+        Err(error) => {
+            guard.release().await;
+            (
+                Err(ConsumerError::Corrupt(Box::new(error))),
+                Outcome::Released(ReleaseReason::Error),
+            )
+        }
+    }
 }
 
 /// A redelivery of a completed message.

@@ -129,6 +129,8 @@ problem_kinds! {
         "The request failed; it was not recorded and may be retried with the same key.";
     ResponseFailed => INTERNAL_SERVER_ERROR, 13, "response-failed", "Internal server error",
         "The response could not be produced; it was not recorded and may be retried with the same key.";
+    ProgressUnsaved => INTERNAL_SERVER_ERROR, 13, "progress-unsaved", "Outcome not recorded",
+        "The request failed after part of its work was done, and that progress could not be recorded; the key is kept so that the work is not repeated. Contact the service before retrying with a new key.";
     UnreadableRecord => INTERNAL_SERVER_ERROR, 13, "unreadable-record", "Stored response unreadable",
         "The response stored for this idempotency key cannot be replayed.";
     UnknownRecordVersion => SERVICE_UNAVAILABLE, 14, "unknown-record-version", "Stored response from a newer version",

@@ -2,6 +2,7 @@
 //! request is guarded by a key (see [`fingerprint`](crate::fingerprint)).
 
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -10,7 +11,7 @@ use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 
 use super::fingerprint::FingerprintHasher;
-use crate::protocol::ClaimGuard;
+use crate::protocol::{BodyFingerprint, ClaimGuard, RequestFingerprint};
 use crate::store::Store;
 use crate::BoxError;
 
@@ -192,6 +193,55 @@ pub(crate) fn attach<B>(
             PendingFingerprint::Known(Some(hasher.finish())),
         ),
         None => (RequestBody::plain(body), PendingFingerprint::Known(None)),
+    }
+}
+
+impl<B> PendingFingerprint<B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// Where the run's recovery points learn the request's fingerprint (they are bound to it).
+    pub(crate) fn for_points(&self) -> RequestFingerprint {
+        match self {
+            PendingFingerprint::Known(known) => RequestFingerprint::Known(*known),
+            PendingFingerprint::Streaming(slot) => RequestFingerprint::Body(slot.clone()),
+        }
+    }
+}
+
+/// A recovery point asks for the fingerprint while the handler runs: known once the body was
+/// read to its end; a body the handler dropped unread is read out (and hashed) now, and left
+/// in the slot as done for the layer.
+impl<B> BodyFingerprint for Mutex<SlotState<B>>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    fn finished(&self) -> Pin<Box<dyn Future<Output = Option<u128>> + Send + '_>> {
+        Box::pin(async move {
+            let leftover = {
+                let mut state = self.lock().unwrap_or_else(|p| p.into_inner());
+                match &*state {
+                    SlotState::Done(digest) => return Some(*digest),
+                    SlotState::Reading | SlotState::Failed => return None,
+                    SlotState::Leftover(..) => std::mem::replace(&mut *state, SlotState::Reading),
+                }
+            };
+            let SlotState::Leftover(mut rest, hasher) = leftover else {
+                unreachable!("only a leftover body is taken out")
+            };
+            // Only this call holds the body now (the handler dropped it).
+            let (state, fingerprint) =
+                match super::fingerprint::read_rest(rest.as_mut(), hasher).await {
+                    Ok(digest) => (SlotState::Done(digest), Some(digest)),
+                    Err(_) => (SlotState::Failed, None),
+                };
+            *self.lock().unwrap_or_else(|p| p.into_inner()) = state;
+            fingerprint
+        })
     }
 }
 

@@ -57,6 +57,17 @@ impl<B> ResponseBody<B> {
     }
 }
 
+impl<B> ResponseBody<B> {
+    /// The data and trailers of a body made whole in memory ([`full`](Self::full)); nothing for
+    /// another body.
+    pub(crate) fn into_full(self) -> (Option<Bytes>, Option<http::HeaderMap>) {
+        match self.kind {
+            Kind::Full { data, trailers } => (data, trailers),
+            _ => (None, None),
+        }
+    }
+}
+
 impl<B> Body for ResponseBody<B>
 where
     B: Body<Data = Bytes>,

@@ -30,7 +30,7 @@ use http_body::Body;
 use tower_service::Service;
 
 use super::capture::{self, Captured, Produced};
-use super::config::{Config, OnStoreError};
+use super::config::{Config, OnStoreError, StatusFn};
 use super::fingerprint::FingerprintHasher;
 use super::future::ResponseFuture;
 use super::key::{self, HeldKey, KeyHeader};
@@ -435,7 +435,8 @@ impl<S, St, ReqBody, ResBody> Keyed<S, St, ReqBody>
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
     St: Store + Clone,
-    ReqBody: Body,
+    ReqBody: Body + Send + 'static,
+    ReqBody::Data: Send,
     ReqBody::Error: Into<BoxError>,
     ResBody: Body<Data = Bytes>,
     ResBody::Error: Into<BoxError>,
@@ -563,25 +564,57 @@ where
             } = self;
             let config = &*core.config;
             let carried = capture::carried_headers(&parts, &config.carried);
-            // The handler reaches its key and the key's recovery points from its request's
-            // extensions (put there only now: a replay never builds the extensions map).
-            parts.extensions.insert(key.into_key(guard.key()));
-            parts
-                .extensions
-                .insert(guard.recovery_points(ttl, core.settings.limits().max_recovery_point));
             let (body, fingerprint) =
                 request_body::attach(body, hasher, config.fingerprint.covers_body());
+            // The handler reaches its key and the key's recovery points from its request's
+            // extensions (put there only now: a replay never builds the extensions map). The
+            // points are bound to this request's fingerprint.
+            let points = guard.recovery_points(
+                ttl,
+                core.settings.limits().max_recovery_point,
+                fingerprint.for_points(),
+            );
+            parts.extensions.insert(key.into_key(guard.key()));
+            parts.extensions.insert(points.clone());
             let call = inner.call(Request::from_parts(parts, body));
             // Pinned here and passed by reference: each wrapper (panic capture, lease renewal)
             // would otherwise hold its own copy of this future in its state.
             let work = std::pin::pin!(async {
                 let response = call.await?;
                 let max_body = config.max_response_body;
-                Ok(capture::read(response, &*config.store_status, max_body, grpc).await)
+                // After a failed save, the answer is kept whatever its status: releasing the
+                // key would let a retry repeat a side effect recorded nowhere.
+                let store_status: &StatusFn = if points.unsaved() {
+                    &|_| true
+                } else {
+                    &*config.store_status
+                };
+                Ok(capture::read(response, store_status, max_body, grpc).await)
             });
             let produced = guard.run(work).await;
+            if points.reused() {
+                // The key's point belongs to a request with another payload: whatever the
+                // handler made of the refusal, this request is refused and the point kept.
+                drop(produced);
+                guard.release().await;
+                let answer = Problem::Plain(ProblemKind::KeyReused).respond(grpc);
+                return (Ok(answer), Outcome::Mismatch);
+            }
             let captured = match storable(produced, grpc) {
                 ControlFlow::Continue(captured) => captured,
+                ControlFlow::Break((answer, _)) if points.unsaved() => {
+                    let fingerprint = fingerprint.finish(&guard).await;
+                    return unsaved_failure(
+                        guard,
+                        answer,
+                        fingerprint,
+                        &carried,
+                        config,
+                        ttl,
+                        grpc,
+                    )
+                    .await;
+                }
                 ControlFlow::Break((answer, reason)) => {
                     guard.release().await;
                     return (answer, Outcome::Released(reason));
@@ -597,6 +630,54 @@ where
             (Ok(response), outcome)
         }
     }
+}
+
+/// A run whose recovery point was not saved failed (a panic, an error of the inner service, a
+/// body that failed): its side effect may be recorded nowhere, so instead of releasing the key
+/// it stores 500 `#progress-unsaved`, which every retry replays.
+async fn unsaved_failure<St: Store, B, E>(
+    guard: ClaimGuard<St>,
+    answer: Answer<B, E>,
+    fingerprint: Option<u128>,
+    carried: &[(http::HeaderName, http::HeaderValue)],
+    config: &Config,
+    ttl: Duration,
+    grpc: bool,
+) -> (Answer<B, E>, Outcome) {
+    tracing::error!(
+        outcome = "stored",
+        "a recovery point was not saved and the handler failed; storing 500 #progress-unsaved instead of releasing the key"
+    );
+    let problem = Problem::Plain(ProblemKind::ProgressUnsaved);
+    let stored: Response<ResponseBody<B>> = problem.clone().respond(grpc);
+    let record = record_of_full(stored, fingerprint, carried, config);
+    let outcome = guard.complete_for(record, ttl).await.into();
+    let answer = match answer {
+        Ok(_) => Ok(problem.respond(grpc)),
+        Err(error) => Err(error),
+    };
+    (answer, outcome)
+}
+
+/// The record of an answer the layer made itself (its body is whole in memory).
+fn record_of_full<B>(
+    response: Response<ResponseBody<B>>,
+    fingerprint: Option<u128>,
+    carried: &[(http::HeaderName, http::HeaderValue)],
+    config: &Config,
+) -> crate::store::Record {
+    let (head, body) = response.into_parts();
+    let (data, trailers) = body.into_full();
+    let frames = data.into_iter().collect::<Vec<_>>();
+    let (payload, weight) = super::record::encode(
+        head.status,
+        &head.headers,
+        |name| config.stores_header(name),
+        carried,
+        Some(frames.iter()),
+        trailers.as_ref(),
+    );
+    crate::store::Record::new(fingerprint, payload).with_memo_weight(weight)
 }
 
 /// The captured answer when it is to be stored; otherwise the answer to give while the key is

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use std::sync::Arc;
 
-use super::{bounded, ready_now, Failure, RecoveryPoints, Ticket, Timings};
+use super::{bounded, ready_now, Failure, RecoveryPoints, RequestFingerprint, Ticket, Timings};
 use crate::store::{OwnerToken, Record, Store, StoreError};
 
 /// A claim this process holds on a key: the store, the key, the owner token and the timings,
@@ -103,8 +103,13 @@ impl<St: Store> ClaimGuard<St> {
     }
 
     /// The recovery points of this claim, for the work it runs: kept for `ttl`, each at most
-    /// `max_bytes`.
-    pub(crate) fn recovery_points(&self, ttl: Duration, max_bytes: usize) -> RecoveryPoints
+    /// `max_bytes`, bound to the fingerprint of the `request` the work serves.
+    pub(crate) fn recovery_points(
+        &self,
+        ttl: Duration,
+        max_bytes: usize,
+        request: RequestFingerprint,
+    ) -> RecoveryPoints
     where
         St: Clone,
     {
@@ -116,6 +121,7 @@ impl<St: Store> ClaimGuard<St> {
             ttl,
             max_bytes,
             held.timings.store_timeout,
+            request,
         )
     }
 

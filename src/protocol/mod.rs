@@ -38,6 +38,7 @@ pub(crate) use guard::{catch_unwind, CatchUnwind, ClaimGuard, Panicked};
 pub(crate) use outcome::OutcomeHook;
 pub use outcome::{Outcome, ReleaseReason};
 pub use recovery::{RecoveryError, RecoveryPoints};
+pub(crate) use recovery::{BodyFingerprint, RequestFingerprint};
 pub use settings::Settings;
 
 /// What a duplicate gets while the original still runs.

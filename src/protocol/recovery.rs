@@ -2,6 +2,9 @@
 //! after a crash resumes where the crashed run got to instead of repeating a side effect.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,13 +42,18 @@ use crate::store::{DynStore, OwnerToken, RecoveryPoint, Store, StoreError};
 /// use tower_idempotency::RecoveryPoints;
 ///
 /// async fn create_payment(Extension(points): Extension<RecoveryPoints>) -> Result<String, StatusCode> {
-///     let fail = |_| StatusCode::SERVICE_UNAVAILABLE;
-///     // A run that finds a point resumes after the charge instead of charging again.
-///     let charge_id = match points.load_json::<String>().await.map_err(fail)? {
+///     // A run that finds a point resumes after the charge instead of charging again. Before
+///     // any side effect, an error is safe to answer (503: nothing happened yet).
+///     let loaded = points.load_json::<String>().await;
+///     let charge_id = match loaded.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)? {
 ///         Some((phase, charge_id)) if phase == "charged" => charge_id,
 ///         _ => {
 ///             let charge_id = charge_the_card().await;
-///             points.save_json("charged", &charge_id).await.map_err(fail)?;
+///             // After the side effect, finish: the outcome the layer stores is what keeps a
+///             // retry from charging again. A failed save only matters if this process dies.
+///             if let Err(error) = points.save_json("charged", &charge_id).await {
+///                 tracing::warn!(%error, "recovery point not saved; finishing the payment");
+///             }
 ///             charge_id
 ///         }
 ///     };
@@ -66,7 +74,34 @@ struct Inner<S: ?Sized> {
     ttl: Duration,
     max_bytes: usize,
     timeout: Duration,
+    request: RequestFingerprint,
+    /// What this run learned: [`CHECKED`], [`REUSED`], [`UNSAVED`].
+    state: AtomicU8,
     store: S,
+}
+
+/// The key's point (if any) was found to be this request's own: later saves need not look.
+const CHECKED: u8 = 1;
+/// The key's point belongs to a request with another payload: the layer answers 422.
+const REUSED: u8 = 2;
+/// A save failed: a side effect of this run may be recorded nowhere, so its key is not
+/// released.
+const UNSAVED: u8 = 4;
+
+/// The fingerprint of the request a run serves, as points are bound to it.
+pub(crate) enum RequestFingerprint {
+    /// Known when the run starts (the consumer's messages, a fingerprint of the head only), or
+    /// `None` when fingerprints are not compared.
+    Known(Option<u128>),
+    /// Made as the handler reads the request body.
+    Body(Arc<dyn BodyFingerprint>),
+}
+
+/// A request body's fingerprint, made as the handler reads it.
+pub(crate) trait BodyFingerprint: Send + Sync {
+    /// The fingerprint once the body was read to its end (a body the handler dropped unread is
+    /// read out now); `None` while the handler still holds it unread, or when it failed.
+    fn finished(&self) -> Pin<Box<dyn Future<Output = Option<u128>> + Send + '_>>;
 }
 
 /// Why a recovery point could not be saved or read.
@@ -94,6 +129,17 @@ pub enum RecoveryError {
     /// The store failed or was slower than the store timeout.
     #[error("the idempotency store failed")]
     Store(#[source] StoreError),
+    /// The key's recovery point was saved by a request with another payload: a side effect
+    /// already happened under this key, for that request. Nothing was loaded or saved; the
+    /// layer answers this request 422 `#key-reused` (the consumer layer `ConsumerError::KeyReused`)
+    /// whatever the handler returns. Stop, and do no side effect.
+    #[error("this idempotency key's recovery point belongs to a request with another payload; nothing was loaded or saved")]
+    KeyReused,
+    /// The request body is not read to its end yet, so the request's fingerprint, which points
+    /// are bound to, is not known (or the body failed). Read the body before the first
+    /// `load` or `save`.
+    #[error("the request body must be read to its end before recovery points are used")]
+    RequestUnread,
     /// The saved data is not the JSON of the type asked for.
     #[error("the recovery point's data is not JSON of the type asked for")]
     Json(#[source] serde_json::Error),
@@ -112,6 +158,10 @@ impl From<super::Failure> for RecoveryError {
     }
 }
 
+/// The largest point (phase and data) any limit allows: its lengths are stored in 32 bits,
+/// inside an envelope whose own length is 32 bits.
+const MAX_POINT: usize = u32::MAX as usize - 64;
+
 tokio::task_local! {
     static CURRENT: RecoveryPoints;
 }
@@ -124,16 +174,71 @@ impl RecoveryPoints {
         ttl: Duration,
         max_bytes: usize,
         timeout: Duration,
+        request: RequestFingerprint,
     ) -> Self {
         let inner: Arc<Inner<dyn DynStore>> = Arc::new(Inner {
             key,
             token,
             ttl,
-            max_bytes,
+            // A point's lengths are stored in 32 bits: no limit may let one be cut.
+            max_bytes: max_bytes.min(MAX_POINT),
             timeout,
+            request,
+            state: AtomicU8::new(0),
             store,
         });
         Self { inner }
+    }
+
+    /// Whether this run found the key's point bound to a request with another payload.
+    pub(crate) fn reused(&self) -> bool {
+        self.inner.state.load(Ordering::Acquire) & REUSED != 0
+    }
+
+    /// Whether a save of this run failed (a side effect of it may be recorded nowhere).
+    pub(crate) fn unsaved(&self) -> bool {
+        self.inner.state.load(Ordering::Acquire) & UNSAVED != 0
+    }
+
+    fn mark(&self, flag: u8) {
+        self.inner.state.fetch_or(flag, Ordering::AcqRel);
+    }
+
+    /// The fingerprint of the request this run serves.
+    async fn request_fingerprint(&self) -> Result<Option<u128>, RecoveryError> {
+        match &self.inner.request {
+            RequestFingerprint::Known(fingerprint) => Ok(*fingerprint),
+            RequestFingerprint::Body(body) => match body.finished().await {
+                Some(fingerprint) => Ok(Some(fingerprint)),
+                None => Err(RecoveryError::RequestUnread),
+            },
+        }
+    }
+
+    /// Reads the key's point for a request with `fingerprint`: a point saved by a request with
+    /// another payload is refused (and remembered, for the layer's answer).
+    async fn load_for(
+        &self,
+        fingerprint: Option<u128>,
+    ) -> Result<Option<RecoveryPoint>, RecoveryError> {
+        let inner = &self.inner;
+        let loaded = super::bounded(
+            inner.timeout,
+            inner.store.load_point(&inner.key, &inner.token),
+        )
+        .await?;
+        if let Some(point) = &loaded {
+            if !super::same_payload(point.fingerprint(), fingerprint) {
+                tracing::warn!(
+                    outcome = "mismatch",
+                    "the key's recovery point was saved by a request with another payload; refusing it"
+                );
+                self.mark(REUSED);
+                return Err(RecoveryError::KeyReused);
+            }
+        }
+        self.mark(CHECKED);
+        Ok(loaded)
     }
 
     /// The recovery points of the message being handled, inside a handler run by the consumer
@@ -148,26 +253,38 @@ impl RecoveryPoints {
         CURRENT.scope(self, work).await
     }
 
-    /// The point an earlier run of this key saved, if any: one store round trip.
+    /// The point an earlier run of this key saved, if any: one store round trip. A point saved
+    /// by a request with another payload is [`RecoveryError::KeyReused`].
     pub async fn load(&self) -> Result<Option<RecoveryPoint>, RecoveryError> {
-        let inner = &self.inner;
-        let loaded = super::bounded(
-            inner.timeout,
-            inner.store.load_point(&inner.key, &inner.token),
-        )
-        .await?;
-        Ok(loaded)
+        let fingerprint = self.request_fingerprint().await?;
+        self.load_for(fingerprint).await
     }
 
     /// Saves the point `phase`, carrying `data`, replacing the one before: one store round
-    /// trip. Refused without a write when it is over the limit, or when this run no longer
-    /// holds its key.
+    /// trip (two for a run's first save when it did not [`load`](Self::load) first: the key's
+    /// point is checked to be this request's own). Refused without a write when it is over the
+    /// limit, when the key's point belongs to a request with another payload, or when this run
+    /// no longer holds its key.
+    ///
+    /// When the save fails, the layer keeps this run's outcome, whatever it is (see the type's
+    /// docs): finish the work and answer.
     pub async fn save(
         &self,
         phase: impl Into<String>,
         data: impl Into<Bytes>,
     ) -> Result<(), RecoveryError> {
-        let point = RecoveryPoint::new(phase, data);
+        let result = self.save_point(RecoveryPoint::new(phase, data)).await;
+        match &result {
+            Ok(()) | Err(RecoveryError::LeaseLost | RecoveryError::KeyReused) => {}
+            Err(error) => {
+                tracing::error!(%error, "recovery point not saved; this run's outcome will be kept whatever it is");
+                self.mark(UNSAVED);
+            }
+        }
+        result
+    }
+
+    async fn save_point(&self, point: RecoveryPoint) -> Result<(), RecoveryError> {
         let inner = &self.inner;
         let size = point.phase().len() + point.data().len();
         if size > inner.max_bytes {
@@ -176,6 +293,12 @@ impl RecoveryPoints {
                 limit: inner.max_bytes,
             });
         }
+        let fingerprint = self.request_fingerprint().await?;
+        if inner.state.load(Ordering::Acquire) & CHECKED == 0 {
+            // The key's point may be another request's: never overwrite it.
+            self.load_for(fingerprint).await?;
+        }
+        let point = point.with_fingerprint(fingerprint);
         super::bounded(
             inner.timeout,
             inner

@@ -236,28 +236,43 @@ impl fmt::Debug for Record {
 }
 
 /// A handler's progress under a key, saved so that a later run of the same key resumes instead
-/// of repeating a side effect: a phase name and a small value. See
-/// [`RecoveryPoints`](crate::RecoveryPoints) for how handlers use them.
+/// of repeating a side effect: a phase name and a small value, bound to the fingerprint of the
+/// request that saved it. See [`RecoveryPoints`](crate::RecoveryPoints) for how handlers use
+/// them.
+///
+/// A store keeps the point whole, fingerprint included, and gives it back as it was saved (the
+/// conformance suite checks it): the layer compares the fingerprint with the loading request's
+/// own, so that a request with another payload never resumes from another request's progress.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RecoveryPoint {
     phase: String,
     data: Bytes,
+    fingerprint: Option<u128>,
 }
 
-/// The stored form of a point: `"TP" version=1 length xxh3` (the integrity envelope), then
-/// `phase-len:u16 phase data`.
+/// The stored form of a point: `"TP" version length xxh3` (the integrity envelope), then, in
+/// version 2, `fingerprint-flag:u8 [fingerprint:u128] phase-len:u32 phase data`; version 1
+/// (read only) was `phase-len:u16 phase data`, bound to no request.
 #[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
 const POINT_MAGIC: &[u8; 2] = b"TP";
 #[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
-const POINT_VERSION: u8 = 1;
+const POINT_VERSION: u8 = 2;
 
 impl RecoveryPoint {
-    /// A point at `phase`, carrying `data`.
+    /// A point at `phase`, carrying `data`, bound to no request (see
+    /// [`with_fingerprint`](Self::with_fingerprint)).
     pub fn new(phase: impl Into<String>, data: impl Into<Bytes>) -> Self {
         Self {
             phase: phase.into(),
             data: data.into(),
+            fingerprint: None,
         }
+    }
+
+    /// This point, bound to the request whose fingerprint is `fingerprint` (`None`: to any).
+    pub fn with_fingerprint(mut self, fingerprint: Option<u128>) -> Self {
+        self.fingerprint = fingerprint;
+        self
     }
 
     /// The phase the work had reached.
@@ -270,45 +285,95 @@ impl RecoveryPoint {
         &self.data
     }
 
+    /// The fingerprint of the request that saved it (`None`: fingerprints are not checked, or
+    /// the point was saved by a build that did not bind points).
+    pub fn fingerprint(&self) -> Option<u128> {
+        self.fingerprint
+    }
+
     /// The bytes a store keeps (stores that keep points as one value use this encoding).
     #[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
     pub(crate) fn encode(&self) -> Bytes {
         use bytes::BufMut;
-        let phase = &self.phase.as_bytes()[..self.phase.len().min(usize::from(u16::MAX))];
+        let phase = self.phase.as_bytes();
+        // The layer refuses points over its limit (at most `u32::MAX`) before they get here;
+        // a longer phase would not fit its length, and a cut one could not be resumed.
+        let phase_len =
+            u32::try_from(phase.len()).expect("a recovery point's phase is under 4 GiB");
+        let fingerprint_len = if self.fingerprint.is_some() { 16 } else { 0 };
         let mut buf = crate::protocol::seal::start(
             POINT_MAGIC,
             POINT_VERSION,
-            2 + phase.len() + self.data.len(),
+            1 + fingerprint_len + 4 + phase.len() + self.data.len(),
         );
-        buf.put_u16(phase.len() as u16);
+        match self.fingerprint {
+            Some(fingerprint) => {
+                buf.put_u8(1);
+                buf.put_u128(fingerprint);
+            }
+            None => buf.put_u8(0),
+        }
+        buf.put_u32(phase_len);
         buf.put_slice(phase);
         buf.put_slice(&self.data);
         crate::protocol::seal::finish(buf)
     }
 
-    /// Reads what [`encode`](Self::encode) wrote.
+    /// Reads what [`encode`](Self::encode) wrote (this version or version 1).
     #[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
     pub(crate) fn decode(stored: Bytes) -> Result<Self, StoreError> {
         use crate::protocol::seal::Unreadable;
-        let content = match stored.get(..3) {
-            Some([b'T', b'P', POINT_VERSION]) => crate::protocol::seal::open(&stored),
+        let corrupt = |what: &'static str| StoreError::Corrupt(what.into());
+        let version = match stored.get(..3) {
+            Some([b'T', b'P', version @ (1 | POINT_VERSION)]) => *version,
             Some([b'T', b'P', version]) if *version > POINT_VERSION => {
                 return Err(StoreError::UnknownFormat { version: *version })
             }
-            _ => Err(Unreadable::Damaged("not a recovery point")),
-        }
-        .map_err(|error| StoreError::Corrupt(Box::new(error)))?;
-        let len = content
-            .get(..2)
-            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
-            .filter(|len| 2 + len <= content.len())
-            .ok_or_else(|| StoreError::Corrupt("a recovery point's phase is cut".into()))?;
-        let phase = std::str::from_utf8(&content[2..2 + len])
-            .map_err(|_| StoreError::Corrupt("a recovery point's phase is not UTF-8".into()))?
+            _ => {
+                return Err(StoreError::Corrupt(Box::new(Unreadable::Damaged(
+                    "not a recovery point",
+                ))))
+            }
+        };
+        let content = crate::protocol::seal::open(&stored)
+            .map_err(|error| StoreError::Corrupt(Box::new(error)))?;
+        let (fingerprint, rest) = if version == 1 {
+            (None, 0)
+        } else {
+            match content.first() {
+                Some(0) => (None, 1),
+                Some(1) => {
+                    let bytes = content
+                        .get(1..17)
+                        .ok_or_else(|| corrupt("a recovery point's fingerprint is cut"))?;
+                    let fingerprint = u128::from_be_bytes(bytes.try_into().expect("16 bytes"));
+                    (Some(fingerprint), 17)
+                }
+                _ => return Err(corrupt("a recovery point's fingerprint flag is damaged")),
+            }
+        };
+        let (len, start) = if version == 1 {
+            let len = content
+                .get(..2)
+                .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+            (len, 2)
+        } else {
+            let len = content
+                .get(rest..rest + 4)
+                .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize);
+            (len, rest + 4)
+        };
+        let end = len
+            .and_then(|len| start.checked_add(len))
+            .filter(|end| *end <= content.len())
+            .ok_or_else(|| corrupt("a recovery point's phase is cut"))?;
+        let phase = std::str::from_utf8(&content[start..end])
+            .map_err(|_| corrupt("a recovery point's phase is not UTF-8"))?
             .to_owned();
         Ok(Self {
             phase,
-            data: content.slice(2 + len..),
+            data: content.slice(end..),
+            fingerprint,
         })
     }
 }
@@ -318,6 +383,10 @@ impl fmt::Debug for RecoveryPoint {
         f.debug_struct("RecoveryPoint")
             .field("phase", &self.phase)
             .field("data_len", &self.data.len())
+            .field(
+                "fingerprint",
+                &self.fingerprint.map(|v| format!("{v:032x}")),
+            )
             .finish()
     }
 }
@@ -684,5 +753,92 @@ impl<T: Store> Store for Arc<T> {
         token: &OwnerToken,
     ) -> impl Future<Output = Result<Option<RecoveryPoint>, StoreError>> + Send {
         (**self).load_point(key, token)
+    }
+}
+
+#[cfg(all(test, any(feature = "redis", feature = "postgres", feature = "sqlite")))]
+mod point_encoding_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip(point: &RecoveryPoint) -> RecoveryPoint {
+        RecoveryPoint::decode(point.encode()).expect("a point reads back")
+    }
+
+    /// Phases around the old 16-bit length (65,535 bytes), with a multi-byte character
+    /// straddling each boundary: every one comes back whole.
+    #[test]
+    fn a_phase_of_any_length_comes_back_whole() {
+        for len in [0, 1, 65_534, 65_535, 65_536, 65_537, 131_073] {
+            for filler in ["a", "é", "€", "𝄞"] {
+                let mut phase = filler.repeat(len / filler.len() + 1);
+                let mut end = len;
+                while !phase.is_char_boundary(end) {
+                    end -= 1;
+                }
+                phase.truncate(end);
+                let point = RecoveryPoint::new(phase.clone(), "data").with_fingerprint(Some(7));
+                let back = round_trip(&point);
+                assert_eq!(back.phase(), phase, "{len} bytes of {filler}");
+                assert_eq!(back, point);
+            }
+        }
+    }
+
+    /// A version 1 point (written before points were bound to their request) still reads, as a
+    /// point bound to no request.
+    #[test]
+    fn a_version_1_point_reads_as_unbound() {
+        use bytes::BufMut;
+        let mut buf = crate::protocol::seal::start(b"TP", 1, 2 + 7 + 4);
+        buf.put_u16(7);
+        buf.put_slice(b"charged");
+        buf.put_slice(b"ch_1");
+        let point = RecoveryPoint::decode(crate::protocol::seal::finish(buf)).unwrap();
+        assert_eq!(point.phase(), "charged");
+        assert_eq!(point.data().as_ref(), b"ch_1");
+        assert_eq!(point.fingerprint(), None);
+    }
+
+    /// Every single flipped bit of a stored point is found (the envelope's checksum covers the
+    /// fingerprint and its presence, the phase's length and the data).
+    #[test]
+    fn every_flipped_bit_is_found() {
+        for fingerprint in [None, Some(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef)] {
+            let stored = RecoveryPoint::new("charged", "ch_1")
+                .with_fingerprint(fingerprint)
+                .encode();
+            for bit in 0..stored.len() * 8 {
+                let mut damaged = stored.to_vec();
+                damaged[bit / 8] ^= 1 << (bit % 8);
+                match RecoveryPoint::decode(Bytes::from(damaged)) {
+                    Err(StoreError::Corrupt(_) | StoreError::UnknownFormat { .. }) => {}
+                    other => panic!("bit {bit} flipped read as {other:?}"),
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_point_round_trips(
+            phase in ".{0,300}",
+            data in proptest::collection::vec(any::<u8>(), 0..300),
+            fingerprint in proptest::option::of(any::<u128>()),
+        ) {
+            let point = RecoveryPoint::new(phase, data).with_fingerprint(fingerprint);
+            prop_assert_eq!(round_trip(&point), point);
+        }
+
+        #[test]
+        fn any_cut_point_is_refused(
+            phase in ".{0,40}",
+            data in proptest::collection::vec(any::<u8>(), 0..40),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let stored = RecoveryPoint::new(phase, data).with_fingerprint(Some(1)).encode();
+            let at = cut.index(stored.len());
+            prop_assert!(RecoveryPoint::decode(stored.slice(..at)).is_err());
+        }
     }
 }
