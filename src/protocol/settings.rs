@@ -77,8 +77,14 @@ impl<St> Settings<St> {
     }
 
     /// How long a claim lasts without renewal \[[`defaults::LEASE`](crate::defaults::LEASE)\].
-    /// It is renewed every third of this while the work runs; only a dead process lets it
-    /// lapse, blocking the key this long.
+    /// It is renewed every third of this while the work runs. A process that stops renewing
+    /// loses its claim once the lease runs out, whatever the reason: it died, it is frozen
+    /// (`SIGSTOP`, a stalled VM, a long GC-like pause of its runtime), or it cannot reach the
+    /// store (partitioned). The key is then blocked for at most this long, after which a retry
+    /// takes it over and runs the handler again (from the key's recovery point, if one was
+    /// saved); should the old run wake up, its completion and saves are refused
+    /// ([`StoreError::LeaseLost`](crate::store::StoreError::LeaseLost)), but a side effect it
+    /// makes after waking is its own: pass the key to the provider too.
     ///
     /// # Panics
     ///

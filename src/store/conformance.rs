@@ -531,7 +531,9 @@ pub async fn recovery_points_end_with_completion_and_ttl<St: Store>(store: &St) 
     store.release(&short, &holder).await.unwrap();
 }
 
-/// A point of 64 KiB (the layer's default limit), with any bytes, is kept exactly.
+/// A point of 64 KiB (the layer's default limit), with any bytes, is kept exactly, with the
+/// fingerprint it is bound to (and its absence); so is a phase of more than 65,535 bytes whose
+/// last character straddles that length (a 16-bit length would cut it).
 pub async fn recovery_points_hold_64_kib<St: Store>(store: &St) {
     let key = fresh_key("point-size");
     let token = claim_owned(store, &key, LEASE).await;
@@ -539,9 +541,17 @@ pub async fn recovery_points_hold_64_kib<St: Store>(store: &St) {
         return;
     }
     let data: Bytes = (0..64 * 1024).map(|i| (i * 7 % 256) as u8).collect();
-    let point = RecoveryPoint::new("charged: ch_é", data);
-    store.save_point(&key, &token, &point, TTL).await.unwrap();
-    assert_eq!(store.load_point(&key, &token).await.unwrap(), Some(point));
+    let long_phase = format!("{}€", "a".repeat(65_534));
+    for point in [
+        RecoveryPoint::new("charged: ch_é", data.clone()),
+        RecoveryPoint::new("charged", "ch_1").with_fingerprint(Some(u128::MAX - 1)),
+        RecoveryPoint::new(long_phase, Bytes::new()).with_fingerprint(Some(1)),
+    ] {
+        store.save_point(&key, &token, &point, TTL).await.unwrap();
+        let found = store.load_point(&key, &token).await.unwrap();
+        assert_eq!(found.as_ref(), Some(&point));
+        assert_eq!(found.unwrap().fingerprint(), point.fingerprint());
+    }
     store.release(&key, &token).await.unwrap();
 }
 
