@@ -5,6 +5,7 @@
 pub mod demo;
 pub mod proxy;
 pub mod servers;
+#[macro_use]
 pub mod shared_store;
 
 use std::collections::VecDeque;

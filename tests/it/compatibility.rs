@@ -1,7 +1,7 @@
 //! Records written by earlier releases replay forever, and a table created by the first
 //! release's schema is upgraded by `migrate()`: golden bytes on real servers, through the layer.
 
-mod support;
+use crate::support;
 
 use http::Method;
 use support::servers::{own_postgres, postgres_url, raw_redis, redis_url};

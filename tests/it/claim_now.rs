@@ -1,7 +1,7 @@
 //! A store that claims at once (`Store::claim_now`): the layer asks it first, on the request's
 //! own task, and goes to `claim_as` only when it does not answer.
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! refuses `SET … NX GET`): the conformance suite and the shared-store cases against a real
 //! Redis, so that the fallback stays as correct as the plain command.
 
-mod support;
+use crate::support;
 
 use support::servers::redis_url;
 use tower_idempotency::store::{RedisStore, Store};

@@ -1,7 +1,7 @@
 //! The demo on `--store sqlite://PATH`, as real processes: a payment survives `kill -9` and a
 //! graceful stop, two processes on one file run a payment once, and a bad path fails at start.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 

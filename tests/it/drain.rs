@@ -2,7 +2,7 @@
 //! hands back at the deadline. (`tests/fleet.rs` does the same with real processes, SIGTERM
 //! and a shared Redis or PostgreSQL.)
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

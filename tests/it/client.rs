@@ -1,7 +1,7 @@
 //! The retrying client layer: keys, what is retried and what never is, backoff and jitter,
 //! and the whole promise against the layered server with lost answers.
 
-mod support;
+use crate::support;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};

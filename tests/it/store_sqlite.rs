@@ -1,7 +1,7 @@
 //! `SqliteStore` on real files: the conformance suite, several handles (connections) on one
 //! file as several processes hold, restarts, and the errors of a bad path.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

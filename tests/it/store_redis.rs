@@ -1,6 +1,6 @@
 //! `RedisStore` against a real Redis server: the conformance suite and the fleet cases.
 
-mod support;
+use crate::support;
 
 use support::servers::redis_url;
 use support::shared_store;

@@ -1,6 +1,6 @@
 //! The request lifecycle, behaviour by behaviour, through an axum router.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! Two demo processes pointed at one shared store behave as one service (Redis and PostgreSQL).
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

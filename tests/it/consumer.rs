@@ -1,6 +1,6 @@
 //! The message-consumer adapter: one handler run per key, whatever the redeliveries, on every store.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,7 +1,7 @@
 //! `RedisStore` against a real Redis Cluster of three masters started by the tests: the
 //! conformance suite, the fleet cases, keys spread over every master, and a master restart.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

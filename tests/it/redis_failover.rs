@@ -3,7 +3,7 @@
 //! a payment never runs twice across the failover; without it, it does (the hole the setting
 //! closes).
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

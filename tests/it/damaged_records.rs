@@ -6,7 +6,7 @@
 //! Each case stores a payment through the layer on a real server, changes the stored bytes with
 //! a plain client, then retries three times.
 
-mod support;
+use crate::support;
 
 use http::Method;
 use support::servers::{postgres_url, raw_redis, redis_url};

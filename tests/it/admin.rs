@@ -1,7 +1,7 @@
 //! Operator tools against the layer: the public key builder names the layer's own record, and
 //! deleting it lets the next request run.
 
-mod support;
+use crate::support;
 
 use http::{Method, StatusCode};
 use support::{app, request, send};

@@ -1,6 +1,6 @@
 //! The `custom_store` example passes the conformance suite, as its docs promise.
 
-#[path = "../examples/custom_store.rs"]
+#[path = "../../examples/custom_store.rs"]
 #[allow(dead_code)]
 mod custom_store;
 

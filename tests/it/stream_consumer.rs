@@ -2,7 +2,7 @@
 //! mid-batch before acking, its pending messages claimed by the other, and every message's side
 //! effect applied exactly once.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 

@@ -1,6 +1,6 @@
 //! `PostgresStore` against a real PostgreSQL server: the conformance suite and the fleet cases.
 
-mod support;
+use crate::support;
 
 use support::servers::postgres_url;
 use support::shared_store;

@@ -1,7 +1,7 @@
 //! Safe by default: misconfiguration, hostile input and overload never break the promise
 //! silently. Each test names one promise.
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! run saved instead of repeating its side effect. In process through the layer and the
 //! consumer, and with real demo processes crashed by `kill -9` and by `abort()` on every store.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

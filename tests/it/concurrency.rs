@@ -1,7 +1,7 @@
 //! Races: many duplicates at the same instant, on a multi-threaded runtime, and a client that
 //! disconnects over a real socket.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

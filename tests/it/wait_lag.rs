@@ -6,7 +6,7 @@
 //! cargo test --release --test wait_lag -- --ignored --nocapture
 //! ```
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,6 @@
 //! Every outcome is visible in `tracing`, as an event with an `outcome` field.
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, Mutex};
 

@@ -1,7 +1,7 @@
 //! The demo server, driven from outside over loopback as a client would: its contract and the
 //! promises the README's walk-through makes.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 

@@ -8,7 +8,7 @@
 //! Needs `valkey-server` (8.1 or later) on the `PATH`; `.ci/run` builds one from Debian's
 //! source package. Without it the tests say so and pass without running (and fail under CI).
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,0 +1,39 @@
+//! The integration tests, in one binary (one link of the crate and its dependencies, instead
+//! of one per file): each file is a module. `cargo test --test it MODULE` runs one of them,
+//! e.g. `cargo test --test it store_redis`.
+//!
+//! Tests that need a server (`redis-server`, `valkey-server`, PostgreSQL's `initdb`/`pg_ctl`)
+//! start their own on a free loopback port, and print `SKIPPED:` and pass without one (under
+//! `CI`, they fail instead): see `support/servers.rs`.
+
+#[macro_use]
+mod support;
+
+mod admin;
+mod claim_now;
+mod client;
+mod compatibility;
+mod concurrency;
+mod conformance_memory;
+mod consumer;
+mod custom_store;
+mod damaged_records;
+mod demo_server;
+mod demo_sqlite;
+mod docs_links;
+mod drain;
+mod fleet;
+mod lifecycle;
+mod observability;
+mod recovery_points;
+mod redis_failover;
+mod safe_defaults;
+mod store_postgres;
+mod store_redis;
+mod store_redis_cluster;
+mod store_redis_conditional;
+mod store_redis_script;
+mod store_sqlite;
+mod stream_consumer;
+mod tower_contract;
+mod wait_lag;
