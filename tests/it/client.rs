@@ -385,7 +385,7 @@ async fn every_payment_executes_once_despite_lost_answers() {
 /// A server that answers 503 to each key's first attempt and 201 to its retry, noting the
 /// moment (since `start`) of every attempt per key.
 fn first_attempt_fails(
-    arrivals: Arc<Mutex<std::collections::HashMap<HeaderValue, Vec<std::time::Instant>>>>,
+    arrivals: Arc<Mutex<std::collections::HashMap<HeaderValue, Vec<tokio::time::Instant>>>>,
 ) -> impl Service<
     Request<Full<Bytes>>,
     Response = Response<Full<Bytes>>,
@@ -393,7 +393,7 @@ fn first_attempt_fails(
     Future = impl Send,
 > + Clone {
     service_fn(move |request: Request<Full<Bytes>>| {
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         let key = request.headers()["idempotency-key"].clone();
         let mut arrivals = arrivals.lock().unwrap();
         let seen = arrivals.entry(key).or_default();
@@ -412,9 +412,10 @@ fn first_attempt_fails(
 
 /// The herd bug: tower's `Retry` clones the policy into every request, so a generator kept in
 /// the policy made every request of one client draw the same delays. 200 concurrent requests
-/// through one service instance, in real time: their first retries must spread over the
-/// 100 ms window (lockstep puts them all in one millisecond).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// through one service instance: their first retries must spread over the 100 ms window
+/// (lockstep puts them all in one millisecond). On tokio's paused clock, so that each retry
+/// arrives exactly when its drawn delay says, however busy the machine is.
+#[tokio::test(start_paused = true)]
 async fn concurrent_requests_of_one_client_retry_at_independent_moments() {
     const REQUESTS: usize = 200;
     let arrivals = Arc::new(Mutex::new(std::collections::HashMap::new()));

@@ -56,18 +56,23 @@ async fn tenants_have_separate_key_spaces_and_failures_release_the_key() {
     let b = demo.post("tenant-b", Some("same-key"), PAYMENT).await;
     assert!(!b.replayed());
     assert_ne!(a.body, b.body);
-    let failed = demo
-        .post(
-            "tenant-a",
-            Some("flaky"),
-            r#"{"amount": 1, "currency": "usd", "fail": true}"#,
-        )
-        .await;
+    // `fail` answers 500 after the charge, on the key's first run: the key is released, and
+    // the retry (the same payload) runs, resuming from the run's recovery point.
+    let flaky = r#"{"amount": 1, "currency": "usd", "fail": true}"#;
+    let failed = demo.post("tenant-a", Some("flaky"), flaky).await;
     assert_eq!(failed.status, 500);
-    let corrected = demo.post("tenant-a", Some("flaky"), PAYMENT).await;
-    assert_eq!(corrected.status, 201);
-    assert!(!corrected.replayed());
+    let retried = demo.post("tenant-a", Some("flaky"), flaky).await;
+    assert_eq!(retried.status, 201);
+    assert!(!retried.replayed());
     assert_eq!(demo.executions().await, 4);
+    assert_eq!(
+        demo.stats().await["provider_charges"],
+        3,
+        "the retry charged nothing"
+    );
+    // Another payload under that key is refused: a charge was made under it for the first.
+    let other = demo.post("tenant-a", Some("flaky"), PAYMENT).await;
+    assert_eq!(other.status, 422);
 }
 
 #[tokio::test]

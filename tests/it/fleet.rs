@@ -86,7 +86,9 @@ async fn a_record_survives_a_restart_of_the_demo(store: &str) {
 }
 
 async fn a_killed_instance_blocks_its_key_only_until_the_lock_ttl(store: &str) {
-    let args = ["--store", store, "--lock-ttl", "2"];
+    // Without recovery points: the retry below sends another payload (no simulated slowness),
+    // which a key with a point would refuse (422).
+    let args = ["--store", store, "--lock-ttl", "2", "--no-recovery-points"];
     let (mut a, b) = (Demo::start(&args).await, Demo::start(&args).await);
     let k = key("sigkill");
     let slow = r#"{"amount": 1, "currency": "usd", "delay_ms": 60000}"#;
@@ -213,7 +215,14 @@ async fn sigterm_drains_in_flight_and_detached_payments(store: &str) {
 /// A drain whose deadline passes before the handler ends hands the key back: the retry on
 /// instance B runs at once instead of answering 409 for the lease.
 async fn a_drain_past_its_deadline_releases_the_key(store: &str) {
-    let args = ["--store", store, "--drain-timeout", "1"];
+    // Without recovery points: the retry sends another payload (see above).
+    let args = [
+        "--store",
+        store,
+        "--drain-timeout",
+        "1",
+        "--no-recovery-points",
+    ];
     let (mut a, b) = (Demo::start(&args).await, Demo::start(&args).await);
     let k = key("drain-deadline");
     let endless = r#"{"amount": 1, "currency": "usd", "delay_ms": 60000}"#;
