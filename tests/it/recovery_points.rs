@@ -12,7 +12,7 @@ use axum::routing::post;
 use axum::{Extension, Router};
 use support::demo::Demo;
 use support::servers::{postgres_url, redis_url, TempDir};
-use support::{request, send, FaultyStore};
+use support::{request, send, Fault, FaultyStore};
 use tower_idempotency::store::{
     ClaimOutcome, KeyState, MemoryStore, OwnerToken, Record, RecoveryPoint, Store, StoreError,
 };
@@ -209,7 +209,8 @@ async fn a_save_never_overwrites_another_payloads_point() {
 #[tokio::test]
 async fn a_failed_save_keeps_the_runs_answer_instead_of_releasing_the_key() {
     let runs = Runs::default();
-    let store = NoSaveStore::default();
+    let store = FaultyStore::new();
+    store.set(Fault::FailPointSaves);
     let mut app = app(IdempotencyLayer::with_store(store), runs.clone());
     let failed = send(
         &mut app,
@@ -231,7 +232,8 @@ async fn a_failed_save_keeps_the_runs_answer_instead_of_releasing_the_key() {
 #[tokio::test]
 async fn a_panic_after_a_failed_save_is_kept_as_progress_unsaved() {
     let runs = Runs::default();
-    let store = NoSaveStore::default();
+    let store = FaultyStore::new();
+    store.set(Fault::FailPointSaves);
     let mut app = app(IdempotencyLayer::with_store(store), runs.clone());
     let failed = send(
         &mut app,
@@ -245,60 +247,6 @@ async fn a_panic_after_a_failed_save_is_kept_as_progress_unsaved() {
     assert!(retry.replayed());
     assert_eq!(retry.json()["type"].as_str().unwrap(), kind.type_uri());
     assert_eq!(runs.0.lock().unwrap().len(), 1, "the handler ran once");
-}
-
-/// A memory store whose recovery point saves fail (a full disk, a store outage during the
-/// save); everything else works.
-#[derive(Clone, Default)]
-struct NoSaveStore {
-    inner: MemoryStore,
-}
-
-impl Store for NoSaveStore {
-    async fn claim_as(
-        &self,
-        key: &str,
-        token: &OwnerToken,
-        lease: Duration,
-    ) -> Result<ClaimOutcome, StoreError> {
-        self.inner.claim_as(key, token, lease).await
-    }
-    async fn renew(
-        &self,
-        key: &str,
-        token: &OwnerToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.renew(key, token, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &str,
-        token: &OwnerToken,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.complete(key, token, record, ttl).await
-    }
-    async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-    async fn save_point(
-        &self,
-        _key: &str,
-        _token: &OwnerToken,
-        _point: &RecoveryPoint,
-        _ttl: Duration,
-    ) -> Result<(), StoreError> {
-        Err(StoreError::backend("database or disk is full"))
-    }
-    async fn load_point(
-        &self,
-        key: &str,
-        token: &OwnerToken,
-    ) -> Result<Option<RecoveryPoint>, StoreError> {
-        self.inner.load_point(key, token).await
-    }
 }
 
 #[tokio::test]

@@ -26,7 +26,9 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use tokio::sync::{Notify, Semaphore};
 use tower::{Service, ServiceExt};
-use tower_idempotency::store::{ClaimOutcome, OwnerToken, Record, Store, StoreError};
+use tower_idempotency::store::{
+    ClaimOutcome, OwnerToken, Record, RecoveryPoint, Store, StoreError,
+};
 use tower_idempotency::{Idempotency, IdempotencyLayer, NoStore, RequestBody, ResponseBody};
 
 /// What the handler did, shared with the test.
@@ -283,6 +285,9 @@ pub enum Fault {
     Hang,
     /// `complete` panics (a bug in a store); other calls work.
     PanicOnComplete,
+    /// Recovery points are kept, but every save fails (a full disk, an outage during the
+    /// save); other calls work.
+    FailPointSaves,
 }
 
 /// A store that delegates to a memory store until told to fail or hang: a store outage.
@@ -310,7 +315,7 @@ impl FaultyStore {
     async fn gate(&self) -> Result<(), StoreError> {
         let fault = *self.fault.lock().unwrap();
         match fault {
-            Fault::None | Fault::PanicOnComplete => Ok(()),
+            Fault::None | Fault::PanicOnComplete | Fault::FailPointSaves => Ok(()),
             Fault::Fail => Err(StoreError::backend(
                 "connection refused (store password=hunter2)",
             )),
@@ -358,6 +363,33 @@ impl Store for FaultyStore {
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
         self.gate().await?;
         self.inner.release(key, token).await
+    }
+
+    async fn save_point(
+        &self,
+        _key: &str,
+        _token: &OwnerToken,
+        _point: &RecoveryPoint,
+        _ttl: Duration,
+    ) -> Result<(), StoreError> {
+        // Points are offered only by a store told to fail their saves: elsewhere this store
+        // keeps none, as a custom store without them.
+        match *self.fault.lock().unwrap() {
+            Fault::FailPointSaves => Err(StoreError::backend("database or disk is full")),
+            _ => Err(StoreError::Unsupported("recovery points")),
+        }
+    }
+
+    async fn load_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+    ) -> Result<Option<RecoveryPoint>, StoreError> {
+        let fault = *self.fault.lock().unwrap();
+        match fault {
+            Fault::FailPointSaves => self.inner.load_point(key, token).await,
+            _ => Err(StoreError::Unsupported("recovery points")),
+        }
     }
 }
 
