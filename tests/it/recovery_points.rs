@@ -624,3 +624,29 @@ async fn a_consumer_redelivery_with_another_payload_is_refused() {
     assert!(redelivered.ran());
     assert_eq!(*effects.lock().unwrap(), 1, "shipped once");
 }
+
+/// A handler that loads a point while it still holds the request body unread is told to read
+/// it first (the point is bound to the body's fingerprint); once read, it loads.
+#[tokio::test]
+async fn a_point_cannot_be_loaded_before_the_body_is_read() {
+    use http_body_util::BodyExt;
+    let handler = |request: axum::extract::Request| async move {
+        let points = request
+            .extensions()
+            .get::<RecoveryPoints>()
+            .unwrap()
+            .clone();
+        let early = points.load().await;
+        assert!(
+            matches!(early, Err(RecoveryError::RequestUnread)),
+            "{early:?}"
+        );
+        request.into_body().collect().await.unwrap();
+        assert!(matches!(points.load().await, Ok(None)));
+        axum::http::StatusCode::CREATED
+    };
+    let router = Router::new().route("/payments", post(handler));
+    let mut app = tower::Layer::layer(&IdempotencyLayer::new(), router);
+    let answer = send(&mut app, request(Some("k"), "{\"amount\": 1}", &[])).await;
+    assert_eq!(answer.status, 201);
+}
