@@ -7,7 +7,7 @@
 //! `DATABASE_URL` (the same rules as the tests); otherwise they say so.
 
 mod fleet;
-#[path = "../tests/support/servers.rs"]
+#[path = "../tests/it/support/servers.rs"]
 mod servers;
 
 use std::convert::Infallible;

@@ -4,7 +4,7 @@
 //! `cargo bench --bench store_allocations` (Redis and PostgreSQL as in `stores.rs`).
 
 mod fleet;
-#[path = "../tests/support/servers.rs"]
+#[path = "../tests/it/support/servers.rs"]
 mod servers;
 
 use std::time::Duration;

@@ -6,7 +6,7 @@
 //! two ways of keeping SQLite off the async runtime on the same read.
 
 mod fleet;
-#[path = "../tests/support/servers.rs"]
+#[path = "../tests/it/support/servers.rs"]
 mod servers;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -2,9 +2,9 @@
 
 #[path = "../../examples/custom_store.rs"]
 #[allow(dead_code)]
-mod custom_store;
+mod example;
 
-use custom_store::HashMapStore;
+use example::HashMapStore;
 
 tower_idempotency::store_conformance_tests!(hash_map_store, async { HashMapStore::default() });
 

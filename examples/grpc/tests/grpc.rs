@@ -1,7 +1,7 @@
 //! The gRPC example (a tonic service behind the layer) driven by a real tonic client over
 //! loopback: for a gRPC client it behaves as the HTTP demo does for an HTTP client.
 
-#[path = "../../../tests/support/demo.rs"]
+#[path = "../../../tests/it/support/demo.rs"]
 mod demo;
 
 use std::process::Child;
