@@ -224,6 +224,10 @@ where
             .complete(Record::new(identity.fingerprint, payload))
             .await
             .into(),
+        Some(Err(error)) if points.unsaved() => {
+            let text = format!("the handler's outcome could not be encoded ({error}) after a recovery point was not saved");
+            return keep_failure(guard, &identity, text).await;
+        }
         Some(Err(error)) => {
             guard.release().await;
             let error = ConsumerError::Corrupt(Box::new(error));

@@ -52,15 +52,25 @@ pub(crate) fn carried_headers(
         .collect()
 }
 
+/// Which answers [`read`] stores.
+pub(crate) enum Keep<'a> {
+    /// The storable ones: of a plain HTTP answer, the statuses this function accepts and no
+    /// `no-store`; of a gRPC call, a success.
+    Storable(&'a StatusFn),
+    /// Any answer that can be replayed whole or by its head (a run whose recovery point was not
+    /// saved: its key must not be released).
+    Any,
+}
+
 /// Reads a storable response's body up to `max_body` bytes; anything else is returned
-/// untouched. `store_status` says which statuses of a plain HTTP answer are stored.
+/// untouched. `keep` says which answers are stored.
 ///
 /// A gRPC call (`grpc`) is storable only when it succeeded: HTTP 200 and `grpc-status: 0` (in
 /// its trailers, or in the headers of a trailers-only answer), which is known only once the
 /// body is read; and only whole (a replay without its trailers is no gRPC answer).
 pub(crate) async fn read<B>(
     response: Response<B>,
-    store_status: &StatusFn,
+    keep: Keep<'_>,
     max_body: usize,
     grpc: bool,
 ) -> Produced<B>
@@ -68,15 +78,18 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let storable_status = if grpc {
-        response.status() == http::StatusCode::OK
-    } else {
-        store_status(response.status())
+    let keep_any = matches!(keep, Keep::Any);
+    let storable_status = match keep {
+        Keep::Any => true,
+        Keep::Storable(_) if grpc => response.status() == http::StatusCode::OK,
+        Keep::Storable(store_status) => store_status(response.status()),
     };
     if !storable_status {
         return Produced::Unstored(response.map(ResponseBody::inner), ReleaseReason::Status);
     }
-    if response.extensions().get::<NoStore>().is_some() || has_no_store(response.headers()) {
+    if !keep_any
+        && (response.extensions().get::<NoStore>().is_some() || has_no_store(response.headers()))
+    {
         return Produced::Unstored(response.map(ResponseBody::inner), ReleaseReason::NoStore);
     }
     let (head, body) = response.into_parts();
@@ -99,7 +112,7 @@ where
     if grpc {
         let failed = if !whole {
             Some(ReleaseReason::TooLarge)
-        } else if grpc_status(&head.headers, &frames) != Some(b"0".as_slice()) {
+        } else if !keep_any && grpc_status(&head.headers, &frames) != Some(b"0".as_slice()) {
             Some(ReleaseReason::Status)
         } else {
             None

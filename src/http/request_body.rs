@@ -230,18 +230,63 @@ where
                     SlotState::Leftover(..) => std::mem::replace(&mut *state, SlotState::Reading),
                 }
             };
-            let SlotState::Leftover(mut rest, hasher) = leftover else {
+            let SlotState::Leftover(rest, hasher) = leftover else {
                 unreachable!("only a leftover body is taken out")
             };
-            // Only this call holds the body now (the handler dropped it).
-            let (state, fingerprint) =
-                match super::fingerprint::read_rest(rest.as_mut(), hasher).await {
-                    Ok(digest) => (SlotState::Done(digest), Some(digest)),
-                    Err(_) => (SlotState::Failed, None),
-                };
-            *self.lock().unwrap_or_else(|p| p.into_inner()) = state;
+            // Only this call holds the body now (the handler dropped it). Should this call be
+            // dropped before the end, what is left (with the hash of what was read) goes back.
+            let mut reading = ReadingOut {
+                slot: self,
+                rest: Some((rest, hasher)),
+            };
+            let fingerprint = reading.read().await;
+            *self.lock().unwrap_or_else(|p| p.into_inner()) = match fingerprint {
+                Some(digest) => SlotState::Done(digest),
+                None => SlotState::Failed,
+            };
             fingerprint
         })
+    }
+}
+
+/// A leftover body being read out for a recovery point; put back if dropped before its end.
+struct ReadingOut<'a, B> {
+    slot: &'a Mutex<SlotState<B>>,
+    rest: Option<(Pin<Box<B>>, FingerprintHasher)>,
+}
+
+impl<B> ReadingOut<'_, B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    /// Reads the rest and hashes it: the fingerprint, or `None` when the body failed.
+    async fn read(&mut self) -> Option<u128> {
+        let (body, hasher) = self.rest.as_mut()?;
+        loop {
+            match std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+                None => break,
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        hasher.update_body(data.chunk());
+                    }
+                }
+                Some(Err(_)) => {
+                    self.rest = None;
+                    return None;
+                }
+            }
+        }
+        self.rest.take().map(|(_, hasher)| hasher.finish())
+    }
+}
+
+impl<B> Drop for ReadingOut<'_, B> {
+    fn drop(&mut self) {
+        if let Some((rest, hasher)) = self.rest.take() {
+            *self.slot.lock().unwrap_or_else(|p| p.into_inner()) =
+                SlotState::Leftover(rest, hasher);
+        }
     }
 }
 

@@ -30,7 +30,7 @@ use http_body::Body;
 use tower_service::Service;
 
 use super::capture::{self, Captured, Produced};
-use super::config::{Config, OnStoreError, StatusFn};
+use super::config::{Config, OnStoreError};
 use super::fingerprint::FingerprintHasher;
 use super::future::ResponseFuture;
 use super::key::{self, HeldKey, KeyHeader};
@@ -582,14 +582,15 @@ where
             let work = std::pin::pin!(async {
                 let response = call.await?;
                 let max_body = config.max_response_body;
-                // After a failed save, the answer is kept whatever its status: releasing the
-                // key would let a retry repeat a side effect recorded nowhere.
-                let store_status: &StatusFn = if points.unsaved() {
-                    &|_| true
+                // After a failed save, the answer is kept whatever it is (its status, a
+                // `no-store`, a failed gRPC call): releasing the key would let a retry repeat a
+                // side effect recorded nowhere.
+                let keep = if points.unsaved() {
+                    capture::Keep::Any
                 } else {
-                    &*config.store_status
+                    capture::Keep::Storable(&*config.store_status)
                 };
-                Ok(capture::read(response, store_status, max_body, grpc).await)
+                Ok(capture::read(response, keep, max_body, grpc).await)
             });
             let produced = guard.run(work).await;
             if points.reused() {

@@ -274,6 +274,12 @@ impl RecoveryPoints {
         data: impl Into<Bytes>,
     ) -> Result<(), RecoveryError> {
         let result = self.save_point(RecoveryPoint::new(phase, data)).await;
+        self.noted(result)
+    }
+
+    /// Remembers a save that failed after a side effect (anything but a lost lease, whose key
+    /// is another run's now, and another payload's point, which the layer answers 422).
+    fn noted(&self, result: Result<(), RecoveryError>) -> Result<(), RecoveryError> {
         match &result {
             Ok(()) | Err(RecoveryError::LeaseLost | RecoveryError::KeyReused) => {}
             Err(error) => {
@@ -315,8 +321,10 @@ impl RecoveryPoints {
         phase: impl Into<String>,
         value: &T,
     ) -> Result<(), RecoveryError> {
-        let data = serde_json::to_vec(value).map_err(RecoveryError::Json)?;
-        self.save(phase, data).await
+        match serde_json::to_vec(value) {
+            Ok(data) => self.save(phase, data).await,
+            Err(error) => self.noted(Err(RecoveryError::Json(error))),
+        }
     }
 
     /// [`load`](Self::load), with the data read as JSON of `T`: the phase and the value.
