@@ -805,7 +805,7 @@ impl Store for PostgresStore {
     ) -> Result<(), StoreError> {
         let owner = &token_bytes(token)[..];
         let fingerprint = record.fingerprint().map(|f| f.to_be_bytes().to_vec());
-        let payload = &record.payload()[..];
+        let payload = &super::sealed::row_payload(&record)[..];
         self.owner_checked(
             &self.shared.sql.complete,
             &[&key, &owner, &fingerprint, &payload, &ms(ttl)],

@@ -662,7 +662,7 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let (owned_key, owner, ttl_ms) = (key.to_owned(), token_bytes(token), ms(ttl));
         let fingerprint = record.fingerprint().map(|f| f.to_be_bytes().to_vec());
-        let payload = record.payload().clone();
+        let payload = super::sealed::row_payload(&record);
         let completed = self
             .call(move |connection| {
                 connection
