@@ -236,3 +236,124 @@ fn unsafe_is_root() -> bool {
         .output()
         .is_ok_and(|out| out.stdout.starts_with(b"0"))
 }
+
+/// A store on its own file in `dir`, purging every `purge_every`.
+async fn own_store(dir: &TempDir, purge_every: Option<Duration>) -> SqliteStore {
+    SqliteStore::builder(dir.path().join("own.db"))
+        .purge_every(purge_every)
+        .open()
+        .await
+        .unwrap()
+}
+
+/// How long a store may go without looking at its file before a claim looks again.
+const IDLE_SPELL: Duration = Duration::from_millis(1100);
+
+/// A payment stored through the layer; then `change` is done to the file under the running
+/// store; after `wait`, a fresh key and the stored one both answer 503 (the store fails
+/// closed: the handler is not run, nothing is replayed), and keep doing so.
+async fn fails_closed_after<Fut: std::future::Future<Output = ()>>(
+    store: SqliteStore,
+    change: impl FnOnce(std::path::PathBuf) -> Fut,
+    wait: Duration,
+) {
+    use support::{app, request, send};
+    let (mut app, probe) = app(tower_idempotency::IdempotencyLayer::with_store(
+        store.clone(),
+    ));
+    let stored = tower_idempotency::store::conformance::fresh_key("file-stored");
+    assert_eq!(
+        send(&mut app, request(Some(&stored), "{}", &[]))
+            .await
+            .status,
+        201
+    );
+    change(store.path().to_owned()).await;
+    tokio::time::sleep(wait).await;
+    for round in 0..3 {
+        let fresh = tower_idempotency::store::conformance::fresh_key("file-fresh");
+        for key in [&fresh, &stored] {
+            let answer = send(&mut app, request(Some(key), "{}", &[])).await;
+            assert_eq!(answer.status, 503, "round {round}: {:?}", answer.body);
+            assert!(!answer.replayed());
+        }
+    }
+    assert_eq!(
+        probe.executions(),
+        1,
+        "the handler ran on a file that is not the store's"
+    );
+    match store.claim("direct", Duration::from_secs(5)).await {
+        Err(StoreError::Backend(error)) => {
+            let said = error.to_string();
+            assert!(said.contains("no longer"), "{said}");
+        }
+        other => panic!("expected a store error, got {other:?}"),
+    }
+}
+
+async fn deleted(path: std::path::PathBuf) {
+    delete_database(&path);
+}
+
+fn delete_database(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        let _ = std::fs::remove_file(file);
+    }
+}
+
+/// Another database moved over the path (a restore of a backup, a copy): the path names
+/// another file than the store's.
+async fn replaced(path: std::path::PathBuf) {
+    let other = path.with_extension("other");
+    let db = rusqlite::Connection::open(&other).unwrap();
+    db.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+        .unwrap();
+    drop(db);
+    delete_database(&path);
+    std::fs::rename(&other, &path).unwrap();
+}
+
+/// The file deleted, then a second process opens the path: it creates a new, empty database
+/// there (and would run every key again).
+async fn recreated_by_another_process(path: std::path::PathBuf) {
+    delete_database(&path);
+    let second = SqliteStore::open(&path).await.unwrap();
+    assert!(matches!(
+        second
+            .claim("another process", Duration::from_secs(5))
+            .await,
+        Ok(ClaimOutcome::Claimed(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_database_file_deleted_under_the_store_fails_claims_after_an_idle_spell() {
+    let dir = TempDir::new("sqlite-deleted");
+    let store = own_store(&dir, None).await;
+    fails_closed_after(store, deleted, IDLE_SPELL).await;
+}
+
+#[tokio::test]
+async fn a_database_file_replaced_under_the_store_fails_claims_after_an_idle_spell() {
+    let dir = TempDir::new("sqlite-replaced");
+    let store = own_store(&dir, None).await;
+    fails_closed_after(store, replaced, IDLE_SPELL).await;
+}
+
+#[tokio::test]
+async fn a_database_recreated_at_the_path_by_another_process_fails_claims_after_an_idle_spell() {
+    let dir = TempDir::new("sqlite-recreated");
+    let store = own_store(&dir, None).await;
+    fails_closed_after(store, recreated_by_another_process, IDLE_SPELL).await;
+}
+
+/// The purge loop looks too: a store kept busy (no idle spell) notices within a purge period.
+#[tokio::test]
+async fn the_purge_loop_notices_a_deleted_database_file() {
+    let dir = TempDir::new("sqlite-deleted-purge");
+    let store = own_store(&dir, Some(Duration::from_millis(50))).await;
+    fails_closed_after(store, deleted, Duration::from_millis(300)).await;
+}

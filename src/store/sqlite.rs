@@ -167,12 +167,55 @@ pub struct SqliteStore {
 
 struct Inner {
     path: PathBuf,
+    /// Which file the connection opened, to notice when the path names another (`None` where
+    /// it cannot be told: not Unix, or a path that names no file).
+    file: Option<FileWatch>,
     /// Jobs for the connection's thread; the thread ends when the last handle is dropped.
     jobs: mpsc::Sender<Job>,
     /// Completed records, by key, with the instant their cache entry stops being valid.
     records: moka::sync::Cache<String, Cached, ahash::RandomState>,
     cache_for: Duration,
     wakers: Wakers,
+}
+
+/// The identity (device and inode) of the database file as opened, and whether the path was
+/// last seen naming it.
+///
+/// A file deleted or replaced under a running store (a cleanup job, a restore, an operator's
+/// `rm`) leaves the connection writing to an unlinked file, while another process that opens
+/// the path creates a new database and runs every key again. So the store compares the path's
+/// identity with the opened file's: in its purge loop, and before a claim that reads the file
+/// when it has not looked for [`LOOK_EVERY`] (one `stat` a second at most, never one per
+/// request). Once the path names another file or none, every call fails (503: the handler is
+/// not run), until the process restarts on the file it should use.
+struct FileWatch {
+    identity: (u64, u64),
+    since: Instant,
+    /// When it last looked, in milliseconds since `since`.
+    looked_at: std::sync::atomic::AtomicU64,
+    lost: std::sync::atomic::AtomicBool,
+}
+
+/// How long a store goes without looking at its file before a claim looks again.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+
+#[cfg(unix)]
+fn identity(metadata: &std::fs::Metadata) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    Some((metadata.dev(), metadata.ino()))
+}
+
+#[cfg(not(unix))]
+fn identity(_: &std::fs::Metadata) -> Option<(u64, u64)> {
+    None
+}
+
+/// The path no longer names the file the store opened.
+#[derive(Debug, thiserror::Error)]
+#[error("the SQLite database {path} is no longer the file this store opened ({what} while the store ran): the store refuses every call until the process is restarted, since another process may be serving a new database at that path")]
+struct FileLost {
+    path: PathBuf,
+    what: &'static str,
 }
 
 #[derive(Clone)]
@@ -316,9 +359,22 @@ impl SqliteStoreBuilder {
             })
             // SipHash was a tenth of a replay in the memory store: the same fast keyed hash.
             .build_with_hasher(ahash::RandomState::new());
+        // The file exists now (the connection created it if it did not): its identity is the
+        // opened file's.
+        let file = std::fs::metadata(&self.path)
+            .ok()
+            .as_ref()
+            .and_then(identity)
+            .map(|identity| FileWatch {
+                identity,
+                since: Instant::now(),
+                looked_at: Default::default(),
+                lost: Default::default(),
+            });
         let store = SqliteStore {
             inner: Arc::new(Inner {
                 path: self.path,
+                file,
                 jobs,
                 records,
                 cache_for: self.cache_for,
@@ -410,6 +466,9 @@ fn spawn_purger(inner: Weak<Inner>, period: Duration) {
             interval.tick().await;
             let Some(inner) = inner.upgrade() else { return };
             let store = SqliteStore { inner };
+            if store.look_at_file(true).is_err() {
+                continue;
+            }
             super::purge_in_batches(|batch| store.purge_expired(batch)).await;
         }
     });
@@ -504,11 +563,67 @@ impl SqliteStore {
         .await
     }
 
+    /// Fails once the path was seen naming another file than the store's, or none (see
+    /// [`FileWatch`]).
+    fn file_lost(&self) -> Result<(), StoreError> {
+        match &self.inner.file {
+            Some(file) if file.lost.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(self.lost("deleted or replaced"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn lost(&self, what: &'static str) -> StoreError {
+        StoreError::backend(FileLost {
+            path: self.inner.path.clone(),
+            what,
+        })
+    }
+
+    /// Looks whether the path still names the store's file: always when `now`, else only
+    /// when it has not looked for [`LOOK_EVERY`].
+    fn look_at_file(&self, now: bool) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.file_lost()?;
+        let Some(file) = &self.inner.file else {
+            return Ok(());
+        };
+        let at = u64::try_from(file.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = file.looked_at.load(Relaxed);
+        if !now && at.saturating_sub(last) < LOOK_EVERY.as_millis() as u64 {
+            return Ok(());
+        }
+        file.looked_at.store(at, Relaxed);
+        let what = match std::fs::metadata(&self.inner.path) {
+            Ok(metadata) if identity(&metadata) == Some(file.identity) => return Ok(()),
+            Ok(_) => "replaced by another file",
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => "deleted",
+            Err(error) => {
+                // Not a sign that the file changed (a permission, an I/O error): the calls
+                // themselves will say whether the database still works.
+                tracing::warn!(path = %self.inner.path.display(), %error, "cannot look at the SQLite database file");
+                return Ok(());
+            }
+        };
+        if !file.lost.swap(true, Relaxed) {
+            tracing::error!(
+                path = %self.inner.path.display(),
+                what,
+                "the SQLite database file was {what} while the store ran: every call of the \
+                 store now fails (503, the handler not run) until the process is restarted, \
+                 since another process may serve a new database at that path"
+            );
+        }
+        Err(self.lost(what))
+    }
+
     /// Runs `work` on the connection's thread.
     async fn call<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.file_lost()?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |connection| {
             let result = work(connection);
@@ -563,9 +678,11 @@ impl Store for SqliteStore {
         token: &OwnerToken,
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
+        self.file_lost()?;
         if let Some(record) = self.cached(key) {
             return Ok(ClaimOutcome::Completed(record));
         }
+        self.look_at_file(false)?;
         let (owned_key, owner, lease_ms) = (key.to_owned(), token_bytes(token), ms(lease));
         let found = self
             .call(move |connection| {
