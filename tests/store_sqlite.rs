@@ -357,3 +357,133 @@ async fn the_purge_loop_notices_a_deleted_database_file() {
     let store = own_store(&dir, Some(Duration::from_millis(50))).await;
     fails_closed_after(store, deleted, Duration::from_millis(300)).await;
 }
+
+/// The store error of a call on a full disk says so.
+fn says_disk_full<T: std::fmt::Debug>(what: &str, result: Result<T, StoreError>) {
+    match result {
+        Err(StoreError::Backend(error)) => {
+            let said = error.to_string();
+            assert!(
+                said.contains("disk") && said.contains("full"),
+                "{what}: {said}"
+            );
+        }
+        other => panic!("{what}: expected a store error, got {other:?}"),
+    }
+}
+
+/// On a full disk a claim, a completion and a recovery point's save each fail with a store
+/// error that says the disk is full (a claim is a 503 over HTTP, the handler not run); the
+/// records already stored keep replaying, the file stays sound, and once space is freed
+/// every call works again, the refused completion included (its claim was kept).
+#[tokio::test]
+async fn a_full_disk_refuses_writes_with_a_clear_error_and_keeps_every_record() {
+    use support::servers::SmallDisk;
+    use support::{app, request, send};
+    use tower_idempotency::store::RecoveryPoint;
+    let Some(disk) = SmallDisk::mount("2m") else {
+        return;
+    };
+    let path = disk.path().join("full.db");
+    // No replay cache: replays read the file.
+    let store = SqliteStore::builder(&path)
+        .replay_cache_bytes(0)
+        .purge_every(None)
+        .open()
+        .await
+        .unwrap();
+    let lease = Duration::from_secs(60);
+    let ttl = Duration::from_secs(3600);
+    let (mut app, probe) = app(tower_idempotency::IdempotencyLayer::with_store(
+        store.clone(),
+    ));
+    let paid = tower_idempotency::store::conformance::fresh_key("full-paid");
+    let first = send(&mut app, request(Some(&paid), "{}", &[])).await;
+    assert_eq!(first.status, 201);
+    let held = tower_idempotency::store::conformance::fresh_key;
+    let (to_complete, to_save) = (held("full-complete"), held("full-save"));
+    let mut tokens = Vec::new();
+    for key in [&to_complete, &to_save] {
+        let ClaimOutcome::Claimed(token) = store.claim(key, lease).await.unwrap() else {
+            panic!("a fresh key is claimed");
+        };
+        tokens.push(token);
+    }
+
+    let filler = disk.fill();
+    // What the WAL's last page still holds may take a write; after that, the disk is full for
+    // every write. A claim answered `Claimed` must have been written: a second claim of its key
+    // finds it in flight (a claim that was not would let two requests run one key).
+    let mut refused = false;
+    for attempt in 0..64 {
+        let key = held(&format!("full-fill-{attempt}"));
+        match store.claim(&key, lease).await {
+            Ok(ClaimOutcome::Claimed(_)) => assert!(
+                matches!(
+                    store.claim(&key, lease).await,
+                    Ok(ClaimOutcome::InFlight { .. })
+                ),
+                "a claim on a full disk answered Claimed but was not stored"
+            ),
+            other => {
+                says_disk_full("a claim", other);
+                refused = true;
+                break;
+            }
+        }
+    }
+    assert!(refused, "no claim was refused on a full disk");
+    let refused_key = held("full-claim");
+    says_disk_full("a claim", store.claim(&refused_key, lease).await);
+    let record = Record::new(Some(7), "TI\x03not replayed, only stored");
+    says_disk_full(
+        "a completion",
+        store
+            .complete(&to_complete, &tokens[0], record.clone(), ttl)
+            .await,
+    );
+    let point = RecoveryPoint::new("charged", "ch_1");
+    says_disk_full(
+        "a recovery point's save",
+        store.save_point(&to_save, &tokens[1], &point, ttl).await,
+    );
+    // Over HTTP: a fresh key is a 503, the handler not run; the stored payment replays.
+    let fresh = send(&mut app, request(Some(&held("full-http")), "{}", &[])).await;
+    assert_eq!(fresh.status, 503, "{:?}", fresh.body);
+    let replay = send(&mut app, request(Some(&paid), "{}", &[])).await;
+    assert!(replay.replayed());
+    assert_eq!(replay.status, 201);
+    assert_eq!(replay.body, first.body);
+    assert_eq!(probe.executions(), 1);
+
+    std::fs::remove_file(filler).unwrap();
+    // The refused claim left nothing behind: the key is free.
+    assert!(matches!(
+        store.claim(&refused_key, lease).await,
+        Ok(ClaimOutcome::Claimed(_))
+    ));
+    store
+        .complete(&to_complete, &tokens[0], record.clone(), ttl)
+        .await
+        .expect("the completion, retried once space is freed");
+    store
+        .save_point(&to_save, &tokens[1], &point, ttl)
+        .await
+        .expect("the save, retried once space is freed");
+    assert_eq!(
+        store.load_point(&to_save, &tokens[1]).await.unwrap(),
+        Some(point)
+    );
+    match store.claim(&to_complete, lease).await.unwrap() {
+        ClaimOutcome::Completed(stored) => assert_eq!(stored, record),
+        other => panic!("expected the completed record, got {other:?}"),
+    }
+    let replay = send(&mut app, request(Some(&paid), "{}", &[])).await;
+    assert_eq!(replay.status, 201);
+    assert_eq!(replay.body, first.body);
+    let check: String = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+}

@@ -475,8 +475,17 @@ fn spawn_purger(inner: Weak<Inner>, period: Duration) {
 }
 
 fn backend(error: rusqlite::Error) -> StoreError {
-    StoreError::backend(error)
+    match error.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => StoreError::backend(DiskFull(error)),
+        _ => StoreError::backend(error),
+    }
 }
+
+/// A write refused for want of space: nothing of it was kept, and what was stored before is
+/// intact (SQLite rolls the transaction back).
+#[derive(Debug, thiserror::Error)]
+#[error("the disk holding the SQLite database is full: the write was refused and nothing of it kept (stored records stay readable); free space to resume")]
+struct DiskFull(#[source] rusqlite::Error);
 
 fn ms(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis())
@@ -630,6 +639,12 @@ impl SqliteStore {
             Box::new(move |commit_failed: Option<&rusqlite::Error>| {
                 let result = match commit_failed {
                     // The group's commit failed: nothing this job wrote is kept.
+                    Some(error) if error.sqlite_error_code() == Some(ErrorCode::DiskFull) => Err(
+                        StoreError::backend(DiskFull(rusqlite::Error::SqliteFailure(
+                            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+                            Some(format!("the SQLite commit failed: {error}")),
+                        ))),
+                    ),
                     Some(error) => Err(StoreError::backend(format!(
                         "the SQLite commit failed: {error}"
                     ))),
@@ -697,25 +712,28 @@ impl Store for SqliteStore {
                 // replay the cache did not have, a duplicate in flight): the row is then read.
                 // Each round is atomic; another only follows a concurrent change.
                 for _ in 0..8 {
-                    let taken = connection
-                        .prepare_cached(concat!(
-                            "INSERT INTO idempotency_records \
+                    let mut claim = connection.prepare_cached(concat!(
+                        "INSERT INTO idempotency_records \
                              (key, owner, completed, fingerprint, payload, expires_at) \
                              VALUES (?1, ?2, 0, NULL, NULL, ",
-                            now!(),
-                            " + ?3) \
+                        now!(),
+                        " + ?3) \
                              ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, \
                              completed = 0, fingerprint = NULL, payload = NULL, \
                              expires_at = excluded.expires_at \
                              WHERE idempotency_records.expires_at <= ",
-                            now!(),
-                            " RETURNING 1"
-                        ))?
-                        .query_row(rusqlite::params![owned_key, &owner[..], lease_ms], |_| {
-                            Ok(())
-                        })
-                        .optional()?;
-                    if taken.is_some() {
+                        now!(),
+                        " RETURNING 1"
+                    ))?;
+                    let mut rows =
+                        claim.query(rusqlite::params![owned_key, &owner[..], lease_ms])?;
+                    let taken = rows.next()?.is_some();
+                    // Stepped to its end: outside a group's transaction the statement commits at
+                    // its last step, and a commit that fails (a full disk) is reported there, not
+                    // with the returned row. Stopping at the row answered "claimed" for a claim
+                    // that was never written, and a second claim of the key ran it again.
+                    while rows.next()?.is_some() {}
+                    if taken {
                         return Ok(Found::Claimed);
                     }
                     if let Some(row) = read_live(connection, &owned_key)? {
