@@ -166,6 +166,7 @@ const POSTGRES_DAMAGE: &[(&str, Expect, &str)] = &[
         "payload = substring(payload from 1 for length(payload) - 20)",
     ),
     ("a NULL fingerprint", Expect::Damaged, "fingerprint = NULL"),
+    ("the completed flag cleared", Expect::Damaged, "completed = false"),
     (
         "a payload byte flipped",
         Expect::Damaged,
@@ -297,6 +298,50 @@ const SQLITE_DAMAGE: &[SqliteDamage] = &[
         )
         .unwrap();
     }),
+    ("the completed flag cleared", Expect::Damaged, |db, key| {
+        db.execute(
+            "UPDATE idempotency_records SET completed = 0 WHERE key = ?1",
+            [key],
+        )
+        .unwrap();
+    }),
+    ("a payload byte flipped", Expect::Damaged, |db, key| {
+        let mut payload: Vec<u8> = db
+            .query_row(
+                "SELECT payload FROM idempotency_records WHERE key = ?1",
+                [key],
+                |row| row.get(0),
+            )
+            .unwrap();
+        payload[40] ^= 1;
+        db.execute(
+            "UPDATE idempotency_records SET payload = ?2 WHERE key = ?1",
+            rusqlite::params![key, payload],
+        )
+        .unwrap();
+    }),
+    (
+        "the payload turned into text",
+        Expect::Damaged,
+        |db, key| {
+            db.execute(
+                "UPDATE idempotency_records SET payload = CAST(payload AS TEXT) WHERE key = ?1",
+                [key],
+            )
+            .unwrap();
+        },
+    ),
+    (
+        "the fingerprint turned into text",
+        Expect::Damaged,
+        |db, key| {
+            db.execute(
+                "UPDATE idempotency_records SET fingerprint = 'not a fingerprint' WHERE key = ?1",
+                [key],
+            )
+            .unwrap();
+        },
+    ),
     ("payload cut inside the body", Expect::Damaged, |db, key| {
         db.execute(
             "UPDATE idempotency_records SET payload = substr(payload, 1, length(payload) - 20) WHERE key = ?1",

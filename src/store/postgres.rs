@@ -651,6 +651,7 @@ fn existing(row: &tokio_postgres::Row, first: usize) -> Result<ClaimOutcome, Sto
             row.get(first + 2),
         )?));
     }
+    super::sealed::check_in_flight(&row.get(first + 1), &row.get(first + 2))?;
     let remaining: Option<i64> = row.get(first + 3);
     Ok(ClaimOutcome::InFlight {
         lease_remaining: remaining
@@ -733,6 +734,7 @@ impl Store for PostgresStore {
                 expires_in: remaining,
             }
         } else {
+            super::sealed::check_in_flight(&row.get(1), &row.get(2))?;
             KeyState::InFlight {
                 lease_remaining: remaining,
             }

@@ -152,6 +152,20 @@ pub(crate) fn record_from_columns(
     }
 }
 
+/// Checks a row that is not completed: a claim's row never holds a fingerprint or a payload
+/// (claims write NULLs, only a completion writes them), so one that does is a completed row
+/// whose flag was cleared, damage rather than a claim to wait for until the record's TTL.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) fn check_in_flight(
+    fingerprint: &Option<Vec<u8>>,
+    payload: &Option<Vec<u8>>,
+) -> Result<(), StoreError> {
+    match (fingerprint, payload) {
+        (None, None) => Ok(()),
+        _ => Err(corrupt("a row in flight holds a completion's columns")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -475,8 +475,17 @@ fn spawn_purger(inner: Weak<Inner>, period: Duration) {
 }
 
 fn backend(error: rusqlite::Error) -> StoreError {
-    match error.sqlite_error_code() {
-        Some(ErrorCode::DiskFull) => StoreError::backend(DiskFull(error)),
+    use rusqlite::Error::{FromSqlConversionFailure, IntegralValueOutOfRange, InvalidColumnType};
+    match error {
+        // A column of another type than the store writes (SQLite keeps any type in any
+        // column): the row was changed outside the store. It is damage, not an outage, so
+        // that no store-error policy runs the key again.
+        InvalidColumnType(..) | FromSqlConversionFailure(..) | IntegralValueOutOfRange(..) => {
+            StoreError::Corrupt(Box::new(error))
+        }
+        _ if error.sqlite_error_code() == Some(ErrorCode::DiskFull) => {
+            StoreError::backend(DiskFull(error))
+        }
         _ => StoreError::backend(error),
     }
 }
@@ -525,6 +534,8 @@ enum Found {
     /// Eight rounds saw the key change under them.
     KeptChanging,
     InFlight(i64),
+    /// A row in flight that holds a completion's columns (see `sealed::check_in_flight`).
+    Damaged(StoreError),
     Completed(Option<Vec<u8>>, Option<Vec<u8>>, i64),
 }
 
@@ -705,7 +716,12 @@ impl Store for SqliteStore {
                     (true, fingerprint, payload, left) => {
                         Found::Completed(fingerprint, payload, left)
                     }
-                    (false, _, _, left) => Found::InFlight(left),
+                    (false, fingerprint, payload, left) => {
+                        match super::sealed::check_in_flight(&fingerprint, &payload) {
+                            Ok(()) => Found::InFlight(left),
+                            Err(damaged) => Found::Damaged(damaged),
+                        }
+                    }
                 };
                 // One statement takes the key if it is free or its row expired: atomic across
                 // processes (SQLite's write lock). It answers nothing when the key is live (a
@@ -750,6 +766,7 @@ impl Store for SqliteStore {
                     "the key kept changing while claiming it",
                 ))
             }
+            Found::Damaged(damaged) => return Err(damaged),
             Found::InFlight(left) => ClaimOutcome::InFlight {
                 lease_remaining: remaining(left),
             },
@@ -928,9 +945,12 @@ impl Store for SqliteStore {
             .await?;
         Ok(match row {
             None => KeyState::Absent,
-            Some((false, _, _, left)) => KeyState::InFlight {
-                lease_remaining: remaining(left),
-            },
+            Some((false, fingerprint, payload, left)) => {
+                super::sealed::check_in_flight(&fingerprint, &payload)?;
+                KeyState::InFlight {
+                    lease_remaining: remaining(left),
+                }
+            }
             Some((true, fingerprint, payload, left)) => KeyState::Completed {
                 record: record_from_columns(fingerprint, payload)?,
                 expires_in: remaining(left),
