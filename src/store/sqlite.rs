@@ -150,7 +150,12 @@ impl SqliteOpenError {
 /// * **Errors:** a path that cannot be opened, a read-only file, a full disk, a file that is not
 ///   a database and a database of a newer schema each fail [`open`](Self::open) with a
 ///   [`SqliteOpenError`] that says which; at request time a failing disk is a
-///   [`StoreError::Backend`] (503, the handler not run).
+///   [`StoreError::Backend`] (503, the handler not run), and a full one says so: the write is
+///   refused whole and what was stored stays readable (`docs/stores.md`, "When the disk is
+///   full").
+/// * **The file itself:** a database file deleted or replaced while the store runs is noticed
+///   (see `docs/stores.md`, "When the SQLite file is deleted or replaced"): every call then
+///   fails closed until the process restarts.
 ///
 /// ```no_run
 /// use tower_idempotency::{store::SqliteStore, IdempotencyLayer};
