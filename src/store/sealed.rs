@@ -17,13 +17,15 @@
 //! A cut value, a flipped bit anywhere, a fingerprint set or cleared: every one is damage.
 //!
 //! The Redis store writes this after `'R' 2` (its value's tag and format version). A SQL row
-//! keeps it in its payload column after a three-byte header: the payload's own first two bytes
-//! (its adapter's magic, `"TS"` for a shorter payload) and [`ROW_VERSION`]. Mirroring the magic
-//! is what keeps rolling upgrades as `docs/stores.md` promises: an instance of an earlier
-//! release hands the column to its adapter, which reads a version above any it knows and
-//! answers 503 `#unknown-record-version`, never 500 and never a replay. The fingerprint column
-//! is still written (operators read it, and so did earlier releases); a reader requires it to
-//! equal the sealed copy.
+//! keeps it in its payload column after a three-byte header: the payload's own first two
+//! bytes (its adapter's magic, `"TS"` for a shorter payload) and `ROW_VERSION` (`0xF0`).
+//! Mirroring the magic is what keeps rolling upgrades as `docs/stores.md` promises: an
+//! instance of an earlier release hands the column to its adapter, which reads a version
+//! above any it knows and answers 503 `#unknown-record-version`, never 500 and never a
+//! replay. The fingerprint column is still written (operators read it, and so did earlier
+//! releases); a reader requires it to equal the sealed copy. The version byte lies outside
+//! the checksum, as in every envelope: changed, a row reads as a newer format (503) or as the
+//! earlier layout, whose adapter then finds a version it does not know; never as the record.
 
 use bytes::Bytes;
 
@@ -32,6 +34,7 @@ use super::{Record, StoreError};
 /// The format version of a sealed SQL row, in the payload column's third byte. Adapters
 /// number their formats from 1 and are far below it; `0xF1..=0xFF` are kept for later row
 /// formats, which this build reports as [`StoreError::UnknownFormat`].
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub(crate) const ROW_VERSION: u8 = 0xF0;
 
 /// The longest head: checksum, flag, fingerprint.
@@ -91,6 +94,7 @@ pub(crate) fn open(sealed: Bytes) -> Result<Record, StoreError> {
 }
 
 /// The first two bytes of a sealed row: the payload's own (see the module docs).
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 fn row_magic(payload: &[u8]) -> [u8; 2] {
     match payload {
         [a, b, ..] => [*a, *b],
@@ -166,7 +170,7 @@ pub(crate) fn check_in_flight(
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, any(feature = "postgres", feature = "sqlite")))]
 mod tests {
     use super::*;
 
