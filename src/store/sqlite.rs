@@ -194,6 +194,10 @@ struct Inner {
 /// request). Once the path names another file or none, every call fails (503: the handler is
 /// not run), until the process restarts on the file it should use.
 struct FileWatch {
+    /// The path made absolute at open (symbolic links kept, as another process would follow
+    /// them), so that a process that changes its working directory still looks at the same
+    /// path.
+    path: PathBuf,
     identity: (u64, u64),
     since: Instant,
     /// When it last looked, in milliseconds since `since`.
@@ -366,11 +370,11 @@ impl SqliteStoreBuilder {
             .build_with_hasher(ahash::RandomState::new());
         // The file exists now (the connection created it if it did not): its identity is the
         // opened file's.
-        let file = std::fs::metadata(&self.path)
+        let file = std::path::absolute(&self.path)
             .ok()
-            .as_ref()
-            .and_then(identity)
-            .map(|identity| FileWatch {
+            .and_then(|path| Some((identity(&std::fs::metadata(&path).ok()?)?, path)))
+            .map(|(identity, path)| FileWatch {
+                path,
                 identity,
                 since: Instant::now(),
                 looked_at: Default::default(),
@@ -620,7 +624,7 @@ impl SqliteStore {
             return Ok(());
         }
         file.looked_at.store(at, Relaxed);
-        let what = match std::fs::metadata(&self.inner.path) {
+        let what = match std::fs::metadata(&file.path) {
             Ok(metadata) if identity(&metadata) == Some(file.identity) => return Ok(()),
             Ok(_) => "replaced by another file",
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => "deleted",
