@@ -69,6 +69,8 @@ mod memory;
 pub(crate) mod postgres;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
+#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
+pub(crate) mod sealed;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 #[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
@@ -87,6 +89,8 @@ pub use postgres::{InvalidTableName, PostgresReplication, PostgresStore};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis::{RedisServerReport, RedisStore};
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) use sealed::record_from_columns;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::{SqliteOpenError, SqliteStore, SqliteStoreBuilder, Synchronous};
@@ -617,25 +621,6 @@ pub trait Store: Send + Sync + 'static {
         let _ = key;
         std::future::ready(Err(StoreError::Unsupported("delete")))
     }
-}
-
-/// A completed row's record, from its `fingerprint` and `payload` columns. A completed row
-/// always has a payload, and a fingerprint of 16 bytes or none: anything else is damaged
-/// ([`StoreError::Corrupt`]), never a reason to run the key again.
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
-pub(crate) fn record_from_columns(
-    fingerprint: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
-) -> Result<Record, StoreError> {
-    let fingerprint = match fingerprint {
-        None => None,
-        Some(bytes) => Some(u128::from_be_bytes(bytes.as_slice().try_into().map_err(
-            |_| StoreError::Corrupt("the row's fingerprint is not 16 bytes".into()),
-        )?)),
-    };
-    let payload =
-        payload.ok_or_else(|| StoreError::Corrupt("the completed row has no payload".into()))?;
-    Ok(Record::new(fingerprint, payload))
 }
 
 /// Deletes expired rows with `purge` (one batch of at most the given size per call, answering

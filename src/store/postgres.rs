@@ -651,6 +651,7 @@ fn existing(row: &tokio_postgres::Row, first: usize) -> Result<ClaimOutcome, Sto
             row.get(first + 2),
         )?));
     }
+    super::sealed::check_in_flight(&row.get(first + 1), &row.get(first + 2))?;
     let remaining: Option<i64> = row.get(first + 3);
     Ok(ClaimOutcome::InFlight {
         lease_remaining: remaining
@@ -733,6 +734,7 @@ impl Store for PostgresStore {
                 expires_in: remaining,
             }
         } else {
+            super::sealed::check_in_flight(&row.get(1), &row.get(2))?;
             KeyState::InFlight {
                 lease_remaining: remaining,
             }
@@ -805,7 +807,7 @@ impl Store for PostgresStore {
     ) -> Result<(), StoreError> {
         let owner = &token_bytes(token)[..];
         let fingerprint = record.fingerprint().map(|f| f.to_be_bytes().to_vec());
-        let payload = &record.payload()[..];
+        let payload = &super::sealed::row_payload(&record)[..];
         self.owner_checked(
             &self.shared.sql.complete,
             &[&key, &owner, &fingerprint, &payload, &ms(ttl)],

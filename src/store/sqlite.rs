@@ -150,7 +150,12 @@ impl SqliteOpenError {
 /// * **Errors:** a path that cannot be opened, a read-only file, a full disk, a file that is not
 ///   a database and a database of a newer schema each fail [`open`](Self::open) with a
 ///   [`SqliteOpenError`] that says which; at request time a failing disk is a
-///   [`StoreError::Backend`] (503, the handler not run).
+///   [`StoreError::Backend`] (503, the handler not run), and a full one says so: the write is
+///   refused whole and what was stored stays readable (`docs/stores.md`, "When the disk is
+///   full").
+/// * **The file itself:** a database file deleted or replaced while the store runs is noticed
+///   (see `docs/stores.md`, "When the SQLite file is deleted or replaced"): every call then
+///   fails closed until the process restarts.
 ///
 /// ```no_run
 /// use tower_idempotency::{store::SqliteStore, IdempotencyLayer};
@@ -167,12 +172,59 @@ pub struct SqliteStore {
 
 struct Inner {
     path: PathBuf,
+    /// Which file the connection opened, to notice when the path names another (`None` where
+    /// it cannot be told: not Unix, or a path that names no file).
+    file: Option<FileWatch>,
     /// Jobs for the connection's thread; the thread ends when the last handle is dropped.
     jobs: mpsc::Sender<Job>,
     /// Completed records, by key, with the instant their cache entry stops being valid.
     records: moka::sync::Cache<String, Cached, ahash::RandomState>,
     cache_for: Duration,
     wakers: Wakers,
+}
+
+/// The identity (device and inode) of the database file as opened, and whether the path was
+/// last seen naming it.
+///
+/// A file deleted or replaced under a running store (a cleanup job, a restore, an operator's
+/// `rm`) leaves the connection writing to an unlinked file, while another process that opens
+/// the path creates a new database and runs every key again. So the store compares the path's
+/// identity with the opened file's: in its purge loop, and before a claim that reads the file
+/// when it has not looked for [`LOOK_EVERY`] (one `stat` a second at most, never one per
+/// request). Once the path names another file or none, every call fails (503: the handler is
+/// not run), until the process restarts on the file it should use.
+struct FileWatch {
+    /// The path made absolute at open (symbolic links kept, as another process would follow
+    /// them), so that a process that changes its working directory still looks at the same
+    /// path.
+    path: PathBuf,
+    identity: (u64, u64),
+    since: Instant,
+    /// When it last looked, in milliseconds since `since`.
+    looked_at: std::sync::atomic::AtomicU64,
+    lost: std::sync::atomic::AtomicBool,
+}
+
+/// How long a store goes without looking at its file before a claim looks again.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+
+#[cfg(unix)]
+fn identity(metadata: &std::fs::Metadata) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    Some((metadata.dev(), metadata.ino()))
+}
+
+#[cfg(not(unix))]
+fn identity(_: &std::fs::Metadata) -> Option<(u64, u64)> {
+    None
+}
+
+/// The path no longer names the file the store opened.
+#[derive(Debug, thiserror::Error)]
+#[error("the SQLite database {path} is no longer the file this store opened ({what} while the store ran): the store refuses every call until the process is restarted, since another process may be serving a new database at that path")]
+struct FileLost {
+    path: PathBuf,
+    what: &'static str,
 }
 
 #[derive(Clone)]
@@ -316,9 +368,22 @@ impl SqliteStoreBuilder {
             })
             // SipHash was a tenth of a replay in the memory store: the same fast keyed hash.
             .build_with_hasher(ahash::RandomState::new());
+        // The file exists now (the connection created it if it did not): its identity is the
+        // opened file's.
+        let file = std::path::absolute(&self.path)
+            .ok()
+            .and_then(|path| Some((identity(&std::fs::metadata(&path).ok()?)?, path)))
+            .map(|(identity, path)| FileWatch {
+                path,
+                identity,
+                since: Instant::now(),
+                looked_at: Default::default(),
+                lost: Default::default(),
+            });
         let store = SqliteStore {
             inner: Arc::new(Inner {
                 path: self.path,
+                file,
                 jobs,
                 records,
                 cache_for: self.cache_for,
@@ -410,14 +475,35 @@ fn spawn_purger(inner: Weak<Inner>, period: Duration) {
             interval.tick().await;
             let Some(inner) = inner.upgrade() else { return };
             let store = SqliteStore { inner };
+            if store.look_at_file(true).is_err() {
+                continue;
+            }
             super::purge_in_batches(|batch| store.purge_expired(batch)).await;
         }
     });
 }
 
 fn backend(error: rusqlite::Error) -> StoreError {
-    StoreError::backend(error)
+    use rusqlite::Error::{FromSqlConversionFailure, IntegralValueOutOfRange, InvalidColumnType};
+    match error {
+        // A column of another type than the store writes (SQLite keeps any type in any
+        // column): the row was changed outside the store. It is damage, not an outage, so
+        // that no store-error policy runs the key again.
+        InvalidColumnType(..) | FromSqlConversionFailure(..) | IntegralValueOutOfRange(..) => {
+            StoreError::Corrupt(Box::new(error))
+        }
+        _ if error.sqlite_error_code() == Some(ErrorCode::DiskFull) => {
+            StoreError::backend(DiskFull(error))
+        }
+        _ => StoreError::backend(error),
+    }
 }
+
+/// A write refused for want of space: nothing of it was kept, and what was stored before is
+/// intact (SQLite rolls the transaction back).
+#[derive(Debug, thiserror::Error)]
+#[error("the disk holding the SQLite database is full: the write was refused and nothing of it kept (stored records stay readable); free space to resume")]
+struct DiskFull(#[source] rusqlite::Error);
 
 fn ms(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis())
@@ -457,6 +543,8 @@ enum Found {
     /// Eight rounds saw the key change under them.
     KeptChanging,
     InFlight(i64),
+    /// A row in flight that holds a completion's columns (see `sealed::check_in_flight`).
+    Damaged(StoreError),
     Completed(Option<Vec<u8>>, Option<Vec<u8>>, i64),
 }
 
@@ -504,17 +592,79 @@ impl SqliteStore {
         .await
     }
 
+    /// Fails once the path was seen naming another file than the store's, or none (see
+    /// [`FileWatch`]).
+    fn file_lost(&self) -> Result<(), StoreError> {
+        match &self.inner.file {
+            Some(file) if file.lost.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(self.lost("deleted or replaced"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn lost(&self, what: &'static str) -> StoreError {
+        StoreError::backend(FileLost {
+            path: self.inner.path.clone(),
+            what,
+        })
+    }
+
+    /// Looks whether the path still names the store's file: always when `now`, else only
+    /// when it has not looked for [`LOOK_EVERY`].
+    fn look_at_file(&self, now: bool) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.file_lost()?;
+        let Some(file) = &self.inner.file else {
+            return Ok(());
+        };
+        let at = u64::try_from(file.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = file.looked_at.load(Relaxed);
+        if !now && at.saturating_sub(last) < LOOK_EVERY.as_millis() as u64 {
+            return Ok(());
+        }
+        file.looked_at.store(at, Relaxed);
+        let what = match std::fs::metadata(&file.path) {
+            Ok(metadata) if identity(&metadata) == Some(file.identity) => return Ok(()),
+            Ok(_) => "replaced by another file",
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => "deleted",
+            Err(error) => {
+                // Not a sign that the file changed (a permission, an I/O error): the calls
+                // themselves will say whether the database still works.
+                tracing::warn!(path = %self.inner.path.display(), %error, "cannot look at the SQLite database file");
+                return Ok(());
+            }
+        };
+        if !file.lost.swap(true, Relaxed) {
+            tracing::error!(
+                path = %self.inner.path.display(),
+                what,
+                "the SQLite database file was {what} while the store ran: every call of the \
+                 store now fails (503, the handler not run) until the process is restarted, \
+                 since another process may serve a new database at that path"
+            );
+        }
+        Err(self.lost(what))
+    }
+
     /// Runs `work` on the connection's thread.
     async fn call<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.file_lost()?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |connection| {
             let result = work(connection);
             Box::new(move |commit_failed: Option<&rusqlite::Error>| {
                 let result = match commit_failed {
                     // The group's commit failed: nothing this job wrote is kept.
+                    Some(error) if error.sqlite_error_code() == Some(ErrorCode::DiskFull) => Err(
+                        StoreError::backend(DiskFull(rusqlite::Error::SqliteFailure(
+                            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+                            Some(format!("the SQLite commit failed: {error}")),
+                        ))),
+                    ),
                     Some(error) => Err(StoreError::backend(format!(
                         "the SQLite commit failed: {error}"
                     ))),
@@ -563,9 +713,11 @@ impl Store for SqliteStore {
         token: &OwnerToken,
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
+        self.file_lost()?;
         if let Some(record) = self.cached(key) {
             return Ok(ClaimOutcome::Completed(record));
         }
+        self.look_at_file(false)?;
         let (owned_key, owner, lease_ms) = (key.to_owned(), token_bytes(token), ms(lease));
         let found = self
             .call(move |connection| {
@@ -573,32 +725,40 @@ impl Store for SqliteStore {
                     (true, fingerprint, payload, left) => {
                         Found::Completed(fingerprint, payload, left)
                     }
-                    (false, _, _, left) => Found::InFlight(left),
+                    (false, fingerprint, payload, left) => {
+                        match super::sealed::check_in_flight(&fingerprint, &payload) {
+                            Ok(()) => Found::InFlight(left),
+                            Err(damaged) => Found::Damaged(damaged),
+                        }
+                    }
                 };
                 // One statement takes the key if it is free or its row expired: atomic across
                 // processes (SQLite's write lock). It answers nothing when the key is live (a
                 // replay the cache did not have, a duplicate in flight): the row is then read.
                 // Each round is atomic; another only follows a concurrent change.
                 for _ in 0..8 {
-                    let taken = connection
-                        .prepare_cached(concat!(
-                            "INSERT INTO idempotency_records \
+                    let mut claim = connection.prepare_cached(concat!(
+                        "INSERT INTO idempotency_records \
                              (key, owner, completed, fingerprint, payload, expires_at) \
                              VALUES (?1, ?2, 0, NULL, NULL, ",
-                            now!(),
-                            " + ?3) \
+                        now!(),
+                        " + ?3) \
                              ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, \
                              completed = 0, fingerprint = NULL, payload = NULL, \
                              expires_at = excluded.expires_at \
                              WHERE idempotency_records.expires_at <= ",
-                            now!(),
-                            " RETURNING 1"
-                        ))?
-                        .query_row(rusqlite::params![owned_key, &owner[..], lease_ms], |_| {
-                            Ok(())
-                        })
-                        .optional()?;
-                    if taken.is_some() {
+                        now!(),
+                        " RETURNING 1"
+                    ))?;
+                    let mut rows =
+                        claim.query(rusqlite::params![owned_key, &owner[..], lease_ms])?;
+                    let taken = rows.next()?.is_some();
+                    // Stepped to its end: outside a group's transaction the statement commits at
+                    // its last step, and a commit that fails (a full disk) is reported there, not
+                    // with the returned row. Stopping at the row answered "claimed" for a claim
+                    // that was never written, and a second claim of the key ran it again.
+                    while rows.next()?.is_some() {}
+                    if taken {
                         return Ok(Found::Claimed);
                     }
                     if let Some(row) = read_live(connection, &owned_key)? {
@@ -615,6 +775,7 @@ impl Store for SqliteStore {
                     "the key kept changing while claiming it",
                 ))
             }
+            Found::Damaged(damaged) => return Err(damaged),
             Found::InFlight(left) => ClaimOutcome::InFlight {
                 lease_remaining: remaining(left),
             },
@@ -662,7 +823,7 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let (owned_key, owner, ttl_ms) = (key.to_owned(), token_bytes(token), ms(ttl));
         let fingerprint = record.fingerprint().map(|f| f.to_be_bytes().to_vec());
-        let payload = record.payload().clone();
+        let payload = super::sealed::row_payload(&record);
         let completed = self
             .call(move |connection| {
                 connection
@@ -793,9 +954,12 @@ impl Store for SqliteStore {
             .await?;
         Ok(match row {
             None => KeyState::Absent,
-            Some((false, _, _, left)) => KeyState::InFlight {
-                lease_remaining: remaining(left),
-            },
+            Some((false, fingerprint, payload, left)) => {
+                super::sealed::check_in_flight(&fingerprint, &payload)?;
+                KeyState::InFlight {
+                    lease_remaining: remaining(left),
+                }
+            }
             Some((true, fingerprint, payload, left)) => KeyState::Completed {
                 record: record_from_columns(fingerprint, payload)?,
                 expires_in: remaining(left),

@@ -158,6 +158,138 @@ async fn postgres_replication_settings_are_read() {
     }
 }
 
+/// The golden record of format 3 as the release before checksummed rows stored it in a SQL
+/// row: the payload column the bare stored response, the fingerprint in its own column
+/// (`None`: NULL, a request without a fingerprint).
+fn old_row(fingerprint: Option<Vec<u8>>) -> (Option<Vec<u8>>, Vec<u8>) {
+    (fingerprint, GOLDEN_RECORDS[2].1.to_vec())
+}
+
+/// A row of the old layout with a fingerprint replays to its own payload and answers another
+/// payload 422; one with a NULL fingerprint (written without fingerprints) replays to any.
+async fn old_rows_replay<St: tower_idempotency::store::Store + Clone>(
+    store: St,
+    with_fingerprint: &str,
+    without: &str,
+) {
+    assert_replays(
+        store.clone(),
+        with_fingerprint,
+        "an old row with a fingerprint",
+    )
+    .await;
+    let (mut app, probe) = app(IdempotencyLayer::with_store(store.clone()));
+    let other = send(&mut app, request(Some(with_fingerprint), "{\"x\":1}", &[])).await;
+    other.assert_problem(422, "key-reused");
+    assert_eq!(probe.executions(), 0);
+    assert_replays(store, without, "an old row without a fingerprint").await;
+}
+
+/// The fingerprint the layer stores for a request with the body `{}`, read from the row the
+/// layer wrote for it (`column`: how to read it).
+async fn fingerprint_of_empty_object<St, F, Fut>(store: St, column: F) -> Vec<u8>
+where
+    St: tower_idempotency::store::Store + Clone,
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = Vec<u8>>,
+{
+    let (mut app, _) = app(IdempotencyLayer::with_store(store));
+    let key = tower_idempotency::store::conformance::fresh_key("fingerprint");
+    assert_eq!(
+        send(&mut app, request(Some(&key), "{}", &[])).await.status,
+        201
+    );
+    let fingerprint = column(store_key(&key)).await;
+    assert_eq!(fingerprint.len(), 16);
+    fingerprint
+}
+
+/// Rows written by the release before the fingerprint was sealed into the payload column keep
+/// replaying on PostgreSQL (the upgrade policy of `docs/stores.md`).
+#[tokio::test]
+async fn postgres_rows_of_the_unsealed_layout_replay() {
+    let Some(url) = postgres_url() else { return };
+    let store = PostgresStore::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let client = std::sync::Arc::new(client);
+    let reader = client.clone();
+    let fingerprint = fingerprint_of_empty_object(store.clone(), |key| async move {
+        reader
+            .query_one(
+                "SELECT fingerprint FROM idempotency_records WHERE key = $1",
+                &[&key],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    })
+    .await;
+    let mut keys = Vec::new();
+    for fingerprint in [Some(fingerprint), None] {
+        let key = tower_idempotency::store::conformance::fresh_key("old-pg");
+        let (fingerprint, payload) = old_row(fingerprint);
+        client
+            .execute(
+                "INSERT INTO idempotency_records (key, owner, completed, fingerprint, payload, expires_at) \
+                 VALUES ($1, NULL, true, $2, $3, now() + interval '1 hour')",
+                &[&store_key(&key), &fingerprint, &payload],
+            )
+            .await
+            .unwrap();
+        keys.push(key);
+    }
+    old_rows_replay(store, &keys[0], &keys[1]).await;
+}
+
+/// The same on SQLite.
+#[tokio::test]
+async fn sqlite_rows_of_the_unsealed_layout_replay() {
+    use tower_idempotency::store::SqliteStore;
+    let dir = support::servers::TempDir::new("old-sqlite-rows");
+    let path = dir.path().join("old.db");
+    // No replay cache: every replay reads the row.
+    let store = SqliteStore::builder(&path)
+        .replay_cache_bytes(0)
+        .open()
+        .await
+        .unwrap();
+    let db = std::sync::Arc::new(std::sync::Mutex::new(
+        rusqlite::Connection::open(&path).unwrap(),
+    ));
+    let reader = db.clone();
+    let fingerprint = fingerprint_of_empty_object(store.clone(), |key| async move {
+        reader
+            .lock()
+            .unwrap()
+            .query_row(
+                "SELECT fingerprint FROM idempotency_records WHERE key = ?1",
+                [key],
+                |row| row.get(0),
+            )
+            .unwrap()
+    })
+    .await;
+    let mut keys = Vec::new();
+    for fingerprint in [Some(fingerprint), None] {
+        let key = tower_idempotency::store::conformance::fresh_key("old-sqlite");
+        let (fingerprint, payload) = old_row(fingerprint);
+        db.lock()
+            .unwrap()
+            .execute(
+                "INSERT INTO idempotency_records (key, owner, completed, fingerprint, payload, expires_at) \
+                 VALUES (?1, NULL, 1, ?2, ?3, CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) + 3600000)",
+                rusqlite::params![store_key(&key), fingerprint, payload],
+            )
+            .unwrap();
+        keys.push(key);
+    }
+    old_rows_replay(store, &keys[0], &keys[1]).await;
+}
+
 fn fastrand_u32() -> u32 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(std::time::Instant::now()) as u32

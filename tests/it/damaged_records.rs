@@ -88,8 +88,8 @@ async fn damage_redis(url: &str, store_key: &str, change: impl FnOnce(&mut Vec<u
 
 type Damage = (&'static str, Expect, fn(&mut Vec<u8>));
 
-/// The Redis value is `'R' version fingerprint-flag [fingerprint] payload`, the payload an HTTP
-/// record `"TI" version …`.
+/// The Redis value is `'R' version=2 checksum:u64 fingerprint-flag [fingerprint] payload`, the
+/// payload an HTTP record `"TI" version …`; the checksum covers everything after it.
 const REDIS_DAMAGE: &[Damage] = &[
     ("envelope tag byte", Expect::Damaged, |v| v[0] = b'X'),
     ("envelope version byte zeroed", Expect::Damaged, |v| {
@@ -98,7 +98,9 @@ const REDIS_DAMAGE: &[Damage] = &[
     ("envelope version from the future", Expect::Newer, |v| {
         v[1] = 200
     }),
-    ("fingerprint flag byte", Expect::Damaged, |v| v[2] = 7),
+    ("checksum byte", Expect::Damaged, |v| v[2] ^= 1),
+    ("fingerprint flag byte", Expect::Damaged, |v| v[10] = 7),
+    ("fingerprint flag cleared", Expect::Damaged, |v| v[10] = 0),
     ("value cut inside the fingerprint", Expect::Damaged, |v| {
         v.truncate(10)
     }),
@@ -110,9 +112,19 @@ const REDIS_DAMAGE: &[Damage] = &[
         v[last] ^= 0x20;
     }),
     ("record version from the future", Expect::Newer, |v| {
-        v[19 + 2] = 200
+        reseal(&mut v[2..], |payload| payload[2] = 200)
     }),
 ];
+
+/// Changes the payload inside a sealed value (`checksum flag [fingerprint] payload`, as the
+/// stores write it) and writes the checksum it then has: what a newer release would write.
+fn reseal(sealed: &mut [u8], change: impl FnOnce(&mut [u8])) {
+    use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+    let payload_at = if sealed[8] == 1 { 25 } else { 9 };
+    change(&mut sealed[payload_at..]);
+    let sum = xxh3_64_with_seed(&sealed[payload_at..], xxh3_64(&sealed[8..payload_at]));
+    sealed[..8].copy_from_slice(&sum.to_be_bytes());
+}
 
 #[tokio::test]
 async fn damaged_redis_records_never_run_the_handler_again() {
@@ -153,10 +165,17 @@ const POSTGRES_DAMAGE: &[(&str, Expect, &str)] = &[
         Expect::Damaged,
         "payload = substring(payload from 1 for length(payload) - 20)",
     ),
+    ("a NULL fingerprint", Expect::Damaged, "fingerprint = NULL"),
+    ("the completed flag cleared", Expect::Damaged, "completed = false"),
     (
-        "record version from the future",
+        "a payload byte flipped",
+        Expect::Damaged,
+        "payload = set_byte(payload, length(payload) - 1, get_byte(payload, length(payload) - 1) # 1)",
+    ),
+    (
+        "a row version from the future",
         Expect::Newer,
-        "payload = set_byte(payload, 2, 200)",
+        "payload = set_byte(payload, 2, 241)",
     ),
 ];
 
@@ -173,6 +192,26 @@ async fn damaged_postgres_rows_never_run_the_handler_again() {
             let what = format!("{what} ({policy:?})");
             three_retries(&mut app, &probe, &key, expect, &what).await;
         }
+    }
+    // A newer release's record inside a row this release reads: its adapter format is newer.
+    for policy in policies() {
+        let (mut app, probe, key, store_key) = stored(store.clone(), policy, "pg").await;
+        let row = client
+            .query_one(
+                "SELECT payload FROM idempotency_records WHERE key = $1",
+                &[&store_key],
+            )
+            .await
+            .unwrap();
+        let mut payload: Vec<u8> = row.get(0);
+        reseal(&mut payload[3..], |record| record[2] = 200);
+        let sql = "UPDATE idempotency_records SET payload = $2 WHERE key = $1";
+        assert_eq!(
+            client.execute(sql, &[&store_key, &payload]).await.unwrap(),
+            1
+        );
+        let what = format!("record version from the future ({policy:?})");
+        three_retries(&mut app, &probe, &key, Expect::Newer, &what).await;
     }
 }
 
@@ -259,6 +298,50 @@ const SQLITE_DAMAGE: &[SqliteDamage] = &[
         )
         .unwrap();
     }),
+    ("the completed flag cleared", Expect::Damaged, |db, key| {
+        db.execute(
+            "UPDATE idempotency_records SET completed = 0 WHERE key = ?1",
+            [key],
+        )
+        .unwrap();
+    }),
+    ("a payload byte flipped", Expect::Damaged, |db, key| {
+        let mut payload: Vec<u8> = db
+            .query_row(
+                "SELECT payload FROM idempotency_records WHERE key = ?1",
+                [key],
+                |row| row.get(0),
+            )
+            .unwrap();
+        payload[40] ^= 1;
+        db.execute(
+            "UPDATE idempotency_records SET payload = ?2 WHERE key = ?1",
+            rusqlite::params![key, payload],
+        )
+        .unwrap();
+    }),
+    (
+        "the payload turned into text",
+        Expect::Damaged,
+        |db, key| {
+            db.execute(
+                "UPDATE idempotency_records SET payload = CAST(payload AS TEXT) WHERE key = ?1",
+                [key],
+            )
+            .unwrap();
+        },
+    ),
+    (
+        "the fingerprint turned into text",
+        Expect::Damaged,
+        |db, key| {
+            db.execute(
+                "UPDATE idempotency_records SET fingerprint = 'not a fingerprint' WHERE key = ?1",
+                [key],
+            )
+            .unwrap();
+        },
+    ),
     ("payload cut inside the body", Expect::Damaged, |db, key| {
         db.execute(
             "UPDATE idempotency_records SET payload = substr(payload, 1, length(payload) - 20) WHERE key = ?1",
@@ -277,7 +360,7 @@ const SQLITE_DAMAGE: &[SqliteDamage] = &[
                     |row| row.get(0),
                 )
                 .unwrap();
-            payload[2] = 200;
+            reseal(&mut payload[3..], |record| record[2] = 200);
             db.execute(
                 "UPDATE idempotency_records SET payload = ?2 WHERE key = ?1",
                 rusqlite::params![key, payload],
@@ -308,4 +391,112 @@ async fn damaged_sqlite_rows_never_run_the_handler_again() {
             three_retries(&mut app, &probe, &key, expect, &what).await;
         }
     }
+}
+
+/// Another payment under the same key: a request the stored record must never answer.
+const OTHER_BODY: &str = r#"{"amount": 99999, "currency": "eur", "note": "another payment"}"#;
+
+/// A record whose fingerprint was damaged answers 500 `#unreadable-record` to the original
+/// payload and to another one alike: never 422 to the original (a flipped bit), never the
+/// stored success to another payload (a NULL read as "no fingerprint"), never a second run.
+async fn fingerprint_damage_is_unreadable<St: Store + Clone>(
+    app: &mut App<St>,
+    probe: &support::Probe,
+    key: &str,
+    what: &str,
+) {
+    for body in [BODY, OTHER_BODY, BODY] {
+        let retry = send(app, request(Some(key), body, &[])).await;
+        assert!(!retry.replayed(), "{what}: replayed to {body}");
+        retry.assert_problem(500, "unreadable-record");
+    }
+    assert_eq!(probe.executions(), 1, "{what}: the handler ran again");
+}
+
+/// The SQL damages of a fingerprint column: set to NULL, one bit flipped.
+const POSTGRES_FINGERPRINT_DAMAGE: &[(&str, &str)] = &[
+    ("a NULL fingerprint", "fingerprint = NULL"),
+    (
+        "a bit of the fingerprint flipped",
+        "fingerprint = set_byte(fingerprint, 5, get_byte(fingerprint, 5) # 16)",
+    ),
+];
+
+#[tokio::test]
+async fn a_damaged_postgres_fingerprint_is_an_unreadable_record() {
+    let Some((store, client)) = postgres_store().await else {
+        return;
+    };
+    for &(what, set) in POSTGRES_FINGERPRINT_DAMAGE {
+        let (mut app, probe, key, store_key) =
+            stored(store.clone(), OnStoreError::FailClosed, "pg-fp").await;
+        let sql = format!("UPDATE idempotency_records SET {set} WHERE key = $1");
+        assert_eq!(client.execute(&sql, &[&store_key]).await.unwrap(), 1);
+        fingerprint_damage_is_unreadable(&mut app, &probe, &key, what).await;
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_sqlite_fingerprint_is_an_unreadable_record() {
+    use tower_idempotency::store::SqliteStore;
+    let dir = support::servers::TempDir::new("damaged-sqlite-fp");
+    let path = dir.path().join("damaged.db");
+    let db = rusqlite::Connection::open(&path).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    for what in ["a NULL fingerprint", "a bit of the fingerprint flipped"] {
+        // No replay cache: each retry reads the damaged row.
+        let store = SqliteStore::builder(&path)
+            .replay_cache_bytes(0)
+            .open()
+            .await
+            .unwrap();
+        let (mut app, probe, key, store_key) =
+            stored(store, OnStoreError::FailClosed, "sqlite-fp").await;
+        if what.contains("flipped") {
+            let fingerprint: Vec<u8> = db
+                .query_row(
+                    "SELECT fingerprint FROM idempotency_records WHERE key = ?1",
+                    [&store_key],
+                    |row| row.get(0),
+                )
+                .unwrap();
+            let mut flipped = fingerprint.clone();
+            flipped[5] ^= 0x10;
+            db.execute(
+                "UPDATE idempotency_records SET fingerprint = ?2 WHERE key = ?1",
+                rusqlite::params![store_key, flipped],
+            )
+            .unwrap();
+        } else {
+            let sql = "UPDATE idempotency_records SET fingerprint = NULL WHERE key = ?1";
+            assert_eq!(db.execute(sql, [&store_key]).unwrap(), 1);
+        }
+        fingerprint_damage_is_unreadable(&mut app, &probe, &key, what).await;
+    }
+}
+
+/// Where the fingerprint starts in a Redis value: `'R' 1 flag fingerprint …` (format 1),
+/// `'R' 2 checksum:u64 flag fingerprint …` (format 2).
+fn redis_fingerprint_at(value: &[u8]) -> usize {
+    match value[1] {
+        1 => 3,
+        _ => 11,
+    }
+}
+
+/// The Redis value keeps its fingerprint under the value's checksum: a flipped bit in it is
+/// damage, not another payload's fingerprint.
+#[tokio::test]
+async fn a_damaged_redis_fingerprint_is_an_unreadable_record() {
+    let Some((store, url)) = redis_store().await else {
+        return;
+    };
+    let (mut app, probe, key, store_key) =
+        stored(store, OnStoreError::FailClosed, "redis-fp").await;
+    damage_redis(&url, &store_key, |v| {
+        let at = redis_fingerprint_at(v) + 7;
+        v[at] ^= 0x10;
+    })
+    .await;
+    fingerprint_damage_is_unreadable(&mut app, &probe, &key, "redis fingerprint bit").await;
 }

@@ -2,43 +2,42 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::store::sealed::{self, HEAD_LEN};
 use crate::store::{OwnerToken, Record, StoreError};
 
-/// Format version of the values this store writes.
-pub(super) const VERSION: u8 = 1;
+/// Format version of the claims this store writes.
+pub(super) const CLAIM_VERSION: u8 = 1;
+/// Format version of the records this store writes: 2, the fingerprint under the record's
+/// checksum (`store::sealed`); 1, the fingerprint outside it, is still read.
+pub(super) const VERSION: u8 = 2;
 pub(super) const CLAIM_TAG: u8 = b'C';
 pub(super) const RECORD_TAG: u8 = b'R';
 
 pub(super) fn claim_value(token: &OwnerToken) -> [u8; 18] {
     let mut out = [0u8; 18];
     out[0] = CLAIM_TAG;
-    out[1] = VERSION;
+    out[1] = CLAIM_VERSION;
     out[2..].copy_from_slice(&token.as_u128().to_be_bytes());
     out
 }
 
 pub(crate) fn encode_record(record: &Record) -> Bytes {
-    let mut out = BytesMut::with_capacity(19 + record.payload().len());
+    let mut out = BytesMut::with_capacity(2 + HEAD_LEN + record.payload().len());
     let (head, len) = record_head(record);
     out.put_slice(&head[..len]);
     out.put_slice(record.payload());
     out.freeze()
 }
 
-/// What precedes a record's payload in its value: the tag, the version and the fingerprint
-/// (flag and bytes); the array and how many of its bytes are used.
-fn record_head(record: &Record) -> ([u8; 19], usize) {
-    let mut head = [0u8; 19];
+/// What precedes a record's payload in its value: the tag, the version, the checksum and the
+/// fingerprint (flag and bytes); the array and how many of its bytes are used.
+fn record_head(record: &Record) -> ([u8; 2 + HEAD_LEN], usize) {
+    let mut head = [0u8; 2 + HEAD_LEN];
     head[0] = RECORD_TAG;
     head[1] = VERSION;
-    match record.fingerprint() {
-        Some(fingerprint) => {
-            head[2] = 1;
-            head[3..].copy_from_slice(&fingerprint.to_be_bytes());
-            (head, 19)
-        }
-        None => (head, 3),
-    }
+    let (sealed, len) = sealed::head(record);
+    head[2..2 + len].copy_from_slice(&sealed[..len]);
+    (head, 2 + len)
 }
 
 /// A record's value (as [`encode_record`]) written straight into a command's buffer, with no
@@ -60,10 +59,10 @@ impl redis::ToRedisArgs for RecordArg<'_> {
 #[error("the Redis value is damaged: {0}")]
 struct Damaged(&'static str);
 
-/// Fewer replicas than required acknowledged a write in time.
-/// A record's value, `'R' version fingerprint-flag [fingerprint] payload`. A value that is not
-/// one is [`StoreError::Corrupt`] (the key was used: never a reason to run again), one of a
-/// later version [`StoreError::UnknownFormat`].
+/// A record's value: `'R' 2 checksum flag [fingerprint] payload` (see `store::sealed`), or
+/// `'R' 1 flag [fingerprint] payload` as earlier releases wrote it. A value that is not one
+/// is [`StoreError::Corrupt`] (the key was used: never a reason to run again), one of a later
+/// version [`StoreError::UnknownFormat`].
 pub(crate) fn decode_record(value: Vec<u8>) -> Result<Record, StoreError> {
     let value = Bytes::from(value);
     let corrupt = |why| StoreError::Corrupt(Box::new(Damaged(why)));
@@ -74,7 +73,8 @@ pub(crate) fn decode_record(value: Vec<u8>) -> Result<Record, StoreError> {
         return Err(corrupt("not a record or a claim"));
     }
     match value[1] {
-        VERSION => {}
+        VERSION => return sealed::open(value.slice(2..)),
+        1 => {}
         0 => return Err(corrupt("format version 0")),
         version => return Err(StoreError::UnknownFormat { version }),
     }
@@ -118,6 +118,18 @@ mod tests {
                 record
             );
         }
+        // Values of format 1, as earlier releases wrote them, still read.
+        let mut earlier = b"R\x01\x01".to_vec();
+        earlier.extend_from_slice(&7u128.to_be_bytes());
+        earlier.extend_from_slice(b"payload");
+        assert_eq!(
+            decode_record(earlier).unwrap(),
+            Record::new(Some(7), "payload")
+        );
+        assert_eq!(
+            decode_record(b"R\x01\x00".to_vec()).unwrap(),
+            Record::new(None, Bytes::new())
+        );
         let mut future = encode_record(&Record::new(None, "x")).to_vec();
         future[1] = VERSION + 1;
         assert!(matches!(
@@ -128,5 +140,36 @@ mod tests {
             decode_record(b"R".to_vec()),
             Err(StoreError::Corrupt(_))
         ));
+    }
+
+    /// Every flipped bit after the version byte, the fingerprint's included, and every cut of
+    /// a value is damage, never another record.
+    #[test]
+    fn every_flipped_bit_and_every_cut_is_damage() {
+        for record in [
+            Record::new(Some(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10), "payload"),
+            Record::new(None, "TI\x03"),
+        ] {
+            let value = encode_record(&record).to_vec();
+            for at in 2..value.len() {
+                for bit in 0..8 {
+                    let mut flipped = value.clone();
+                    flipped[at] ^= 1 << bit;
+                    assert!(
+                        matches!(decode_record(flipped), Err(StoreError::Corrupt(_))),
+                        "bit {bit} of byte {at}"
+                    );
+                }
+            }
+            for cut in 0..value.len() {
+                assert!(
+                    matches!(
+                        decode_record(value[..cut].to_vec()),
+                        Err(StoreError::Corrupt(_))
+                    ),
+                    "cut at {cut}"
+                );
+            }
+        }
     }
 }

@@ -684,3 +684,72 @@ impl Drop for SentinelServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A small tmpfs mounted on a fresh directory, for tests that fill a disk: unmounted and
+/// deleted when dropped (a test that fails included), and by a watchdog should the test
+/// process die first.
+pub struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `size` (`mount`'s syntax: `2m`); `None`, after a `SKIPPED:` line,
+    /// where mounting is not permitted (not root, a container without the capability).
+    pub fn mount(size: &str) -> Option<Self> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!(
+            "tower-idempotency-small-disk-{}-{n}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output();
+        match mounted {
+            Ok(output) if output.status.success() => {}
+            other => {
+                let _ = std::fs::remove_dir(&dir);
+                let why = match other {
+                    Ok(output) => String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+                    Err(error) => error.to_string(),
+                };
+                skip(&format!(
+                    "cannot mount a tmpfs ({why}); the full-disk test passes without running"
+                ));
+                return None;
+            }
+        }
+        watchdog(&format!("umount -l '{}'", dir.display()), false, &dir);
+        Some(Self(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Fills what is left of the disk with one file; returns its path (delete it to free the
+    /// space).
+    pub fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let block = vec![0x5a; 4096];
+        // Whole pages, then single bytes: the disk is full to the last byte.
+        while file.write_all(&block).is_ok() {}
+        while file.write_all(&block[..1]).is_ok() {}
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
