@@ -1,0 +1,424 @@
+//! Hostile tests of recovery points: each test names the documented promise it checks
+//! (docs/recovery-points.md, docs/failures.md, the rustdoc of `RecoveryPoints`). A failing test
+//! here is a break of that promise on the current code.
+
+use crate::support;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::{Extension, Router};
+use support::servers::redis_url;
+use support::{request, send};
+use tower_idempotency::store::{MemoryStore, RedisStore, Store};
+use tower_idempotency::{IdempotencyLayer, RecoveryError, RecoveryPoints, Settings};
+
+/// What each run's handler found, in order.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    fn push(&self, line: impl Into<String>) {
+        self.0.lock().unwrap().push(line.into());
+    }
+    fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+fn describe(loaded: Result<Option<tower_idempotency::store::RecoveryPoint>, RecoveryError>) -> String {
+    match loaded {
+        Ok(Some(point)) => format!(
+            "{}={}",
+            point.phase(),
+            String::from_utf8_lossy(point.data())
+        ),
+        Ok(None) => "none".to_owned(),
+        Err(error) => format!("load error: {error:?}"),
+    }
+}
+
+/// The handler of `recovery_points.rs`, reduced: reads the body (axum `String`), loads the
+/// point, saves `x-save` when asked, answers `x-status`.
+fn loading_app<St: Store + Clone>(layer: IdempotencyLayer<St>, log: Log) -> support::App<St> {
+    let handler = move |Extension(points): Extension<RecoveryPoints>,
+                        headers: HeaderMap,
+                        _body: String| {
+        let log = log.clone();
+        async move {
+            let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+            let found = describe(points.load().await);
+            let saved = match header("x-save") {
+                Some(phase) => match points.save(phase, "data").await {
+                    Ok(()) => "saved".to_owned(),
+                    Err(error) => format!("save error: {error:?}"),
+                },
+                None => "nothing".to_owned(),
+            };
+            log.push(format!("{found}; {saved}"));
+            let status = header("x-status").map_or(201, |s| s.parse().unwrap());
+            (StatusCode::from_u16(status).unwrap(), "{}")
+        }
+    };
+    let router = Router::new().route("/payments", post(handler));
+    tower::Layer::layer(&layer, router)
+}
+
+fn unique(case: &str) -> String {
+    tower_idempotency::store::conformance::fresh_key(case)
+        .replace(['/', '{', '}', '|'], "-")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Promise: "A point belongs to its key and its payload. It is stored under the key's own
+// (tenant, method, path, key) identity, so no other tenant or key reaches it, whatever the key's
+// text (braces, `|`, prefixes of other keys: the conformance suite tries them on every store)."
+// (docs/recovery-points.md, "What it guarantees")
+// ---------------------------------------------------------------------------------------------
+
+/// Two tenants, two different keys that only share a Redis hash tag (`{order}`), the same
+/// (empty-object) payload. Tenant B's brand-new key must find no point; it finds tenant A's.
+/// And B's completion must not delete A's point; it does.
+#[tokio::test]
+async fn redis_keys_sharing_a_hash_tag_never_share_a_recovery_point() {
+    let Some(url) = redis_url() else { return };
+    let store = RedisStore::connect(&url).await.expect("connect to redis");
+    let log = Log::default();
+    let layer = IdempotencyLayer::with_settings(Settings::new(store)).scope(|parts| {
+        parts
+            .headers
+            .get("x-tenant")
+            .map(|v| v.to_str().unwrap().to_owned())
+    });
+    let mut app = loading_app(layer, log.clone());
+    let tag = unique("tag");
+    let key_a = format!("{{{tag}}}-a");
+    let key_b = format!("{{{tag}}}-b");
+    // Tenant A charges, saves its point, fails: the point stays for A's retry.
+    let failed = send(
+        &mut app,
+        request(
+            Some(&key_a),
+            "{}",
+            &[("x-tenant", "alice"), ("x-save", "charged"), ("x-status", "500")],
+        ),
+    )
+    .await;
+    assert_eq!(failed.status, 500);
+    // Tenant B, a key never used before.
+    let other = send(
+        &mut app,
+        request(Some(&key_b), "{}", &[("x-tenant", "mallory")]),
+    )
+    .await;
+    assert_eq!(other.status, 201);
+    // A's retry resumes from its own point.
+    let retry = send(
+        &mut app,
+        request(Some(&key_a), "{}", &[("x-tenant", "alice")]),
+    )
+    .await;
+    assert_eq!(retry.status, 201);
+    let lines = log.lines();
+    assert_eq!(
+        lines,
+        ["none; saved", "none; nothing", "charged=data; nothing"],
+        "tenant mallory's fresh key {key_b:?} must not read (nor, by completing, delete) \
+         tenant alice's point of key {key_a:?}"
+    );
+}
+
+/// On a single Redis, a key whose hash-tag part holds a `}` keeps its point at
+/// `<record key>:point`, which is the record key of the key `<key>:point`: one key's point
+/// and another key's record are one Redis value. A fresh request with the second key must run
+/// (and find no point); it does not.
+#[tokio::test]
+async fn redis_a_keys_point_is_never_another_keys_record() {
+    let Some(url) = redis_url() else { return };
+    let store = RedisStore::connect(&url).await.expect("connect to redis");
+    let log = Log::default();
+    let mut app = loading_app(
+        IdempotencyLayer::with_settings(Settings::new(store)),
+        log.clone(),
+    );
+    let first = format!("x{{}}}}{}", unique("brace"));
+    let second = format!("{first}:point");
+    let failed = send(
+        &mut app,
+        request(Some(&first), "{}", &[("x-save", "charged"), ("x-status", "500")]),
+    )
+    .await;
+    assert_eq!(failed.status, 500);
+    let fresh = send(&mut app, request(Some(&second), "{}", &[])).await;
+    assert_eq!(
+        fresh.status,
+        201,
+        "key {second:?} was never used, so its request runs; got {:?}",
+        String::from_utf8_lossy(&fresh.body)
+    );
+    assert_eq!(log.lines(), ["none; saved", "none; nothing"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Promise: "After a failed save in a run (anything but `LeaseLost` and `KeyReused`), it never
+// releases the key: a 4xx or 5xx answer is stored and replayed like a success, and a panic or
+// an error of the inner service is stored as 500 `#progress-unsaved`, so that no retry runs the
+// work again." (docs/recovery-points.md, "A failed save")
+// ---------------------------------------------------------------------------------------------
+
+/// Serializes to nothing JSON can hold: `save_json` fails before anything is written.
+struct Unserializable;
+
+impl serde::Serialize for Unserializable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("the charge handle cannot be serialized"))
+    }
+}
+
+/// `save_json` is a save (`RecoveryPoints::save_json`: "[`save`] with `value` as JSON"); when
+/// it fails after the side effect, the key must be kept. It is released: the retry charges
+/// again.
+#[tokio::test]
+async fn a_failed_save_json_keeps_the_key() {
+    let charges = Arc::new(Mutex::new(0));
+    let handler = {
+        let charges = charges.clone();
+        move |Extension(points): Extension<RecoveryPoints>, _body: String| {
+            let charges = charges.clone();
+            async move {
+                if points.load().await.unwrap().is_none() {
+                    *charges.lock().unwrap() += 1; // the side effect
+                    let saved = points.save_json("charged", &Unserializable).await;
+                    assert!(matches!(saved, Err(RecoveryError::Json(_))), "{saved:?}");
+                }
+                // A careless handler answers 500 after the failed save.
+                (StatusCode::INTERNAL_SERVER_ERROR, "{}")
+            }
+        }
+    };
+    let router = Router::new().route("/payments", post(handler));
+    let mut app = tower::Layer::layer(&IdempotencyLayer::new(), router);
+    let key = unique("json");
+    assert_eq!(send(&mut app, request(Some(&key), "{}", &[])).await.status, 500);
+    let retry = send(&mut app, request(Some(&key), "{}", &[])).await;
+    assert_eq!(retry.status, 500);
+    assert!(retry.replayed(), "the run's answer is kept after a failed save");
+    assert_eq!(*charges.lock().unwrap(), 1, "the card was charged twice");
+}
+
+/// After a failed save (over the limit), a handler that finishes and answers 201 with
+/// `Cache-Control: no-store` (common on payment APIs) must get its answer to the client and
+/// kept for the retries ("finish its work and answer: the layer stores that outcome"). The
+/// client is told 500 `#progress-unsaved` instead, for a payment that went through.
+#[tokio::test]
+async fn a_no_store_answer_after_a_failed_save_reaches_the_client() {
+    let handler = |Extension(points): Extension<RecoveryPoints>, _body: String| async move {
+        let saved = points.save("charged", vec![b'x'; 100]).await;
+        assert!(matches!(saved, Err(RecoveryError::TooLarge { .. })), "{saved:?}");
+        (
+            StatusCode::CREATED,
+            [("cache-control", "no-store")],
+            r#"{"charge":"ch_1"}"#,
+        )
+    };
+    let router = Router::new().route("/payments", post(handler));
+    let layer = IdempotencyLayer::with_settings(Settings::default().max_recovery_point(10));
+    let mut app = tower::Layer::layer(&layer, router);
+    let key = unique("no-store");
+    let answer = send(&mut app, request(Some(&key), "{}", &[])).await;
+    assert_eq!(
+        (answer.status, String::from_utf8_lossy(&answer.body).into_owned()),
+        (StatusCode::CREATED, r#"{"charge":"ch_1"}"#.to_owned()),
+        "the handler's answer after a failed save"
+    );
+    let retry = send(&mut app, request(Some(&key), "{}", &[])).await;
+    assert_eq!(retry.status, 201, "the stored answer is the handler's");
+}
+
+/// gRPC: after a failed save, a call that answers a gRPC error (`grpc-status: 9`,
+/// trailers-only) must have that answer given and stored ("the handler's answer is stored
+/// whatever its status"). The layer answers `INTERNAL` (#progress-unsaved) instead.
+#[tokio::test]
+async fn grpc_an_error_status_after_a_failed_save_is_the_answer_kept() {
+    let handler = |Extension(points): Extension<RecoveryPoints>, _body: axum::body::Bytes| async move {
+        let saved = points.save("charged", vec![b'x'; 100]).await;
+        assert!(matches!(saved, Err(RecoveryError::TooLarge { .. })), "{saved:?}");
+        (
+            StatusCode::OK,
+            [
+                ("content-type", "application/grpc"),
+                ("grpc-status", "9"),
+                ("grpc-message", "card charged; order closed"),
+            ],
+            "",
+        )
+    };
+    let router = Router::new().route("/payments.v1.Payments/Create", post(handler));
+    let layer = IdempotencyLayer::with_settings(Settings::default().max_recovery_point(10));
+    let mut app = tower::Layer::layer(&layer, router);
+    let key = unique("grpc");
+    let call = || {
+        axum::http::Request::post("/payments.v1.Payments/Create")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("idempotency-key", key.as_str())
+            .body(Body::from(&b"\0\0\0\0\x02\x08\x01"[..]))
+            .unwrap()
+    };
+    let first = send(&mut app, call()).await;
+    assert_eq!(
+        first.headers.get("grpc-status").map(|v| v.to_str().unwrap()),
+        Some("9"),
+        "the handler's gRPC answer after a failed save; got {:?}",
+        first.headers
+    );
+    let retry = send(&mut app, call()).await;
+    assert!(retry.replayed(), "{:?}", retry.headers);
+    assert_eq!(
+        retry.headers.get("grpc-status").map(|v| v.to_str().unwrap()),
+        Some("9")
+    );
+}
+
+/// Consumer layer: "The consumer layer likewise stores the failure instead of releasing the
+/// message." A handler whose save failed (over the limit) and whose outcome then cannot be
+/// stored (it is not JSON-serializable) gets its message released: the redelivery repeats the
+/// side effect.
+#[tokio::test]
+async fn consumer_a_failed_save_never_releases_the_message() {
+    use tower::{service_fn, BoxError, ServiceExt};
+    use tower_idempotency::consumer::{IdempotentConsumerLayer, Identity};
+    let effects = Arc::new(Mutex::new(0));
+    let handler = service_fn({
+        let effects = effects.clone();
+        move |_amount: u32| {
+            let effects = effects.clone();
+            async move {
+                let points = RecoveryPoints::current().expect("inside the consumer layer");
+                if points.load().await?.is_none() {
+                    *effects.lock().unwrap() += 1;
+                    let saved = points.save("shipped", vec![b'x'; 100]).await;
+                    assert!(matches!(saved, Err(RecoveryError::TooLarge { .. })));
+                }
+                // Not JSON: a map whose keys are not strings.
+                let mut outcome = HashMap::new();
+                outcome.insert((1u8, 2u8), 3u8);
+                Ok::<_, BoxError>(outcome)
+            }
+        }
+    });
+    let settings = Settings::new(MemoryStore::default()).max_recovery_point(10);
+    let layer = IdempotentConsumerLayer::with_settings(
+        |amount: &u32| Identity::new("order-1").fingerprint(&amount.to_be_bytes()),
+        settings,
+    );
+    let consumer = tower::Layer::layer(&layer, handler);
+    let first = consumer.clone().oneshot(1).await;
+    assert!(first.is_err(), "{:?}", first.as_ref().map(|_| ()));
+    let _ = consumer.oneshot(1).await;
+    assert_eq!(*effects.lock().unwrap(), 1, "the redelivery shipped again");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Promise: "read the request body before the first `load` or `save` (... a body the handler
+// dropped unread is read out then). A handler still holding an unread body gets
+// `RecoveryError::RequestUnread`." (docs/recovery-points.md)
+// ---------------------------------------------------------------------------------------------
+
+/// A request whose body arrives in two chunks, the second after `delay` (a slow client).
+fn slow_request(key: &str, first: &'static str, second: &'static str, delay: Duration) -> axum::http::Request<Body> {
+    let chunks = futures_stream(first, second, delay);
+    axum::http::Request::post("/payments")
+        .header("idempotency-key", key)
+        .body(Body::from_stream(chunks))
+        .unwrap()
+}
+
+fn futures_stream(
+    first: &'static str,
+    second: &'static str,
+    delay: Duration,
+) -> impl futures_util::Stream<Item = Result<axum::body::Bytes, Infallible>> + Send + 'static {
+    use futures_util::StreamExt;
+    futures_util::stream::iter([first, second])
+        .enumerate()
+        .then(move |(i, chunk)| async move {
+            if i == 1 {
+                tokio::time::sleep(delay).await;
+            }
+            Ok(axum::body::Bytes::from_static(chunk.as_bytes()))
+        })
+}
+
+/// A handler that dropped its body unread, then loads its point from two tasks at once (two
+/// sub-steps checking progress concurrently): both must get the point (none yet). The second
+/// gets `RequestUnread` although no one holds the body: the first call took it out to read it.
+#[tokio::test]
+async fn concurrent_loads_after_a_dropped_body_both_read_the_point() {
+    let log = Log::default();
+    let handler = {
+        let log = log.clone();
+        move |Extension(points): Extension<RecoveryPoints>, body: Body| {
+            let log = log.clone();
+            async move {
+                drop(body); // dropped unread: "read out then"
+                let (a, b) = tokio::join!(points.load(), points.load());
+                log.push(format!("{} / {}", describe(a), describe(b)));
+                (StatusCode::CREATED, "{}")
+            }
+        }
+    };
+    let router = Router::new().route("/payments", post(handler));
+    let mut app = tower::Layer::layer(&IdempotencyLayer::new(), router);
+    let key = unique("concurrent");
+    let answer = send(
+        &mut app,
+        slow_request(&key, "{\"amount\":", "1}", Duration::from_millis(100)),
+    )
+    .await;
+    assert_eq!(answer.status, 201);
+    assert_eq!(log.lines(), ["none / none"]);
+}
+
+/// A handler that dropped its body unread and bounds its point load with a timeout (a slow
+/// client: the read-out takes longer). The timed-out load loses the body: every later load is
+/// `RequestUnread` (no one holds the body), and the answer is stored bound to no payload, so
+/// another payload with the key is replayed instead of refused 422.
+#[tokio::test]
+async fn a_timed_out_load_does_not_lose_the_requests_binding() {
+    let log = Log::default();
+    let handler = {
+        let log = log.clone();
+        move |Extension(points): Extension<RecoveryPoints>, body: Body| {
+            let log = log.clone();
+            async move {
+                drop(body);
+                let first = tokio::time::timeout(Duration::from_millis(20), points.load()).await;
+                log.push(format!("first timed out: {}", first.is_err()));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                log.push(describe(points.load().await));
+                (StatusCode::CREATED, "{}")
+            }
+        }
+    };
+    let router = Router::new().route("/payments", post(handler));
+    let mut app = tower::Layer::layer(&IdempotencyLayer::new(), router);
+    let key = unique("timeout");
+    let answer = send(
+        &mut app,
+        slow_request(&key, "{\"amount\":", "1}", Duration::from_millis(100)),
+    )
+    .await;
+    assert_eq!(answer.status, 201);
+    let other = send(&mut app, request(Some(&key), r#"{"amount":500}"#, &[])).await;
+    assert_eq!(
+        (log.lines(), other.status.as_u16()),
+        (vec!["first timed out: true".to_owned(), "none".to_owned()], 422),
+        "the dropped body is still read out for the second load, and another payload is refused"
+    );
+}
