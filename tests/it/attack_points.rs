@@ -422,3 +422,56 @@ async fn a_timed_out_load_does_not_lose_the_requests_binding() {
         "the dropped body is still read out for the second load, and another payload is refused"
     );
 }
+
+/// Drain (docs/shutdown.md: claims still held at the drain deadline are released) against
+/// "After a failed save in a run ..., it never releases the key". A run charged, its save
+/// failed, and it is still finishing the payment when the drain deadline passes: its claim is
+/// released, and the retry on another instance charges again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_never_releases_a_run_whose_save_failed() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let store = MemoryStore::default();
+    let charges = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let charges = charges.clone();
+        move |Extension(points): Extension<RecoveryPoints>, _body: String| {
+            let charges = charges.clone();
+            async move {
+                if points.load().await.unwrap().is_none() {
+                    charges.fetch_add(1, Ordering::SeqCst); // the side effect
+                    let saved = points.save("charged", vec![b'x'; 100]).await;
+                    assert!(matches!(saved, Err(RecoveryError::TooLarge { .. })), "{saved:?}");
+                    // Finishing the payment, slowly (the store is slow: that is why it failed).
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                (StatusCode::CREATED, "{}")
+            }
+        }
+    };
+    let router = Router::new().route("/payments", post(handler));
+    let settings = Settings::new(store.clone()).max_recovery_point(10);
+    let drain = settings.drain_handle();
+    let mut draining = tower::Layer::layer(&IdempotencyLayer::with_settings(settings), router.clone());
+    let mut other = tower::Layer::layer(
+        &IdempotencyLayer::with_settings(Settings::new(store).max_recovery_point(10)),
+        router,
+    );
+    let key = unique("drain");
+    let first = tokio::spawn({
+        let key = key.clone();
+        async move { send(&mut draining, request(Some(&key), "{}", &[])).await.status }
+    });
+    while charges.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let report = drain.drain(Duration::from_millis(50)).await;
+    let retry = send(&mut other, request(Some(&key), "{}", &[])).await;
+    let _ = first.await;
+    assert_eq!(
+        charges.load(Ordering::SeqCst),
+        1,
+        "charged twice: the drain released the run whose save failed ({report:?}); the retry on \
+         another instance answered {} and ran again",
+        retry.status
+    );
+}
