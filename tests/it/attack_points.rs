@@ -475,3 +475,58 @@ async fn drain_never_releases_a_run_whose_save_failed() {
         retry.status
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Promise: "a request that reuses the key with another payload gets `RecoveryError::KeyReused`
+// from `load` and `save`, and the layer answers it 422 `#key-reused` whatever the handler
+// returns ... The point stays for the request that saved it, whose retry resumes."
+// ---------------------------------------------------------------------------------------------
+
+/// A handler that saves without loading first (allowed: "two [round trips] for a run's first
+/// save when it did not load first: the key's point is checked to be this request's own"),
+/// with data derived from the payload. The attacker's payload makes that data oversized: the
+/// save answers `TooLarge` before the ownership check, so the run counts as "save failed", its
+/// 201 is stored under the key, its completion deletes the original's point, and the original
+/// payload's retry gets 422 instead of resuming.
+#[tokio::test]
+async fn an_oversized_save_by_another_payload_is_still_refused_as_key_reused() {
+    let log = Log::default();
+    let handler = {
+        let log = log.clone();
+        move |Extension(points): Extension<RecoveryPoints>, body: String| {
+            let log = log.clone();
+            async move {
+                if body.contains("ship") {
+                    // This route's handler: ship, then save the shipment (derived from the
+                    // payload) without loading first.
+                    let saved = points.save("shipped", body.into_bytes()).await;
+                    log.push(format!("save-first: {saved:?}"));
+                    return (StatusCode::CREATED, "{}");
+                }
+                let found = describe(points.load().await);
+                if found == "none" {
+                    let saved = points.save("charged", "ch_1").await;
+                    log.push(format!("{found}; {saved:?}"));
+                    return (StatusCode::INTERNAL_SERVER_ERROR, "{}");
+                }
+                log.push(found);
+                (StatusCode::CREATED, "{}")
+            }
+        }
+    };
+    let router = Router::new().route("/payments", post(handler));
+    let layer = IdempotencyLayer::with_settings(Settings::default().max_recovery_point(64));
+    let mut app = tower::Layer::layer(&layer, router);
+    let key = unique("oversized");
+    let original = r#"{"amount":1}"#;
+    assert_eq!(send(&mut app, request(Some(&key), original, &[])).await.status, 500);
+    let attack: &'static str = Box::leak(format!(r#"{{"ship":"{}"}}"#, "x".repeat(200)).into_boxed_str());
+    let other = send(&mut app, request(Some(&key), attack, &[])).await;
+    let retry = send(&mut app, request(Some(&key), original, &[])).await;
+    assert_eq!(
+        (other.status.as_u16(), retry.status.as_u16()),
+        (422, 201),
+        "another payload is refused 422 and the original resumes; handler runs: {:?}",
+        log.lines()
+    );
+}
