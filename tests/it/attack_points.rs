@@ -530,3 +530,53 @@ async fn an_oversized_save_by_another_payload_is_still_refused_as_key_reused() {
         log.lines()
     );
 }
+
+/// Same promise, through `RequestUnread`: another payload's handler that saves while still
+/// holding its body (a careless handler: it gets `RequestUnread`, a failed save) has its answer
+/// stored under the key, which deletes the original's point; the original's retry then gets
+/// 422 instead of resuming. The layer reads the body out at the end anyway: the key's point
+/// could be checked against it before the answer is stored.
+#[tokio::test]
+async fn an_unread_body_save_by_another_payload_never_takes_the_key() {
+    let log = Log::default();
+    let handler = {
+        let log = log.clone();
+        move |Extension(points): Extension<RecoveryPoints>, headers: HeaderMap, body: Body| {
+            let log = log.clone();
+            async move {
+                if headers.contains_key("x-save-unread") {
+                    let saved = points.save("shipped", "parcel").await;
+                    log.push(format!("save-unread: {saved:?}"));
+                    drop(body);
+                    return (StatusCode::CREATED, "{}");
+                }
+                let _ = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+                let found = describe(points.load().await);
+                if found == "none" {
+                    let saved = points.save("charged", "ch_1").await;
+                    log.push(format!("{found}; {saved:?}"));
+                    return (StatusCode::INTERNAL_SERVER_ERROR, "{}");
+                }
+                log.push(found);
+                (StatusCode::CREATED, "{}")
+            }
+        }
+    };
+    let router = Router::new().route("/payments", post(handler));
+    let mut app = tower::Layer::layer(&IdempotencyLayer::new(), router);
+    let key = unique("unread");
+    let original = r#"{"amount":1}"#;
+    assert_eq!(send(&mut app, request(Some(&key), original, &[])).await.status, 500);
+    let other = send(
+        &mut app,
+        request(Some(&key), r#"{"amount":500}"#, &[("x-save-unread", "1")]),
+    )
+    .await;
+    let retry = send(&mut app, request(Some(&key), original, &[])).await;
+    assert_eq!(
+        (other.status.as_u16(), retry.status.as_u16()),
+        (422, 201),
+        "another payload is refused 422 and the original resumes; handler runs: {:?}",
+        log.lines()
+    );
+}
