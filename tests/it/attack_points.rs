@@ -61,11 +61,16 @@ fn loading_app<St: Store + Clone>(layer: IdempotencyLayer<St>, log: Log) -> supp
                 None => "nothing".to_owned(),
             };
             log.push(format!("{found}; {saved}"));
+            if let Some(ms) = header("x-delay-ms") {
+                tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+            }
             let status = header("x-status").map_or(201, |s| s.parse().unwrap());
             (StatusCode::from_u16(status).unwrap(), "{}")
         }
     };
-    let router = Router::new().route("/payments", post(handler));
+    let router = Router::new()
+        .route("/payments", post(handler.clone()))
+        .route("/refunds", post(handler));
     tower::Layer::layer(&layer, router)
 }
 
@@ -579,4 +584,122 @@ async fn an_unread_body_save_by_another_payload_never_takes_the_key() {
         "another payload is refused 422 and the original resumes; handler runs: {:?}",
         log.lines()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attacks that held (these pass on the current code; kept as guards).
+// ---------------------------------------------------------------------------------------------
+
+/// Held: with `OnConflict::Wait`, another payload waiting on the original that saved a point
+/// and then failed gets 422 once it runs; the original's retry resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_a_waiting_duplicate_with_another_payload_gets_422() {
+    let log = Log::default();
+    let layer = IdempotencyLayer::with_settings(
+        Settings::default().on_conflict(tower_idempotency::OnConflict::Wait(Duration::from_secs(3))),
+    );
+    let app = loading_app(layer, log.clone());
+    let key = unique("wait");
+    let first = tokio::spawn({
+        let (mut app, key) = (app.clone(), key.clone());
+        async move {
+            send(
+                &mut app,
+                request(
+                    Some(&key),
+                    r#"{"amount":1}"#,
+                    &[("x-save", "charged"), ("x-status", "500"), ("x-delay-ms", "300")],
+                ),
+            )
+            .await
+            .status
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut app2 = app.clone();
+    let other = send(&mut app2, request(Some(&key), r#"{"amount":500}"#, &[])).await;
+    assert_eq!(first.await.unwrap(), 500);
+    assert_eq!(other.status, 422);
+    let retry = send(&mut app2, request(Some(&key), r#"{"amount":1}"#, &[])).await;
+    assert_eq!(retry.status, 201);
+    assert_eq!(log.lines().last().unwrap(), "charged=data; nothing");
+}
+
+/// Held: the same key and payload on another path (another method-path identity) never reads
+/// the point.
+#[tokio::test]
+async fn held_another_path_never_reads_the_point() {
+    let log = Log::default();
+    let mut app = loading_app(IdempotencyLayer::new(), log.clone());
+    let key = unique("path");
+    let failed = send(&mut app, request(Some(&key), "{}", &[("x-save", "charged"), ("x-status", "500")])).await;
+    assert_eq!(failed.status, 500);
+    let mut refund = request(Some(&key), "{}", &[]);
+    *refund.uri_mut() = "/refunds".parse().unwrap();
+    assert_eq!(send(&mut app, refund).await.status, 201);
+    let retry = send(&mut app, request(Some(&key), "{}", &[])).await;
+    assert_eq!(retry.status, 201);
+    assert_eq!(log.lines(), ["none; saved", "none; nothing", "charged=data; nothing"]);
+}
+
+/// Held: a 4xx after a failed save (over the limit) is stored and replayed; the handler ran
+/// once.
+#[tokio::test]
+async fn held_a_4xx_after_a_failed_save_is_kept() {
+    let log = Log::default();
+    let layer = IdempotencyLayer::with_settings(Settings::default().max_recovery_point(4));
+    let mut app = loading_app(layer, log.clone());
+    let key = unique("4xx");
+    let first = send(&mut app, request(Some(&key), "{}", &[("x-save", "charged"), ("x-status", "409")])).await;
+    assert_eq!(first.status, 409);
+    let retry = send(&mut app, request(Some(&key), "{}", &[])).await;
+    assert_eq!(retry.status, 409);
+    assert!(retry.replayed());
+    assert_eq!(log.lines().len(), 1);
+}
+
+/// Held: a handler holding a half-read body gets `RequestUnread` from `load`.
+#[tokio::test]
+async fn held_a_half_read_body_is_request_unread() {
+    let log = Log::default();
+    let handler = {
+        let log = log.clone();
+        move |Extension(points): Extension<RecoveryPoints>, body: Body| {
+            let log = log.clone();
+            async move {
+                use http_body_util::BodyExt;
+                let mut body = body;
+                let _first = body.frame().await;
+                log.push(describe(points.load().await));
+                drop(body);
+                log.push(describe(points.load().await));
+                (StatusCode::CREATED, "{}")
+            }
+        }
+    };
+    let router = Router::new().route("/payments", post(handler));
+    let mut app = tower::Layer::layer(&IdempotencyLayer::new(), router);
+    let key = unique("half");
+    let answer = send(&mut app, slow_request(&key, "{\"amount\":", "1}", Duration::from_millis(50))).await;
+    assert_eq!(answer.status, 201);
+    assert_eq!(log.lines(), ["load error: RequestUnread", "none"]);
+}
+
+/// Held: a head-only custom fingerprint binds the point to the head it hashes: another
+/// account header with the key gets 422.
+#[tokio::test]
+async fn held_a_head_only_fingerprint_binds_the_point_to_the_head() {
+    let log = Log::default();
+    let fingerprint = tower_idempotency::fingerprint::Fingerprint::custom(|parts, hasher| {
+        hasher.update(parts.headers.get("x-account").map_or(&b""[..], |v| v.as_bytes()))
+    })
+    .without_body();
+    let mut app = loading_app(IdempotencyLayer::new().fingerprint(fingerprint), log.clone());
+    let key = unique("head");
+    let failed = send(&mut app, request(Some(&key), "{}", &[("x-account", "a"), ("x-save", "charged"), ("x-status", "500")])).await;
+    assert_eq!(failed.status, 500);
+    let other = send(&mut app, request(Some(&key), "{}", &[("x-account", "b")])).await;
+    assert_eq!(other.status, 422);
+    let retry = send(&mut app, request(Some(&key), "{\"other\":1}", &[("x-account", "a")])).await;
+    assert_eq!(retry.status, 201);
 }
