@@ -703,3 +703,32 @@ async fn held_a_head_only_fingerprint_binds_the_point_to_the_head() {
     let retry = send(&mut app, request(Some(&key), "{\"other\":1}", &[("x-account", "a")])).await;
     assert_eq!(retry.status, 201);
 }
+
+/// Held: a point damaged in the store (one byte of its data flipped in SQLite) is never
+/// handed out, neither to its own payload's retry (a store error, `Corrupt`) nor to another
+/// payload.
+#[tokio::test]
+async fn held_a_damaged_point_is_never_handed_out() {
+    let dir = support::servers::TempDir::new("attack-damaged-point");
+    let path = dir.path().join("db.sqlite");
+    let store = tower_idempotency::store::SqliteStore::open(&path).await.unwrap();
+    let log = Log::default();
+    let mut app = loading_app(IdempotencyLayer::with_settings(Settings::new(store)), log.clone());
+    let key = unique("damaged");
+    let failed = send(&mut app, request(Some(&key), "{}", &[("x-save", "charged"), ("x-status", "500")])).await;
+    assert_eq!(failed.status, 500);
+    {
+        let db = rusqlite::Connection::open(&path).unwrap();
+        let mut point: Vec<u8> = db
+            .query_row("SELECT point FROM idempotency_points", [], |row| row.get(0))
+            .unwrap();
+        *point.last_mut().unwrap() ^= 1;
+        db.execute("UPDATE idempotency_points SET point = ?1", [point]).unwrap();
+    }
+    let other = send(&mut app, request(Some(&key), r#"{"a":1}"#, &[("x-status", "503")])).await;
+    let retry = send(&mut app, request(Some(&key), "{}", &[("x-status", "503")])).await;
+    assert_eq!((other.status.as_u16(), retry.status.as_u16()), (503, 503));
+    let lines = log.lines();
+    assert!(lines[1].starts_with("load error: Store(Corrupt"), "{lines:?}");
+    assert!(lines[2].starts_with("load error: Store(Corrupt"), "{lines:?}");
+}
