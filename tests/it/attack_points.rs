@@ -732,3 +732,52 @@ async fn held_a_damaged_point_is_never_handed_out() {
     assert!(lines[1].starts_with("load error: Store(Corrupt"), "{lines:?}");
     assert!(lines[2].starts_with("load error: Store(Corrupt"), "{lines:?}");
 }
+
+/// The targeted form of the hash-tag break: the victim uses a plain key (no braces). The
+/// attacker, another tenant, sends a key that is `{` + the victim's Redis record key + `}`:
+/// its point key is the victim's. The attacker's request reads the victim's point (the charge
+/// id), and the attacker's completion removes it, so the victim's retry charges again.
+#[tokio::test]
+async fn redis_another_tenant_cannot_aim_a_key_at_a_victims_point() {
+    let Some(url) = redis_url() else { return };
+    let store = RedisStore::connect(&url).await.expect("connect to redis");
+    let log = Log::default();
+    let layer = IdempotencyLayer::with_settings(Settings::new(store)).scope(|parts| {
+        parts
+            .headers
+            .get("x-tenant")
+            .map(|v| v.to_str().unwrap().to_owned())
+    });
+    let mut app = loading_app(layer, log.clone());
+    let victim_key = unique("victim");
+    let victim_store_key = tower_idempotency::admin::http_key(
+        "alice",
+        &axum::http::Method::POST,
+        "/payments",
+        &victim_key,
+    );
+    let aimed = format!("\"{{idempotency:{victim_store_key}}}\"");
+    let failed = send(
+        &mut app,
+        request(
+            Some(&victim_key),
+            "{}",
+            &[("x-tenant", "alice"), ("x-save", "charged"), ("x-status", "500")],
+        ),
+    )
+    .await;
+    assert_eq!(failed.status, 500);
+    let attack = send(&mut app, request(Some(&aimed), "{}", &[("x-tenant", "mallory")])).await;
+    assert_eq!(attack.status, 201, "{:?}", String::from_utf8_lossy(&attack.body));
+    let retry = send(
+        &mut app,
+        request(Some(&victim_key), "{}", &[("x-tenant", "alice")]),
+    )
+    .await;
+    assert_eq!(retry.status, 201);
+    assert_eq!(
+        log.lines(),
+        ["none; saved", "none; nothing", "charged=data; nothing"],
+        "tenant mallory's key {aimed} reached tenant alice's point"
+    );
+}
