@@ -781,3 +781,70 @@ async fn redis_another_tenant_cannot_aim_a_key_at_a_victims_point() {
         "tenant mallory's key {aimed} reached tenant alice's point"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// A careless operator: a TTL shorter than the lease. Promise: "A point survives the crash of
+// the process that saved it (on any store that outlives the process: SQLite, ...), so the next
+// run of the key, on any instance, reads it" (docs/recovery-points.md), and docs/failures.md:
+// "zero or absurd durations ... refused with a panic that names the knob".
+// ---------------------------------------------------------------------------------------------
+
+fn ledger(dir: &support::servers::TempDir) -> Vec<String> {
+    std::fs::read_to_string(dir.path().join("ledger.txt"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `--ttl 1 --lock-ttl 4` on SQLite: the demo charges, saves its point, is killed (`kill -9`).
+/// The point is saved with the 1 s TTL, so it is gone before the 4 s lease lets the retry in:
+/// the retry charges the card again. Settings accept the TTL below the lease silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_ttl_below_the_lease_never_loses_a_crashed_runs_point() {
+    let dir = support::servers::TempDir::new("attack-ttl-lease");
+    let store = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+    let ledger_path = dir.path().join("ledger.txt").display().to_string();
+    let args = [
+        "--store",
+        store.as_str(),
+        "--ttl",
+        "1",
+        "--lock-ttl",
+        "4",
+        "--provider-ledger",
+        ledger_path.as_str(),
+    ];
+    let key = unique("ttl");
+    let body = r#"{"amount": 1000, "currency": "usd", "delay_ms": 3000}"#;
+    let mut first = support::demo::Demo::start(&args).await;
+    let sent = tokio::spawn({
+        let (base, key) = (first.base.clone(), key.clone());
+        async move {
+            let _ = support::demo::try_post_to(&base, "acme", &key, body).await;
+        }
+    });
+    while ledger(&dir).is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    first.kill();
+    let _ = sent.await;
+    let second = support::demo::Demo::start(&args).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let retry = loop {
+        let reply = second.try_post("acme", &key, body).await.expect("answers");
+        if reply.status != 409 {
+            break reply;
+        }
+        assert!(std::time::Instant::now() < deadline, "the lease never lapsed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(retry.status, 201, "{:?}", String::from_utf8_lossy(&retry.body));
+    assert_eq!(
+        ledger(&dir).len(),
+        1,
+        "the card was charged again: the crashed run's point expired (TTL 1 s) before its \
+         lease (4 s) let the retry in"
+    );
+}
