@@ -848,3 +848,60 @@ async fn sqlite_a_ttl_below_the_lease_never_loses_a_crashed_runs_point() {
          lease (4 s) let the retry in"
     );
 }
+
+/// The brace attacks above, on a store that keys points by the whole record key.
+async fn brace_keys_keep_their_own_points<St: Store + Clone>(store: St) {
+    let log = Log::default();
+    let layer = IdempotencyLayer::with_settings(Settings::new(store)).scope(|parts| {
+        parts
+            .headers
+            .get("x-tenant")
+            .map(|v| v.to_str().unwrap().to_owned())
+    });
+    let mut app = loading_app(layer, log.clone());
+    let victim_key = unique("victim");
+    let victim_store_key =
+        tower_idempotency::admin::http_key("alice", &axum::http::Method::POST, "/payments", &victim_key);
+    let tag = unique("tag");
+    for (victim, attacker) in [
+        (victim_key.clone(), format!("\"{{idempotency:{victim_store_key}}}\"")),
+        (format!("{{{tag}}}-a"), format!("{{{tag}}}-b")),
+        (format!("x{{}}}}{tag}"), format!("x{{}}}}{tag}:point")),
+    ] {
+        log.0.lock().unwrap().clear();
+        let failed = send(
+            &mut app,
+            request(Some(&victim), "{}", &[("x-tenant", "alice"), ("x-save", "charged"), ("x-status", "500")]),
+        )
+        .await;
+        assert_eq!(failed.status, 500);
+        let attack = send(&mut app, request(Some(&attacker), "{}", &[("x-tenant", "alice")])).await;
+        assert_eq!(attack.status, 201);
+        let retry = send(&mut app, request(Some(&victim), "{}", &[("x-tenant", "alice")])).await;
+        assert_eq!(retry.status, 201);
+        assert_eq!(log.lines(), ["none; saved", "none; nothing", "charged=data; nothing"], "{attacker}");
+    }
+}
+
+/// Held: SQLite keeps each key's point under its whole key.
+#[tokio::test]
+async fn held_sqlite_brace_keys_keep_their_own_points() {
+    let dir = support::servers::TempDir::new("attack-brace-sqlite");
+    let store = tower_idempotency::store::SqliteStore::open(dir.path().join("db.sqlite")).await.unwrap();
+    brace_keys_keep_their_own_points(store).await;
+}
+
+/// Held: PostgreSQL keeps each key's point under its whole key.
+#[tokio::test]
+async fn held_postgres_brace_keys_keep_their_own_points() {
+    let Some(url) = support::servers::postgres_url() else { return };
+    let store = tower_idempotency::store::PostgresStore::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    brace_keys_keep_their_own_points(store).await;
+}
+
+/// Held: the memory store keeps each key's point under its whole key.
+#[tokio::test]
+async fn held_memory_brace_keys_keep_their_own_points() {
+    brace_keys_keep_their_own_points(MemoryStore::default()).await;
+}
