@@ -905,3 +905,36 @@ async fn held_postgres_brace_keys_keep_their_own_points() {
 async fn held_memory_brace_keys_keep_their_own_points() {
     brace_keys_keep_their_own_points(MemoryStore::default()).await;
 }
+
+/// docs/recovery-points.md, "What happens when a store has no room left", memory: points are
+/// "charged to the store's byte capacity like records; the save fails only when the point
+/// alone is larger than the store can hold". 70,000 tiny points (a few MB, far below the
+/// store's capacity), each left by a run that saved and failed (the demo's `"fail": true`
+/// does it from outside): past 1,024 points in a shard every new save fails, so every later
+/// run of any key in that shard loses its points.
+#[tokio::test]
+async fn memory_tiny_points_never_fail_for_lack_of_room() {
+    let store = MemoryStore::default();
+    let ttl = Duration::from_secs(3600);
+    let mut failed = Vec::new();
+    for i in 0..70_000 {
+        let key = format!("flood-{i}");
+        let token = tower_idempotency::store::OwnerToken::random();
+        match store.claim_as(&key, &token, Duration::from_secs(30)).await.unwrap() {
+            tower_idempotency::store::ClaimOutcome::Claimed(_) => {}
+            other => panic!("{other:?}"),
+        }
+        let point = tower_idempotency::store::RecoveryPoint::new("charged", "ch_1");
+        if let Err(error) = store.save_point(&key, &token, &point, ttl).await {
+            failed.push((i, error.to_string()));
+        }
+        store.release(&key, &token).await.unwrap();
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of 70,000 tiny point saves failed, the first at #{}: {}",
+        failed.len(),
+        failed[0].0,
+        failed[0].1
+    );
+}
