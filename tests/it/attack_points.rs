@@ -938,3 +938,51 @@ async fn memory_tiny_points_never_fail_for_lack_of_room() {
         failed[0].1
     );
 }
+
+/// Same row: memory points are "charged to the store's byte capacity like records; the save
+/// fails only when the point alone is larger than the store can hold". A 64 KiB store takes
+/// 100 points of 60 KiB (6 MB: nothing evicted, nothing refused, `weighted_size` 0): points
+/// are not charged at all, so the capacity bounds nothing (at the default limits: 65,536
+/// points of 64 KiB, 4 GiB, in a store sized 64 MiB).
+#[tokio::test]
+async fn memory_points_are_charged_to_the_capacity() {
+    use tower_idempotency::store::{ClaimOutcome, OwnerToken, RecoveryPoint};
+    let capacity = 64 * 1024;
+    let store = MemoryStore::builder().max_bytes(capacity).build();
+    let ttl = Duration::from_secs(3600);
+    let claim = |key: String| {
+        let store = store.clone();
+        async move {
+            let token = OwnerToken::random();
+            match store.claim_as(&key, &token, Duration::from_secs(30)).await.unwrap() {
+                ClaimOutcome::Claimed(_) => token,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let mut saved = 0;
+    for i in 0..100 {
+        let key = format!("big-{i}");
+        let token = claim(key.clone()).await;
+        let point = RecoveryPoint::new("charged", vec![b'x'; 60 * 1024]);
+        if store.save_point(&key, &token, &point, ttl).await.is_ok() {
+            saved += 1;
+        }
+        store.release(&key, &token).await.unwrap();
+    }
+    let mut held = 0u64;
+    for i in 0..100 {
+        let key = format!("big-{i}");
+        let token = claim(key.clone()).await;
+        if let Some(point) = store.load_point(&key, &token).await.unwrap() {
+            held += point.data().len() as u64;
+        }
+        store.release(&key, &token).await.unwrap();
+    }
+    assert!(
+        held <= capacity,
+        "a {capacity}-byte store holds {held} bytes of points ({saved} of 100 saves accepted, \
+         weighted_size {})",
+        store.weighted_size()
+    );
+}
