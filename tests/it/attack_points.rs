@@ -986,3 +986,30 @@ async fn memory_points_are_charged_to_the_capacity() {
         store.weighted_size()
     );
 }
+
+/// A careless operator hash-tags the store's prefix (`{payments}:`, the usual way to keep a
+/// service's keys in one cluster slot). Every key's point is then `{payments}:point`: one
+/// point for all keys of all tenants. A fresh key reads another key's point, and its completion
+/// deletes it.
+#[tokio::test]
+async fn redis_a_hash_tagged_prefix_keeps_one_point_per_key() {
+    let Some(url) = redis_url() else { return };
+    let prefix = format!("{{{}}}:", unique("svc"));
+    let store = RedisStore::connect(&url).await.expect("connect to redis").with_prefix(prefix.clone());
+    let log = Log::default();
+    let mut app = loading_app(IdempotencyLayer::with_settings(Settings::new(store)), log.clone());
+    let (first, second) = (unique("order-1"), unique("order-2"));
+    let failed = send(
+        &mut app,
+        request(Some(&first), "{}", &[("x-save", "charged"), ("x-status", "500")]),
+    )
+    .await;
+    assert_eq!(failed.status, 500);
+    assert_eq!(send(&mut app, request(Some(&second), "{}", &[])).await.status, 201);
+    assert_eq!(send(&mut app, request(Some(&first), "{}", &[])).await.status, 201);
+    assert_eq!(
+        log.lines(),
+        ["none; saved", "none; nothing", "charged=data; nothing"],
+        "with the prefix {prefix:?}, key {second:?} reached the point of key {first:?}"
+    );
+}
