@@ -31,7 +31,9 @@ impl Log {
     }
 }
 
-fn describe(loaded: Result<Option<tower_idempotency::store::RecoveryPoint>, RecoveryError>) -> String {
+fn describe(
+    loaded: Result<Option<tower_idempotency::store::RecoveryPoint>, RecoveryError>,
+) -> String {
     match loaded {
         Ok(Some(point)) => format!(
             "{}={}",
@@ -46,28 +48,27 @@ fn describe(loaded: Result<Option<tower_idempotency::store::RecoveryPoint>, Reco
 /// The handler of `recovery_points.rs`, reduced: reads the body (axum `String`), loads the
 /// point, saves `x-save` when asked, answers `x-status`.
 fn loading_app<St: Store + Clone>(layer: IdempotencyLayer<St>, log: Log) -> support::App<St> {
-    let handler = move |Extension(points): Extension<RecoveryPoints>,
-                        headers: HeaderMap,
-                        _body: String| {
-        let log = log.clone();
-        async move {
-            let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_owned());
-            let found = describe(points.load().await);
-            let saved = match header("x-save") {
-                Some(phase) => match points.save(phase, "data").await {
-                    Ok(()) => "saved".to_owned(),
-                    Err(error) => format!("save error: {error:?}"),
-                },
-                None => "nothing".to_owned(),
-            };
-            log.push(format!("{found}; {saved}"));
-            if let Some(ms) = header("x-delay-ms") {
-                tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+    let handler =
+        move |Extension(points): Extension<RecoveryPoints>, headers: HeaderMap, _body: String| {
+            let log = log.clone();
+            async move {
+                let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+                let found = describe(points.load().await);
+                let saved = match header("x-save") {
+                    Some(phase) => match points.save(phase, "data").await {
+                        Ok(()) => "saved".to_owned(),
+                        Err(error) => format!("save error: {error:?}"),
+                    },
+                    None => "nothing".to_owned(),
+                };
+                log.push(format!("{found}; {saved}"));
+                if let Some(ms) = header("x-delay-ms") {
+                    tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+                }
+                let status = header("x-status").map_or(201, |s| s.parse().unwrap());
+                (StatusCode::from_u16(status).unwrap(), "{}")
             }
-            let status = header("x-status").map_or(201, |s| s.parse().unwrap());
-            (StatusCode::from_u16(status).unwrap(), "{}")
-        }
-    };
+        };
     let router = Router::new()
         .route("/payments", post(handler.clone()))
         .route("/refunds", post(handler));
@@ -75,8 +76,7 @@ fn loading_app<St: Store + Clone>(layer: IdempotencyLayer<St>, log: Log) -> supp
 }
 
 fn unique(case: &str) -> String {
-    tower_idempotency::store::conformance::fresh_key(case)
-        .replace(['/', '{', '}', '|'], "-")
+    tower_idempotency::store::conformance::fresh_key(case).replace(['/', '{', '}', '|'], "-")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -110,7 +110,11 @@ async fn redis_keys_sharing_a_hash_tag_never_share_a_recovery_point() {
         request(
             Some(&key_a),
             "{}",
-            &[("x-tenant", "alice"), ("x-save", "charged"), ("x-status", "500")],
+            &[
+                ("x-tenant", "alice"),
+                ("x-save", "charged"),
+                ("x-status", "500"),
+            ],
         ),
     )
     .await;
@@ -155,7 +159,11 @@ async fn redis_a_keys_point_is_never_another_keys_record() {
     let second = format!("{first}:point");
     let failed = send(
         &mut app,
-        request(Some(&first), "{}", &[("x-save", "charged"), ("x-status", "500")]),
+        request(
+            Some(&first),
+            "{}",
+            &[("x-save", "charged"), ("x-status", "500")],
+        ),
     )
     .await;
     assert_eq!(failed.status, 500);
@@ -181,7 +189,9 @@ struct Unserializable;
 
 impl serde::Serialize for Unserializable {
     fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
-        Err(serde::ser::Error::custom("the charge handle cannot be serialized"))
+        Err(serde::ser::Error::custom(
+            "the charge handle cannot be serialized",
+        ))
     }
 }
 
@@ -209,10 +219,16 @@ async fn a_failed_save_json_keeps_the_key() {
     let router = Router::new().route("/payments", post(handler));
     let mut app = tower::Layer::layer(&IdempotencyLayer::new(), router);
     let key = unique("json");
-    assert_eq!(send(&mut app, request(Some(&key), "{}", &[])).await.status, 500);
+    assert_eq!(
+        send(&mut app, request(Some(&key), "{}", &[])).await.status,
+        500
+    );
     let retry = send(&mut app, request(Some(&key), "{}", &[])).await;
     assert_eq!(retry.status, 500);
-    assert!(retry.replayed(), "the run's answer is kept after a failed save");
+    assert!(
+        retry.replayed(),
+        "the run's answer is kept after a failed save"
+    );
     assert_eq!(*charges.lock().unwrap(), 1, "the card was charged twice");
 }
 
@@ -224,7 +240,10 @@ async fn a_failed_save_json_keeps_the_key() {
 async fn a_no_store_answer_after_a_failed_save_reaches_the_client() {
     let handler = |Extension(points): Extension<RecoveryPoints>, _body: String| async move {
         let saved = points.save("charged", vec![b'x'; 100]).await;
-        assert!(matches!(saved, Err(RecoveryError::TooLarge { .. })), "{saved:?}");
+        assert!(
+            matches!(saved, Err(RecoveryError::TooLarge { .. })),
+            "{saved:?}"
+        );
         (
             StatusCode::CREATED,
             [("cache-control", "no-store")],
@@ -237,7 +256,10 @@ async fn a_no_store_answer_after_a_failed_save_reaches_the_client() {
     let key = unique("no-store");
     let answer = send(&mut app, request(Some(&key), "{}", &[])).await;
     assert_eq!(
-        (answer.status, String::from_utf8_lossy(&answer.body).into_owned()),
+        (
+            answer.status,
+            String::from_utf8_lossy(&answer.body).into_owned()
+        ),
         (StatusCode::CREATED, r#"{"charge":"ch_1"}"#.to_owned()),
         "the handler's answer after a failed save"
     );
@@ -252,7 +274,10 @@ async fn a_no_store_answer_after_a_failed_save_reaches_the_client() {
 async fn grpc_an_error_status_after_a_failed_save_is_the_answer_kept() {
     let handler = |Extension(points): Extension<RecoveryPoints>, _body: axum::body::Bytes| async move {
         let saved = points.save("charged", vec![b'x'; 100]).await;
-        assert!(matches!(saved, Err(RecoveryError::TooLarge { .. })), "{saved:?}");
+        assert!(
+            matches!(saved, Err(RecoveryError::TooLarge { .. })),
+            "{saved:?}"
+        );
         (
             StatusCode::OK,
             [
@@ -277,7 +302,10 @@ async fn grpc_an_error_status_after_a_failed_save_is_the_answer_kept() {
     };
     let first = send(&mut app, call()).await;
     assert_eq!(
-        first.headers.get("grpc-status").map(|v| v.to_str().unwrap()),
+        first
+            .headers
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap()),
         Some("9"),
         "the handler's gRPC answer after a failed save; got {:?}",
         first.headers
@@ -285,7 +313,10 @@ async fn grpc_an_error_status_after_a_failed_save_is_the_answer_kept() {
     let retry = send(&mut app, call()).await;
     assert!(retry.replayed(), "{:?}", retry.headers);
     assert_eq!(
-        retry.headers.get("grpc-status").map(|v| v.to_str().unwrap()),
+        retry
+            .headers
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap()),
         Some("9")
     );
 }
@@ -336,7 +367,12 @@ async fn consumer_a_failed_save_never_releases_the_message() {
 // ---------------------------------------------------------------------------------------------
 
 /// A request whose body arrives in two chunks, the second after `delay` (a slow client).
-fn slow_request(key: &str, first: &'static str, second: &'static str, delay: Duration) -> axum::http::Request<Body> {
+fn slow_request(
+    key: &str,
+    first: &'static str,
+    second: &'static str,
+    delay: Duration,
+) -> axum::http::Request<Body> {
     let chunks = futures_stream(first, second, delay);
     axum::http::Request::post("/payments")
         .header("idempotency-key", key)
@@ -423,7 +459,10 @@ async fn a_timed_out_load_does_not_lose_the_requests_binding() {
     let other = send(&mut app, request(Some(&key), r#"{"amount":500}"#, &[])).await;
     assert_eq!(
         (log.lines(), other.status.as_u16()),
-        (vec!["first timed out: true".to_owned(), "none".to_owned()], 422),
+        (
+            vec!["first timed out: true".to_owned(), "none".to_owned()],
+            422
+        ),
         "the dropped body is still read out for the second load, and another payload is refused"
     );
 }
@@ -445,7 +484,10 @@ async fn drain_never_releases_a_run_whose_save_failed() {
                 if points.load().await.unwrap().is_none() {
                     charges.fetch_add(1, Ordering::SeqCst); // the side effect
                     let saved = points.save("charged", vec![b'x'; 100]).await;
-                    assert!(matches!(saved, Err(RecoveryError::TooLarge { .. })), "{saved:?}");
+                    assert!(
+                        matches!(saved, Err(RecoveryError::TooLarge { .. })),
+                        "{saved:?}"
+                    );
                     // Finishing the payment, slowly (the store is slow: that is why it failed).
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
@@ -456,7 +498,8 @@ async fn drain_never_releases_a_run_whose_save_failed() {
     let router = Router::new().route("/payments", post(handler));
     let settings = Settings::new(store.clone()).max_recovery_point(10);
     let drain = settings.drain_handle();
-    let mut draining = tower::Layer::layer(&IdempotencyLayer::with_settings(settings), router.clone());
+    let mut draining =
+        tower::Layer::layer(&IdempotencyLayer::with_settings(settings), router.clone());
     let mut other = tower::Layer::layer(
         &IdempotencyLayer::with_settings(Settings::new(store).max_recovery_point(10)),
         router,
@@ -464,7 +507,11 @@ async fn drain_never_releases_a_run_whose_save_failed() {
     let key = unique("drain");
     let first = tokio::spawn({
         let key = key.clone();
-        async move { send(&mut draining, request(Some(&key), "{}", &[])).await.status }
+        async move {
+            send(&mut draining, request(Some(&key), "{}", &[]))
+                .await
+                .status
+        }
     });
     while charges.load(Ordering::SeqCst) == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -524,8 +571,14 @@ async fn an_oversized_save_by_another_payload_is_still_refused_as_key_reused() {
     let mut app = tower::Layer::layer(&layer, router);
     let key = unique("oversized");
     let original = r#"{"amount":1}"#;
-    assert_eq!(send(&mut app, request(Some(&key), original, &[])).await.status, 500);
-    let attack: &'static str = Box::leak(format!(r#"{{"ship":"{}"}}"#, "x".repeat(200)).into_boxed_str());
+    assert_eq!(
+        send(&mut app, request(Some(&key), original, &[]))
+            .await
+            .status,
+        500
+    );
+    let attack: &'static str =
+        Box::leak(format!(r#"{{"ship":"{}"}}"#, "x".repeat(200)).into_boxed_str());
     let other = send(&mut app, request(Some(&key), attack, &[])).await;
     let retry = send(&mut app, request(Some(&key), original, &[])).await;
     assert_eq!(
@@ -571,7 +624,12 @@ async fn an_unread_body_save_by_another_payload_never_takes_the_key() {
     let mut app = tower::Layer::layer(&IdempotencyLayer::new(), router);
     let key = unique("unread");
     let original = r#"{"amount":1}"#;
-    assert_eq!(send(&mut app, request(Some(&key), original, &[])).await.status, 500);
+    assert_eq!(
+        send(&mut app, request(Some(&key), original, &[]))
+            .await
+            .status,
+        500
+    );
     let other = send(
         &mut app,
         request(Some(&key), r#"{"amount":500}"#, &[("x-save-unread", "1")]),
@@ -596,7 +654,8 @@ async fn an_unread_body_save_by_another_payload_never_takes_the_key() {
 async fn held_a_waiting_duplicate_with_another_payload_gets_422() {
     let log = Log::default();
     let layer = IdempotencyLayer::with_settings(
-        Settings::default().on_conflict(tower_idempotency::OnConflict::Wait(Duration::from_secs(3))),
+        Settings::default()
+            .on_conflict(tower_idempotency::OnConflict::Wait(Duration::from_secs(3))),
     );
     let app = loading_app(layer, log.clone());
     let key = unique("wait");
@@ -608,7 +667,11 @@ async fn held_a_waiting_duplicate_with_another_payload_gets_422() {
                 request(
                     Some(&key),
                     r#"{"amount":1}"#,
-                    &[("x-save", "charged"), ("x-status", "500"), ("x-delay-ms", "300")],
+                    &[
+                        ("x-save", "charged"),
+                        ("x-status", "500"),
+                        ("x-delay-ms", "300"),
+                    ],
                 ),
             )
             .await
@@ -632,14 +695,25 @@ async fn held_another_path_never_reads_the_point() {
     let log = Log::default();
     let mut app = loading_app(IdempotencyLayer::new(), log.clone());
     let key = unique("path");
-    let failed = send(&mut app, request(Some(&key), "{}", &[("x-save", "charged"), ("x-status", "500")])).await;
+    let failed = send(
+        &mut app,
+        request(
+            Some(&key),
+            "{}",
+            &[("x-save", "charged"), ("x-status", "500")],
+        ),
+    )
+    .await;
     assert_eq!(failed.status, 500);
     let mut refund = request(Some(&key), "{}", &[]);
     *refund.uri_mut() = "/refunds".parse().unwrap();
     assert_eq!(send(&mut app, refund).await.status, 201);
     let retry = send(&mut app, request(Some(&key), "{}", &[])).await;
     assert_eq!(retry.status, 201);
-    assert_eq!(log.lines(), ["none; saved", "none; nothing", "charged=data; nothing"]);
+    assert_eq!(
+        log.lines(),
+        ["none; saved", "none; nothing", "charged=data; nothing"]
+    );
 }
 
 /// Held: a 4xx after a failed save (over the limit) is stored and replayed; the handler ran
@@ -650,7 +724,15 @@ async fn held_a_4xx_after_a_failed_save_is_kept() {
     let layer = IdempotencyLayer::with_settings(Settings::default().max_recovery_point(4));
     let mut app = loading_app(layer, log.clone());
     let key = unique("4xx");
-    let first = send(&mut app, request(Some(&key), "{}", &[("x-save", "charged"), ("x-status", "409")])).await;
+    let first = send(
+        &mut app,
+        request(
+            Some(&key),
+            "{}",
+            &[("x-save", "charged"), ("x-status", "409")],
+        ),
+    )
+    .await;
     assert_eq!(first.status, 409);
     let retry = send(&mut app, request(Some(&key), "{}", &[])).await;
     assert_eq!(retry.status, 409);
@@ -680,7 +762,11 @@ async fn held_a_half_read_body_is_request_unread() {
     let router = Router::new().route("/payments", post(handler));
     let mut app = tower::Layer::layer(&IdempotencyLayer::new(), router);
     let key = unique("half");
-    let answer = send(&mut app, slow_request(&key, "{\"amount\":", "1}", Duration::from_millis(50))).await;
+    let answer = send(
+        &mut app,
+        slow_request(&key, "{\"amount\":", "1}", Duration::from_millis(50)),
+    )
+    .await;
     assert_eq!(answer.status, 201);
     assert_eq!(log.lines(), ["load error: RequestUnread", "none"]);
 }
@@ -691,16 +777,40 @@ async fn held_a_half_read_body_is_request_unread() {
 async fn held_a_head_only_fingerprint_binds_the_point_to_the_head() {
     let log = Log::default();
     let fingerprint = tower_idempotency::fingerprint::Fingerprint::custom(|parts, hasher| {
-        hasher.update(parts.headers.get("x-account").map_or(&b""[..], |v| v.as_bytes()))
+        hasher.update(
+            parts
+                .headers
+                .get("x-account")
+                .map_or(&b""[..], |v| v.as_bytes()),
+        )
     })
     .without_body();
-    let mut app = loading_app(IdempotencyLayer::new().fingerprint(fingerprint), log.clone());
+    let mut app = loading_app(
+        IdempotencyLayer::new().fingerprint(fingerprint),
+        log.clone(),
+    );
     let key = unique("head");
-    let failed = send(&mut app, request(Some(&key), "{}", &[("x-account", "a"), ("x-save", "charged"), ("x-status", "500")])).await;
+    let failed = send(
+        &mut app,
+        request(
+            Some(&key),
+            "{}",
+            &[
+                ("x-account", "a"),
+                ("x-save", "charged"),
+                ("x-status", "500"),
+            ],
+        ),
+    )
+    .await;
     assert_eq!(failed.status, 500);
     let other = send(&mut app, request(Some(&key), "{}", &[("x-account", "b")])).await;
     assert_eq!(other.status, 422);
-    let retry = send(&mut app, request(Some(&key), "{\"other\":1}", &[("x-account", "a")])).await;
+    let retry = send(
+        &mut app,
+        request(Some(&key), "{\"other\":1}", &[("x-account", "a")]),
+    )
+    .await;
     assert_eq!(retry.status, 201);
 }
 
@@ -711,11 +821,24 @@ async fn held_a_head_only_fingerprint_binds_the_point_to_the_head() {
 async fn held_a_damaged_point_is_never_handed_out() {
     let dir = support::servers::TempDir::new("attack-damaged-point");
     let path = dir.path().join("db.sqlite");
-    let store = tower_idempotency::store::SqliteStore::open(&path).await.unwrap();
+    let store = tower_idempotency::store::SqliteStore::open(&path)
+        .await
+        .unwrap();
     let log = Log::default();
-    let mut app = loading_app(IdempotencyLayer::with_settings(Settings::new(store)), log.clone());
+    let mut app = loading_app(
+        IdempotencyLayer::with_settings(Settings::new(store)),
+        log.clone(),
+    );
     let key = unique("damaged");
-    let failed = send(&mut app, request(Some(&key), "{}", &[("x-save", "charged"), ("x-status", "500")])).await;
+    let failed = send(
+        &mut app,
+        request(
+            Some(&key),
+            "{}",
+            &[("x-save", "charged"), ("x-status", "500")],
+        ),
+    )
+    .await;
     assert_eq!(failed.status, 500);
     {
         let db = rusqlite::Connection::open(&path).unwrap();
@@ -723,14 +846,25 @@ async fn held_a_damaged_point_is_never_handed_out() {
             .query_row("SELECT point FROM idempotency_points", [], |row| row.get(0))
             .unwrap();
         *point.last_mut().unwrap() ^= 1;
-        db.execute("UPDATE idempotency_points SET point = ?1", [point]).unwrap();
+        db.execute("UPDATE idempotency_points SET point = ?1", [point])
+            .unwrap();
     }
-    let other = send(&mut app, request(Some(&key), r#"{"a":1}"#, &[("x-status", "503")])).await;
+    let other = send(
+        &mut app,
+        request(Some(&key), r#"{"a":1}"#, &[("x-status", "503")]),
+    )
+    .await;
     let retry = send(&mut app, request(Some(&key), "{}", &[("x-status", "503")])).await;
     assert_eq!((other.status.as_u16(), retry.status.as_u16()), (503, 503));
     let lines = log.lines();
-    assert!(lines[1].starts_with("load error: Store(Corrupt"), "{lines:?}");
-    assert!(lines[2].starts_with("load error: Store(Corrupt"), "{lines:?}");
+    assert!(
+        lines[1].starts_with("load error: Store(Corrupt"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[2].starts_with("load error: Store(Corrupt"),
+        "{lines:?}"
+    );
 }
 
 /// The targeted form of the hash-tag break: the victim uses a plain key (no braces). The
@@ -762,13 +896,26 @@ async fn redis_another_tenant_cannot_aim_a_key_at_a_victims_point() {
         request(
             Some(&victim_key),
             "{}",
-            &[("x-tenant", "alice"), ("x-save", "charged"), ("x-status", "500")],
+            &[
+                ("x-tenant", "alice"),
+                ("x-save", "charged"),
+                ("x-status", "500"),
+            ],
         ),
     )
     .await;
     assert_eq!(failed.status, 500);
-    let attack = send(&mut app, request(Some(&aimed), "{}", &[("x-tenant", "mallory")])).await;
-    assert_eq!(attack.status, 201, "{:?}", String::from_utf8_lossy(&attack.body));
+    let attack = send(
+        &mut app,
+        request(Some(&aimed), "{}", &[("x-tenant", "mallory")]),
+    )
+    .await;
+    assert_eq!(
+        attack.status,
+        201,
+        "{:?}",
+        String::from_utf8_lossy(&attack.body)
+    );
     let retry = send(
         &mut app,
         request(Some(&victim_key), "{}", &[("x-tenant", "alice")]),
@@ -837,10 +984,18 @@ async fn sqlite_a_ttl_below_the_lease_never_loses_a_crashed_runs_point() {
         if reply.status != 409 {
             break reply;
         }
-        assert!(std::time::Instant::now() < deadline, "the lease never lapsed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never lapsed"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(retry.status, 201, "{:?}", String::from_utf8_lossy(&retry.body));
+    assert_eq!(
+        retry.status,
+        201,
+        "{:?}",
+        String::from_utf8_lossy(&retry.body)
+    );
     assert_eq!(
         ledger(&dir).len(),
         1,
@@ -860,26 +1015,53 @@ async fn brace_keys_keep_their_own_points<St: Store + Clone>(store: St) {
     });
     let mut app = loading_app(layer, log.clone());
     let victim_key = unique("victim");
-    let victim_store_key =
-        tower_idempotency::admin::http_key("alice", &axum::http::Method::POST, "/payments", &victim_key);
+    let victim_store_key = tower_idempotency::admin::http_key(
+        "alice",
+        &axum::http::Method::POST,
+        "/payments",
+        &victim_key,
+    );
     let tag = unique("tag");
     for (victim, attacker) in [
-        (victim_key.clone(), format!("\"{{idempotency:{victim_store_key}}}\"")),
+        (
+            victim_key.clone(),
+            format!("\"{{idempotency:{victim_store_key}}}\""),
+        ),
         (format!("{{{tag}}}-a"), format!("{{{tag}}}-b")),
         (format!("x{{}}}}{tag}"), format!("x{{}}}}{tag}:point")),
     ] {
         log.0.lock().unwrap().clear();
         let failed = send(
             &mut app,
-            request(Some(&victim), "{}", &[("x-tenant", "alice"), ("x-save", "charged"), ("x-status", "500")]),
+            request(
+                Some(&victim),
+                "{}",
+                &[
+                    ("x-tenant", "alice"),
+                    ("x-save", "charged"),
+                    ("x-status", "500"),
+                ],
+            ),
         )
         .await;
         assert_eq!(failed.status, 500);
-        let attack = send(&mut app, request(Some(&attacker), "{}", &[("x-tenant", "alice")])).await;
+        let attack = send(
+            &mut app,
+            request(Some(&attacker), "{}", &[("x-tenant", "alice")]),
+        )
+        .await;
         assert_eq!(attack.status, 201);
-        let retry = send(&mut app, request(Some(&victim), "{}", &[("x-tenant", "alice")])).await;
+        let retry = send(
+            &mut app,
+            request(Some(&victim), "{}", &[("x-tenant", "alice")]),
+        )
+        .await;
         assert_eq!(retry.status, 201);
-        assert_eq!(log.lines(), ["none; saved", "none; nothing", "charged=data; nothing"], "{attacker}");
+        assert_eq!(
+            log.lines(),
+            ["none; saved", "none; nothing", "charged=data; nothing"],
+            "{attacker}"
+        );
     }
 }
 
@@ -887,15 +1069,21 @@ async fn brace_keys_keep_their_own_points<St: Store + Clone>(store: St) {
 #[tokio::test]
 async fn held_sqlite_brace_keys_keep_their_own_points() {
     let dir = support::servers::TempDir::new("attack-brace-sqlite");
-    let store = tower_idempotency::store::SqliteStore::open(dir.path().join("db.sqlite")).await.unwrap();
+    let store = tower_idempotency::store::SqliteStore::open(dir.path().join("db.sqlite"))
+        .await
+        .unwrap();
     brace_keys_keep_their_own_points(store).await;
 }
 
 /// Held: PostgreSQL keeps each key's point under its whole key.
 #[tokio::test]
 async fn held_postgres_brace_keys_keep_their_own_points() {
-    let Some(url) = support::servers::postgres_url() else { return };
-    let store = tower_idempotency::store::PostgresStore::connect(&url).await.unwrap();
+    let Some(url) = support::servers::postgres_url() else {
+        return;
+    };
+    let store = tower_idempotency::store::PostgresStore::connect(&url)
+        .await
+        .unwrap();
     store.migrate().await.unwrap();
     brace_keys_keep_their_own_points(store).await;
 }
@@ -920,7 +1108,11 @@ async fn memory_tiny_points_never_fail_for_lack_of_room() {
     for i in 0..70_000 {
         let key = format!("flood-{i}");
         let token = tower_idempotency::store::OwnerToken::random();
-        match store.claim_as(&key, &token, Duration::from_secs(30)).await.unwrap() {
+        match store
+            .claim_as(&key, &token, Duration::from_secs(30))
+            .await
+            .unwrap()
+        {
             tower_idempotency::store::ClaimOutcome::Claimed(_) => {}
             other => panic!("{other:?}"),
         }
@@ -954,7 +1146,11 @@ async fn memory_points_are_charged_to_the_capacity() {
         let store = store.clone();
         async move {
             let token = OwnerToken::random();
-            match store.claim_as(&key, &token, Duration::from_secs(30)).await.unwrap() {
+            match store
+                .claim_as(&key, &token, Duration::from_secs(30))
+                .await
+                .unwrap()
+            {
                 ClaimOutcome::Claimed(_) => token,
                 other => panic!("{other:?}"),
             }
@@ -995,18 +1191,38 @@ async fn memory_points_are_charged_to_the_capacity() {
 async fn redis_a_hash_tagged_prefix_keeps_one_point_per_key() {
     let Some(url) = redis_url() else { return };
     let prefix = format!("{{{}}}:", unique("svc"));
-    let store = RedisStore::connect(&url).await.expect("connect to redis").with_prefix(prefix.clone());
+    let store = RedisStore::connect(&url)
+        .await
+        .expect("connect to redis")
+        .with_prefix(prefix.clone());
     let log = Log::default();
-    let mut app = loading_app(IdempotencyLayer::with_settings(Settings::new(store)), log.clone());
+    let mut app = loading_app(
+        IdempotencyLayer::with_settings(Settings::new(store)),
+        log.clone(),
+    );
     let (first, second) = (unique("order-1"), unique("order-2"));
     let failed = send(
         &mut app,
-        request(Some(&first), "{}", &[("x-save", "charged"), ("x-status", "500")]),
+        request(
+            Some(&first),
+            "{}",
+            &[("x-save", "charged"), ("x-status", "500")],
+        ),
     )
     .await;
     assert_eq!(failed.status, 500);
-    assert_eq!(send(&mut app, request(Some(&second), "{}", &[])).await.status, 201);
-    assert_eq!(send(&mut app, request(Some(&first), "{}", &[])).await.status, 201);
+    assert_eq!(
+        send(&mut app, request(Some(&second), "{}", &[]))
+            .await
+            .status,
+        201
+    );
+    assert_eq!(
+        send(&mut app, request(Some(&first), "{}", &[]))
+            .await
+            .status,
+        201
+    );
     assert_eq!(
         log.lines(),
         ["none; saved", "none; nothing", "charged=data; nothing"],
