@@ -10,6 +10,7 @@
 mod support;
 
 mod admin;
+mod attack_points;
 mod claim_now;
 mod client;
 mod compatibility;
