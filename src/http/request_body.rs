@@ -44,6 +44,9 @@ pub(crate) enum SlotState<B> {
     Leftover(Pin<Box<B>>, FingerprintHasher),
     /// The body failed: no fingerprint can be made.
     Failed,
+    /// The handler dropped the body before its end, and a recovery point's call is reading
+    /// out the rest: wait for it.
+    ReadingOut,
 }
 
 struct Hashing<B> {
@@ -222,13 +225,21 @@ where
 {
     fn finished(&self) -> Pin<Box<dyn Future<Output = Option<u128>> + Send + '_>> {
         Box::pin(async move {
-            let leftover = {
-                let mut state = self.lock().unwrap_or_else(|p| p.into_inner());
-                match &*state {
-                    SlotState::Done(digest) => return Some(*digest),
-                    SlotState::Reading | SlotState::Failed => return None,
-                    SlotState::Leftover(..) => std::mem::replace(&mut *state, SlotState::Reading),
+            let leftover = loop {
+                {
+                    let mut state = self.lock().unwrap_or_else(|p| p.into_inner());
+                    match &*state {
+                        SlotState::Done(digest) => return Some(*digest),
+                        SlotState::Reading | SlotState::Failed => return None,
+                        SlotState::Leftover(..) => {
+                            break std::mem::replace(&mut *state, SlotState::ReadingOut)
+                        }
+                        SlotState::ReadingOut => {}
+                    }
                 }
+                // Another call reads the rest out: its result lands in the slot (or, should it
+                // be dropped, the rest goes back for this call to read).
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             };
             let SlotState::Leftover(rest, hasher) = leftover else {
                 unreachable!("only a leftover body is taken out")
@@ -298,8 +309,15 @@ where
     /// The fingerprint, once the handler answered. A body the handler left unread is read out
     /// and hashed now, still under the claim (a slow client may take a while); `None` when the
     /// body failed or the handler kept it past its answer.
-    pub(crate) async fn finish<St: Store>(self, guard: &ClaimGuard<St>) -> Option<u128> {
-        match self {
+    /// Once finished, the fingerprint is known: a second call answers the same at once.
+    pub(crate) async fn finish<St: Store>(&mut self, guard: &ClaimGuard<St>) -> Option<u128> {
+        let finished = self.finish_once(guard).await;
+        *self = PendingFingerprint::Known(finished);
+        finished
+    }
+
+    async fn finish_once<St: Store>(&mut self, guard: &ClaimGuard<St>) -> Option<u128> {
+        match std::mem::replace(self, PendingFingerprint::Known(None)) {
             PendingFingerprint::Known(known) => known,
             PendingFingerprint::Streaming(slot) => {
                 let fingerprint = match take_slot(&slot) {
@@ -308,7 +326,7 @@ where
                         .keep_alive(super::fingerprint::read_rest(rest.as_mut(), hasher))
                         .await
                         .ok(),
-                    SlotState::Failed | SlotState::Reading => None,
+                    SlotState::Failed | SlotState::Reading | SlotState::ReadingOut => None,
                 };
                 if fingerprint.is_none() {
                     tracing::warn!(

@@ -564,7 +564,7 @@ where
             } = self;
             let config = &*core.config;
             let carried = capture::carried_headers(&parts, &config.carried);
-            let (body, fingerprint) =
+            let (body, mut fingerprint) =
                 request_body::attach(body, hasher, config.fingerprint.covers_body());
             // The handler reaches its key and the key's recovery points from its request's
             // extensions (put there only now: a replay never builds the extensions map). The
@@ -593,6 +593,12 @@ where
                 Ok(capture::read(response, keep, max_body, grpc).await)
             });
             let produced = guard.run(work).await;
+            if points.unsaved() && !points.checked() {
+                // A save failed before the key's point was checked (an unread body, a store
+                // error): the body is whole now, so check it before keeping this answer.
+                let finished = fingerprint.finish(&guard).await;
+                points.verify(finished).await;
+            }
             if points.reused() {
                 // The key's point belongs to a request with another payload: whatever the
                 // handler made of the refusal, this request is refused and the point kept.

@@ -204,7 +204,30 @@ impl Drop for PendingBytes {
     }
 }
 
+/// A claim's way off the drain's list: a drain past its deadline then leaves the claim to its
+/// run instead of releasing it (a run whose side effect is recorded nowhere but in its
+/// outcome, which a released key's retry would repeat).
+pub(crate) struct KeepOnDrain {
+    tracker: Arc<Tracker>,
+    id: u64,
+}
+
+impl KeepOnDrain {
+    /// Takes the claim off the drain's list.
+    pub(crate) fn keep(&self) {
+        self.tracker.claims.remove(self.id);
+    }
+}
+
 impl Ticket {
+    /// The claim's way off the drain's list, once it holds one.
+    pub(crate) fn keep_on_drain(&self) -> Option<KeepOnDrain> {
+        self.claim.map(|id| KeepOnDrain {
+            tracker: self.tracker.clone(),
+            id,
+        })
+    }
+
     /// Counts `bytes` of a completion to retry, unless that would pass the layer's bound.
     pub(crate) fn reserve_pending(&self, bytes: u64) -> Option<PendingBytes> {
         let pending = &self.tracker.pending_bytes;

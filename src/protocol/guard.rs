@@ -114,6 +114,8 @@ impl<St: Store> ClaimGuard<St> {
         St: Clone,
     {
         let held = self.held();
+        // A point outlives the lease that lets a crashed run's retry in, whatever the TTL.
+        let ttl = ttl.max(held.timings.lease.saturating_mul(2));
         RecoveryPoints::new(
             held.store.clone(),
             held.key.clone(),
@@ -122,6 +124,7 @@ impl<St: Store> ClaimGuard<St> {
             max_bytes,
             held.timings.store_timeout,
             request,
+            held._ticket.keep_on_drain(),
         )
     }
 

@@ -37,8 +37,8 @@ pub(crate) use drain::{Limits, Refusal, Ticket, Tracker};
 pub(crate) use guard::{catch_unwind, CatchUnwind, ClaimGuard, Panicked};
 pub(crate) use outcome::OutcomeHook;
 pub use outcome::{Outcome, ReleaseReason};
-pub use recovery::{RecoveryError, RecoveryPoints};
 pub(crate) use recovery::{BodyFingerprint, RequestFingerprint};
+pub use recovery::{RecoveryError, RecoveryPoints};
 pub use settings::Settings;
 
 /// What a duplicate gets while the original still runs.

@@ -77,6 +77,8 @@ struct Inner<S: ?Sized> {
     request: RequestFingerprint,
     /// What this run learned: [`CHECKED`], [`REUSED`], [`UNSAVED`].
     state: AtomicU8,
+    /// Takes the claim off a drain's list once a save failed.
+    drain: Option<super::drain::KeepOnDrain>,
     store: S,
 }
 
@@ -175,6 +177,7 @@ impl RecoveryPoints {
         max_bytes: usize,
         timeout: Duration,
         request: RequestFingerprint,
+        drain: Option<super::drain::KeepOnDrain>,
     ) -> Self {
         let inner: Arc<Inner<dyn DynStore>> = Arc::new(Inner {
             key,
@@ -185,6 +188,7 @@ impl RecoveryPoints {
             timeout,
             request,
             state: AtomicU8::new(0),
+            drain,
             store,
         });
         Self { inner }
@@ -200,8 +204,28 @@ impl RecoveryPoints {
         self.inner.state.load(Ordering::Acquire) & UNSAVED != 0
     }
 
+    /// Whether the key's point was found to be this request's own (or absent).
+    pub(crate) fn checked(&self) -> bool {
+        self.inner.state.load(Ordering::Acquire) & CHECKED != 0
+    }
+
+    /// For a run whose save failed before the key's point was checked: checks it against the
+    /// request's `fingerprint` (known now, the body read to its end), so that a run of another
+    /// payload is refused (422) instead of having its answer stored over that point. A store
+    /// that fails this check leaves the answer kept.
+    pub(crate) async fn verify(&self, fingerprint: Option<u128>) {
+        if !self.checked() {
+            let _ = self.load_for(fingerprint).await;
+        }
+    }
+
     fn mark(&self, flag: u8) {
         self.inner.state.fetch_or(flag, Ordering::AcqRel);
+        if flag == UNSAVED {
+            if let Some(drain) = &self.inner.drain {
+                drain.keep();
+            }
+        }
     }
 
     /// The fingerprint of the request this run serves.
@@ -292,17 +316,18 @@ impl RecoveryPoints {
 
     async fn save_point(&self, point: RecoveryPoint) -> Result<(), RecoveryError> {
         let inner = &self.inner;
+        let fingerprint = self.request_fingerprint().await?;
+        if !self.checked() {
+            // The key's point may be another request's: never overwrite it (and say so before
+            // any other refusal, so that the layer answers 422).
+            self.load_for(fingerprint).await?;
+        }
         let size = point.phase().len() + point.data().len();
         if size > inner.max_bytes {
             return Err(RecoveryError::TooLarge {
                 size,
                 limit: inner.max_bytes,
             });
-        }
-        let fingerprint = self.request_fingerprint().await?;
-        if inner.state.load(Ordering::Acquire) & CHECKED == 0 {
-            // The key's point may be another request's: never overwrite it.
-            self.load_for(fingerprint).await?;
         }
         let point = point.with_fingerprint(fingerprint);
         super::bounded(
