@@ -3,7 +3,7 @@
 //! Layout of version 3, the one written (all integers big-endian):
 //!
 //! ```text
-//! "TI" version:u8=3 length:u32 xxh3_64:u64          the integrity envelope (protocol::seal)
+//! "TI" version:u8=3 length:u32 xxh3_64:u64          the integrity envelope (store::seal)
 //! flags:u8 status:u16
 //! header-count:u16  { name-len:u16 name value-len:u32 value }*   response headers
 //! carried-count:u16 { name-len:u16 name value-len:u32 value }*   e.g. the first x-request-id
@@ -20,7 +20,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-use crate::protocol::seal::{self, Unreadable};
+use crate::store::seal::{self, Unreadable};
 
 const MAGIC: &[u8; 2] = b"TI";
 /// The version written: 2's layout inside the integrity envelope.

@@ -64,6 +64,7 @@ use bytes::Bytes;
 use crate::BoxError;
 
 mod boxed;
+pub(crate) mod clock;
 mod memory;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
@@ -77,6 +78,7 @@ mod waker;
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
+pub(crate) mod seal;
 
 pub use boxed::BoxStore;
 pub(crate) use boxed::DynStore;
@@ -275,7 +277,7 @@ impl RecoveryPoint {
     pub(crate) fn encode(&self) -> Bytes {
         use bytes::BufMut;
         let phase = &self.phase.as_bytes()[..self.phase.len().min(usize::from(u16::MAX))];
-        let mut buf = crate::protocol::seal::start(
+        let mut buf = seal::start(
             POINT_MAGIC,
             POINT_VERSION,
             2 + phase.len() + self.data.len(),
@@ -283,15 +285,15 @@ impl RecoveryPoint {
         buf.put_u16(phase.len() as u16);
         buf.put_slice(phase);
         buf.put_slice(&self.data);
-        crate::protocol::seal::finish(buf)
+        seal::finish(buf)
     }
 
     /// Reads what [`encode`](Self::encode) wrote.
     #[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
     pub(crate) fn decode(stored: Bytes) -> Result<Self, StoreError> {
-        use crate::protocol::seal::Unreadable;
+        use seal::Unreadable;
         let content = match stored.get(..3) {
-            Some([b'T', b'P', POINT_VERSION]) => crate::protocol::seal::open(&stored),
+            Some([b'T', b'P', POINT_VERSION]) => seal::open(&stored),
             Some([b'T', b'P', version]) if *version > POINT_VERSION => {
                 return Err(StoreError::UnknownFormat { version: *version })
             }
