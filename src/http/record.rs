@@ -176,8 +176,8 @@ macro_rules! known_names {
     ($($bytes:literal => $name:ident,)*) => {
         /// A stored header name. The names responses carry most often are matched to `http`'s
         /// constants directly: `HeaderName::from_bytes` maps every byte through its table
-        /// before it finds the same constant (about 450 instructions for `content-type`, a
-        /// fifth of a replay's decoding). Any other name goes through it as before.
+        /// before it finds the same constant, a large share of a replay's decoding (measured in
+        /// BENCHMARKS.md). Any other name goes through it as before.
         fn header_name(bytes: &[u8]) -> Result<HeaderName, Unreadable> {
             Ok(match bytes {
                 $($bytes => http::header::$name,)*
