@@ -283,3 +283,45 @@ async fn the_readmes_walkthrough_shows_the_demos_answers() {
     assert_eq!(original.await.unwrap().status, 201);
     assert_eq!(demo.stats().await, stats, "step 6");
 }
+
+/// With `--drop-responses` (fault injection) the demo still shuts down as it does without it:
+/// on SIGTERM it stops accepting, lets the running payment answer, drains and exits 0. (The
+/// fraction is tiny, so that no answer here is dropped.) It also takes the lease as `--lease`.
+#[tokio::test]
+async fn the_dropping_demo_drains_on_sigterm() {
+    let args = [
+        "--drop-responses",
+        "0.000000001",
+        "--drain-timeout",
+        "10",
+        "--lease",
+        "5",
+    ];
+    let mut demo = Demo::start(&args).await;
+    let slow = r#"{"amount": 1, "currency": "usd", "delay_ms": 1500}"#;
+    let running = {
+        let request = hyper::Request::post(format!("{}/payments", demo.base))
+            .header("authorization", "Bearer acme")
+            .header("idempotency-key", "drain-dropping")
+            .body(http_body_util::Full::new(bytes::Bytes::from(slow)))
+            .unwrap();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        tokio::spawn(async move { client.request(request).await.map(|r| r.status()) })
+    };
+    while demo.executions().await < 1 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    demo.signal("TERM");
+    let status = running
+        .await
+        .unwrap()
+        .expect("the running payment is answered, not cut off");
+    assert_eq!(status, 201);
+    let exit = demo
+        .exited_within(std::time::Duration::from_secs(12))
+        .await
+        .expect("the demo exits within its drain timeout");
+    assert!(exit.success(), "{exit:?}");
+}
