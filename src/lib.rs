@@ -40,7 +40,8 @@
 //!
 //! The default build has the layer and the memory store; each feature adds the items named
 //! above. To read every item locally:
-//! `cargo doc --open --features redis,postgres,sqlite,client,consumer,conformance`.
+//! `cargo doc --open --features redis,postgres,sqlite,client,consumer,conformance`. How the
+//! crate is tested, fuzzed and measured: `docs/development.md`.
 //!
 //! # The lifecycle
 //!

@@ -158,3 +158,55 @@ fn the_readmes_axum_program_is_the_example_file() {
         "the README's axum program differs from examples/axum_quickstart.rs"
     );
 }
+
+/// Every guide the rustdoc names (`` `docs/NAME.md` ``, as the crate's front page and the
+/// items that point to a guide do) exists, and the front page names every guide.
+#[test]
+fn every_guide_the_rustdoc_names_exists_and_the_front_page_names_them_all() {
+    fn sources(dir: &Path, found: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                sources(&path, found);
+            } else if path.extension().is_some_and(|extension| extension == "rs") {
+                found.push(path);
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    sources(&root.join("src"), &mut files);
+    let mut named = Vec::new();
+    let mut missing = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for (at, _) in text.match_indices("`docs/") {
+            let rest = &text[at + 1..];
+            let Some(end) = rest.find('`') else { continue };
+            let guide = &rest[..end];
+            if guide.ends_with(".md") {
+                if !root.join(guide).exists() {
+                    missing.push(format!("{}: {guide}", file.display()));
+                }
+                if file.ends_with("src/lib.rs") {
+                    named.push(guide.to_owned());
+                }
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "guides named but missing:\n{}",
+        missing.join("\n")
+    );
+    let unnamed: Vec<_> = documents()
+        .into_iter()
+        .filter(|path| path.parent().is_some_and(|dir| dir.ends_with("docs")))
+        .map(|path| format!("docs/{}", path.file_name().unwrap().to_string_lossy()))
+        .filter(|guide| !named.contains(guide))
+        .collect();
+    assert!(
+        unnamed.is_empty(),
+        "guides the crate's front page does not name: {unnamed:?}"
+    );
+}
