@@ -7,8 +7,12 @@
 //! * the attempts in all, with and without the retry budget (full jitter in both).
 //!
 //! ```text
-//! cargo run --release --example retry_herd -- --requests 1000 --down-ms 2000 --svg docs/retry_herd.svg
+//! cargo run --release --example retry_herd -- --requests 1000 --down-ms 2000
 //! ```
+//!
+//! The plot goes to `target/retry_herd.svg` (under `CARGO_TARGET_DIR` when that is set);
+//! `--svg PATH` writes it elsewhere: `--svg docs/retry_herd.svg` replaces the plot the
+//! repository keeps, on purpose only.
 //!
 //! The server is an in-process tower service (no sockets), so what is measured is the client's
 //! schedule alone: when each attempt reaches the server. It answers 503 while down and 201
@@ -37,7 +41,8 @@ struct Args {
     /// Attempts per request, the first included.
     #[arg(long, default_value_t = 10)]
     attempts: u32,
-    /// Where to write the plot of arrivals per 50 ms (SVG); none when absent.
+    /// Where to write the plot of arrivals per 50 ms (SVG) [`target/retry_herd.svg`, under
+    /// `CARGO_TARGET_DIR` when set].
     #[arg(long)]
     svg: Option<std::path::PathBuf>,
 }
@@ -217,17 +222,22 @@ async fn main() {
             at.as_secs_f64()
         );
     }
-    if let Some(path) = &args.svg {
-        let plot = svg(
-            &[
-                ("no jitter (lockstep)", "crimson", &lockstep),
-                ("full jitter", "steelblue", &jitter),
-                ("full jitter + budget", "seagreen", &budgeted),
-            ],
-            down,
-        );
-        std::fs::write(path, plot).expect("write the SVG");
-        println!();
-        println!("plot written to {}", path.display());
+    let path = args.svg.clone().unwrap_or_else(|| {
+        let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into());
+        std::path::PathBuf::from(target).join("retry_herd.svg")
+    });
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).expect("create the SVG's directory");
     }
+    let plot = svg(
+        &[
+            ("no jitter (lockstep)", "crimson", &lockstep),
+            ("full jitter", "steelblue", &jitter),
+            ("full jitter + budget", "seagreen", &budgeted),
+        ],
+        down,
+    );
+    std::fs::write(&path, plot).expect("write the SVG");
+    println!();
+    println!("plot written to {}", path.display());
 }

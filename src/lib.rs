@@ -15,6 +15,34 @@
 //! # let _ = app;
 //! ```
 //!
+//! # A map of the crate
+//!
+//! Each part has a guide in the repository's `docs/` folder (the crate is not published, so
+//! read them in a checkout); the README links them all, and its configuration table lists
+//! every knob.
+//!
+//! | part | what it is | feature | guide |
+//! |---|---|---|---|
+//! | [`IdempotencyLayer`] | the HTTP layer: claims the key, runs the handler once, stores and replays its response; every answer it gives itself is a [`problem`] document | – | `docs/lifecycle.md`, `docs/failures.md` |
+//! | [`Settings`] | what every adapter shares: the store, lease, TTL, store timeout, conflicts, bounds, the [`Outcome`] hook (metrics) | – | `docs/operations.md` |
+//! | [`store::MemoryStore`] | the default store: one process, bounded by bytes | – | `docs/stores.md` |
+//! | [`store::SqliteStore`] | one host: an embedded SQLite file that survives restarts (SQLite bundled) | `sqlite` | `docs/stores.md` |
+//! | [`store::RedisStore`] | a fleet sharing Redis (or Valkey): one server, Redis Cluster, or Sentinel that follows failovers | `redis` | `docs/stores.md` |
+//! | [`store::PostgresStore`] | records in PostgreSQL, beside the business data | `postgres` | `docs/stores.md` |
+//! | [`Store`](store::Store), [`store::conformance`] | the protocol a store implements, and the test suite a store of your own must pass | `conformance` for the suite | `docs/stores.md` |
+//! | [`RecoveryPoints`] | a handler saves its progress under its key, so a retry after a crash resumes instead of repeating a side effect | – | `docs/recovery-points.md` |
+//! | [`DrainHandle`] | graceful shutdown for rolling deploys | – | `docs/shutdown.md` |
+//! | [`GrpcMode`], [`IdempotencyLayer::grpc`] | unary gRPC calls (tonic) guarded and answered in gRPC's terms | – | `docs/grpc.md` |
+//! | the layer over hyper or any tower service | any `Service<http::Request<B>>` | – | `docs/hyper.md` |
+//! | [`client::IdempotentRetryLayer`] | the client side: stamps keys on outgoing requests, retries with jittered backoff | `client` | `docs/client.md` |
+//! | [`consumer::IdempotentConsumerLayer`] | the same guarantee for message handlers (Redis Streams, Kafka, NATS, RabbitMQ) | `consumer` | `docs/consumers.md` |
+//! | [`admin`] | operator tools: find, inspect and delete what the store holds for a request | – | `docs/stores.md` |
+//!
+//! The default build has the layer and the memory store; each feature adds the items named
+//! above. To read every item locally:
+//! `cargo doc --open --features redis,postgres,sqlite,client,consumer,conformance`. How the
+//! crate is tested, fuzzed and measured: `docs/development.md`.
+//!
 //! # The lifecycle
 //!
 //! | the request | what happens | answer |
@@ -59,13 +87,6 @@
 //! `#missing-scope` and the handler does not run (authentication did not run first); only with
 //! [`allow_unscoped(true)`](IdempotencyLayer::allow_unscoped) does it pass through without
 //! idempotency (logged at warn).
-//!
-//! # Features
-//!
-//! The default build has the layer and [`MemoryStore`](store::MemoryStore). `redis`
-//! ([`RedisStore`](store::RedisStore)), `postgres`, `sqlite`, `client`, `consumer` and
-//! `conformance` add the rest; docs.rs shows every feature's items. Locally:
-//! `cargo doc --open --features redis,postgres,sqlite,client,consumer,conformance`.
 //!
 //! # Guarantees and their limits
 //!
@@ -131,8 +152,9 @@
 //! # Stores
 //!
 //! [`MemoryStore`](store::MemoryStore) is the default (one process). Any [`Store`](store::Store)
-//! plugs in with [`IdempotencyLayer::with_store`]; see the [`store`] module for the protocol
-//! and for writing your own.
+//! plugs in with [`IdempotencyLayer::with_store`]: the stores of this crate (SQLite, Redis,
+//! PostgreSQL: see the map above) or your own; see the [`store`] module for the protocol and
+//! for writing one.
 //!
 //! # Settings
 //!

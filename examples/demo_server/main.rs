@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --example demo_server -- [--addr HOST:PORT] [--store memory|sqlite://PATH|…] [--ttl SECS]
-//!     [--lock-ttl SECS] [--on-conflict reject|wait] [--require-key] [--drain-timeout SECS]
+//!     [--lease SECS] [--on-conflict reject|wait] [--require-key] [--drain-timeout SECS]
 //! ```
 //!
 //! On `SIGTERM` or `SIGINT` (Ctrl-C) it shuts down gracefully: it stops accepting connections,
@@ -31,7 +31,7 @@
 mod limit;
 
 use std::collections::{HashMap, VecDeque};
-use std::future::IntoFuture;
+use std::future::{Future, IntoFuture};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,9 +71,10 @@ struct Args {
     /// How long responses are kept for replay, in seconds [the library's default, `defaults::TTL`].
     #[arg(long)]
     ttl: Option<u64>,
-    /// How long a claim lasts without renewal, in seconds [the library's default, `defaults::LEASE`].
-    #[arg(long)]
-    lock_ttl: Option<u64>,
+    /// How long a claim lasts without renewal (`Settings::lease`), in seconds [the library's
+    /// default, `defaults::LEASE`]. `--lock-ttl`, its former name, still works.
+    #[arg(long, alias = "lock-ttl")]
+    lease: Option<u64>,
     /// What a duplicate gets while the original runs.
     #[arg(long, value_enum, default_value_t = Conflict::Reject)]
     on_conflict: Conflict,
@@ -438,7 +439,7 @@ fn idempotency_layer(args: &Args, store: BoxStore) -> IdempotencyLayer<BoxStore>
     if let Some(ttl) = args.ttl {
         settings = settings.ttl(Duration::from_secs(ttl));
     }
-    if let Some(lease) = args.lock_ttl {
+    if let Some(lease) = args.lease {
         settings = settings.lease(Duration::from_secs(lease));
     }
     if let Conflict::Wait = args.on_conflict {
@@ -550,25 +551,33 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     println!("listening on http://{addr}");
     std::io::stdout().flush()?;
-    if args.drop_responses > 0.0 {
-        return serve_dropping_responses(listener, app, args.drop_responses).await;
-    }
-    // The shutdown sequence: on the signal, refuse new keyed requests and stop accepting;
-    // let in-flight requests answer (bounded by the drain timeout); then wait for detached work
-    // and release whatever claims are still held at the deadline.
+    // The shutdown sequence, with or without `--drop-responses`: on the signal, refuse new
+    // keyed requests and stop accepting; let in-flight requests answer (bounded by the drain
+    // timeout); then wait for detached work and release whatever claims are still held at the
+    // deadline.
     let signalled = Arc::new(tokio::sync::Notify::new());
-    let mut server = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown({
-                let (drain, signalled) = (drain.clone(), signalled.clone());
-                async move {
-                    shutdown_signal().await;
-                    drain.start();
-                    signalled.notify_one();
-                }
-            })
-            .into_future(),
-    );
+    let shutdown = {
+        let (drain, signalled) = (drain.clone(), signalled.clone());
+        async move {
+            shutdown_signal().await;
+            drain.start();
+            signalled.notify_one();
+        }
+    };
+    let mut server = if args.drop_responses > 0.0 {
+        tokio::spawn(serve_dropping_responses(
+            listener,
+            app,
+            args.drop_responses,
+            shutdown,
+        ))
+    } else {
+        tokio::spawn(
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .into_future(),
+        )
+    };
     tokio::select! {
         served = &mut server => return Ok(served??),
         () = signalled.notified() => {}
@@ -618,16 +627,25 @@ impl std::error::Error for DroppedResponse {}
 /// Serves `app`, but closes the connection instead of answering a `POST /payments` with
 /// probability `fraction`: hyper drops a connection whose service fails, so the client sees
 /// the connection close with no response, after the handler ran and its outcome was stored.
+/// When `shutdown` completes it stops accepting and waits for its connections to finish their
+/// requests (as `axum::serve`'s graceful shutdown does).
 async fn serve_dropping_responses(
     listener: tokio::net::TcpListener,
     app: Router,
     fraction: f64,
-) -> Result<(), Box<dyn std::error::Error>> {
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use tower::ServiceExt;
 
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = tokio::select! {
+            accepted = listener.accept() => accepted?.0,
+            () = &mut shutdown => break,
+        };
         let app = app.clone();
         let service =
             hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
@@ -645,10 +663,16 @@ async fn serve_dropping_responses(
                     Ok(response)
                 }
             });
-        tokio::spawn(async move {
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        let connection = graceful.watch(
+            builder
                 .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .into_owned(),
+        );
+        tokio::spawn(async move {
+            let _ = connection.await;
         });
     }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }

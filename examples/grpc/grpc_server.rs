@@ -12,8 +12,9 @@
 //! * `payments.v1.Payments/Ticks(TicksRequest) returns (stream Tick)`: a server stream, which
 //!   the idempotency layer lets through (it carries no key).
 //!
-//! The protocol is in `examples/grpc/payments.rs` (messages derived with prost, the service
-//! written over tonic's server API: no `protoc` needed to build). Prints
+//! The protocol is `examples/grpc/proto/payments.proto`; its messages are written out by hand
+//! in `examples/grpc/payments.rs` (as prost derives them) and the service over tonic's server
+//! API: no `protoc` needed to build. `examples/grpc/grpc_client.rs` is a client. Prints
 //! `listening on http://IP:PORT` when ready; SIGTERM or Ctrl-C stops it.
 
 use std::net::SocketAddr;

@@ -1,24 +1,10 @@
-//! The `payments.v1` protocol of the gRPC example, shared by `examples/grpc/grpc_server.rs` and
-//! `examples/grpc/tests/grpc.rs` (included with `#[path]`). Written out by hand, as `prost` derives it, so
-//! that no `protoc` is needed to build:
+//! The `payments.v1` protocol of the gRPC example, shared by `examples/grpc/grpc_server.rs`,
+//! `examples/grpc/grpc_client.rs` and `examples/grpc/tests/grpc.rs` (included with `#[path]`).
 //!
-//! ```proto
-//! syntax = "proto3";
-//! package payments.v1;
-//!
-//! service Payments {
-//!   rpc Create(CreatePaymentRequest) returns (Payment);
-//!   rpc Stats(StatsRequest) returns (Stats);
-//!   // Not part of the contract: a server-streaming call, to show that streams pass through.
-//!   rpc Ticks(TicksRequest) returns (stream Tick);
-//! }
-//! message CreatePaymentRequest { int64 amount = 1; string currency = 2; bool fail = 3; uint32 delay_ms = 4; }
-//! message Payment { string id = 1; int64 amount = 2; string currency = 3; string tenant = 4; }
-//! message StatsRequest {}
-//! message Stats { uint64 executions = 1; }
-//! message TicksRequest { uint32 count = 1; }
-//! message Tick { uint32 n = 1; }
-//! ```
+//! The protocol itself is `examples/grpc/proto/payments.proto`. Its messages are written out
+//! here by hand, as `prost` derives them, so that no `protoc` is needed to build; the test
+//! `the_rust_messages_match_the_proto` below compares every field's name, type and number with
+//! the `.proto` file.
 #![allow(dead_code)]
 
 /// `payments.v1.CreatePaymentRequest`.
@@ -89,3 +75,46 @@ pub const SERVICE: &str = "payments.v1.Payments";
 pub const CREATE: &str = "/payments.v1.Payments/Create";
 pub const STATS: &str = "/payments.v1.Payments/Stats";
 pub const TICKS: &str = "/payments.v1.Payments/Ticks";
+
+#[cfg(test)]
+mod tests {
+    /// Every message field of `proto/payments.proto` (`message`, type, name, number), and the
+    /// methods' paths, as the hand-written code above declares them.
+    #[test]
+    fn the_rust_messages_match_the_proto() {
+        let proto = include_str!("proto/payments.proto");
+        let code = include_str!("payments.rs");
+        let code = &code[..code.find("#[cfg(test)]").unwrap()];
+        let mut checked = 0;
+        let mut message = "";
+        for line in proto.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("message ") {
+                message = rest.split_whitespace().next().unwrap();
+                let declared = format!("/// `payments.v1.{message}`.\n#[derive(Clone, PartialEq, prost::Message)]\npub struct {message} ");
+                assert!(code.contains(&declared), "no struct for message {message}");
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("rpc ") {
+                let method = rest.split('(').next().unwrap();
+                let path = format!("\"/payments.v1.Payments/{method}\"");
+                assert!(code.contains(&path), "no path for method {method}");
+                checked += 1;
+                continue;
+            }
+            let words: Vec<&str> = line.trim_end_matches(';').split_whitespace().collect();
+            if let [kind, name, "=", number] = words[..] {
+                let attribute = format!("#[prost({kind}, tag = \"{number}\")]");
+                let struct_start = code.find(&format!("pub struct {message} ")).unwrap();
+                let body = &code[struct_start..];
+                let body = &body[..body.find('}').unwrap()];
+                let field = format!("{attribute}\n    pub {name}: ");
+                assert!(
+                    body.contains(&field),
+                    "{message}.{name}: no field `{attribute} pub {name}`"
+                );
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 3 + 4 + 4 + 1 + 1 + 1, "every method and field");
+    }
+}

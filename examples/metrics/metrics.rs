@@ -4,7 +4,7 @@
 //! cargo run --example metrics
 //! ```
 //!
-//! `IdempotencyLayer::on_outcome` is called once per request with a typed `Outcome`; here it
+//! `Settings::on_outcome` is called once per request with a typed `Outcome`; here it
 //! increments `idempotency_requests_total{outcome="..."}`. In a service, install the exporter
 //! you use (Prometheus, StatsD, OpenTelemetry) instead of the debugging recorder that prints
 //! the counters below.

@@ -49,7 +49,7 @@
 //! ```
 //!
 //! `examples/stream_consumer.rs` runs a consumer group on a Redis Stream with this layer and the
-//! Redis store; the README shows how to adapt it to Kafka, NATS or RabbitMQ.
+//! Redis store; the guide `docs/consumers.md` shows how to adapt it to Kafka, NATS or RabbitMQ.
 //!
 //! [`final_errors`]: IdempotentConsumerLayer::final_errors
 

@@ -10,10 +10,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tower_service::Service;
 
-use crate::protocol::seal::{self, Unreadable};
 use crate::protocol::{
     self, Begin, FinishOnDrop, Outcome, Refusal, ReleaseReason, RequestFingerprint, Settings,
 };
+use crate::store::seal::{self, Unreadable};
 use crate::store::{MemoryStore, Record, Store};
 use crate::BoxError;
 
@@ -39,7 +39,7 @@ impl<S: fmt::Debug, I, St: fmt::Debug> fmt::Debug for IdempotentConsumer<S, I, S
     }
 }
 
-/// What the store keeps for a message: JSON, inside the integrity envelope (`protocol::seal`)
+/// What the store keeps for a message: JSON, inside the integrity envelope (`store::seal`)
 /// as `"TC" version=1 length xxh3 json`. Outcomes written before the envelope (bare JSON,
 /// starting with `{`) are still read, unchecked.
 #[derive(Serialize, Deserialize)]

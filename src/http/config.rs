@@ -27,7 +27,7 @@ pub enum OnStoreError {
     FailOpen,
 }
 
-/// Which requests are gRPC calls, answered in gRPC's terms. See the README's gRPC section.
+/// Which requests are gRPC calls, answered in gRPC's terms. See the guide `docs/grpc.md`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum GrpcMode {

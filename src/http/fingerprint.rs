@@ -132,15 +132,15 @@ pub struct FingerprintHasher {
 
 /// Up to [`SHORT`] bytes are kept and hashed at the end in one call; past that, they move to
 /// the streaming state. Both give the xxh3-128 of the same bytes. Most requests are short:
-/// their hashing then costs one small allocation instead of an aligned 600-byte one and the
-/// streaming state's set-up.
+/// their hashing then costs one small allocation instead of the streaming state's large
+/// aligned one and its set-up.
 enum State {
     Short(Vec<u8>),
-    // Boxed: the state is about 600 bytes, and the hasher moves with the request.
+    // Boxed: the streaming state is large, and the hasher moves with the request.
     Long(Box<Xxh3>),
 }
 
-/// xxh3's one-shot path is at its fastest up to 240 bytes.
+/// The length up to which xxh3's one-shot path is at its fastest (its short-input path).
 const SHORT: usize = 240;
 
 impl FingerprintHasher {

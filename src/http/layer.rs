@@ -16,7 +16,8 @@ use crate::protocol::Settings;
 use crate::store::MemoryStore;
 
 /// Applies [`Idempotency`] to a service. See the [crate docs](crate) for the lifecycle and
-/// the README for the table of defaults.
+/// the README's configuration table for every knob; each default is a constant in
+/// [`defaults`](crate::defaults).
 ///
 /// What every adapter shares (the store, lease, TTL, store timeout, conflicts, detached-work
 /// bounds, outcome hook and drain) is set on [`Settings`] and given to
@@ -180,7 +181,7 @@ impl<St> IdempotencyLayer<St> {
 
     /// Which requests are gRPC calls [`GrpcMode::Detect`]: by their `content-type`. A gRPC
     /// call is stored only when it succeeded (`grpc-status: 0`), with its trailers, and the
-    /// layer's own answers to it are gRPC errors. See the README's gRPC section.
+    /// layer's own answers to it are gRPC errors. See the guide `docs/grpc.md`.
     pub fn grpc(mut self, mode: GrpcMode) -> Self {
         self.config().grpc = mode;
         self

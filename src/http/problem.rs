@@ -5,20 +5,81 @@
 //!
 //! | status | `type` ends with | when |
 //! |--------|------------------|------|
-//! | 400 | `#missing-key` | the key is required and absent |
-//! | 400 | `#invalid-key` | empty, too long, non-ASCII or control characters, a comma in a bare key, a broken quoted string, or several `Idempotency-Key` fields |
-//! | 400 | `#unreadable-body` | the duplicate's body failed while it was being read |
-//! | 409 | `#in-flight` | the original request with this key is still running (carries `Retry-After`) |
-//! | 413 | `#body-too-large` | a duplicate's body is over `max_duplicate_body` [[`defaults::MAX_DUPLICATE_BODY`](crate::defaults::MAX_DUPLICATE_BODY)] |
-//! | 422 | `#key-reused` | the key was used before with another payload |
-//! | 500 | `#missing-scope` | the scope function returned `None` (authentication must run before the layer) |
-//! | 500 | `#handler-panicked` | the handler panicked (the key is released) |
-//! | 500 | `#response-failed` | the handler's response body failed (the key is released) |
-//! | 500 | `#unreadable-record` | the stored record is damaged (cut, changed, malformed): the key was used, so the handler is not run, under any store-error policy |
-//! | 503 | `#unknown-record-version` | the stored record was written by a newer release (a rolling upgrade): the handler is not run; retry later (carries `Retry-After`) |
-//! | 503 | `#store-unavailable` | the store failed or was slower than the store timeout (carries `Retry-After`) |
-//! | 503 | `#shutting-down` | the server is draining ([`DrainHandle`](crate::DrainHandle)); retry elsewhere (carries `Retry-After`) |
-//! | 503 | `#overloaded` | too many requests run on after their clients left (`max_detached`) (carries `Retry-After`) |
+//! | 400 | [`#missing-key`](#missing-key) | the key is required and absent |
+//! | 400 | [`#invalid-key`](#invalid-key) | empty, too long, non-ASCII or control characters, a comma in a bare key, a broken quoted string, or several `Idempotency-Key` fields |
+//! | 400 | [`#unreadable-body`](#unreadable-body) | the duplicate's body failed while it was being read |
+//! | 409 | [`#in-flight`](#in-flight) | the original request with this key is still running (carries `Retry-After`) |
+//! | 413 | [`#body-too-large`](#body-too-large) | a duplicate's body is over `max_duplicate_body` [[`defaults::MAX_DUPLICATE_BODY`](crate::defaults::MAX_DUPLICATE_BODY)] |
+//! | 422 | [`#key-reused`](#key-reused) | the key was used before with another payload |
+//! | 500 | [`#missing-scope`](#missing-scope) | the scope function returned `None` (authentication must run before the layer) |
+//! | 500 | [`#handler-panicked`](#handler-panicked) | the handler panicked (the key is released) |
+//! | 500 | [`#response-failed`](#response-failed) | the handler's response body failed (the key is released) |
+//! | 500 | [`#unreadable-record`](#unreadable-record) | the stored record is damaged (cut, changed, malformed): the key was used, so the handler is not run, under any store-error policy |
+//! | 503 | [`#unknown-record-version`](#unknown-record-version) | the stored record was written by a newer release (a rolling upgrade): the handler is not run; retry later (carries `Retry-After`) |
+//! | 503 | [`#store-unavailable`](#store-unavailable) | the store failed or was slower than the store timeout (carries `Retry-After`) |
+//! | 503 | [`#shutting-down`](#shutting-down) | the server is draining ([`DrainHandle`](crate::DrainHandle)); retry elsewhere (carries `Retry-After`) |
+//! | 503 | [`#overloaded`](#overloaded) | too many requests run on after their clients left (`max_detached`) (carries `Retry-After`) |
+//!
+//! # Problem types
+//!
+//! The `type` URI of each problem ([`ProblemKind::type_uri`]) ends with one of the anchors below,
+//! on this page.
+//!
+//! ## missing-key
+//!
+//! 400: The key is required and absent. Send an `Idempotency-Key` header.
+//!
+//! ## invalid-key
+//!
+//! 400: Empty, too long, non-ASCII or control characters, a comma in a bare key, a broken quoted string, or several `Idempotency-Key` fields. Send one valid key: visible ASCII, at most `max_key_len` characters (a UUID v4 is).
+//!
+//! ## unreadable-body
+//!
+//! 400: The duplicate's body failed while it was being read. Retry with the same key and a complete body.
+//!
+//! ## in-flight
+//!
+//! 409: The original request with this key is still running (carries `Retry-After`). Retry with the same key after `Retry-After`: the retry gets the original's stored answer.
+//!
+//! ## body-too-large
+//!
+//! 413: A duplicate's body is over `max_duplicate_body` [[`defaults::MAX_DUPLICATE_BODY`](crate::defaults::MAX_DUPLICATE_BODY)]. A retry must send the original's body, which was not this large: check the client.
+//!
+//! ## key-reused
+//!
+//! 422: The key was used before with another payload. Do not retry: a new operation needs a new key.
+//!
+//! ## missing-scope
+//!
+//! 500: The scope function returned `None` (authentication must run before the layer). A server misconfiguration (see [`IdempotencyLayer::scope`](crate::IdempotencyLayer::scope)); the handler did not run.
+//!
+//! ## handler-panicked
+//!
+//! 500: The handler panicked (the key is released). Nothing was stored: a retry with the same key runs again.
+//!
+//! ## response-failed
+//!
+//! 500: The handler's response body failed (the key is released). Nothing was stored: a retry with the same key runs again.
+//!
+//! ## unreadable-record
+//!
+//! 500: The stored record is damaged (cut, changed, malformed): the key was used, so the handler is not run, under any store-error policy. Retrying does not help until an operator deletes the record ([`admin`](crate::admin)) or its TTL passes.
+//!
+//! ## unknown-record-version
+//!
+//! 503: The stored record was written by a newer release (a rolling upgrade): the handler is not run; retry later (carries `Retry-After`). Retry with the same key after `Retry-After`: an up-to-date instance answers it.
+//!
+//! ## store-unavailable
+//!
+//! 503: The store failed or was slower than the store timeout (carries `Retry-After`). Retry with the same key after `Retry-After`; the handler did not run.
+//!
+//! ## shutting-down
+//!
+//! 503: The server is draining ([`DrainHandle`](crate::DrainHandle)); retry elsewhere (carries `Retry-After`). Retry with the same key: another instance takes it.
+//!
+//! ## overloaded
+//!
+//! 503: Too many requests run on after their clients left (`max_detached`) (carries `Retry-After`). Retry with the same key after `Retry-After`.
 //!
 //! [`ProblemKind`] names each one, with its type URI, for clients and tests.
 

@@ -3,7 +3,7 @@
 //! Layout of version 3, the one written (all integers big-endian):
 //!
 //! ```text
-//! "TI" version:u8=3 length:u32 xxh3_64:u64          the integrity envelope (protocol::seal)
+//! "TI" version:u8=3 length:u32 xxh3_64:u64          the integrity envelope (store::seal)
 //! flags:u8 status:u16
 //! header-count:u16  { name-len:u16 name value-len:u32 value }*   response headers
 //! carried-count:u16 { name-len:u16 name value-len:u32 value }*   e.g. the first x-request-id
@@ -20,7 +20,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-use crate::protocol::seal::{self, Unreadable};
+use crate::store::seal::{self, Unreadable};
 
 const MAGIC: &[u8; 2] = b"TI";
 /// The version written: 2's layout inside the integrity envelope.
@@ -176,8 +176,8 @@ macro_rules! known_names {
     ($($bytes:literal => $name:ident,)*) => {
         /// A stored header name. The names responses carry most often are matched to `http`'s
         /// constants directly: `HeaderName::from_bytes` maps every byte through its table
-        /// before it finds the same constant (about 450 instructions for `content-type`, a
-        /// fifth of a replay's decoding). Any other name goes through it as before.
+        /// before it finds the same constant, a large share of a replay's decoding (measured in
+        /// BENCHMARKS.md). Any other name goes through it as before.
         fn header_name(bytes: &[u8]) -> Result<HeaderName, Unreadable> {
             Ok(match bytes {
                 $($bytes => http::header::$name,)*

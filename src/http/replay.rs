@@ -12,8 +12,8 @@ use super::fingerprint::{self, FingerprintHasher, HashError};
 use super::problem::{Problem, ProblemKind};
 use super::record;
 use super::response_body::ResponseBody;
-use crate::protocol::seal::{self, Unreadable};
 use crate::protocol::{self, Outcome};
+use crate::store::seal::{self, Unreadable};
 use crate::store::{Memo, Record};
 use crate::BoxError;
 

@@ -149,8 +149,8 @@ where
         let hook = settings.hook().clone();
         // A store that claims without waiting (the memory store) claims here, on the caller's
         // task. A replay then needs none of the general state below: it is answered by a small
-        // future of its own (736 bytes with its wrapper against the general state's 3,232, for
-        // the bench's handler: within glibc's thread cache, which stops at 1,032).
+        // future of its own, small enough for the allocator's per-thread cache, which the
+        // general state is not (sizes in BENCHMARKS.md).
         let first = match self.claim_now(&store_key, &span) {
             Ok(first) => first,
             Err(_panic) => {
@@ -190,8 +190,8 @@ where
         };
         // One box for the whole keyed request, made where the work is made: the wrappers
         // (panic capture, span, outcome hook) are fields of one future beside it, so nothing
-        // moves the work's state (3,232 B for a small handler on the memory store, 4,768 B on
-        // Redis) after it is boxed, and there is no second allocation.
+        // moves the work's state (large: it holds the request's parts and the handler's future)
+        // after it is boxed, and there is no second allocation.
         let task = Box::pin(KeyedTask {
             run: Some(protocol::catch_unwind(
                 work.run(store_key, key, ticket, first, parts, body),
@@ -444,8 +444,8 @@ where
     /// Claims `key`, then runs the original, replays, or refuses.
     ///
     /// An `async` block, not an `async fn`: an `async fn` moves each argument into a local of
-    /// its own, and its state keeps both (the request's parts twice, 224 B each), which every
-    /// keyed request copies into its box.
+    /// its own, and its state keeps both (the request's parts twice), which every keyed
+    /// request would copy into its box.
     #[allow(clippy::manual_async_fn)]
     fn run(
         self,

@@ -21,6 +21,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::store::clock::later;
+pub(crate) use crate::store::clock::MAX_DURATION;
+use crate::store::seal;
 use crate::store::{ClaimOutcome, OwnerToken, Record, Store, StoreError};
 
 mod detach;
@@ -28,7 +31,6 @@ mod drain;
 mod guard;
 mod outcome;
 mod recovery;
-pub(crate) mod seal;
 mod settings;
 
 pub(crate) use detach::FinishOnDrop;
@@ -81,9 +83,6 @@ impl Default for Timings {
 
 /// The shortest lease accepted: renewal runs every third of it.
 pub(crate) const MIN_LEASE: Duration = Duration::from_millis(30);
-/// The longest lease, TTL, store timeout or wait accepted: past this, a value is a mistake
-/// (and instants past it risk overflowing the clock).
-pub(crate) const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 
 /// Refuses a duration outside `[min, MAX_DURATION]` with a message that names the knob.
 pub(crate) fn checked(knob: &str, value: Duration, min: Duration) -> Duration {
@@ -93,12 +92,6 @@ pub(crate) fn checked(knob: &str, value: Duration, min: Duration) -> Duration {
         MAX_DURATION.as_secs() / 86_400
     );
     value
-}
-
-/// `now + duration`, saturating far in the future instead of overflowing the clock.
-pub(crate) fn later(now: Instant, duration: Duration) -> Instant {
-    now.checked_add(duration.min(MAX_DURATION))
-        .unwrap_or(now + Duration::from_secs(86_400))
 }
 
 impl Timings {

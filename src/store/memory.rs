@@ -315,7 +315,7 @@ impl MemoryStore {
             Arc::from(key),
             Claim {
                 token,
-                deadline: crate::protocol::later(now, lease),
+                deadline: super::clock::later(now, lease),
                 waiters: None,
             },
         );
@@ -441,7 +441,7 @@ impl Store for MemoryStore {
         let mut shard = self.shard(self.inner.slot(key));
         match shard.map.get_mut(key) {
             Some(claim) if claim.token == *token && claim.deadline > now => {
-                claim.deadline = crate::protocol::later(now, lease);
+                claim.deadline = super::clock::later(now, lease);
                 Ok(())
             }
             _ => Err(StoreError::LeaseLost),
@@ -468,7 +468,7 @@ impl Store for MemoryStore {
         let stored = Stored {
             key,
             record,
-            expires_at: crate::protocol::later(Instant::now(), ttl),
+            expires_at: super::clock::later(Instant::now(), ttl),
         };
         self.inner.records.insert(slot, stored);
         // After the write, under the lock: see `claim_as`.
@@ -504,7 +504,7 @@ impl Store for MemoryStore {
                 ));
             }
         }
-        let expires_at = crate::protocol::later(now, ttl);
+        let expires_at = super::clock::later(now, ttl);
         shard.points.insert(owned, (point.clone(), expires_at));
         Ok(())
     }

@@ -64,6 +64,7 @@ use bytes::Bytes;
 use crate::BoxError;
 
 mod boxed;
+pub(crate) mod clock;
 mod memory;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
@@ -79,6 +80,7 @@ mod waker;
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
+pub(crate) mod seal;
 
 pub use boxed::BoxStore;
 pub(crate) use boxed::DynStore;
@@ -305,7 +307,7 @@ impl RecoveryPoint {
         let phase_len =
             u32::try_from(phase.len()).expect("a recovery point's phase is under 4 GiB");
         let fingerprint_len = if self.fingerprint.is_some() { 16 } else { 0 };
-        let mut buf = crate::protocol::seal::start(
+        let mut buf = seal::start(
             POINT_MAGIC,
             POINT_VERSION,
             1 + fingerprint_len + 4 + phase.len() + self.data.len(),
@@ -320,13 +322,13 @@ impl RecoveryPoint {
         buf.put_u32(phase_len);
         buf.put_slice(phase);
         buf.put_slice(&self.data);
-        crate::protocol::seal::finish(buf)
+        seal::finish(buf)
     }
 
     /// Reads what [`encode`](Self::encode) wrote (this version or version 1).
     #[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
     pub(crate) fn decode(stored: Bytes) -> Result<Self, StoreError> {
-        use crate::protocol::seal::Unreadable;
+        use seal::Unreadable;
         let corrupt = |what: &'static str| StoreError::Corrupt(what.into());
         let version = match stored.get(..3) {
             Some([b'T', b'P', version @ (1 | POINT_VERSION)]) => *version,
@@ -339,7 +341,7 @@ impl RecoveryPoint {
                 ))))
             }
         };
-        let content = crate::protocol::seal::open(&stored)
+        let content = seal::open(&stored)
             .map_err(|error| StoreError::Corrupt(Box::new(error)))?;
         let (fingerprint, rest) = if version == 1 {
             (None, 0)
@@ -775,11 +777,11 @@ mod point_encoding_tests {
     #[test]
     fn a_version_1_point_reads_as_unbound() {
         use bytes::BufMut;
-        let mut buf = crate::protocol::seal::start(b"TP", 1, 2 + 7 + 4);
+        let mut buf = seal::start(b"TP", 1, 2 + 7 + 4);
         buf.put_u16(7);
         buf.put_slice(b"charged");
         buf.put_slice(b"ch_1");
-        let point = RecoveryPoint::decode(crate::protocol::seal::finish(buf)).unwrap();
+        let point = RecoveryPoint::decode(seal::finish(buf)).unwrap();
         assert_eq!(point.phase(), "charged");
         assert_eq!(point.data().as_ref(), b"ch_1");
         assert_eq!(point.fingerprint(), None);

@@ -1,7 +1,7 @@
 //! A record's fingerprint under the same checksum as its payload, as the out-of-process stores
 //! keep it.
 //!
-//! The adapters seal their payloads (`protocol::seal`), but the fingerprint a replay is
+//! The adapters seal their payloads (`store::seal`), but the fingerprint a replay is
 //! compared with lives beside the payload (a SQL column, a field of the Redis value): outside
 //! that envelope, a NULL read as "no fingerprint" replayed a stored success to another payload,
 //! and a flipped bit answered the original payload 422. So the stores write both under one

@@ -243,3 +243,33 @@ async fn bad_keys_and_missing_credentials_are_grpc_errors() {
     assert_eq!(status.code(), Code::Unauthenticated);
     assert_eq!(executions(&mut client).await, 0);
 }
+
+/// `examples/grpc/grpc_client.rs`, run against the server: its retry is a replay of its first
+/// call, and `Create` ran once.
+#[tokio::test]
+async fn the_client_example_sees_its_retry_replayed() {
+    let server = Server::start().await;
+    let binary = demo::example_binary("grpc_client");
+    let output = tokio::process::Command::new(binary)
+        .args(["--server", &server.base, "--key", "client-example-1"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let ids: Vec<&str> = stdout
+        .lines()
+        .filter_map(|line| line.split("payment ").nth(1)?.split(' ').next())
+        .collect();
+    assert_eq!(ids.len(), 2, "{stdout}");
+    assert_eq!(ids[0], ids[1], "{stdout}");
+    assert!(
+        stdout.contains("retry: payment") && stdout.contains("replayed: true"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("Create ran 1 time(s)"), "{stdout}");
+}

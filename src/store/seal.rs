@@ -12,6 +12,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::StoreError;
+
 /// How many bytes the envelope adds before the content.
 pub(crate) const HEADER_LEN: usize = 2 + 1 + 4 + 8;
 
@@ -85,8 +87,7 @@ pub(crate) fn check(payload: &[u8], checksum: bool) -> Result<usize, Unreadable>
 
 /// What a store error says of the record, when it is unreadable rather than unreachable: the
 /// key was used, so the caller must not run the work.
-pub(crate) fn unreadable(error: &crate::store::StoreError) -> Option<Unreadable> {
-    use crate::store::StoreError;
+pub(crate) fn unreadable(error: &StoreError) -> Option<Unreadable> {
     match error {
         StoreError::Corrupt(_) => Some(Unreadable::Damaged("damaged in the store")),
         StoreError::UnknownFormat { version } => Some(Unreadable::Newer(*version)),
