@@ -240,6 +240,109 @@ async fn the_fencing_check_fails_on_a_store_that_ignores_the_owner() {
     conformance::recovery_points_are_fenced_by_the_owner(&MemoryStore::new()).await;
 }
 
+/// A store that keeps each point under its key's Redis hash tag alone (the text between the
+/// first `{` and the next `}`, when not empty), as the Redis store once named point keys:
+/// keys sharing a tag share a point. Claims and records are the memory store's, per key.
+#[derive(Clone, Default)]
+struct TagPointStore {
+    inner: MemoryStore,
+    points: Arc<Mutex<HashMap<String, RecoveryPoint>>>,
+}
+
+impl TagPointStore {
+    fn point_key(key: &str) -> String {
+        let tag = key.find('{').and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.find('}')
+                .filter(|&close| close > 0)
+                .map(|close| &rest[..close])
+        });
+        format!("{{{}}}:point", tag.unwrap_or(key))
+    }
+}
+
+impl Store for TagPointStore {
+    async fn claim_as(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
+        self.inner.claim_as(key, token, lease).await
+    }
+    async fn renew(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.complete(key, token, record, ttl).await?;
+        self.points.lock().unwrap().remove(&Self::point_key(key));
+        Ok(())
+    }
+    async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+    async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
+        self.inner.inspect(key).await
+    }
+    async fn save_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        point: &RecoveryPoint,
+        _ttl: Duration,
+    ) -> Result<(), StoreError> {
+        // Fenced like any store: only the claim's owner saves (the memory store's read checks
+        // the owner without renewing the lease).
+        self.inner.load_point(key, token).await?;
+        self.points
+            .lock()
+            .unwrap()
+            .insert(Self::point_key(key), point.clone());
+        Ok(())
+    }
+    async fn load_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+    ) -> Result<Option<RecoveryPoint>, StoreError> {
+        self.inner.load_point(key, token).await?;
+        Ok(self
+            .points
+            .lock()
+            .unwrap()
+            .get(&Self::point_key(key))
+            .cloned())
+    }
+}
+
+#[tokio::test]
+async fn the_adversarial_keys_check_fails_on_a_store_that_names_points_by_hash_tag() {
+    use tower_idempotency::store::conformance;
+    let store = TagPointStore::default();
+    let check = tokio::spawn(async move {
+        conformance::adversarial_keys_share_nothing(&store).await;
+    });
+    let failed = check.await.expect_err("the check must fail");
+    assert!(failed.is_panic());
+    // The other point checks do not notice: each uses one fresh key.
+    let store = TagPointStore::default();
+    conformance::recovery_points_survive_a_release(&store).await;
+    conformance::recovery_points_are_fenced_by_the_owner(&store).await;
+    // And the memory store passes it.
+    conformance::adversarial_keys_share_nothing(&MemoryStore::new()).await;
+}
+
 // Real processes: the demo charges its simulated provider, saves a point, and crashes.
 
 const LEDGER: &str = "ledger.txt";
