@@ -560,11 +560,11 @@ impl RedisStore {
         out
     }
 
-    /// The Redis key of `key`'s recovery point, in the same hash slot as the record's (so that
-    /// one script reaches both on a cluster): `{<the part of the record key that picks its
-    /// slot>}:point`. `None` on a cluster for the rare key whose slot part holds a `}` (no hash
-    /// tag can name it): such keys have no recovery points there.
-    fn point_key(&self, key: &str) -> Option<String> {
+    /// The Redis key of `key`'s recovery point: its own (no other key's point key, and no
+    /// record key), in the same hash slot as the record's (so that one script reaches both on a
+    /// cluster); see `point_key_of`. `None` on a cluster for the rare key whose slot part holds a
+    /// `}` (no hash tag can name it): such keys have no recovery points there.
+    fn point_key(&self, key: &str) -> Option<Vec<u8>> {
         let cluster = matches!(self.connection, Connection::Cluster(_));
         point_key_of(&self.prefix, key, cluster)
     }
@@ -588,7 +588,7 @@ impl RedisStore {
         &self,
         script: &Script,
         key: &str,
-        second: Option<String>,
+        second: Option<Vec<u8>>,
         token: &OwnerToken,
         size: usize,
         args: impl ToRedisArgs,
@@ -638,41 +638,49 @@ impl ToRedisArgs for Prefixed<'_> {
     }
 }
 
-/// The recovery point's key for the record key `<prefix><key>` (see `RedisStore::point_key`).
+/// The recovery point's key for the record key `R` = `<prefix><key>` (see
+/// `RedisStore::point_key`): `{S}:point`, the byte 0xFF, then `R` whole, where `S` is the part of
+/// `R` that picks its hash slot (its hash tag when it has a valid one, else `R` itself).
+///
+/// * Bound to its record key: `R` follows the first 0xFF byte, which no UTF-8 text holds, so
+///   the first 0xFF sits at the same place in two equal point keys and their `R`s are equal.
+///   Keys that share a hash tag (tenants' keys both holding `{T}`, or a key whose tag is another
+///   key's whole record key) get distinct points.
+/// * Never a record key (nor a key of another store's prefix): every record key is UTF-8.
+/// * In the record's slot: Redis hashes a point key by its tag, `S`, as it hashes `R`. Unless `S`
+///   holds a `}` (a record key with no valid tag, such as `…{}…` or `…}…`): no tag can name it,
+///   so on a cluster such a key has no point (`None`); elsewhere the slot does not matter.
+///
 /// Written out, not formatted, and without the record key built first: every completion names
 /// it.
-fn point_key_of(prefix: &str, key: &str, cluster: bool) -> Option<String> {
-    const SUFFIX: &str = "}:point";
-    // `{<parts>}:point`, in one allocation.
-    let tagged = |parts: &[&str]| {
-        let len = parts.iter().map(|p| p.len()).sum::<usize>();
-        let mut out = String::with_capacity(1 + len + SUFFIX.len());
-        out.push('{');
-        parts.iter().for_each(|part| out.push_str(part));
-        out.push_str(SUFFIX);
-        out
-    };
-    let braceless = |part: &str| memchr::memchr2(b'{', b'}', part.as_bytes()).is_none();
-    if braceless(prefix) && braceless(key) {
-        // No hash tag: Redis hashes the whole record key, which becomes the point's tag.
-        return Some(tagged(&[prefix, key]));
+fn point_key_of(prefix: &str, key: &str, cluster: bool) -> Option<Vec<u8>> {
+    const MIDDLE: &[u8] = b"}:point\xff";
+    let record_len = prefix.len() + key.len();
+    let mut out = Vec::with_capacity(1 + 2 * record_len + MIDDLE.len());
+    // `{R`, then cut to `{S` when `R` has a tag.
+    out.push(b'{');
+    out.extend_from_slice(prefix.as_bytes());
+    out.extend_from_slice(key.as_bytes());
+    match hash_tag(&out[1..]) {
+        Some(tag) => {
+            out.truncate(1 + tag.end);
+            out.drain(1..1 + tag.start);
+        }
+        None if cluster && memchr::memchr(b'}', &out[1..]).is_some() => return None,
+        None => {}
     }
-    let redis_key = &[prefix, key].concat();
-    // Redis hashes the text between the first `{` and the next `}`, if not empty.
-    let slot_part = redis_key
-        .find('{')
-        .and_then(|open| {
-            let rest = &redis_key[open + 1..];
-            rest.find('}')
-                .filter(|&close| close > 0)
-                .map(|close| &rest[..close])
-        })
-        .unwrap_or(redis_key);
-    if slot_part.contains('}') {
-        // No hash tag can name this slot part; outside a cluster the slot does not matter.
-        return (!cluster).then(|| [redis_key, &SUFFIX[1..]].concat());
-    }
-    Some(tagged(&[slot_part]))
+    out.extend_from_slice(MIDDLE);
+    out.extend_from_slice(prefix.as_bytes());
+    out.extend_from_slice(key.as_bytes());
+    Some(out)
+}
+
+/// Where the hash tag of a Redis key is: the text between its first `{` and the next `}`, when
+/// not empty (what Redis Cluster hashes instead of the whole key).
+fn hash_tag(key: &[u8]) -> Option<std::ops::Range<usize>> {
+    let open = memchr::memchr(b'{', key)?;
+    let close = open + 1 + memchr::memchr(b'}', &key[open + 1..])?;
+    (close > open + 1).then_some(open + 1..close)
 }
 
 /// Whether the server refused a command it does not know in this form (an older Redis), as
@@ -874,30 +882,80 @@ mod tests {
     }
 
     #[test]
-    fn a_recovery_points_key_is_tagged_with_its_records_hash_slot() {
+    fn a_recovery_points_key_is_tagged_with_its_records_hash_slot_and_names_the_record() {
         let point = |(prefix, key), cluster| point_key_of(prefix, key, cluster);
-        // The hashed part of the record's key, as the point's hash tag (one slot for both).
+        // The separator is the byte 0xFF (no UTF-8 text holds it), not a character.
+        let expected = |tag: &str, record: &str| {
+            Some(
+                [
+                    format!("{{{tag}}}:point").as_bytes(),
+                    b"\xff",
+                    record.as_bytes(),
+                ]
+                .concat(),
+            )
+        };
+        // The hashed part of the record's key as the point's hash tag (one slot for both),
+        // then the whole record key (one point per record).
         assert_eq!(
-            point(("idempotency:", "k"), true).as_deref(),
-            Some("{idempotency:k}:point")
+            point(("idempotency:", "k"), true),
+            expected("idempotency:k", "idempotency:k")
         );
         assert_eq!(
-            point(("idempotency:", "{user-7}:k"), true).as_deref(),
-            Some("{user-7}:point")
+            point(("idempotency:", "{user-7}:k"), true),
+            expected("user-7", "idempotency:{user-7}:k")
         );
         assert_eq!(
-            point(("tenant-{7}:", "k"), true).as_deref(),
-            Some("{7}:point")
+            point(("tenant-{7}:", "k"), true),
+            expected("7", "tenant-{7}:k")
         );
-        // A slot part holding `}` cannot be a tag: no point on a cluster, any name elsewhere.
+        // An unclosed `{` is no tag: the whole key is hashed, and is the point's tag.
+        assert_eq!(
+            point(("idempotency:", "{k"), true),
+            expected("idempotency:{k", "idempotency:{k")
+        );
+        // A slot part holding `}` cannot be a tag: no point on a cluster, its own elsewhere.
         for (prefix, key) in [("idempotency:", "{}k"), ("id}empotency:", "k")] {
             let record = format!("{prefix}{key}");
             assert_eq!(point((prefix, key), true), None, "{record}");
             assert_eq!(
                 point((prefix, key), false),
-                Some(format!("{record}:point")),
+                expected(&record, &record),
                 "{record}"
             );
+        }
+    }
+
+    #[cfg(feature = "conformance")]
+    #[test]
+    fn no_two_record_keys_share_a_point_key_and_none_is_a_record_key() {
+        use redis::cluster_routing::Slot;
+        let mut keys = crate::store::conformance::adversarial_keys("5f3a");
+        keys.push(String::new());
+        for cluster in [false, true] {
+            let mut seen = std::collections::HashMap::new();
+            for key in &keys {
+                let Some(point) = point_key_of("idempotency:", key, cluster) else {
+                    continue;
+                };
+                assert!(
+                    std::str::from_utf8(&point).is_err(),
+                    "{key:?}: a record key's bytes"
+                );
+                // Outside a cluster, a key with no tag but a `}` has its point in another slot.
+                let record = format!("idempotency:{key}");
+                if cluster || memchr::memchr(b'}', record.as_bytes()).is_none() {
+                    assert_eq!(
+                        Slot::for_key(&point),
+                        Slot::for_key(&record),
+                        "{key:?}: the point is in the record's slot"
+                    );
+                }
+                if let Some(other) = seen.insert(point, key) {
+                    panic!("{key:?} and {other:?} share a point key");
+                }
+            }
+            assert!(seen.len() >= keys.len() - 4, "{cluster}: {}", seen.len());
         }
     }
 
