@@ -258,3 +258,139 @@ async fn a_sentinel_configured_store_follows_a_failover() {
     );
     drop(master);
 }
+
+/// Resumes a process frozen by `SIGSTOP` when dropped, so that a failing test leaves no
+/// server frozen (a frozen server would not stop either). Declared after the servers, it is
+/// dropped before them.
+struct Frozen(u32);
+
+impl Frozen {
+    fn freeze(server: &RedisServer) -> Self {
+        server.pause();
+        Self(server.pid())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+/// Issue 42, case 7: with `with_min_replicas`, a recovery point is acknowledged by the replica
+/// before `save_point` returns, and a replica frozen by `SIGSTOP` delays only the calls that
+/// wait for it, each by about the `WAIT` timeout: saves and claims (twenty-five at once) fail
+/// within it, while replays on the same store answer at once. Once the replica resumes, saves
+/// succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_replica_delays_only_the_saves_that_wait_for_it() {
+    use std::time::Instant;
+    use tower_idempotency::store::{ClaimOutcome, Record, RecoveryPoint, RedisStore, Store};
+    let Some((master, replica, _proxy)) = pair().await else {
+        return;
+    };
+    const WAIT: Duration = Duration::from_secs(3);
+    let lease = Duration::from_secs(60);
+    let store = RedisStore::connect(&master.url())
+        .await
+        .unwrap()
+        .with_min_replicas(1, WAIT);
+    let claim = |key: &'static str| {
+        let store = store.clone();
+        async move {
+            match store.claim(key, lease).await.unwrap() {
+                ClaimOutcome::Claimed(token) => token,
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+    };
+    let done = claim("done").await;
+    store
+        .complete("done", &done, Record::new(None, "paid"), lease)
+        .await
+        .unwrap();
+    let point = |phase: &str| RecoveryPoint::new(phase, "ch_1");
+    let charged = claim("charged").await;
+    store
+        .save_point("charged", &charged, &point("before"), lease)
+        .await
+        .expect("acknowledged by a healthy replica");
+    let mut tokens = Vec::new();
+    for i in 0..20 {
+        let key: &'static str = Box::leak(format!("saving-{i}").into_boxed_str());
+        tokens.push((key, claim(key).await));
+    }
+
+    let frozen = Frozen::freeze(&replica);
+    let started = Instant::now();
+    let saves: Vec<_> = tokens
+        .into_iter()
+        .map(|(key, token)| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let saved = store
+                    .save_point(key, &token, &RecoveryPoint::new("charged", "ch_2"), lease)
+                    .await;
+                (saved, Instant::now())
+            })
+        })
+        .collect();
+    let claims: Vec<_> = (0..5)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let claimed = store.claim(&format!("fresh-{i}"), lease).await;
+                (claimed, Instant::now())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..5 {
+        let asked = Instant::now();
+        let replay = store.claim("done", lease).await.unwrap();
+        let took = asked.elapsed();
+        assert!(
+            matches!(&replay, ClaimOutcome::Completed(record) if record.payload() == "paid"),
+            "{replay:?}"
+        );
+        assert!(
+            took < Duration::from_millis(1500),
+            "a replay took {took:?} while saves waited for the frozen replica"
+        );
+    }
+    for save in saves {
+        let (saved, at) = save.await.unwrap();
+        assert!(
+            saved.is_err(),
+            "a save the frozen replica never acknowledged: {saved:?}"
+        );
+        let took = at - started;
+        assert!(
+            took < WAIT + Duration::from_secs(2),
+            "a save answered after {took:?}, past its WAIT timeout of {WAIT:?}"
+        );
+    }
+    for claim in claims {
+        let (claimed, at) = claim.await.unwrap();
+        assert!(
+            claimed.is_err(),
+            "a claim the frozen replica never acknowledged: {claimed:?}"
+        );
+        let took = at - started;
+        assert!(
+            took < WAIT + Duration::from_secs(2),
+            "a claim answered after {took:?}, past its WAIT timeout of {WAIT:?}"
+        );
+    }
+    drop(frozen);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(error) = store
+        .save_point("charged", &charged, &point("after"), lease)
+        .await
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the resumed replica never acknowledged: {error}"
+        );
+    }
+}

@@ -1,0 +1,186 @@
+//! Waiting for replicas (`WAIT`) on connections of their own, so that a replica that stops
+//! acknowledging delays only the calls that wait for it (see `RedisStore::with_min_replicas`).
+//!
+//! `WAIT` blocks the connection it is sent on until the replicas acknowledge that client's
+//! writes (or its timeout passes), and a server answers a client's commands in order: sent on
+//! the store's shared, multiplexed connection, it would hold up every other call behind it,
+//! replays included. So each `WAIT` goes on a connection of its own, taken from a small pool.
+//!
+//! `WAIT` counts the acknowledgements of the writes made by the client it is sent by (Valkey
+//! and Redis 7.2 on; Redis 7.0 counts up to any command of that client): a connection that only
+//! waits has written nothing to wait for, and would be answered at once. So the `WAIT` follows
+//! a write of its own on the same connection, a key of one millisecond in the record's hash
+//! slot: replication is one ordered stream, so once the replicas acknowledged that write they
+//! also hold every write the master acknowledged before it, the caller's record among them.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+use redis::Value;
+
+use super::connection::SentinelLink;
+use super::StoreError;
+
+/// Connections open for `WAIT` at most, per store (and its clones): a call that finds them all
+/// busy waits for one, within its timeout.
+const CONNECTIONS: usize = 16;
+
+/// How to open a connection of its own to the server the store writes to.
+#[derive(Clone)]
+pub(super) enum Opener {
+    /// One server, by its URL.
+    Server(Arc<redis::Client>),
+    /// A cluster: a cluster connection of its own (connections of its own to every master).
+    Cluster(Arc<redis::cluster::ClusterClient>),
+    /// The master the store's connection was opened to (the Sentinels named it).
+    Sentinel(Arc<SentinelLink>),
+}
+
+enum WaitConnection {
+    Server(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+/// The replicas every claim, completion and recovery point waits for, and the connections the
+/// `WAIT`s run on.
+pub(super) struct Replicas {
+    pub(super) wanted: u32,
+    pub(super) timeout: Duration,
+    opener: Option<Opener>,
+    idle: Mutex<Vec<WaitConnection>>,
+    permits: tokio::sync::Semaphore,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{acked} of the {wanted} required Redis replicas acknowledged the write in time")]
+pub(super) struct NotReplicated {
+    pub(super) acked: i64,
+    pub(super) wanted: u32,
+}
+
+impl Replicas {
+    /// `opener` is `None` for a store over a bare connection manager: its `WAIT`s run on its
+    /// shared connection (see `RedisStore::with_min_replicas`).
+    pub(super) fn new(wanted: u32, timeout: Duration, opener: Option<Opener>) -> Self {
+        Self {
+            wanted,
+            timeout,
+            opener,
+            idle: Mutex::new(Vec::new()),
+            permits: tokio::sync::Semaphore::new(CONNECTIONS),
+        }
+    }
+
+    pub(super) fn has_own_connections(&self) -> bool {
+        self.opener.is_some()
+    }
+
+    pub(super) fn check(&self, acked: i64) -> Result<(), StoreError> {
+        if acked >= i64::from(self.wanted) {
+            Ok(())
+        } else {
+            Err(StoreError::backend(NotReplicated {
+                acked,
+                wanted: self.wanted,
+            }))
+        }
+    }
+
+    /// Waits until the replicas acknowledged every write the master acknowledged before this
+    /// call, at most the timeout (plus round trips): writes `marker` (a key in the record's
+    /// hash slot, gone a millisecond later) on a connection of its own, then `WAIT`s there.
+    pub(super) async fn acknowledged(&self, marker: &[u8]) -> Result<(), StoreError> {
+        let Some(opener) = &self.opener else {
+            unreachable!("checked by the caller");
+        };
+        let deadline = Instant::now() + self.timeout;
+        let not_in_time = || {
+            StoreError::backend(NotReplicated {
+                acked: 0,
+                wanted: self.wanted,
+            })
+        };
+        let _permit = tokio::time::timeout_at(deadline.into(), self.permits.acquire())
+            .await
+            .map_err(|_| not_in_time())?
+            .map_err(StoreError::backend)?;
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut connection = match idle {
+            Some(connection) => connection,
+            None => tokio::time::timeout_at(deadline.into(), open(opener))
+                .await
+                .map_err(|_| not_in_time())?
+                .map_err(StoreError::backend)?,
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(marker).arg("").arg("PX").arg(1);
+        pipe.cmd("WAIT")
+            .arg(self.wanted)
+            .arg(u64::try_from(left.as_millis().max(1)).unwrap_or(u64::MAX));
+        // The connection has no response timeout of its own (a `WAIT` may take its whole
+        // timeout): a server that stops answering altogether is given a second more.
+        let sent = async {
+            match &mut connection {
+                WaitConnection::Server(c) => pipe.query_async::<Vec<Value>>(c).await,
+                WaitConnection::Cluster(c) => {
+                    let route = SingleNodeRoutingInfo::SpecificNode(Route::with_key(
+                        marker,
+                        SlotAddr::Master,
+                    ));
+                    c.route_pipeline(pipe, 0, 2, route).await
+                }
+            }
+        };
+        let reply = tokio::time::timeout(left + Duration::from_secs(1), sent)
+            .await
+            .map_err(|_| not_in_time())?
+            .map_err(StoreError::backend)?;
+        let acked = match reply.get(1) {
+            Some(Value::Int(acked)) => *acked,
+            _ => {
+                return Err(StoreError::backend(format!(
+                    "unexpected reply to WAIT: {reply:?}"
+                )))
+            }
+        };
+        // Only a connection that answered goes back to the pool (one that failed or timed out
+        // may be dead, or still blocked).
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(connection);
+        self.check(acked)
+    }
+}
+
+async fn open(opener: &Opener) -> redis::RedisResult<WaitConnection> {
+    // No response timeout: the caller bounds each `WAIT` by its own.
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(None);
+    Ok(match opener {
+        Opener::Server(client) => WaitConnection::Server(
+            client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?,
+        ),
+        Opener::Cluster(client) => WaitConnection::Cluster(client.get_async_connection().await?),
+        Opener::Sentinel(link) => {
+            let client = link.master().ok_or_else(|| {
+                redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "no Redis master named by Sentinel yet",
+                ))
+            })?;
+            WaitConnection::Server(
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?,
+            )
+        }
+    })
+}
