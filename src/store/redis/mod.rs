@@ -44,7 +44,9 @@ pub use server_report::RedisServerReport;
 /// * **Layout:** one Redis key per record, `<prefix><key>` [prefix `idempotency:`], so every
 ///   operation touches one key (one hash slot): Redis Cluster works, through
 ///   [`connect_cluster`](Self::connect_cluster). Values are binary, tagged and versioned; an
-///   unknown version is reported as [`StoreError::Corrupt`], never misread.
+///   unknown version is reported as [`StoreError::Corrupt`], never misread. A key's recovery
+///   point is a key of its own in the record's hash slot, named by the whole record key (so no
+///   other key, whatever its braces, reaches it).
 /// * **Configuration:** requires `maxmemory-policy noeviction` (checked at connect; refused by
 ///   [`connect_strict`](Self::connect_strict)) and, to survive a restart, persistence.
 /// * **Waiting duplicates** are woken by Redis pub/sub: completion and release publish the key
