@@ -394,3 +394,57 @@ async fn a_frozen_replica_delays_only_the_saves_that_wait_for_it() {
         );
     }
 }
+
+/// Issue 42, case 7: with `with_min_replicas`, a recovery point whose save returned `Ok` is on
+/// the replica, so the retry on the promoted replica resumes from it; a save the replica could
+/// not acknowledge (its link cut) returns an error instead of `Ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_saved_with_required_replicas_survives_a_failover() {
+    use tower_idempotency::store::{ClaimOutcome, RecoveryPoint, RedisStore, Store};
+    let Some((master, replica, proxy)) = pair().await else {
+        return;
+    };
+    let store = RedisStore::connect(&master.url())
+        .await
+        .unwrap()
+        .with_min_replicas(1, Duration::from_millis(500));
+    let lease = Duration::from_secs(2);
+    let ttl = Duration::from_secs(60);
+    let ClaimOutcome::Claimed(token) = store.claim("pay-1", lease).await.unwrap() else {
+        panic!("a fresh key")
+    };
+    store
+        .save_point("pay-1", &token, &RecoveryPoint::new("charged", "ch_1"), ttl)
+        .await
+        .expect("acknowledged over a healthy link");
+    proxy.cut();
+    let unacknowledged = store
+        .save_point("pay-1", &token, &RecoveryPoint::new("shipped", "sh_1"), ttl)
+        .await;
+    assert!(
+        unacknowledged.is_err(),
+        "a save the replica never received returned {unacknowledged:?}"
+    );
+    fail_over(&master, &replica).await;
+    let promoted = RedisStore::connect(&replica.url()).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let retry = loop {
+        match promoted.claim("pay-1", lease).await.unwrap() {
+            ClaimOutcome::Claimed(retry) => break retry,
+            ClaimOutcome::InFlight { .. } => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the lease never lapsed"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    let point = promoted.load_point("pay-1", &retry).await.unwrap();
+    assert_eq!(
+        point.as_ref().map(|p| (p.phase(), &p.data()[..])),
+        Some(("charged", &b"ch_1"[..])),
+        "the promoted replica holds the last acknowledged point"
+    );
+}
