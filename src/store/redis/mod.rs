@@ -373,19 +373,9 @@ impl RedisStore {
         let Some(replicas) = &self.replicas else {
             return Ok(());
         };
-        if replicas.has_own_connections() {
-            let cluster = matches!(self.connection, Connection::Cluster(_));
-            let marker = slot_key_of(&self.prefix, key, b"wait", cluster);
-            return replicas.acknowledged(&marker).await;
-        }
-        // Over a bare connection manager: this connection's own writes, on it.
-        let acked: i64 = redis::cmd("WAIT")
-            .arg(replicas.wanted)
-            .arg(millis(replicas.timeout))
-            .query_async(&mut self.connection.clone())
-            .await
-            .map_err(StoreError::backend)?;
-        replicas.check(acked)
+        let cluster = matches!(self.connection, Connection::Cluster(_));
+        let marker = slot_key_of(&self.prefix, key, b"wait", cluster);
+        replicas.acknowledged(&marker, &self.connection).await
     }
 
     /// Prefixes every Redis key \[`idempotency:`\] (and the wake-up channel, `<prefix>wake`).

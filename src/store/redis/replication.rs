@@ -21,8 +21,8 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use redis::Value;
 
-use super::connection::SentinelLink;
-use super::StoreError;
+use super::connection::{Connection, SentinelLink};
+use super::{millis, StoreError};
 
 /// Connections open for `WAIT` at most, per store (and its clones): a call that finds them all
 /// busy waits for one, within its timeout.
@@ -74,11 +74,7 @@ impl Replicas {
         }
     }
 
-    pub(super) fn has_own_connections(&self) -> bool {
-        self.opener.is_some()
-    }
-
-    pub(super) fn check(&self, acked: i64) -> Result<(), StoreError> {
+    fn check(&self, acked: i64) -> Result<(), StoreError> {
         if acked >= i64::from(self.wanted) {
             Ok(())
         } else {
@@ -92,9 +88,20 @@ impl Replicas {
     /// Waits until the replicas acknowledged every write the master acknowledged before this
     /// call, at most the timeout (plus round trips): writes `marker` (a key in the record's
     /// hash slot, gone a millisecond later) on a connection of its own, then `WAIT`s there.
-    pub(super) async fn acknowledged(&self, marker: &[u8]) -> Result<(), StoreError> {
+    /// Without an opener, `WAIT`s on `shared`, for the writes made on it.
+    pub(super) async fn acknowledged(
+        &self,
+        marker: &[u8],
+        shared: &Connection,
+    ) -> Result<(), StoreError> {
         let Some(opener) = &self.opener else {
-            unreachable!("checked by the caller");
+            let acked: i64 = redis::cmd("WAIT")
+                .arg(self.wanted)
+                .arg(millis(self.timeout))
+                .query_async(&mut shared.clone())
+                .await
+                .map_err(StoreError::backend)?;
+            return self.check(acked);
         };
         let deadline = Instant::now() + self.timeout;
         let not_in_time = || {
@@ -118,9 +125,7 @@ impl Replicas {
         let left = deadline.saturating_duration_since(Instant::now());
         let mut pipe = redis::pipe();
         pipe.cmd("SET").arg(marker).arg("").arg("PX").arg(1);
-        pipe.cmd("WAIT")
-            .arg(self.wanted)
-            .arg(u64::try_from(left.as_millis().max(1)).unwrap_or(u64::MAX));
+        pipe.cmd("WAIT").arg(self.wanted).arg(millis(left));
         // The connection has no response timeout of its own (a `WAIT` may take its whole
         // timeout): a server that stops answering altogether is given a second more.
         let sent = async {
