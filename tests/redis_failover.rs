@@ -295,30 +295,29 @@ async fn a_frozen_replica_delays_only_the_saves_that_wait_for_it() {
         .await
         .unwrap()
         .with_min_replicas(1, WAIT);
-    let claim = |key: &'static str| {
+    let claim = |key: String| {
         let store = store.clone();
         async move {
-            match store.claim(key, lease).await.unwrap() {
-                ClaimOutcome::Claimed(token) => token,
+            match store.claim(&key, lease).await.unwrap() {
+                ClaimOutcome::Claimed(token) => (key, token),
                 other => panic!("{key}: {other:?}"),
             }
         }
     };
-    let done = claim("done").await;
+    let (_, done) = claim("done".into()).await;
     store
         .complete("done", &done, Record::new(None, "paid"), lease)
         .await
         .unwrap();
     let point = |phase: &str| RecoveryPoint::new(phase, "ch_1");
-    let charged = claim("charged").await;
+    let (_, charged) = claim("charged".into()).await;
     store
         .save_point("charged", &charged, &point("before"), lease)
         .await
         .expect("acknowledged by a healthy replica");
     let mut tokens = Vec::new();
     for i in 0..20 {
-        let key: &'static str = Box::leak(format!("saving-{i}").into_boxed_str());
-        tokens.push((key, claim(key).await));
+        tokens.push(claim(format!("saving-{i}")).await);
     }
 
     let frozen = Frozen::freeze(&replica);
@@ -329,7 +328,7 @@ async fn a_frozen_replica_delays_only_the_saves_that_wait_for_it() {
             let store = store.clone();
             tokio::spawn(async move {
                 let saved = store
-                    .save_point(key, &token, &RecoveryPoint::new("charged", "ch_2"), lease)
+                    .save_point(&key, &token, &RecoveryPoint::new("charged", "ch_2"), lease)
                     .await;
                 (saved, Instant::now())
             })
