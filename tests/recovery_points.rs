@@ -459,6 +459,53 @@ async fn sqlite_a_crash_after_the_charge_does_not_charge_again() {
     a_crash_after_the_charge_does_not_charge_again(&store, true).await;
 }
 
+/// Issue 42, case 1, with real processes on Redis: tenant acme's key `order-{T}` charges, saves
+/// its point and the demo aborts; tenant mallory's fresh request with the key `x-{T}` (the same
+/// hash tag) charges for itself instead of answering with acme's charge; and acme's retry
+/// resumes from its own point, so each payment is charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_another_tenants_key_sharing_a_hash_tag_never_finds_the_point() {
+    let Some(url) = redis_url() else { return };
+    let dir = TempDir::new("recovery-tags");
+    let ledger = dir.path().join(LEDGER).display().to_string();
+    let tag = format!("{:016x}", fastrand::u64(..));
+    let (acme_key, mallory_key) = (format!("order-{{{tag}}}"), format!("x-{{{tag}}}"));
+    let acme_body = r#"{"amount": 1000, "currency": "usd", "crash_after_charge": true}"#;
+    let first = Demo::start(&demo_args(&url, &ledger)).await;
+    assert!(first.try_post("acme", &acme_key, acme_body).await.is_err());
+    assert_eq!(charges(&dir).len(), 1, "acme was charged");
+    let second = Demo::start(&demo_args(&url, &ledger)).await;
+    let mallory = second
+        .try_post(
+            "mallory",
+            &mallory_key,
+            r#"{"amount": 1000, "currency": "usd"}"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(mallory.status, 201, "{:?}", mallory.body);
+    let mallory: serde_json::Value = serde_json::from_slice(&mallory.body).unwrap();
+    let ledger = charges(&dir);
+    assert_eq!(
+        ledger.len(),
+        2,
+        "mallory's payment charged for itself: {ledger:?}"
+    );
+    assert_eq!(
+        mallory["charge"], ledger[1],
+        "mallory got its own charge, not acme's ({})",
+        ledger[0]
+    );
+    let retry = retry_after_the_lease(&second, &acme_key, acme_body).await;
+    assert_eq!(retry.status, 201, "{:?}", retry.body);
+    let acme: serde_json::Value = serde_json::from_slice(&retry.body).unwrap();
+    assert_eq!(
+        acme["charge"], ledger[0],
+        "acme's retry resumed from its point"
+    );
+    assert_eq!(charges(&dir).len(), 2, "charged once each");
+}
+
 /// On the memory store a restart loses everything, so there: a run that failed after charging
 /// (500, its key released) leaves its point to the retry in the same process.
 #[tokio::test]
