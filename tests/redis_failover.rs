@@ -13,6 +13,33 @@ use support::servers::{own_redis, raw_redis, signal, RedisServer};
 
 const PAYMENT: &str = r#"{"amount": 1000, "currency": "usd"}"#;
 
+/// Waits until a write on `master` is acknowledged by a replica (at most 20 s).
+async fn in_sync(master: &RedisServer) {
+    let mut on_master = raw_redis(&master.url()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let () = redis::cmd("SET")
+            .arg("sync-probe")
+            .arg(1)
+            .query_async(&mut on_master)
+            .await
+            .unwrap();
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(200)
+            .query_async(&mut on_master)
+            .await
+            .unwrap();
+        if acked >= 1 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never synced"
+        );
+    }
+}
+
 /// A master and a replica of it through a proxy, in sync.
 async fn pair() -> Option<(RedisServer, RedisServer, Proxy)> {
     let master = own_redis("fail over")?;
@@ -446,4 +473,44 @@ async fn a_point_saved_with_required_replicas_survives_a_failover() {
         Some(("charged", &b"ch_1"[..])),
         "the promoted replica holds the last acknowledged point"
     );
+}
+
+/// With `with_min_replicas`, the connections kept for `WAIT` outlive a restart of the master:
+/// once it is back and its replica in sync, the first claim and save succeed (a connection
+/// that died while idle is replaced, not reported as a failure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_kept_for_wait_survive_a_master_restart() {
+    use tower_idempotency::store::{ClaimOutcome, RecoveryPoint, RedisStore, Store};
+    let Some((master, _replica, _proxy)) = pair().await else {
+        return;
+    };
+    let store = RedisStore::connect(&master.url())
+        .await
+        .unwrap()
+        .with_min_replicas(1, Duration::from_secs(2));
+    let lease = Duration::from_secs(30);
+    let claim_and_save = |key: &'static str| {
+        let store = store.clone();
+        async move {
+            let ClaimOutcome::Claimed(token) = store.claim(key, lease).await? else {
+                panic!("{key}: a fresh key")
+            };
+            store
+                .save_point(key, &token, &RecoveryPoint::new("charged", "ch"), lease)
+                .await
+        }
+    };
+    claim_and_save("before").await.unwrap();
+    master.stop();
+    master.restart();
+    in_sync(&master).await;
+    // The store's shared connection reconnects by itself; wait until it answers.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while store.inspect("before").await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "never reconnected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    claim_and_save("after")
+        .await
+        .expect("the first replicated calls after the restart");
 }

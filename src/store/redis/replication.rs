@@ -115,21 +115,60 @@ impl Replicas {
             .map_err(|_| not_in_time())?
             .map_err(StoreError::backend)?;
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let pooled = idle.is_some();
         let mut connection = match idle {
             Some(connection) => connection,
-            None => tokio::time::timeout_at(deadline.into(), open(opener))
-                .await
-                .map_err(|_| not_in_time())?
-                .map_err(StoreError::backend)?,
+            None => self.open(opener, deadline).await?,
         };
+        let mut reply = self.marked_wait(&mut connection, marker, deadline).await;
+        // A pooled connection may have died while idle (the server restarted, a failover): one
+        // more try on a new one, so that each idle connection does not fail a call of its own.
+        if pooled
+            && matches!(&reply, Err(Attempt::Failed(e)) if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error())
+        {
+            connection = self.open(opener, deadline).await?;
+            reply = self.marked_wait(&mut connection, marker, deadline).await;
+        }
+        let acked = match reply {
+            Ok(acked) => acked,
+            Err(Attempt::Late) => return Err(not_in_time()),
+            Err(Attempt::Failed(error)) => return Err(StoreError::backend(error)),
+        };
+        // Only a connection that answered goes back to the pool (one that failed or timed out
+        // may be dead, or still blocked).
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(connection);
+        self.check(acked)
+    }
+
+    async fn open(&self, opener: &Opener, deadline: Instant) -> Result<WaitConnection, StoreError> {
+        tokio::time::timeout_at(deadline.into(), open(opener))
+            .await
+            .map_err(|_| {
+                StoreError::backend(NotReplicated {
+                    acked: 0,
+                    wanted: self.wanted,
+                })
+            })?
+            .map_err(StoreError::backend)
+    }
+
+    /// `SET marker "" PX 1`, then `WAIT` until `deadline`, on `connection`: how many replicas
+    /// acknowledged.
+    async fn marked_wait(
+        &self,
+        connection: &mut WaitConnection,
+        marker: &[u8],
+        deadline: Instant,
+    ) -> Result<i64, Attempt> {
         let left = deadline.saturating_duration_since(Instant::now());
         let mut pipe = redis::pipe();
         pipe.cmd("SET").arg(marker).arg("").arg("PX").arg(1);
         pipe.cmd("WAIT").arg(self.wanted).arg(millis(left));
-        // The connection has no response timeout of its own (a `WAIT` may take its whole
-        // timeout): a server that stops answering altogether is given a second more.
         let sent = async {
-            match &mut connection {
+            match connection {
                 WaitConnection::Server(c) => pipe.query_async::<Vec<Value>>(c).await,
                 WaitConnection::Cluster(c) => {
                     let route = SingleNodeRoutingInfo::SpecificNode(Route::with_key(
@@ -140,26 +179,28 @@ impl Replicas {
                 }
             }
         };
+        // The connection has no response timeout of its own (a `WAIT` may take its whole
+        // timeout): a server that stops answering altogether is given a second more.
         let reply = tokio::time::timeout(left + Duration::from_secs(1), sent)
             .await
-            .map_err(|_| not_in_time())?
-            .map_err(StoreError::backend)?;
-        let acked = match reply.get(1) {
-            Some(Value::Int(acked)) => *acked,
-            _ => {
-                return Err(StoreError::backend(format!(
-                    "unexpected reply to WAIT: {reply:?}"
-                )))
-            }
-        };
-        // Only a connection that answered goes back to the pool (one that failed or timed out
-        // may be dead, or still blocked).
-        self.idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(connection);
-        self.check(acked)
+            .map_err(|_| Attempt::Late)?
+            .map_err(Attempt::Failed)?;
+        match reply.get(1) {
+            Some(Value::Int(acked)) => Ok(*acked),
+            _ => Err(Attempt::Failed(redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "unexpected reply to WAIT",
+                format!("{reply:?}"),
+            )))),
+        }
     }
+}
+
+/// Why a marked `WAIT` did not answer.
+enum Attempt {
+    /// Not within its timeout (and a second more).
+    Late,
+    Failed(redis::RedisError),
 }
 
 async fn open(opener: &Opener) -> redis::RedisResult<WaitConnection> {
