@@ -6,9 +6,10 @@
 //! the store's shared, multiplexed connection, it would hold up every other call behind it,
 //! replays included. So each `WAIT` goes on a connection of its own, taken from a small pool.
 //!
-//! `WAIT` counts the acknowledgements of the writes made by the client it is sent by (Valkey
-//! and Redis 7.2 on; Redis 7.0 counts up to any command of that client): a connection that only
-//! waits has written nothing to wait for, and would be answered at once. So the `WAIT` follows
+//! `WAIT` waits for the replication offset of the client it is sent by: on Valkey 8.1, the
+//! offset after that client's last write (on Redis 7.0, after its last command of any kind), so
+//! a connection that only waits has nothing to wait for and is answered at once (both seen
+//! with a replica frozen by `SIGSTOP`). So the `WAIT` follows
 //! a write of its own on the same connection, a key of one millisecond in the record's hash
 //! slot: replication is one ordered stream, so once the replicas acknowledged that write they
 //! also hold every write the master acknowledged before it, the caller's record among them.
