@@ -555,6 +555,133 @@ pub async fn recovery_points_hold_64_kib<St: Store>(store: &St) {
     store.release(&key, &token).await.unwrap();
 }
 
+/// Keys shaped to collide inside a store that derives per-key state from part of the key:
+/// keys sharing a Redis hash tag (`{…}`), tags that are empty or unclosed, braces alone, a key
+/// that is another's prefix or suffix, keys spelling another key's internal names (`…:point`,
+/// the Redis store's default record key of another key as a tag), and `|` (the separator of the
+/// layer's composite keys). Distinct strings, all around one random `nonce`.
+pub fn adversarial_keys(nonce: &str) -> Vec<String> {
+    let n = nonce;
+    vec![
+        format!("order-{{{n}}}"),
+        format!("x-{{{n}}}"),
+        format!("{{{n}}}"),
+        n.to_owned(),
+        format!("{n}:point"),
+        format!("{{{n}}}:point"),
+        format!("{{idempotency:{n}}}"),
+        format!("{{idempotency:{{{n}}}}}:point"),
+        format!("{{}}{n}"),
+        format!("{{}}{{{n}}}"),
+        format!("{n}}}"),
+        format!("}}{n}"),
+        format!("{{{n}"),
+        format!("{{{{{n}}}}}"),
+        format!("{n}-x"),
+        format!("x-{n}"),
+        format!("{n}|x"),
+        format!("|{n}"),
+        format!("{n}\u{ff}"),
+    ]
+}
+
+/// Distinct keys never share state, however they are shaped ([`adversarial_keys`]): each
+/// has its own claim, record and recovery point. Half the keys save points and are released,
+/// the other half complete; then every key still finds its own state and nothing of another's:
+/// a point saved under one key is not seen under another (nor deleted by another's
+/// completion), a completed key does not make another completed, and a claim does not hold
+/// another key. A store may answer [`StoreError::Unsupported`] to points for some keys (a Redis
+/// Cluster, for a key whose slot no hash tag can name), but then for both the save and the read.
+pub async fn adversarial_keys_share_nothing<St: Store>(store: &St) {
+    for writers in [0, 1] {
+        let keys = adversarial_keys(&format!("{:032x}", fastrand::u128(..)));
+        let writes = |i: usize| i % 2 == writers;
+        let mut tokens = Vec::with_capacity(keys.len());
+        for key in &keys {
+            tokens.push(claim_owned(store, key, LEASE).await);
+        }
+        let mut has_point = vec![false; keys.len()];
+        for (i, key) in keys.iter().enumerate().filter(|(i, _)| writes(*i)) {
+            let point = RecoveryPoint::new(format!("phase-{i}"), format!("{i}"));
+            match store.save_point(key, &tokens[i], &point, TTL).await {
+                Ok(()) => has_point[i] = true,
+                Err(StoreError::Unsupported(_)) => {}
+                Err(other) => panic!("saving the point of {key:?}: {other:?}"),
+            }
+        }
+        let own_point_or_none = |i: usize, found: Result<Option<RecoveryPoint>, StoreError>| {
+            let key = &keys[i];
+            match found {
+                Ok(Some(point)) if has_point[i] => {
+                    assert_eq!(
+                        (point.phase(), &point.data()[..]),
+                        (format!("phase-{i}").as_str(), format!("{i}").as_bytes()),
+                        "{key:?} found another key's point"
+                    );
+                }
+                Ok(None) | Err(StoreError::Unsupported(_)) if !has_point[i] => {}
+                other => panic!(
+                    "{key:?} (own point saved: {}): expected {}, got {other:?}",
+                    has_point[i],
+                    if has_point[i] {
+                        "its own point"
+                    } else {
+                        "no point"
+                    }
+                ),
+            }
+        };
+        for (i, key) in keys.iter().enumerate() {
+            own_point_or_none(i, store.load_point(key, &tokens[i]).await);
+        }
+        for (i, key) in keys.iter().enumerate() {
+            if writes(i) {
+                store.release(key, &tokens[i]).await.unwrap();
+            } else {
+                let record = Record::new(Some(i as u128), format!("record-{i}"));
+                store.complete(key, &tokens[i], record, TTL).await.unwrap();
+            }
+        }
+        for (i, key) in keys.iter().enumerate() {
+            match store.claim(key, LEASE).await.unwrap() {
+                ClaimOutcome::Claimed(token) if writes(i) => {
+                    own_point_or_none(i, store.load_point(key, &token).await);
+                    let record = Record::new(Some(i as u128), format!("record-{i}"));
+                    store.complete(key, &token, record, TTL).await.unwrap();
+                }
+                ClaimOutcome::Completed(record) if !writes(i) => {
+                    assert_eq!(
+                        record.payload(),
+                        format!("record-{i}").as_bytes(),
+                        "{key:?}"
+                    );
+                }
+                other => panic!(
+                    "{key:?}: expected {}, got {other:?}",
+                    if writes(i) {
+                        "a fresh claim (it was released)"
+                    } else {
+                        "its own record"
+                    }
+                ),
+            }
+        }
+        for (i, key) in keys.iter().enumerate() {
+            match store.claim(key, LEASE).await.unwrap() {
+                ClaimOutcome::Completed(record) => {
+                    assert_eq!(record.fingerprint(), Some(i as u128), "{key:?}");
+                    assert_eq!(
+                        record.payload(),
+                        format!("record-{i}").as_bytes(),
+                        "{key:?}"
+                    );
+                }
+                other => panic!("{key:?}: expected its own record, got {other:?}"),
+            }
+        }
+    }
+}
+
 /// Runs every check against `store`.
 pub async fn run_all<St: Store + Clone>(store: &St) {
     crate::store_conformance_tests!(@run store);
@@ -595,7 +722,8 @@ macro_rules! store_conformance_tests {
             claim_now_answers_as_claim_as,
             wait_returns_when_the_claim_ends, inspect_and_delete,
             recovery_points_are_fenced_by_the_owner, recovery_points_survive_a_release,
-            recovery_points_end_with_completion_and_ttl, recovery_points_hold_64_kib);
+            recovery_points_end_with_completion_and_ttl, recovery_points_hold_64_kib,
+            adversarial_keys_share_nothing);
     };
     (@each [@run $store:expr] $($case:ident),*) => {
         $( $crate::store::conformance::$case($store).await; )*

@@ -377,6 +377,109 @@ async fn the_fencing_check_fails_on_a_store_that_ignores_the_owner() {
     conformance::recovery_points_are_fenced_by_the_owner(&MemoryStore::new()).await;
 }
 
+/// A store that keeps each point under its key's Redis hash tag alone (the text between the
+/// first `{` and the next `}`, when not empty), as the Redis store once named point keys:
+/// keys sharing a tag share a point. Claims and records are the memory store's, per key.
+#[derive(Clone, Default)]
+struct TagPointStore {
+    inner: MemoryStore,
+    points: Arc<Mutex<HashMap<String, RecoveryPoint>>>,
+}
+
+impl TagPointStore {
+    fn point_key(key: &str) -> String {
+        let tag = key.find('{').and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.find('}')
+                .filter(|&close| close > 0)
+                .map(|close| &rest[..close])
+        });
+        format!("{{{}}}:point", tag.unwrap_or(key))
+    }
+}
+
+impl Store for TagPointStore {
+    async fn claim_as(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
+        self.inner.claim_as(key, token, lease).await
+    }
+    async fn renew(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.complete(key, token, record, ttl).await?;
+        self.points.lock().unwrap().remove(&Self::point_key(key));
+        Ok(())
+    }
+    async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+    async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
+        self.inner.inspect(key).await
+    }
+    async fn save_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        point: &RecoveryPoint,
+        _ttl: Duration,
+    ) -> Result<(), StoreError> {
+        // Fenced like any store: only the claim's owner saves (the memory store's read checks
+        // the owner without renewing the lease).
+        self.inner.load_point(key, token).await?;
+        self.points
+            .lock()
+            .unwrap()
+            .insert(Self::point_key(key), point.clone());
+        Ok(())
+    }
+    async fn load_point(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+    ) -> Result<Option<RecoveryPoint>, StoreError> {
+        self.inner.load_point(key, token).await?;
+        Ok(self
+            .points
+            .lock()
+            .unwrap()
+            .get(&Self::point_key(key))
+            .cloned())
+    }
+}
+
+#[tokio::test]
+async fn the_adversarial_keys_check_fails_on_a_store_that_names_points_by_hash_tag() {
+    use tower_idempotency::store::conformance;
+    let store = TagPointStore::default();
+    let check = tokio::spawn(async move {
+        conformance::adversarial_keys_share_nothing(&store).await;
+    });
+    let failed = check.await.expect_err("the check must fail");
+    assert!(failed.is_panic());
+    // The other point checks do not notice: each uses one fresh key.
+    let store = TagPointStore::default();
+    conformance::recovery_points_survive_a_release(&store).await;
+    conformance::recovery_points_are_fenced_by_the_owner(&store).await;
+    // And the memory store passes it.
+    conformance::adversarial_keys_share_nothing(&MemoryStore::new()).await;
+}
+
 // Real processes: the demo charges its simulated provider, saves a point, and crashes.
 
 const LEDGER: &str = "ledger.txt";
@@ -499,6 +602,53 @@ async fn sqlite_a_crash_after_the_charge_does_not_charge_again() {
     let store = format!("sqlite://{}", dir.path().join("db.sqlite").display());
     a_crash_after_the_charge_does_not_charge_again(&store, false).await;
     a_crash_after_the_charge_does_not_charge_again(&store, true).await;
+}
+
+/// Issue 42, case 1, with real processes on Redis: tenant acme's key `order-{T}` charges, saves
+/// its point and the demo aborts; tenant mallory's fresh request with the key `x-{T}` (the same
+/// hash tag) charges for itself instead of answering with acme's charge; and acme's retry
+/// resumes from its own point, so each payment is charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_another_tenants_key_sharing_a_hash_tag_never_finds_the_point() {
+    let Some(url) = redis_url() else { return };
+    let dir = TempDir::new("recovery-tags");
+    let ledger = dir.path().join(LEDGER).display().to_string();
+    let tag = format!("{:016x}", fastrand::u64(..));
+    let (acme_key, mallory_key) = (format!("order-{{{tag}}}"), format!("x-{{{tag}}}"));
+    let acme_body = r#"{"amount": 1000, "currency": "usd", "crash_after_charge": true}"#;
+    let first = Demo::start(&demo_args(&url, &ledger)).await;
+    assert!(first.try_post("acme", &acme_key, acme_body).await.is_err());
+    assert_eq!(charges(&dir).len(), 1, "acme was charged");
+    let second = Demo::start(&demo_args(&url, &ledger)).await;
+    let mallory = second
+        .try_post(
+            "mallory",
+            &mallory_key,
+            r#"{"amount": 1000, "currency": "usd"}"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(mallory.status, 201, "{:?}", mallory.body);
+    let mallory: serde_json::Value = serde_json::from_slice(&mallory.body).unwrap();
+    let ledger = charges(&dir);
+    assert_eq!(
+        ledger.len(),
+        2,
+        "mallory's payment charged for itself: {ledger:?}"
+    );
+    assert_eq!(
+        mallory["charge"], ledger[1],
+        "mallory got its own charge, not acme's ({})",
+        ledger[0]
+    );
+    let retry = retry_after_the_lease(&second, &acme_key, acme_body).await;
+    assert_eq!(retry.status, 201, "{:?}", retry.body);
+    let acme: serde_json::Value = serde_json::from_slice(&retry.body).unwrap();
+    assert_eq!(
+        acme["charge"], ledger[0],
+        "acme's retry resumed from its point"
+    );
+    assert_eq!(charges(&dir).len(), 2, "charged once each");
 }
 
 /// On the memory store a restart loses everything, so there: a run that failed after charging

@@ -13,6 +13,33 @@ use support::servers::{own_redis, raw_redis, signal, RedisServer};
 
 const PAYMENT: &str = r#"{"amount": 1000, "currency": "usd"}"#;
 
+/// Waits until a write on `master` is acknowledged by a replica (at most 20 s).
+async fn in_sync(master: &RedisServer) {
+    let mut on_master = raw_redis(&master.url()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let () = redis::cmd("SET")
+            .arg("sync-probe")
+            .arg(1)
+            .query_async(&mut on_master)
+            .await
+            .unwrap();
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(200)
+            .query_async(&mut on_master)
+            .await
+            .unwrap();
+        if acked >= 1 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never synced"
+        );
+    }
+}
+
 /// A master and a replica of it through a proxy, in sync.
 async fn pair() -> Option<(RedisServer, RedisServer, Proxy)> {
     let master = own_redis("fail over")?;
@@ -257,4 +284,233 @@ async fn a_sentinel_configured_store_follows_a_failover() {
         "{role:?}"
     );
     drop(master);
+}
+
+/// Resumes a process frozen by `SIGSTOP` when dropped, so that a failing test leaves no
+/// server frozen (a frozen server would not stop either). Declared after the servers, it is
+/// dropped before them.
+struct Frozen(u32);
+
+impl Frozen {
+    fn freeze(server: &RedisServer) -> Self {
+        server.pause();
+        Self(server.pid())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+/// Issue 42, case 7: with `with_min_replicas`, a recovery point is acknowledged by the replica
+/// before `save_point` returns, and a replica frozen by `SIGSTOP` delays only the calls that
+/// wait for it, each by about the `WAIT` timeout: saves and claims (twenty-five at once) fail
+/// within it, while replays on the same store answer at once. Once the replica resumes, saves
+/// succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_replica_delays_only_the_saves_that_wait_for_it() {
+    use std::time::Instant;
+    use tower_idempotency::store::{ClaimOutcome, Record, RecoveryPoint, RedisStore, Store};
+    let Some((master, replica, _proxy)) = pair().await else {
+        return;
+    };
+    const WAIT: Duration = Duration::from_secs(3);
+    let lease = Duration::from_secs(60);
+    let store = RedisStore::connect(&master.url())
+        .await
+        .unwrap()
+        .with_min_replicas(1, WAIT);
+    let claim = |key: String| {
+        let store = store.clone();
+        async move {
+            match store.claim(&key, lease).await.unwrap() {
+                ClaimOutcome::Claimed(token) => (key, token),
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+    };
+    let (_, done) = claim("done".into()).await;
+    store
+        .complete("done", &done, Record::new(None, "paid"), lease)
+        .await
+        .unwrap();
+    let point = |phase: &str| RecoveryPoint::new(phase, "ch_1");
+    let (_, charged) = claim("charged".into()).await;
+    store
+        .save_point("charged", &charged, &point("before"), lease)
+        .await
+        .expect("acknowledged by a healthy replica");
+    let mut tokens = Vec::new();
+    for i in 0..20 {
+        tokens.push(claim(format!("saving-{i}")).await);
+    }
+
+    let frozen = Frozen::freeze(&replica);
+    let started = Instant::now();
+    let saves: Vec<_> = tokens
+        .into_iter()
+        .map(|(key, token)| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let saved = store
+                    .save_point(&key, &token, &RecoveryPoint::new("charged", "ch_2"), lease)
+                    .await;
+                (saved, Instant::now())
+            })
+        })
+        .collect();
+    let claims: Vec<_> = (0..5)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let claimed = store.claim(&format!("fresh-{i}"), lease).await;
+                (claimed, Instant::now())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..5 {
+        let asked = Instant::now();
+        let replay = store.claim("done", lease).await.unwrap();
+        let took = asked.elapsed();
+        assert!(
+            matches!(&replay, ClaimOutcome::Completed(record) if record.payload() == "paid"),
+            "{replay:?}"
+        );
+        assert!(
+            took < Duration::from_millis(1500),
+            "a replay took {took:?} while saves waited for the frozen replica"
+        );
+    }
+    for save in saves {
+        let (saved, at) = save.await.unwrap();
+        assert!(
+            saved.is_err(),
+            "a save the frozen replica never acknowledged: {saved:?}"
+        );
+        let took = at - started;
+        assert!(
+            took < WAIT + Duration::from_secs(2),
+            "a save answered after {took:?}, past its WAIT timeout of {WAIT:?}"
+        );
+    }
+    for claim in claims {
+        let (claimed, at) = claim.await.unwrap();
+        assert!(
+            claimed.is_err(),
+            "a claim the frozen replica never acknowledged: {claimed:?}"
+        );
+        let took = at - started;
+        assert!(
+            took < WAIT + Duration::from_secs(2),
+            "a claim answered after {took:?}, past its WAIT timeout of {WAIT:?}"
+        );
+    }
+    drop(frozen);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(error) = store
+        .save_point("charged", &charged, &point("after"), lease)
+        .await
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the resumed replica never acknowledged: {error}"
+        );
+    }
+}
+
+/// Issue 42, case 7: with `with_min_replicas`, a recovery point whose save returned `Ok` is on
+/// the replica, so the retry on the promoted replica resumes from it; a save the replica could
+/// not acknowledge (its link cut) returns an error instead of `Ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_saved_with_required_replicas_survives_a_failover() {
+    use tower_idempotency::store::{ClaimOutcome, RecoveryPoint, RedisStore, Store};
+    let Some((master, replica, proxy)) = pair().await else {
+        return;
+    };
+    let store = RedisStore::connect(&master.url())
+        .await
+        .unwrap()
+        .with_min_replicas(1, Duration::from_millis(500));
+    let lease = Duration::from_secs(2);
+    let ttl = Duration::from_secs(60);
+    let ClaimOutcome::Claimed(token) = store.claim("pay-1", lease).await.unwrap() else {
+        panic!("a fresh key")
+    };
+    store
+        .save_point("pay-1", &token, &RecoveryPoint::new("charged", "ch_1"), ttl)
+        .await
+        .expect("acknowledged over a healthy link");
+    proxy.cut();
+    let unacknowledged = store
+        .save_point("pay-1", &token, &RecoveryPoint::new("shipped", "sh_1"), ttl)
+        .await;
+    assert!(
+        unacknowledged.is_err(),
+        "a save the replica never received returned {unacknowledged:?}"
+    );
+    fail_over(&master, &replica).await;
+    let promoted = RedisStore::connect(&replica.url()).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let retry = loop {
+        match promoted.claim("pay-1", lease).await.unwrap() {
+            ClaimOutcome::Claimed(retry) => break retry,
+            ClaimOutcome::InFlight { .. } => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the lease never lapsed"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    let point = promoted.load_point("pay-1", &retry).await.unwrap();
+    assert_eq!(
+        point.as_ref().map(|p| (p.phase(), &p.data()[..])),
+        Some(("charged", &b"ch_1"[..])),
+        "the promoted replica holds the last acknowledged point"
+    );
+}
+
+/// With `with_min_replicas`, the connections kept for `WAIT` outlive a restart of the master:
+/// once it is back and its replica in sync, the first claim and save succeed (a connection
+/// that died while idle is replaced, not reported as a failure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_kept_for_wait_survive_a_master_restart() {
+    use tower_idempotency::store::{ClaimOutcome, RecoveryPoint, RedisStore, Store};
+    let Some((master, _replica, _proxy)) = pair().await else {
+        return;
+    };
+    let store = RedisStore::connect(&master.url())
+        .await
+        .unwrap()
+        .with_min_replicas(1, Duration::from_secs(2));
+    let lease = Duration::from_secs(30);
+    let claim_and_save = |key: &'static str| {
+        let store = store.clone();
+        async move {
+            let ClaimOutcome::Claimed(token) = store.claim(key, lease).await? else {
+                panic!("{key}: a fresh key")
+            };
+            store
+                .save_point(key, &token, &RecoveryPoint::new("charged", "ch"), lease)
+                .await
+        }
+    };
+    claim_and_save("before").await.unwrap();
+    master.stop();
+    master.restart();
+    in_sync(&master).await;
+    // The store's shared connection reconnects by itself; wait until it answers.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while store.inspect("before").await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "never reconnected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    claim_and_save("after")
+        .await
+        .expect("the first replicated calls after the restart");
 }

@@ -197,3 +197,65 @@ async fn owner_checked_calls_reload_the_scripts_a_server_forgot() {
         ClaimOutcome::Claimed(_)
     ));
 }
+
+/// Issue 42, case 1: another tenant's key never reaches a recovery point, neither by sharing
+/// its hash tag (`order-{T}` and `x-{T}`) nor by naming the victim's whole record key as its
+/// tag. The attacker's run finds no point, and its completion leaves the victim's point alone.
+#[tokio::test]
+async fn another_tenants_key_never_reaches_a_recovery_point() {
+    use std::time::Duration;
+    use tower_idempotency::store::{ClaimOutcome, Record, RecoveryPoint, Store};
+    let Some(store) = store().await else { return };
+    let lease = Duration::from_secs(30);
+    let ttl = Duration::from_secs(60);
+    let nonce = format!("{:016x}", fastrand::u64(..));
+    let acme_tagged = format!("4:acme|4:POST|9:/payments|order-{{{nonce}}}");
+    let acme_plain = format!("4:acme|4:POST|9:/payments|order-{nonce}");
+    for (victim, attacker) in [
+        (
+            acme_tagged.clone(),
+            format!("7:mallory|4:POST|9:/payments|x-{{{nonce}}}"),
+        ),
+        (
+            acme_plain.clone(),
+            format!("7:mallory|4:POST|9:/payments|{{idempotency:{acme_plain}}}"),
+        ),
+    ] {
+        let ClaimOutcome::Claimed(charged) = store.claim(&victim, lease).await.unwrap() else {
+            panic!("a fresh key")
+        };
+        store
+            .save_point(
+                &victim,
+                &charged,
+                &RecoveryPoint::new("charged", "ch_acme"),
+                ttl,
+            )
+            .await
+            .unwrap();
+        let ClaimOutcome::Claimed(mallory) = store.claim(&attacker, lease).await.unwrap() else {
+            panic!("the attacker's key is its own")
+        };
+        assert_eq!(
+            store.load_point(&attacker, &mallory).await.unwrap(),
+            None,
+            "{attacker:?} reads {victim:?}'s point"
+        );
+        store
+            .complete(&attacker, &mallory, Record::new(None, "mallory"), ttl)
+            .await
+            .unwrap();
+        // The victim's process died: its lease is released, and its retry resumes.
+        store.release(&victim, &charged).await.unwrap();
+        let ClaimOutcome::Claimed(retry) = store.claim(&victim, lease).await.unwrap() else {
+            panic!("released")
+        };
+        let point = store.load_point(&victim, &retry).await.unwrap();
+        assert_eq!(
+            point.as_ref().map(|p| &p.data()[..]),
+            Some(&b"ch_acme"[..]),
+            "{victim:?}'s point after {attacker:?} completed"
+        );
+        store.release(&victim, &retry).await.unwrap();
+    }
+}

@@ -141,3 +141,47 @@ async fn the_demo_works_on_a_cluster_from_one_seed_node() {
     }
     assert_eq!(demo.executions().await, 60);
 }
+
+/// `with_min_replicas` on a cluster: the `WAIT` runs on the master of the key's slot, after a
+/// write of its own there. This cluster has no replicas, so a claim is refused (released, the
+/// handler never runs) and a point's save is an error, for keys on every master and for a key
+/// whose slot no tag of its own names (`}` and no tag).
+#[tokio::test]
+async fn with_required_replicas_a_cluster_without_replicas_refuses_claims_and_saves() {
+    use tower_idempotency::store::RecoveryPoint;
+    let Some(store) = store().await else { return };
+    let strict = store
+        .clone()
+        .with_min_replicas(1, Duration::from_millis(100));
+    let lease = Duration::from_secs(30);
+    let mut keys: Vec<String> = (0..6)
+        .map(|i| fresh_key(&format!("replicas-{i}")))
+        .collect();
+    keys.push(format!("{}}}", fresh_key("replicas-brace")));
+    for key in &keys {
+        let refused = strict.claim(key, lease).await;
+        let error = format!(
+            "{:?}",
+            refused.expect_err("no replica acknowledges the claim")
+        );
+        assert!(error.contains("NotReplicated"), "{key}: {error}");
+        // Released: the key is free again.
+        let ClaimOutcome::Claimed(token) = store.claim(key, lease).await.unwrap() else {
+            panic!("{key}: the refused claim was released")
+        };
+        let saved = strict
+            .save_point(key, &token, &RecoveryPoint::new("charged", "ch"), lease)
+            .await;
+        let error = format!(
+            "{:?}",
+            saved.expect_err("no replica acknowledges the point")
+        );
+        assert!(error.contains("NotReplicated"), "{key}: {error}");
+        // Written on the master all the same: the owner reads it back.
+        assert!(
+            store.load_point(key, &token).await.unwrap().is_some(),
+            "{key}"
+        );
+        store.release(key, &token).await.unwrap();
+    }
+}

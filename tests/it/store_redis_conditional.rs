@@ -119,7 +119,7 @@ async fn a_plain_completion_ends_the_point_with_the_record_and_a_lapsed_one_writ
         .save_point(&key, &token, &RecoveryPoint::new("charged", "ch_1"), TTL)
         .await
         .unwrap();
-    let pttl = |name: String| {
+    let pttl = |name: Vec<u8>| {
         let mut raw = raw.clone();
         async move {
             let ms: i64 = redis::cmd("PTTL")
@@ -130,7 +130,13 @@ async fn a_plain_completion_ends_the_point_with_the_record_and_a_lapsed_one_writ
             ms
         }
     };
-    let point_key = format!("{{idempotency:{key}}}:point");
+    // `{<slot part>}:point`, the byte 0xFF, then the whole record key.
+    let point_key = [
+        format!("{{idempotency:{key}}}:point").as_bytes(),
+        b"\xff",
+        format!("idempotency:{key}").as_bytes(),
+    ]
+    .concat();
     // The point is where this test looks for it (the store's naming), so "gone" below means
     // the completion ended it, not a wrong name.
     assert!(pttl(point_key.clone()).await > 0, "the saved point exists");
@@ -139,7 +145,7 @@ async fn a_plain_completion_ends_the_point_with_the_record_and_a_lapsed_one_writ
         .complete(&key, &token, Record::new(Some(1), "done"), short)
         .await
         .unwrap();
-    let record_ms = pttl(format!("idempotency:{key}")).await;
+    let record_ms = pttl(format!("idempotency:{key}").into_bytes()).await;
     let point_ms = pttl(point_key).await;
     assert!(record_ms > 0 && record_ms <= 300, "record PTTL {record_ms}");
     assert!(

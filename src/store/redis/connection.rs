@@ -22,6 +22,10 @@ pub(super) enum Connection {
 pub(super) struct SentinelLink {
     pub(super) sentinel: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
     pub(super) current: std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    /// The client of the master `current` was opened to: the store's `WAIT`s open their own
+    /// connections to that same server (the one the store's writes went to), never asking the
+    /// Sentinels for another.
+    pub(super) master: std::sync::Mutex<Option<redis::Client>>,
 }
 
 impl SentinelLink {
@@ -43,8 +47,17 @@ impl SentinelLink {
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         tracing::info!(master = ?client.get_connection_info().addr(), "connected to the Redis master named by Sentinel");
+        *self.master.lock().unwrap_or_else(|p| p.into_inner()) = Some(client);
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(connection.clone());
         Ok(connection)
+    }
+
+    /// The client of the master the store's connection was last opened to.
+    pub(super) fn master(&self) -> Option<redis::Client> {
+        self.master
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn cached(&self) -> Option<redis::aio::MultiplexedConnection> {

@@ -14,12 +14,14 @@ use super::{ClaimOutcome, KeyState, OwnerToken, Record, RecoveryPoint, Store, St
 
 mod codec;
 mod connection;
+mod replication;
 mod scripts;
 mod server_report;
 
 use codec::{claim_value, RecordArg, CLAIM_TAG};
 pub(crate) use codec::{decode_record, encode_record};
 use connection::{Connection, SentinelLink};
+use replication::{Opener, Replicas};
 use scripts::{Scripts, CLAIM, COMPLETE, INSPECT, LOAD_POINT, RELEASE, RENEW, SAVE_POINT};
 pub use server_report::RedisServerReport;
 
@@ -42,7 +44,9 @@ pub use server_report::RedisServerReport;
 /// * **Layout:** one Redis key per record, `<prefix><key>` [prefix `idempotency:`], so every
 ///   operation touches one key (one hash slot): Redis Cluster works, through
 ///   [`connect_cluster`](Self::connect_cluster). Values are binary, tagged and versioned; an
-///   unknown version is reported as [`StoreError::Corrupt`], never misread.
+///   unknown version is reported as [`StoreError::Corrupt`], never misread. A key's recovery
+///   point is a key of its own in the record's hash slot, named by the whole record key (so no
+///   other key, whatever its braces, reaches it).
 /// * **Configuration:** requires `maxmemory-policy noeviction` (checked at connect; refused by
 ///   [`connect_strict`](Self::connect_strict)) and, to survive a restart, persistence.
 /// * **Waiting duplicates** are woken by Redis pub/sub: completion and release publish the key
@@ -61,8 +65,12 @@ pub use server_report::RedisServerReport;
 #[derive(Clone)]
 pub struct RedisStore {
     connection: Connection,
-    /// Replicas that must acknowledge a claim and a completion (`WAIT`), and how long to wait.
-    replicas: Option<(u32, Duration)>,
+    /// Replicas that must acknowledge a claim, a completion and a recovery point (`WAIT`), how
+    /// long to wait, and the connections the `WAIT`s run on (shared by clones).
+    replicas: Option<Arc<Replicas>>,
+    /// How to open connections of its own to the same server, for `WAIT`s (`None` over a bare
+    /// connection manager).
+    opener: Option<Opener>,
     prefix: Arc<str>,
     scripts: Arc<Scripts>,
     /// For the pub/sub subscriber (`None` over a bare connection manager: no wake-ups). Behind
@@ -158,7 +166,15 @@ impl RedisStore {
             .get_async_connection()
             .await
             .map_err(StoreError::backend)?;
-        let store = Self::over(Connection::Cluster(connection)).with_client(subscriber);
+        // `WAIT`s get cluster connections of their own, without the 5 s response timeout (each
+        // is bounded by its own timeout).
+        let waits = redis::cluster::ClusterClient::builder(nodes.clone())
+            .connection_timeout(Duration::from_secs(2))
+            .retries(3)
+            .build()
+            .map_err(StoreError::backend)?;
+        let mut store = Self::over(Connection::Cluster(connection)).with_client(subscriber);
+        store.opener = Some(Opener::Cluster(Arc::new(waits)));
         match store.check_config().await {
             Ok(config) => config.report(),
             Err(error) => {
@@ -193,9 +209,11 @@ impl RedisStore {
         let link = Arc::new(SentinelLink {
             sentinel: tokio::sync::Mutex::new(client),
             current: std::sync::Mutex::new(None),
+            master: std::sync::Mutex::new(None),
         });
         link.connection().await.map_err(StoreError::backend)?;
-        let store = Self::over(Connection::Sentinel(link));
+        let mut store = Self::over(Connection::Sentinel(link.clone()));
+        store.opener = Some(Opener::Sentinel(link));
         match store.check_config().await {
             Ok(config) => config.report(),
             Err(error) => {
@@ -255,6 +273,7 @@ impl RedisStore {
         Self {
             connection,
             replicas: None,
+            opener: None,
             client: None,
             wake: Arc::default(),
             prefix: Arc::from("idempotency:"),
@@ -272,7 +291,11 @@ impl RedisStore {
     }
 
     fn with_client(mut self, client: redis::Client) -> Self {
-        self.client = Some(Arc::new(client));
+        let client = Arc::new(client);
+        if matches!(self.connection, Connection::Single(_)) {
+            self.opener = Some(Opener::Server(client.clone()));
+        }
+        self.client = Some(client);
         self
     }
 
@@ -309,45 +332,50 @@ impl RedisStore {
             });
     }
 
-    /// Makes every claim and every completion wait until `replicas` replicas have it (`WAIT
-    /// replicas timeout`), at most `timeout` \[off: Redis replicates asynchronously, and a
-    /// failover can lose the last claims and records, letting a duplicate run\].
+    /// Makes every claim, every completion and every recovery point saved wait until
+    /// `replicas` replicas have it (`WAIT replicas timeout`), at most `timeout` \[off: Redis
+    /// replicates asynchronously, and a failover can lose the last claims, records and points,
+    /// letting a duplicate run\].
     ///
     /// * A claim not acknowledged in time is released and fails as a store error: the request
     ///   answers 503 with `Retry-After` and the handler does not run (fail closed).
     /// * A completion not acknowledged in time fails as a store error after it was written: the
     ///   layer retries it like any store blip (the claim kept and renewed) until it is
     ///   acknowledged or the lease runs out; duplicates get 409 meanwhile.
-    /// * On a cluster, `WAIT` runs on every master and the least count must reach `replicas`.
+    /// * A recovery point not acknowledged in time fails as a store error after it was written
+    ///   ([`RecoveryPoints::save`](crate::RecoveryPoints::save) returns the error): the point may
+    ///   or may not survive a failover.
+    /// * What is waited for: the replicas' acknowledgement of every write the master acknowledged
+    ///   before the wait began, the call's own among them. Replays, renewals, releases and reads
+    ///   do not wait.
+    /// * Each `WAIT` runs on a connection of its own (a pool of at most 16 per store, shared by
+    ///   its clones), never on the store's shared connection: a replica that stops
+    ///   acknowledging delays only the calls that wait for it, each by at most `timeout` (plus
+    ///   round trips), while replays and other calls go on. A store made by
+    ///   [`new`](Self::new) has no client to open connections with: its `WAIT`s run on its
+    ///   shared connection and hold up every call behind them for up to `timeout`.
+    /// * On a cluster, the `WAIT` runs on the master of the key's hash slot.
     ///
-    /// What it guarantees: a claim that the handler ran under is on `replicas` replicas, so a
-    /// failover that promotes one of them still holds it (a duplicate gets 409, not a second
-    /// run). What it cannot: a completion lost in a failover leaves the key claimed on the new
-    /// master until the lease lapses, and the retry after that runs again (recovery points
-    /// cover what the first run did). `WAIT` blocks the store's shared connection while it
-    /// waits: a replica that stops acknowledging stalls every call for up to `timeout`, so keep
-    /// it short.
+    /// What it guarantees: a claim that the handler ran under, and each point it saved, are on
+    /// `replicas` replicas, so a failover that promotes one of them still holds them (a
+    /// duplicate gets 409, not a second run; the retry after the lease finds the point). What it
+    /// cannot: a completion lost in a failover leaves the key claimed on the new master until
+    /// the lease lapses, and the retry after that runs again from its last acknowledged point.
     pub fn with_min_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
-        self.replicas = (replicas > 0).then_some((replicas, timeout));
+        self.replicas =
+            (replicas > 0).then(|| Arc::new(Replicas::new(replicas, timeout, self.opener.clone())));
         self
     }
 
-    /// Waits until the configured number of replicas acknowledged this connection's writes.
-    async fn replicated(&self) -> Result<(), StoreError> {
-        let Some((wanted, timeout)) = self.replicas else {
+    /// Waits until the configured number of replicas acknowledged every write the master
+    /// acknowledged before this call (see [`with_min_replicas`](Self::with_min_replicas)).
+    async fn replicated(&self, key: &str) -> Result<(), StoreError> {
+        let Some(replicas) = &self.replicas else {
             return Ok(());
         };
-        let acked: i64 = redis::cmd("WAIT")
-            .arg(wanted)
-            .arg(timeout.as_millis().max(1) as u64)
-            .query_async(&mut self.connection.clone())
-            .await
-            .map_err(StoreError::backend)?;
-        if acked >= i64::from(wanted) {
-            Ok(())
-        } else {
-            Err(StoreError::backend(NotReplicated { acked, wanted }))
-        }
+        let cluster = matches!(self.connection, Connection::Cluster(_));
+        let marker = slot_key_of(&self.prefix, key, b"wait", cluster);
+        replicas.acknowledged(&marker, &self.connection).await
     }
 
     /// Prefixes every Redis key \[`idempotency:`\] (and the wake-up channel, `<prefix>wake`).
@@ -485,16 +513,13 @@ impl RedisStore {
         let named = 2 * (self.prefix.len() + key.len());
         // Every reply is kept, none marked `ignore()`d: redis-rs keeps those marks in a SipHash
         // set, built and searched per pipeline (about 1,600 instructions). The `SET`'s reply is
-        // the one after the `PEXPIRE`'s, if there is one.
+        // the one after the `PEXPIRE`'s.
         let mut pipe = redis::Pipeline::with_capacity(3);
         pipe.ignore_errors();
         let point_key = self.point_key(key);
-        let set_at = usize::from(point_key.is_some());
-        if let Some(point_key) = point_key {
-            let mut pexpire = redis::Cmd::with_capacity(4, 64 + point_key.len());
-            pexpire.arg("PEXPIRE").arg(point_key).arg(ms).arg("LT");
-            pipe.add_command(pexpire);
-        }
+        let mut pexpire = redis::Cmd::with_capacity(4, 64 + point_key.len());
+        pexpire.arg("PEXPIRE").arg(point_key).arg(ms).arg("LT");
+        pipe.add_command(pexpire);
         let mut set = redis::Cmd::with_capacity(7, 128 + named + record.payload().len());
         set.arg("SET")
             .arg(Prefixed(&self.prefix, key))
@@ -514,7 +539,7 @@ impl RedisStore {
             .query_async(&mut self.connection.clone())
             .await
             .map_err(StoreError::backend)?;
-        match reply.get(set_at) {
+        match reply.get(1) {
             Some(Value::Okay) => Ok(true),
             Some(Value::ServerError(error)) if refuses_ifeq(error) => {
                 tracing::info!(error = %redis::RedisError::from(error.clone()), "this Redis refuses SET IFEQ (before Valkey 8.1 and Redis 8.4): completions use a Lua script");
@@ -560,13 +585,11 @@ impl RedisStore {
         out
     }
 
-    /// The Redis key of `key`'s recovery point, in the same hash slot as the record's (so that
-    /// one script reaches both on a cluster): `{<the part of the record key that picks its
-    /// slot>}:point`. `None` on a cluster for the rare key whose slot part holds a `}` (no hash
-    /// tag can name it): such keys have no recovery points there.
-    fn point_key(&self, key: &str) -> Option<String> {
+    /// The Redis key of `key`'s recovery point: its own (no other key's point key, and no
+    /// record key), in the same hash slot as the record's; see `slot_key_of`.
+    fn point_key(&self, key: &str) -> Vec<u8> {
         let cluster = matches!(self.connection, Connection::Cluster(_));
-        point_key_of(&self.prefix, key, cluster)
+        slot_key_of(&self.prefix, key, b"point", cluster)
     }
 
     async fn owner_checked(
@@ -588,7 +611,7 @@ impl RedisStore {
         &self,
         script: &Script,
         key: &str,
-        second: Option<String>,
+        second: Option<Vec<u8>>,
         token: &OwnerToken,
         size: usize,
         args: impl ToRedisArgs,
@@ -638,41 +661,94 @@ impl ToRedisArgs for Prefixed<'_> {
     }
 }
 
-/// The recovery point's key for the record key `<prefix><key>` (see `RedisStore::point_key`).
+/// A key of the store's own beside the record key `R` = `<prefix><key>`, for `kind` (`point`:
+/// its recovery point; `wait`: the marker a `WAIT` follows): `{S}:<kind>`, the byte 0xFF, then
+/// `R` whole, where `S` names `R`'s hash slot.
+///
+/// * Bound to its record key: `R` follows the first 0xFF byte, which no UTF-8 text holds, so
+///   the first 0xFF sits at the same place in two equal keys and their `R`s are equal. Keys that
+///   share a hash tag (tenants' keys both holding `{T}`, or a key whose tag is another key's
+///   whole record key) get distinct points.
+/// * Never a record key (nor a key of another store's prefix): every record key is UTF-8.
+/// * In the record's slot, so that one script reaches both on a cluster: `S` is `R`'s hash tag
+///   when it has a valid one, else `R` itself, which Redis then hashes whole, as it hashes `R`.
+///   But a tag cannot hold a `}`: for a record key with no valid tag and a `}` (`…{}…`,
+///   `…}…`), `S` is instead a short text of that slot's on a cluster (see `slot_tag`), and
+///   elsewhere, where slots do not matter, `R`.
+///
 /// Written out, not formatted, and without the record key built first: every completion names
 /// it.
-fn point_key_of(prefix: &str, key: &str, cluster: bool) -> Option<String> {
-    const SUFFIX: &str = "}:point";
-    // `{<parts>}:point`, in one allocation.
-    let tagged = |parts: &[&str]| {
-        let len = parts.iter().map(|p| p.len()).sum::<usize>();
-        let mut out = String::with_capacity(1 + len + SUFFIX.len());
-        out.push('{');
-        parts.iter().for_each(|part| out.push_str(part));
-        out.push_str(SUFFIX);
-        out
-    };
-    let braceless = |part: &str| memchr::memchr2(b'{', b'}', part.as_bytes()).is_none();
-    if braceless(prefix) && braceless(key) {
-        // No hash tag: Redis hashes the whole record key, which becomes the point's tag.
-        return Some(tagged(&[prefix, key]));
+fn slot_key_of(prefix: &str, key: &str, kind: &[u8], cluster: bool) -> Vec<u8> {
+    let record_len = prefix.len() + key.len();
+    let mut out = Vec::with_capacity(1 + 2 * record_len + kind.len() + 3);
+    // `{R`, then cut to `{S` when `R` has a tag.
+    out.push(b'{');
+    out.extend_from_slice(prefix.as_bytes());
+    out.extend_from_slice(key.as_bytes());
+    match hash_tag(&out[1..]) {
+        Some(tag) => {
+            out.truncate(1 + tag.end);
+            out.drain(1..1 + tag.start);
+        }
+        None if cluster && memchr::memchr(b'}', &out[1..]).is_some() => {
+            let slot = crc16(&out[1..]) % SLOTS;
+            out.truncate(1);
+            out.extend_from_slice(slot_tag(slot).as_bytes());
+        }
+        None => {}
     }
-    let redis_key = &[prefix, key].concat();
-    // Redis hashes the text between the first `{` and the next `}`, if not empty.
-    let slot_part = redis_key
-        .find('{')
-        .and_then(|open| {
-            let rest = &redis_key[open + 1..];
-            rest.find('}')
-                .filter(|&close| close > 0)
-                .map(|close| &rest[..close])
+    out.extend_from_slice(b"}:");
+    out.extend_from_slice(kind);
+    out.push(0xff);
+    out.extend_from_slice(prefix.as_bytes());
+    out.extend_from_slice(key.as_bytes());
+    out
+}
+
+/// Where the hash tag of a Redis key is: the text between its first `{` and the next `}`, when
+/// not empty (what Redis Cluster hashes instead of the whole key).
+fn hash_tag(key: &[u8]) -> Option<std::ops::Range<usize>> {
+    let open = memchr::memchr(b'{', key)?;
+    let close = open + 1 + memchr::memchr(b'}', &key[open + 1..])?;
+    (close > open + 1).then_some(open + 1..close)
+}
+
+/// The hash slots of a Redis Cluster.
+const SLOTS: u16 = 16_384;
+
+/// The CRC16 (XMODEM) that Redis Cluster hashes keys with, modulo [`SLOTS`].
+fn crc16(bytes: &[u8]) -> u16 {
+    bytes.iter().fold(0u16, |crc, &byte| {
+        (0..8).fold(crc ^ (u16::from(byte) << 8), |crc, _| {
+            if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            }
         })
-        .unwrap_or(redis_key);
-    if slot_part.contains('}') {
-        // No hash tag can name this slot part; outside a cluster the slot does not matter.
-        return (!cluster).then(|| [redis_key, &SUFFIX[1..]].concat());
-    }
-    Some(tagged(&[slot_part]))
+    })
+}
+
+/// A hash tag of `slot`'s: the smallest number whose decimal text Redis hashes to that slot.
+/// Each of the 16,384 slots has one below 200,000; the table (64 KiB) is built on the first use,
+/// by a key that has no tag of its own but holds a `}` on a cluster (a few milliseconds).
+fn slot_tag(slot: u16) -> String {
+    static TAGS: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let mut tags = vec![u32::MAX; usize::from(SLOTS)];
+        let mut left = tags.len();
+        let mut n = 0u32;
+        while left > 0 {
+            let tag = &mut tags[usize::from(crc16(n.to_string().as_bytes()) % SLOTS)];
+            if *tag == u32::MAX {
+                *tag = n;
+                left -= 1;
+            }
+            n += 1;
+        }
+        tags
+    });
+    tags[usize::from(slot % SLOTS)].to_string()
 }
 
 /// Whether the server refused a command it does not know in this form (an older Redis), as
@@ -701,13 +777,6 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis().max(1)).unwrap_or(u64::MAX)
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{acked} of the {wanted} required Redis replicas acknowledged the write in time")]
-struct NotReplicated {
-    acked: i64,
-    wanted: u32,
-}
-
 fn unexpected(value: &Value) -> StoreError {
     StoreError::backend(format!("unexpected reply from the claim script: {value:?}"))
 }
@@ -721,7 +790,7 @@ impl Store for RedisStore {
     ) -> Result<ClaimOutcome, StoreError> {
         let outcome = self.claim_unreplicated(key, token, lease).await?;
         if let ClaimOutcome::Claimed(token) = &outcome {
-            if let Err(error) = self.replicated().await {
+            if let Err(error) = self.replicated(key).await {
                 // Fail closed: the handler must not run under a claim a failover could lose.
                 let _ = self.release(key, token).await;
                 return Err(error);
@@ -736,10 +805,7 @@ impl Store for RedisStore {
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let mut del = redis::cmd("DEL");
-        del.arg(self.redis_key(key));
-        if let Some(point_key) = self.point_key(key) {
-            del.arg(point_key);
-        }
+        del.arg(self.redis_key(key)).arg(self.point_key(key));
         let deleted: i64 = del
             .query_async(&mut self.connection.clone())
             .await
@@ -770,7 +836,7 @@ impl Store for RedisStore {
             self.owner_checked_with(
                 &self.scripts.complete,
                 key,
-                self.point_key(key),
+                Some(self.point_key(key)),
                 token,
                 record.payload().len(),
                 (
@@ -783,7 +849,7 @@ impl Store for RedisStore {
         }
         // Written; not acknowledged by the replicas in time, it fails as a store error and the
         // layer retries it (a second completion with the same record succeeds).
-        self.replicated().await
+        self.replicated(key).await
     }
 
     async fn save_point(
@@ -793,19 +859,19 @@ impl Store for RedisStore {
         point: &RecoveryPoint,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let point_key = self.point_key(key).ok_or(StoreError::Unsupported(
-            "recovery points for a key holding '}' on a Redis Cluster",
-        ))?;
         let value = point.encode();
         self.owner_checked_with(
             &self.scripts.save_point,
             key,
-            Some(point_key),
+            Some(self.point_key(key)),
             token,
             value.len(),
             (&value[..], millis(ttl)),
         )
-        .await
+        .await?;
+        // Written; not acknowledged by the replicas in time, it fails as a store error: the
+        // handler is told, and the point may be lost in a failover.
+        self.replicated(key).await
     }
 
     async fn load_point(
@@ -813,14 +879,11 @@ impl Store for RedisStore {
         key: &str,
         token: &OwnerToken,
     ) -> Result<Option<RecoveryPoint>, StoreError> {
-        let point_key = self.point_key(key).ok_or(StoreError::Unsupported(
-            "recovery points for a key holding '}' on a Redis Cluster",
-        ))?;
         let reply: Value = self
             .scripts
             .load_point
             .key(self.redis_key(key))
-            .key(point_key)
+            .key(self.point_key(key))
             .arg(&claim_value(token)[..])
             .invoke_async(&mut self.connection.clone())
             .await
@@ -874,30 +937,88 @@ mod tests {
     }
 
     #[test]
-    fn a_recovery_points_key_is_tagged_with_its_records_hash_slot() {
-        let point = |(prefix, key), cluster| point_key_of(prefix, key, cluster);
-        // The hashed part of the record's key, as the point's hash tag (one slot for both).
-        assert_eq!(
-            point(("idempotency:", "k"), true).as_deref(),
-            Some("{idempotency:k}:point")
-        );
-        assert_eq!(
-            point(("idempotency:", "{user-7}:k"), true).as_deref(),
-            Some("{user-7}:point")
-        );
-        assert_eq!(
-            point(("tenant-{7}:", "k"), true).as_deref(),
-            Some("{7}:point")
-        );
-        // A slot part holding `}` cannot be a tag: no point on a cluster, any name elsewhere.
+    fn a_recovery_points_key_is_tagged_with_its_records_hash_slot_and_names_the_record() {
+        let point = |(prefix, key), cluster| slot_key_of(prefix, key, b"point", cluster);
+        // The separator is the byte 0xFF (no UTF-8 text holds it), not a character.
+        let expected = |tag: &str, record: &str| {
+            [
+                format!("{{{tag}}}:point").as_bytes(),
+                b"\xff",
+                record.as_bytes(),
+            ]
+            .concat()
+        };
+        // The hashed part of the record's key as the point's hash tag (one slot for both),
+        // then the whole record key (one point per record).
+        for cluster in [true, false] {
+            assert_eq!(
+                point(("idempotency:", "k"), cluster),
+                expected("idempotency:k", "idempotency:k")
+            );
+            assert_eq!(
+                point(("idempotency:", "{user-7}:k"), cluster),
+                expected("user-7", "idempotency:{user-7}:k")
+            );
+            assert_eq!(
+                point(("tenant-{7}:", "k"), cluster),
+                expected("7", "tenant-{7}:k")
+            );
+            // An unclosed `{` is no tag: the whole key is hashed, and is the point's tag.
+            assert_eq!(
+                point(("idempotency:", "{k"), cluster),
+                expected("idempotency:{k", "idempotency:{k")
+            );
+        }
+        // A slot part holding `}` cannot be a tag: on a cluster, a number of the same slot's is;
+        // elsewhere the slot does not matter.
         for (prefix, key) in [("idempotency:", "{}k"), ("id}empotency:", "k")] {
             let record = format!("{prefix}{key}");
-            assert_eq!(point((prefix, key), true), None, "{record}");
-            assert_eq!(
-                point((prefix, key), false),
-                Some(format!("{record}:point")),
-                "{record}"
-            );
+            let tag = slot_tag(crc16(record.as_bytes()) % SLOTS);
+            assert!(tag.bytes().all(|b| b.is_ascii_digit()), "{tag}");
+            assert_eq!(point((prefix, key), true), expected(&tag, &record));
+            assert_eq!(point((prefix, key), false), expected(&record, &record));
+        }
+    }
+
+    #[test]
+    fn every_slot_has_a_tag_and_the_slots_are_redis_clusters() {
+        use redis::cluster_routing::Slot;
+        for slot in 0..SLOTS {
+            let tag = slot_tag(slot);
+            assert_eq!(crc16(tag.as_bytes()) % SLOTS, slot);
+            assert_eq!(Slot::for_key(&tag), Slot::new(slot).unwrap());
+        }
+        // Redis's own test vector.
+        assert_eq!(crc16(b"123456789"), 0x31c3);
+    }
+
+    #[cfg(feature = "conformance")]
+    #[test]
+    fn no_two_record_keys_share_a_slot_key_and_none_is_a_record_key() {
+        use redis::cluster_routing::Slot;
+        let mut keys = crate::store::conformance::adversarial_keys("5f3a");
+        keys.extend(["".into(), "}".into(), "{".into(), "{}".into(), "}{".into()]);
+        for cluster in [false, true] {
+            let mut seen = std::collections::HashMap::new();
+            for key in &keys {
+                let record = format!("idempotency:{key}");
+                for kind in [&b"point"[..], b"wait"] {
+                    let derived = slot_key_of("idempotency:", key, kind, cluster);
+                    assert!(std::str::from_utf8(&derived).is_err(), "{key:?}: UTF-8");
+                    // Outside a cluster, a key with no tag but a `}` may be in another slot.
+                    if cluster || !record.contains('}') {
+                        assert_eq!(
+                            Slot::for_key(&derived),
+                            Slot::for_key(&record),
+                            "{key:?}: in the record's slot"
+                        );
+                    }
+                    if let Some(other) = seen.insert(derived, (key, kind)) {
+                        panic!("{key:?} and {other:?} share a key");
+                    }
+                }
+            }
+            assert_eq!(seen.len(), 2 * keys.len());
         }
     }
 
