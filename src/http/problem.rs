@@ -10,10 +10,11 @@
 //! | 400 | [`#unreadable-body`](#unreadable-body) | the duplicate's body failed while it was being read |
 //! | 409 | [`#in-flight`](#in-flight) | the original request with this key is still running (carries `Retry-After`) |
 //! | 413 | [`#body-too-large`](#body-too-large) | a duplicate's body is over `max_duplicate_body` [[`defaults::MAX_DUPLICATE_BODY`](crate::defaults::MAX_DUPLICATE_BODY)] |
-//! | 422 | [`#key-reused`](#key-reused) | the key was used before with another payload |
+//! | 422 | [`#key-reused`](#key-reused) | the key was used before with another payload (or its recovery point was saved by one) |
 //! | 500 | [`#missing-scope`](#missing-scope) | the scope function returned `None` (authentication must run before the layer) |
 //! | 500 | [`#handler-panicked`](#handler-panicked) | the handler panicked (the key is released) |
 //! | 500 | [`#response-failed`](#response-failed) | the handler's response body failed (the key is released) |
+//! | 500 | [`#progress-unsaved`](#progress-unsaved) | the handler failed after a recovery point could not be saved: the key is kept, not released |
 //! | 500 | [`#unreadable-record`](#unreadable-record) | the stored record is damaged (cut, changed, malformed): the key was used, so the handler is not run, under any store-error policy |
 //! | 503 | [`#unknown-record-version`](#unknown-record-version) | the stored record was written by a newer release (a rolling upgrade): the handler is not run; retry later (carries `Retry-After`) |
 //! | 503 | [`#store-unavailable`](#store-unavailable) | the store failed or was slower than the store timeout (carries `Retry-After`) |
@@ -47,7 +48,9 @@
 //!
 //! ## key-reused
 //!
-//! 422: The key was used before with another payload. Do not retry: a new operation needs a new key.
+//! 422: The key was used before with another payload, or a run with another payload saved the
+//! key's recovery point (a side effect already happened under it). Do not retry with this
+//! payload: a new operation needs a new key.
 //!
 //! ## missing-scope
 //!
@@ -60,6 +63,14 @@
 //! ## response-failed
 //!
 //! 500: The handler's response body failed (the key is released). Nothing was stored: a retry with the same key runs again.
+//!
+//! ## progress-unsaved
+//!
+//! 500: The handler failed (a panic, an error of the inner service) after one of its recovery
+//! points could not be saved (see [`RecoveryPoints`](crate::RecoveryPoints)): part of its work,
+//! a side effect, may be recorded nowhere else, so the key is kept with this answer instead of
+//! being released, and no retry runs the work again. An operator settles the case and deletes
+//! the key ([`admin`](crate::admin)).
 //!
 //! ## unreadable-record
 //!
