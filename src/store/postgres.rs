@@ -74,10 +74,10 @@ struct Shared {
 /// store made: while nearly every claim finds its key (a herd of retries, a redelivery storm),
 /// a plain read answers each at a read's cost, 1.7 times less server work than the claim
 /// statement; while keys are mostly fresh, the claim statement alone saves them the read's
-/// round trip. Measured over HTTP (`BENCHMARKS.md`): reading first makes replays about 1.3
-/// times faster and fresh keys about 1.3 times slower (20 µs saved per replay, 85 µs more per
-/// fresh key); it pays above about four replays in five, so a found key counts +1 and a fresh
-/// one -4, and claims read first above the midpoint.
+/// round trip. Reading first speeds replays up and slows fresh keys down by a fresh key's
+/// extra round trip, which outweighs a replay's saving about four times over (measured over
+/// HTTP; see `BENCHMARKS.md`'s method), so it pays above about four replays in five: a found
+/// key counts +1 and a fresh one -4, and claims read first above the midpoint.
 #[derive(Default)]
 struct ReadFirst(std::sync::atomic::AtomicU32);
 

@@ -394,8 +394,8 @@ impl RedisStore {
 
     /// A claim in one plain command: `SET key claim NX PX lease GET` sets a free key and
     /// answers nil, or leaves a taken key alone and answers its value (the record, or another
-    /// owner's claim). Cheaper for the server than the claim script (about 1 µs of its time
-    /// against 4 in `INFO commandstats`), and a replay is this one round trip. A claim in
+    /// owner's claim). Cheaper for the server than the claim script (no script to run, as
+    /// `INFO commandstats` shows), and a replay is this one round trip. A claim in
     /// flight costs a second one, `PTTL`, for the lease left (a hint for `Retry-After`).
     /// `None` when the server refuses that form of `SET` (before Redis 7.0).
     async fn claim_plain(
@@ -511,9 +511,9 @@ impl RedisStore {
         // Each command sized once (one grown argument by argument reallocates its buffer each
         // time); the record is most of the `SET`.
         let named = 2 * (self.prefix.len() + key.len());
-        // Every reply is kept, none marked `ignore()`d: redis-rs keeps those marks in a SipHash
-        // set, built and searched per pipeline (about 1,600 instructions). The `SET`'s reply is
-        // the one after the `PEXPIRE`'s.
+        // Every reply is kept, none marked `ignore()`d: redis-rs keeps those marks in a hashed
+        // set that every pipeline builds and searches, which costs more than picking the reply
+        // by its place. The `SET`'s reply is the one after the `PEXPIRE`'s.
         let mut pipe = redis::Pipeline::with_capacity(3);
         pipe.ignore_errors();
         let point_key = self.point_key(key);
