@@ -80,7 +80,9 @@ async fn points_are_charged_to_the_capacity() {
         store.weighted_size()
     );
     for i in 0..1000 {
-        failed_run(&store, &format!("key-{i}"), &point).await.unwrap();
+        failed_run(&store, &format!("key-{i}"), &point)
+            .await
+            .unwrap();
     }
     assert!(
         store.weighted_size() <= capacity,
@@ -99,10 +101,7 @@ async fn a_point_is_kept_while_its_claim_lives_whatever_the_pressure() {
     let store = MemoryStore::builder().max_bytes(64 * 1024).build();
     let point = RecoveryPoint::new("charged", "ch_1");
     let token = claimed(&store, "acme", LEASE).await;
-    store
-        .save_point("acme", &token, &point, TTL)
-        .await
-        .unwrap();
+    store.save_point("acme", &token, &point, TTL).await.unwrap();
     let noise = RecoveryPoint::new("charged", vec![b'x'; 1000]);
     for i in 0..500 {
         let key = format!("record-{i}");
@@ -129,10 +128,7 @@ async fn a_point_outlives_pressure_until_a_lapsed_claim_is_taken_over() {
     let store = MemoryStore::builder().max_bytes(64 * 1024).build();
     let point = RecoveryPoint::new("charged", "ch_1");
     let token = claimed(&store, "acme", Duration::from_secs(1)).await;
-    store
-        .save_point("acme", &token, &point, TTL)
-        .await
-        .unwrap();
+    store.save_point("acme", &token, &point, TTL).await.unwrap();
     let noise = RecoveryPoint::new("charged", vec![b'x'; 1000]);
     for i in 0..500 {
         failed_run(&store, &format!("point-{i}"), &noise)
@@ -166,4 +162,63 @@ async fn a_point_larger_than_the_capacity_is_refused() {
     }
     assert_eq!(store.load_point("k", &token).await.unwrap(), None);
     store.release("k", &token).await.unwrap();
+}
+
+/// A claim that races the release of a run whose point was evicted from the cache meanwhile
+/// (its lock-free look before the release writes the point back, its lock after) still takes
+/// the point on: exactly one racer claims the key each round, and it finds the point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_racing_a_release_takes_the_point_on() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    const RACERS: usize = 3;
+    const ROUNDS: usize = 1000;
+    let store = MemoryStore::builder().max_bytes(64 * 1024).build();
+    let point = RecoveryPoint::new("charged", "ch_1");
+    let (mut winners, mut found) = (0, 0);
+    for round in 0..ROUNDS {
+        let key: Arc<str> = format!("race-{round}").into();
+        let owner = claimed(&store, &key, LEASE).await;
+        store.save_point(&key, &owner, &point, TTL).await.unwrap();
+        // Pressure that evicts the point's entry: only the claim holds it now.
+        for i in 0..80 {
+            let other = format!("pressure-{round}-{i}");
+            let token = claimed(&store, &other, LEASE).await;
+            let record = Record::new(None, vec![b'r'; 1000]);
+            store.complete(&other, &token, record, TTL).await.unwrap();
+        }
+        let barrier = Arc::new(tokio::sync::Barrier::new(RACERS + 1));
+        let done = Arc::new(AtomicBool::new(false));
+        let racers: Vec<_> = (0..RACERS)
+            .map(|_| {
+                let (store, key, barrier, done) =
+                    (store.clone(), key.clone(), barrier.clone(), done.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    while !done.load(Ordering::Acquire) {
+                        match store.claim(&key, LEASE).await.unwrap() {
+                            ClaimOutcome::InFlight { .. } => tokio::task::yield_now().await,
+                            ClaimOutcome::Claimed(token) => {
+                                let point = store.load_point(&key, &token).await.unwrap();
+                                done.store(true, Ordering::Release);
+                                return Some(point);
+                            }
+                            ClaimOutcome::Completed(_) => panic!("nothing was completed"),
+                        }
+                    }
+                    None
+                })
+            })
+            .collect();
+        barrier.wait().await;
+        store.release(&key, &owner).await.unwrap();
+        for racer in racers {
+            if let Some(loaded) = racer.await.unwrap() {
+                winners += 1;
+                found += usize::from(loaded.as_ref() == Some(&point));
+            }
+        }
+    }
+    assert_eq!(winners, ROUNDS, "one claim per round");
+    assert_eq!(found, ROUNDS, "every winner took the point on");
 }
