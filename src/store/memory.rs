@@ -23,11 +23,13 @@ const RECORD_OVERHEAD: u64 = 560;
 
 /// An in-process store: the default. One process only; use a shared store for a fleet.
 ///
-/// * Completed records live in a [moka] cache bounded by the **total bytes** of records
-///   (keys, payloads, a fixed per-record overhead and, for a record that has been replayed,
-///   its decoded form's estimate: see [`keep_decoded`](MemoryStoreBuilder::keep_decoded))
-///   [64 MiB], evicting the least recently used record first. A record evicted early
-///   (capacity pressure) behaves like an expired one: a retry with its key runs again. Size the capacity for your retention. The cache is
+/// * Completed records and recovery points live in one [moka] cache bounded by their **total
+///   bytes** (keys, payloads, a point's phase and data, a fixed per-entry overhead and, for a
+///   record kept decoded, what its decoded form allocates: see
+///   [`keep_decoded`](MemoryStoreBuilder::keep_decoded)) [64 MiB], evicting the least recently
+///   used entry first, record or point alike. A record evicted early (capacity pressure)
+///   behaves like an expired one: a retry with its key runs again. Size the capacity for your
+///   retention. The cache is
 ///   keyed by a 64-bit hash of the key under a per-store random key (hashed once per call; the
 ///   cache never touches key strings when it rehashes or evicts), and every read compares the
 ///   whole key: two keys whose hashes collide (about one chance in 10¹⁰ per 50,000 stored
@@ -35,6 +37,17 @@ const RECORD_OVERHEAD: u64 = 560;
 ///   later one replaces the earlier, like an early eviction.
 /// * Claims in flight live apart from the cache, in a sharded map, so capacity pressure
 ///   never evicts a claim: only its lease lapsing or its owner completing or releasing it ends it.
+/// * A recovery point ([`Store::save_point`]) is charged to the capacity like a record, and no
+///   fixed table bounds how many there are (one tenant's failed runs cannot refuse everyone
+///   else's saves). While its key's claim lives, the claim holds the point too: eviction
+///   never takes it from the run (that would let a retry repeat the side effect), though its
+///   entry may be evicted and its bytes then sit outside the capacity until the claim ends
+///   (at most the points of the claims in flight, each within `max_recovery_point`). When the
+///   claim ends without a completion (released after a failed run, or lapsed), the point goes
+///   back to the cache as its most recently used entry, for the key's next run; from then on
+///   it is evicted like a cold record when the store is full, and the next run then starts
+///   afresh. A completion replaces it with the record. A point heavier than the whole capacity
+///   is refused ([`StoreError::Backend`]): it could not be kept once the run ends.
 /// * Expiry (record TTLs and leases) is measured with [`tokio::time::Instant`], so tests can
 ///   drive it with tokio's paused clock.
 /// * Duplicates waiting for a claim ([`Store::wait`]) are woken the moment the claim ends.
@@ -165,14 +178,18 @@ impl MemoryStoreBuilder {
     }
 
     /// Keeps each record's decoded response with it, so that only its first replay decodes
-    /// (and checks) the stored bytes and later ones clone a response ready to answer (on by
+    /// (and checks) the stored bytes and later ones clone a response ready to answer (off by
     /// default).
     ///
     /// A record gets its decoded form from its first replay, and is charged for it against
-    /// [`max_bytes`](Self::max_bytes) from then on, about 250 B plus 130 B per stored header:
-    /// only records that are replayed pay for it, and a store whose records are never replayed
-    /// holds as many as without it. Measured in `BENCHMARKS.md`: a later replay takes about a
-    /// sixth fewer instructions. `false` keeps nothing: every replay decodes the stored bytes.
+    /// [`max_bytes`](Self::max_bytes) from then on, what the form allocates: about 1 KiB for a
+    /// small response with three headers, 1.8 KiB with six (its header map's entries and
+    /// index, with room for what a replay adds), as much as or more than the record itself. A
+    /// store whose records are replayed therefore holds fewer of them: a full store evicts keys
+    /// that `false` would have kept, and their retries run the handler again
+    /// (`tests/memory_decoded.rs`, figures in `BENCHMARKS.md`). Turn it on for a store with
+    /// room to spare whose records are replayed many times: a later replay takes about a sixth
+    /// fewer instructions. `false` keeps nothing: every replay decodes the stored bytes.
     /// Records the consumer adapter writes keep nothing either way.
     pub fn keep_decoded(mut self, keep: bool) -> Self {
         self.keep_decoded = keep;
@@ -238,7 +255,7 @@ impl Default for MemoryStoreBuilder {
     fn default() -> Self {
         Self {
             max_bytes: 64 * 1024 * 1024,
-            keep_decoded: true,
+            keep_decoded: false,
         }
     }
 }
