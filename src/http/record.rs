@@ -156,7 +156,7 @@ pub(crate) fn encode<'a>(
         }
     }
     weight += header_map_bytes(usize::from(count) + REPLAY_ADDS)
-        + chunk(carried.len() * std::mem::size_of::<(HeaderName, HeaderValue)>())
+        + chunk(std::mem::size_of_val(carried))
         + trailers.map_or(0, |t| header_map_bytes(t.len()));
     for piece in body.into_iter().flatten() {
         buf.put_slice(piece);
