@@ -307,14 +307,14 @@ impl MemoryStore {
         MemoryStoreBuilder::default()
     }
 
-    /// The bytes that completed records currently take, as charged against the capacity
-    /// (approximate until moka's pending maintenance has run).
+    /// The bytes that completed records and recovery points currently take, as charged against
+    /// the capacity (approximate until moka's pending maintenance has run).
     pub fn weighted_size(&self) -> u64 {
         self.inner.records.run_pending_tasks();
         self.inner.records.weighted_size()
     }
 
-    /// How many completed records are held (after pending maintenance).
+    /// How many completed records and recovery points are held (after pending maintenance).
     pub fn record_count(&self) -> u64 {
         self.inner.records.run_pending_tasks();
         self.inner.records.entry_count()
