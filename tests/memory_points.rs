@@ -222,3 +222,73 @@ async fn a_claim_racing_a_release_takes_the_point_on() {
     assert_eq!(winners, ROUNDS, "one claim per round");
     assert_eq!(found, ROUNDS, "every winner took the point on");
 }
+
+/// Issue 42, case 3 through the layer, as a payments API meets it: a handler that charges
+/// unless a point says it already did, saves the charge's point (answering 503 if the save
+/// fails), and sometimes fails after it. One tenant's 80,000 failed payments must not make
+/// another tenant's failed payment charge again on its retry: 20 payments, 20 charges.
+#[tokio::test]
+async fn through_the_layer_one_tenant_s_failures_never_make_another_charge_twice() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::http::{HeaderMap, Request, StatusCode};
+    use axum::routing::post;
+    use axum::{Extension, Router};
+    use tower::ServiceExt;
+    use tower_idempotency::{IdempotencyLayer, RecoveryPoints};
+
+    let charges = Arc::new(AtomicU64::new(0));
+    let handler = {
+        let charges = charges.clone();
+        move |Extension(points): Extension<RecoveryPoints>, headers: HeaderMap| {
+            let charges = charges.clone();
+            async move {
+                if points.load().await.unwrap().is_none() {
+                    charges.fetch_add(1, Ordering::Relaxed);
+                    if points.save("charged", "ch_1").await.is_err() {
+                        return StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                }
+                if headers.contains_key("x-fail") {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    StatusCode::CREATED
+                }
+            }
+        }
+    };
+    let layer = IdempotencyLayer::with_store(MemoryStore::new()).scope(|parts| {
+        let tenant = parts.headers.get("x-tenant")?;
+        Some(tenant.to_str().ok()?.to_owned())
+    });
+    let app = tower::Layer::layer(&layer, Router::new().route("/payments", post(handler)));
+    let pay = |tenant: &str, key: String, fail: bool| {
+        let mut request = Request::post("/payments")
+            .header("x-tenant", tenant)
+            .header("idempotency-key", key);
+        if fail {
+            request = request.header("x-fail", "1");
+        }
+        let request = request.body(Body::from("{\"amount\":1}")).unwrap();
+        let app = app.clone();
+        async move { app.oneshot(request).await.unwrap().status() }
+    };
+    for i in 0..80_000 {
+        pay("mallory", format!("m-{i}"), true).await;
+    }
+    let before = charges.load(Ordering::Relaxed);
+    let mut answers = Vec::new();
+    for i in 0..20 {
+        let failed = pay("acme", format!("order-{i}"), true).await;
+        let retried = pay("acme", format!("order-{i}"), false).await;
+        answers.push((failed.as_u16(), retried.as_u16()));
+    }
+    assert_eq!(
+        charges.load(Ordering::Relaxed) - before,
+        20,
+        "20 payments, each charged once; answers {answers:?}"
+    );
+    assert!(answers.iter().all(|a| *a == (500, 201)), "{answers:?}");
+}
