@@ -358,13 +358,15 @@ impl MemoryStore {
             None => None,
         };
         let mut shard = self.shard(slot);
-        if let Some(claim) = shard.map.get(key) {
-            if claim.deadline > now {
+        let lapsed = match shard.map.get(key) {
+            Some(claim) if claim.deadline > now => {
                 return Ok(ClaimOutcome::InFlight {
                     lease_remaining: Some(claim.deadline - now),
                 });
             }
-        }
+            Some(_) => true,
+            None => false,
+        };
         // Records and the points of ended runs are written under the shard lock, so a second
         // look now cannot miss one written between the first look and the lock; it is needed
         // only if such a write of this shard came in between (a fresh key on a full store
@@ -383,9 +385,11 @@ impl MemoryStore {
         // The claim takes on the key's point, so that no eviction can take it from this run:
         // a lapsed claim's (the latest: a point is left in the cache only when a claim ends),
         // else the one a released or swept claim left in the cache.
-        let point = match shard.map.remove(key) {
-            Some(lapsed) => lapsed.point,
-            None => left,
+        // (A fresh key, the common case, has no claim to remove: no second probe of the map.)
+        let point = if lapsed {
+            shard.map.remove(key).and_then(|lapsed| lapsed.point)
+        } else {
+            left
         }
         .filter(|(_, expires_at)| *expires_at > now);
         let token = *token;
