@@ -321,8 +321,9 @@ fn count(spec: &str) {
                 let mut service = layered();
                 keyed(&mut service, false, n).await;
             }
-            // The store keeps records decoded by default; `replay_kept_decoded` is the same
-            // path under its earlier name (for `BIN=` runs of older binaries beside this one).
+            // `replay_kept_decoded`: a store that keeps records decoded (`keep_decoded(true)`;
+            // off by default since issue 42, so `replay` decodes every time like
+            // `replay_decoding`).
             "replay_kept_decoded" | "replay_decoding" => {
                 let store = tower_idempotency::store::MemoryStore::builder()
                     .keep_decoded(path == "replay_kept_decoded")

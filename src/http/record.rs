@@ -58,10 +58,55 @@ fn put_header(buf: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
     buf.put_slice(value.as_bytes());
 }
 
+/// What glibc's `malloc` takes for a request of `n` bytes: its 8-byte header, rounded up to
+/// 16 bytes, at least 32 (0 for nothing allocated).
+const fn chunk(n: usize) -> usize {
+    if n == 0 {
+        0
+    } else {
+        let rounded = (n + 8 + 15) & !15;
+        if rounded < 32 {
+            32
+        } else {
+            rounded
+        }
+    }
+}
+
+/// What a `HeaderMap::with_capacity(n)` allocates, as http 1.x sizes it: a power of two of
+/// 4-byte index slots (at least `n + n / 3`), and entries for three quarters of them. An entry
+/// holds a name, a value, its links (an `Option` of two `usize`) and its hash (a `u16`).
+fn header_map_bytes(n: usize) -> usize {
+    const ENTRY: usize = std::mem::size_of::<HeaderName>()
+        + std::mem::size_of::<HeaderValue>()
+        + std::mem::size_of::<Option<(usize, usize)>>()
+        + 8;
+    if n == 0 {
+        return 0;
+    }
+    let slots = (n + n / 3).next_power_of_two();
+    chunk(slots * 4) + chunk((slots - slots / 4) * ENTRY)
+}
+
+/// What a name takes once decoded: nothing for a name `header_name` matches directly, else
+/// its copy and the shared header its bytes get when a replay first clones the map (charged
+/// also for a standard name outside the list, which `http` keeps without a copy: a little
+/// over, never under).
+fn name_bytes(name: &HeaderName) -> usize {
+    if KNOWN_NAMES.contains(&name.as_str().as_bytes()) {
+        0
+    } else {
+        chunk(name.as_str().len()) + chunk(24)
+    }
+}
+
 /// Encodes a response head and body (`body` is `None` when it was too large to keep), and
-/// tells about what the response takes in memory once decoded beyond its body (which shares
-/// the record's bytes): the struct, its maps' entries, custom names' copies. A store that
-/// keeps decoded records charges it (see `Record::with_memo_weight`).
+/// tells what the response takes in memory once decoded beyond its body and header values
+/// (which share the record's bytes): the `Arc` of the decoded struct, its header maps (sized
+/// as `decode_with_room` sizes them, with a replay's room in the first), the carried headers'
+/// `Vec`, custom names' copies, each as the allocator rounds it. A store that keeps decoded
+/// records charges it (see `Record::with_memo_weight`); `tests/memory/decoded.rs` checks it
+/// against the resident memory kept decoded forms take.
 pub(crate) fn encode<'a>(
     status: StatusCode,
     headers: &HeaderMap,
@@ -70,10 +115,8 @@ pub(crate) fn encode<'a>(
     body: Option<impl Iterator<Item = &'a Bytes> + Clone>,
     trailers: Option<&HeaderMap>,
 ) -> (Bytes, u32) {
-    const FIXED: usize = std::mem::size_of::<StoredResponse>() + 64;
-    // An entry of a `HeaderMap` (name, value, links, hash) and its index slots.
-    const PER_HEADER: usize = 128;
-    let mut weight = FIXED;
+    // The `Arc` of the decoded response (two counts before it).
+    let mut weight = chunk(16 + std::mem::size_of::<StoredResponse>());
     let body_len: usize = body
         .clone()
         .map_or(0, |chunks| chunks.map(Bytes::len).sum());
@@ -95,7 +138,7 @@ pub(crate) fn encode<'a>(
     let mut count = 0u16;
     let mut put = |buf: &mut BytesMut, name: &HeaderName, value: &HeaderValue| {
         put_header(buf, name, value);
-        weight += PER_HEADER + name.as_str().len();
+        weight += name_bytes(name);
     };
     for (name, value) in kept() {
         put(&mut buf, name, value);
@@ -112,8 +155,11 @@ pub(crate) fn encode<'a>(
             put(&mut buf, name, value);
         }
     }
-    for chunk in body.into_iter().flatten() {
-        buf.put_slice(chunk);
+    weight += header_map_bytes(usize::from(count) + REPLAY_ADDS)
+        + chunk(std::mem::size_of_val(carried))
+        + trailers.map_or(0, |t| header_map_bytes(t.len()));
+    for piece in body.into_iter().flatten() {
+        buf.put_slice(piece);
     }
     (seal::finish(buf), u32::try_from(weight).unwrap_or(u32::MAX))
 }
@@ -185,7 +231,7 @@ macro_rules! known_names {
             })
         }
 
-        #[cfg(test)]
+        /// The names matched directly: decoded, they are `http`'s constants (no copy).
         const KNOWN_NAMES: &[&[u8]] = &[$($bytes),*];
     };
 }

@@ -17,17 +17,19 @@ const SHARDS: usize = 64;
 /// What a stored record costs beyond its key and payload, as charged against the capacity:
 /// the cache entry (key `Arc`, value, moka's node and its bookkeeping) and the allocator's
 /// share once the store is full and evicting. Measured as resident memory by
-/// `tests/memory_footprint.rs` (about 580 B per 100 B record with a 63-byte key); charged a
+/// `tests/memory/footprint.rs` (about 580 B per 100 B record with a 63-byte key); charged a
 /// little under it, so a full store of small records stays within a few percent of its capacity.
 const RECORD_OVERHEAD: u64 = 560;
 
 /// An in-process store: the default. One process only; use a shared store for a fleet.
 ///
-/// * Completed records live in a [moka] cache bounded by the **total bytes** of records
-///   (keys, payloads, a fixed per-record overhead and, for a record that has been replayed,
-///   its decoded form's estimate: see [`keep_decoded`](MemoryStoreBuilder::keep_decoded))
-///   [64 MiB], evicting the least recently used record first. A record evicted early
-///   (capacity pressure) behaves like an expired one: a retry with its key runs again. Size the capacity for your retention. The cache is
+/// * Completed records and recovery points live in one [moka] cache bounded by their **total
+///   bytes** (keys, payloads, a point's phase and data, a fixed per-entry overhead and, for a
+///   record kept decoded, what its decoded form allocates: see
+///   [`keep_decoded`](MemoryStoreBuilder::keep_decoded)) [64 MiB], evicting the least recently
+///   used entry first, record or point alike. A record evicted early (capacity pressure)
+///   behaves like an expired one: a retry with its key runs again. Size the capacity for your
+///   retention. The cache is
 ///   keyed by a 64-bit hash of the key under a per-store random key (hashed once per call; the
 ///   cache never touches key strings when it rehashes or evicts), and every read compares the
 ///   whole key: two keys whose hashes collide (about one chance in 10¹⁰ per 50,000 stored
@@ -35,6 +37,17 @@ const RECORD_OVERHEAD: u64 = 560;
 ///   later one replaces the earlier, like an early eviction.
 /// * Claims in flight live apart from the cache, in a sharded map, so capacity pressure
 ///   never evicts a claim: only its lease lapsing or its owner completing or releasing it ends it.
+/// * A recovery point ([`Store::save_point`]) is charged to the capacity like a record, and no
+///   fixed table bounds how many there are (one tenant's failed runs cannot refuse everyone
+///   else's saves). While its key's claim lives, the claim holds the point too: eviction
+///   never takes it from the run (that would let a retry repeat the side effect), though its
+///   entry may be evicted and its bytes then sit outside the capacity until the claim ends
+///   (at most the points of the claims in flight, each within `max_recovery_point`). When the
+///   claim ends without a completion (released after a failed run, or lapsed), the point goes
+///   back to the cache as its most recently used entry, for the key's next run; from then on
+///   it is evicted like a cold record when the store is full, and the next run then starts
+///   afresh. A completion replaces it with the record. A point heavier than the whole capacity
+///   is refused ([`StoreError::Backend`]): it could not be kept once the run ends.
 /// * Expiry (record TTLs and leases) is measured with [`tokio::time::Instant`], so tests can
 ///   drive it with tokio's paused clock.
 /// * Duplicates waiting for a claim ([`Store::wait`]) are woken the moment the claim ends.
@@ -53,8 +66,11 @@ pub struct MemoryStore {
 }
 
 struct Inner {
-    /// Completed records, by the keyed 64-bit hash of their key (see [`Inner::slot`]).
+    /// Completed records and recovery points, by the keyed 64-bit hash of their key (see
+    /// [`Inner::slot`]): one byte budget for both.
     records: moka::sync::Cache<u64, Stored, RandomState>,
+    /// The capacity: a point heavier than it could never be kept once its claim ends.
+    max_bytes: u64,
     claims: Box<[ClaimShard]>,
     hasher: RandomState,
     /// Whether records keep their decoded form ([`MemoryStoreBuilder::keep_decoded`]).
@@ -63,24 +79,61 @@ struct Inner {
 
 #[derive(Clone)]
 struct Stored {
-    /// The record's whole key: a read checks it, so two keys whose hashes collide never see
-    /// each other's record (the later one replaces the earlier, like an early eviction).
+    /// The entry's whole key: a read checks it, so two keys whose hashes collide never see
+    /// each other's entry (the later one replaces the earlier, like an early eviction).
     key: Arc<str>,
-    record: Record,
+    kept: Kept,
     expires_at: Instant,
+}
+
+/// What a key's cache entry holds: its outcome, or the progress of a run that did not finish.
+/// One per key, so a completion (writing the record over the point) ends the point.
+#[derive(Clone)]
+enum Kept {
+    Record(Record),
+    /// A recovery point. While its key's claim lives the claim holds it too (so eviction cannot
+    /// take it from that run); once the claim ends, this entry is the only copy, evicted like
+    /// a cold record.
+    Point(Arc<RecoveryPoint>),
+}
+
+impl Stored {
+    fn record(&self) -> Option<&Record> {
+        match &self.kept {
+            Kept::Record(record) => Some(record),
+            Kept::Point(_) => None,
+        }
+    }
+
+    fn into_record(self) -> Option<Record> {
+        match self.kept {
+            Kept::Record(record) => Some(record),
+            Kept::Point(_) => None,
+        }
+    }
+}
+
+/// What a recovery point's entry costs beyond its key, phase and data: the cache entry (as a
+/// record's) and the point's own allocation (an `Arc` of its phase `String` and data `Bytes`).
+const POINT_OVERHEAD: u64 = RECORD_OVERHEAD + 80;
+
+/// A point's weight against the capacity. From its phase and data lengths only: what else a
+/// point carries is small and fixed, inside the overhead.
+fn point_weight(key: &str, point: &RecoveryPoint) -> u64 {
+    key.len() as u64 + point.phase().len() as u64 + point.data().len() as u64 + POINT_OVERHEAD
 }
 
 /// What a record's slot for its decoded form takes itself (an `Arc` of a `OnceLock` of a fat
 /// pointer, as glibc rounds it), charged with the decoded form's estimate.
 const MEMO_SLOT: u64 = 48;
 
-/// A shard of the claims, and how many records were written under its lock.
+/// A shard of the claims, and how many entries were written under its lock.
 struct ClaimShard {
     lock: Mutex<Shard>,
-    /// Bumped (under the lock, after the write) by every completion of a key of this shard:
-    /// a claim that read it before its lock-free look for a record, and reads the same count
-    /// once it holds the lock, knows that no record of its shard was written in between, so
-    /// its first look still stands (see `claim_as`).
+    /// Bumped (under the lock, after the write) by every write of a record or of a point whose
+    /// claim ended (and every delete) for a key of this shard: a claim that read it before its
+    /// lock-free look, and reads the same count once it holds the lock, knows that nothing of
+    /// its shard was written in between, so its first look still stands (see `claim_as`).
     completions: AtomicU64,
 }
 
@@ -88,19 +141,18 @@ struct Shard {
     map: HashMap<Arc<str>, Claim, RandomState>,
     /// The map's length after the last sweep of lapsed leases.
     swept_len: usize,
-    /// Recovery points, with when each expires: at most [`MAX_POINTS_PER_SHARD`].
-    points: HashMap<Arc<str>, (RecoveryPoint, Instant), RandomState>,
 }
-
-/// The most recovery points a shard keeps (64 shards: 65,536 points); past it, expired points
-/// are dropped and, if none had, a save is refused with a store error rather than growing.
-const MAX_POINTS_PER_SHARD: usize = 1024;
 
 struct Claim {
     token: OwnerToken,
     deadline: Instant,
     /// Created by the first waiter; dropping it (the claim ends) wakes every waiter.
     waiters: Option<watch::Sender<()>>,
+    /// The key's recovery point and when it expires: saved by this claim's run, or left by an
+    /// earlier run and taken on when this claim was made. Held here for as long as the claim
+    /// is in the map, so capacity pressure (which may evict the point's cache entry) never
+    /// takes it from a live run; written back to the cache when the claim ends.
+    point: Option<(Arc<RecoveryPoint>, Instant)>,
 }
 
 /// Builds a [`MemoryStore`].
@@ -126,14 +178,18 @@ impl MemoryStoreBuilder {
     }
 
     /// Keeps each record's decoded response with it, so that only its first replay decodes
-    /// (and checks) the stored bytes and later ones clone a response ready to answer (on by
+    /// (and checks) the stored bytes and later ones clone a response ready to answer (off by
     /// default).
     ///
     /// A record gets its decoded form from its first replay, and is charged for it against
-    /// [`max_bytes`](Self::max_bytes) from then on, about 250 B plus 130 B per stored header:
-    /// only records that are replayed pay for it, and a store whose records are never replayed
-    /// holds as many as without it. Measured in `BENCHMARKS.md`: a later replay takes about a
-    /// sixth fewer instructions. `false` keeps nothing: every replay decodes the stored bytes.
+    /// [`max_bytes`](Self::max_bytes) from then on, what the form allocates: about 1 KiB for a
+    /// small response with three headers, 1.8 KiB with six (its header map's entries and
+    /// index, with room for what a replay adds), as much as or more than the record itself. A
+    /// store whose records are replayed therefore holds fewer of them: a full store evicts keys
+    /// that `false` would have kept, and their retries run the handler again
+    /// (`tests/memory/decoded.rs`, figures in `BENCHMARKS.md`). Turn it on for a store with
+    /// room to spare whose records are replayed many times: a later replay takes about a sixth
+    /// fewer instructions. `false` keeps nothing: every replay decodes the stored bytes.
     /// Records the consumer adapter writes keep nothing either way.
     pub fn keep_decoded(mut self, keep: bool) -> Self {
         self.keep_decoded = keep;
@@ -156,16 +212,20 @@ impl MemoryStoreBuilder {
             // its retry run again.
             .eviction_policy(EvictionPolicy::lru())
             .weigher(|_slot: &u64, stored: &Stored| {
-                // A record gets its slot from its first replay, which fills it (see
-                // `MemoryStore::keep_decoded_form`): charged from then on.
-                let memo = stored
-                    .record
-                    .memo()
-                    .map_or(0, |_| MEMO_SLOT + u64::from(stored.record.memo_weight()));
-                let weight = stored.key.len() as u64
-                    + stored.record.payload().len() as u64
-                    + memo
-                    + RECORD_OVERHEAD;
+                let weight = match &stored.kept {
+                    Kept::Record(record) => {
+                        // A record gets its slot from its first replay, which fills it (see
+                        // `MemoryStore::keep_decoded_form`): charged from then on.
+                        let memo = record
+                            .memo()
+                            .map_or(0, |_| MEMO_SLOT + u64::from(record.memo_weight()));
+                        stored.key.len() as u64
+                            + record.payload().len() as u64
+                            + memo
+                            + RECORD_OVERHEAD
+                    }
+                    Kept::Point(point) => point_weight(&stored.key, point),
+                };
                 u32::try_from(weight).unwrap_or(u32::MAX)
             })
             .expire_after(Expiry)
@@ -175,7 +235,6 @@ impl MemoryStoreBuilder {
                 lock: Mutex::new(Shard {
                     map: HashMap::with_hasher(RandomState::new()),
                     swept_len: 0,
-                    points: HashMap::with_hasher(RandomState::new()),
                 }),
                 completions: AtomicU64::new(0),
             })
@@ -183,6 +242,7 @@ impl MemoryStoreBuilder {
         MemoryStore {
             inner: Arc::new(Inner {
                 records,
+                max_bytes: self.max_bytes,
                 claims,
                 hasher: RandomState::new(),
                 keep_decoded: self.keep_decoded,
@@ -195,7 +255,7 @@ impl Default for MemoryStoreBuilder {
     fn default() -> Self {
         Self {
             max_bytes: 64 * 1024 * 1024,
-            keep_decoded: true,
+            keep_decoded: false,
         }
     }
 }
@@ -247,14 +307,14 @@ impl MemoryStore {
         MemoryStoreBuilder::default()
     }
 
-    /// The bytes that completed records currently take, as charged against the capacity
-    /// (approximate until moka's pending maintenance has run).
+    /// The bytes that completed records and recovery points currently take, as charged against
+    /// the capacity (approximate until moka's pending maintenance has run).
     pub fn weighted_size(&self) -> u64 {
         self.inner.records.run_pending_tasks();
         self.inner.records.weighted_size()
     }
 
-    /// How many completed records are held (after pending maintenance).
+    /// How many completed records and recovery points are held (after pending maintenance).
     pub fn record_count(&self) -> u64 {
         self.inner.records.run_pending_tasks();
         self.inner.records.entry_count()
@@ -283,66 +343,86 @@ impl MemoryStore {
         let now = Instant::now();
         let slot = self.inner.slot(key);
         let completions = &self.claim_shard(slot).completions;
-        // Read before the first look: it pairs with the increment that follows every record
-        // write (`complete`), so a write counted here is one the first look sees.
+        // Read before the first look: it pairs with the increment that follows every write of
+        // a record or of a point left by a run (`complete`, `release`), so a write counted here
+        // is one the first look sees.
         let seen = completions.load(Ordering::Acquire);
         // The replay path: no lock (but once per kept record, to give it its decoded form).
-        if let Some(record) = self.live_record(key, slot, now) {
-            return Ok(ClaimOutcome::Completed(record));
-        }
+        let mut left = match self.stored(key, slot).filter(|s| s.expires_at > now) {
+            Some(Stored {
+                kept: Kept::Point(point),
+                expires_at,
+                ..
+            }) => Some((point, expires_at)),
+            Some(stored) => return Ok(ClaimOutcome::Completed(self.replayed(slot, stored))),
+            None => None,
+        };
         let mut shard = self.shard(slot);
-        if let Some(claim) = shard.map.get(key) {
-            if claim.deadline > now {
+        let lapsed = match shard.map.get(key) {
+            Some(claim) if claim.deadline > now => {
                 return Ok(ClaimOutcome::InFlight {
                     lease_remaining: Some(claim.deadline - now),
                 });
             }
-        }
-        // Records are written under the shard lock (see `complete`), so a second look now
-        // cannot miss one that a completion made between the first look and the lock; it is
-        // needed only if a completion of this shard came in between (a fresh key on a full
-        // store saves a cache probe that misses).
+            Some(_) => true,
+            None => false,
+        };
+        // Records and the points of ended runs are written under the shard lock, so a second
+        // look now cannot miss one written between the first look and the lock; it is needed
+        // only if such a write of this shard came in between (a fresh key on a full store
+        // saves a cache probe that misses).
         if completions.load(Ordering::Relaxed) != seen {
-            // Not `live_record`: under the lock, a record just written has no decoded form
-            // to charge yet.
+            left = None;
             if let Some(stored) = self.stored(key, slot).filter(|s| s.expires_at > now) {
-                return Ok(ClaimOutcome::Completed(stored.record));
+                match stored.kept {
+                    // Not `replayed`: under the lock, a record just written has no decoded
+                    // form to charge yet.
+                    Kept::Record(record) => return Ok(ClaimOutcome::Completed(record)),
+                    Kept::Point(point) => left = Some((point, stored.expires_at)),
+                }
             }
         }
+        // The claim takes on the key's point, so that no eviction can take it from this run:
+        // a lapsed claim's (the latest: a point is left in the cache only when a claim ends),
+        // else the one a released or swept claim left in the cache.
+        // (A fresh key, the common case, has no claim to remove: no second probe of the map.)
+        let point = if lapsed {
+            shard.map.remove(key).and_then(|lapsed| lapsed.point)
+        } else {
+            left
+        }
+        .filter(|(_, expires_at)| *expires_at > now);
         let token = *token;
-        shard.sweep_if_grown(now);
+        self.sweep_if_grown(&mut shard, slot, now);
         shard.map.insert(
             Arc::from(key),
             Claim {
                 token,
                 deadline: super::clock::later(now, lease),
                 waiters: None,
+                point,
             },
         );
         Ok(ClaimOutcome::Claimed(token))
     }
 
-    /// The record stored under `key`, whatever its expiry.
+    /// The entry (record or point) stored under `key`, whatever its expiry.
     fn stored(&self, key: &str, slot: u64) -> Option<Stored> {
         let stored = self.inner.records.get(&slot)?;
         (*stored.key == *key).then_some(stored)
     }
 
-    /// The live record stored under `key`; on its first read with `keep_decoded`, with the
-    /// slot for its decoded form that this read's replay is to fill. Never called under a shard
-    /// lock (giving the slot takes it).
-    fn live_record(&self, key: &str, slot: u64, now: Instant) -> Option<Record> {
-        let stored = self.stored(key, slot)?;
-        if stored.expires_at <= now {
-            return None;
+    /// The record of `stored` (a live record of its key) for a replay; on its first read with
+    /// `keep_decoded`, with the slot for its decoded form that this replay is to fill. Never
+    /// called under a shard lock (giving the slot takes it).
+    fn replayed(&self, slot: u64, stored: Stored) -> Record {
+        let Kept::Record(record) = &stored.kept else {
+            unreachable!("a record's entry")
+        };
+        if self.inner.keep_decoded && record.memo().is_none() && record.memo_weight() > 0 {
+            return self.keep_decoded_form(slot, stored);
         }
-        if self.inner.keep_decoded
-            && stored.record.memo().is_none()
-            && stored.record.memo_weight() > 0
-        {
-            return Some(self.keep_decoded_form(slot, stored));
-        }
-        Some(stored.record)
+        stored.into_record().expect("a record's entry")
     }
 
     /// Gives `seen` its slot for a decoded form, charged to the capacity (moka weighs a value
@@ -355,18 +435,22 @@ impl MemoryStore {
     fn keep_decoded_form(&self, slot: u64, seen: Stored) -> Record {
         let _shard = self.shard(slot);
         match self.inner.records.get(&slot) {
-            Some(current) if Arc::ptr_eq(&current.key, &seen.key) => {
-                if current.record.memo().is_some() {
+            Some(mut current)
+                if Arc::ptr_eq(&current.key, &seen.key) && current.record().is_some() =>
+            {
+                let Kept::Record(record) = &mut current.kept else {
+                    unreachable!("checked")
+                };
+                if record.memo().is_some() {
                     // Another replay gave it one meanwhile: share it.
-                    return current.record;
+                    return record.clone();
                 }
-                let mut kept = current;
-                kept.record.attach_memo();
-                let record = kept.record.clone();
-                self.inner.records.insert(slot, kept);
+                record.attach_memo();
+                let record = record.clone();
+                self.inner.records.insert(slot, current);
                 record
             }
-            _ => seen.record,
+            _ => seen.into_record().expect("a record's entry"),
         }
     }
 
@@ -384,6 +468,51 @@ impl MemoryStore {
             _ => Err(StoreError::LeaseLost),
         }
     }
+
+    /// Leaves the point of an ended claim (released, or lapsed and swept) in the cache for the
+    /// key's next run, as the most recently used entry; from now on it is evicted like a cold
+    /// record. Under the shard lock of `key`; the caller bumps the shard's count of writes.
+    fn leave_point(&self, key: Arc<str>, point: Option<(Arc<RecoveryPoint>, Instant)>) {
+        let Some((point, expires_at)) = point else {
+            return;
+        };
+        if expires_at > Instant::now() {
+            let slot = self.inner.slot(&key);
+            let kept = Kept::Point(point);
+            let stored = Stored {
+                key,
+                kept,
+                expires_at,
+            };
+            self.inner.records.insert(slot, stored);
+        }
+    }
+
+    /// Drops claims whose lease lapsed, amortised: only once the map has doubled since the
+    /// last sweep, so a process whose handlers died cannot grow the map without bound. Their
+    /// points go back to the cache.
+    fn sweep_if_grown(&self, shard: &mut Shard, slot: u64, now: Instant) {
+        if shard.map.len() < (shard.swept_len * 2).max(64) {
+            return;
+        }
+        let mut left = Vec::new();
+        shard.map.retain(|key, claim| {
+            let live = claim.deadline > now;
+            if !live && claim.point.is_some() {
+                left.push((key.clone(), claim.point.take()));
+            }
+            live
+        });
+        shard.swept_len = shard.map.len();
+        if !left.is_empty() {
+            for (key, point) in left {
+                self.leave_point(key, point);
+            }
+            self.claim_shard(slot)
+                .completions
+                .fetch_add(1, Ordering::Release);
+        }
+    }
 }
 
 impl Default for MemoryStore {
@@ -398,17 +527,6 @@ impl fmt::Debug for MemoryStore {
             .field("records", &self.inner.records.entry_count())
             .field("weighted_size", &self.inner.records.weighted_size())
             .finish()
-    }
-}
-
-impl Shard {
-    /// Drops claims whose lease lapsed, amortised: only once the map has doubled since the
-    /// last sweep, so a process whose handlers died cannot grow the map without bound.
-    fn sweep_if_grown(&mut self, now: Instant) {
-        if self.map.len() >= (self.swept_len * 2).max(64) {
-            self.map.retain(|_, claim| claim.deadline > now);
-            self.swept_len = self.map.len();
-        }
     }
 }
 
@@ -457,17 +575,14 @@ impl Store for MemoryStore {
     ) -> Result<(), StoreError> {
         let slot = self.inner.slot(key);
         let mut shard = self.shard(slot);
+        // The record takes the slot of the key's point, if any: the stored outcome supersedes it.
         let (key, _claim) = Self::take_claim(&mut shard, key, token)?;
-        // The stored outcome supersedes the key's recovery point.
-        if !shard.points.is_empty() {
-            shard.points.remove(&key);
-        }
         let mut record = record;
         record.mark_in_process();
         // With `keep_decoded`, its first replay gives it a slot for its decoded form.
         let stored = Stored {
             key,
-            record,
+            kept: Kept::Record(record),
             expires_at: super::clock::later(Instant::now(), ttl),
         };
         self.inner.records.insert(slot, stored);
@@ -479,10 +594,24 @@ impl Store for MemoryStore {
     }
 
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
-        let mut shard = self.shard(self.inner.slot(key));
-        Self::take_claim(&mut shard, key, token).map(drop)
+        let slot = self.inner.slot(key);
+        let mut shard = self.shard(slot);
+        let (key, claim) = Self::take_claim(&mut shard, key, token)?;
+        if claim.point.is_some() {
+            self.leave_point(key, claim.point);
+            // After the write, under the lock: see `claim_as`.
+            self.claim_shard(slot)
+                .completions
+                .fetch_add(1, Ordering::Release);
+        }
+        Ok(())
     }
 
+    /// Kept with the claim (so no eviction takes it from the live run) and as an entry of the
+    /// cache, charged to the capacity like a record (evicting the least recently used entries
+    /// when the store is full). Refused with [`StoreError::Backend`] only when the point, its
+    /// key and the overhead weigh more than the whole capacity: the store could not keep it
+    /// once the run ends.
     async fn save_point(
         &self,
         key: &str,
@@ -491,21 +620,30 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let now = Instant::now();
-        let mut shard = self.shard(self.inner.slot(key));
+        let slot = self.inner.slot(key);
+        let mut shard = self.shard(slot);
         let owned = match shard.map.get_key_value(key) {
             Some((owned, claim)) if claim.token == *token && claim.deadline > now => owned.clone(),
             _ => return Err(StoreError::LeaseLost),
         };
-        if shard.points.len() >= MAX_POINTS_PER_SHARD && !shard.points.contains_key(key) {
-            shard.points.retain(|_, (_, expires_at)| *expires_at > now);
-            if shard.points.len() >= MAX_POINTS_PER_SHARD {
-                return Err(StoreError::backend(
-                    "the memory store holds too many recovery points (65,536)",
-                ));
-            }
+        let weight = point_weight(key, point);
+        if weight > self.inner.max_bytes {
+            return Err(StoreError::backend(format!(
+                "a recovery point weighing {weight} bytes (phase, data, key and the store's \
+                 overhead) is larger than the memory store's whole capacity ({} bytes); \
+                 nothing was saved",
+                self.inner.max_bytes
+            )));
         }
         let expires_at = super::clock::later(now, ttl);
-        shard.points.insert(owned, (point.clone(), expires_at));
+        let point = Arc::new(point.clone());
+        shard.map.get_mut(key).expect("checked").point = Some((point.clone(), expires_at));
+        let stored = Stored {
+            key: owned,
+            kept: Kept::Point(point),
+            expires_at,
+        };
+        self.inner.records.insert(slot, stored);
         Ok(())
     }
 
@@ -517,25 +655,22 @@ impl Store for MemoryStore {
         let now = Instant::now();
         let shard = self.shard(self.inner.slot(key));
         match shard.map.get(key) {
-            Some(claim) if claim.token == *token && claim.deadline > now => {}
-            _ => return Err(StoreError::LeaseLost),
+            Some(claim) if claim.token == *token && claim.deadline > now => Ok(claim
+                .point
+                .as_ref()
+                .filter(|(_, expires_at)| *expires_at > now)
+                .map(|(point, _)| RecoveryPoint::clone(point))),
+            _ => Err(StoreError::LeaseLost),
         }
-        Ok(shard
-            .points
-            .get(key)
-            .filter(|(_, expires_at)| *expires_at > now)
-            .map(|(point, _)| point.clone()))
     }
 
     async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
         let now = Instant::now();
         let slot = self.inner.slot(key);
-        if let Some(stored) = self.stored(key, slot) {
-            if stored.expires_at > now {
-                return Ok(KeyState::Completed {
-                    expires_in: Some(stored.expires_at - now),
-                    record: stored.record,
-                });
+        if let Some(stored) = self.stored(key, slot).filter(|s| s.expires_at > now) {
+            let expires_in = Some(stored.expires_at - now);
+            if let Some(record) = stored.into_record() {
+                return Ok(KeyState::Completed { expires_in, record });
             }
         }
         Ok(match self.shard(slot).map.get(key) {
@@ -550,10 +685,14 @@ impl Store for MemoryStore {
         let slot = self.inner.slot(key);
         let mut shard = self.shard(slot);
         let claim = shard.map.remove(key).is_some();
-        shard.points.remove(key);
-        // Under the shard lock, which every write of this slot's records takes.
-        let record = self.stored(key, slot).is_some() && self.inner.records.remove(&slot).is_some();
-        Ok(claim || record)
+        // Under the shard lock, which every write of this slot's entries takes: the record, or
+        // the point a run left.
+        let entry = self.stored(key, slot).is_some() && self.inner.records.remove(&slot).is_some();
+        // So that a claim that saw the point before this lock does not take it on.
+        self.claim_shard(slot)
+            .completions
+            .fetch_add(1, Ordering::Release);
+        Ok(claim || entry)
     }
 
     async fn wait(&self, key: &str, attempt: u32) {
@@ -834,9 +973,9 @@ mod tests {
         let record = store.keep_decoded_form(slot, seen);
         assert_eq!(record.payload().as_ref(), b"old");
         let current = store.stored("k", slot).unwrap();
-        assert_eq!(current.record.payload().as_ref(), b"new");
+        assert_eq!(current.record().unwrap().payload().as_ref(), b"new");
         assert!(
-            current.record.memo().is_none(),
+            current.record().unwrap().memo().is_none(),
             "the new record was not replayed"
         );
     }

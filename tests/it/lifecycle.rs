@@ -384,7 +384,7 @@ async fn a_store_that_keeps_records_decoded_replays_the_same_answer_every_time()
         retries
     };
     let decoding = retries(MemoryStore::builder().keep_decoded(false).build()).await;
-    let kept = retries(MemoryStore::new()).await;
+    let kept = retries(MemoryStore::builder().keep_decoded(true).build()).await;
     assert_eq!(decoding[0].1["original-x-request-id"], "first");
     for retry in &kept {
         assert_eq!(
@@ -419,7 +419,7 @@ async fn a_store_that_keeps_records_decoded_replays_an_omitted_body_as_the_decod
         retries
     };
     let decoding = retries(MemoryStore::builder().keep_decoded(false).build()).await;
-    let kept = retries(MemoryStore::new()).await;
+    let kept = retries(MemoryStore::builder().keep_decoded(true).build()).await;
     assert_eq!(decoding[0].1["idempotent-body-omitted"], "true");
     assert!(!decoding[0].1.contains_key("content-type"));
     assert_eq!(decoding[0].1["original-x-request-id"], "first");

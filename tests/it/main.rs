@@ -1,6 +1,7 @@
 //! The integration tests, in one binary (one link of the crate and its dependencies, instead
 //! of one per file): each file is a module. `cargo test --test it MODULE` runs one of them,
-//! e.g. `cargo test --test it store_redis`.
+//! e.g. `cargo test --test it store_redis`. The tests that measure their process's memory are
+//! a binary of their own, `tests/memory`.
 //!
 //! Tests that need a server (`redis-server`, `valkey-server`, PostgreSQL's `initdb`/`pg_ctl`)
 //! start their own on a free loopback port, and print `SKIPPED:` and pass without one (under
@@ -25,6 +26,7 @@ mod docs_links;
 mod drain;
 mod fleet;
 mod lifecycle;
+mod memory_points;
 mod observability;
 mod recovery_points;
 mod redis_failover;

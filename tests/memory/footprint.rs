@@ -1,11 +1,12 @@
 //! The memory store's capacity is honest: a full store's resident memory stays within 1.25×
-//! of its configured capacity, for small and large records. One test per binary run (a test
+//! of its configured capacity, for small and large records, and for recovery points (one
+//! tenant's failed runs filling the store). One test per binary run (a test
 //! binary of its own), so no other test's allocations blur the measurement.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use tower_idempotency::store::{ClaimOutcome, MemoryStore, Record, Store};
+use tower_idempotency::store::{ClaimOutcome, MemoryStore, Record, RecoveryPoint, Store};
 
 /// Resident set size of this process, in bytes (Linux).
 fn rss() -> Option<u64> {
@@ -16,7 +17,9 @@ fn rss() -> Option<u64> {
 
 /// Fills a store of `capacity` bytes with three times as many records of `payload` bytes as
 /// fit (so it evicts for two thirds of the run), and returns the growth of the resident set.
-async fn growth_of_a_full_store(capacity: u64, payload: usize) -> (u64, MemoryStore) {
+/// With `points`, each key's run saves a recovery point of `payload` bytes and fails (its
+/// claim released) instead of completing: one tenant filling the store with failed runs.
+async fn growth_of_a_full_store(capacity: u64, payload: usize, points: bool) -> (u64, MemoryStore) {
     let store = MemoryStore::builder().max_bytes(capacity).build();
     let before = rss().expect("/proc/self/statm");
     let records = (3 * capacity / (payload as u64 + 64)) as usize;
@@ -28,6 +31,13 @@ async fn growth_of_a_full_store(capacity: u64, payload: usize) -> (u64, MemorySt
             unreachable!()
         };
         let bytes = Bytes::from(vec![(i % 251) as u8; payload]);
+        if points {
+            let point = RecoveryPoint::new("charged", bytes);
+            let ttl = Duration::from_secs(3600);
+            store.save_point(&key, &token, &point, ttl).await.unwrap();
+            store.release(&key, &token).await.unwrap();
+            continue;
+        }
         store
             .complete(
                 &key,
@@ -54,7 +64,8 @@ async fn measure_one_record_size() {
         return; // only as a child of the test below
     };
     let payload: usize = payload.parse().unwrap();
-    let (growth, store) = growth_of_a_full_store(CAPACITY, payload).await;
+    let points = std::env::var("FOOTPRINT_POINTS").is_ok();
+    let (growth, store) = growth_of_a_full_store(CAPACITY, payload, points).await;
     println!("FOOTPRINT {payload} {} {growth}", store.record_count());
 }
 
@@ -62,17 +73,27 @@ async fn measure_one_record_size() {
 fn a_full_store_stays_within_its_capacity() {
     let mut report = Vec::new();
     let mut worst: f64 = 0.0;
-    for payload in [100usize, 100 * 1024] {
-        let output = std::process::Command::new(std::env::current_exe().unwrap())
+    let cases = [
+        (100usize, false),
+        (100 * 1024, false),
+        (100, true),
+        (60 * 1024, true),
+    ];
+    for (payload, points) in cases {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child
             .args([
                 "--exact",
-                "measure_one_record_size",
+                "footprint::measure_one_record_size",
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env("FOOTPRINT_PAYLOAD", payload.to_string())
-            .output()
-            .unwrap();
+            .env("FOOTPRINT_PAYLOAD", payload.to_string());
+        if points {
+            // Recovery points of failed runs, charged to the same capacity.
+            child.env("FOOTPRINT_POINTS", "1");
+        }
+        let output = child.output().unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);
         let line = stdout
             .lines()
@@ -88,7 +109,8 @@ fn a_full_store_stays_within_its_capacity() {
         let ratio = growth as f64 / CAPACITY as f64;
         worst = worst.max(ratio);
         report.push(format!(
-            "{payload} B records: {held} held, RSS +{:.1} MiB for a {} MiB capacity ({ratio:.2}x)",
+            "{payload} B {}: {held} held, RSS +{:.1} MiB for a {} MiB capacity ({ratio:.2}x)",
+            if points { "points" } else { "records" },
             growth as f64 / (1 << 20) as f64,
             CAPACITY >> 20
         ));
