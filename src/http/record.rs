@@ -105,7 +105,7 @@ fn name_bytes(name: &HeaderName) -> usize {
 /// (which share the record's bytes): the `Arc` of the decoded struct, its header maps (sized
 /// as `decode_with_room` sizes them, with a replay's room in the first), the carried headers'
 /// `Vec`, custom names' copies, each as the allocator rounds it. A store that keeps decoded
-/// records charges it (see `Record::with_memo_weight`); `tests/memory/decoded.rs` checks it
+/// records charges it (see `Record::with_memo_weight`); `tests/isolated/decoded.rs` checks it
 /// against the resident memory kept decoded forms take.
 pub(crate) fn encode<'a>(
     status: StatusCode,

@@ -17,7 +17,7 @@ const SHARDS: usize = 64;
 /// What a stored record costs beyond its key and payload, as charged against the capacity:
 /// the cache entry (key `Arc`, value, moka's node and its bookkeeping) and the allocator's
 /// share once the store is full and evicting. Measured as resident memory by
-/// `tests/memory/footprint.rs` (about 580 B per 100 B record with a 63-byte key); charged a
+/// `tests/isolated/footprint.rs` (about 580 B per 100 B record with a 63-byte key); charged a
 /// little under it, so a full store of small records stays within a few percent of its capacity.
 const RECORD_OVERHEAD: u64 = 560;
 
@@ -187,7 +187,7 @@ impl MemoryStoreBuilder {
     /// index, with room for what a replay adds), as much as or more than the record itself. A
     /// store whose records are replayed therefore holds fewer of them: a full store evicts keys
     /// that `false` would have kept, and their retries run the handler again
-    /// (`tests/memory/decoded.rs`, figures in `BENCHMARKS.md`). Turn it on for a store with
+    /// (`tests/isolated/decoded.rs`, figures in `BENCHMARKS.md`). Turn it on for a store with
     /// room to spare whose records are replayed many times: a later replay takes about a sixth
     /// fewer instructions. `false` keeps nothing: every replay decodes the stored bytes.
     /// Records the consumer adapter writes keep nothing either way.

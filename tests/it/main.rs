@@ -1,7 +1,8 @@
 //! The integration tests, in one binary (one link of the crate and its dependencies, instead
 //! of one per file): each file is a module. `cargo test --test it MODULE` runs one of them,
-//! e.g. `cargo test --test it store_redis`. The tests that measure their process's memory are
-//! a binary of their own, `tests/memory`.
+//! e.g. `cargo test --test it store_redis`. The tests that need a process with few others in it
+//! (memory measurements, per-thread tracing subscribers) are a binary of their own,
+//! `tests/isolated`.
 //!
 //! Tests that need a server (`redis-server`, `valkey-server`, PostgreSQL's `initdb`/`pg_ctl`)
 //! start their own on a free loopback port, and print `SKIPPED:` and pass without one (under
@@ -27,7 +28,6 @@ mod drain;
 mod fleet;
 mod lifecycle;
 mod memory_points;
-mod observability;
 mod recovery_points;
 mod redis_failover;
 mod safe_defaults;

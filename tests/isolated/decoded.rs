@@ -4,7 +4,7 @@
 //! a handler run again on a later retry). Each case runs in a fresh process of this binary
 //! (`DECODED_CASE` set), so that memory one case freed cannot hide the next one's growth.
 //!
-//! `cargo test --all-features --test memory decoded -- --nocapture` prints the figures.
+//! `cargo test --all-features --test isolated decoded -- --nocapture` prints the figures.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
