@@ -341,8 +341,7 @@ impl RecoveryPoint {
                 ))))
             }
         };
-        let content = seal::open(&stored)
-            .map_err(|error| StoreError::Corrupt(Box::new(error)))?;
+        let content = seal::open(&stored).map_err(|error| StoreError::Corrupt(Box::new(error)))?;
         let (fingerprint, rest) = if version == 1 {
             (None, 0)
         } else {
