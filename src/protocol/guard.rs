@@ -116,13 +116,16 @@ impl<St: Store> ClaimGuard<St> {
         let held = self.held();
         // A point outlives the lease that lets a crashed run's retry in, whatever the TTL.
         let ttl = ttl.max(held.timings.lease.saturating_mul(2));
+        let limits = super::recovery::PointLimits {
+            ttl,
+            max_bytes,
+            timeout: held.timings.store_timeout,
+        };
         RecoveryPoints::new(
             held.store.clone(),
             held.key.clone(),
             held.token,
-            ttl,
-            max_bytes,
-            held.timings.store_timeout,
+            limits,
             request,
             held._ticket.keep_on_drain(),
         )

@@ -90,6 +90,13 @@ const REUSED: u8 = 2;
 /// released.
 const UNSAVED: u8 = 4;
 
+/// How long a run's points are kept, how large they may be, and how long a store call may take.
+pub(crate) struct PointLimits {
+    pub(crate) ttl: Duration,
+    pub(crate) max_bytes: usize,
+    pub(crate) timeout: Duration,
+}
+
 /// The fingerprint of the request a run serves, as points are bound to it.
 pub(crate) enum RequestFingerprint {
     /// Known when the run starts (the consumer's messages, a fingerprint of the head only), or
@@ -173,12 +180,15 @@ impl RecoveryPoints {
         store: St,
         key: Arc<str>,
         token: OwnerToken,
-        ttl: Duration,
-        max_bytes: usize,
-        timeout: Duration,
+        limits: PointLimits,
         request: RequestFingerprint,
         drain: Option<super::drain::KeepOnDrain>,
     ) -> Self {
+        let PointLimits {
+            ttl,
+            max_bytes,
+            timeout,
+        } = limits;
         let inner: Arc<Inner<dyn DynStore>> = Arc::new(Inner {
             key,
             token,
