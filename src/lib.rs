@@ -23,7 +23,7 @@
 //!
 //! | part | what it is | feature | guide |
 //! |---|---|---|---|
-//! | [`IdempotencyLayer`] | the HTTP layer: claims the key, runs the handler once, stores and replays its response; every answer it gives itself is a [`problem`] document | – | `docs/lifecycle.md`, `docs/failures.md` |
+//! | [`IdempotencyLayer`] | the HTTP layer: claims the key, runs the handler once, stores and replays its response; every answer it gives itself is a [`problem`] document | – | `docs/lifecycle.md`, `docs/failures.md`, `docs/axum.md` |
 //! | [`Settings`] | what every adapter shares: the store, lease, TTL, store timeout, conflicts, bounds, the [`Outcome`] hook (metrics) | – | `docs/operations.md` |
 //! | [`store::MemoryStore`] | the default store: one process, bounded by bytes | – | `docs/stores.md` |
 //! | [`store::SqliteStore`] | one host: an embedded SQLite file that survives restarts (SQLite bundled) | `sqlite` | `docs/stores.md` |
@@ -224,6 +224,8 @@ mod guides {
     struct RecoveryPoints;
     #[doc = include_str!("../docs/shutdown.md")]
     struct Shutdown;
+    #[doc = include_str!("../docs/axum.md")]
+    struct Axum;
     #[doc = include_str!("../docs/hyper.md")]
     struct Hyper;
     #[doc = include_str!("../docs/grpc.md")]

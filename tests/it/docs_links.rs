@@ -139,12 +139,12 @@ fn every_problem_type_uri_names_an_anchor_of_the_generated_docs() {
     );
 }
 
-/// The README's axum program is `examples/axum_quickstart.rs` (which CI compiles), from its
+/// The axum guide's program is `examples/axum_quickstart.rs` (which CI compiles), from its
 /// first `use` on, word for word.
 #[test]
 fn the_readmes_axum_program_is_the_example_file() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(root.join("docs/axum.md")).unwrap();
     let example = std::fs::read_to_string(root.join("examples/axum_quickstart.rs")).unwrap();
     let program = &example[example.find("use axum::").expect("the example's first use")..];
     let shown = readme
@@ -152,10 +152,10 @@ fn the_readmes_axum_program_is_the_example_file() {
         .skip(1)
         .filter_map(|block| block.split_once("```").map(|(code, _)| code))
         .find(|code| code.starts_with("use axum::"))
-        .expect("the README shows the axum program");
+        .expect("the axum guide shows the program");
     assert_eq!(
         shown, program,
-        "the README's axum program differs from examples/axum_quickstart.rs"
+        "the axum guide's program differs from examples/axum_quickstart.rs"
     );
 }
 
