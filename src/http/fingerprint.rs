@@ -198,9 +198,23 @@ impl fmt::Debug for FingerprintHasher {
 
 /// Reads `body` to its end, hashing every data chunk into `hasher`, and returns the digest.
 pub(crate) async fn read_rest<B>(
-    mut body: Pin<&mut B>,
+    body: Pin<&mut B>,
     mut hasher: FingerprintHasher,
 ) -> Result<u128, BoxError>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    hash_rest(body, &mut hasher).await?;
+    Ok(hasher.finish())
+}
+
+/// Reads `body` to its end, hashing every data chunk into `hasher` as it goes (so that a
+/// caller dropped midway keeps what was hashed).
+pub(crate) async fn hash_rest<B>(
+    mut body: Pin<&mut B>,
+    hasher: &mut FingerprintHasher,
+) -> Result<(), BoxError>
 where
     B: Body,
     B::Error: Into<BoxError>,
@@ -210,7 +224,7 @@ where
             hasher.update_body(data.chunk());
         }
     }
-    Ok(hasher.finish())
+    Ok(())
 }
 
 /// Why a duplicate's body has no fingerprint.

@@ -274,19 +274,12 @@ where
     /// Reads the rest and hashes it: the fingerprint, or `None` when the body failed.
     async fn read(&mut self) -> Option<u128> {
         let (body, hasher) = self.rest.as_mut()?;
-        loop {
-            match std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-                None => break,
-                Some(Ok(frame)) => {
-                    if let Some(data) = frame.data_ref() {
-                        hasher.update_body(data.chunk());
-                    }
-                }
-                Some(Err(_)) => {
-                    self.rest = None;
-                    return None;
-                }
-            }
+        if super::fingerprint::hash_rest(body.as_mut(), hasher)
+            .await
+            .is_err()
+        {
+            self.rest = None;
+            return None;
         }
         self.rest.take().map(|(_, hasher)| hasher.finish())
     }
