@@ -300,94 +300,38 @@ async fn a_consumer_resumes_from_its_point_on_redelivery() {
     assert!(RecoveryPoints::current().is_none(), "only inside a handler");
 }
 
-/// A store whose saves ignore the owner token: the conformance check of fencing fails on it.
-#[derive(Clone, Default)]
-struct UnfencedStore {
+/// A store with one flaw in its recovery points, to show that a conformance check finds it;
+/// claims and records are the memory store's, per key.
+#[derive(Clone)]
+struct FlawedPointStore {
     inner: MemoryStore,
     points: Arc<Mutex<HashMap<String, RecoveryPoint>>>,
+    flaw: Flaw,
 }
 
-impl Store for UnfencedStore {
-    async fn claim_as(
-        &self,
-        key: &str,
-        token: &OwnerToken,
-        lease: Duration,
-    ) -> Result<ClaimOutcome, StoreError> {
-        self.inner.claim_as(key, token, lease).await
-    }
-    async fn renew(
-        &self,
-        key: &str,
-        token: &OwnerToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.renew(key, token, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &str,
-        token: &OwnerToken,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.complete(key, token, record, ttl).await
-    }
-    async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-    async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
-        self.inner.inspect(key).await
-    }
-    async fn save_point(
-        &self,
-        key: &str,
-        _token: &OwnerToken,
-        point: &RecoveryPoint,
-        _ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.points
-            .lock()
-            .unwrap()
-            .insert(key.to_owned(), point.clone());
-        Ok(())
-    }
-    async fn load_point(
-        &self,
-        key: &str,
-        token: &OwnerToken,
-    ) -> Result<Option<RecoveryPoint>, StoreError> {
-        self.inner
-            .renew(key, token, Duration::from_secs(30))
-            .await?;
-        Ok(self.points.lock().unwrap().get(key).cloned())
-    }
+#[derive(Clone, Copy, PartialEq)]
+enum Flaw {
+    /// Saves ignore the owner token.
+    Unfenced,
+    /// Each point is kept under its key's Redis hash tag alone (the text between the first `{`
+    /// and the next `}`, when not empty), as the Redis store once named point keys: keys
+    /// sharing a tag share a point.
+    NamedByTag,
 }
 
-#[tokio::test]
-async fn the_fencing_check_fails_on_a_store_that_ignores_the_owner() {
-    use tower_idempotency::store::conformance;
-    let store = UnfencedStore::default();
-    let check = tokio::spawn(async move {
-        conformance::recovery_points_are_fenced_by_the_owner(&store).await;
-    });
-    let failed = check.await.expect_err("the check must fail");
-    assert!(failed.is_panic());
-    // And the fencing store passes it.
-    conformance::recovery_points_are_fenced_by_the_owner(&MemoryStore::new()).await;
-}
+impl FlawedPointStore {
+    fn new(flaw: Flaw) -> Self {
+        Self {
+            inner: MemoryStore::new(),
+            points: Arc::default(),
+            flaw,
+        }
+    }
 
-/// A store that keeps each point under its key's Redis hash tag alone (the text between the
-/// first `{` and the next `}`, when not empty), as the Redis store once named point keys:
-/// keys sharing a tag share a point. Claims and records are the memory store's, per key.
-#[derive(Clone, Default)]
-struct TagPointStore {
-    inner: MemoryStore,
-    points: Arc<Mutex<HashMap<String, RecoveryPoint>>>,
-}
-
-impl TagPointStore {
-    fn point_key(key: &str) -> String {
+    fn point_key(&self, key: &str) -> String {
+        if self.flaw == Flaw::Unfenced {
+            return key.to_owned();
+        }
         let tag = key.find('{').and_then(|open| {
             let rest = &key[open + 1..];
             rest.find('}')
@@ -398,7 +342,7 @@ impl TagPointStore {
     }
 }
 
-impl Store for TagPointStore {
+impl Store for FlawedPointStore {
     async fn claim_as(
         &self,
         key: &str,
@@ -423,7 +367,9 @@ impl Store for TagPointStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         self.inner.complete(key, token, record, ttl).await?;
-        self.points.lock().unwrap().remove(&Self::point_key(key));
+        if self.flaw == Flaw::NamedByTag {
+            self.points.lock().unwrap().remove(&self.point_key(key));
+        }
         Ok(())
     }
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
@@ -439,13 +385,15 @@ impl Store for TagPointStore {
         point: &RecoveryPoint,
         _ttl: Duration,
     ) -> Result<(), StoreError> {
-        // Fenced like any store: only the claim's owner saves (the memory store's read checks
-        // the owner without renewing the lease).
-        self.inner.load_point(key, token).await?;
+        if self.flaw != Flaw::Unfenced {
+            // Fenced: only the claim's owner saves (the memory store's read checks the owner
+            // without renewing the lease).
+            self.inner.load_point(key, token).await?;
+        }
         self.points
             .lock()
             .unwrap()
-            .insert(Self::point_key(key), point.clone());
+            .insert(self.point_key(key), point.clone());
         Ok(())
     }
     async fn load_point(
@@ -453,27 +401,46 @@ impl Store for TagPointStore {
         key: &str,
         token: &OwnerToken,
     ) -> Result<Option<RecoveryPoint>, StoreError> {
-        self.inner.load_point(key, token).await?;
+        if self.flaw == Flaw::Unfenced {
+            self.inner
+                .renew(key, token, Duration::from_secs(30))
+                .await?;
+        } else {
+            self.inner.load_point(key, token).await?;
+        }
         Ok(self
             .points
             .lock()
             .unwrap()
-            .get(&Self::point_key(key))
+            .get(&self.point_key(key))
             .cloned())
     }
 }
 
 #[tokio::test]
+async fn the_fencing_check_fails_on_a_store_that_ignores_the_owner() {
+    use tower_idempotency::store::conformance;
+    let store = FlawedPointStore::new(Flaw::Unfenced);
+    let check = tokio::spawn(async move {
+        conformance::recovery_points_are_fenced_by_the_owner(&store).await;
+    });
+    let failed = check.await.expect_err("the check must fail");
+    assert!(failed.is_panic());
+    // And the fencing store passes it.
+    conformance::recovery_points_are_fenced_by_the_owner(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
 async fn the_adversarial_keys_check_fails_on_a_store_that_names_points_by_hash_tag() {
     use tower_idempotency::store::conformance;
-    let store = TagPointStore::default();
+    let store = FlawedPointStore::new(Flaw::NamedByTag);
     let check = tokio::spawn(async move {
         conformance::adversarial_keys_share_nothing(&store).await;
     });
     let failed = check.await.expect_err("the check must fail");
     assert!(failed.is_panic());
     // The other point checks do not notice: each uses one fresh key.
-    let store = TagPointStore::default();
+    let store = FlawedPointStore::new(Flaw::NamedByTag);
     conformance::recovery_points_survive_a_release(&store).await;
     conformance::recovery_points_are_fenced_by_the_owner(&store).await;
     // And the memory store passes it.
