@@ -46,7 +46,11 @@ async fn commands(url: &str) -> std::collections::BTreeMap<String, u64> {
             let calls = fields.split(',').find_map(|f| f.strip_prefix("calls="))?;
             Some((name.to_owned(), calls.parse().ok()?))
         })
-        .filter(|(name, _)| !["info", "config", "client", "hello"].iter().any(|c| name.starts_with(c)))
+        .filter(|(name, _)| {
+            !["info", "config", "client", "hello"]
+                .iter()
+                .any(|c| name.starts_with(c))
+        })
         .collect()
 }
 
@@ -95,8 +99,10 @@ async fn a_fresh_key_without_waiters_or_points_sends_only_its_two_writes() {
             // The claim's `SET`, then the script: `EVALSHA`, its `GET` (the owner check) and `SET`.
             &[("evalsha", 5), ("get", 5), ("set", 10)]
         };
-        let expected: std::collections::BTreeMap<String, u64> =
-            expected.iter().map(|(c, n)| ((*c).to_owned(), *n)).collect();
+        let expected: std::collections::BTreeMap<String, u64> = expected
+            .iter()
+            .map(|(c, n)| ((*c).to_owned(), *n))
+            .collect();
         assert_eq!(
             ran,
             expected,
@@ -312,5 +318,38 @@ async fn a_waiter_leaves_an_earlier_releases_claim_as_it_is() {
             .unwrap();
         let _ = tokio::time::timeout(Duration::from_millis(200), store.wait("earlier", 6)).await;
         assert_eq!(value(&url, "earlier").await, Some(earlier), "{name}");
+    }
+}
+
+/// A crashed or failed run's point, loaded by the retry on another instance: the retry's
+/// completion ends it (the point is known to the claim that loaded it), so the next run of the
+/// key, once the record is gone, starts afresh.
+#[tokio::test]
+async fn a_retry_on_another_instance_that_loads_the_point_ends_it() {
+    for (name, server) in servers() {
+        let url = server.url();
+        let (a, b) = (
+            RedisStore::connect(&url).await.unwrap(),
+            RedisStore::connect(&url).await.unwrap(),
+        );
+        let key = "inherited";
+        let first = claimed(&a, key).await;
+        let point = RecoveryPoint::new("charged", "ch_1");
+        a.save_point(key, &first, &point, TTL).await.unwrap();
+        a.release(key, &first).await.unwrap();
+        let retry = claimed(&b, key).await;
+        assert_eq!(b.load_point(key, &retry).await.unwrap(), Some(point));
+        b.complete(
+            key,
+            &retry,
+            Record::new(None, "done"),
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap();
+        // Past the record's TTL, the next run finds no point.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let next = claimed(&a, key).await;
+        assert_eq!(a.load_point(key, &next).await.unwrap(), None, "{name}");
     }
 }

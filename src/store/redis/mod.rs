@@ -995,7 +995,9 @@ impl Store for RedisStore {
         }
         let waiter = wakers.register(&self.redis_key(key));
         match self.mark_waited(key).await {
-            Ok(true) => super::waker::Wakers::wait_on(waiter, super::waker::listening_bound()).await,
+            Ok(true) => {
+                super::waker::Wakers::wait_on(waiter, super::waker::listening_bound()).await
+            }
             Ok(false) => {}
             Err(_) => tokio::time::sleep(super::backoff_with_jitter(attempt, super::POLL)).await,
         }
