@@ -69,6 +69,16 @@ async fn claimed(store: &RedisStore, key: &str) -> tower_idempotency::store::Own
     }
 }
 
+/// Claims the fresh `key` and completes it. The first completion of a store on Redis 7.0 also
+/// learns that `IFEQ` is refused, and loads the script: a warm-up before counting.
+async fn completed(store: &RedisStore, key: &str) {
+    let token = claimed(store, key).await;
+    store
+        .complete(key, &token, Record::new(Some(1), "done"), TTL)
+        .await
+        .unwrap();
+}
+
 /// A fresh key with no waiter and no point: the claim's write and the completion's write, one
 /// round trip each, and nothing else (no `PUBLISH`, no `PEXPIRE`, no `DEL`).
 #[tokio::test]
@@ -76,20 +86,10 @@ async fn a_fresh_key_without_waiters_or_points_sends_only_its_two_writes() {
     for (name, server) in servers() {
         let url = server.url();
         let store = RedisStore::connect(&url).await.unwrap();
-        // The first completion on Redis 7.0 learns that `IFEQ` is refused, and the scripts load.
-        let token = claimed(&store, "warm").await;
-        store
-            .complete("warm", &token, Record::new(Some(1), "done"), TTL)
-            .await
-            .unwrap();
+        completed(&store, "warm").await;
         reset_stats(&url).await;
         for n in 0..5 {
-            let key = format!("fresh-{n}");
-            let token = claimed(&store, &key).await;
-            store
-                .complete(&key, &token, Record::new(Some(1), "done"), TTL)
-                .await
-                .unwrap();
+            completed(&store, &format!("fresh-{n}")).await;
         }
         let per_key = |n: u64| n as f64 / 5.0;
         let ran = commands(&url).await;
@@ -119,11 +119,7 @@ async fn a_key_with_a_point_ends_it_and_only_it_pays_for_that() {
     for (name, server) in servers() {
         let url = server.url();
         let store = RedisStore::connect(&url).await.unwrap();
-        let token = claimed(&store, "warm").await;
-        store
-            .complete("warm", &token, Record::new(Some(1), "done"), TTL)
-            .await
-            .unwrap();
+        completed(&store, "warm").await;
         let with_point = claimed(&store, "with-point").await;
         store
             .save_point(
