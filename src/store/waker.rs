@@ -1,6 +1,7 @@
-//! Wake-ups for duplicates that wait on another process: the shared stores publish every
-//! completion and release (Redis pub/sub, PostgreSQL `NOTIFY`), one listener per store handle
-//! receives them, and [`Wakers`] hands each to the local waiters of that key.
+//! Wake-ups for duplicates that wait on another process: the shared stores publish
+//! completions and releases (Redis pub/sub, only those of claims a waiter marked; PostgreSQL
+//! `NOTIFY`), one listener per store handle receives them, and [`Wakers`] hands each to the
+//! local waiters of that key.
 //!
 //! Delivery is never needed for correctness: a waiter also wakes after a bounded time and
 //! claims again, so a missed notification (a reconnect, a listener that is down) costs at most
