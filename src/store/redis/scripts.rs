@@ -35,8 +35,8 @@ return 0
 /// had not acknowledged it yet).
 pub(super) const COMPLETE: &str = r"
 local value = redis.call('GET', KEYS[1])
-local waited = value == ARGV[1] .. 'W'
-if value == ARGV[1] or waited then
+local waited = value ~= ARGV[1] and value == ARGV[1] .. 'W'
+if waited or value == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   if KEYS[2] then redis.call('DEL', KEYS[2]) end
   if waited then redis.call('PUBLISH', ARGV[4], KEYS[1]) end
