@@ -10,8 +10,11 @@
 #   SERVER=redis-server ROUNDS=8 SECS=4 A=… B=… benches/ab_fresh.sh
 #   STORE=memory SCENARIO=replay A=… B=… benches/ab_fresh.sh
 #   STORE=memory A=demo B=demo PRELOAD_B=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 benches/ab_fresh.sh
+#   SERVER=redis-server DURABLE=1 A=… B=… benches/ab_fresh.sh   # appendonly yes, appendfsync always
 #
 # SERVER: the server binary (default valkey-server, else redis-server), on PORT (6395).
+# DURABLE=1: the server persists as a payment service runs it (`appendonly yes`, `appendfsync
+# always`: every write synced before it is acknowledged); otherwise no persistence.
 # STORE=memory: the demos on their own memory stores instead, their limit the bare route.
 # SCENARIO: fresh (default) or replay, each paired with its limit.
 # PRELOAD_A, PRELOAD_B: a library to LD_PRELOAD into that side's demo (another allocator: the
@@ -36,7 +39,9 @@ cleanup() {
 trap cleanup EXIT
 store=memory
 if [ -z "$MEMORY" ]; then
-  "$SERVER" --port "$PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes --dir "$dir" \
+  persistence=(--appendonly no)
+  [ -z "${DURABLE:-}" ] || persistence=(--appendonly yes --appendfsync always)
+  "$SERVER" --port "$PORT" --bind 127.0.0.1 --save '' "${persistence[@]}" --daemonize yes --dir "$dir" \
     --logfile "$dir/server.log" >/dev/null
   for _ in $(seq 50); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
   store="redis://127.0.0.1:$PORT"
@@ -58,7 +63,7 @@ done
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 server_cpu() { [ -z "$MEMORY" ] || { echo 0; return; }; redis-cli -p "$PORT" info cpu | awk -F: '/used_cpu_(user|sys):/ { s += $2 } END { printf "%.6f", s }'; }
 hz=$(getconf CLK_TCK)
-echo "$([ -n "$MEMORY" ] && echo memory || "$SERVER" --version | cut -d' ' -f1-3), $SCENARIO; $ROUNDS rounds of ${SECS}s per run, wrk -t2 -c32"
+echo "$([ -n "$MEMORY" ] && echo memory || "$SERVER" --version | cut -d' ' -f1-3)${DURABLE:+ (appendonly yes, appendfsync always)}, $SCENARIO; $ROUNDS rounds of ${SECS}s per run, wrk -t2 -c32"
 lines=$(mktemp -p "$dir")
 for round in $(seq "$ROUNDS"); do
   # Which build goes first alternates: a run just after another build's fresh keys runs

@@ -578,7 +578,9 @@ pub trait Store: Send + Sync + 'static {
     /// the claim lapsing and being released, so the next run of the key reads it; completing
     /// the key ends it, so that no later run of the key reads it (the stored outcome
     /// supersedes it): the completion deletes it, or makes it expire no later than the record
-    /// (the Redis store on a server with `SET … IFEQ`).
+    /// (the Redis store on a server with `SET … IFEQ`). The Redis store does so for a claim that
+    /// saved or loaded the point through it (every run that uses points loads first); a run that
+    /// never touches the point it inherits leaves it to its TTL (see `docs/stores.md`).
     ///
     /// The default answers [`StoreError::Unsupported`]: the layer then tells handlers that this
     /// store keeps no recovery points. Every store of this crate implements it; the

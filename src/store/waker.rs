@@ -1,6 +1,7 @@
-//! Wake-ups for duplicates that wait on another process: the shared stores publish every
-//! completion and release (Redis pub/sub, PostgreSQL `NOTIFY`), one listener per store handle
-//! receives them, and [`Wakers`] hands each to the local waiters of that key.
+//! Wake-ups for duplicates that wait on another process: the shared stores publish
+//! completions and releases (Redis pub/sub, only those of claims a waiter marked; PostgreSQL
+//! `NOTIFY`), one listener per store handle receives them, and [`Wakers`] hands each to the
+//! local waiters of that key.
 //!
 //! Delivery is never needed for correctness: a waiter also wakes after a bounded time and
 //! claims again, so a missed notification (a reconnect, a listener that is down) costs at most
@@ -62,24 +63,38 @@ impl Wakers {
             tokio::time::sleep(backoff_with_jitter(attempt, super::POLL)).await;
             return;
         }
-        let bound = LISTENING_BOUND + Duration::from_millis(fastrand::u64(0..250));
-        self.wait_at_most(key, bound).await;
+        self.wait_at_most(key, listening_bound()).await;
     }
 
     /// Waits until `key` is notified, or `bound` passes.
     pub(crate) async fn wait_at_most(&self, key: &str, bound: Duration) {
-        let mut receiver = {
-            let mut map = self.map();
-            if map.len() >= 1024 {
-                // Waiters that timed out leave their entry behind: drop the unwatched ones.
-                map.retain(|_, sender| sender.receiver_count() > 0);
-            }
-            map.entry(key.to_owned())
-                .or_insert_with(|| watch::channel(()).0)
-                .subscribe()
-        };
-        let _ = tokio::time::timeout(bound, receiver.changed()).await;
+        Self::wait_on(self.register(key), bound).await;
     }
+
+    /// A waiter of `key`, woken by every notification of `key` from now on: registered before
+    /// the caller asks for a notification (a Redis waiter marks the claim), so that none
+    /// arriving in between is missed. Await it with [`wait_on`](Self::wait_on).
+    pub(crate) fn register(&self, key: &str) -> watch::Receiver<()> {
+        let mut map = self.map();
+        if map.len() >= 1024 {
+            // Waiters that timed out leave their entry behind: drop the unwatched ones.
+            map.retain(|_, sender| sender.receiver_count() > 0);
+        }
+        map.entry(key.to_owned())
+            .or_insert_with(|| watch::channel(()).0)
+            .subscribe()
+    }
+
+    /// Waits until the key `waiter` was registered for is notified, or `bound` passes.
+    pub(crate) async fn wait_on(mut waiter: watch::Receiver<()>, bound: Duration) {
+        let _ = tokio::time::timeout(bound, waiter.changed()).await;
+    }
+}
+
+/// How long a waiter waits for a notification while the listener is up: [`LISTENING_BOUND`]
+/// and a jitter, so that the waiters of a missed notification do not all claim at once.
+pub(crate) fn listening_bound() -> Duration {
+    LISTENING_BOUND + Duration::from_millis(fastrand::u64(0..250))
 }
 
 /// The wake-up side of a shared store's handle (and its clones): its waiters, and whether its

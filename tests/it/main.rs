@@ -34,6 +34,7 @@ mod safe_defaults;
 mod store_postgres;
 mod store_redis;
 mod store_redis_cluster;
+mod store_redis_commands;
 mod store_redis_conditional;
 mod store_redis_script;
 mod store_sqlite;

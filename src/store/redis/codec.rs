@@ -5,8 +5,12 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::store::sealed::{self, HEAD_LEN};
 use crate::store::{OwnerToken, Record, StoreError};
 
-/// Format version of the claims this store writes.
-pub(super) const CLAIM_VERSION: u8 = 1;
+/// Format version of the claims this store writes: 2, `'C' 2 token`, a claim that a waiting
+/// duplicate may mark by appending `W` (see `scripts::MARK_WAITED`), so that only a
+/// waited-for completion or release publishes a wake-up; 1, as earlier releases wrote it,
+/// whose owner publishes every completion and which no waiter marks (its owner compares its
+/// claim byte for byte).
+pub(super) const CLAIM_VERSION: u8 = 2;
 /// Format version of the records this store writes: 2, the fingerprint under the record's
 /// checksum (`store::sealed`); 1, the fingerprint outside it, is still read.
 pub(super) const VERSION: u8 = 2;

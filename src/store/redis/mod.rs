@@ -22,7 +22,9 @@ use codec::{claim_value, RecordArg, CLAIM_TAG};
 pub(crate) use codec::{decode_record, encode_record};
 use connection::{Connection, SentinelLink};
 use replication::{Opener, Replicas};
-use scripts::{Scripts, CLAIM, COMPLETE, INSPECT, LOAD_POINT, RELEASE, RENEW, SAVE_POINT};
+use scripts::{
+    Scripts, CLAIM, COMPLETE, INSPECT, LOAD_POINT, MARK_WAITED, RELEASE, RENEW, SAVE_POINT,
+};
 pub use server_report::RedisServerReport;
 
 /// A store in Redis, for a fleet of instances: every instance sees the same claims and
@@ -49,10 +51,16 @@ pub use server_report::RedisServerReport;
 ///   other key, whatever its braces, reaches it).
 /// * **Configuration:** requires `maxmemory-policy noeviction` (checked at connect; refused by
 ///   [`connect_strict`](Self::connect_strict)) and, to survive a restart, persistence.
-/// * **Waiting duplicates** are woken by Redis pub/sub: completion and release publish the key
-///   on `<prefix>wake`, and one subscriber connection per store (shared by its clones, opened
-///   on the first wait) wakes the local waiters of that key. A missed message costs at most
-///   about 2 s; while the subscriber is down, waiters back off with jitter.
+/// * **Waiting duplicates** are woken by Redis pub/sub: a duplicate about to wait marks the
+///   claim (a script appends a byte to its value), and the completion or release of a marked
+///   claim publishes the key on `<prefix>wake`; one subscriber connection per store (shared by
+///   its clones, opened on the first wait) wakes the local waiters of that key. A claim nobody
+///   waits for publishes nothing. A missed message costs at most about 2 s; while the
+///   subscriber is down, waiters back off with jitter (and mark nothing).
+/// * **Commands a fresh key sends:** its claim's `SET` and its completion's (`SET … IFEQ`, or
+///   the completion script's `GET` and `SET`), one round trip each; the wake-up's `PUBLISH`
+///   only when a duplicate marked the claim, and the recovery point's end (`PEXPIRE`, `DEL`)
+///   only for a claim that saved or loaded a point through this store (and its clones).
 ///
 /// ```no_run
 /// use tower_idempotency::{store::RedisStore, IdempotencyLayer};
@@ -77,6 +85,42 @@ pub struct RedisStore {
     /// an `Arc`: the store is cloned for every keyed request, and a client owns its host name.
     client: Option<Arc<redis::Client>>,
     wake: Arc<Wake>,
+    /// The claims whose recovery point this store (and its clones) saved or loaded: only their
+    /// completions end a point.
+    points: Arc<KnownPoints>,
+}
+
+/// The claims, by owner token, that saved or loaded a recovery point through a store and its
+/// clones: their completion ends the point (the script's `DEL`, `PEXPIRE … LT` beside `SET …
+/// IFEQ`); any other completion sends no command for a point. Each claim leaves on its
+/// completion or release (done, or refused for a lapsed lease).
+#[derive(Default)]
+struct KnownPoints(std::sync::Mutex<std::collections::HashSet<u128>>);
+
+impl KnownPoints {
+    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u128>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self, token: &OwnerToken) {
+        self.set().insert(token.as_u128());
+    }
+
+    fn has(&self, token: &OwnerToken) -> bool {
+        let set = self.set();
+        !set.is_empty() && set.contains(&token.as_u128())
+    }
+
+    /// Forgets `token`'s point once `result` ended its claim (done, or a lapsed lease); a
+    /// store error leaves it, for the call's retry.
+    fn settle<T>(&self, token: &OwnerToken, result: &Result<T, StoreError>) {
+        if matches!(result, Ok(_) | Err(StoreError::LeaseLost)) {
+            let mut set = self.set();
+            if !set.is_empty() {
+                set.remove(&token.as_u128());
+            }
+        }
+    }
 }
 
 impl RedisStore {
@@ -276,6 +320,7 @@ impl RedisStore {
             opener: None,
             client: None,
             wake: Arc::default(),
+            points: Arc::default(),
             prefix: Arc::from("idempotency:"),
             scripts: Arc::new(Scripts {
                 plain_claim: std::sync::atomic::AtomicBool::new(true),
@@ -286,6 +331,7 @@ impl RedisStore {
                 release: Script::new(RELEASE),
                 save_point: Script::new(SAVE_POINT),
                 load_point: Script::new(LOAD_POINT),
+                mark_waited: Script::new(MARK_WAITED),
             }),
         }
     }
@@ -481,45 +527,48 @@ impl RedisStore {
     }
 
     /// A completion in plain commands, on a server whose `SET` takes `IFEQ` (Valkey 8.1 and
-    /// Redis 8.4 on): one round trip of three pipelined commands, cheaper for the server than
-    /// the completion script (no script entry, and each command runs once instead of through
-    /// `redis.call`).
+    /// Redis 8.4 on): one round trip, cheaper for the server than the completion script (no
+    /// script entry, and each command runs once instead of through `redis.call`).
     ///
-    /// 1. `PEXPIRE point ttl LT`: the key's recovery point, if any, expires no later than the
-    ///    record written next, so a later run of the key (once the record expired) never sees
-    ///    it. The script deletes it instead; it cannot be deleted here without knowing the
-    ///    claim is still the caller's. Should the lease have lapsed, a successor's point is
-    ///    kept too, at most shortened to this record's TTL.
+    /// 1. Only for a claim that saved or loaded a point (`point`): `PEXPIRE point ttl LT`, so
+    ///    the key's recovery point expires no later than the record written next, and a later
+    ///    run of the key (once the record expired) never sees it. The script deletes it
+    ///    instead; it cannot be deleted here without knowing the claim is still the caller's.
+    ///    Should the lease have lapsed, a successor's point is kept too, at most shortened to
+    ///    this record's TTL.
     /// 2. `SET key record PX ttl IFEQ claim`: the fence; it writes only over the caller's own
-    ///    claim.
-    /// 3. `PUBLISH`: wakes waiting duplicates (a spurious wake-up, should the `SET` not have
-    ///    written, costs them one more read).
+    ///    claim as written, not over one a waiting duplicate marked: that completion goes to
+    ///    the script, which also publishes the wake-up.
     ///
     /// `Ok(true)` when the record was written. `Ok(false)` when the completion script must
-    /// decide: the value was not the caller's claim (a completion retried after it was written,
-    /// or a lapsed lease: the script tells which), the server refused `IFEQ` (then every later
-    /// completion goes to the script at once), or any other answer of the server's (the
-    /// script's call reports it, through the same error handling as every other call).
+    /// decide: the value was not the caller's claim as written (a duplicate waits, a
+    /// completion retried after it was written, or a lapsed lease: the script tells which),
+    /// the server refused `IFEQ` (then every later completion goes to the script at once), or
+    /// any other answer of the server's (the script's call reports it, through the same error
+    /// handling as every other call).
     async fn complete_conditional(
         &self,
         key: &str,
         token: &OwnerToken,
         record: &Record,
         ttl: Duration,
+        point: bool,
     ) -> Result<bool, StoreError> {
         let ms = millis(ttl);
-        // Each command sized once (one grown argument by argument reallocates its buffer each
-        // time); the record is most of the `SET`.
-        let named = 2 * (self.prefix.len() + key.len());
         // Every reply is kept, none marked `ignore()`d: redis-rs keeps those marks in a hashed
         // set that every pipeline builds and searches, which costs more than picking the reply
-        // by its place. The `SET`'s reply is the one after the `PEXPIRE`'s.
-        let mut pipe = redis::Pipeline::with_capacity(3);
+        // by its place. The `SET`'s reply is the last.
+        let mut pipe = redis::Pipeline::with_capacity(1 + usize::from(point));
         pipe.ignore_errors();
-        let point_key = self.point_key(key);
-        let mut pexpire = redis::Cmd::with_capacity(4, 64 + point_key.len());
-        pexpire.arg("PEXPIRE").arg(point_key).arg(ms).arg("LT");
-        pipe.add_command(pexpire);
+        if point {
+            let point_key = self.point_key(key);
+            let mut pexpire = redis::Cmd::with_capacity(4, 64 + point_key.len());
+            pexpire.arg("PEXPIRE").arg(point_key).arg(ms).arg("LT");
+            pipe.add_command(pexpire);
+        }
+        // Sized once (one grown argument by argument reallocates its buffer each time); the
+        // record is most of it.
+        let named = self.prefix.len() + key.len();
         let mut set = redis::Cmd::with_capacity(7, 128 + named + record.payload().len());
         set.arg("SET")
             .arg(Prefixed(&self.prefix, key))
@@ -529,17 +578,11 @@ impl RedisStore {
             .arg("IFEQ")
             .arg(&claim_value(token)[..]);
         pipe.add_command(set);
-        let mut publish = redis::Cmd::with_capacity(3, 64 + named + WAKE_CHANNEL.len());
-        publish
-            .arg("PUBLISH")
-            .arg(Prefixed(&self.prefix, WAKE_CHANNEL))
-            .arg(Prefixed(&self.prefix, key));
-        pipe.add_command(publish);
         let reply: Vec<Value> = pipe
             .query_async(&mut self.connection.clone())
             .await
             .map_err(StoreError::backend)?;
-        match reply.get(1) {
+        match reply.last() {
             Some(Value::Okay) => Ok(true),
             Some(Value::ServerError(error)) if refuses_ifeq(error) => {
                 tracing::info!(error = %redis::RedisError::from(error.clone()), "this Redis refuses SET IFEQ (before Valkey 8.1 and Redis 8.4): completions use a Lua script");
@@ -548,6 +591,19 @@ impl RedisStore {
             }
             _ => Ok(false),
         }
+    }
+
+    /// Marks `key`'s claim as waited for (see `MARK_WAITED`): `true` while the key is in
+    /// flight, `false` once it is not (claim again).
+    async fn mark_waited(&self, key: &str) -> Result<bool, StoreError> {
+        let marked: i64 = self
+            .scripts
+            .mark_waited
+            .key(self.redis_key(key))
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(marked == 1)
     }
 
     /// What the store holds for `key`: `GET` and `PTTL` in one script.
@@ -830,13 +886,19 @@ impl Store for RedisStore {
         record: Record,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let written = self.scripts.conditional_set.load(Ordering::Relaxed)
-            && self.complete_conditional(key, token, &record, ttl).await?;
-        if !written {
+        let point = self.points.has(token);
+        let written = async {
+            if self.scripts.conditional_set.load(Ordering::Relaxed)
+                && self
+                    .complete_conditional(key, token, &record, ttl, point)
+                    .await?
+            {
+                return Ok(());
+            }
             self.owner_checked_with(
                 &self.scripts.complete,
                 key,
-                Some(self.point_key(key)),
+                point.then(|| self.point_key(key)),
                 token,
                 record.payload().len(),
                 (
@@ -845,8 +907,11 @@ impl Store for RedisStore {
                     Prefixed(&self.prefix, WAKE_CHANNEL),
                 ),
             )
-            .await?;
+            .await
         }
+        .await;
+        self.points.settle(token, &written);
+        written?;
         // Written; not acknowledged by the replicas in time, it fails as a store error and the
         // layer retries it (a second completion with the same record succeeds).
         self.replicated(key).await
@@ -869,6 +934,7 @@ impl Store for RedisStore {
             (&value[..], millis(ttl)),
         )
         .await?;
+        self.points.add(token);
         // Written; not acknowledged by the replicas in time, it fails as a store error: the
         // handler is told, and the point may be lost in a failover.
         self.replicated(key).await
@@ -891,6 +957,7 @@ impl Store for RedisStore {
         match reply {
             Value::Array(items) => match items.as_slice() {
                 [Value::Int(1), Value::BulkString(point)] => {
+                    self.points.add(token);
                     Ok(Some(RecoveryPoint::decode(Bytes::from(point.clone()))?))
                 }
                 [Value::Int(1)] | [Value::Int(1), Value::Nil] => Ok(None),
@@ -902,18 +969,38 @@ impl Store for RedisStore {
     }
 
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
-        self.owner_checked(
-            &self.scripts.release,
-            key,
-            token,
-            Prefixed(&self.prefix, WAKE_CHANNEL),
-        )
-        .await
+        let released = self
+            .owner_checked(
+                &self.scripts.release,
+                key,
+                token,
+                Prefixed(&self.prefix, WAKE_CHANNEL),
+            )
+            .await;
+        self.points.settle(token, &released);
+        released
     }
 
+    /// Waits for the key's claim to end: registers this waiter, then marks the claim (so that
+    /// its completion or release publishes), then waits for the notification, at most about
+    /// 2 s. In that order, a completion that lands while the duplicate starts waiting either
+    /// comes after the mark (and publishes, to a waiter already registered) or before it (the
+    /// mark finds no claim, and the caller claims again at once). While the subscriber is down,
+    /// or the mark fails, the waiter backs off instead.
     async fn wait(&self, key: &str, attempt: u32) {
         self.start_subscriber();
-        self.wake.wakers.wait(&self.redis_key(key), attempt).await;
+        let wakers = &self.wake.wakers;
+        if !wakers.is_listening() {
+            return wakers.wait(key, attempt).await;
+        }
+        let waiter = wakers.register(&self.redis_key(key));
+        match self.mark_waited(key).await {
+            Ok(true) => {
+                super::waker::Wakers::wait_on(waiter, super::waker::listening_bound()).await
+            }
+            Ok(false) => {}
+            Err(_) => tokio::time::sleep(super::backoff_with_jitter(attempt, super::POLL)).await,
+        }
     }
 }
 

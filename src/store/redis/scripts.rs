@@ -17,26 +17,29 @@ end
 return {1, redis.call('PTTL', KEYS[1])}
 ";
 
-/// Owner-checked calls: compare the stored claim with the caller's before acting.
+/// Owner-checked calls: compare the stored claim with the caller's (`ARGV[1]`), as written or
+/// as a waiting duplicate marked it (followed by `W`), before acting.
 pub(super) const RENEW: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local value = redis.call('GET', KEYS[1])
+if value == ARGV[1] or value == ARGV[1] .. 'W' then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 ";
 
-/// Completion and release also publish the key on the store's channel (ARGV's last), so that
-/// duplicates waiting in other processes wake at once.
-/// The key's recovery point (`KEYS[2]`, when given) is deleted with the claim: the record
-/// supersedes it.
+/// Completion and release publish the key on the store's channel (ARGV's last) when a
+/// duplicate marked the claim (it waits, maybe in another process): only then.
+/// The key's recovery point (`KEYS[2]`, given when the caller knows of one) is deleted with the
+/// claim: the record supersedes it.
 /// Completing twice with the same record is a success (a completion retried because replicas
 /// had not acknowledged it yet).
 pub(super) const COMPLETE: &str = r"
 local value = redis.call('GET', KEYS[1])
-if value == ARGV[1] then
+local waited = value ~= ARGV[1] and value == ARGV[1] .. 'W'
+if waited or value == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   if KEYS[2] then redis.call('DEL', KEYS[2]) end
-  redis.call('PUBLISH', ARGV[4], KEYS[1])
+  if waited then redis.call('PUBLISH', ARGV[4], KEYS[1]) end
   return 1
 end
 if value == ARGV[2] then
@@ -47,7 +50,8 @@ return 0
 
 /// Saves a recovery point (`KEYS[2]`) for the owner of the claim on `KEYS[1]` only.
 pub(super) const SAVE_POINT: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local value = redis.call('GET', KEYS[1])
+if value == ARGV[1] or value == ARGV[1] .. 'W' then
   redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
   return 1
 end
@@ -56,19 +60,40 @@ return 0
 
 /// The recovery point (`KEYS[2]`), for the owner of the claim on `KEYS[1]` only.
 pub(super) const LOAD_POINT: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local value = redis.call('GET', KEYS[1])
+if value == ARGV[1] or value == ARGV[1] .. 'W' then
   return {1, redis.call('GET', KEYS[2])}
 end
 return {0}
 ";
 
 pub(super) const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local value = redis.call('GET', KEYS[1])
+if value == ARGV[1] or value == ARGV[1] .. 'W' then
   redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], KEYS[1])
+  if value ~= ARGV[1] then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
   return 1
 end
 return 0
+";
+
+/// A duplicate about to wait marks the claim it waits for, so that the owner's completion or
+/// release publishes the key: a claim of version 2 (`C`, 2, 16 bytes of token) gets `W`
+/// appended, its TTL kept (`PTTL` then `PX`: `KEEPTTL` needs Redis 6.0). 1 while the key is
+/// in flight (marked now or before, or an earlier release's claim, whose owner publishes every
+/// completion and which is left as it is); 0 when it is not (a record, or nothing: claim again).
+pub(super) const MARK_WAITED: &str = r"
+local value = redis.call('GET', KEYS[1])
+if not value or string.byte(value, 1) ~= 67 then
+  return 0
+end
+if string.byte(value, 2) == 2 and #value == 18 then
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then
+    redis.call('SET', KEYS[1], value .. 'W', 'PX', ttl)
+  end
+end
+return 1
 ";
 
 /// `GET` and `PTTL` in one round trip, for operators.
@@ -92,4 +117,5 @@ pub(super) struct Scripts {
     pub(super) release: Script,
     pub(super) save_point: Script,
     pub(super) load_point: Script,
+    pub(super) mark_waited: Script,
 }
