@@ -151,21 +151,9 @@ where
             .body(Body::from("{\"amount\":1}"))
             .unwrap()
     };
-    let first = service
-        .ready()
-        .await
-        .unwrap()
-        .call(request())
-        .await
-        .unwrap();
+    let first = send(&mut service, request()).await;
     let first = seen(first).await;
-    let retry = service
-        .ready()
-        .await
-        .unwrap()
-        .call(request())
-        .await
-        .unwrap();
+    let retry = send(&mut service, request()).await;
     (first, seen(retry).await)
 }
 
@@ -242,6 +230,15 @@ proptest! {
     }
 }
 
+/// `request`'s answer from `service`.
+async fn send<S>(service: &mut S, request: Request<Body>) -> S::Response
+where
+    S: Service<Request<Body>>,
+    S::Error: std::fmt::Debug,
+{
+    service.ready().await.unwrap().call(request).await.unwrap()
+}
+
 /// The memory store keeps the handler's body as the handler's bytes: a replay answers the very
 /// allocation the handler gave (no copy into a sealed payload, none out of it).
 #[tokio::test]
@@ -258,21 +255,9 @@ async fn a_memory_store_replay_answers_the_handlers_own_bytes() {
             .body(Body::empty())
             .unwrap()
     };
-    let first = service
-        .ready()
-        .await
-        .unwrap()
-        .call(request())
-        .await
-        .unwrap();
+    let first = send(&mut service, request()).await;
     first.into_body().collect().await.unwrap();
-    let retry = service
-        .ready()
-        .await
-        .unwrap()
-        .call(request())
-        .await
-        .unwrap();
+    let retry = send(&mut service, request()).await;
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
     let mut body = retry.into_body();
     let frame = body.frame().await.unwrap().unwrap();
@@ -302,7 +287,7 @@ async fn shared_bodies_are_charged_to_the_memory_store_capacity() {
             .header("idempotency-key", format!("k-{i}"))
             .body(Body::empty())
             .unwrap();
-        let response = service.ready().await.unwrap().call(request).await.unwrap();
+        let response = send(&mut service, request).await;
         response.into_body().collect().await.unwrap();
     }
     let held = store.record_count();
