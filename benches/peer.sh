@@ -21,7 +21,7 @@ MODE=${MODE:-timed}
 source benches/layer_bin.sh
 LAYER=$BIN
 (cd benches/peer && cargo build -q --release --ignore-rust-version)
-PEER=$PWD/benches/peer/target/release/tower-idempotency-peer-bench
+PEER=${CARGO_TARGET_DIR:-$PWD/benches/peer/target}/release/tower-idempotency-peer-bench
 if [[ $MODE == instructions ]]; then
   for who in layer peer; do
     echo "== $who"

@@ -150,15 +150,15 @@ impl<B> Captured<B> {
             .whole
             .then(|| self.frames.iter().filter_map(Frame::data_ref));
         let trailers = self.frames.iter().find_map(Frame::trailers_ref);
-        let (payload, decoded_weight) = record::encode(
+        record::record(
+            fingerprint,
             self.head.status,
             &self.head.headers,
             keep,
             carried,
             body,
             trailers.filter(|_| self.whole),
-        );
-        Record::new(fingerprint, payload).with_memo_weight(decoded_weight)
+        )
     }
 }
 

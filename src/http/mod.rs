@@ -42,7 +42,7 @@ pub use service::Idempotency;
 
 /// The status of the response a record holds, if it decodes as one.
 pub(crate) fn stored_status(record: &crate::store::Record) -> Option<http::StatusCode> {
-    record::decode(record.payload())
+    record::decode_record(record, 0, true)
         .ok()
         .map(|stored| stored.status)
 }
@@ -50,7 +50,7 @@ pub(crate) fn stored_status(record: &crate::store::Record) -> Option<http::Statu
 /// The record decoder's fuzz entry point: decode; what decodes re-encodes to the same response.
 pub(crate) fn fuzz_record(data: &[u8]) {
     if let Ok(stored) = record::decode(&bytes::Bytes::copy_from_slice(data)) {
-        let body = (!stored.body_omitted).then(|| std::iter::once(&stored.body));
+        let body = (!stored.body_omitted).then(|| stored.body.iter());
         let encoded = record::encode(
             stored.status,
             &stored.headers,

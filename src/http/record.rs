@@ -21,6 +21,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::store::seal::{self, Unreadable};
+use crate::store::{Chunks, Record};
 
 const MAGIC: &[u8; 2] = b"TI";
 /// The version written: 2's layout inside the integrity envelope.
@@ -41,7 +42,8 @@ pub(crate) struct StoredResponse {
     pub(crate) headers: HeaderMap,
     /// Request headers of the original carried into replays (`original-<name>`).
     pub(crate) carried: Vec<(HeaderName, HeaderValue)>,
-    pub(crate) body: Bytes,
+    /// The body, as the handler gave it (its chunks), or a slice of the payload it was read from.
+    pub(crate) body: Chunks,
     pub(crate) body_omitted: bool,
     /// The trailers the response ended with, if any.
     pub(crate) trailers: Option<HeaderMap>,
@@ -100,33 +102,34 @@ fn name_bytes(name: &HeaderName) -> usize {
     }
 }
 
-/// Encodes a response head and body (`body` is `None` when it was too large to keep), and
-/// tells what the response takes in memory once decoded beyond its body and header values
-/// (which share the record's bytes): the `Arc` of the decoded struct, its header maps (sized
-/// as `decode_with_room` sizes them, with a replay's room in the first), the carried headers'
-/// `Vec`, custom names' copies, each as the allocator rounds it. A store that keeps decoded
-/// records charges it (see `Record::with_memo_weight`); `tests/isolated/decoded.rs` checks it
-/// against the resident memory kept decoded forms take.
-pub(crate) fn encode<'a>(
+/// The record of a response: its head encoded, its body (`None` when it was too large to keep)
+/// kept as the given chunks, not copied (see [`Record`]: the sealed payload, the head and body
+/// inside the integrity envelope, is built only if a store asks for it).
+///
+/// Its memo weight is what the response takes in memory once decoded beyond its body and
+/// header values (which share the record's bytes): the `Arc` of the decoded struct, its header
+/// maps (sized as `decode_with_room` sizes them, with a replay's room in the first), the carried
+/// headers' `Vec`, custom names' copies, each as the allocator rounds it. A store that keeps
+/// decoded records charges it (see `Record::with_memo_weight`); `tests/isolated/decoded.rs`
+/// checks it against the resident memory kept decoded forms take.
+pub(crate) fn record<'a>(
+    fingerprint: Option<u128>,
     status: StatusCode,
     headers: &HeaderMap,
     keep: impl Fn(&HeaderName) -> bool,
     carried: &[(HeaderName, HeaderValue)],
-    body: Option<impl Iterator<Item = &'a Bytes> + Clone>,
+    body: Option<impl Iterator<Item = &'a Bytes>>,
     trailers: Option<&HeaderMap>,
-) -> (Bytes, u32) {
+) -> Record {
     // The `Arc` of the decoded response (two counts before it).
     let mut weight = chunk(16 + std::mem::size_of::<StoredResponse>());
-    let body_len: usize = body
-        .clone()
-        .map_or(0, |chunks| chunks.map(Bytes::len).sum());
     let kept = || headers.iter().filter(|(name, _)| keep(name));
     let head_len: usize = kept().map(|(n, v)| header_len(n, v)).sum::<usize>()
         + carried.iter().map(|(n, v)| header_len(n, v)).sum::<usize>()
         + trailers.map_or(0, |t| {
             t.iter().map(|(n, v)| header_len(n, v)).sum::<usize>()
         });
-    let mut buf = seal::start(MAGIC, VERSION, 9 + head_len + body_len);
+    let mut buf = BytesMut::with_capacity(9 + head_len);
     let mut flags = if body.is_some() { 0 } else { FLAG_BODY_OMITTED };
     if trailers.is_some() {
         flags |= FLAG_TRAILERS;
@@ -158,10 +161,24 @@ pub(crate) fn encode<'a>(
     weight += header_map_bytes(usize::from(count) + REPLAY_ADDS)
         + chunk(std::mem::size_of_val(carried))
         + trailers.map_or(0, |t| header_map_bytes(t.len()));
-    for piece in body.into_iter().flatten() {
-        buf.put_slice(piece);
-    }
-    (seal::finish(buf), u32::try_from(weight).unwrap_or(u32::MAX))
+    let body = body.map_or_else(Chunks::default, Chunks::collect);
+    Record::in_parts(fingerprint, (MAGIC, VERSION), buf.freeze(), body)
+        .with_memo_weight(u32::try_from(weight).unwrap_or(u32::MAX))
+}
+
+/// The sealed payload of a response (what [`record`] makes, as one buffer), and its memo
+/// weight.
+pub(crate) fn encode<'a>(
+    status: StatusCode,
+    headers: &HeaderMap,
+    keep: impl Fn(&HeaderName) -> bool,
+    carried: &[(HeaderName, HeaderValue)],
+    body: Option<impl Iterator<Item = &'a Bytes>>,
+    trailers: Option<&HeaderMap>,
+) -> (Bytes, u32) {
+    let record = record(None, status, headers, keep, carried, body, trailers);
+    let weight = record.memo_weight();
+    (record.into_payload(), weight)
 }
 
 /// Reads a record's fields from the payload, borrowed: only what a decoded response keeps (its
@@ -299,7 +316,38 @@ pub(crate) fn decode_with_room(
         0 => return Err(Unreadable::Damaged("version 0")),
         newer => return Err(Unreadable::Newer(newer)),
     };
-    let mut r = Reader { buf: payload, pos };
+    decode_content(Reader { buf: payload, pos }, version, extra, None)
+}
+
+/// Decodes a record: one held in parts from its head, its body shared as it is (no payload is
+/// built, no checksum needed: its bytes never left the process); else its payload.
+pub(crate) fn decode_record(
+    record: &Record,
+    extra: usize,
+    checksum: bool,
+) -> Result<StoredResponse, Unreadable> {
+    match record.parts() {
+        Some(parts) => decode_content(
+            Reader {
+                buf: &parts.head,
+                pos: 0,
+            },
+            VERSION,
+            extra,
+            Some(&parts.body),
+        ),
+        None => decode_with_room(record.payload(), extra, checksum),
+    }
+}
+
+/// Decodes the content of a record of `version` from `r`: its head, then its body (the rest of
+/// the buffer, or `body` when the record keeps it apart, `r` then holding the head only).
+fn decode_content(
+    mut r: Reader<'_>,
+    version: u8,
+    extra: usize,
+    body: Option<&Chunks>,
+) -> Result<StoredResponse, Unreadable> {
     let flags = r.u8()?;
     let status = StatusCode::from_u16(r.u16()?).map_err(|_| MALFORMED)?;
     let headers = r.header_map(extra)?;
@@ -312,7 +360,11 @@ pub(crate) fn decode_with_room(
     } else {
         None
     };
-    let body = r.buf.slice(r.pos..);
+    let body = match body {
+        Some(body) if r.pos == r.buf.len() => body.clone(),
+        Some(_) => return Err(MALFORMED),
+        None => Chunks::One(r.buf.slice(r.pos..)),
+    };
     let body_omitted = flags & FLAG_BODY_OMITTED != 0;
     if body_omitted && !body.is_empty() {
         // `encode` writes no body for an omitted one: these bytes are not ours.
@@ -403,7 +455,7 @@ mod tests {
         assert_eq!(decoded.status, StatusCode::CREATED);
         assert_eq!(decoded.headers, headers);
         assert_eq!(decoded.carried, carried);
-        assert_eq!(decoded.body, Bytes::from_static(b"{\"id\":1}"));
+        assert_eq!(decoded.body.to_bytes(), Bytes::from_static(b"{\"id\":1}"));
         assert!(!decoded.body_omitted);
         assert_eq!(decoded.trailers, None);
     }
@@ -427,7 +479,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(decoded.trailers, Some(trailers));
-        assert_eq!(decoded.body, body[0]);
+        assert_eq!(decoded.body.to_bytes(), body[0]);
     }
 
     /// Records written before trailers were kept (version 1) still replay.
@@ -437,7 +489,7 @@ mod tests {
         let decoded = decode(&Bytes::from_static(v1)).unwrap();
         assert_eq!(decoded.status, StatusCode::CREATED);
         assert_eq!(decoded.headers["content-type"], "application/json");
-        assert_eq!(decoded.body, "{}");
+        assert_eq!(decoded.body.to_bytes(), "{}");
         assert_eq!(decoded.trailers, None);
     }
 
@@ -521,7 +573,7 @@ mod tests {
             assert_eq!(decoded.status, StatusCode::CREATED, "version {version}");
             assert_eq!(decoded.headers["content-type"], "application/json");
             assert_eq!(decoded.carried[0].1, "r-1");
-            assert_eq!(decoded.body, "{\"id\":1}", "version {version}");
+            assert_eq!(decoded.body.to_bytes(), "{\"id\":1}", "version {version}");
             let trailers = decoded.trailers.map(|t| t["grpc-status"].clone());
             assert_eq!(
                 trailers,
@@ -550,11 +602,69 @@ mod tests {
         .0;
         let hex: String = encoded.iter().map(|b| format!("\\x{b:02x}")).collect();
         assert_eq!(&encoded[..3], b"TI\x03", "{hex}");
-        assert_eq!(decode(&encoded).unwrap().body, "{\"id\":1}", "{hex}");
+        assert_eq!(
+            decode(&encoded).unwrap().body.to_bytes(),
+            "{\"id\":1}",
+            "{hex}"
+        );
         assert_eq!(
             &encoded[3..15],
             &b"\x00\x00\x00\x46\x6e\x88\x1f\xfa\xc0\x8c\xab\x84"[..],
             "{hex}"
         );
+    }
+
+    proptest::proptest! {
+        /// A record held in parts decodes (from its head, its body shared) to what its sealed
+        /// payload decodes to, checksum checked: every shape, many chunks, empty ones, an
+        /// omitted body, trailers.
+        #[test]
+        fn a_record_in_parts_decodes_as_its_sealed_payload(
+            status in 200u16..600,
+            headers in proptest::collection::vec(("x-[a-z]{1,6}", "[ -~]{0,20}"), 0..5),
+            carried in proptest::option::of("[ -~]{0,12}"),
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..200), 0..5),
+            omitted in proptest::bool::ANY,
+            trailers in proptest::option::of(proptest::collection::vec(("t-[a-z]{1,4}", "[0-9]{0,3}"), 0..3)),
+        ) {
+            let map = |pairs: &[(String, String)]| {
+                let mut map = HeaderMap::new();
+                for (name, value) in pairs {
+                    map.append(
+                        HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                        HeaderValue::from_str(value).unwrap(),
+                    );
+                }
+                map
+            };
+            let headers = map(&headers);
+            let trailers = trailers.map(|t| map(&t));
+            let carried: Vec<_> = carried
+                .map(|v| (HeaderName::from_static("x-request-id"), HeaderValue::from_str(&v).unwrap()))
+                .into_iter()
+                .collect();
+            let chunks: Vec<Bytes> = chunks.into_iter().map(Bytes::from).collect();
+            let record = record(
+                Some(7),
+                StatusCode::from_u16(status).unwrap(),
+                &headers,
+                |_| true,
+                &carried,
+                (!omitted).then(|| chunks.iter()),
+                trailers.as_ref(),
+            );
+            let from_parts = decode_record(&record, REPLAY_ADDS, true).unwrap();
+            let payload = record.payload().clone();
+            proptest::prop_assert_eq!(&payload[..3], b"TI\x03");
+            let from_payload = decode(&payload).unwrap();
+            proptest::prop_assert_eq!(from_parts.body.to_bytes(), from_payload.body.to_bytes());
+            let whole: Vec<u8> = if omitted { Vec::new() } else { chunks.concat() };
+            proptest::prop_assert_eq!(from_parts.body.to_bytes(), Bytes::from(whole));
+            let strip = |mut s: StoredResponse| { s.body = Chunks::default(); s };
+            proptest::prop_assert_eq!(strip(from_parts), strip(from_payload));
+            proptest::prop_assert_eq!(record.payload_len(), payload.len());
+            // Kept: a second call builds nothing.
+            proptest::prop_assert!(std::ptr::eq(record.payload().as_ptr(), payload.as_ptr()));
+        }
     }
 }

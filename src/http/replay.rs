@@ -14,7 +14,7 @@ use super::record;
 use super::response_body::ResponseBody;
 use crate::protocol::{self, Outcome};
 use crate::store::seal::{self, Unreadable};
-use crate::store::{Memo, Record};
+use crate::store::{Chunks, Memo, Record};
 use crate::BoxError;
 
 /// The header every replay carries (`idempotent-replayed: true`).
@@ -86,9 +86,10 @@ where
         let checksum = !record.in_process();
         let decoded = match record.memo() {
             // A record the store keeps decoded: decoded by its first replay only.
-            Some(memo) => remembered(memo, record.payload(), checksum).map(Decoded::Shared),
-            None => record::decode_with_room(record.payload(), record::REPLAY_ADDS, checksum)
-                .map(Decoded::Owned),
+            Some(memo) => remembered(memo, &record, checksum).map(Decoded::Shared),
+            None => {
+                record::decode_record(&record, record::REPLAY_ADDS, checksum).map(Decoded::Owned)
+            }
         };
         match decoded {
             Ok(stored) => {
@@ -124,11 +125,11 @@ impl Decoded {
     }
 }
 
-/// The decoded form kept in `memo`, decoding `payload` into it the first time. A record that
+/// The decoded form kept in `memo`, decoding `record` into it the first time. A record that
 /// cannot be decoded keeps nothing (each replay reports it).
 fn remembered(
     memo: &Memo,
-    payload: &bytes::Bytes,
+    record: &Record,
     checksum: bool,
 ) -> Result<Arc<record::StoredResponse>, Unreadable> {
     if let Some(kept) = memo.get() {
@@ -136,7 +137,7 @@ fn remembered(
             return Ok(stored);
         }
     }
-    let mut stored = record::decode_with_room(payload, record::REPLAY_ADDS, checksum)?;
+    let mut stored = record::decode_record(record, record::REPLAY_ADDS, checksum)?;
     mark_replay(&mut stored.headers, stored.body_omitted);
     let stored = Arc::new(stored);
     // Another replay may have filled it meanwhile: both decoded the same bytes.
@@ -217,10 +218,14 @@ fn carry(
 fn ready<B>(
     status: http::StatusCode,
     headers: HeaderMap,
-    body: bytes::Bytes,
+    body: Chunks,
     trailers: Option<HeaderMap>,
 ) -> Response<ResponseBody<B>> {
-    let mut response = Response::new(ResponseBody::full_with_trailers(body, trailers));
+    let body = match body {
+        Chunks::One(body) => ResponseBody::full_with_trailers(body, trailers),
+        Chunks::Many(chunks) => ResponseBody::chunks(chunks, trailers),
+    };
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
@@ -236,18 +241,18 @@ mod tests {
         headers.append("set-cookie", HeaderValue::from_static("a=1"));
         headers.append("set-cookie", HeaderValue::from_static("b=2"));
         let body = bytes::Bytes::from_static(b"{}");
-        let payload = record::encode(
+        let record = record::record(
+            None,
             http::StatusCode::CREATED,
             &headers,
             |_| true,
             &[],
             Some(std::iter::once(&body)),
             None,
-        )
-        .0;
+        );
         let memo = Memo::new();
-        let first = remembered(&memo, &payload, true).unwrap();
-        let again = remembered(&memo, &payload, true).unwrap();
+        let first = remembered(&memo, &record, true).unwrap();
+        let again = remembered(&memo, &record, true).unwrap();
         assert!(
             Arc::ptr_eq(&first, &again),
             "the second replay decodes nothing"
@@ -262,7 +267,7 @@ mod tests {
     #[test]
     fn a_record_that_does_not_decode_keeps_nothing() {
         let memo = Memo::new();
-        let junk = bytes::Bytes::from_static(b"TI\x03junk");
+        let junk = Record::new(None, bytes::Bytes::from_static(b"TI\x03junk"));
         assert!(remembered(&memo, &junk, true).is_err());
         assert!(memo.get().is_none());
     }

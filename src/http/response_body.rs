@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -25,6 +26,7 @@ pin_project_lite::pin_project! {
         Inner { #[pin] body: B },
         Prefixed { prefix: VecDeque<Frame<Bytes>>, rest: Pin<Box<B>> },
         Full { data: Option<Bytes>, trailers: Option<http::HeaderMap> },
+        Chunks { chunks: Arc<[Bytes]>, next: usize, trailers: Option<http::HeaderMap> },
     }
 }
 
@@ -47,6 +49,18 @@ impl<B> ResponseBody<B> {
     }
 
     /// A stored body, then the trailers it ended with (a replay).
+    /// A body of `chunks` (shared, answered one frame each, as they were produced), then
+    /// `trailers`.
+    pub(crate) fn chunks(chunks: Arc<[Bytes]>, trailers: Option<http::HeaderMap>) -> Self {
+        Self {
+            kind: Kind::Chunks {
+                chunks,
+                next: 0,
+                trailers,
+            },
+        }
+    }
+
     pub(crate) fn full_with_trailers(data: Bytes, trailers: Option<http::HeaderMap>) -> Self {
         Self {
             kind: Kind::Full {
@@ -92,6 +106,20 @@ where
                     .or_else(|| trailers.take().map(Frame::trailers))
                     .map(Ok),
             ),
+            KindProj::Chunks {
+                chunks,
+                next,
+                trailers,
+            } => Poll::Ready(
+                match chunks.get(*next) {
+                    Some(chunk) => {
+                        *next += 1;
+                        Some(Frame::data(chunk.clone()))
+                    }
+                    None => trailers.take().map(Frame::trailers),
+                }
+                .map(Ok),
+            ),
         }
     }
 
@@ -100,6 +128,11 @@ where
             Kind::Inner { body } => body.is_end_stream(),
             Kind::Prefixed { prefix, rest } => prefix.is_empty() && rest.is_end_stream(),
             Kind::Full { data, trailers } => data.is_none() && trailers.is_none(),
+            Kind::Chunks {
+                chunks,
+                next,
+                trailers,
+            } => *next >= chunks.len() && trailers.is_none(),
         }
     }
 
@@ -122,6 +155,14 @@ where
             Kind::Full { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
+            Kind::Chunks { chunks, next, .. } => SizeHint::with_exact(
+                chunks
+                    .get(*next..)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|c| c.len() as u64)
+                    .sum(),
+            ),
         }
     }
 }
@@ -132,6 +173,7 @@ impl<B> fmt::Debug for ResponseBody<B> {
             Kind::Inner { .. } => "inner",
             Kind::Prefixed { .. } => "prefixed",
             Kind::Full { .. } => "full",
+            Kind::Chunks { .. } => "chunks",
         };
         f.debug_struct("ResponseBody").field("kind", &kind).finish()
     }

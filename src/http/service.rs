@@ -676,15 +676,15 @@ fn record_of_full<B>(
     let (head, body) = response.into_parts();
     let (data, trailers) = body.into_full();
     let frames = data.into_iter().collect::<Vec<_>>();
-    let (payload, weight) = super::record::encode(
+    super::record::record(
+        fingerprint,
         head.status,
         &head.headers,
         |name| config.stores_header(name),
         carried,
         Some(frames.iter()),
         trailers.as_ref(),
-    );
-    crate::store::Record::new(fingerprint, payload).with_memo_weight(weight)
+    )
 }
 
 /// The captured answer when it is to be stored; otherwise the answer to give while the key is

@@ -275,7 +275,7 @@ enum Pending {
 impl Pending {
     fn bytes(&self) -> u64 {
         match self {
-            Pending::Complete(record, _) => record.payload().len() as u64,
+            Pending::Complete(record, _) => record.payload_len() as u64,
             Pending::Release => 0,
         }
     }

@@ -220,7 +220,7 @@ impl MemoryStoreBuilder {
                             .memo()
                             .map_or(0, |_| MEMO_SLOT + u64::from(record.memo_weight()));
                         stored.key.len() as u64
-                            + record.payload().len() as u64
+                            + record.held_bytes() as u64
                             + memo
                             + RECORD_OVERHEAD
                     }

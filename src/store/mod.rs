@@ -138,10 +138,17 @@ impl fmt::Display for OwnerToken {
 /// The payload is opaque to the store (the HTTP layer encodes a response into it, the consumer
 /// adapter a serialised outcome); cloning a record is cheap (the payload is reference counted).
 /// Two records are equal when their fingerprints and payloads are.
+///
+/// A record the HTTP layer makes is held in two parts until a payload is asked for: the
+/// response head, encoded, and the body as the handler's own bytes (its chunks, never copied).
+/// The memory store keeps it so and replays from it. [`payload`](Self::payload) builds the
+/// single sealed buffer (the integrity envelope around head and body) the first time it is
+/// called, and keeps it: a store that sends or writes the record (SQLite, PostgreSQL, Redis, a
+/// custom store) gets the same bytes as from a record made with [`Record::new`].
 #[derive(Clone)]
 pub struct Record {
     fingerprint: Option<u128>,
-    payload: Bytes,
+    content: Content,
     /// The decoded form of the payload, kept by a store that hands out clones of one record
     /// (the memory store), so that its replays decode it once. See [`Memo`].
     memo: Option<Arc<Memo>>,
@@ -153,13 +160,115 @@ pub struct Record {
     in_process: bool,
 }
 
+/// A record's outcome: one serialised payload, or a head and a body not yet put together.
+#[derive(Clone)]
+enum Content {
+    Payload(Bytes),
+    Parts(Arc<Parts>),
+}
+
+/// A record held in parts (see [`Record`]): what its sealed payload is made of, and that
+/// payload once something asked for it.
+pub(crate) struct Parts {
+    magic: [u8; 2],
+    version: u8,
+    /// The encoded head: what the sealed payload holds between its envelope and its body.
+    pub(crate) head: Bytes,
+    /// The body, as the writer gave it.
+    pub(crate) body: Chunks,
+    sealed: std::sync::OnceLock<Bytes>,
+}
+
+impl Parts {
+    /// The length of the payload these parts seal into.
+    fn payload_len(&self) -> usize {
+        seal::HEADER_LEN + self.head.len() + self.body.len()
+    }
+
+    fn seal(&self) -> Bytes {
+        use bytes::BufMut;
+        let mut buf = seal::start(&self.magic, self.version, self.head.len() + self.body.len());
+        buf.put_slice(&self.head);
+        for chunk in self.body.iter() {
+            buf.put_slice(chunk);
+        }
+        seal::finish(buf)
+    }
+}
+
+/// A body as its writer produced it: no bytes, one chunk, or several (their boundaries kept).
+/// Cloning shares the chunks.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Chunks {
+    /// One chunk (or none: an empty one).
+    One(Bytes),
+    /// Several chunks, in order.
+    Many(Arc<[Bytes]>),
+}
+
+impl Default for Chunks {
+    fn default() -> Self {
+        Chunks::One(Bytes::new())
+    }
+}
+
+impl Chunks {
+    /// The chunks of `pieces`, in order, empty ones left out.
+    pub(crate) fn collect<'a>(pieces: impl Iterator<Item = &'a Bytes>) -> Self {
+        let mut pieces = pieces.filter(|piece| !piece.is_empty());
+        let Some(first) = pieces.next() else {
+            return Chunks::default();
+        };
+        match pieces.next() {
+            None => Chunks::One(first.clone()),
+            Some(second) => {
+                let all: Vec<Bytes> = [first.clone(), second.clone()]
+                    .into_iter()
+                    .chain(pieces.cloned())
+                    .collect();
+                Chunks::Many(all.into())
+            }
+        }
+    }
+
+    /// The chunks, in order.
+    pub(crate) fn iter(&self) -> std::slice::Iter<'_, Bytes> {
+        match self {
+            Chunks::One(one) => std::slice::from_ref(one).iter(),
+            Chunks::Many(many) => many.iter(),
+        }
+    }
+
+    /// The body's length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Chunks::One(one) => one.len(),
+            Chunks::Many(many) => many.iter().map(Bytes::len).sum(),
+        }
+    }
+
+    /// Whether the body has no bytes.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The body as one buffer (a copy when it has several chunks).
+    #[cfg(test)]
+    pub(crate) fn to_bytes(&self) -> Bytes {
+        match self {
+            Chunks::One(one) => one.clone(),
+            Chunks::Many(many) => many.concat().into(),
+        }
+    }
+}
+
 /// The decoded form of a record's payload, filled by the first replay: the adapter that wrote
 /// it decodes (and checks) the payload once; later replays clone the result.
 pub(crate) type Memo = std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>;
 
 impl PartialEq for Record {
     fn eq(&self, other: &Self) -> bool {
-        self.fingerprint == other.fingerprint && self.payload == other.payload
+        self.fingerprint == other.fingerprint && self.payload() == other.payload()
     }
 }
 
@@ -169,9 +278,31 @@ impl Record {
     /// A record of `payload`, produced by a request whose fingerprint was `fingerprint`
     /// (`None` when fingerprints are not checked).
     pub fn new(fingerprint: Option<u128>, payload: impl Into<Bytes>) -> Self {
+        Self::of(fingerprint, Content::Payload(payload.into()))
+    }
+
+    /// A record held in parts: `head` and `body` are the content of an integrity envelope of
+    /// `magic` and `version` (see [`seal`]), which [`payload`](Self::payload) builds when asked.
+    pub(crate) fn in_parts(
+        fingerprint: Option<u128>,
+        (magic, version): (&[u8; 2], u8),
+        head: Bytes,
+        body: Chunks,
+    ) -> Self {
+        let parts = Parts {
+            magic: *magic,
+            version,
+            head,
+            body,
+            sealed: std::sync::OnceLock::new(),
+        };
+        Self::of(fingerprint, Content::Parts(Arc::new(parts)))
+    }
+
+    fn of(fingerprint: Option<u128>, content: Content) -> Self {
         Self {
             fingerprint,
-            payload: payload.into(),
+            content,
             memo: None,
             memo_weight: 0,
             in_process: false,
@@ -183,16 +314,60 @@ impl Record {
         self.fingerprint
     }
 
-    /// The stored outcome.
+    /// The stored outcome, as one buffer. For a record the HTTP layer made (held as a head and
+    /// the handler's body, see [`Record`]), the sealed payload is built by the first call and
+    /// kept for the later ones (and the record's clones).
     pub fn payload(&self) -> &Bytes {
-        &self.payload
+        match &self.content {
+            Content::Payload(payload) => payload,
+            Content::Parts(parts) => parts.sealed.get_or_init(|| parts.seal()),
+        }
     }
 
-    /// Takes the stored outcome.
+    /// Takes the stored outcome (see [`payload`](Self::payload)).
     pub fn into_payload(self) -> Bytes {
-        self.payload
+        match self.content {
+            Content::Payload(payload) => payload,
+            Content::Parts(_) => self.payload().clone(),
+        }
     }
 
+    /// The length of [`payload`](Self::payload), without building it.
+    pub(crate) fn payload_len(&self) -> usize {
+        match &self.content {
+            Content::Payload(payload) => payload.len(),
+            Content::Parts(parts) => parts.payload_len(),
+        }
+    }
+
+    /// What the record holds in memory beyond its own struct: its payload; or, held in parts,
+    /// its head, its body's bytes, the shared allocation that holds them (with the list of
+    /// chunks of a body of several), and the sealed payload if one was built. What a store
+    /// that keeps records in memory charges for it.
+    pub(crate) fn held_bytes(&self) -> usize {
+        match &self.content {
+            Content::Payload(payload) => payload.len(),
+            Content::Parts(parts) => {
+                let chunks = match &parts.body {
+                    Chunks::One(_) => 0,
+                    Chunks::Many(many) => 16 + std::mem::size_of_val::<[Bytes]>(many),
+                };
+                16 + std::mem::size_of::<Parts>()
+                    + parts.head.len()
+                    + parts.body.len()
+                    + chunks
+                    + parts.sealed.get().map_or(0, Bytes::len)
+            }
+        }
+    }
+
+    /// The head and body of a record held in parts (`None`: it is one payload).
+    pub(crate) fn parts(&self) -> Option<&Parts> {
+        match &self.content {
+            Content::Payload(_) => None,
+            Content::Parts(parts) => Some(parts),
+        }
+    }
     /// Says that the decoded form of this record takes about `weight` bytes, and may be kept.
     pub(crate) fn with_memo_weight(mut self, weight: u32) -> Self {
         self.memo_weight = weight;
@@ -236,7 +411,7 @@ impl fmt::Debug for Record {
                 "fingerprint",
                 &self.fingerprint.map(|v| format!("{v:032x}")),
             )
-            .field("payload_len", &self.payload.len())
+            .field("payload_len", &self.payload_len())
             .finish()
     }
 }

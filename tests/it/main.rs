@@ -31,6 +31,7 @@ mod memory_points;
 mod recovery_points;
 mod redis_failover;
 mod safe_defaults;
+mod shared_records;
 mod store_postgres;
 mod store_redis;
 mod store_redis_cluster;
