@@ -140,12 +140,25 @@ where
 impl<B> Captured<B> {
     /// The record of this answer: status, stored headers, carried request headers, and the
     /// body when it was read whole.
+    ///
+    /// The record shares the body's chunks (a store in this process keeps them as they are),
+    /// so each is first made to hold no more memory than it shows, give or take its spare
+    /// capacity (see [`held_alone`]): what a memory store charges is then what it keeps alive.
     pub(crate) fn record(
-        &self,
+        &mut self,
         fingerprint: Option<u128>,
         carried: &[(HeaderName, HeaderValue)],
         keep: impl Fn(&HeaderName) -> bool,
     ) -> Record {
+        let held: usize = if self.whole {
+            self.frames
+                .iter_mut()
+                .filter_map(Frame::data_mut)
+                .map(held_alone)
+                .sum()
+        } else {
+            0
+        };
         let body = self
             .whole
             .then(|| self.frames.iter().filter_map(Frame::data_ref));
@@ -159,6 +172,32 @@ impl<B> Captured<B> {
             body,
             trailers.filter(|_| self.whole),
         )
+        .holding_body(held)
+    }
+}
+
+/// Makes `data` a chunk a record may share without keeping more alive than it charges, and
+/// answers the bytes it keeps allocated. A chunk the response holds alone (a body built for
+/// this request: a `Vec`, a `String`, a `BytesMut`) is kept, charged its capacity, unless that
+/// is over twice its length (then it is copied to its length). A chunk shared with anything
+/// else (a slice of a larger buffer, a cached or static body) may keep any amount alive
+/// unseen: it is copied, once (the response then sends the copy).
+fn held_alone(data: &mut Bytes) -> usize {
+    let len = data.len();
+    match std::mem::take(data).try_into_mut() {
+        Ok(alone) if alone.capacity() <= 2 * len + 64 => {
+            let held = alone.capacity();
+            *data = alone.freeze();
+            held
+        }
+        Ok(spare) => {
+            *data = Bytes::copy_from_slice(&spare);
+            len
+        }
+        Err(shared) => {
+            *data = Bytes::copy_from_slice(&shared);
+            len
+        }
     }
 }
 
@@ -184,4 +223,42 @@ fn has_no_store(headers: &http::HeaderMap) -> bool {
             })
             .unwrap_or(false)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body built for the response, its capacity close to its length, is kept as it is and
+    /// charged that capacity.
+    #[test]
+    fn a_chunk_the_response_holds_alone_is_kept_and_charged_its_capacity() {
+        let mut data = Bytes::from(vec![1u8; 1000]);
+        let at = data.as_ptr();
+        assert_eq!(held_alone(&mut data), 1000);
+        assert_eq!(data.as_ptr(), at);
+        let mut grown = Vec::with_capacity(1500);
+        grown.extend_from_slice(&[2u8; 1000]);
+        let mut data = Bytes::from(grown);
+        assert_eq!(held_alone(&mut data), 1500);
+    }
+
+    /// Spare capacity over twice the length, or a chunk shared with anything else, is copied
+    /// to its length: what is charged is what stays allocated.
+    #[test]
+    fn a_chunk_with_much_spare_room_or_shared_is_copied_to_its_length() {
+        let mut roomy = Vec::with_capacity(1 << 20);
+        roomy.extend_from_slice(b"small");
+        let mut data = Bytes::from(roomy);
+        assert_eq!(held_alone(&mut data), 5);
+        assert_eq!(data.try_into_mut().unwrap().capacity(), 5);
+        let big = Bytes::from(vec![3u8; 4096]);
+        let mut slice = big.slice(..10);
+        assert_eq!(held_alone(&mut slice), 10);
+        assert_eq!(slice, big.slice(..10));
+        assert_ne!(slice.as_ptr(), big.as_ptr());
+        let mut fixed = Bytes::from_static(b"static");
+        assert_eq!(held_alone(&mut fixed), 6);
+        assert_eq!(fixed, "static");
+    }
 }

@@ -607,7 +607,7 @@ where
                 let answer = Problem::Plain(ProblemKind::KeyReused).respond(grpc);
                 return (Ok(answer), Outcome::Mismatch);
             }
-            let captured = match storable(produced, grpc) {
+            let mut captured = match storable(produced, grpc) {
                 ControlFlow::Continue(captured) => captured,
                 ControlFlow::Break((answer, _)) if points.unsaved() => {
                     let fingerprint = fingerprint.finish(&guard).await;

@@ -176,6 +176,9 @@ pub(crate) struct Parts {
     pub(crate) head: Bytes,
     /// The body, as the writer gave it.
     pub(crate) body: Chunks,
+    /// What the body's chunks keep allocated: their length, or more for a chunk that owns spare
+    /// capacity (see `Record::holding_body`).
+    body_held: usize,
     sealed: std::sync::OnceLock<Bytes>,
 }
 
@@ -293,6 +296,7 @@ impl Record {
             magic: *magic,
             version,
             head,
+            body_held: body.len(),
             body,
             sealed: std::sync::OnceLock::new(),
         };
@@ -354,11 +358,23 @@ impl Record {
                 };
                 16 + std::mem::size_of::<Parts>()
                     + parts.head.len()
-                    + parts.body.len()
+                    + parts.body_held
                     + chunks
                     + parts.sealed.get().map_or(0, Bytes::len)
             }
         }
+    }
+
+    /// Says that the body of this record, held in parts, keeps `held` bytes allocated (at least
+    /// its length): what [`held_bytes`](Self::held_bytes) charges for it. For a record just
+    /// made, before it is cloned.
+    pub(crate) fn holding_body(mut self, held: usize) -> Self {
+        if let Content::Parts(parts) = &mut self.content {
+            if let Some(parts) = Arc::get_mut(parts) {
+                parts.body_held = held.max(parts.body.len());
+            }
+        }
+        self
     }
 
     /// The head and body of a record held in parts (`None`: it is one payload).

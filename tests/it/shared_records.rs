@@ -239,15 +239,19 @@ where
     service.ready().await.unwrap().call(request).await.unwrap()
 }
 
-/// The memory store keeps the handler's body as the handler's bytes: a replay answers the very
-/// allocation the handler gave (no copy into a sealed payload, none out of it).
+/// The memory store keeps the handler's body as the handler's bytes when the handler gave them
+/// to the response alone (a body built for this request, as a JSON handler's is): a replay
+/// answers that very allocation (no copy into a sealed payload, none out of it).
 #[tokio::test]
 async fn a_memory_store_replay_answers_the_handlers_own_bytes() {
-    static BODY: &[u8] = &[b'x'; 1024];
+    let given = Arc::new(Mutex::new(0usize));
+    let seen = given.clone();
     let mut service = tower::ServiceBuilder::new()
         .layer(IdempotencyLayer::with_store(MemoryStore::new()))
-        .service_fn(|_req: Request<RequestBody<Body>>| async {
-            Ok::<_, Infallible>(Response::new(Body::from(Bytes::from_static(BODY))))
+        .service_fn(move |_req: Request<RequestBody<Body>>| {
+            let body = Bytes::from(vec![b'x'; 1024]);
+            *seen.lock().unwrap() = body.as_ptr() as usize;
+            async move { Ok::<_, Infallible>(Response::new(Body::from(body))) }
         });
     let request = || {
         Request::post("/payments")
@@ -262,12 +266,47 @@ async fn a_memory_store_replay_answers_the_handlers_own_bytes() {
     let mut body = retry.into_body();
     let frame = body.frame().await.unwrap().unwrap();
     let data = frame.into_data().unwrap();
-    assert_eq!(data.len(), BODY.len());
+    assert_eq!(data.len(), 1024);
     assert_eq!(
-        data.as_ptr(),
-        BODY.as_ptr(),
+        data.as_ptr() as usize,
+        *given.lock().unwrap(),
         "the replayed body is the handler's bytes, not a copy"
     );
+}
+
+/// A body that is a slice of a larger buffer someone else holds (a proxy's read buffer, a
+/// cached document) is copied into the record: the memory store never keeps a whole buffer
+/// alive for the few bytes it charges.
+#[tokio::test]
+async fn a_stored_body_never_pins_the_buffer_it_was_sliced_from() {
+    let big = Bytes::from(vec![b'y'; 1 << 20]);
+    // The handler hands its one slice over and keeps nothing.
+    let slice = Arc::new(Mutex::new(Some(big.slice(..16))));
+    let mut service = tower::ServiceBuilder::new()
+        .layer(IdempotencyLayer::with_store(MemoryStore::new()))
+        .service_fn(move |_req: Request<RequestBody<Body>>| {
+            let body = slice.lock().unwrap().take().expect("the handler runs once");
+            async move { Ok::<_, Infallible>(Response::new(Body::from(body))) }
+        });
+    let request = || {
+        Request::post("/payments")
+            .header("idempotency-key", "k-slice")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let first = send(&mut service, request()).await;
+    let answered = first.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(answered, big.slice(..16));
+    drop(answered);
+    let mut big = big;
+    assert!(
+        big.is_unique(),
+        "the stored record holds a slice of the 1 MiB buffer it charged 16 bytes for"
+    );
+    big.truncate(16);
+    let retry = send(&mut service, request()).await;
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(retry.into_body().collect().await.unwrap().to_bytes(), big);
 }
 
 /// The memory store's capacity charges a shared record for its body: a store of 1 MiB filled
