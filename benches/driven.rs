@@ -20,8 +20,9 @@ pub fn payload() -> Bytes {
     Bytes::from(json)
 }
 
-/// The handler: answers the fixed payload. Generic over the request body so that the same
-/// function serves bare and layered.
+/// The handler: answers the fixed payload, serialised anew for each request as a JSON handler's
+/// body is (a buffer of its own, not a clone of a shared one). Generic over the request body so
+/// that the same function serves bare and layered.
 #[derive(Clone)]
 pub struct Handler(pub Bytes);
 
@@ -38,7 +39,7 @@ impl<B> Service<Request<B>> for Handler {
     }
 
     fn call(&mut self, _request: Request<B>) -> Self::Future {
-        let mut response = Response::new(Full::new(self.0.clone()));
+        let mut response = Response::new(Full::new(Bytes::copy_from_slice(&self.0)));
         response
             .headers_mut()
             .insert("content-type", HeaderValue::from_static("application/json"));
