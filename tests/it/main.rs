@@ -32,6 +32,7 @@ mod recovery_points;
 mod redis_failover;
 mod safe_defaults;
 mod store_postgres;
+mod store_postgres_hot;
 mod store_redis;
 mod store_redis_cluster;
 mod store_redis_conditional;
