@@ -62,22 +62,31 @@ impl Wakers {
             tokio::time::sleep(backoff_with_jitter(attempt, super::POLL)).await;
             return;
         }
-        let bound = LISTENING_BOUND + Duration::from_millis(fastrand::u64(0..250));
-        self.wait_at_most(key, bound).await;
+        self.wait_subscribed(self.subscribe(key)).await;
     }
 
     /// Waits until `key` is notified, or `bound` passes.
     pub(crate) async fn wait_at_most(&self, key: &str, bound: Duration) {
-        let mut receiver = {
-            let mut map = self.map();
-            if map.len() >= 1024 {
-                // Waiters that timed out leave their entry behind: drop the unwatched ones.
-                map.retain(|_, sender| sender.receiver_count() > 0);
-            }
-            map.entry(key.to_owned())
-                .or_insert_with(|| watch::channel(()).0)
-                .subscribe()
-        };
+        let _ = tokio::time::timeout(bound, self.subscribe(key).changed()).await;
+    }
+
+    /// Registers a local waiter of `key`: a wake-up of `key` from now on reaches it (a store
+    /// that tells other processes of its waiter does so after this).
+    pub(crate) fn subscribe(&self, key: &str) -> watch::Receiver<()> {
+        let mut map = self.map();
+        if map.len() >= 1024 {
+            // Waiters that timed out leave their entry behind: drop the unwatched ones.
+            map.retain(|_, sender| sender.receiver_count() > 0);
+        }
+        map.entry(key.to_owned())
+            .or_insert_with(|| watch::channel(()).0)
+            .subscribe()
+    }
+
+    /// Waits until the key of `receiver` is notified, or the listening bound passes (the
+    /// cost of one missed notification).
+    pub(crate) async fn wait_subscribed(&self, mut receiver: watch::Receiver<()>) {
+        let bound = LISTENING_BOUND + Duration::from_millis(fastrand::u64(0..250));
         let _ = tokio::time::timeout(bound, receiver.changed()).await;
     }
 }
