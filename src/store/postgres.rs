@@ -23,19 +23,23 @@ use super::{
 /// * **Table:** one row per key [`idempotency_records`, name configurable and validated],
 ///   created by [`migrate`](Self::migrate) (idempotent); the SQL is [`PostgresStore::schema_sql`]
 ///   for teams that run their own migrations.
-/// * **Atomicity:** a claim is one statement, `INSERT … ON CONFLICT DO NOTHING` joined with a
-///   read of the existing row: it takes a free key, or reports the live row (no row lock, no
-///   write). While nearly every claim finds its key (a herd of retries), the store reads the
+/// * **Atomicity:** a fresh key's claim is one plain `INSERT … ON CONFLICT DO NOTHING` (no
+///   lock and no write when the key exists); a key that exists then costs a read of its live
+///   row. While nearly every claim finds its key (a herd of retries), the store reads the
 ///   key first, so a replay or a duplicate in flight is one plain `SELECT`, at a read's cost
-///   (the claim statement costs the server 1.7 times more even when it inserts nothing); it
-///   goes back to the one statement once fresh keys return. A row whose lease or TTL lapsed
+///   (the insert costs the server more even when it inserts nothing); it goes back to
+///   inserting first once fresh keys return. A row whose lease or TTL lapsed
 ///   is taken over by an `UPDATE … WHERE expires_at <= now()`. Renew, complete and release
 ///   are `UPDATE`/`DELETE … WHERE owner = $token AND expires_at > now()`.
 /// * **Clocks:** every lease and expiry is computed and compared with the database's `now()`.
 /// * **Expired rows** are ignored on read and overwritten by the next claim; delete them with
 ///   [`purge_expired`](Self::purge_expired) on a schedule, or [`spawn_purger`](Self::spawn_purger).
-/// * **Waiting duplicates** are woken by `LISTEN`/`NOTIFY`: after a completion or a release
-///   commits, the key is notified on `<table>_wake` (batched with the keys that ended
+/// * **HOT completions:** the completion changes no indexed column (the purge finds rows by
+///   `purge_at`, set by the claim), and the table's fillfactor leaves room in the page, so
+///   PostgreSQL rewrites the row in place and writes no index entry.
+/// * **Waiting duplicates** are woken by `LISTEN`/`NOTIFY`: the first waiter of a key flags its
+///   claim's row (once its listener is subscribed); after a completion or a release of a
+///   flagged key commits, the key is notified on `<table>_wake` (batched with the keys that ended
 ///   meanwhile, in a transaction of its own: a notifying transaction would hold the server's
 ///   notification lock through its commit and serialize the commits of every completion), and
 ///   one connection per store (outside the pool, shared by
@@ -75,13 +79,13 @@ struct Shared {
 }
 
 /// Whether a claim reads the key before it tries to claim it, learnt from the claims this
-/// store made: while nearly every claim finds its key (a herd of retries, a redelivery storm),
-/// a plain read answers each at a read's cost, 1.7 times less server work than the claim
-/// statement; while keys are mostly fresh, the claim statement alone saves them the read's
-/// round trip. Reading first speeds replays up and slows fresh keys down by a fresh key's
-/// extra round trip, which outweighs a replay's saving about four times over (measured over
-/// HTTP; see `BENCHMARKS.md`'s method), so it pays above about four replays in five: a found
-/// key counts +1 and a fresh one -4, and claims read first above the midpoint.
+/// store made: while most claims find their key (a herd of retries, a redelivery storm), a
+/// plain read answers each in one round trip, where inserting first costs a found key the
+/// insert's round trip and then the read's; while keys are mostly fresh, inserting first saves
+/// them the read's round trip. Each way costs the other kind of claim one round trip, so it
+/// pays above about one replay in two: a found key counts +1 and a fresh one -1, and claims
+/// read first above the midpoint. (Before the claim's insert stopped reading back, a found
+/// key cost one round trip either way and the weights were +1 and -4.)
 #[derive(Default)]
 struct ReadFirst(std::sync::atomic::AtomicU32);
 
@@ -98,7 +102,7 @@ impl ReadFirst {
         let _ = self.0.fetch_update(Relaxed, Relaxed, |score| {
             Some(match found {
                 true => (score + 1).min(Self::MAX),
-                false => score.saturating_sub(4),
+                false => score.saturating_sub(1),
             })
         });
     }
@@ -1038,7 +1042,11 @@ mod tests {
             !reads_first_after(&[true, false]),
             "half replays: the read would not pay"
         );
-        assert!(!reads_first_after(&[true, true, true, false]));
+        assert!(
+            reads_first_after(&[true, true, true, false]),
+            "three replays in four: inserting first would cost each replay a round trip"
+        );
+        assert!(!reads_first_after(&[true, false, false]));
         // It switches after MAX / 2 found keys, and back after a few fresh ones.
         let policy = ReadFirst::default();
         (0..ReadFirst::MAX / 2).for_each(|_| policy.record(true));

@@ -67,8 +67,7 @@ async fn expired_rows_are_ignored_then_purged() {
     let key = tower_idempotency::store::conformance::fresh_key("purge");
     // A row is due for the purge after its lease and the TTL of the store's latest completion
     // (the purge's index is on a column completions never change): short ones here.
-    let ClaimOutcome::Claimed(token) =
-        store.claim(&key, Duration::from_millis(300)).await.unwrap()
+    let ClaimOutcome::Claimed(token) = store.claim(&key, Duration::from_millis(300)).await.unwrap()
     else {
         panic!()
     };

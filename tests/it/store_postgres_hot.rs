@@ -103,10 +103,7 @@ async fn a_fresh_keys_completion_is_a_hot_update() {
     let (updates, hot) = updates_of(&client, table, keys + concurrent).await;
     assert_eq!(updates, keys + concurrent);
     println!("concurrent: {} of {concurrent} completions HOT", hot - keys);
-    assert!(
-        hot - keys >= concurrent * 9 / 10,
-        "{hot} of {updates} HOT"
-    );
+    assert!(hot - keys >= concurrent * 9 / 10, "{hot} of {updates} HOT");
 }
 
 /// A connection in `LISTEN` on `channel`, forwarding the payloads it receives.
@@ -436,11 +433,17 @@ async fn old_and_new_processes_share_one_table_during_a_rolling_upgrade() {
     new.migrate().await.unwrap();
     new.migrate().await.unwrap();
     let current: bool = admin
-        .query_one(old::CHECK, &[&"rolling", &"rolling_points", &"rolling_drop_point"])
+        .query_one(
+            old::CHECK,
+            &[&"rolling", &"rolling_points", &"rolling_drop_point"],
+        )
         .await
         .unwrap()
         .get(0);
-    assert!(current, "an old process starting now finds the schema current");
+    assert!(
+        current,
+        "an old process starting now finds the schema current"
+    );
     let fillfactor = count(
         &admin,
         "SELECT coalesce(max(split_part(o, '=', 2)::bigint), 100) \
@@ -532,8 +535,15 @@ async fn old_and_new_processes_share_one_table_during_a_rolling_upgrade() {
     .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     // `old-purged` expired before the migration.
-    assert_eq!(old.purge().await, 4, "the old purge deletes every expired row");
-    assert_eq!(count(&admin, "SELECT count(*) FROM rolling").await, live - 1);
+    assert_eq!(
+        old.purge().await,
+        4,
+        "the old purge deletes every expired row"
+    );
+    assert_eq!(
+        count(&admin, "SELECT count(*) FROM rolling").await,
+        live - 1
+    );
     assert!(old.claimed("old-expiring", 1).await);
     new.claim("new-expiring", Duration::from_millis(1))
         .await
@@ -547,8 +557,97 @@ async fn old_and_new_processes_share_one_table_during_a_rolling_upgrade() {
     );
     for key in ["old-done", "old-running", "old-after", "new-key"] {
         assert!(
-            !matches!(new.inspect(key).await.unwrap(), tower_idempotency::store::KeyState::Absent),
+            !matches!(
+                new.inspect(key).await.unwrap(),
+                tower_idempotency::store::KeyState::Absent
+            ),
             "{key} survived the purges"
         );
     }
+}
+
+/// WAL bytes, WAL records and write transactions (transaction ids assigned) the server counted
+/// so far, once every session but `admin`'s ended or 3 s passed (a session reports its WAL
+/// records as it ends, or within about a second of going idle).
+async fn server_counts(admin: &tokio_postgres::Client) -> (i64, i64, i64) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while count(
+        admin,
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'",
+    )
+    .await
+        > 1
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let row = admin
+        .query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint, \
+             (SELECT wal_records FROM pg_stat_wal), \
+             pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// What a fresh key (claim, then completion of a 1 KB answer, nobody waiting) costs the server,
+/// by the previous release's statements on its schema and by this release's on schema 4, on a
+/// server of the test's own (nothing else writes): printed for `BENCHMARKS.md`, and the new
+/// path writes less WAL in fewer transactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_and_transactions_per_fresh_key_before_and_after() {
+    let Some(server) = support::servers::own_postgres("count its WAL") else {
+        return;
+    };
+    let url = server.url();
+    let admin = client_on(&url).await;
+    admin.batch_execute(old::SCHEMA).await.unwrap();
+    let seed = store_on(&url, "wal_seed").await;
+    let seeded = fresh_key_completed(&seed, "seed").await;
+    let row = admin
+        .query_one(
+            "SELECT fingerprint, payload FROM wal_seed WHERE key = $1",
+            &[&seeded],
+        )
+        .await
+        .unwrap();
+    let record: (Vec<u8>, Vec<u8>) = (row.get(0), row.get(1));
+    drop(seed);
+    let keys = 500;
+    let per_key = |(b0, r0, x0): (i64, i64, i64), (b1, r1, x1): (i64, i64, i64)| {
+        let n = keys as f64;
+        (
+            (b1 - b0) as f64 / n,
+            (r1 - r0) as f64 / n,
+            (x1 - x0) as f64 / n,
+        )
+    };
+
+    let old_process = OldProcess(client_on(&url).await);
+    let before = server_counts(&admin).await;
+    for i in 0..keys {
+        let key = format!("old-{i}");
+        assert!(old_process.claimed(&key, 30_000).await);
+        assert!(old_process.complete(&key, &record).await);
+    }
+    drop(old_process);
+    let old = per_key(before, server_counts(&admin).await);
+
+    let new = store_on(&url, "wal_new").await;
+    let before = server_counts(&admin).await;
+    for _ in 0..keys {
+        fresh_key_completed(&new, "new").await;
+    }
+    drop(new);
+    let new = per_key(before, server_counts(&admin).await);
+    println!(
+        "per fresh key, previous release: {:.0} WAL bytes, {:.1} WAL records, {:.1} write transactions; \
+         this release: {:.0} WAL bytes, {:.1} WAL records, {:.1} write transactions",
+        old.0, old.1, old.2, new.0, new.1, new.2
+    );
+    assert!(new.0 < old.0, "WAL bytes {new:?} against {old:?}");
+    assert!(new.2 < old.2, "transactions {new:?} against {old:?}");
 }
