@@ -278,9 +278,10 @@ impl Sql {
                  WHERE key = $1 AND NOT completed AND waiters AND expires_at > now()"
             ),
             // The key's row had expired (a lapsed lease, a record past its TTL): take it over.
+            // Its waiter flag stays: duplicates that waited on the lapsed claim still wait.
             take_over: format!(
                 "UPDATE {t} SET owner = $2, completed = false, fingerprint = NULL, payload = NULL, \
-                 waiters = false, expires_at = now() + $3::bigint * interval '1 millisecond', \
+                 expires_at = now() + $3::bigint * interval '1 millisecond', \
                  purge_at = now() + $4::bigint * interval '1 millisecond' \
                  WHERE key = $1 AND expires_at <= now() RETURNING key"
             ),

@@ -391,6 +391,25 @@ impl OldProcess {
     }
 }
 
+/// A record's `(fingerprint, payload)` columns in the row format both releases write, made by
+/// this release's store on `table`: what an old process completes its keys with.
+async fn seeded_record(
+    url: &str,
+    admin: &tokio_postgres::Client,
+    table: &str,
+) -> (Vec<u8>, Vec<u8>) {
+    let seed = store_on(url, table).await;
+    let seeded = fresh_key_completed(&seed, "seed").await;
+    let row = admin
+        .query_one(
+            &format!("SELECT fingerprint, payload FROM {table} WHERE key = $1"),
+            &[&seeded],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
 async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
@@ -405,17 +424,7 @@ async fn old_and_new_processes_share_one_table_during_a_rolling_upgrade() {
     let admin = client_on(&url).await;
     admin.batch_execute(old::SCHEMA).await.unwrap();
     let old = OldProcess(client_on(&url).await);
-    // A record in the row format both releases write, made by the new code elsewhere.
-    let seed = store_on(&url, "rolling_seed").await;
-    let seeded = fresh_key_completed(&seed, "seed").await;
-    let row = admin
-        .query_one(
-            "SELECT fingerprint, payload FROM rolling_seed WHERE key = $1",
-            &[&seeded],
-        )
-        .await
-        .unwrap();
-    let record: (Vec<u8>, Vec<u8>) = (row.get(0), row.get(1));
+    let record = seeded_record(&url, &admin, "rolling_seed").await;
 
     // Before the upgrade: the old fleet's rows, one claim still running.
     assert!(old.claimed("old-running", 30_000).await);
@@ -605,17 +614,10 @@ async fn wal_and_transactions_per_fresh_key_before_and_after() {
     let url = server.url();
     let admin = client_on(&url).await;
     admin.batch_execute(old::SCHEMA).await.unwrap();
-    let seed = store_on(&url, "wal_seed").await;
-    let seeded = fresh_key_completed(&seed, "seed").await;
-    let row = admin
-        .query_one(
-            "SELECT fingerprint, payload FROM wal_seed WHERE key = $1",
-            &[&seeded],
-        )
-        .await
-        .unwrap();
-    let record: (Vec<u8>, Vec<u8>) = (row.get(0), row.get(1));
-    drop(seed);
+    let record = seeded_record(&url, &admin, "wal_seed").await;
+    // Nothing but the statements writes WAL meanwhile.
+    let quiet = |table: &str| format!("ALTER TABLE {table} SET (autovacuum_enabled = false)");
+    admin.batch_execute(&quiet("rolling")).await.unwrap();
     let keys = 500;
     let per_key = |(b0, r0, x0): (i64, i64, i64), (b1, r1, x1): (i64, i64, i64)| {
         let n = keys as f64;
@@ -637,6 +639,7 @@ async fn wal_and_transactions_per_fresh_key_before_and_after() {
     let old = per_key(before, server_counts(&admin).await);
 
     let new = store_on(&url, "wal_new").await;
+    admin.batch_execute(&quiet("wal_new")).await.unwrap();
     let before = server_counts(&admin).await;
     for _ in 0..keys {
         fresh_key_completed(&new, "new").await;
