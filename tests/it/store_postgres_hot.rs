@@ -654,3 +654,92 @@ async fn wal_and_transactions_per_fresh_key_before_and_after() {
     assert!(new.0 < old.0, "WAL bytes {new:?} against {old:?}");
     assert!(new.2 < old.2, "transactions {new:?} against {old:?}");
 }
+
+/// A table in a schema of its own (`schema.table`): the upgrade drops that schema's index on
+/// `expires_at` and creates the purge's index beside the table, and a second `migrate` finds it
+/// current (it returns while another session holds the table's strongest lock).
+#[tokio::test]
+async fn a_schema_qualified_table_is_upgraded_too() {
+    let Some(url) = postgres_url() else { return };
+    let admin = client_on(&url).await;
+    admin
+        .batch_execute(
+            "DROP SCHEMA IF EXISTS upg CASCADE; CREATE SCHEMA upg;
+             CREATE TABLE upg.records (key text PRIMARY KEY, owner bytea,
+                 completed boolean NOT NULL DEFAULT false, fingerprint bytea, payload bytea,
+                 expires_at timestamptz NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+             CREATE INDEX upg_records_expires_at ON upg.records (expires_at);
+             CREATE TABLE upg.records_points (key text PRIMARY KEY, point bytea NOT NULL,
+                 expires_at timestamptz NOT NULL);
+             CREATE INDEX upg_records_expires_at_points ON upg.records_points (expires_at);",
+        )
+        .await
+        .unwrap();
+    let store = store_on(&url, "upg.records").await;
+    let indexes: Vec<String> = admin
+        .query(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = 'upg' AND tablename = 'records' \
+             ORDER BY indexname",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(indexes, ["records_pkey", "upg_records_purge_at"]);
+    let key = fresh_key_completed(&store, "schema").await;
+    assert!(matches!(
+        store.claim(&key, LEASE).await.unwrap(),
+        ClaimOutcome::Completed(_)
+    ));
+    let mut locker = client_on(&url).await;
+    let holder = locker.transaction().await.unwrap();
+    holder
+        .batch_execute("LOCK TABLE upg.records IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), store.migrate())
+        .await
+        .expect("an upgraded table is current: migrate reads the catalog only")
+        .unwrap();
+    holder.rollback().await.unwrap();
+}
+
+/// An upgrade that cannot lock the live table soon (a long transaction reads it) gives up
+/// after its `lock_timeout` instead of queueing every claim behind its lock, and succeeds when
+/// run again.
+#[tokio::test]
+async fn an_upgrade_blocked_by_a_long_transaction_gives_up_and_can_be_run_again() {
+    let Some(url) = postgres_url() else { return };
+    let mut admin = client_on(&url).await;
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS lockwait, lockwait_points;
+             CREATE TABLE lockwait (key text PRIMARY KEY, owner bytea,
+                 completed boolean NOT NULL DEFAULT false, fingerprint bytea, payload bytea,
+                 expires_at timestamptz NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+             CREATE INDEX lockwait_expires_at ON lockwait (expires_at);
+             CREATE TABLE lockwait_points (key text PRIMARY KEY, point bytea NOT NULL,
+                 expires_at timestamptz NOT NULL);",
+        )
+        .await
+        .unwrap();
+    let store = PostgresStore::connect(&url)
+        .await
+        .unwrap()
+        .with_table("lockwait")
+        .unwrap();
+    let reader = admin.transaction().await.unwrap();
+    reader
+        .batch_execute("LOCK TABLE lockwait IN ACCESS SHARE MODE")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let blocked = store.migrate().await;
+    assert!(blocked.is_err(), "{blocked:?}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    reader.rollback().await.unwrap();
+    store.migrate().await.unwrap();
+    fresh_key_completed(&store, "lockwait").await;
+}
