@@ -189,17 +189,8 @@ async fn a_lazy_store_starts_before_postgres_and_works_once_it_is_up() {
 #[tokio::test]
 async fn migrating_an_up_to_date_table_takes_no_lock_on_it() {
     let Some(store) = store().await else { return };
-    let mut client = raw_client().await;
-    let holder = client.transaction().await.unwrap();
-    holder
-        .batch_execute("LOCK TABLE idempotency_records IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(5), store.migrate())
-        .await
-        .expect("migrate waited for the table lock")
-        .unwrap();
-    holder.rollback().await.unwrap();
+    let url = postgres_url().unwrap();
+    crate::store_postgres_hot::migrate_while_locked(&url, &store, "idempotency_records").await;
 }
 
 /// Development builds deleted a completed key's recovery point with a trigger on the records

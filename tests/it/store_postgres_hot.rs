@@ -693,15 +693,21 @@ async fn a_schema_qualified_table_is_upgraded_too() {
         store.claim(&key, LEASE).await.unwrap(),
         ClaimOutcome::Completed(_)
     ));
-    let mut locker = client_on(&url).await;
+    migrate_while_locked(&url, &store, "upg.records").await;
+}
+
+/// Runs `store.migrate()` while another session holds the strongest lock on `table`: it must
+/// return, reading the catalog only (the schema is current).
+pub(crate) async fn migrate_while_locked(url: &str, store: &PostgresStore, table: &str) {
+    let mut locker = client_on(url).await;
     let holder = locker.transaction().await.unwrap();
     holder
-        .batch_execute("LOCK TABLE upg.records IN ACCESS EXCLUSIVE MODE")
+        .batch_execute(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
         .await
         .unwrap();
     tokio::time::timeout(Duration::from_secs(5), store.migrate())
         .await
-        .expect("an upgraded table is current: migrate reads the catalog only")
+        .expect("migrate waited for the table lock: the schema is current, it reads the catalog")
         .unwrap();
     holder.rollback().await.unwrap();
 }
