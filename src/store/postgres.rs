@@ -1,6 +1,7 @@
 //! [`PostgresStore`]: records in PostgreSQL, beside the business data (feature `postgres`).
 
 use std::fmt;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
 
-use super::waker::Wake;
+use super::waker::{self, Wake, Wakers};
 use super::{
     record_from_columns, ClaimOutcome, KeyState, OwnerToken, Record, RecoveryPoint, Store,
     StoreError,
@@ -22,19 +23,23 @@ use super::{
 /// * **Table:** one row per key [`idempotency_records`, name configurable and validated],
 ///   created by [`migrate`](Self::migrate) (idempotent); the SQL is [`PostgresStore::schema_sql`]
 ///   for teams that run their own migrations.
-/// * **Atomicity:** a claim is one statement, `INSERT … ON CONFLICT DO NOTHING` joined with a
-///   read of the existing row: it takes a free key, or reports the live row (no row lock, no
-///   write). While nearly every claim finds its key (a herd of retries), the store reads the
+/// * **Atomicity:** a fresh key's claim is one plain `INSERT … ON CONFLICT DO NOTHING` (no
+///   lock and no write when the key exists); a key that exists then costs a read of its live
+///   row. While nearly every claim finds its key (a herd of retries), the store reads the
 ///   key first, so a replay or a duplicate in flight is one plain `SELECT`, at a read's cost
-///   (the claim statement costs the server 1.7 times more even when it inserts nothing); it
-///   goes back to the one statement once fresh keys return. A row whose lease or TTL lapsed
+///   (the insert costs the server more even when it inserts nothing); it goes back to
+///   inserting first once fresh keys return. A row whose lease or TTL lapsed
 ///   is taken over by an `UPDATE … WHERE expires_at <= now()`. Renew, complete and release
 ///   are `UPDATE`/`DELETE … WHERE owner = $token AND expires_at > now()`.
 /// * **Clocks:** every lease and expiry is computed and compared with the database's `now()`.
 /// * **Expired rows** are ignored on read and overwritten by the next claim; delete them with
 ///   [`purge_expired`](Self::purge_expired) on a schedule, or [`spawn_purger`](Self::spawn_purger).
-/// * **Waiting duplicates** are woken by `LISTEN`/`NOTIFY`: after a completion or a release
-///   commits, the key is notified on `<table>_wake` (batched with the keys that ended
+/// * **HOT completions:** the completion changes no indexed column (the purge finds rows by
+///   `purge_at`, set by the claim), and the table's fillfactor leaves room in the page, so
+///   PostgreSQL rewrites the row in place and writes no index entry.
+/// * **Waiting duplicates** are woken by `LISTEN`/`NOTIFY`: the first waiter of a key flags its
+///   claim's row (once its listener is subscribed); after a completion or a release of a
+///   flagged key commits, the key is notified on `<table>_wake` (batched with the keys that ended
 ///   meanwhile, in a transaction of its own: a notifying transaction would hold the server's
 ///   notification lock through its commit and serialize the commits of every completion), and
 ///   one connection per store (outside the pool, shared by
@@ -68,16 +73,19 @@ struct Shared {
     wake: Arc<Wake>,
     notifier: Arc<Notifier>,
     read_first: Arc<ReadFirst>,
+    /// The TTL (ms) of this store's latest completion: a claim's row is first looked at by
+    /// the purge after its lease and this.
+    purge_hint: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// Whether a claim reads the key before it tries to claim it, learnt from the claims this
-/// store made: while nearly every claim finds its key (a herd of retries, a redelivery storm),
-/// a plain read answers each at a read's cost, 1.7 times less server work than the claim
-/// statement; while keys are mostly fresh, the claim statement alone saves them the read's
-/// round trip. Reading first speeds replays up and slows fresh keys down by a fresh key's
-/// extra round trip, which outweighs a replay's saving about four times over (measured over
-/// HTTP; see `BENCHMARKS.md`'s method), so it pays above about four replays in five: a found
-/// key counts +1 and a fresh one -4, and claims read first above the midpoint.
+/// store made: while most claims find their key (a herd of retries, a redelivery storm), a
+/// plain read answers each in one round trip, where inserting first costs a found key the
+/// insert's round trip and then the read's; while keys are mostly fresh, inserting first saves
+/// them the read's round trip. Each way costs the other kind of claim one round trip, so it
+/// pays above about one replay in two: a found key counts +1 and a fresh one -1, and claims
+/// read first above the midpoint. (Before the claim's insert stopped reading back, a found
+/// key cost one round trip either way and the weights were +1 and -4.)
 #[derive(Default)]
 struct ReadFirst(std::sync::atomic::AtomicU32);
 
@@ -94,7 +102,7 @@ impl ReadFirst {
         let _ = self.0.fetch_update(Relaxed, Relaxed, |score| {
             Some(match found {
                 true => (score + 1).min(Self::MAX),
-                false => score.saturating_sub(4),
+                false => score.saturating_sub(1),
             })
         });
     }
@@ -137,8 +145,11 @@ struct Sql {
     /// The `NOTIFY` channel of completions and releases: `<table>_wake`.
     channel: String,
     delete: String,
-    claim: String,
+    /// A fresh key's claim: a plain insert, which does nothing when the key exists.
+    insert: String,
     read: String,
+    /// A waiter's flag on the key's live claim, which makes its completion notify.
+    flag_waiter: String,
     renew: String,
     complete: String,
     release: String,
@@ -241,24 +252,37 @@ impl Sql {
                  (SELECT key FROM {t}_points WHERE expires_at <= now() LIMIT $1 FOR UPDATE SKIP LOCKED)"
             ),
             points: format!("{t}_points"),
-            // One round trip for the common cases, and no row lock on a replay: insert a fresh
-            // claim, or (the key exists) read the row as it stood before the statement. The
-            // insert's `DO NOTHING` takes no lock and writes nothing when the key exists.
-            claim: format!(
-                "WITH ins AS (\
-                   INSERT INTO {t} (key, owner, completed, fingerprint, payload, expires_at) \
-                   VALUES ($1, $2, false, NULL, NULL, now() + $3::bigint * interval '1 millisecond') \
-                   ON CONFLICT (key) DO NOTHING RETURNING key) \
-                 SELECT true, NULL::boolean, NULL::bytea, NULL::bytea, NULL::bigint FROM ins \
+            // A fresh key: one insert, whose `DO NOTHING` takes no lock and writes nothing when
+            // the key exists (the claim then reads the row). `purge_at` (indexed, and never
+            // changed by the request path) is when the purge first looks at the row: after the
+            // lease and the TTL of this store's latest completion ($4), when a completion
+            // with that TTL expires the row.
+            insert: format!(
+                "INSERT INTO {t} (key, owner, expires_at, purge_at) \
+                 VALUES ($1, $2, now() + $3::bigint * interval '1 millisecond', \
+                   now() + $4::bigint * interval '1 millisecond') \
+                 ON CONFLICT (key) DO NOTHING"
+            ),
+            // Set by the first waiter, before it waits (its listener already subscribed): a
+            // completion committed first leaves no live claim here and the waiter returns at
+            // once; a completion committed after reads the flag and notifies. A flag already
+            // set is only read. The flag need not be durable (a lost one costs the waiter its
+            // polling bound), so its commit does not wait for the WAL flush.
+            flag_waiter: format!(
+                "WITH flagged AS (UPDATE {t} SET waiters = true \
+                   WHERE key = $1 AND NOT completed AND NOT waiters AND expires_at > now() \
+                   RETURNING key) \
+                 SELECT set_config('synchronous_commit', 'off', true) FROM flagged \
                  UNION ALL \
-                 SELECT false, completed, fingerprint, payload, \
-                   (extract(epoch FROM expires_at - now()) * 1000)::bigint \
-                 FROM {t} WHERE key = $1 AND expires_at > now() AND NOT EXISTS (SELECT 1 FROM ins)"
+                 SELECT NULL FROM {t} \
+                 WHERE key = $1 AND NOT completed AND waiters AND expires_at > now()"
             ),
             // The key's row had expired (a lapsed lease, a record past its TTL): take it over.
+            // Its waiter flag stays: duplicates that waited on the lapsed claim still wait.
             take_over: format!(
                 "UPDATE {t} SET owner = $2, completed = false, fingerprint = NULL, payload = NULL, \
-                 expires_at = now() + $3::bigint * interval '1 millisecond' \
+                 expires_at = now() + $3::bigint * interval '1 millisecond', \
+                 purge_at = now() + $4::bigint * interval '1 millisecond' \
                  WHERE key = $1 AND expires_at <= now() RETURNING key"
             ),
             read: format!(
@@ -274,19 +298,24 @@ impl Sql {
             // server's notification-queue lock through its commit (the WAL flush included), so
             // notifying completions commit one at a time. The keys are notified after the
             // commit, in batches (`Notifier`).
+            // Only the keys a process waits on are notified: each statement returns the
+            // key's waiter flag.
             // The completion deletes the key's recovery point (the stored outcome supersedes
             // it) in the same statement: a trigger did, at a fifth of the write throughput.
+            // It changes no indexed column (`key`, `purge_at`), so PostgreSQL updates the row
+            // in its page (HOT), which the table's fillfactor leaves room for.
             complete: format!(
                 "WITH done AS (UPDATE {t} SET completed = true, owner = NULL, fingerprint = $3, \
                  payload = $4, expires_at = now() + $5::bigint * interval '1 millisecond' \
                  WHERE key = $1 AND owner = $2 AND NOT completed AND expires_at > now() \
-                 RETURNING key), \
+                 RETURNING key, waiters), \
                  dropped AS (DELETE FROM {t}_points p USING done WHERE p.key = done.key) \
-                 SELECT 1 FROM done"
+                 SELECT waiters FROM done"
             ),
             release: format!(
                 "DELETE FROM {t} \
-                 WHERE key = $1 AND owner = $2 AND NOT completed AND expires_at > now()"
+                 WHERE key = $1 AND owner = $2 AND NOT completed AND expires_at > now() \
+                 RETURNING waiters"
             ),
             // One transaction per batch of keys, which need not be durable (a lost wake-up
             // costs a waiter its polling bound): it does not wait for the WAL flush, so it holds
@@ -296,9 +325,16 @@ impl Sql {
                  FROM unnest($1::text[]) AS key"
             ),
             channel,
+            // The rows due (by `purge_at`, indexed): the expired ones are deleted, the live
+            // ones (a TTL longer than the claim foresaw, a renewed lease) are looked at again
+            // when they expire. The purge's update is the only one that moves `purge_at`.
             purge: format!(
-                "DELETE FROM {t} WHERE key IN \
-                 (SELECT key FROM {t} WHERE expires_at <= now() LIMIT $1 FOR UPDATE SKIP LOCKED)"
+                "WITH due AS (SELECT key, expires_at, expires_at <= now() AS expired FROM {t} \
+                   WHERE purge_at <= now() ORDER BY purge_at LIMIT $1 FOR UPDATE SKIP LOCKED), \
+                 gone AS (DELETE FROM {t} r USING due WHERE r.key = due.key AND due.expired), \
+                 later AS (UPDATE {t} r SET purge_at = due.expires_at FROM due \
+                   WHERE r.key = due.key AND NOT due.expired) \
+                 SELECT count(*) FROM due"
             ),
         })
     }
@@ -311,6 +347,38 @@ fn channel_of(table: &str) -> String {
     channel
 }
 
+/// The records table's fillfactor: a page's inserts stop at half of it, leaving the rest for
+/// the completed rows of its claims (a 1 KB answer makes a row of about 1.2 KB), so that a
+/// completion finds room in its page (a HOT update, which writes no index entry).
+const FILLFACTOR: u32 = 50;
+
+/// The names of the tables' indexes: `<table>_purge_at` (schema 4), `<table>_expires_at`
+/// (schema 3, dropped), `<table>_expires_at_points`, with `.` as `_`, created in the table's
+/// schema.
+struct IndexNames {
+    purge: String,
+    /// `<table>_purge_at`, schema-qualified when the table is, for `to_regclass`.
+    purge_qualified: String,
+    expires_qualified: String,
+    points: String,
+}
+
+impl IndexNames {
+    fn of(table: &str) -> Self {
+        let base = table.replace('.', "_");
+        let schema = table
+            .rsplit_once('.')
+            .map(|(schema, _)| format!("{schema}."))
+            .unwrap_or_default();
+        Self {
+            purge: format!("{base}_purge_at"),
+            purge_qualified: format!("{schema}{base}_purge_at"),
+            expires_qualified: format!("{schema}{base}_expires_at"),
+            points: format!("{base}_expires_at_points"),
+        }
+    }
+}
+
 fn ms(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis())
         .unwrap_or(i64::MAX)
@@ -319,12 +387,16 @@ fn ms(duration: Duration) -> i64 {
 
 impl PostgresStore {
     /// The table's SQL, for teams that run their own migrations. [`migrate`](Self::migrate)
-    /// runs exactly this.
+    /// runs exactly this (in one transaction, with a `lock_timeout`).
+    ///
+    /// Schema 4 adds `purge_at` (indexed, set by the claim and moved by the purge only) and
+    /// `waiters`, sets a fillfactor, and drops the index on `expires_at`: a completion then
+    /// changes no indexed column and is a HOT update. The previous release's statements all
+    /// run unchanged on it (see the upgrade policy in `docs/stores.md`).
     pub fn schema_sql(table: &str) -> Result<String, InvalidTableName> {
         let sql = Sql::new(table)?;
         let t = &sql.table;
-        let index = format!("{}_expires_at", t.replace('.', "_"));
-        let index = index.rsplit('.').next().unwrap_or(&index).to_owned();
+        let names = IndexNames::of(t);
         Ok(format!(
             "CREATE TABLE IF NOT EXISTS {t} (\n\
              \x20   key         text        PRIMARY KEY,\n\
@@ -333,15 +405,25 @@ impl PostgresStore {
              \x20   fingerprint bytea,\n\
              \x20   payload     bytea,\n\
              \x20   expires_at  timestamptz NOT NULL,\n\
-             \x20   created_at  timestamptz NOT NULL DEFAULT now()\n\
-             );\n\
-             CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at);\n\
+             \x20   created_at  timestamptz NOT NULL DEFAULT now(),\n\
+             \x20   purge_at    timestamptz NOT NULL DEFAULT now(),\n\
+             \x20   waiters     boolean     NOT NULL DEFAULT false\n\
+             ) WITH (fillfactor = {FILLFACTOR});\n\
+             -- Schema 4, from 3 (0.1): columns the previous release's statements leave to their\n\
+             -- defaults, room in each page for a completed row, the purge's own index, and no\n\
+             -- index on the column completions change (each is catalog work, or an index build\n\
+             -- on a table of millions of rows: see docs/stores.md to build it concurrently first).\n\
+             ALTER TABLE {t} ADD COLUMN IF NOT EXISTS purge_at timestamptz NOT NULL DEFAULT now();\n\
+             ALTER TABLE {t} ADD COLUMN IF NOT EXISTS waiters boolean NOT NULL DEFAULT false;\n\
+             ALTER TABLE {t} SET (fillfactor = {FILLFACTOR});\n\
+             CREATE INDEX IF NOT EXISTS {purge} ON {t} (purge_at);\n\
+             DROP INDEX IF EXISTS {expires};\n\
              CREATE TABLE IF NOT EXISTS {points} (\n\
              \x20   key         text        PRIMARY KEY,\n\
              \x20   point       bytea       NOT NULL,\n\
              \x20   expires_at  timestamptz NOT NULL\n\
              );\n\
-             CREATE INDEX IF NOT EXISTS {index}_points ON {points} (expires_at);\n\
+             CREATE INDEX IF NOT EXISTS {points_index} ON {points} (expires_at);\n\
              -- Schema 2 (0.1 development builds) deleted points with a trigger; the completion\n\
              -- statement does it now. Dropped once, when present (a live table is locked a moment).\n\
              DO $$ BEGIN\n\
@@ -352,6 +434,9 @@ impl PostgresStore {
              END $$;\n\
              DROP FUNCTION IF EXISTS {t}_drop_point();",
             points = sql.points,
+            purge = names.purge,
+            expires = names.expires_qualified,
+            points_index = names.points,
             trigger = format!("{}_drop_point", t.rsplit('.').next().unwrap_or(t)),
         ))
     }
@@ -439,6 +524,7 @@ impl PostgresStore {
                 wake: Arc::default(),
                 notifier: Arc::default(),
                 read_first: Arc::default(),
+                purge_hint: Arc::default(),
             }),
         }
     }
@@ -489,11 +575,12 @@ impl PostgresStore {
         Ok(self)
     }
 
-    /// Creates the table and its index if they do not exist (safe to run on every start, by
-    /// many instances at once: it holds an advisory lock while it runs).
+    /// Creates the tables and their indexes if they do not exist, or upgrades them (safe to
+    /// run on every start, by many instances at once: it holds an advisory lock while it runs;
+    /// safe while the previous release serves from the table: see `docs/stores.md`).
     ///
-    /// An up-to-date schema is seen from the catalog alone (both tables exist, and the trigger
-    /// of development builds is gone),
+    /// An up-to-date schema is seen from the catalog alone (both tables and the purge's index
+    /// exist, and neither the trigger of development builds nor the index on `expires_at`),
     /// so the migration of every instance that starts while others serve takes no lock on the
     /// live table (a DDL statement would, and could deadlock with a claim in progress).
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -501,18 +588,30 @@ impl PostgresStore {
         let client = self.client().await?;
         let t = &self.shared.sql.table;
         let trigger = format!("{}_drop_point", t.rsplit('.').next().unwrap_or(t));
+        let names = IndexNames::of(t);
         let check = "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL \
                      AND NOT EXISTS (SELECT 1 FROM pg_trigger \
-                                     WHERE tgname = $3 AND tgrelid = to_regclass($1))";
-        let params: [&(dyn ToSql + Sync); 3] = [t, &self.shared.sql.points, &trigger];
+                                     WHERE tgname = $3 AND tgrelid = to_regclass($1)) \
+                     AND to_regclass($4) IS NOT NULL AND to_regclass($5) IS NULL";
+        let params: [&(dyn ToSql + Sync); 5] = [
+            t,
+            &self.shared.sql.points,
+            &trigger,
+            &names.purge_qualified,
+            &names.expires_qualified,
+        ];
         let current = |row: tokio_postgres::Row| row.get::<_, bool>(0);
         let backend = StoreError::backend;
         if current(client.query_one(check, &params).await.map_err(backend)?) {
             return Ok(());
         }
-        // Another instance may be migrating: wait for it, then look again.
+        // Another instance may be migrating: wait for it, then look again. A lock on the live
+        // table that the schema change cannot get soon (a long transaction holds the table)
+        // fails the migration rather than queueing every claim behind it.
         client
-            .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(7346910231)")
+            .batch_execute(
+                "BEGIN; SELECT pg_advisory_xact_lock(7346910231); SET LOCAL lock_timeout = '5s'",
+            )
             .await
             .map_err(backend)?;
         let migrated = async {
@@ -531,6 +630,10 @@ impl PostgresStore {
     /// Deletes up to `batch` expired rows (records past their TTL, lapsed claims) and up to
     /// `batch` expired recovery points; returns the larger count. Call it until it returns less
     /// than `batch`.
+    ///
+    /// Rows are found by `purge_at` (see [`schema_sql`](Self::schema_sql)), which a claim sets
+    /// to its lease plus the TTL of this store's latest completion: a row due that is still
+    /// live (a longer TTL, a renewed lease) is counted and looked at again when it expires.
     pub async fn purge_expired(&self, batch: i64) -> Result<u64, StoreError> {
         let client = self.client().await?;
         let statement = client
@@ -538,9 +641,11 @@ impl PostgresStore {
             .await
             .map_err(StoreError::backend)?;
         let records = client
-            .execute(&statement, &[&batch])
+            .query_one(&statement, &[&batch])
             .await
-            .map_err(StoreError::backend)?;
+            .map_err(StoreError::backend)?
+            .get::<_, i64>(0)
+            .unsigned_abs();
         let statement = client
             .prepare_cached(&self.shared.sql.purge_points)
             .await
@@ -599,6 +704,40 @@ impl PostgresStore {
                 tracing::debug!(%error, keys = keys.len(), "wake-up notifications not sent");
             }
         }
+    }
+
+    /// Runs a completion or a release (`sql`, which returns the key's waiter flag) for the
+    /// claim's owner, and notifies the key when a process waits on it.
+    async fn end(
+        &self,
+        sql: &str,
+        key: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let waited = query_opt(&client, sql, params)
+            .await?
+            .ok_or(StoreError::LeaseLost)?
+            .get::<_, bool>(0);
+        drop(client);
+        if waited {
+            self.notify_later(key);
+        }
+        Ok(())
+    }
+
+    /// Flags the key's live claim as waited on; `false` when no claim of the key is live.
+    async fn flag_waiter(&self, key: &str) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&self.shared.sql.flag_waiter)
+            .await
+            .map_err(StoreError::backend)?;
+        let rows = client
+            .query(&statement, &[&key])
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(!rows.is_empty())
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -681,38 +820,37 @@ impl Store for PostgresStore {
                 return existing(&row, 0);
             }
         }
-        let claim = client
-            .prepare_cached(&self.shared.sql.claim)
+        let insert = client
+            .prepare_cached(&self.shared.sql.insert)
             .await
             .map_err(StoreError::backend)?;
         let token = *token;
         let owner = &token_bytes(&token)[..];
-        // Each round is atomic; the loop only goes round again after a concurrent change (the
-        // row expired, or vanished between two statements).
+        let lease = ms(lease);
+        let purge_after = lease.saturating_add(self.shared.purge_hint.load(Relaxed));
+        let params: [&(dyn ToSql + Sync); 4] = [&key, &owner, &lease, &purge_after];
+        // Each statement is atomic; the loop only goes round again after a concurrent change
+        // (the row vanished between the insert and the read, or between two take-overs).
         for _ in 0..8 {
-            let row = client
-                .query_opt(&claim, &[&key, &owner, &ms(lease)])
+            if client
+                .execute(&insert, &params)
                 .await
-                .map_err(StoreError::backend)?;
-            match row {
-                Some(row) => {
-                    let claimed = row.get::<_, bool>(0);
-                    self.shared.read_first.record(!claimed);
-                    return match claimed {
-                        true => Ok(ClaimOutcome::Claimed(token)),
-                        false => existing(&row, 1),
-                    };
-                }
-                // The key exists but its row expired: take it over, unless someone else did.
-                None => {
-                    let params: [&(dyn ToSql + Sync); 3] = [&key, &owner, &ms(lease)];
-                    if query_opt(&client, &self.shared.sql.take_over, &params)
-                        .await?
-                        .is_some()
-                    {
-                        return Ok(ClaimOutcome::Claimed(token));
-                    }
-                }
+                .map_err(StoreError::backend)?
+                == 1
+            {
+                self.shared.read_first.record(false);
+                return Ok(ClaimOutcome::Claimed(token));
+            }
+            // The key exists: its live row, or (expired) take it over unless someone else did.
+            if let Some(row) = query_opt(&client, &self.shared.sql.read, &[&key]).await? {
+                self.shared.read_first.record(true);
+                return existing(&row, 0);
+            }
+            if query_opt(&client, &self.shared.sql.take_over, &params)
+                .await?
+                .is_some()
+            {
+                return Ok(ClaimOutcome::Claimed(token));
             }
         }
         Err(StoreError::backend("key kept changing while claiming it"))
@@ -808,26 +946,40 @@ impl Store for PostgresStore {
         let owner = &token_bytes(token)[..];
         let fingerprint = record.fingerprint().map(|f| f.to_be_bytes().to_vec());
         let payload = &super::sealed::row_payload(&record)[..];
-        self.owner_checked(
+        let ttl = ms(ttl);
+        self.shared.purge_hint.store(ttl, Relaxed);
+        self.end(
             &self.shared.sql.complete,
-            &[&key, &owner, &fingerprint, &payload, &ms(ttl)],
+            key,
+            &[&key, &owner, &fingerprint, &payload, &ttl],
         )
-        .await?;
-        self.notify_later(key);
-        Ok(())
+        .await
     }
 
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
         let owner = &token_bytes(token)[..];
-        self.owner_checked(&self.shared.sql.release, &[&key, &owner])
-            .await?;
-        self.notify_later(key);
-        Ok(())
+        self.end(&self.shared.sql.release, key, &[&key, &owner])
+            .await
     }
 
     async fn wait(&self, key: &str, attempt: u32) {
         self.start_listener();
-        self.shared.wake.wakers.wait(key, attempt).await;
+        let wakers = &self.shared.wake.wakers;
+        if !wakers.is_listening() {
+            return wakers.wait(key, attempt).await;
+        }
+        // Subscribed before the flag: a completion that reads the flag notifies after it.
+        let woken = wakers.register(key);
+        match self.flag_waiter(key).await {
+            Ok(true) => Wakers::wait_on(woken, waker::listening_bound()).await,
+            // The claim ended (or lapsed) already: claim again at once.
+            Ok(false) => {}
+            Err(error) => {
+                tracing::debug!(%error, "could not flag a waiter; polling");
+                drop(woken);
+                tokio::time::sleep(super::backoff_with_jitter(attempt, super::POLL)).await;
+            }
+        }
     }
 }
 
@@ -891,7 +1043,11 @@ mod tests {
             !reads_first_after(&[true, false]),
             "half replays: the read would not pay"
         );
-        assert!(!reads_first_after(&[true, true, true, false]));
+        assert!(
+            reads_first_after(&[true, true, true, false]),
+            "three replays in four: inserting first would cost each replay a round trip"
+        );
+        assert!(!reads_first_after(&[true, false, false]));
         // It switches after MAX / 2 found keys, and back after a few fresh ones.
         let policy = ReadFirst::default();
         (0..ReadFirst::MAX / 2).for_each(|_| policy.record(true));

@@ -33,6 +33,7 @@ mod redis_failover;
 mod safe_defaults;
 mod shared_records;
 mod store_postgres;
+mod store_postgres_hot;
 mod store_redis;
 mod store_redis_cluster;
 mod store_redis_commands;
