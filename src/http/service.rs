@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
@@ -38,6 +38,7 @@ use super::problem::{Problem, ProblemKind};
 use super::replay;
 use super::request_body::{self, RequestBody};
 use super::response_body::ResponseBody;
+use super::sse;
 use crate::protocol::{
     self, Begin, CatchUnwind, ClaimGuard, Failure, FirstClaim, Outcome, OutcomeHook, Panicked,
     Refusal, ReleaseReason, Settings, Ticket,
@@ -163,6 +164,7 @@ where
         let first = match first {
             (_, Some(Ok(ClaimOutcome::Completed(record)))) => {
                 let hasher = config.fingerprint.start(&parts);
+                let last_event_id = parts.headers.get(sse::LAST_EVENT_ID).cloned();
                 drop(parts);
                 let task = Box::pin(KeyedTask {
                     run: Some(protocol::catch_unwind(replay_at_once(
@@ -171,6 +173,7 @@ where
                         record,
                         body,
                         hasher,
+                        last_event_id,
                         ticket,
                     ))),
                     span,
@@ -231,25 +234,29 @@ async fn replay_at_once<St, B, E, ReqBody>(
     record: Record,
     body: ReqBody,
     hasher: Option<FingerprintHasher>,
+    last_event_id: Option<HeaderValue>,
     ticket: Ticket,
 ) -> (Answer<B, E>, Outcome)
 where
     ReqBody: Body,
     ReqBody::Error: Into<BoxError>,
 {
-    let (response, outcome) = duplicate(&core.config, grpc, record, body, hasher).await;
+    let (response, outcome) =
+        duplicate(&core.config, grpc, record, body, hasher, last_event_id).await;
     drop(ticket);
     (Ok(response), outcome)
 }
 
 /// A duplicate of a completed key, answered from its record under `config`: its body hashed
-/// (up to the duplicate body limit) and compared, then the record replayed.
+/// (up to the duplicate body limit) and compared, then the record replayed; a stored event
+/// stream from after `last_event_id` when the duplicate has one (see [`sse::resume`]).
 fn duplicate<'a, ReqBody, ResBody>(
     config: &'a Config,
     grpc: bool,
     record: Record,
     body: ReqBody,
     hasher: Option<FingerprintHasher>,
+    last_event_id: Option<HeaderValue>,
 ) -> impl Future<Output = (Response<ResponseBody<ResBody>>, Outcome)> + 'a
 where
     ReqBody: Body + 'a,
@@ -264,7 +271,16 @@ where
         retry_after: config.retry_after,
         grpc,
     };
-    replay::duplicate(record, body, hasher, body_limit, answering)
+    let replayed = replay::duplicate(record, body, hasher, body_limit, answering);
+    async move {
+        let (response, outcome) = replayed.await;
+        match last_event_id {
+            Some(id) if matches!(outcome, Outcome::Replayed) => {
+                (sse::resume(response, &id), outcome)
+            }
+            _ => (response, outcome),
+        }
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -467,6 +483,7 @@ where
                     self.original(guard, key, ttl, parts, body, hasher).await
                 }
                 Ok(Begin::Completed { record, waited }) => {
+                    let last_event_id = parts.headers.get(sse::LAST_EVENT_ID).cloned();
                     if waited {
                         tracing::debug!(
                             outcome = "waited",
@@ -475,7 +492,7 @@ where
                     }
                     let config = &self.core.config;
                     let (response, outcome) =
-                        duplicate(config, self.grpc, record, body, hasher).await;
+                        duplicate(config, self.grpc, record, body, hasher, last_event_id).await;
                     (Ok(response), outcome)
                 }
                 Ok(Begin::InFlight {
