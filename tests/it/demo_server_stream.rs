@@ -38,10 +38,7 @@ async fn finished(demo: &Demo, n: u64) {
 
 /// Reads `response` until `n` whole events (`\n\n`-terminated) have arrived, then drops it,
 /// which closes the connection mid-stream. What was read.
-async fn read_events_then_cut(
-    response: http::Response<hyper::body::Incoming>,
-    n: usize,
-) -> Vec<u8> {
+async fn read_events_then_cut(response: support::demo::Streamed, n: usize) -> Vec<u8> {
     let mut body = response.into_body();
     let mut read = Vec::new();
     while read.windows(2).filter(|w| w == b"\n\n").count() < n {
@@ -256,4 +253,30 @@ async fn last_event_id_has_no_effect_on_a_first_run_nor_on_a_response_that_is_no
         .await;
     assert!(again.replayed());
     assert_eq!(again.body, paid.body, "JSON is no event stream: ignored");
+}
+
+#[tokio::test]
+async fn a_stream_past_max_response_body_replays_its_head_only_and_last_event_id_changes_nothing() {
+    // 100,000 events are about 2.4 MB, past the 1 MiB bound: the record keeps status and
+    // headers only (the next slice's chunked records will keep the body).
+    let demo = Demo::start(&[]).await;
+    let large = r#"{"tokens": 100000, "interval_ms": 0}"#;
+    let first = demo.post_to("/completions", "gen-large", large, &[]).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(
+        first.body,
+        events(1, 100_000).as_bytes(),
+        "the first run is whole"
+    );
+    for extra in [&[][..], &[("last-event-id", "5")][..]] {
+        let retry = demo
+            .post_to("/completions", "gen-large", large, extra)
+            .await;
+        assert_eq!(retry.status, 200);
+        assert!(retry.replayed());
+        assert_eq!(retry.headers["idempotent-body-omitted"], "true");
+        assert!(!retry.headers.contains_key("content-type"));
+        assert!(retry.body.is_empty());
+    }
+    assert_eq!(stat(&demo, "completions").await, 1);
 }

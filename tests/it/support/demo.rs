@@ -70,6 +70,9 @@ pub async fn spawn_listening(binary: &std::path::Path, args: &[&str]) -> (Child,
     (child, base)
 }
 
+/// A response whose body is read as it comes.
+pub type Streamed = http::Response<http_body_util::combinators::UnsyncBoxBody<Bytes, String>>;
+
 pub struct Reply {
     pub status: StatusCode,
     pub headers: http::HeaderMap,
@@ -190,7 +193,7 @@ impl Demo {
         })
     }
 
-    /// A keyed `POST path` as `Bearer tenant` with `extra` headers, its response body left
+    /// A keyed `POST path` as `Bearer acme` with `extra` headers, its response body left
     /// unread: the caller reads it frame by frame, or drops it mid-way (which closes the
     /// connection, as a client that gives up does).
     pub async fn open(
@@ -199,7 +202,7 @@ impl Demo {
         key: &str,
         body: &str,
         extra: &[(&str, &str)],
-    ) -> Result<http::Response<hyper::body::Incoming>, String> {
+    ) -> Result<Streamed, String> {
         let mut request = Request::post(format!("{}{path}", self.base))
             .header("authorization", "Bearer acme")
             .header("content-type", "application/json")
@@ -210,10 +213,12 @@ impl Demo {
         let request = request
             .body(Full::new(Bytes::from(body.to_owned())))
             .unwrap();
-        self.client
+        let response = self
+            .client
             .request(request)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        Ok(response.map(|body| body.map_err(|e| e.to_string()).boxed_unsync()))
     }
 
     /// [`open`](Self::open), read to the end.
