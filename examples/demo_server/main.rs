@@ -201,6 +201,12 @@ fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
     response
 }
 
+/// The 500 a `"fail": true` asks for.
+fn simulated_failure() -> Response {
+    let body = Json(json!({"error": "simulated failure"}));
+    (StatusCode::INTERNAL_SERVER_ERROR, body).into_response()
+}
+
 /// Authentication: runs before the idempotency layer and tells it the tenant.
 /// The tenant named by `Authorization: Bearer <tenant>`.
 fn bearer(request: &Request) -> Option<String> {
@@ -263,11 +269,7 @@ async fn create_payment(
     // A simulated failure after the charge, on a key's first run: a retry with the same
     // payload resumes from the recovery point and succeeds without charging again.
     if payment.fail && !resumed {
-        return (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(json!({"error": "simulated failure"})),
-        )
-            .into_response();
+        return simulated_failure();
     }
     let id = format!("pay_{}", uuid::Uuid::new_v4().simple());
     let tenant = tenant.map(|Extension(Tenant(t))| t).unwrap_or_default();
@@ -420,32 +422,21 @@ fn default_interval_ms() -> u64 {
 /// `POST /completions`: a simulated generation streamed as server-sent events.
 async fn create_completion(State(state): State<AppState>, body: Bytes) -> Response {
     state.completions.fetch_add(1, Ordering::SeqCst);
-    let completion = match serde_json::from_slice::<NewCompletion>(&body) {
-        Ok(completion) if completion.tokens <= 100_000 => completion,
-        Ok(_) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "Invalid completion",
-                "At most 100000 tokens.",
-            )
-        }
-        Err(error) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "Invalid completion",
-                &error.to_string(),
-            )
-        }
+    let parsed = serde_json::from_slice::<NewCompletion>(&body)
+        .map_err(|error| error.to_string())
+        .and_then(|completion| match completion.tokens {
+            0..=100_000 => Ok(completion),
+            _ => Err("At most 100000 tokens.".to_owned()),
+        });
+    let completion = match parsed {
+        Ok(completion) => completion,
+        Err(detail) => return problem(StatusCode::BAD_REQUEST, "Invalid completion", &detail),
     };
     if completion.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(completion.delay_ms)).await;
     }
     if completion.fail {
-        return (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(json!({"error": "simulated failure"})),
-        )
-            .into_response();
+        return simulated_failure();
     }
     let generation = Generation {
         next: 1,
