@@ -280,3 +280,81 @@ async fn a_stream_past_max_response_body_replays_its_head_only_and_last_event_id
     }
     assert_eq!(stat(&demo, "completions").await, 1);
 }
+
+/// On `store`, two demo processes: the first generates 1,000 events for a client that cuts at
+/// event 300; the second replays them whole and resumes after `Last-Event-ID: 300`. The
+/// handler ran once, in the first.
+async fn cut_and_resume_across_instances(store: &str) {
+    let args = ["--store", store];
+    let (first, second) = (Demo::start(&args).await, Demo::start(&args).await);
+    let key = format!("gen-{}", uuid::Uuid::new_v4().simple());
+    let response = first
+        .open("/completions", &key, THOUSAND, &[])
+        .await
+        .unwrap();
+    read_events_then_cut(response, 300).await;
+    finished(&first, 1).await;
+    for demo in [&first, &second] {
+        let whole = demo.post_to("/completions", &key, THOUSAND, &[]).await;
+        assert!(whole.replayed(), "{store}");
+        assert_eq!(whole.body, events(1, 1000).as_bytes(), "{store}");
+        let resumed = demo
+            .post_to("/completions", &key, THOUSAND, &[("last-event-id", "300")])
+            .await;
+        assert!(resumed.replayed(), "{store}");
+        assert_eq!(resumed.headers["content-type"], "text/event-stream");
+        assert_eq!(resumed.body, events(301, 1000).as_bytes(), "{store}");
+    }
+    assert_eq!(stat(&first, "completions").await, 1);
+    assert_eq!(stat(&second, "completions").await, 0);
+}
+
+#[tokio::test]
+async fn a_cut_stream_resumes_from_another_instance_on_sqlite() {
+    let dir = support::servers::TempDir::new("demo-sse");
+    let store = format!("sqlite://{}", dir.path().join("idempotency.db").display());
+    cut_and_resume_across_instances(&store).await;
+}
+
+#[tokio::test]
+async fn a_cut_stream_resumes_from_another_instance_on_redis() {
+    let Some(url) = support::servers::redis_url() else {
+        return;
+    };
+    cut_and_resume_across_instances(&url).await;
+}
+
+#[tokio::test]
+async fn a_cut_stream_resumes_from_another_instance_on_postgres() {
+    let Some(url) = support::servers::postgres_url() else {
+        return;
+    };
+    cut_and_resume_across_instances(&url).await;
+}
+
+#[tokio::test]
+async fn a_duplicate_that_waited_for_the_stream_resumes_after_its_last_event_id() {
+    // `--on-conflict wait`: the duplicate arrives while the generation runs, waits for its
+    // end, and gets the events after its `Last-Event-ID` from the record just stored.
+    let demo = Demo::start(&["--on-conflict", "wait"]).await;
+    let slow = r#"{"tokens": 1000, "interval_ms": 1, "delay_ms": 300}"#;
+    let original = demo.open("/completions", "gen-wait", slow, &[]);
+    let original = async { original.await.unwrap().into_body().collect().await };
+    let waiter = async {
+        while stat(&demo, "completions").await < 1 {
+            tokio::task::yield_now().await;
+        }
+        demo.post_to(
+            "/completions",
+            "gen-wait",
+            slow,
+            &[("last-event-id", "990")],
+        )
+        .await
+    };
+    let (original, waited) = tokio::join!(original, waiter);
+    assert_eq!(original.unwrap().to_bytes(), events(1, 1000).as_bytes());
+    assert!(waited.replayed());
+    assert_eq!(waited.body, events(991, 1000).as_bytes());
+    assert_eq!(stat(&demo, "completions").await, 1);
+}
