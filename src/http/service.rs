@@ -164,7 +164,7 @@ where
         let first = match first {
             (_, Some(Ok(ClaimOutcome::Completed(record)))) => {
                 let hasher = config.fingerprint.start(&parts);
-                let last_event_id = parts.headers.get(sse::LAST_EVENT_ID).cloned();
+                let last_event_id = sse::last_event_id(&parts.headers);
                 drop(parts);
                 let task = Box::pin(KeyedTask {
                     run: Some(protocol::catch_unwind(replay_at_once(
@@ -234,29 +234,27 @@ async fn replay_at_once<St, B, E, ReqBody>(
     record: Record,
     body: ReqBody,
     hasher: Option<FingerprintHasher>,
-    last_event_id: Option<HeaderValue>,
+    last_event_id: Option<Box<HeaderValue>>,
     ticket: Ticket,
 ) -> (Answer<B, E>, Outcome)
 where
     ReqBody: Body,
     ReqBody::Error: Into<BoxError>,
 {
-    let (response, outcome) =
-        duplicate(&core.config, grpc, record, body, hasher, last_event_id).await;
+    let replayed = duplicate(&core.config, grpc, record, body, hasher).await;
+    let (response, outcome) = resumed(replayed, last_event_id);
     drop(ticket);
     (Ok(response), outcome)
 }
 
 /// A duplicate of a completed key, answered from its record under `config`: its body hashed
-/// (up to the duplicate body limit) and compared, then the record replayed; a stored event
-/// stream from after `last_event_id` when the duplicate has one (see [`sse::resume`]).
+/// (up to the duplicate body limit) and compared, then the record replayed.
 fn duplicate<'a, ReqBody, ResBody>(
     config: &'a Config,
     grpc: bool,
     record: Record,
     body: ReqBody,
     hasher: Option<FingerprintHasher>,
-    last_event_id: Option<HeaderValue>,
 ) -> impl Future<Output = (Response<ResponseBody<ResBody>>, Outcome)> + 'a
 where
     ReqBody: Body + 'a,
@@ -271,15 +269,18 @@ where
         retry_after: config.retry_after,
         grpc,
     };
-    let replayed = replay::duplicate(record, body, hasher, body_limit, answering);
-    async move {
-        let (response, outcome) = replayed.await;
-        match last_event_id {
-            Some(id) if matches!(outcome, Outcome::Replayed) => {
-                (sse::resume(response, &id), outcome)
-            }
-            _ => (response, outcome),
-        }
+    replay::duplicate(record, body, hasher, body_limit, answering)
+}
+
+/// A duplicate's answer, resumed after its `Last-Event-ID` when it is a replay of a stored
+/// event stream (see [`sse::resume`]).
+fn resumed<B>(
+    (response, outcome): (Response<ResponseBody<B>>, Outcome),
+    last_event_id: Option<Box<HeaderValue>>,
+) -> (Response<ResponseBody<B>>, Outcome) {
+    match last_event_id {
+        Some(id) if matches!(outcome, Outcome::Replayed) => (sse::resume(response, &id), outcome),
+        _ => (response, outcome),
     }
 }
 
@@ -483,7 +484,7 @@ where
                     self.original(guard, key, ttl, parts, body, hasher).await
                 }
                 Ok(Begin::Completed { record, waited }) => {
-                    let last_event_id = parts.headers.get(sse::LAST_EVENT_ID).cloned();
+                    let last_event_id = sse::last_event_id(&parts.headers);
                     if waited {
                         tracing::debug!(
                             outcome = "waited",
@@ -491,8 +492,8 @@ where
                         );
                     }
                     let config = &self.core.config;
-                    let (response, outcome) =
-                        duplicate(config, self.grpc, record, body, hasher, last_event_id).await;
+                    let replayed = duplicate(config, self.grpc, record, body, hasher).await;
+                    let (response, outcome) = resumed(replayed, last_event_id);
                     (Ok(response), outcome)
                 }
                 Ok(Begin::InFlight {
