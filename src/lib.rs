@@ -33,6 +33,7 @@
 //! | [`RecoveryPoints`] | a handler saves its progress under its key, so a retry after a crash resumes instead of repeating a side effect | – | `docs/recovery-points.md` |
 //! | [`DrainHandle`] | graceful shutdown for rolling deploys | – | `docs/shutdown.md` |
 //! | [`GrpcMode`], [`IdempotencyLayer::grpc`] | unary gRPC calls (tonic) guarded and answered in gRPC's terms | – | `docs/grpc.md` |
+//! | streamed answers (server-sent events) | stored up to the body bound, replayed after a client cut, resumed from `Last-Event-ID` | – | `docs/streaming.md` |
 //! | the layer over hyper or any tower service | any `Service<http::Request<B>>` | – | `docs/hyper.md` |
 //! | [`client::IdempotentRetryLayer`] | the client side: stamps keys on outgoing requests, retries with jittered backoff | `client` | `docs/client.md` |
 //! | [`consumer::IdempotentConsumerLayer`] | the same guarantee for message handlers (Redis Streams, Kafka, NATS, RabbitMQ) | `consumer` | `docs/consumers.md` |
@@ -230,6 +231,8 @@ mod guides {
     struct Hyper;
     #[doc = include_str!("../docs/grpc.md")]
     struct Grpc;
+    #[doc = include_str!("../docs/streaming.md")]
+    struct Streaming;
     #[doc = include_str!("../docs/client.md")]
     struct Client;
     #[doc = include_str!("../docs/consumers.md")]

@@ -24,6 +24,13 @@
 //! charging) reuses its charge instead of charging again. `"crash_after_charge": true` aborts
 //! the process right after the point is saved, on a key's first run only (a crash test).
 //! * `POST /bare/payments`: the same handler without the layer (for load comparisons).
+//! * `POST /completions` (the same authentication and layer as `POST /payments`): a simulated
+//!   generation answered as `text/event-stream`, one event per token (`id: N`, 1-based, and
+//!   `data: tok-N`), every `"interval_ms"` (default 2). `{"tokens": n}` (default 20, at most
+//!   100,000); `"delay_ms": n` sleeps before the answer; `"fail": true` answers 500 instead;
+//!   `"fail_after": n` ends the stream with an error after `n` events (a generation that breaks
+//!   mid-stream). `GET /stats` counts them: `completions` (the handler started),
+//!   `completions_finished` (a generation sent its last event).
 //! * With `--limit-routes`, `POST /limit/replay/payments` and `POST /limit/fresh/payments`: the
 //!   same handler with exactly the store round trips the layer needs on each path, and nothing
 //!   else (see `limit.rs`; for `benches/http.sh`).
@@ -119,6 +126,9 @@ enum Conflict {
 #[derive(Clone)]
 struct AppState {
     executions: Arc<AtomicU64>,
+    /// `POST /completions`: handlers started, and generations that sent their last event.
+    completions: Arc<AtomicU64>,
+    completions_finished: Arc<AtomicU64>,
     provider: Arc<Provider>,
     recovery_points: bool,
     payments: Arc<Mutex<Payments>>,
@@ -191,6 +201,12 @@ fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
     response
 }
 
+/// The 500 a `"fail": true` asks for.
+fn simulated_failure() -> Response {
+    let body = Json(json!({"error": "simulated failure"}));
+    (StatusCode::INTERNAL_SERVER_ERROR, body).into_response()
+}
+
 /// Authentication: runs before the idempotency layer and tells it the tenant.
 /// The tenant named by `Authorization: Bearer <tenant>`.
 fn bearer(request: &Request) -> Option<String> {
@@ -253,11 +269,7 @@ async fn create_payment(
     // A simulated failure after the charge, on a key's first run: a retry with the same
     // payload resumes from the recovery point and succeeds without charging again.
     if payment.fail && !resumed {
-        return (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(json!({"error": "simulated failure"})),
-        )
-            .into_response();
+        return simulated_failure();
     }
     let id = format!("pay_{}", uuid::Uuid::new_v4().simple());
     let tenant = tenant.map(|Extension(Tenant(t))| t).unwrap_or_default();
@@ -380,7 +392,114 @@ async fn stats(State(state): State<AppState>) -> Json<Value> {
     Json(json!({
         "executions": state.executions.load(Ordering::SeqCst),
         "provider_charges": state.provider.charges.load(Ordering::SeqCst),
+        "completions": state.completions.load(Ordering::SeqCst),
+        "completions_finished": state.completions_finished.load(Ordering::SeqCst),
     }))
+}
+
+#[derive(Deserialize)]
+struct NewCompletion {
+    #[serde(default = "default_tokens")]
+    tokens: u32,
+    #[serde(default = "default_interval_ms")]
+    interval_ms: u64,
+    #[serde(default)]
+    delay_ms: u64,
+    #[serde(default)]
+    fail: bool,
+    #[serde(default)]
+    fail_after: Option<u32>,
+}
+
+fn default_tokens() -> u32 {
+    20
+}
+
+fn default_interval_ms() -> u64 {
+    2
+}
+
+/// `POST /completions`: a simulated generation streamed as server-sent events.
+async fn create_completion(State(state): State<AppState>, body: Bytes) -> Response {
+    state.completions.fetch_add(1, Ordering::SeqCst);
+    let parsed = serde_json::from_slice::<NewCompletion>(&body)
+        .map_err(|error| error.to_string())
+        .and_then(|completion| match completion.tokens {
+            0..=100_000 => Ok(completion),
+            _ => Err("At most 100000 tokens.".to_owned()),
+        });
+    let completion = match parsed {
+        Ok(completion) => completion,
+        Err(detail) => return problem(StatusCode::BAD_REQUEST, "Invalid completion", &detail),
+    };
+    if completion.delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(completion.delay_ms)).await;
+    }
+    if completion.fail {
+        return simulated_failure();
+    }
+    let generation = Generation {
+        next: 1,
+        tokens: completion.tokens,
+        interval: Duration::from_millis(completion.interval_ms),
+        tick: None,
+        fail_after: completion.fail_after,
+        finished: state.completions_finished.clone(),
+    };
+    let mut response = Response::new(axum::body::Body::new(generation));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// The body of a simulated generation: one event every `interval`, produced only as the body is
+/// polled (as a real generation behind a streamed body is: whoever reads the body drives it).
+struct Generation {
+    next: u32,
+    tokens: u32,
+    interval: Duration,
+    tick: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    fail_after: Option<u32>,
+    finished: Arc<AtomicU64>,
+}
+
+impl http_body::Body for Generation {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.fail_after == Some(this.next - 1) {
+            return Poll::Ready(Some(Err("simulated failure mid-stream".into())));
+        }
+        if this.next > this.tokens {
+            if this.next == this.tokens + 1 {
+                this.next += 1;
+                this.finished.fetch_add(1, Ordering::SeqCst);
+            }
+            return Poll::Ready(None);
+        }
+        if !this.interval.is_zero() {
+            let interval = this.interval;
+            let tick = this
+                .tick
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(interval)));
+            std::task::ready!(tick.as_mut().poll(cx));
+            this.tick = None;
+        }
+        let n = this.next;
+        this.next += 1;
+        let event = format!("id: {n}\ndata: tok-{n}\n\n");
+        Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(event)))))
+    }
 }
 
 /// The store named on the command line.
@@ -491,6 +610,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .map_err(|error| format!("cannot use --store {}: {}", args.store, sentence(&*error)))?;
     let state = AppState {
         executions: Arc::default(),
+        completions: Arc::default(),
+        completions_finished: Arc::default(),
         provider: Arc::new(Provider {
             charges: AtomicU64::new(0),
             ledger: match &args.provider_ledger {
@@ -525,7 +646,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .layer(middleware::from_fn(authenticate))
         .layer(idempotency);
     let app = Router::new()
-        .route("/payments", post(create_payment).layer(guarded))
+        .route("/payments", post(create_payment).layer(guarded.clone()))
+        .route("/completions", post(create_completion).layer(guarded))
         .route(
             "/payments/{id}",
             get(get_payment).layer(middleware::from_fn(authenticate)),

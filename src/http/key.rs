@@ -172,7 +172,7 @@ pub fn store_key(scope: &str, method: &http::Method, path: &str, key: &str) -> S
 }
 
 /// Up to this many header values, [`read`] scans the headers instead of looking the name up.
-const SCANNED: usize = 8;
+pub(crate) const SCANNED: usize = 8;
 
 /// A request's `content-type` and `content-length`, found in one pass over a request with
 /// few headers (two lookups hash twice; see [`read`]).

@@ -28,6 +28,7 @@ mod replay;
 mod request_body;
 mod response_body;
 mod service;
+mod sse;
 
 pub use capture::NoStore;
 pub use config::{GrpcMode, OnStoreError};

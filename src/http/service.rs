@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
@@ -38,6 +38,7 @@ use super::problem::{Problem, ProblemKind};
 use super::replay;
 use super::request_body::{self, RequestBody};
 use super::response_body::ResponseBody;
+use super::sse;
 use crate::protocol::{
     self, Begin, CatchUnwind, ClaimGuard, Failure, FirstClaim, Outcome, OutcomeHook, Panicked,
     Refusal, ReleaseReason, Settings, Ticket,
@@ -163,6 +164,7 @@ where
         let first = match first {
             (_, Some(Ok(ClaimOutcome::Completed(record)))) => {
                 let hasher = config.fingerprint.start(&parts);
+                let last_event_id = sse::last_event_id(&parts.headers);
                 drop(parts);
                 let task = Box::pin(KeyedTask {
                     run: Some(protocol::catch_unwind(replay_at_once(
@@ -171,6 +173,7 @@ where
                         record,
                         body,
                         hasher,
+                        last_event_id,
                         ticket,
                     ))),
                     span,
@@ -231,13 +234,15 @@ async fn replay_at_once<St, B, E, ReqBody>(
     record: Record,
     body: ReqBody,
     hasher: Option<FingerprintHasher>,
+    last_event_id: Option<Box<HeaderValue>>,
     ticket: Ticket,
 ) -> (Answer<B, E>, Outcome)
 where
     ReqBody: Body,
     ReqBody::Error: Into<BoxError>,
 {
-    let (response, outcome) = duplicate(&core.config, grpc, record, body, hasher).await;
+    let replayed = duplicate(&core.config, grpc, record, body, hasher).await;
+    let (response, outcome) = resumed(replayed, last_event_id);
     drop(ticket);
     (Ok(response), outcome)
 }
@@ -265,6 +270,18 @@ where
         grpc,
     };
     replay::duplicate(record, body, hasher, body_limit, answering)
+}
+
+/// A duplicate's answer, resumed after its `Last-Event-ID` when it is a replay of a stored
+/// event stream (see [`sse::resume`]).
+fn resumed<B>(
+    (response, outcome): (Response<ResponseBody<B>>, Outcome),
+    last_event_id: Option<Box<HeaderValue>>,
+) -> (Response<ResponseBody<B>>, Outcome) {
+    match last_event_id {
+        Some(id) if matches!(outcome, Outcome::Replayed) => (sse::resume(response, &id), outcome),
+        _ => (response, outcome),
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -467,6 +484,7 @@ where
                     self.original(guard, key, ttl, parts, body, hasher).await
                 }
                 Ok(Begin::Completed { record, waited }) => {
+                    let last_event_id = sse::last_event_id(&parts.headers);
                     if waited {
                         tracing::debug!(
                             outcome = "waited",
@@ -474,8 +492,8 @@ where
                         );
                     }
                     let config = &self.core.config;
-                    let (response, outcome) =
-                        duplicate(config, self.grpc, record, body, hasher).await;
+                    let replayed = duplicate(config, self.grpc, record, body, hasher).await;
+                    let (response, outcome) = resumed(replayed, last_event_id);
                     (Ok(response), outcome)
                 }
                 Ok(Begin::InFlight {

@@ -22,6 +22,7 @@ mod consumer;
 mod custom_store;
 mod damaged_records;
 mod demo_server;
+mod demo_server_stream;
 mod demo_sqlite;
 mod docs_links;
 mod drain;

@@ -70,6 +70,9 @@ pub async fn spawn_listening(binary: &std::path::Path, args: &[&str]) -> (Child,
     (child, base)
 }
 
+/// A response whose body is read as it comes.
+pub type Streamed = http::Response<http_body_util::combinators::UnsyncBoxBody<Bytes, String>>;
+
 pub struct Reply {
     pub status: StatusCode,
     pub headers: http::HeaderMap,
@@ -188,6 +191,51 @@ impl Demo {
             headers: parts.headers,
             body: body.collect().await.map_err(|e| e.to_string())?.to_bytes(),
         })
+    }
+
+    /// A keyed `POST path` as `Bearer acme` with `extra` headers, its response body left
+    /// unread: the caller reads it frame by frame, or drops it mid-way (which closes the
+    /// connection, as a client that gives up does).
+    pub async fn open(
+        &self,
+        path: &str,
+        key: &str,
+        body: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<Streamed, String> {
+        let mut request = Request::post(format!("{}{path}", self.base))
+            .header("authorization", "Bearer acme")
+            .header("content-type", "application/json")
+            .header("idempotency-key", key);
+        for (name, value) in extra {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .unwrap();
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(response.map(|body| body.map_err(|e| e.to_string()).boxed_unsync()))
+    }
+
+    /// [`open`](Self::open), read to the end.
+    pub async fn post_to(
+        &self,
+        path: &str,
+        key: &str,
+        body: &str,
+        extra: &[(&str, &str)],
+    ) -> Reply {
+        let response = self.open(path, key, body, extra).await.unwrap();
+        let (parts, body) = response.into_parts();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
     }
 
     pub async fn executions(&self) -> u64 {
