@@ -48,7 +48,6 @@ impl<B> ResponseBody<B> {
         Self::full_with_trailers(data, None)
     }
 
-    /// A stored body, then the trailers it ended with (a replay).
     /// A body of `chunks` (shared, answered one frame each, as they were produced), then
     /// `trailers`.
     pub(crate) fn chunks(chunks: Arc<[Bytes]>, trailers: Option<http::HeaderMap>) -> Self {
@@ -72,11 +71,30 @@ impl<B> ResponseBody<B> {
 }
 
 impl<B> ResponseBody<B> {
-    /// The data and trailers of a body made whole in memory ([`full`](Self::full)); nothing for
+    /// Whether the body is whole in memory ([`full`](Self::full), [`chunks`](Self::chunks)),
+    /// so that [`into_full`](Self::into_full) gives all of it.
+    pub(crate) fn is_in_memory(&self) -> bool {
+        matches!(self.kind, Kind::Full { .. } | Kind::Chunks { .. })
+    }
+
+    /// The data (what is left of it, as one buffer: a copy when it is several chunks) and
+    /// trailers of a body whole in memory ([`is_in_memory`](Self::is_in_memory)); nothing for
     /// another body.
     pub(crate) fn into_full(self) -> (Option<Bytes>, Option<http::HeaderMap>) {
         match self.kind {
             Kind::Full { data, trailers } => (data, trailers),
+            Kind::Chunks {
+                chunks,
+                next,
+                trailers,
+            } => {
+                let data = match &chunks[next.min(chunks.len())..] {
+                    [] => None,
+                    [one] => Some(one.clone()),
+                    many => Some(Bytes::from(many.concat())),
+                };
+                (data, trailers)
+            }
             _ => (None, None),
         }
     }

@@ -96,7 +96,7 @@ pub(crate) fn resume<B>(
     response: Response<ResponseBody<B>>,
     last_id: &HeaderValue,
 ) -> Response<ResponseBody<B>> {
-    if !is_event_stream(response.headers()) {
+    if !is_event_stream(response.headers()) || !response.body().is_in_memory() {
         return response;
     }
     let (mut head, body) = response.into_parts();
@@ -237,6 +237,39 @@ mod tests {
         let json = resume(response("application/json"), &id);
         assert_eq!(json.headers()[CONTENT_LENGTH], "14");
         assert_eq!(json.into_body().into_full().0.unwrap(), body);
+    }
+
+    /// A replay whose body is the chunks the handler produced (one event each, or an event cut
+    /// across two) resumes as a whole body does; a body that is not in memory is left as it is.
+    #[test]
+    fn a_replay_of_chunks_resumes_across_them() {
+        let chunks: Vec<Bytes> = ["id: 1\ndata: a\n\n", "id: 2\nda", "ta: b\n\n", "id: 3\n\n"]
+            .into_iter()
+            .map(|chunk| Bytes::from_static(chunk.as_bytes()))
+            .collect();
+        let mut response = Response::new(ResponseBody::<http_body_util::Empty<Bytes>>::chunks(
+            chunks.into(),
+            None,
+        ));
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        let resumed = resume(response, &HeaderValue::from_static("1"));
+        assert_eq!(
+            resumed.into_body().into_full().0.unwrap(),
+            "id: 2\ndata: b\n\nid: 3\n\n"
+        );
+        let mut streamed = Response::new(ResponseBody::inner(http_body_util::Full::new(
+            Bytes::from_static(b"id: 1\n\nid: 2\n\n"),
+        )));
+        streamed
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        let untouched = resume(streamed, &HeaderValue::from_static("1"));
+        assert!(
+            !untouched.body().is_in_memory(),
+            "a body not in memory is not read"
+        );
     }
 
     /// An event: an id, data lines, perhaps a comment, with one of the three line ends.
