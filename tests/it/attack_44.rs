@@ -368,3 +368,243 @@ async fn postgres_migrate_concurrently_and_twice() {
         .await
         .unwrap();
 }
+
+// ---------------------------------------------------------------- memory store: the record in parts
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, StreamBody};
+use tower::{Service, ServiceExt};
+use tower_idempotency::store::MemoryStore;
+use tower_idempotency::{IdempotencyLayer, RequestBody};
+
+async fn call<S>(service: &mut S, key: &str, extra: &[(&str, &[u8])]) -> S::Response
+where
+    S: Service<Request<Body>>,
+    S::Error: std::fmt::Debug,
+{
+    let mut request = Request::post("/p").header("idempotency-key", key);
+    for (name, value) in extra {
+        request = request.header(*name, http::HeaderValue::from_bytes(value).unwrap());
+    }
+    let request = request.body(Body::from("{}")).unwrap();
+    service.ready().await.unwrap().call(request).await.unwrap()
+}
+
+/// A hostile tenant answers in many one-byte chunks: the memory store must charge what it
+/// holds, which is at least one `Bytes` (32 bytes) in the chunk list per chunk, or its
+/// capacity bound (`max_bytes`) no longer bounds memory.
+#[tokio::test]
+async fn memory_store_charges_the_chunk_list_of_many_tiny_chunks() {
+    const CHUNKS: usize = 50_000;
+    let store = MemoryStore::new();
+    let mut service = tower::ServiceBuilder::new()
+        .layer(IdempotencyLayer::with_store(store.clone()).max_response_body(1 << 20))
+        .service_fn(|_req: Request<RequestBody<Body>>| async move {
+            let frames = (0..CHUNKS)
+                .map(|_| Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(vec![b'x']))));
+            let body = Body::new(StreamBody::new(futures_util::stream::iter(frames)));
+            Ok::<_, Infallible>(Response::new(body))
+        });
+    let before = store.weighted_size();
+    let first = call(&mut service, "tiny-chunks", &[]).await;
+    let bytes = first.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(bytes.len(), CHUNKS);
+    let replay = call(&mut service, "tiny-chunks", &[]).await;
+    assert_eq!(
+        replay.into_body().collect().await.unwrap().to_bytes(),
+        bytes
+    );
+    let charged = store.weighted_size() - before;
+    let floor = (CHUNKS * std::mem::size_of::<Bytes>()) as u64;
+    assert!(
+        charged >= floor,
+        "a record of {CHUNKS} one-byte chunks is charged {charged} bytes; its chunk list alone \
+         holds {floor} (one 32-byte Bytes per chunk), so max_bytes under-counts ~{}x",
+        floor / charged.max(1)
+    );
+    eprintln!("{CHUNKS} one-byte chunks charged {charged} bytes");
+}
+
+/// A drop-signalling owner of a large buffer.
+struct Owned(Vec<u8>, Arc<AtomicBool>);
+impl AsRef<[u8]> for Owned {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.1.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A handler answers a 16-byte slice of a 4 MiB buffer it shares (a cached body): the store
+/// must not keep the 4 MiB alive for the slice it charged, and the replay is the slice.
+#[tokio::test]
+async fn memory_store_keeps_no_large_buffer_alive_for_a_slice() {
+    let dropped = Arc::new(AtomicBool::new(false));
+    let big = Bytes::from_owner(Owned(vec![b'y'; 4 << 20], dropped.clone()));
+    let store = MemoryStore::new();
+    let shared = big.clone();
+    let mut service = tower::ServiceBuilder::new()
+        .layer(IdempotencyLayer::with_store(store.clone()))
+        .service_fn(move |_req: Request<RequestBody<Body>>| {
+            let slice = shared.slice(100..116);
+            async move { Ok::<_, Infallible>(Response::new(Body::from(slice))) }
+        });
+    let first = call(&mut service, "slice", &[]).await;
+    assert_eq!(
+        first.into_body().collect().await.unwrap().to_bytes().len(),
+        16
+    );
+    drop(big);
+    drop(service);
+    let charged = store.weighted_size();
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the store keeps the 4 MiB buffer alive for a 16-byte slice (charged {charged})"
+    );
+    let mut service = tower::ServiceBuilder::new()
+        .layer(IdempotencyLayer::with_store(store.clone()))
+        .service_fn(|_req: Request<RequestBody<Body>>| async move {
+            Ok::<_, Infallible>(Response::new(Body::from("ran again")))
+        });
+    let replay = call(&mut service, "slice", &[]).await;
+    assert_eq!(
+        replay.into_body().collect().await.unwrap().to_bytes(),
+        Bytes::from(vec![b'y'; 16])
+    );
+}
+
+// ---------------------------------------------------------------- SSE Last-Event-ID
+
+const STREAM: &str = "id: 1\ndata: a\n\nid: data: x\ndata: b\n\nid: 3\ndata: c\n\n";
+
+async fn sse_replay(extra: &[(&str, &[u8])]) -> (http::HeaderMap, Bytes) {
+    let mut service = tower::ServiceBuilder::new()
+        .layer(IdempotencyLayer::with_store(MemoryStore::new()))
+        .service_fn(|_req: Request<RequestBody<Body>>| async move {
+            let mut response = Response::new(Body::from(STREAM));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/event-stream"),
+            );
+            response.headers_mut().insert(
+                http::header::CONTENT_LENGTH,
+                http::HeaderValue::from(STREAM.len()),
+            );
+            Ok::<_, Infallible>(response)
+        });
+    let first = call(&mut service, "sse", &[]).await;
+    assert_eq!(
+        first.into_body().collect().await.unwrap().to_bytes(),
+        STREAM
+    );
+    let replay = call(&mut service, "sse", extra).await;
+    let headers = replay.headers().clone();
+    (
+        headers,
+        replay.into_body().collect().await.unwrap().to_bytes(),
+    )
+}
+
+/// Hostile `Last-Event-ID`s: an id that is a `data:` line, a 1 MiB id, obs-text bytes, many
+/// headers (the first counts): a tail with a matching `Content-Length`, or the whole stream.
+#[tokio::test]
+async fn sse_hostile_last_event_ids() {
+    let tail = |after: &str| STREAM[STREAM.find(after).unwrap() + after.len()..].to_owned();
+    let (h, body) = sse_replay(&[("last-event-id", b"data: x")]).await;
+    assert_eq!(body, tail("data: b\n\n"));
+    let length = h.get(http::header::CONTENT_LENGTH);
+    assert!(
+        length.is_none_or(|l| l == body.len().to_string().as_str()),
+        "{length:?}"
+    );
+    let huge = vec![b'9'; 1 << 20];
+    let (h, body) = sse_replay(&[("last-event-id", &huge)]).await;
+    assert_eq!(body, STREAM);
+    let length = h.get(http::header::CONTENT_LENGTH);
+    assert!(
+        length.is_none_or(|l| l == STREAM.len().to_string().as_str()),
+        "{length:?}"
+    );
+    let (_, body) = sse_replay(&[("last-event-id", b"\xff\xfe")]).await;
+    assert_eq!(body, STREAM);
+    let (_, body) = sse_replay(&[("last-event-id", b"1"), ("last-event-id", b"3")]).await;
+    assert_eq!(body, tail("data: a\n\n"));
+    let (_, body) = sse_replay(&[("last-event-id", b"3")]).await;
+    assert_eq!(body, "");
+    let mut many: Vec<(&str, &[u8])> = vec![("x-pad", b"v"); 40];
+    many.push(("last-event-id", b"1"));
+    let (_, body) = sse_replay(&many).await;
+    assert_eq!(body, tail("data: a\n\n"));
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+/// Stores `records` records of `chunks` chunks of `len` bytes each (their own `Vec`s) through
+/// the layer; the store's charge for them and the growth of the resident set (noisy).
+async fn charge_and_growth(records: usize, chunks: usize, len: usize) -> (u64, u64) {
+    let store = MemoryStore::builder().max_bytes(1 << 32).build();
+    let mut service = tower::ServiceBuilder::new()
+        .layer(IdempotencyLayer::with_store(store.clone()).max_response_body(8 << 20))
+        .service_fn(move |_req: Request<RequestBody<Body>>| async move {
+            let frames = (0..chunks).map(move |_| {
+                Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(vec![b'x'; len])))
+            });
+            let body = Body::new(StreamBody::new(futures_util::stream::iter(frames)));
+            Ok::<_, Infallible>(Response::new(body))
+        });
+    // Warm up the allocator and the layer with one record.
+    let warm = call(&mut service, "warm", &[]).await;
+    warm.into_body().collect().await.unwrap();
+    let (charged_before, rss_before) = (store.weighted_size(), rss_bytes());
+    for i in 0..records {
+        let response = call(&mut service, &format!("chunks-{i}"), &[]).await;
+        response.into_body().collect().await.unwrap();
+    }
+    let charged = store.weighted_size() - charged_before;
+    let grown = rss_bytes().saturating_sub(rss_before);
+    eprintln!(
+        "{records} records x {chunks} chunks of {len} B: charged {charged} B, resident set grew {grown} B (noisy), {:.2}x",
+        grown as f64 / charged as f64
+    );
+    (charged, grown)
+}
+
+/// The capacity bound against what the process really holds (noisy: RSS of a process whose
+/// other tests may run beside it; run this test alone): 40 records of 50,000 one-byte chunks
+/// kept, the growth of the resident set against the store's charge for them. Each chunk is its
+/// own allocation (a 1-byte `Vec`, which malloc rounds up), a `Bytes` in the list, and, once
+/// shared, the shared header `bytes` allocates: a charge of about 33 bytes a chunk
+/// under-counts what a tenant answering many tiny chunks makes the store hold. The control,
+/// 30 records of 32 chunks of 64 KiB, grows the resident set by about its charge.
+#[tokio::test]
+async fn memory_store_charge_of_tiny_chunks_against_resident_memory() {
+    let (charged, grown) = charge_and_growth(40, 50_000, 1).await;
+    assert!(
+        grown <= charged * 3 / 2,
+        "the store charged {charged} B for records that grew the resident set {grown} B \
+         ({:.2}x): max_bytes does not bound a tenant answering tiny chunks",
+        grown as f64 / charged as f64
+    );
+}
+
+/// The control of the test above: few large chunks grow the resident set by their charge.
+#[tokio::test]
+async fn memory_store_charge_of_large_chunks_against_resident_memory() {
+    let (charged, grown) = charge_and_growth(30, 32, 64 << 10).await;
+    assert!(
+        grown <= charged * 3 / 2,
+        "control: {grown} B grown for {charged} B charged"
+    );
+}
