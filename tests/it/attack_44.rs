@@ -608,3 +608,116 @@ async fn memory_store_charge_of_large_chunks_against_resident_memory() {
         "control: {grown} B grown for {charged} B charged"
     );
 }
+
+/// A lapsed owner that saved a point completes late (a layer whose `ttl`, 200 ms, is below its
+/// lease, 300 ms: points are then kept twice the lease, "so a TTL below the lease no longer
+/// loses a crashed run's point before its retry may run", CHANGELOG). Its successor saved a
+/// point (kept twice the lease) and crashed; the successor's retry, once that lease lapsed,
+/// must load it. The late completion fails (lease lost) but its `PEXPIRE point ttl LT`, sent
+/// before the fenced `SET … IFEQ` in one pipeline, shortened the successor's point to 200 ms.
+/// On Valkey every completion of a run with a point sends it; on Redis 7.0 the first
+/// completion of each store instance does too (it learns there that `IFEQ` is refused).
+async fn lapsed_completion_keeps_the_successors_point(
+    url: &str,
+    what: &str,
+    late_completion: bool,
+) -> Option<String> {
+    lapsed_completion_case(url, what, late_completion, false).await
+}
+
+async fn lapsed_completion_case(
+    url: &str,
+    what: &str,
+    late_completion: bool,
+    warmed: bool,
+) -> Option<String> {
+    let (a, b) = redis_pair(url, "att44s:").await;
+    if warmed {
+        // One completion first: on Redis 7.0 the store learns that `IFEQ` is refused.
+        let key = hostile_key("warm");
+        let token = claimed(&a, &key, LEASE).await;
+        a.complete(&key, &token, Record::new(None, "w"), TTL)
+            .await
+            .unwrap();
+    }
+    let key = hostile_key("succ");
+    let (lease, ttl) = (Duration::from_millis(300), Duration::from_millis(200));
+    let old = claimed(&a, &key, lease).await;
+    a.save_point(
+        &key,
+        &old,
+        &RecoveryPoint::new("charged", "ch_old"),
+        lease * 2,
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(lease + Duration::from_millis(50)).await;
+    let new = claimed(&b, &key, lease).await;
+    b.save_point(
+        &key,
+        &new,
+        &RecoveryPoint::new("charged", "ch_new"),
+        lease * 2,
+    )
+    .await
+    .unwrap();
+    // The successor crashes here. The lapsed owner completes late.
+    if late_completion {
+        let late = a
+            .complete(&key, &old, Record::new(Some(1), "old"), ttl)
+            .await;
+        assert!(
+            matches!(late, Err(StoreError::LeaseLost)),
+            "{what}: {late:?}"
+        );
+    }
+    tokio::time::sleep(lease + Duration::from_millis(50)).await;
+    let retry = claimed(&b, &key, lease).await;
+    match b.load_point(&key, &retry).await.unwrap() {
+        Some(point) if point.data() == "ch_new" => None,
+        other => Some(format!(
+            "{what}: the crashed successor's retry, after its lease, finds no point (a lapsed \
+             owner's failed completion shortened it to its record TTL): {other:?}"
+        )),
+    }
+}
+
+#[tokio::test]
+async fn redis_lapsed_completion_keeps_the_successors_point() {
+    let Some(url) = redis_url() else { return };
+    assert_eq!(
+        lapsed_completion_keeps_the_successors_point(&url, "redis (script)", true).await,
+        None
+    );
+}
+
+#[tokio::test]
+async fn valkey_lapsed_completion_keeps_the_successors_point() {
+    let Some(url) = valkey_url() else { return };
+    assert_eq!(
+        lapsed_completion_keeps_the_successors_point(&url, "valkey (IFEQ)", true).await,
+        None
+    );
+}
+
+/// The control of the two above: without the late completion the successor's point stays.
+#[tokio::test]
+async fn redis_successors_point_stays_without_a_late_completion() {
+    for url in [redis_url(), valkey_url()].into_iter().flatten() {
+        assert_eq!(
+            lapsed_completion_keeps_the_successors_point(&url, "control", false).await,
+            None
+        );
+    }
+}
+
+/// Redis 7.0, once the store has completed one key (so it knows `IFEQ` is refused): the
+/// completion script alone, which touches no point but its owner's, keeps the successor's.
+#[tokio::test]
+async fn redis_7_warmed_store_keeps_the_successors_point() {
+    let Some(url) = redis_url() else { return };
+    assert_eq!(
+        lapsed_completion_case(&url, "redis 7.0 (warmed)", true, true).await,
+        None
+    );
+}
