@@ -37,6 +37,16 @@ async fn claimed<S: Store>(store: &S, key: &str, lease: Duration) -> OwnerToken 
 /// subscriber/listener) against the owner's completion (on `owner`), released by one barrier;
 /// with `renew`, the owner renews its (maybe marked) lease first. Returns the slow waits.
 async fn race_waits<S: Store + Clone>(owner: S, waiter: S, renew: bool) -> Vec<(usize, Duration)> {
+    race_ends(owner, waiter, renew, false).await
+}
+
+/// As [`race_waits`], the owner releasing (a failed run) instead of completing when `release`.
+async fn race_ends<S: Store + Clone>(
+    owner: S,
+    waiter: S,
+    renew: bool,
+    release: bool,
+) -> Vec<(usize, Duration)> {
     let mut slow = Vec::new();
     for round in 0..ROUNDS {
         let key = hostile_key(&format!("race{round}"));
@@ -63,18 +73,24 @@ async fn race_waits<S: Store + Clone>(owner: S, waiter: S, renew: bool) -> Vec<(
                 .await
                 .expect("renew a marked claim");
         }
-        owner
-            .complete(&key, &token, Record::new(Some(1), "done"), TTL)
-            .await
-            .expect("complete");
+        if release {
+            owner.release(&key, &token).await.expect("release");
+        } else {
+            owner
+                .complete(&key, &token, Record::new(Some(1), "done"), TTL)
+                .await
+                .expect("complete");
+        }
         let waited = waiting.await.unwrap();
         if waited > LOST {
             slow.push((round, waited));
         }
-        assert!(matches!(
-            waiter.inspect(&key).await.unwrap(),
-            KeyState::Completed { .. }
-        ));
+        let state = waiter.inspect(&key).await.unwrap();
+        if release {
+            assert!(matches!(state, KeyState::Absent), "{state:?}");
+        } else {
+            assert!(matches!(state, KeyState::Completed { .. }), "{state:?}");
+        }
     }
     slow
 }
@@ -719,5 +735,24 @@ async fn redis_7_warmed_store_keeps_the_successors_point() {
     assert_eq!(
         lapsed_completion_case(&url, "redis 7.0 (warmed)", true, true).await,
         None
+    );
+}
+
+/// A waiter's mark (Redis) or flag (PostgreSQL) racing the owner's release: no lost wake-up.
+#[tokio::test]
+async fn mark_and_flag_racing_release_lose_no_wake_up() {
+    for url in [redis_url(), valkey_url()].into_iter().flatten() {
+        let (a, b) = redis_pair(&url, "att44r|{").await;
+        let slow = race_ends(a, b, true, true).await;
+        assert!(slow.is_empty(), "{url}: lost wake-ups on release: {slow:?}");
+    }
+    let Some(url) = postgres_url() else { return };
+    let table = format!("att44_rel_{}", std::process::id());
+    let a = pg_store(&url, &table).await;
+    let b = pg_store(&url, &table).await;
+    let slow = race_ends(a, b, true, true).await;
+    assert!(
+        slow.is_empty(),
+        "postgres: lost wake-ups on release: {slow:?}"
     );
 }
