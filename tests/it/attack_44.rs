@@ -702,7 +702,12 @@ async fn lapsed_completion_case(
 async fn redis_lapsed_completion_keeps_the_successors_point() {
     let Some(url) = redis_url() else { return };
     assert_eq!(
-        lapsed_completion_keeps_the_successors_point(&url, "redis (script)", true).await,
+        lapsed_completion_keeps_the_successors_point(
+            &url,
+            "redis 7.0 (a store's first completion)",
+            true
+        )
+        .await,
         None
     );
 }
