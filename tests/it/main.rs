@@ -12,6 +12,7 @@
 mod support;
 
 mod admin;
+mod attack_44;
 mod attack_points;
 mod claim_now;
 mod client;
