@@ -182,7 +182,23 @@ impl<B> Captured<B> {
 /// is over twice its length (then it is copied to its length). A chunk shared with anything
 /// else (a slice of a larger buffer, a cached or static body) may keep any amount alive
 /// unseen: it is copied, once (the response then sends the copy).
+///
+/// What it keeps is charged as the allocator and `bytes` lay it out: the buffer rounded as
+/// glibc's `malloc` rounds it, and the shared header (32 bytes) a chunk gets once the record
+/// and the response both hold it; so a response of many tiny chunks is charged what they take,
+/// not their few bytes.
 fn held_alone(data: &mut Bytes) -> usize {
+    /// `bytes`' shared header (a pointer, a capacity, a count), as `malloc` rounds it.
+    const SHARED_HEADER: usize = 32;
+    if data.is_empty() {
+        return 0;
+    }
+    let buffer = keep_alone(data);
+    record::allocation(buffer) + SHARED_HEADER
+}
+
+/// [`held_alone`]'s choice: keeps `data` or copies it, and answers the bytes of its buffer.
+fn keep_alone(data: &mut Bytes) -> usize {
     let len = data.len();
     match std::mem::take(data).try_into_mut() {
         Ok(alone) if alone.capacity() <= 2 * len + 64 => {
@@ -235,12 +251,16 @@ mod tests {
     fn a_chunk_the_response_holds_alone_is_kept_and_charged_its_capacity() {
         let mut data = Bytes::from(vec![1u8; 1000]);
         let at = data.as_ptr();
-        assert_eq!(held_alone(&mut data), 1000);
+        assert_eq!(
+            held_alone(&mut data),
+            1008 + 32,
+            "malloc's rounding and the header"
+        );
         assert_eq!(data.as_ptr(), at);
         let mut grown = Vec::with_capacity(1500);
         grown.extend_from_slice(&[2u8; 1000]);
         let mut data = Bytes::from(grown);
-        assert_eq!(held_alone(&mut data), 1500);
+        assert_eq!(held_alone(&mut data), 1520 + 32);
     }
 
     /// Spare capacity over twice the length, or a chunk shared with anything else, is copied
@@ -250,15 +270,20 @@ mod tests {
         let mut roomy = Vec::with_capacity(1 << 20);
         roomy.extend_from_slice(b"small");
         let mut data = Bytes::from(roomy);
-        assert_eq!(held_alone(&mut data), 5);
+        assert_eq!(held_alone(&mut data), 32 + 32);
         assert_eq!(data.try_into_mut().unwrap().capacity(), 5);
         let big = Bytes::from(vec![3u8; 4096]);
         let mut slice = big.slice(..10);
-        assert_eq!(held_alone(&mut slice), 10);
+        assert_eq!(held_alone(&mut slice), 32 + 32);
         assert_eq!(slice, big.slice(..10));
         assert_ne!(slice.as_ptr(), big.as_ptr());
         let mut fixed = Bytes::from_static(b"static");
-        assert_eq!(held_alone(&mut fixed), 6);
+        assert_eq!(
+            held_alone(&mut fixed),
+            32 + 32,
+            "a tiny chunk costs what malloc gives it"
+        );
+        assert_eq!(held_alone(&mut Bytes::new()), 0);
         assert_eq!(fixed, "static");
     }
 }

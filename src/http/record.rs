@@ -60,6 +60,11 @@ fn put_header(buf: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
     buf.put_slice(value.as_bytes());
 }
 
+/// What glibc's `malloc` takes for a request of `n` bytes (see [`chunk`]).
+pub(crate) const fn allocation(n: usize) -> usize {
+    chunk(n)
+}
+
 /// What glibc's `malloc` takes for a request of `n` bytes: its 8-byte header, rounded up to
 /// 16 bytes, at least 32 (0 for nothing allocated).
 const fn chunk(n: usize) -> usize {

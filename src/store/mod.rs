@@ -770,8 +770,7 @@ pub trait Store: Send + Sync + 'static {
     /// the key ends it, so that no later run of the key reads it (the stored outcome
     /// supersedes it): the completion deletes it, or makes it expire no later than the record
     /// (the Redis store on a server with `SET … IFEQ`). The Redis store does so for a claim that
-    /// saved or loaded the point through it (every run that uses points loads first); a run that
-    /// never touches the point it inherits leaves it to its TTL (see `docs/stores.md`).
+    /// found, saved or loaded the point (see `docs/stores.md`).
     ///
     /// The default answers [`StoreError::Unsupported`]: the layer then tells handlers that this
     /// store keeps no recovery points. Every store of this crate implements it; the

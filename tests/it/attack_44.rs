@@ -597,31 +597,18 @@ async fn charge_and_growth(records: usize, chunks: usize, len: usize) -> (u64, u
     (charged, grown)
 }
 
-/// The capacity bound against what the process really holds (noisy: RSS of a process whose
-/// other tests may run beside it; run this test alone): 40 records of 50,000 one-byte chunks
-/// kept, the growth of the resident set against the store's charge for them. Each chunk is its
-/// own allocation (a 1-byte `Vec`, which malloc rounds up), a `Bytes` in the list, and, once
-/// shared, the shared header `bytes` allocates: a charge of about 33 bytes a chunk
-/// under-counts what a tenant answering many tiny chunks makes the store hold. The control,
-/// 30 records of 32 chunks of 64 KiB, grows the resident set by about its charge.
+/// A tenant answering many tiny chunks is charged what they take, not their few bytes: each
+/// one-byte chunk is its own allocation (32 bytes from malloc), a `Bytes` in the record's list
+/// (32) and, once shared, the header `bytes` allocates (32). Measured before the fix by the
+/// resident set (noisy, in this binary): 40 records of 50,000 one-byte chunks charged about
+/// 33 B a chunk grew it 2.1 to 3.0 times their charge. Deterministic here: the charge itself.
 #[tokio::test]
-async fn memory_store_charge_of_tiny_chunks_against_resident_memory() {
-    let (charged, grown) = charge_and_growth(40, 50_000, 1).await;
+async fn memory_store_charges_tiny_chunks_what_they_take() {
+    let (charged, _) = charge_and_growth(4, 10_000, 1).await;
+    let per_chunk = charged / 40_000;
     assert!(
-        grown <= charged * 3 / 2,
-        "the store charged {charged} B for records that grew the resident set {grown} B \
-         ({:.2}x): max_bytes does not bound a tenant answering tiny chunks",
-        grown as f64 / charged as f64
-    );
-}
-
-/// The control of the test above: few large chunks grow the resident set by their charge.
-#[tokio::test]
-async fn memory_store_charge_of_large_chunks_against_resident_memory() {
-    let (charged, grown) = charge_and_growth(30, 32, 64 << 10).await;
-    assert!(
-        grown <= charged * 3 / 2,
-        "control: {grown} B grown for {charged} B charged"
+        per_chunk >= 96,
+        "{per_chunk} B charged per one-byte chunk: max_bytes does not bound a tenant answering tiny chunks"
     );
 }
 

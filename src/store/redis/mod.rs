@@ -59,8 +59,10 @@ pub use server_report::RedisServerReport;
 ///   subscriber is down, waiters back off with jitter (and mark nothing).
 /// * **Commands a fresh key sends:** its claim's `SET` and its completion's (`SET … IFEQ`, or
 ///   the completion script's `GET` and `SET`), one round trip each; the wake-up's `PUBLISH`
-///   only when a duplicate marked the claim, and the recovery point's end (`PEXPIRE`, `DEL`)
-///   only for a claim that saved or loaded a point through this store (and its clones).
+///   only when a duplicate marked the claim, and the recovery point's end (`DEL`, in the
+///   completion script) only for a claim that knows a point (found by its claim, saved or
+///   loaded through this store and its clones); the claim's `SET` goes with an `EXISTS` of
+///   the point key in the same round trip.
 ///
 /// ```no_run
 /// use tower_idempotency::{store::RedisStore, IdempotencyLayer};
@@ -459,9 +461,20 @@ impl RedisStore {
             .arg("PX")
             .arg(millis(lease))
             .arg("GET");
+        // In the same round trip, whether the key has a recovery point (a read: nothing is
+        // written or synced for it): a run that inherits a crashed run's point ends it when it
+        // completes, whether or not it loads it, so that no run of the key after its record
+        // expired resumes it.
+        let mut exists = redis::Cmd::with_capacity(2, 16 + self.prefix.len() + key.len() + 8);
+        exists.arg("EXISTS").arg(self.point_key(key));
+        let mut pipe = redis::Pipeline::with_capacity(2);
+        pipe.add_command(set).add_command(exists);
         let mut connection = self.connection.clone();
-        let previous: Option<Vec<u8>> = match set.query_async(&mut connection).await {
-            Ok(previous) => previous,
+        let (previous, point): (Option<Vec<u8>>, i64) = match pipe
+            .query_async(&mut connection)
+            .await
+        {
+            Ok(replies) => replies,
             Err(error) if refused_command(&error) => {
                 tracing::info!(%error, "this Redis refuses SET NX GET (before 7.0): claims use a Lua script");
                 return Ok(None);
@@ -469,7 +482,12 @@ impl RedisStore {
             Err(error) => return Err(StoreError::backend(error)),
         };
         Ok(Some(match previous {
-            None => ClaimOutcome::Claimed(*token),
+            None => {
+                if point > 0 {
+                    self.points.add(token);
+                }
+                ClaimOutcome::Claimed(*token)
+            }
             // Anything but a claim is a record, or damaged (which decoding reports).
             Some(value) if value.first() != Some(&CLAIM_TAG) => {
                 ClaimOutcome::Completed(decode_record(value)?)
@@ -530,15 +548,10 @@ impl RedisStore {
     /// Redis 8.4 on): one round trip, cheaper for the server than the completion script (no
     /// script entry, and each command runs once instead of through `redis.call`).
     ///
-    /// 1. Only for a claim that saved or loaded a point (`point`): `PEXPIRE point ttl LT`, so
-    ///    the key's recovery point expires no later than the record written next, and a later
-    ///    run of the key (once the record expired) never sees it. The script deletes it
-    ///    instead; it cannot be deleted here without knowing the claim is still the caller's.
-    ///    Should the lease have lapsed, a successor's point is kept too, at most shortened to
-    ///    this record's TTL.
-    /// 2. `SET key record PX ttl IFEQ claim`: the fence; it writes only over the caller's own
-    ///    claim as written, not over one a waiting duplicate marked: that completion goes to
-    ///    the script, which also publishes the wake-up.
+    /// `SET key record PX ttl IFEQ claim`: the fence; it writes only over the caller's own
+    /// claim as written, not over one a waiting duplicate marked: that completion goes to the
+    /// script, which also publishes the wake-up. A claim that knows a recovery point never
+    /// comes here: the script ends the point inside the same fence.
     ///
     /// `Ok(true)` when the record was written. `Ok(false)` when the completion script must
     /// decide: the value was not the caller's claim as written (a duplicate waits, a
@@ -552,20 +565,13 @@ impl RedisStore {
         token: &OwnerToken,
         record: &Record,
         ttl: Duration,
-        point: bool,
     ) -> Result<bool, StoreError> {
         let ms = millis(ttl);
         // Every reply is kept, none marked `ignore()`d: redis-rs keeps those marks in a hashed
         // set that every pipeline builds and searches, which costs more than picking the reply
-        // by its place. The `SET`'s reply is the last.
-        let mut pipe = redis::Pipeline::with_capacity(1 + usize::from(point));
+        // by its place.
+        let mut pipe = redis::Pipeline::with_capacity(1);
         pipe.ignore_errors();
-        if point {
-            let point_key = self.point_key(key);
-            let mut pexpire = redis::Cmd::with_capacity(4, 64 + point_key.len());
-            pexpire.arg("PEXPIRE").arg(point_key).arg(ms).arg("LT");
-            pipe.add_command(pexpire);
-        }
         // Sized once (one grown argument by argument reallocates its buffer each time); the
         // record is most of it.
         let named = self.prefix.len() + key.len();
@@ -888,10 +894,12 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         let point = self.points.has(token);
         let written = async {
-            if self.scripts.conditional_set.load(Ordering::Relaxed)
-                && self
-                    .complete_conditional(key, token, &record, ttl, point)
-                    .await?
+            // A claim that knows a point completes through the script, which ends the point
+            // only if the claim is still the caller's: plain commands cannot, and ending it
+            // unfenced would cut short a successor's point after a lapsed lease.
+            if !point
+                && self.scripts.conditional_set.load(Ordering::Relaxed)
+                && self.complete_conditional(key, token, &record, ttl).await?
             {
                 return Ok(());
             }
