@@ -80,7 +80,8 @@ async fn completed(store: &RedisStore, key: &str) {
 }
 
 /// A fresh key with no waiter and no point: the claim's write and the completion's write, one
-/// round trip each, and nothing else (no `PUBLISH`, no `PEXPIRE`, no `DEL`).
+/// round trip each, and nothing else written (no `PUBLISH`, no `PEXPIRE`, no `DEL`): the
+/// claim's round trip also reads whether the key has a point (`EXISTS`, nothing written).
 #[tokio::test]
 async fn a_fresh_key_without_waiters_or_points_sends_only_its_two_writes() {
     for (name, server) in servers() {
@@ -94,10 +95,11 @@ async fn a_fresh_key_without_waiters_or_points_sends_only_its_two_writes() {
         let per_key = |n: u64| n as f64 / 5.0;
         let ran = commands(&url).await;
         let expected: &[(&str, u64)] = if name == "valkey" {
-            &[("set", 10)]
+            &[("exists", 5), ("set", 10)]
         } else {
-            // The claim's `SET`, then the script: `EVALSHA`, its `GET` (the owner check) and `SET`.
-            &[("evalsha", 5), ("get", 5), ("set", 10)]
+            // The claim's `SET` and `EXISTS`, then the script: `EVALSHA`, its `GET` (the owner
+            // check) and `SET`.
+            &[("evalsha", 5), ("exists", 5), ("get", 5), ("set", 10)]
         };
         let expected: std::collections::BTreeMap<String, u64> = expected
             .iter()
@@ -112,8 +114,9 @@ async fn a_fresh_key_without_waiters_or_points_sends_only_its_two_writes() {
     }
 }
 
-/// A key with a recovery point: its completion ends the point (`DEL` in the script, `PEXPIRE …
-/// LT` beside `SET … IFEQ`), so the point's command goes only with keys that have one.
+/// A key with a recovery point: its completion ends the point (`DEL` in the completion script,
+/// which a claim that knows a point uses on every server), so the point's command goes only
+/// with keys that have one.
 #[tokio::test]
 async fn a_key_with_a_point_ends_it_and_only_it_pays_for_that() {
     for (name, server) in servers() {
@@ -136,7 +139,7 @@ async fn a_key_with_a_point_ends_it_and_only_it_pays_for_that() {
             .complete("without", &without, Record::new(None, "a"), TTL)
             .await
             .unwrap();
-        let ends_point = if name == "valkey" { "pexpire" } else { "del" };
+        let ends_point = "del";
         assert_eq!(commands(&url).await.get(ends_point), None, "{name}");
         store
             .complete("with-point", &with_point, Record::new(None, "b"), TTL)
@@ -152,7 +155,7 @@ async fn a_key_with_a_point_ends_it_and_only_it_pays_for_that() {
         let next = claimed(&store, "with-point").await;
         let point = store.load_point("with-point", &next).await.unwrap();
         assert!(
-            point.is_none() || name == "valkey",
+            point.is_none(),
             "{name}: the script deletes the point: {point:?}"
         );
     }

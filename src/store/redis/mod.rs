@@ -92,9 +92,10 @@ pub struct RedisStore {
     points: Arc<KnownPoints>,
 }
 
-/// The claims, by owner token, that saved or loaded a recovery point through a store and its
-/// clones: their completion ends the point (the script's `DEL`, `PEXPIRE … LT` beside `SET …
-/// IFEQ`); any other completion sends no command for a point. Each claim leaves on its
+/// The claims, by owner token, that know a recovery point (their claim found one, or they saved
+/// or loaded one through a store and its clones): their completion goes through the script,
+/// whose owner check guards its `DEL` of the point; any other completion sends no command for
+/// a point. Each claim leaves on its
 /// completion or release (done, or refused for a lapsed lease).
 #[derive(Default)]
 struct KnownPoints(std::sync::Mutex<std::collections::HashSet<u128>>);
