@@ -46,9 +46,11 @@ pub const MAX_KEY_LEN: usize = 255;
 /// ([`IdempotencyLayer::max_duplicate_body`](crate::IdempotencyLayer::max_duplicate_body)).
 pub const MAX_DUPLICATE_BODY: u64 = 16 * 1024 * 1024;
 
-/// The largest response body stored: 1 MiB
-/// ([`IdempotencyLayer::max_response_body`](crate::IdempotencyLayer::max_response_body)).
-pub const MAX_RESPONSE_BODY: usize = 1024 * 1024;
+/// The largest response body stored: 8 MiB
+/// ([`IdempotencyLayer::max_stored_body`](crate::IdempotencyLayer::max_stored_body)). Room for
+/// a gRPC answer at tonic's default 4 MiB message limit, and a generated event stream of some
+/// 100,000 events.
+pub const MAX_STORED_BODY: usize = 8 * 1024 * 1024;
 
 /// The `Retry-After` of the layer's 409 and 503 answers: 1 second
 /// ([`IdempotencyLayer::retry_after`](crate::IdempotencyLayer::retry_after)).

@@ -95,7 +95,7 @@
 //!   the key: the claim is one atomic store operation.
 //! * Once a request holds its key, the handler runs to its end even if the client disconnects:
 //!   the retry replays the stored outcome (see [`ResponseFuture`]).
-//! * A response body over the limit [[`defaults::MAX_RESPONSE_BODY`]] reaches the client whole, but only its status and
+//! * A response body over the limit [[`defaults::MAX_STORED_BODY`]] reaches the client whole, but only its status and
 //!   headers are stored: a duplicate gets that status, an empty body and
 //!   `idempotent-body-omitted: true`, never a second execution.
 //! * `Set-Cookie`, `Date`, hop-by-hop headers and `Content-Length` are never stored.

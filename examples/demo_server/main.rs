@@ -27,7 +27,7 @@
 //! * `POST /completions` (the same authentication and layer as `POST /payments`): a simulated
 //!   generation answered as `text/event-stream`, one event per token (`id: N`, 1-based, and
 //!   `data: tok-N`), every `"interval_ms"` (default 2). `{"tokens": n}` (default 20, at most
-//!   100,000); `"delay_ms": n` sleeps before the answer; `"fail": true` answers 500 instead;
+//!   1,000,000); `"delay_ms": n` sleeps before the answer; `"fail": true` answers 500 instead;
 //!   `"fail_after": n` ends the stream with an error after `n` events (a generation that breaks
 //!   mid-stream). `GET /stats` counts them: `completions` (the handler started),
 //!   `completions_finished` (a generation sent its last event).
@@ -425,8 +425,8 @@ async fn create_completion(State(state): State<AppState>, body: Bytes) -> Respon
     let parsed = serde_json::from_slice::<NewCompletion>(&body)
         .map_err(|error| error.to_string())
         .and_then(|completion| match completion.tokens {
-            0..=100_000 => Ok(completion),
-            _ => Err("At most 100000 tokens.".to_owned()),
+            0..=1_000_000 => Ok(completion),
+            _ => Err("At most 1000000 tokens.".to_owned()),
         });
     let completion = match parsed {
         Ok(completion) => completion,

@@ -58,7 +58,7 @@ pub(crate) struct Config {
     pub(crate) retry_after: Duration,
     pub(crate) on_store_error: OnStoreError,
     pub(crate) store_status: Arc<StatusFn>,
-    pub(crate) max_response_body: usize,
+    pub(crate) max_stored_body: usize,
     pub(crate) skip_headers: Vec<HeaderName>,
     /// Request headers carried into replays, with the name they are replayed under.
     pub(crate) carried: Vec<(HeaderName, HeaderName)>,
@@ -103,7 +103,7 @@ impl Default for Config {
             retry_after: defaults::RETRY_AFTER,
             on_store_error: OnStoreError::FailClosed,
             store_status: Arc::new(|status: StatusCode| status.as_u16() < 400),
-            max_response_body: defaults::MAX_RESPONSE_BODY,
+            max_stored_body: defaults::MAX_STORED_BODY,
             skip_headers: vec![http::header::DATE],
             carried: vec![carried_pair(HeaderName::from_static("x-request-id"))],
         }
@@ -167,7 +167,7 @@ impl fmt::Debug for Config {
             .field("max_duplicate_body", &self.max_duplicate_body)
             .field("grpc", &self.grpc)
             .field("on_store_error", &self.on_store_error)
-            .field("max_response_body", &self.max_response_body)
+            .field("max_stored_body", &self.max_stored_body)
             .field("skip_headers", &self.skip_headers)
             .field("carried", &self.carried)
             .finish_non_exhaustive()

@@ -204,11 +204,14 @@ impl<St> IdempotencyLayer<St> {
     }
 
     /// The largest response body stored
-    /// \[[`defaults::MAX_RESPONSE_BODY`](crate::defaults::MAX_RESPONSE_BODY)\]. Larger responses reach the client whole, but
-    /// only their status and headers are kept: a duplicate gets that status with an empty body
-    /// and `idempotent-body-omitted: true`, never a second execution.
-    pub fn max_response_body(mut self, bytes: usize) -> Self {
-        self.config().max_response_body = bytes;
+    /// \[[`defaults::MAX_STORED_BODY`](crate::defaults::MAX_STORED_BODY): 8 MiB\]. A larger
+    /// response reaches the client whole, but only its status and headers are kept: a
+    /// duplicate gets that status with an empty body and `idempotent-body-omitted: true` (a
+    /// gRPC call: an error status), never a second execution. What is held of a body being
+    /// stored counts against this bound (and the memory store's capacity), not the whole body
+    /// before its first byte is sent: see `docs/streaming.md`.
+    pub fn max_stored_body(mut self, bytes: usize) -> Self {
+        self.config().max_stored_body = bytes;
         self
     }
 

@@ -599,7 +599,7 @@ where
             // would otherwise hold its own copy of this future in its state.
             let work = std::pin::pin!(async {
                 let response = call.await?;
-                let max_body = config.max_response_body;
+                let max_body = config.max_stored_body;
                 // After a failed save, the answer is kept whatever it is (its status, a
                 // `no-store`, a failed gRPC call): releasing the key would let a retry repeat a
                 // side effect recorded nowhere.

@@ -54,6 +54,14 @@ pub enum OnConflict {
     /// `Reject` after. Should the original fail instead (its key released), the waiting
     /// duplicate is a retry like any other: it claims the key and runs the handler itself.
     Wait(Duration),
+    /// As [`Wait`](Self::Wait) (up to this long), and a duplicate of an original whose
+    /// response streams follows it live: it gets every chunk sent so far, then each as the
+    /// original sends it. Should the original fail mid-stream, a joined duplicate fails with
+    /// it (its connection is closed with an error, never a clean end) and the key is
+    /// released; a duplicate that found nothing streaming waits as with `Wait`. Across
+    /// processes it needs a store that keeps live streams (see `docs/streaming.md`); on
+    /// another it waits. A consumer treats it as `Wait`.
+    Join(Duration),
 }
 
 /// Timings of the protocol.
@@ -67,6 +75,8 @@ pub(crate) struct Timings {
     pub(crate) store_timeout: Duration,
     /// How long a duplicate waits for the original; `None` answers at once.
     pub(crate) wait: Option<Duration>,
+    /// Whether a waiting duplicate follows a streaming original live ([`OnConflict::Join`]).
+    pub(crate) join: bool,
 }
 
 impl Default for Timings {
@@ -77,6 +87,7 @@ impl Default for Timings {
             ttl: crate::defaults::TTL,
             store_timeout: crate::defaults::STORE_TIMEOUT,
             wait: None,
+            join: false,
         }
     }
 }
@@ -110,8 +121,11 @@ impl Timings {
     pub(crate) fn set_on_conflict(&mut self, on_conflict: OnConflict) {
         self.wait = match on_conflict {
             OnConflict::Reject => None,
-            OnConflict::Wait(bound) => Some(checked("the wait bound", bound, Duration::ZERO)),
+            OnConflict::Wait(bound) | OnConflict::Join(bound) => {
+                Some(checked("the wait bound", bound, Duration::ZERO))
+            }
         };
+        self.join = matches!(on_conflict, OnConflict::Join(_));
     }
 }
 
@@ -421,6 +435,7 @@ mod tests {
             ttl: Duration::from_secs(60),
             store_timeout: Duration::from_secs(1),
             wait: None,
+            join: false,
         }
     }
 

@@ -6,7 +6,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{ClaimOutcome, KeyState, OwnerToken, Record, RecoveryPoint, Store, StoreError};
+use bytes::Bytes;
+
+use super::{
+    ClaimOutcome, KeyState, OwnerToken, Record, RecoveryPoint, Store, StoreError, StreamRead,
+};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -57,6 +61,19 @@ pub(crate) trait DynStore: Send + Sync + 'static {
         key: &'a str,
         token: &'a OwnerToken,
     ) -> BoxFuture<'a, Result<Option<RecoveryPoint>, StoreError>>;
+    fn append_stream<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a OwnerToken,
+        from: u64,
+        chunks: &'a [Bytes],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn read_stream<'a>(
+        &'a self,
+        key: &'a str,
+        from: u64,
+    ) -> BoxFuture<'a, Result<StreamRead, StoreError>>;
 }
 
 impl<St: Store> DynStore for St {
@@ -133,6 +150,25 @@ impl<St: Store> DynStore for St {
         token: &'a OwnerToken,
     ) -> BoxFuture<'a, Result<Option<RecoveryPoint>, StoreError>> {
         Box::pin(Store::load_point(self, key, token))
+    }
+
+    fn append_stream<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a OwnerToken,
+        from: u64,
+        chunks: &'a [Bytes],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(Store::append_stream(self, key, token, from, chunks, ttl))
+    }
+
+    fn read_stream<'a>(
+        &'a self,
+        key: &'a str,
+        from: u64,
+    ) -> BoxFuture<'a, Result<StreamRead, StoreError>> {
+        Box::pin(Store::read_stream(self, key, from))
     }
 }
 
@@ -245,5 +281,21 @@ impl Store for BoxStore {
         token: &OwnerToken,
     ) -> Result<Option<RecoveryPoint>, StoreError> {
         self.inner.load_point(key, token).await
+    }
+    async fn append_stream(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        from: u64,
+        chunks: &[Bytes],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .append_stream(key, token, from, chunks, ttl)
+            .await
+    }
+
+    async fn read_stream(&self, key: &str, from: u64) -> Result<StreamRead, StoreError> {
+        self.inner.read_stream(key, from).await
     }
 }

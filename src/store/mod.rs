@@ -601,6 +601,22 @@ pub enum ClaimOutcome {
     Completed(Record),
 }
 
+/// The answer to [`Store::read_stream`]: where a key's live stream stands.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum StreamRead {
+    /// The key's current owner streams: the chunks from the index asked for (possibly none
+    /// new yet).
+    Live(Vec<Bytes>),
+    /// The key is in flight, but its current owner has appended no stream (not yet, or not
+    /// at all).
+    NotLive,
+    /// The key was completed: its record.
+    Completed(Record),
+    /// The key holds nothing: released, expired, deleted, or never claimed.
+    Absent,
+}
+
 /// Why a store call failed. See the [module docs](self).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -798,6 +814,54 @@ pub trait Store: Send + Sync + 'static {
         std::future::ready(Err(StoreError::Unsupported("recovery points")))
     }
 
+    /// Appends `chunks` to the live stream of the claim `token` holds on `key`, as chunks
+    /// `from..from + chunks.len()` of it, so that duplicates on other processes can follow a
+    /// response while it is produced (`OnConflict::Join`, see `docs/streaming.md`). The chunks
+    /// are opaque to the store (the layer frames and seals each); the first chunk of a stream
+    /// (index 0) starts it and replaces any stream the key held before (a crashed owner's).
+    ///
+    /// Owner-checked: fails with [`StoreError::LeaseLost`] when `token` no longer owns a live
+    /// claim on `key` (nothing is written). Idempotent by position: chunks below what the
+    /// stream already holds are skipped (a retried append after a timeout), and `from` past
+    /// its end is refused with [`StoreError::Backend`]. A stream ends with its claim:
+    /// [`complete`](Self::complete) and [`release`](Self::release) (and
+    /// [`delete`](Self::delete)) remove it, and it is kept no longer than `ttl` after its last
+    /// append should its owner vanish. A key that never streamed costs those calls nothing
+    /// (no extra command, statement or round trip).
+    ///
+    /// The default answers [`StoreError::Unsupported`]: duplicates on other processes then
+    /// wait for the outcome instead of following it live. The memory store does too (one
+    /// process: duplicates follow the stream in memory, without the store).
+    fn append_stream(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        from: u64,
+        chunks: &[Bytes],
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (key, token, from, chunks, ttl);
+        std::future::ready(Err(StoreError::Unsupported("live streams")))
+    }
+
+    /// Reads the live stream of `key` from chunk `from` on, atomically with the key's state:
+    /// [`StreamRead::Live`] with the chunks `from..` (none when nothing new was appended; a
+    /// store may answer fewer than it holds, at least one when it holds any, and the caller
+    /// reads again) while the current owner streams; [`StreamRead::NotLive`] while the key is
+    /// in flight without a stream of its current owner; [`StreamRead::Completed`] with the
+    /// record once the key was completed; [`StreamRead::Absent`] when the key holds nothing
+    /// (released, expired, deleted).
+    ///
+    /// The default answers [`StoreError::Unsupported`].
+    fn read_stream(
+        &self,
+        key: &str,
+        from: u64,
+    ) -> impl Future<Output = Result<StreamRead, StoreError>> + Send {
+        let _ = (key, from);
+        std::future::ready(Err(StoreError::Unsupported("live streams")))
+    }
+
     /// For operators: what the store holds for `key` now. Not used by the layer; the default
     /// answers [`StoreError::Unsupported`]. Every store of this crate implements it.
     fn inspect(&self, key: &str) -> impl Future<Output = Result<KeyState, StoreError>> + Send {
@@ -931,6 +995,25 @@ impl<T: Store> Store for Arc<T> {
         token: &OwnerToken,
     ) -> impl Future<Output = Result<Option<RecoveryPoint>, StoreError>> + Send {
         (**self).load_point(key, token)
+    }
+
+    fn append_stream(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        from: u64,
+        chunks: &[Bytes],
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).append_stream(key, token, from, chunks, ttl)
+    }
+
+    fn read_stream(
+        &self,
+        key: &str,
+        from: u64,
+    ) -> impl Future<Output = Result<StreamRead, StoreError>> + Send {
+        (**self).read_stream(key, from)
     }
 }
 

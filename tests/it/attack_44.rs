@@ -419,7 +419,7 @@ async fn memory_store_charges_the_chunk_list_of_many_tiny_chunks() {
     const CHUNKS: usize = 50_000;
     let store = MemoryStore::new();
     let mut service = tower::ServiceBuilder::new()
-        .layer(IdempotencyLayer::with_store(store.clone()).max_response_body(1 << 20))
+        .layer(IdempotencyLayer::with_store(store.clone()).max_stored_body(1 << 20))
         .service_fn(|_req: Request<RequestBody<Body>>| async move {
             let frames = (0..CHUNKS)
                 .map(|_| Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(vec![b'x']))));
@@ -572,7 +572,7 @@ fn rss_bytes() -> u64 {
 async fn charge_and_growth(records: usize, chunks: usize, len: usize) -> (u64, u64) {
     let store = MemoryStore::builder().max_bytes(1 << 32).build();
     let mut service = tower::ServiceBuilder::new()
-        .layer(IdempotencyLayer::with_store(store.clone()).max_response_body(8 << 20))
+        .layer(IdempotencyLayer::with_store(store.clone()).max_stored_body(8 << 20))
         .service_fn(move |_req: Request<RequestBody<Body>>| async move {
             let frames = (0..chunks).map(move |_| {
                 Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(vec![b'x'; len])))

@@ -256,16 +256,16 @@ async fn last_event_id_has_no_effect_on_a_first_run_nor_on_a_response_that_is_no
 }
 
 #[tokio::test]
-async fn a_stream_past_max_response_body_replays_its_head_only_and_last_event_id_changes_nothing() {
-    // 100,000 events are about 2.4 MB, past the 1 MiB bound: the record keeps status and
-    // headers only (the next slice's chunked records will keep the body).
+async fn a_stream_past_max_stored_body_replays_its_head_only_and_last_event_id_changes_nothing() {
+    // 400,000 events are about 11 MB, past the 8 MiB bound: the record keeps status and
+    // headers only.
     let demo = Demo::start(&[]).await;
-    let large = r#"{"tokens": 100000, "interval_ms": 0}"#;
+    let large = r#"{"tokens": 400000, "interval_ms": 0}"#;
     let first = demo.post_to("/completions", "gen-large", large, &[]).await;
     assert_eq!(first.status, 200);
     assert_eq!(
         first.body,
-        events(1, 100_000).as_bytes(),
+        events(1, 400_000).as_bytes(),
         "the first run is whole"
     );
     for extra in [&[][..], &[("last-event-id", "5")][..]] {

@@ -400,7 +400,7 @@ async fn a_store_that_keeps_records_decoded_replays_an_omitted_body_as_the_decod
     // place of `content-type`) from its first replay on; every replay must still read as one
     // decoded afresh.
     let retries = |store: MemoryStore| async move {
-        let layer = IdempotencyLayer::with_store(store).max_response_body(64 * 1024);
+        let layer = IdempotencyLayer::with_store(store).max_stored_body(64 * 1024);
         let (mut app, probe) = app(layer);
         let oversized = |id: &str| {
             request(
@@ -770,7 +770,7 @@ async fn set_cookie_and_hop_by_hop_headers_are_never_replayed() {
 
 #[tokio::test]
 async fn oversized_responses_pass_through_and_a_duplicate_gets_the_status_without_the_body() {
-    let (mut app, probe) = app(IdempotencyLayer::new().max_response_body(64 * 1024));
+    let (mut app, probe) = app(IdempotencyLayer::new().max_stored_body(64 * 1024));
     let size = "200000";
     let first = send(
         &mut app,
@@ -794,7 +794,7 @@ async fn oversized_responses_pass_through_and_a_duplicate_gets_the_status_withou
 
 #[tokio::test]
 async fn a_response_just_under_the_limit_is_stored_whole() {
-    let (mut app, _) = app(IdempotencyLayer::new().max_response_body(64 * 1024));
+    let (mut app, _) = app(IdempotencyLayer::new().max_stored_body(64 * 1024));
     let first = send(
         &mut app,
         request(Some("k"), BODY, &[("x-response-bytes", "65536")]),

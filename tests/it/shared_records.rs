@@ -139,7 +139,7 @@ where
 {
     let shape = shape.clone();
     let mut service = tower::ServiceBuilder::new()
-        .layer(IdempotencyLayer::with_store(store).max_response_body(max_body))
+        .layer(IdempotencyLayer::with_store(store).max_stored_body(max_body))
         .service_fn(move |_req: Request<RequestBody<Body>>| {
             let response = shape.response();
             async move { Ok::<_, Infallible>(response) }
