@@ -8,6 +8,7 @@
 #
 #   benches/http_all.sh                 # ROUNDS=3, 4 s per scenario per round, 32 connections
 #   ROUNDS=5 benches/http_all.sh 5 32   # arguments and ROUNDS as for benches/http.sh
+#   SCRIPT=benches/stream.sh benches/http_all.sh   # streamed answers on every store instead
 #
 # Needs redis-server and PostgreSQL's binaries (/usr/lib/postgresql/*/bin); runs PostgreSQL as
 # the `postgres` user when started as root. Ports: REDIS_PORT (6390), DURABLE_REDIS_PORT (6391),
@@ -62,9 +63,9 @@ for store in "${stores[@]}"; do
   [ "$store" != "redis://127.0.0.1:$DURABLE_REDIS_PORT" ] || label="$store (appendonly yes, appendfsync always)"
   echo "=== $label ($(date +%T))"
   if [ "$store" = memory ]; then
-    benches/http.sh "$SECS" "$CONNS"
+    "${SCRIPT:-benches/http.sh}" "$SECS" "$CONNS"
   else
-    STORE=$store benches/http.sh "$SECS" "$CONNS"
+    STORE=$store "${SCRIPT:-benches/http.sh}" "$SECS" "$CONNS"
   fi
 done
 echo "=== done ($(date +%T))"
