@@ -65,6 +65,8 @@ use crate::BoxError;
 
 mod boxed;
 pub(crate) mod clock;
+#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
+mod known;
 mod memory;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
@@ -913,6 +915,24 @@ pub(crate) fn backoff_with_jitter(attempt: u32, (first, cap): (Duration, Duratio
     let ceiling = first.saturating_mul(1 << attempt.min(6)).min(cap);
     let floor = (first / 5).min(ceiling);
     floor + ceiling.mul_f64(fastrand::f64()).saturating_sub(floor)
+}
+
+/// At most what one [`Store::read_stream`] answer of this crate's stores holds: the chunks
+/// from the one asked for, while they add up to no more (and always at least one, however
+/// large). The reader asks again for the rest.
+#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
+pub(crate) const STREAM_READ_BYTES: usize = 1 << 20;
+
+/// An append that would leave a hole in a live stream: it starts past the chunks the stream
+/// holds for its owner ([`Store::append_stream`] refuses it as a backend error).
+#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
+#[derive(Debug, thiserror::Error)]
+#[error("a live stream append from chunk {from} would leave a gap: the stream holds {held} chunks")]
+pub(crate) struct StreamGap {
+    /// The first chunk of the refused append.
+    pub(crate) from: u64,
+    /// The chunks the stream held.
+    pub(crate) held: u64,
 }
 
 /// Between polls of a store for a key's end: from 10 ms, capped at 500 ms.
