@@ -825,7 +825,9 @@ pub trait Store: Send + Sync + 'static {
     /// Owner-checked: fails with [`StoreError::LeaseLost`] when `token` no longer owns a live
     /// claim on `key` (nothing is written). Idempotent by position: chunks below what the
     /// stream already holds are skipped (a retried append after a timeout), and `from` past
-    /// its end is refused with [`StoreError::Backend`]. A stream ends with its claim:
+    /// its end is refused with [`StoreError::Backend`] (nothing is written). A stream of
+    /// another owner (a crashed one's) holds nothing for `token`: `from` 0 replaces it, any
+    /// other `from` is a gap. A stream ends with its claim:
     /// [`complete`](Self::complete) and [`release`](Self::release) (and
     /// [`delete`](Self::delete)) remove it, and it is kept no longer than `ttl` after its last
     /// append should its owner vanish. A key that never streamed costs those calls nothing
@@ -849,12 +851,16 @@ pub trait Store: Send + Sync + 'static {
     /// Reads the live stream of `key` from chunk `from` on, atomically with the key's state:
     /// [`StreamRead::Live`] with the chunks `from..` (none when nothing new was appended; a
     /// store may answer fewer than it holds, at least one when it holds any, and the caller
-    /// reads again) while the current owner streams; [`StreamRead::NotLive`] while the key is
+    /// reads again; this crate's stores answer at most about 1 MiB of chunks, or the one chunk
+    /// from `from` when it is larger) while the current owner streams; a `from` past the end
+    /// answers no chunks. [`StreamRead::NotLive`] while the key is
     /// in flight without a stream of its current owner; [`StreamRead::Completed`] with the
     /// record once the key was completed; [`StreamRead::Absent`] when the key holds nothing
-    /// (released, expired, deleted).
+    /// (released, expired, deleted). A completed record is decoded and checked as
+    /// [`claim_as`](Self::claim_as) does: a damaged one is [`StoreError::Corrupt`].
     ///
-    /// The default answers [`StoreError::Unsupported`].
+    /// The default answers [`StoreError::Unsupported`]. The conformance suite's
+    /// `conformance::streams` checks both calls.
     fn read_stream(
         &self,
         key: &str,

@@ -33,6 +33,9 @@ use super::{
 ///   inserting first once fresh keys return. A row whose lease or TTL lapsed
 ///   is taken over by an `UPDATE … WHERE expires_at <= now()`. Renew, complete and release
 ///   are `UPDATE`/`DELETE … WHERE owner = $token AND expires_at > now()`.
+/// * **Live streams** ([`Store::append_stream`]) are rows of `<table>_streams` and
+///   `<table>_chunks`, one statement per append and per read; only the completion and release
+///   of a claim that appended one delete them (see `docs/stores.md`, "Live streams").
 /// * **Clocks:** every lease and expiry is computed and compared with the database's `now()`.
 /// * **Expired rows** are ignored on read and overwritten by the next claim; delete them with
 ///   [`purge_expired`](Self::purge_expired) on a schedule, or [`spawn_purger`](Self::spawn_purger).

@@ -140,6 +140,10 @@ impl SqliteOpenError {
 ///   now`: a holder whose lease lapsed is refused ([`StoreError::LeaseLost`]).
 /// * **Clocks:** leases and retention are compared with SQLite's `now` (the host's clock,
 ///   shared by every process on it).
+/// * **Live streams** ([`Store::append_stream`]) are rows of `idempotency_streams` and
+///   `idempotency_chunks`, one transaction per append and per read, so a duplicate in another
+///   process on the host follows a streamed answer; only the completion and release of a claim
+///   that appended one delete them.
 /// * **Replays** of completed records are served from a bounded in-process cache \[16 MiB of
 ///   records, each kept at most 60 s\] without touching the file: completed records never
 ///   change. A record deleted by an operator through *another* process is still replayed here

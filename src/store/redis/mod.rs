@@ -53,7 +53,8 @@ pub use server_report::RedisServerReport;
 ///   [`connect_cluster`](Self::connect_cluster). Values are binary, tagged and versioned; an
 ///   unknown version is reported as [`StoreError::Corrupt`], never misread. A key's recovery
 ///   point is a key of its own in the record's hash slot, named by the whole record key (so no
-///   other key, whatever its braces, reaches it).
+///   other key, whatever its braces, reaches it); so is its live stream, a list (see
+///   [`Store::append_stream`] and `docs/stores.md`, "Live streams").
 /// * **Configuration:** requires `maxmemory-policy noeviction` (checked at connect; refused by
 ///   [`connect_strict`](Self::connect_strict)) and, to survive a restart, persistence.
 /// * **Waiting duplicates** are woken by Redis pub/sub: a duplicate about to wait marks the
@@ -67,7 +68,8 @@ pub use server_report::RedisServerReport;
 ///   only when a duplicate marked the claim, and the recovery point's end (`DEL`, in the
 ///   completion script) only for a claim that knows a point (found by its claim, saved or
 ///   loaded through this store and its clones); the claim's `SET` goes with an `EXISTS` of
-///   the point key in the same round trip.
+///   the point key in the same round trip. Likewise a live stream's end (`DEL` in the
+///   completion or release script) only for a claim that appended one through this store.
 ///
 /// ```no_run
 /// use tower_idempotency::{store::RedisStore, IdempotencyLayer};
