@@ -259,7 +259,8 @@ impl Sql {
             // chunks of another owner's stream (a crashed one's) go, the new ones are added
             // from what is held on (a retry's chunks below are skipped; the owner's own chunks
             // of a stream that expired are overwritten), and the stream's row says the new
-            // length and expiry. Answers whether the caller owns the claim and what was held.
+            // length and expiry: never shorter than an append of the same owner that committed
+            // meanwhile (two retries of one append, both of which saw the stream before either). Answers whether the caller owns the claim and what was held.
             append_stream: format!(
                 "WITH holder AS (SELECT key FROM {t} WHERE key = $1 AND owner = $2 \
                    AND NOT completed AND expires_at > now() FOR SHARE), \
@@ -276,7 +277,11 @@ impl Sql {
                    SELECT $1, $2, greatest(go.n, $3 + cardinality($4::bytea[])), \
                      now() + $5::bigint * interval '1 millisecond' FROM go \
                    ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, \
-                     length = excluded.length, expires_at = excluded.expires_at) \
+                     length = CASE WHEN {t}_streams.owner = excluded.owner \
+                       AND {t}_streams.expires_at > now() \
+                       THEN greatest({t}_streams.length, excluded.length) \
+                       ELSE excluded.length END, \
+                     expires_at = excluded.expires_at) \
                  SELECT EXISTS (SELECT 1 FROM holder), (SELECT n FROM held)"
             ),
             // One statement, one snapshot: the key's live row, and the chunks from $2 of the

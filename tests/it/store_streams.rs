@@ -87,6 +87,65 @@ async fn streams_end_with_their_claim<St: Store + Clone>(a: &St, b: &St, peek: &
     assert_eq!(peek.stream_rows(&key).await, 0);
 }
 
+/// Retried appends racing each other (overlapping, some past the end: refused), from two
+/// handles at once: the stream holds every chunk of every append that succeeded, in order,
+/// each once.
+async fn racing_retries_keep_every_acknowledged_chunk<St: Store + Clone>(a: &St, b: &St) {
+    const TASKS: usize = 16;
+    let all = chunks(32);
+    for round in 0..8 {
+        let key = fresh_key(&format!("stream-race-{round}"));
+        let token = claimed(a, &key).await;
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(TASKS));
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|j| {
+                let store = if j % 2 == 0 { a.clone() } else { b.clone() };
+                let (key, all, barrier) = (key.clone(), all.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    let from = (j % 4) * 8;
+                    let end = (from + 8 * (1 + j % 3)).min(all.len());
+                    barrier.wait().await;
+                    match store
+                        .append_stream(&key, &token, from as u64, &all[from..end], TTL)
+                        .await
+                    {
+                        Ok(()) => Some(end),
+                        Err(StoreError::Backend(_)) => None,
+                        Err(other) => panic!("append from {from}: {other:?}"),
+                    }
+                })
+            })
+            .collect();
+        let mut acknowledged = 0;
+        for task in tasks {
+            acknowledged = acknowledged.max(task.await.unwrap().unwrap_or(0));
+        }
+        assert!(
+            acknowledged >= 8,
+            "round {round}: no append from 0 succeeded"
+        );
+        let mut held = Vec::new();
+        loop {
+            match b.read_stream(&key, held.len() as u64).await.unwrap() {
+                StreamRead::Live(more) if more.is_empty() => break,
+                StreamRead::Live(more) => held.extend(more),
+                other => panic!("round {round}: {other:?}"),
+            }
+        }
+        assert!(
+            held.len() >= acknowledged,
+            "round {round}: {} chunks held, {acknowledged} acknowledged",
+            held.len()
+        );
+        assert_eq!(
+            held,
+            &all[..held.len()],
+            "round {round}: in order, each once"
+        );
+        a.release(&key, &token).await.unwrap();
+    }
+}
+
 /// A completed key whose record is damaged reads as damage, never as a stream or as absent.
 async fn a_damaged_record_reads_corrupt<St: Store>(
     store: &St,
@@ -148,6 +207,14 @@ async fn redis_streams_end_with_their_claim() {
         return;
     };
     streams_end_with_their_claim(&a, &b, &RedisPeek(url)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_racing_retries_keep_every_acknowledged_chunk() {
+    let Some((a, b, _)) = redis().await else {
+        return;
+    };
+    racing_retries_keep_every_acknowledged_chunk(&a, &b).await;
 }
 
 #[tokio::test]
@@ -266,6 +333,14 @@ async fn postgres_streams_end_with_their_claim() {
     streams_end_with_their_claim(&a, &b, &PostgresPeek(client, "idempotency_records")).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_racing_retries_keep_every_acknowledged_chunk() {
+    let Some((a, b, _)) = postgres().await else {
+        return;
+    };
+    racing_retries_keep_every_acknowledged_chunk(&a, &b).await;
+}
+
 #[tokio::test]
 async fn postgres_a_damaged_record_reads_corrupt() {
     let Some((store, _, client)) = postgres().await else {
@@ -343,6 +418,17 @@ async fn sqlite_streams_end_with_their_claim() {
         SqliteStore::open(&path).await.unwrap(),
     );
     streams_end_with_their_claim(&a, &b, &SqlitePeek(path)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_racing_retries_keep_every_acknowledged_chunk() {
+    let dir = TempDir::new("streams-sqlite-race");
+    let path = dir.path().join("race.db");
+    let (a, b) = (
+        SqliteStore::open(&path).await.unwrap(),
+        SqliteStore::open(&path).await.unwrap(),
+    );
+    racing_retries_keep_every_acknowledged_chunk(&a, &b).await;
 }
 
 #[tokio::test]
