@@ -851,21 +851,29 @@ impl PostgresStore {
         }
     }
 
-    /// Runs a completion or a release (`sql`, which returns the key's waiter flag) for the
-    /// claim's owner, and notifies the key when a process waits on it.
+    /// Runs a completion or a release (`sql`, which returns the key's waiter flag: the plain
+    /// statement, or the one that also deletes the key's stream for a claim that appended
+    /// one) for the claim's owner, and notifies the key when a process waits on it.
     async fn end(
         &self,
-        sql: &str,
+        (plain, streamed): (&str, &str),
         key: &str,
+        token: &OwnerToken,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        let waited = query_opt(&client, sql, params)
-            .await?
-            .ok_or(StoreError::LeaseLost)?
-            .get::<_, bool>(0);
-        drop(client);
-        if waited {
+        let sql = if self.shared.streams.has(token) {
+            streamed
+        } else {
+            plain
+        };
+        let ended = async {
+            let client = self.client().await?;
+            let row = query_opt(&client, sql, params).await?;
+            Ok(row.ok_or(StoreError::LeaseLost)?.get::<_, bool>(0))
+        }
+        .await;
+        self.shared.streams.settle(token, &ended);
+        if ended? {
             self.notify_later(key);
         }
         Ok(())
@@ -1094,39 +1102,25 @@ impl Store for PostgresStore {
         let ttl = ms(ttl);
         self.shared.purge_hint.store(ttl, Relaxed);
         let sql = &self.shared.sql;
-        let streamed = self.shared.streams.has(token);
-        let completed = self
-            .end(
-                if streamed {
-                    &sql.complete_streamed
-                } else {
-                    &sql.complete
-                },
-                key,
-                &[&key, &owner, &fingerprint, &payload, &ttl],
-            )
-            .await;
-        self.shared.streams.settle(token, &completed);
-        completed
+        self.end(
+            (&sql.complete, &sql.complete_streamed),
+            key,
+            token,
+            &[&key, &owner, &fingerprint, &payload, &ttl],
+        )
+        .await
     }
 
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
         let owner = &token_bytes(token)[..];
         let sql = &self.shared.sql;
-        let streamed = self.shared.streams.has(token);
-        let released = self
-            .end(
-                if streamed {
-                    &sql.release_streamed
-                } else {
-                    &sql.release
-                },
-                key,
-                &[&key, &owner],
-            )
-            .await;
-        self.shared.streams.settle(token, &released);
-        released
+        self.end(
+            (&sql.release, &sql.release_streamed),
+            key,
+            token,
+            &[&key, &owner],
+        )
+        .await
     }
 
     async fn append_stream(
