@@ -441,6 +441,30 @@ impl Sql {
     }
 }
 
+/// The live streams' tables: written only by claims that stream, read by duplicates that
+/// follow them on other instances; earlier releases never touch them. New tables only, so
+/// `migrate` creates them without locking the records' table.
+fn stream_tables_sql(sql: &Sql) -> String {
+    format!(
+        "-- Live streams (issue 45): new tables, which earlier releases never touch.\n\
+         CREATE TABLE IF NOT EXISTS {streams} (\n\
+         \x20   key         text        PRIMARY KEY,\n\
+         \x20   owner       bytea       NOT NULL,\n\
+         \x20   length      bigint      NOT NULL,\n\
+         \x20   expires_at  timestamptz NOT NULL\n\
+         );\n\
+         CREATE TABLE IF NOT EXISTS {chunks} (\n\
+         \x20   key         text        NOT NULL,\n\
+         \x20   owner       bytea       NOT NULL,\n\
+         \x20   seq         bigint      NOT NULL,\n\
+         \x20   chunk       bytea       NOT NULL,\n\
+         \x20   PRIMARY KEY (key, owner, seq)\n\
+         );",
+        streams = sql.streams,
+        chunks = sql.chunks,
+    )
+}
+
 /// The CTEs that delete the live stream of the key a CTE `done` ended.
 fn ends_stream(t: &str) -> String {
     format!(
@@ -533,21 +557,7 @@ impl PostgresStore {
              \x20   expires_at  timestamptz NOT NULL\n\
              );\n\
              CREATE INDEX IF NOT EXISTS {points_index} ON {points} (expires_at);\n\
-             -- Live streams (0.2): written only by claims that stream, read by duplicates that\n\
-             -- follow them on other instances; earlier releases never touch them.\n\
-             CREATE TABLE IF NOT EXISTS {streams} (\n\
-             \x20   key         text        PRIMARY KEY,\n\
-             \x20   owner       bytea       NOT NULL,\n\
-             \x20   length      bigint      NOT NULL,\n\
-             \x20   expires_at  timestamptz NOT NULL\n\
-             );\n\
-             CREATE TABLE IF NOT EXISTS {chunks} (\n\
-             \x20   key         text        NOT NULL,\n\
-             \x20   owner       bytea       NOT NULL,\n\
-             \x20   seq         bigint      NOT NULL,\n\
-             \x20   chunk       bytea       NOT NULL,\n\
-             \x20   PRIMARY KEY (key, owner, seq)\n\
-             );\n\
+             {stream_tables}\n\
              -- Schema 2 (0.1 development builds) deleted points with a trigger; the completion\n\
              -- statement does it now. Dropped once, when present (a live table is locked a moment).\n\
              DO $$ BEGIN\n\
@@ -558,8 +568,7 @@ impl PostgresStore {
              END $$;\n\
              DROP FUNCTION IF EXISTS {t}_drop_point();",
             points = sql.points,
-            streams = sql.streams,
-            chunks = sql.chunks,
+            stream_tables = stream_tables_sql(&sql),
             purge = names.purge,
             expires = names.expires_qualified,
             points_index = names.points,
@@ -716,11 +725,13 @@ impl PostgresStore {
         let t = &self.shared.sql.table;
         let trigger = format!("{}_drop_point", t.rsplit('.').next().unwrap_or(t));
         let names = IndexNames::of(t);
+        // Whether the schema before live streams is current, and whether the streams' tables
+        // exist: a schema missing only those gets them alone (no lock on the live table).
         let check = "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL \
                      AND NOT EXISTS (SELECT 1 FROM pg_trigger \
                                      WHERE tgname = $3 AND tgrelid = to_regclass($1)) \
-                     AND to_regclass($4) IS NOT NULL AND to_regclass($5) IS NULL \
-                     AND to_regclass($6) IS NOT NULL AND to_regclass($7) IS NOT NULL";
+                     AND to_regclass($4) IS NOT NULL AND to_regclass($5) IS NULL, \
+                     to_regclass($6) IS NOT NULL AND to_regclass($7) IS NOT NULL";
         let params: [&(dyn ToSql + Sync); 7] = [
             t,
             &self.shared.sql.points,
@@ -730,9 +741,9 @@ impl PostgresStore {
             &self.shared.sql.streams,
             &self.shared.sql.chunks,
         ];
-        let current = |row: tokio_postgres::Row| row.get::<_, bool>(0);
+        let current = |row: tokio_postgres::Row| (row.get::<_, bool>(0), row.get::<_, bool>(1));
         let backend = StoreError::backend;
-        if current(client.query_one(check, &params).await.map_err(backend)?) {
+        if current(client.query_one(check, &params).await.map_err(backend)?) == (true, true) {
             return Ok(());
         }
         // Another instance may be migrating: wait for it, then look again. A lock on the live
@@ -745,8 +756,14 @@ impl PostgresStore {
             .await
             .map_err(backend)?;
         let migrated = async {
-            if !current(client.query_one(check, &params).await?) {
-                client.batch_execute(&sql).await?;
+            match current(client.query_one(check, &params).await?) {
+                (false, _) => client.batch_execute(&sql).await?,
+                (true, false) => {
+                    client
+                        .batch_execute(&stream_tables_sql(&self.shared.sql))
+                        .await?
+                }
+                (true, true) => {}
             }
             client.batch_execute("COMMIT").await
         }

@@ -360,8 +360,9 @@ async fn postgres_a_damaged_record_reads_corrupt() {
 }
 
 /// A database migrated before live streams (no `_streams` and `_chunks` tables) gets them
-/// from `migrate`, which notices they are missing; the purge deletes a crashed owner's
-/// stream once it expired.
+/// from `migrate`, which notices they are missing and creates them alone, without locking the
+/// live records' table (a transaction reading it meanwhile, as every claim does, does not
+/// hold the migration up); the purge deletes a crashed owner's stream once it expired.
 #[tokio::test]
 async fn postgres_migrate_adds_the_stream_tables_and_the_purge_ends_stale_streams() {
     let Some((store, _, client)) = postgres().await else {
@@ -373,7 +374,20 @@ async fn postgres_migrate_adds_the_stream_tables_and_the_purge_ends_stale_stream
         .batch_execute("DROP TABLE streams_upgrade_streams; DROP TABLE streams_upgrade_chunks")
         .await
         .unwrap();
-    store.migrate().await.unwrap();
+    let (reader, connection) =
+        tokio_postgres::connect(&postgres_url().unwrap(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    reader
+        .batch_execute("BEGIN; SELECT count(*) FROM streams_upgrade")
+        .await
+        .unwrap();
+    store
+        .migrate()
+        .await
+        .expect("migrate while a reader holds the table");
+    reader.batch_execute("COMMIT").await.unwrap();
     let peek = PostgresPeek(client, "streams_upgrade");
     let key = fresh_key("stream-purge");
     let crashed = claimed(&store, &key).await;
