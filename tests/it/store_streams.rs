@@ -298,6 +298,47 @@ async fn redis_a_streamed_keys_completion_deletes_its_stream_in_the_script() {
     }
 }
 
+/// Redis goes away while a key streams: appends and reads fail as store errors (never a
+/// false `Absent`, `NotLive` or empty `Live`); once it is back (without persistence: its keys
+/// are gone), the key reads `Absent` and the lapsed owner's append is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_stream_through_an_outage_fails_as_a_store_error() {
+    let Some(server) = support::servers::own_redis("stop") else {
+        return;
+    };
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let key = fresh_key("stream-outage");
+    let token = claimed(&store, &key).await;
+    let all = chunks(4);
+    store
+        .append_stream(&key, &token, 0, &all[..2], TTL)
+        .await
+        .unwrap();
+    server.stop();
+    match store.append_stream(&key, &token, 2, &all[2..], TTL).await {
+        Err(StoreError::Backend(_)) => {}
+        other => panic!("an append while Redis is down: {other:?}"),
+    }
+    match store.read_stream(&key, 0).await {
+        Err(StoreError::Backend(_)) => {}
+        other => panic!("a read while Redis is down: {other:?}"),
+    }
+    server.restart();
+    let mut read = store.read_stream(&key, 0).await;
+    for _ in 0..50 {
+        if read.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        read = store.read_stream(&key, 0).await;
+    }
+    assert!(matches!(read, Ok(StreamRead::Absent)), "{read:?}");
+    match store.append_stream(&key, &token, 2, &all[2..], TTL).await {
+        Err(StoreError::LeaseLost) => {}
+        other => panic!("an append after the claim was lost: {other:?}"),
+    }
+}
+
 // PostgreSQL.
 
 async fn postgres() -> Option<(PostgresStore, PostgresStore, tokio_postgres::Client)> {
