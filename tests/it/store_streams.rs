@@ -298,6 +298,65 @@ async fn redis_a_streamed_keys_completion_deletes_its_stream_in_the_script() {
     }
 }
 
+/// A duplicate waiting on another instance marks the claim (`W` appended, so that the
+/// completion publishes): the stream stays live to readers, the owner still appends, and the
+/// completion both wakes the waiter and ends the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_marked_claim_streams_on() {
+    let Some((a, b, url)) = redis().await else {
+        return;
+    };
+    let key = fresh_key("stream-marked");
+    let token = claimed(&a, &key).await;
+    let all = chunks(4);
+    a.append_stream(&key, &token, 0, &all[..2], TTL)
+        .await
+        .unwrap();
+    let claim: Vec<u8> = redis::cmd("GET")
+        .arg(format!("idempotency:{key}"))
+        .query_async(&mut raw_redis(&url).await)
+        .await
+        .unwrap();
+    // Starts b's subscriber and gives it time to subscribe (as `store_redis_commands` does):
+    // a waiter marks a claim only while it listens.
+    let _ = tokio::time::timeout(Duration::from_millis(300), b.wait("nobody", 0)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiter = {
+        let (b, key) = (b.clone(), key.clone());
+        tokio::spawn(async move { b.wait(&key, 6).await })
+    };
+    let mut marked = false;
+    for _ in 0..100 {
+        let value: Vec<u8> = redis::cmd("GET")
+            .arg(format!("idempotency:{key}"))
+            .query_async(&mut raw_redis(&url).await)
+            .await
+            .unwrap();
+        if value != claim {
+            assert_eq!(value.last(), Some(&b'W'));
+            marked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(marked, "the waiter marked the claim");
+    a.append_stream(&key, &token, 2, &all[2..], TTL)
+        .await
+        .unwrap();
+    match b.read_stream(&key, 0).await.unwrap() {
+        StreamRead::Live(got) => assert_eq!(got, all),
+        other => panic!("a marked claim's stream: {other:?}"),
+    }
+    a.complete(&key, &token, Record::new(None, "done"), TTL)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(1), waiter)
+        .await
+        .expect("the completion woke the waiter")
+        .unwrap();
+    assert_eq!(RedisPeek(url).stream_rows(&key).await, 0);
+}
+
 /// Redis goes away while a key streams: appends and reads fail as store errors (never a
 /// false `Absent`, `NotLive` or empty `Live`); once it is back (without persistence: its keys
 /// are gone), the key reads `Absent` and the lapsed owner's append is refused.
