@@ -27,7 +27,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{ClaimOutcome, KeyState, OwnerToken, Record, RecoveryPoint, Store, StoreError};
+use super::{
+    ClaimOutcome, KeyState, OwnerToken, Record, RecoveryPoint, Store, StoreError, StreamRead,
+};
 
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);
@@ -679,6 +681,432 @@ pub async fn adversarial_keys_share_nothing<St: Store>(store: &St) {
                 other => panic!("{key:?}: expected its own record, got {other:?}"),
             }
         }
+    }
+}
+
+/// What [`streams`] found: the store keeps live streams and passed every check, or it answers
+/// [`StoreError::Unsupported`] to them (then nothing was checked, and duplicates on other
+/// processes of a layer over it wait for the outcome instead of following the stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a store that answers Unsupported passed no stream check: assert which you expect"]
+pub enum StreamSupport {
+    /// Every stream check passed.
+    Checked,
+    /// The store answers [`StoreError::Unsupported`] to live streams: nothing was checked.
+    Unsupported,
+}
+
+/// The promises of [`Store::append_stream`] and [`Store::read_stream`], kept apart from
+/// [`run_all`] because a store may leave live streams out (the memory store does: its
+/// duplicates follow a stream in memory). Runs every stream check and says whether the store
+/// keeps streams at all; a store that answers [`StoreError::Unsupported`] to the first append
+/// checks nothing (and says so on standard error): assert the answer you expect.
+///
+/// ```
+/// use tower_idempotency::store::{conformance, MemoryStore};
+///
+/// # #[tokio::main]
+/// # async fn main() {
+/// let support = conformance::streams(&MemoryStore::new()).await;
+/// assert_eq!(support, conformance::StreamSupport::Unsupported);
+/// # }
+/// ```
+pub async fn streams<St: Store>(store: &St) -> StreamSupport {
+    let key = fresh_key("stream-support");
+    let token = claim_owned(store, &key, LEASE).await;
+    let first = store
+        .append_stream(&key, &token, 0, &[Bytes::from_static(b"0")], TTL)
+        .await;
+    store.release(&key, &token).await.unwrap();
+    match first {
+        Ok(()) => {}
+        Err(StoreError::Unsupported(_)) => {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "conformance::streams: this store answers Unsupported to live streams: no stream check ran"
+            );
+            return StreamSupport::Unsupported;
+        }
+        Err(other) => panic!("the first append of a stream failed: {other:?}"),
+    }
+    stream_appends_are_owner_checked(store).await;
+    stream_appends_are_idempotent_by_position(store).await;
+    stream_takeover_replaces_the_stream(store).await;
+    stream_ends_with_its_claim(store).await;
+    stream_ends_after_its_ttl(store).await;
+    stream_reads_are_capped(store).await;
+    stream_of_10_mb_round_trips(store).await;
+    stream_keys_share_nothing(store).await;
+    StreamSupport::Checked
+}
+
+fn chunk(text: impl Into<String>) -> Bytes {
+    Bytes::from(text.into())
+}
+
+/// The chunks of a live read, or a panic saying what came instead.
+fn live(read: Result<StreamRead, StoreError>, what: &str) -> Vec<Bytes> {
+    match read {
+        Ok(StreamRead::Live(chunks)) => chunks,
+        other => panic!("{what}: expected a live stream, got {other:?}"),
+    }
+}
+
+fn assert_not_live(read: Result<StreamRead, StoreError>, what: &str) {
+    assert!(
+        matches!(read, Ok(StreamRead::NotLive)),
+        "{what}: expected NotLive, got {read:?}"
+    );
+}
+
+/// Every chunk of `key`'s live stream from `from` on, read as a joiner does (answer after
+/// answer, until one brings nothing new).
+async fn read_all<St: Store>(store: &St, key: &str, mut from: u64) -> Vec<Bytes> {
+    let mut all = Vec::new();
+    loop {
+        let chunks = live(
+            store.read_stream(key, from).await,
+            "reading the stream whole",
+        );
+        if chunks.is_empty() {
+            return all;
+        }
+        from += chunks.len() as u64;
+        all.extend(chunks);
+    }
+}
+
+/// Only the owner of a live claim appends (a stranger, a key never claimed: `LeaseLost`, and
+/// nothing written); a key in flight without a stream reads `NotLive`, a key never claimed
+/// `Absent`; the owner's chunks read back from any index.
+pub async fn stream_appends_are_owner_checked<St: Store>(store: &St) {
+    let key = fresh_key("stream-owner");
+    let token = claim_owned(store, &key, LEASE).await;
+    assert_not_live(
+        store.read_stream(&key, 0).await,
+        "claimed, nothing appended",
+    );
+    assert_lease_lost(
+        store
+            .append_stream(&key, &OwnerToken::random(), 0, &[chunk("x")], TTL)
+            .await,
+        "an append by a stranger",
+    );
+    assert_not_live(
+        store.read_stream(&key, 0).await,
+        "after a stranger's refused append",
+    );
+    let chunks = [chunk("a"), chunk(""), chunk("c\0\u{ff}")];
+    store
+        .append_stream(&key, &token, 0, &chunks, TTL)
+        .await
+        .unwrap();
+    assert_eq!(live(store.read_stream(&key, 0).await, "from 0"), chunks);
+    assert_eq!(
+        live(store.read_stream(&key, 2).await, "from 2"),
+        &chunks[2..]
+    );
+    assert!(live(store.read_stream(&key, 3).await, "from the end").is_empty());
+    assert!(live(store.read_stream(&key, 9).await, "past the end").is_empty());
+    let unclaimed = fresh_key("stream-unclaimed");
+    assert_lease_lost(
+        store
+            .append_stream(&unclaimed, &token, 0, &[chunk("x")], TTL)
+            .await,
+        "an append to a key never claimed",
+    );
+    assert!(
+        matches!(
+            store.read_stream(&unclaimed, 0).await,
+            Ok(StreamRead::Absent)
+        ),
+        "a key never claimed reads Absent"
+    );
+    store.release(&key, &token).await.unwrap();
+}
+
+/// A retried append (chunks the stream holds already, whole or in part) adds only what is new;
+/// one that starts past the end (a gap) is refused with a backend error and adds nothing.
+pub async fn stream_appends_are_idempotent_by_position<St: Store>(store: &St) {
+    let key = fresh_key("stream-retry");
+    let token = claim_owned(store, &key, LEASE).await;
+    let all: Vec<Bytes> = (0..6).map(|i| chunk(format!("chunk-{i}"))).collect();
+    store
+        .append_stream(&key, &token, 0, &all[..2], TTL)
+        .await
+        .unwrap();
+    // The same append again, then one that overlaps what is held.
+    store
+        .append_stream(&key, &token, 0, &all[..2], TTL)
+        .await
+        .unwrap();
+    store
+        .append_stream(&key, &token, 1, &all[1..4], TTL)
+        .await
+        .unwrap();
+    store
+        .append_stream(&key, &token, 0, &all[..1], TTL)
+        .await
+        .unwrap();
+    assert_eq!(read_all(store, &key, 0).await, &all[..4]);
+    match store.append_stream(&key, &token, 5, &all[5..], TTL).await {
+        Err(StoreError::Backend(_)) => {}
+        other => panic!("an append past the end (a gap): expected a backend error, got {other:?}"),
+    }
+    assert_eq!(
+        read_all(store, &key, 0).await,
+        &all[..4],
+        "the gap added nothing"
+    );
+    store
+        .append_stream(&key, &token, 4, &all[4..], TTL)
+        .await
+        .unwrap();
+    assert_eq!(read_all(store, &key, 0).await, all);
+    store.release(&key, &token).await.unwrap();
+}
+
+/// The owner whose lease lapsed, once another took the key over, can no longer append
+/// (`LeaseLost`); its stream is not the new owner's (`NotLive` for readers) until the new
+/// owner's chunk 0 replaces it, and none of the old chunks reads after that.
+pub async fn stream_takeover_replaces_the_stream<St: Store>(store: &St) {
+    let key = fresh_key("stream-takeover");
+    let old = claim_owned(store, &key, SHORT).await;
+    let stale: Vec<Bytes> = (0..3).map(|i| chunk(format!("stale-{i}"))).collect();
+    store
+        .append_stream(&key, &old, 0, &stale, TTL)
+        .await
+        .unwrap();
+    tokio::time::sleep(SHORT * 2).await;
+    let new = claim_owned(store, &key, LEASE).await;
+    assert_not_live(
+        store.read_stream(&key, 0).await,
+        "a crashed owner's stream, for its successor",
+    );
+    assert_lease_lost(
+        store
+            .append_stream(&key, &old, 3, &[chunk("late")], TTL)
+            .await,
+        "an append by the owner whose lease lapsed",
+    );
+    assert_lease_lost(
+        store
+            .append_stream(&key, &old, 0, &[chunk("late")], TTL)
+            .await,
+        "a restart by the owner whose lease lapsed",
+    );
+    match store
+        .append_stream(&key, &new, 1, &[chunk("fresh-1")], TTL)
+        .await
+    {
+        Err(StoreError::Backend(_)) => {}
+        other => panic!("the successor's append past its own (empty) stream: {other:?}"),
+    }
+    store
+        .append_stream(&key, &new, 0, &[chunk("fresh-0")], TTL)
+        .await
+        .unwrap();
+    assert_eq!(read_all(store, &key, 0).await, [chunk("fresh-0")]);
+    store.release(&key, &new).await.unwrap();
+}
+
+/// A stream ends with its claim: once completed, a read answers the record (fingerprint and
+/// payload whole); once released, `Absent`, and the next owner of the key finds no stream
+/// (`NotLive`) until it appends its own. A lapsed owner's completion leaves the successor's
+/// stream alone.
+pub async fn stream_ends_with_its_claim<St: Store>(store: &St) {
+    let key = fresh_key("stream-complete");
+    let token = claim_owned(store, &key, LEASE).await;
+    store
+        .append_stream(&key, &token, 0, &[chunk("a"), chunk("b")], TTL)
+        .await
+        .unwrap();
+    let record = Record::new(Some(u128::MAX - 3), "the outcome");
+    store
+        .complete(&key, &token, record.clone(), TTL)
+        .await
+        .unwrap();
+    match store.read_stream(&key, 0).await {
+        Ok(StreamRead::Completed(got)) => assert_eq!(got, record),
+        other => panic!("a completed key: expected its record, got {other:?}"),
+    }
+    match store.read_stream(&key, 5).await {
+        Ok(StreamRead::Completed(got)) => assert_eq!(got, record),
+        other => panic!("a completed key, from past the end: {other:?}"),
+    }
+    assert_lease_lost(
+        store
+            .append_stream(&key, &token, 2, &[chunk("c")], TTL)
+            .await,
+        "an append after the completion",
+    );
+
+    let released = fresh_key("stream-release");
+    let token = claim_owned(store, &released, LEASE).await;
+    store
+        .append_stream(&released, &token, 0, &[chunk("a")], TTL)
+        .await
+        .unwrap();
+    store.release(&released, &token).await.unwrap();
+    assert!(
+        matches!(
+            store.read_stream(&released, 0).await,
+            Ok(StreamRead::Absent)
+        ),
+        "a released key reads Absent"
+    );
+    let next = claim_owned(store, &released, LEASE).await;
+    assert_not_live(
+        store.read_stream(&released, 0).await,
+        "the next owner of a released key",
+    );
+    store
+        .append_stream(&released, &next, 0, &[chunk("next")], TTL)
+        .await
+        .unwrap();
+    assert_eq!(read_all(store, &released, 0).await, [chunk("next")]);
+    store.release(&released, &next).await.unwrap();
+
+    // A lapsed owner's late completion is refused and ends nothing of its successor's.
+    let key = fresh_key("stream-late-complete");
+    let old = claim_owned(store, &key, SHORT).await;
+    store
+        .append_stream(&key, &old, 0, &[chunk("old")], TTL)
+        .await
+        .unwrap();
+    tokio::time::sleep(SHORT * 2).await;
+    let new = claim_owned(store, &key, LEASE).await;
+    store
+        .append_stream(&key, &new, 0, &[chunk("new")], TTL)
+        .await
+        .unwrap();
+    assert_lease_lost(
+        store
+            .complete(&key, &old, Record::new(None, "late"), TTL)
+            .await,
+        "a late completion",
+    );
+    assert_lease_lost(store.release(&key, &old).await, "a late release");
+    assert_eq!(read_all(store, &key, 0).await, [chunk("new")]);
+    store.release(&key, &new).await.unwrap();
+}
+
+/// A stream is kept no longer than its TTL after its last append: a reader then finds the key
+/// in flight without a stream.
+pub async fn stream_ends_after_its_ttl<St: Store>(store: &St) {
+    let key = fresh_key("stream-ttl");
+    let token = claim_owned(store, &key, LEASE).await;
+    store
+        .append_stream(&key, &token, 0, &[chunk("brief")], SHORT)
+        .await
+        .unwrap();
+    tokio::time::sleep(SHORT * 2).await;
+    assert_not_live(store.read_stream(&key, 0).await, "a stream past its TTL");
+    store.release(&key, &token).await.unwrap();
+}
+
+/// One read answers at most about 1 MiB of chunks (at least one, however large), and the
+/// reader gets the rest by reading on.
+pub async fn stream_reads_are_capped<St: Store>(store: &St) {
+    const MIB: usize = 1 << 20;
+    let key = fresh_key("stream-cap");
+    let token = claim_owned(store, &key, LEASE).await;
+    let chunks: Vec<Bytes> = [MIB / 2 + 1, MIB / 2 + 1, 3 * MIB / 2, 10, 10]
+        .iter()
+        .enumerate()
+        .map(|(i, len)| Bytes::from(vec![i as u8; *len]))
+        .collect();
+    store
+        .append_stream(&key, &token, 0, &chunks, TTL)
+        .await
+        .unwrap();
+    let first = live(store.read_stream(&key, 0).await, "the first read");
+    assert_eq!(first, &chunks[..1], "two halves and a byte are over 1 MiB");
+    let large = live(store.read_stream(&key, 2).await, "a chunk over 1 MiB");
+    assert_eq!(large, &chunks[2..3], "a chunk over the cap comes alone");
+    let small = live(store.read_stream(&key, 3).await, "small chunks");
+    assert_eq!(small, &chunks[3..]);
+    assert_eq!(read_all(store, &key, 0).await, chunks);
+    store.release(&key, &token).await.unwrap();
+}
+
+/// 10 MB of chunks, appended in batches as a streaming response produces them, read back
+/// whole and byte-identical.
+pub async fn stream_of_10_mb_round_trips<St: Store>(store: &St) {
+    let key = fresh_key("stream-10mb");
+    let token = claim_owned(store, &key, LEASE).await;
+    let chunks: Vec<Bytes> = (0..160u32)
+        .map(|i| {
+            (0..64 * 1000u32)
+                .map(|j| (i.wrapping_mul(31) ^ j.wrapping_mul(7)) as u8)
+                .collect()
+        })
+        .collect();
+    for (batch, part) in chunks.chunks(16).enumerate() {
+        store
+            .append_stream(&key, &token, (batch * 16) as u64, part, TTL)
+            .await
+            .unwrap();
+    }
+    let back = read_all(store, &key, 0).await;
+    assert_eq!(back.len(), chunks.len());
+    assert!(back == chunks, "10 MB of chunks came back changed");
+    store.release(&key, &token).await.unwrap();
+}
+
+/// Keys shaped to collide ([`adversarial_keys`]: shared hash tags, braces, `|`, prefixes and
+/// suffixes of each other) each read their own stream only, and the end of one key's claim
+/// ends no other key's stream.
+pub async fn stream_keys_share_nothing<St: Store>(store: &St) {
+    let keys = adversarial_keys(&format!("{:032x}", fastrand::u128(..)));
+    let mut tokens = Vec::with_capacity(keys.len());
+    for (i, key) in keys.iter().enumerate() {
+        let token = claim_owned(store, key, LEASE).await;
+        store
+            .append_stream(
+                key,
+                &token,
+                0,
+                &[chunk(format!("{i}")), chunk(key.clone())],
+                TTL,
+            )
+            .await
+            .unwrap();
+        tokens.push(token);
+    }
+    for (i, key) in keys.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+        store
+            .complete(
+                key,
+                &tokens[i],
+                Record::new(None, format!("record-{i}")),
+                TTL,
+            )
+            .await
+            .unwrap();
+    }
+    for (i, key) in keys.iter().enumerate() {
+        match store.read_stream(key, 0).await {
+            Ok(StreamRead::Completed(record)) if i % 2 == 0 => {
+                assert_eq!(
+                    record.payload(),
+                    format!("record-{i}").as_bytes(),
+                    "{key:?}"
+                );
+            }
+            Ok(StreamRead::Live(chunks)) if i % 2 == 1 => {
+                assert_eq!(
+                    chunks,
+                    [chunk(format!("{i}")), chunk(key.clone())],
+                    "{key:?}"
+                );
+            }
+            other => panic!("{key:?}: expected its own stream or record, got {other:?}"),
+        }
+    }
+    for (i, key) in keys.iter().enumerate().filter(|(i, _)| i % 2 == 1) {
+        store.release(key, &tokens[i]).await.unwrap();
     }
 }
 

@@ -65,6 +65,8 @@ use crate::BoxError;
 
 mod boxed;
 pub(crate) mod clock;
+#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
+mod known;
 mod memory;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
@@ -823,7 +825,9 @@ pub trait Store: Send + Sync + 'static {
     /// Owner-checked: fails with [`StoreError::LeaseLost`] when `token` no longer owns a live
     /// claim on `key` (nothing is written). Idempotent by position: chunks below what the
     /// stream already holds are skipped (a retried append after a timeout), and `from` past
-    /// its end is refused with [`StoreError::Backend`]. A stream ends with its claim:
+    /// its end is refused with [`StoreError::Backend`] (nothing is written). A stream of
+    /// another owner (a crashed one's) holds nothing for `token`: `from` 0 replaces it, any
+    /// other `from` is a gap. A stream ends with its claim:
     /// [`complete`](Self::complete) and [`release`](Self::release) (and
     /// [`delete`](Self::delete)) remove it, and it is kept no longer than `ttl` after its last
     /// append should its owner vanish. A key that never streamed costs those calls nothing
@@ -847,12 +851,16 @@ pub trait Store: Send + Sync + 'static {
     /// Reads the live stream of `key` from chunk `from` on, atomically with the key's state:
     /// [`StreamRead::Live`] with the chunks `from..` (none when nothing new was appended; a
     /// store may answer fewer than it holds, at least one when it holds any, and the caller
-    /// reads again) while the current owner streams; [`StreamRead::NotLive`] while the key is
+    /// reads again; this crate's stores answer at most about 1 MiB of chunks, or the one chunk
+    /// from `from` when it is larger) while the current owner streams; a `from` past the end
+    /// answers no chunks. [`StreamRead::NotLive`] while the key is
     /// in flight without a stream of its current owner; [`StreamRead::Completed`] with the
     /// record once the key was completed; [`StreamRead::Absent`] when the key holds nothing
-    /// (released, expired, deleted).
+    /// (released, expired, deleted). A completed record is decoded and checked as
+    /// [`claim_as`](Self::claim_as) does: a damaged one is [`StoreError::Corrupt`].
     ///
-    /// The default answers [`StoreError::Unsupported`].
+    /// The default answers [`StoreError::Unsupported`]. The conformance suite's
+    /// `conformance::streams` checks both calls.
     fn read_stream(
         &self,
         key: &str,
@@ -913,6 +921,24 @@ pub(crate) fn backoff_with_jitter(attempt: u32, (first, cap): (Duration, Duratio
     let ceiling = first.saturating_mul(1 << attempt.min(6)).min(cap);
     let floor = (first / 5).min(ceiling);
     floor + ceiling.mul_f64(fastrand::f64()).saturating_sub(floor)
+}
+
+/// At most what one [`Store::read_stream`] answer of this crate's stores holds: the chunks
+/// from the one asked for, while they add up to no more (and always at least one, however
+/// large). The reader asks again for the rest.
+#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
+pub(crate) const STREAM_READ_BYTES: usize = 1 << 20;
+
+/// An append that would leave a hole in a live stream: it starts past the chunks the stream
+/// holds for its owner ([`Store::append_stream`] refuses it as a backend error).
+#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlite"))]
+#[derive(Debug, thiserror::Error)]
+#[error("a live stream append from chunk {from} would leave a gap: the stream holds {held} chunks")]
+pub(crate) struct StreamGap {
+    /// The first chunk of the refused append.
+    pub(crate) from: u64,
+    /// The chunks the stream held.
+    pub(crate) held: u64,
 }
 
 /// Between polls of a store for a key's end: from 10 ms, capped at 500 ms.

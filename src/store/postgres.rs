@@ -5,14 +5,16 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
 
+use super::known::KnownTokens;
 use super::waker::{self, Wake, Wakers};
 use super::{
     record_from_columns, ClaimOutcome, KeyState, OwnerToken, Record, RecoveryPoint, Store,
-    StoreError,
+    StoreError, StreamRead, STREAM_READ_BYTES,
 };
 
 /// A store in PostgreSQL. See the [module docs](super) for the protocol.
@@ -31,6 +33,9 @@ use super::{
 ///   inserting first once fresh keys return. A row whose lease or TTL lapsed
 ///   is taken over by an `UPDATE … WHERE expires_at <= now()`. Renew, complete and release
 ///   are `UPDATE`/`DELETE … WHERE owner = $token AND expires_at > now()`.
+/// * **Live streams** ([`Store::append_stream`]) are rows of `<table>_streams` and
+///   `<table>_chunks`, one statement per append and per read; only the completion and release
+///   of a claim that appended one delete them (see `docs/stores.md`, "Live streams").
 /// * **Clocks:** every lease and expiry is computed and compared with the database's `now()`.
 /// * **Expired rows** are ignored on read and overwritten by the next claim; delete them with
 ///   [`purge_expired`](Self::purge_expired) on a schedule, or [`spawn_purger`](Self::spawn_purger).
@@ -76,6 +81,9 @@ struct Shared {
     /// The TTL (ms) of this store's latest completion: a claim's row is first looked at by
     /// the purge after its lease and this.
     purge_hint: Arc<std::sync::atomic::AtomicI64>,
+    /// The claims that appended a live stream through this store and its clones: only their
+    /// completions and releases delete a stream (see `Sql::complete_streamed`).
+    streams: Arc<KnownTokens>,
 }
 
 /// Whether a claim reads the key before it tries to claim it, learnt from the claims this
@@ -160,6 +168,18 @@ struct Sql {
     save_point: String,
     load_point: String,
     purge_points: String,
+    /// Live streams live in `<table>_streams` (one row per key: its owner, its length and
+    /// when it expires) and `<table>_chunks` (one row per chunk).
+    streams: String,
+    chunks: String,
+    append_stream: String,
+    read_stream: String,
+    /// The completion and release of a claim that appended a stream: the statements above,
+    /// which also delete the key's stream.
+    complete_streamed: String,
+    release_streamed: String,
+    purge_streams: String,
+    purge_chunks: String,
 }
 
 /// What [`PostgresStore::check_replication`] read from the server: whether a committed claim
@@ -227,10 +247,73 @@ impl Sql {
         let channel = channel_of(table);
         Ok(Self {
             table: t.to_owned(),
-            // With its recovery point, if any.
+            // With its recovery point and live stream, if any.
             delete: format!(
-                "WITH point AS (DELETE FROM {t}_points WHERE key = $1) DELETE FROM {t} WHERE key = $1"
+                "WITH point AS (DELETE FROM {t}_points WHERE key = $1), \
+                 stream AS (DELETE FROM {t}_streams WHERE key = $1), \
+                 chunks AS (DELETE FROM {t}_chunks WHERE key = $1) \
+                 DELETE FROM {t} WHERE key = $1"
             ),
+            // Fenced as `save_point`. The stream held for the owner is its row in
+            // `_streams` (none: 0 chunks); an append from past it (a gap) writes nothing. The
+            // chunks of another owner's stream (a crashed one's) go, the new ones are added
+            // from what is held on (a retry's chunks below are skipped; the owner's own chunks
+            // of a stream that expired are overwritten), and the stream's row says the new
+            // length and expiry: never shorter than an append of the same owner that committed
+            // meanwhile (two retries of one append, both of which saw the stream before either). Answers whether the caller owns the claim and what was held.
+            append_stream: format!(
+                "WITH holder AS (SELECT key FROM {t} WHERE key = $1 AND owner = $2 \
+                   AND NOT completed AND expires_at > now() FOR SHARE), \
+                 held AS (SELECT coalesce((SELECT length FROM {t}_streams \
+                   WHERE key = $1 AND owner = $2 AND expires_at > now()), 0) AS n), \
+                 go AS (SELECT held.n FROM holder, held WHERE $3 <= held.n), \
+                 stale AS (DELETE FROM {t}_chunks c USING go WHERE c.key = $1 AND c.owner <> $2), \
+                 added AS (INSERT INTO {t}_chunks (key, owner, seq, chunk) \
+                   SELECT $1, $2, $3 + u.i - 1, u.c \
+                   FROM go, unnest($4::bytea[]) WITH ORDINALITY AS u(c, i) \
+                   WHERE $3 + u.i - 1 >= go.n \
+                   ON CONFLICT (key, owner, seq) DO UPDATE SET chunk = excluded.chunk), \
+                 head AS (INSERT INTO {t}_streams (key, owner, length, expires_at) \
+                   SELECT $1, $2, greatest(go.n, $3 + cardinality($4::bytea[])), \
+                     now() + $5::bigint * interval '1 millisecond' FROM go \
+                   ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, \
+                     length = CASE WHEN {t}_streams.owner = excluded.owner \
+                       AND {t}_streams.expires_at > now() \
+                       THEN greatest({t}_streams.length, excluded.length) \
+                       ELSE excluded.length END, \
+                     expires_at = excluded.expires_at) \
+                 SELECT EXISTS (SELECT 1 FROM holder), (SELECT n FROM held)"
+            ),
+            // One statement, one snapshot: the key's live row, and the chunks from $2 of the
+            // stream of its current owner (none when that owner has no live stream), while
+            // they add up to at most $3 bytes (the first one whatever its size).
+            read_stream: format!(
+                "SELECT r.completed, r.fingerprint, r.payload, s.length IS NOT NULL, \
+                   CASE WHEN s.length IS NOT NULL THEN ARRAY( \
+                     SELECT w.chunk FROM (SELECT c.chunk, c.seq, \
+                         sum(octet_length(c.chunk)) OVER (ORDER BY c.seq) AS upto \
+                       FROM {t}_chunks c WHERE c.key = r.key AND c.owner = s.owner \
+                         AND c.seq >= $2 AND c.seq < s.length ORDER BY c.seq LIMIT 4096) w \
+                     WHERE w.upto <= $3 OR w.seq = $2 ORDER BY w.seq) END \
+                 FROM {t} r LEFT JOIN {t}_streams s ON s.key = r.key AND s.owner = r.owner \
+                   AND NOT r.completed AND s.expires_at > now() \
+                 WHERE r.key = $1 AND r.expires_at > now()"
+            ),
+            purge_streams: format!(
+                "DELETE FROM {t}_streams WHERE key IN \
+                 (SELECT key FROM {t}_streams WHERE expires_at <= now() LIMIT $1 FOR UPDATE SKIP LOCKED)"
+            ),
+            // Chunks of no live stream: an expired one, one replaced, or left by an append that
+            // raced its claim's end.
+            purge_chunks: format!(
+                "DELETE FROM {t}_chunks WHERE (key, owner, seq) IN \
+                 (SELECT c.key, c.owner, c.seq FROM {t}_chunks c WHERE NOT EXISTS \
+                   (SELECT 1 FROM {t}_streams s WHERE s.key = c.key AND s.owner = c.owner \
+                     AND s.expires_at > now()) \
+                 LIMIT $1 FOR UPDATE SKIP LOCKED)"
+            ),
+            streams: format!("{t}_streams"),
+            chunks: format!("{t}_chunks"),
             // Fenced: the owner's live claim is locked (`FOR SHARE`) for the statement, so a
             // take-over of a lapsed lease either commits first (and this finds no claim) or
             // waits for this save.
@@ -317,6 +400,24 @@ impl Sql {
                  WHERE key = $1 AND owner = $2 AND NOT completed AND expires_at > now() \
                  RETURNING waiters"
             ),
+            complete_streamed: format!(
+                "WITH done AS (UPDATE {t} SET completed = true, owner = NULL, fingerprint = $3, \
+                 payload = $4, expires_at = now() + $5::bigint * interval '1 millisecond' \
+                 WHERE key = $1 AND owner = $2 AND NOT completed AND expires_at > now() \
+                 RETURNING key, waiters), \
+                 dropped AS (DELETE FROM {t}_points p USING done WHERE p.key = done.key), \
+                 {ended} \
+                 SELECT waiters FROM done",
+                ended = ends_stream(t)
+            ),
+            release_streamed: format!(
+                "WITH done AS (DELETE FROM {t} \
+                 WHERE key = $1 AND owner = $2 AND NOT completed AND expires_at > now() \
+                 RETURNING key, waiters), \
+                 {ended} \
+                 SELECT waiters FROM done",
+                ended = ends_stream(t)
+            ),
             // One transaction per batch of keys, which need not be durable (a lost wake-up
             // costs a waiter its polling bound): it does not wait for the WAL flush, so it holds
             // the queue lock for a moment only.
@@ -338,6 +439,38 @@ impl Sql {
             ),
         })
     }
+}
+
+/// The live streams' tables: written only by claims that stream, read by duplicates that
+/// follow them on other instances; earlier releases never touch them. New tables only, so
+/// `migrate` creates them without locking the records' table.
+fn stream_tables_sql(sql: &Sql) -> String {
+    format!(
+        "-- Live streams (issue 45): new tables, which earlier releases never touch.\n\
+         CREATE TABLE IF NOT EXISTS {streams} (\n\
+         \x20   key         text        PRIMARY KEY,\n\
+         \x20   owner       bytea       NOT NULL,\n\
+         \x20   length      bigint      NOT NULL,\n\
+         \x20   expires_at  timestamptz NOT NULL\n\
+         );\n\
+         CREATE TABLE IF NOT EXISTS {chunks} (\n\
+         \x20   key         text        NOT NULL,\n\
+         \x20   owner       bytea       NOT NULL,\n\
+         \x20   seq         bigint      NOT NULL,\n\
+         \x20   chunk       bytea       NOT NULL,\n\
+         \x20   PRIMARY KEY (key, owner, seq)\n\
+         );",
+        streams = sql.streams,
+        chunks = sql.chunks,
+    )
+}
+
+/// The CTEs that delete the live stream of the key a CTE `done` ended.
+fn ends_stream(t: &str) -> String {
+    format!(
+        "stream AS (DELETE FROM {t}_streams s USING done WHERE s.key = done.key), \
+         chunks AS (DELETE FROM {t}_chunks c USING done WHERE c.key = done.key)"
+    )
 }
 
 /// `<table>_wake`, with `.` as `_`, at most 63 bytes (PostgreSQL's identifier limit).
@@ -424,6 +557,7 @@ impl PostgresStore {
              \x20   expires_at  timestamptz NOT NULL\n\
              );\n\
              CREATE INDEX IF NOT EXISTS {points_index} ON {points} (expires_at);\n\
+             {stream_tables}\n\
              -- Schema 2 (0.1 development builds) deleted points with a trigger; the completion\n\
              -- statement does it now. Dropped once, when present (a live table is locked a moment).\n\
              DO $$ BEGIN\n\
@@ -434,6 +568,7 @@ impl PostgresStore {
              END $$;\n\
              DROP FUNCTION IF EXISTS {t}_drop_point();",
             points = sql.points,
+            stream_tables = stream_tables_sql(&sql),
             purge = names.purge,
             expires = names.expires_qualified,
             points_index = names.points,
@@ -525,6 +660,7 @@ impl PostgresStore {
                 notifier: Arc::default(),
                 read_first: Arc::default(),
                 purge_hint: Arc::default(),
+                streams: Arc::default(),
             }),
         }
     }
@@ -589,20 +725,25 @@ impl PostgresStore {
         let t = &self.shared.sql.table;
         let trigger = format!("{}_drop_point", t.rsplit('.').next().unwrap_or(t));
         let names = IndexNames::of(t);
+        // Whether the schema before live streams is current, and whether the streams' tables
+        // exist: a schema missing only those gets them alone (no lock on the live table).
         let check = "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL \
                      AND NOT EXISTS (SELECT 1 FROM pg_trigger \
                                      WHERE tgname = $3 AND tgrelid = to_regclass($1)) \
-                     AND to_regclass($4) IS NOT NULL AND to_regclass($5) IS NULL";
-        let params: [&(dyn ToSql + Sync); 5] = [
+                     AND to_regclass($4) IS NOT NULL AND to_regclass($5) IS NULL, \
+                     to_regclass($6) IS NOT NULL AND to_regclass($7) IS NOT NULL";
+        let params: [&(dyn ToSql + Sync); 7] = [
             t,
             &self.shared.sql.points,
             &trigger,
             &names.purge_qualified,
             &names.expires_qualified,
+            &self.shared.sql.streams,
+            &self.shared.sql.chunks,
         ];
-        let current = |row: tokio_postgres::Row| row.get::<_, bool>(0);
+        let current = |row: tokio_postgres::Row| (row.get::<_, bool>(0), row.get::<_, bool>(1));
         let backend = StoreError::backend;
-        if current(client.query_one(check, &params).await.map_err(backend)?) {
+        if current(client.query_one(check, &params).await.map_err(backend)?) == (true, true) {
             return Ok(());
         }
         // Another instance may be migrating: wait for it, then look again. A lock on the live
@@ -615,8 +756,14 @@ impl PostgresStore {
             .await
             .map_err(backend)?;
         let migrated = async {
-            if !current(client.query_one(check, &params).await?) {
-                client.batch_execute(&sql).await?;
+            match current(client.query_one(check, &params).await?) {
+                (false, _) => client.batch_execute(&sql).await?,
+                (true, false) => {
+                    client
+                        .batch_execute(&stream_tables_sql(&self.shared.sql))
+                        .await?
+                }
+                (true, true) => {}
             }
             client.batch_execute("COMMIT").await
         }
@@ -654,7 +801,22 @@ impl PostgresStore {
             .execute(&statement, &[&batch])
             .await
             .map_err(StoreError::backend)?;
-        Ok(records.max(points))
+        let mut streams = 0;
+        for sql in [
+            &self.shared.sql.purge_streams,
+            &self.shared.sql.purge_chunks,
+        ] {
+            let statement = client
+                .prepare_cached(sql)
+                .await
+                .map_err(StoreError::backend)?;
+            let purged = client
+                .execute(&statement, &[&batch])
+                .await
+                .map_err(StoreError::backend)?;
+            streams = streams.max(purged);
+        }
+        Ok(records.max(points).max(streams))
     }
 
     /// Spawns a task that purges expired rows every `period` (opt-in); abort the handle to
@@ -706,21 +868,29 @@ impl PostgresStore {
         }
     }
 
-    /// Runs a completion or a release (`sql`, which returns the key's waiter flag) for the
-    /// claim's owner, and notifies the key when a process waits on it.
+    /// Runs a completion or a release (`sql`, which returns the key's waiter flag: the plain
+    /// statement, or the one that also deletes the key's stream for a claim that appended
+    /// one) for the claim's owner, and notifies the key when a process waits on it.
     async fn end(
         &self,
-        sql: &str,
+        (plain, streamed): (&str, &str),
         key: &str,
+        token: &OwnerToken,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        let waited = query_opt(&client, sql, params)
-            .await?
-            .ok_or(StoreError::LeaseLost)?
-            .get::<_, bool>(0);
-        drop(client);
-        if waited {
+        let sql = if self.shared.streams.has(token) {
+            streamed
+        } else {
+            plain
+        };
+        let ended = async {
+            let client = self.client().await?;
+            let row = query_opt(&client, sql, params).await?;
+            Ok(row.ok_or(StoreError::LeaseLost)?.get::<_, bool>(0))
+        }
+        .await;
+        self.shared.streams.settle(token, &ended);
+        if ended? {
             self.notify_later(key);
         }
         Ok(())
@@ -948,9 +1118,11 @@ impl Store for PostgresStore {
         let payload = &super::sealed::row_payload(&record)[..];
         let ttl = ms(ttl);
         self.shared.purge_hint.store(ttl, Relaxed);
+        let sql = &self.shared.sql;
         self.end(
-            &self.shared.sql.complete,
+            (&sql.complete, &sql.complete_streamed),
             key,
+            token,
             &[&key, &owner, &fingerprint, &payload, &ttl],
         )
         .await
@@ -958,8 +1130,72 @@ impl Store for PostgresStore {
 
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
         let owner = &token_bytes(token)[..];
-        self.end(&self.shared.sql.release, key, &[&key, &owner])
-            .await
+        let sql = &self.shared.sql;
+        self.end(
+            (&sql.release, &sql.release_streamed),
+            key,
+            token,
+            &[&key, &owner],
+        )
+        .await
+    }
+
+    async fn append_stream(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        from: u64,
+        chunks: &[Bytes],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let owner = &token_bytes(token)[..];
+        let at = i64::try_from(from).map_err(StoreError::backend)?;
+        let chunks: Vec<&[u8]> = chunks.iter().map(|chunk| &chunk[..]).collect();
+        let client = self.client().await?;
+        let row = query_opt(
+            &client,
+            &self.shared.sql.append_stream,
+            &[&key, &owner, &at, &chunks, &ms(ttl)],
+        )
+        .await?
+        .ok_or_else(|| StoreError::backend("the stream append answered no row"))?;
+        if !row.get::<_, bool>(0) {
+            return Err(StoreError::LeaseLost);
+        }
+        let held: i64 = row.get(1);
+        if at > held {
+            return Err(StoreError::backend(super::StreamGap {
+                from,
+                held: held.unsigned_abs(),
+            }));
+        }
+        self.shared.streams.add(token);
+        Ok(())
+    }
+
+    async fn read_stream(&self, key: &str, from: u64) -> Result<StreamRead, StoreError> {
+        let at = i64::try_from(from).map_err(StoreError::backend)?;
+        let cap = STREAM_READ_BYTES as i64;
+        let client = self.client().await?;
+        let Some(row) =
+            query_opt(&client, &self.shared.sql.read_stream, &[&key, &at, &cap]).await?
+        else {
+            return Ok(StreamRead::Absent);
+        };
+        if row.get::<_, bool>(0) {
+            return Ok(StreamRead::Completed(record_from_columns(
+                row.get(1),
+                row.get(2),
+            )?));
+        }
+        super::sealed::check_in_flight(&row.get(1), &row.get(2))?;
+        if !row.get::<_, bool>(3) {
+            return Ok(StreamRead::NotLive);
+        }
+        let chunks: Vec<Vec<u8>> = row.get(4);
+        Ok(StreamRead::Live(
+            chunks.into_iter().map(Bytes::from).collect(),
+        ))
     }
 
     async fn wait(&self, key: &str, attempt: u32) {

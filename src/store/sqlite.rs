@@ -8,10 +8,13 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
 
+use bytes::Bytes;
+
+use super::known::KnownTokens;
 use super::waker::Wakers;
 use super::{
     backoff_with_jitter, record_from_columns, ClaimOutcome, KeyState, OwnerToken, Record,
-    RecoveryPoint, Store, StoreError,
+    RecoveryPoint, Store, StoreError, StreamGap, StreamRead, STREAM_READ_BYTES,
 };
 
 /// The schema version this build writes and reads (`PRAGMA user_version`).
@@ -137,6 +140,10 @@ impl SqliteOpenError {
 ///   now`: a holder whose lease lapsed is refused ([`StoreError::LeaseLost`]).
 /// * **Clocks:** leases and retention are compared with SQLite's `now` (the host's clock,
 ///   shared by every process on it).
+/// * **Live streams** ([`Store::append_stream`]) are rows of `idempotency_streams` and
+///   `idempotency_chunks`, one transaction per append and per read, so a duplicate in another
+///   process on the host follows a streamed answer; only the completion and release of a claim
+///   that appended one delete them.
 /// * **Replays** of completed records are served from a bounded in-process cache \[16 MiB of
 ///   records, each kept at most 60 s\] without touching the file: completed records never
 ///   change. A record deleted by an operator through *another* process is still replayed here
@@ -181,6 +188,9 @@ struct Inner {
     records: moka::sync::Cache<String, Cached, ahash::RandomState>,
     cache_for: Duration,
     wakers: Wakers,
+    /// The claims that appended a live stream through this handle (and its clones): only
+    /// their completions and releases delete a stream.
+    streams: KnownTokens,
 }
 
 /// The identity (device and inode) of the database file as opened, and whether the path was
@@ -388,6 +398,7 @@ impl SqliteStoreBuilder {
                 records,
                 cache_for: self.cache_for,
                 wakers: Wakers::default(),
+                streams: KnownTokens::default(),
             }),
         };
         if let Some(period) = self.purge_every {
@@ -452,6 +463,21 @@ fn connect(settings: &SqliteStoreBuilder) -> Result<Connection, SqliteOpenError>
              CREATE INDEX IF NOT EXISTS idempotency_points_expires_at
                  ON idempotency_points (expires_at);
              -- Completing a key deletes its recovery point (the stored outcome supersedes it).
+             -- Live streams: a row per streaming claim (its owner, length and expiry) and a row
+             -- per chunk. Earlier builds (same schema version) never touch them.
+             CREATE TABLE IF NOT EXISTS idempotency_streams (
+                 key         TEXT    PRIMARY KEY NOT NULL,
+                 owner       BLOB    NOT NULL,
+                 length      INTEGER NOT NULL,
+                 expires_at  INTEGER NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS idempotency_chunks (
+                 key         TEXT    NOT NULL,
+                 owner       BLOB    NOT NULL,
+                 seq         INTEGER NOT NULL,
+                 chunk       BLOB    NOT NULL,
+                 PRIMARY KEY (key, owner, seq)
+             );
              CREATE TRIGGER IF NOT EXISTS idempotency_points_drop
                  AFTER UPDATE OF completed ON idempotency_records
                  WHEN NEW.completed = 1 AND OLD.completed = 0
@@ -461,6 +487,64 @@ fn connect(settings: &SqliteStoreBuilder) -> Result<Connection, SqliteOpenError>
         ))
         .map_err(error)?;
     Ok(connection)
+}
+
+/// Runs `work` as one transaction: its own (`BEGIN IMMEDIATE` when it writes, so that it
+/// never has to upgrade a read lock; `BEGIN` when it only reads, for one snapshot), or a
+/// savepoint inside the group's transaction it runs in. An error undoes all of it.
+fn atomically<T>(
+    connection: &mut Connection,
+    writes: bool,
+    work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    let (begin, commit, rollback) = if connection.is_autocommit() {
+        let begin = if writes { "BEGIN IMMEDIATE" } else { "BEGIN" };
+        (begin, "COMMIT", "ROLLBACK")
+    } else {
+        (
+            "SAVEPOINT stream",
+            "RELEASE stream",
+            "ROLLBACK TO stream; RELEASE stream",
+        )
+    };
+    connection.execute_batch(begin)?;
+    match work(connection) {
+        Ok(value) => match connection.execute_batch(commit) {
+            Ok(()) => Ok(value),
+            Err(error) => {
+                let _ = connection.execute_batch(rollback);
+                Err(error)
+            }
+        },
+        Err(error) => {
+            let _ = connection.execute_batch(rollback);
+            Err(error)
+        }
+    }
+}
+
+/// Deletes `key`'s live stream, whoever streamed it.
+fn drop_stream(connection: &Connection, key: &str) -> rusqlite::Result<()> {
+    connection
+        .prepare_cached("DELETE FROM idempotency_chunks WHERE key = ?1")?
+        .execute([key])?;
+    connection
+        .prepare_cached("DELETE FROM idempotency_streams WHERE key = ?1")?
+        .execute([key])?;
+    Ok(())
+}
+
+/// What an append found.
+enum Appended {
+    Done,
+    LeaseLost,
+    Gap(i64),
+}
+
+/// What a stream read found.
+enum Streamed {
+    Absent,
+    Row(Row, Option<Vec<Vec<u8>>>),
 }
 
 /// Deletes expired rows every `period` while the store lives.
@@ -587,6 +671,27 @@ impl SqliteStore {
                     .execute([batch])?;
                 purged = purged.max(n as u64);
             }
+            // Streams past their expiry, and chunks of no live stream (expired, replaced).
+            let n = connection
+                .prepare_cached(concat!(
+                    "DELETE FROM idempotency_streams WHERE rowid IN \
+                     (SELECT rowid FROM idempotency_streams WHERE expires_at <= ",
+                    now!(),
+                    " LIMIT ?1)"
+                ))?
+                .execute([batch])?;
+            purged = purged.max(n as u64);
+            let n = connection
+                .prepare_cached(concat!(
+                    "DELETE FROM idempotency_chunks WHERE rowid IN \
+                     (SELECT c.rowid FROM idempotency_chunks c WHERE NOT EXISTS \
+                       (SELECT 1 FROM idempotency_streams s \
+                        WHERE s.key = c.key AND s.owner = c.owner AND s.expires_at > ",
+                    now!(),
+                    ") LIMIT ?1)"
+                ))?
+                .execute([batch])?;
+            purged = purged.max(n as u64);
             Ok(purged)
         })
         .await
@@ -824,29 +929,46 @@ impl Store for SqliteStore {
         let (owned_key, owner, ttl_ms) = (key.to_owned(), token_bytes(token), ms(ttl));
         let fingerprint = record.fingerprint().map(|f| f.to_be_bytes().to_vec());
         let payload = super::sealed::row_payload(&record);
+        let streamed = self.inner.streams.has(token);
         let completed = self
             .call(move |connection| {
-                connection
-                    .prepare_cached(concat!(
-                        "UPDATE idempotency_records SET completed = 1, owner = NULL, \
+                let update = |connection: &Connection| {
+                    connection
+                        .prepare_cached(concat!(
+                            "UPDATE idempotency_records SET completed = 1, owner = NULL, \
                          fingerprint = ?3, payload = ?4, expires_at = ",
-                        now!(),
-                        " + ?5 \
+                            now!(),
+                            " + ?5 \
                          WHERE key = ?1 AND owner = ?2 AND completed = 0 AND expires_at > ",
-                        now!()
-                    ))?
-                    .execute(rusqlite::params![
-                        owned_key,
-                        &owner[..],
-                        fingerprint,
-                        &payload[..],
-                        ttl_ms
-                    ])
+                            now!()
+                        ))?
+                        .execute(rusqlite::params![
+                            owned_key,
+                            &owner[..],
+                            fingerprint,
+                            &payload[..],
+                            ttl_ms
+                        ])
+                };
+                if !streamed {
+                    return update(connection);
+                }
+                // A claim that streamed: its stream goes in the same transaction.
+                atomically(connection, true, |connection| {
+                    let completed = update(connection)?;
+                    if completed == 1 {
+                        drop_stream(connection, &owned_key)?;
+                    }
+                    Ok(completed)
+                })
             })
-            .await?;
-        if completed != 1 {
-            return Err(StoreError::LeaseLost);
-        }
+            .await;
+        let completed = completed.and_then(|n| match n {
+            1 => Ok(()),
+            _ => Err(StoreError::LeaseLost),
+        });
+        self.inner.streams.settle(token, &completed);
+        completed?;
         self.cache(key, &record, ttl);
         self.inner.wakers.wake(key);
         Ok(())
@@ -854,20 +976,36 @@ impl Store for SqliteStore {
 
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
         let (owned_key, owner) = (key.to_owned(), token_bytes(token));
+        let streamed = self.inner.streams.has(token);
         let released = self
             .call(move |connection| {
-                connection
-                    .prepare_cached(concat!(
-                        "DELETE FROM idempotency_records \
-                         WHERE key = ?1 AND owner = ?2 AND completed = 0 AND expires_at > ",
-                        now!()
-                    ))?
-                    .execute(rusqlite::params![owned_key, &owner[..]])
+                let delete = |connection: &Connection| {
+                    connection
+                        .prepare_cached(concat!(
+                            "DELETE FROM idempotency_records \
+                             WHERE key = ?1 AND owner = ?2 AND completed = 0 AND expires_at > ",
+                            now!()
+                        ))?
+                        .execute(rusqlite::params![owned_key, &owner[..]])
+                };
+                if !streamed {
+                    return delete(connection);
+                }
+                atomically(connection, true, |connection| {
+                    let released = delete(connection)?;
+                    if released == 1 {
+                        drop_stream(connection, &owned_key)?;
+                    }
+                    Ok(released)
+                })
             })
-            .await?;
-        if released != 1 {
-            return Err(StoreError::LeaseLost);
-        }
+            .await;
+        let released = released.and_then(|n| match n {
+            1 => Ok(()),
+            _ => Err(StoreError::LeaseLost),
+        });
+        self.inner.streams.settle(token, &released);
+        released?;
         self.inner.wakers.wake(key);
         Ok(())
     }
@@ -947,6 +1085,153 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn append_stream(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        from: u64,
+        chunks: &[Bytes],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let (owned_key, owner, ttl_ms) = (key.to_owned(), token_bytes(token), ms(ttl));
+        let at = i64::try_from(from).map_err(StoreError::backend)?;
+        let chunks = chunks.to_vec();
+        let appended = self
+            .call(move |connection| {
+                atomically(connection, true, |connection| {
+                    let key = &owned_key;
+                    let owns = connection
+                        .prepare_cached(concat!(
+                            "SELECT 1 FROM idempotency_records \
+                             WHERE key = ?1 AND owner = ?2 AND completed = 0 AND expires_at > ",
+                            now!()
+                        ))?
+                        .query_row(rusqlite::params![key, &owner[..]], |_| Ok(()))
+                        .optional()?;
+                    if owns.is_none() {
+                        return Ok(Appended::LeaseLost);
+                    }
+                    let held: i64 = connection
+                        .prepare_cached(concat!(
+                            "SELECT length FROM idempotency_streams \
+                             WHERE key = ?1 AND owner = ?2 AND expires_at > ",
+                            now!()
+                        ))?
+                        .query_row(rusqlite::params![key, &owner[..]], |row| row.get(0))
+                        .optional()?
+                        .unwrap_or(0);
+                    if at > held {
+                        return Ok(Appended::Gap(held));
+                    }
+                    // Another owner's stream (a crashed one's) is replaced.
+                    connection
+                        .prepare_cached(
+                            "DELETE FROM idempotency_chunks WHERE key = ?1 AND owner <> ?2",
+                        )?
+                        .execute(rusqlite::params![key, &owner[..]])?;
+                    let mut insert = connection.prepare_cached(
+                        "INSERT INTO idempotency_chunks (key, owner, seq, chunk) \
+                         VALUES (?1, ?2, ?3, ?4) \
+                         ON CONFLICT (key, owner, seq) DO UPDATE SET chunk = excluded.chunk",
+                    )?;
+                    let mut length = held;
+                    for (seq, chunk) in (at..).zip(&chunks) {
+                        if seq >= held {
+                            insert.execute(rusqlite::params![key, &owner[..], seq, &chunk[..]])?;
+                            length = seq + 1;
+                        }
+                    }
+                    connection
+                        .prepare_cached(concat!(
+                            "INSERT INTO idempotency_streams (key, owner, length, expires_at) \
+                             VALUES (?1, ?2, ?3, ",
+                            now!(),
+                            " + ?4) \
+                             ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, \
+                             length = excluded.length, expires_at = excluded.expires_at"
+                        ))?
+                        .execute(rusqlite::params![key, &owner[..], length, ttl_ms])?;
+                    Ok(Appended::Done)
+                })
+            })
+            .await?;
+        match appended {
+            Appended::Done => {
+                self.inner.streams.add(token);
+                Ok(())
+            }
+            Appended::LeaseLost => Err(StoreError::LeaseLost),
+            Appended::Gap(held) => Err(StoreError::backend(StreamGap {
+                from,
+                held: held.unsigned_abs(),
+            })),
+        }
+    }
+
+    async fn read_stream(&self, key: &str, from: u64) -> Result<StreamRead, StoreError> {
+        self.file_lost()?;
+        if let Some(record) = self.cached(key) {
+            return Ok(StreamRead::Completed(record));
+        }
+        let owned_key = key.to_owned();
+        let at = i64::try_from(from).map_err(StoreError::backend)?;
+        let found = self
+            .call(move |connection| {
+                // One snapshot for the key's row and its stream.
+                atomically(connection, false, |connection| {
+                    let key = &owned_key;
+                    let Some(row) = read_live(connection, key)? else {
+                        return Ok(Streamed::Absent);
+                    };
+                    if row.0 {
+                        return Ok(Streamed::Row(row, None));
+                    }
+                    let stream: Option<(Vec<u8>, i64)> = connection
+                        .prepare_cached(concat!(
+                            "SELECT s.owner, s.length FROM idempotency_streams s \
+                             JOIN idempotency_records r ON r.key = s.key AND r.owner = s.owner \
+                             WHERE s.key = ?1 AND s.expires_at > ",
+                            now!()
+                        ))?
+                        .query_row([key], |row| Ok((row.get(0)?, row.get(1)?)))
+                        .optional()?;
+                    let Some((owner, length)) = stream else {
+                        return Ok(Streamed::Row(row, None));
+                    };
+                    let mut chunks = Vec::new();
+                    let mut size = 0;
+                    let mut select = connection.prepare_cached(
+                        "SELECT chunk FROM idempotency_chunks \
+                         WHERE key = ?1 AND owner = ?2 AND seq >= ?3 AND seq < ?4 ORDER BY seq",
+                    )?;
+                    let mut rows = select.query(rusqlite::params![key, owner, at, length])?;
+                    while let Some(found) = rows.next()? {
+                        let chunk: Vec<u8> = found.get(0)?;
+                        if !chunks.is_empty() && size + chunk.len() > STREAM_READ_BYTES {
+                            break;
+                        }
+                        size += chunk.len();
+                        chunks.push(chunk);
+                    }
+                    Ok(Streamed::Row(row, Some(chunks)))
+                })
+            })
+            .await?;
+        match found {
+            Streamed::Absent => Ok(StreamRead::Absent),
+            Streamed::Row((true, fingerprint, payload, _), _) => Ok(StreamRead::Completed(
+                record_from_columns(fingerprint, payload)?,
+            )),
+            Streamed::Row((false, fingerprint, payload, _), chunks) => {
+                super::sealed::check_in_flight(&fingerprint, &payload)?;
+                Ok(match chunks {
+                    None => StreamRead::NotLive,
+                    Some(chunks) => StreamRead::Live(chunks.into_iter().map(Bytes::from).collect()),
+                })
+            }
+        }
+    }
+
     async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
         let owned_key = key.to_owned();
         let row = self
@@ -974,6 +1259,7 @@ impl Store for SqliteStore {
                 connection
                     .prepare_cached("DELETE FROM idempotency_points WHERE key = ?1")?
                     .execute([&owned_key])?;
+                drop_stream(connection, &owned_key)?;
                 connection
                     .prepare_cached("DELETE FROM idempotency_records WHERE key = ?1")?
                     .execute([owned_key])

@@ -14,3 +14,18 @@ async fn arc_of_a_store_is_a_store() {
 tower_idempotency::store_conformance_tests!(boxed_memory_store, async {
     BoxStore::new(MemoryStore::new())
 });
+
+/// The memory store keeps no live streams (duplicates follow a stream in memory): the stream
+/// checks say so instead of passing.
+#[tokio::test]
+async fn the_memory_store_says_it_keeps_no_live_streams() {
+    use tower_idempotency::store::conformance::{streams, StreamSupport};
+    assert_eq!(
+        streams(&MemoryStore::new()).await,
+        StreamSupport::Unsupported
+    );
+    assert_eq!(
+        streams(&BoxStore::new(MemoryStore::new())).await,
+        StreamSupport::Unsupported
+    );
+}

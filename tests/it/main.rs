@@ -42,6 +42,7 @@ mod store_redis_commands;
 mod store_redis_conditional;
 mod store_redis_script;
 mod store_sqlite;
+mod store_streams;
 mod stream_consumer;
 mod tower_contract;
 mod wait_lag;

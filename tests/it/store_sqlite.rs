@@ -487,3 +487,12 @@ async fn a_full_disk_refuses_writes_with_a_clear_error_and_keeps_every_record() 
         .unwrap();
     assert_eq!(check, "ok");
 }
+
+/// Every promise of live streams (`conformance::streams`): the SQLite store keeps them, for
+/// duplicates in other processes on the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_streams() {
+    use tower_idempotency::store::conformance::{streams, StreamSupport};
+    let Some(store) = store().await else { return };
+    assert_eq!(streams(&store).await, StreamSupport::Checked);
+}

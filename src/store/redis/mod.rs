@@ -9,8 +9,12 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, Script, ServerErrorKind, ToRedisArgs, Value};
 
+use super::known::KnownTokens;
 use super::waker::Wake;
-use super::{ClaimOutcome, KeyState, OwnerToken, Record, RecoveryPoint, Store, StoreError};
+use super::{
+    ClaimOutcome, KeyState, OwnerToken, Record, RecoveryPoint, Store, StoreError, StreamRead,
+    STREAM_READ_BYTES,
+};
 
 mod codec;
 mod connection;
@@ -23,7 +27,8 @@ pub(crate) use codec::{decode_record, encode_record};
 use connection::{Connection, SentinelLink};
 use replication::{Opener, Replicas};
 use scripts::{
-    Scripts, CLAIM, COMPLETE, INSPECT, LOAD_POINT, MARK_WAITED, RELEASE, RENEW, SAVE_POINT,
+    Scripts, APPEND_STREAM, CLAIM, COMPLETE, INSPECT, LOAD_POINT, MARK_WAITED, READ_STREAM,
+    RELEASE, RENEW, SAVE_POINT,
 };
 pub use server_report::RedisServerReport;
 
@@ -48,7 +53,8 @@ pub use server_report::RedisServerReport;
 ///   [`connect_cluster`](Self::connect_cluster). Values are binary, tagged and versioned; an
 ///   unknown version is reported as [`StoreError::Corrupt`], never misread. A key's recovery
 ///   point is a key of its own in the record's hash slot, named by the whole record key (so no
-///   other key, whatever its braces, reaches it).
+///   other key, whatever its braces, reaches it); so is its live stream, a list (see
+///   [`Store::append_stream`] and `docs/stores.md`, "Live streams").
 /// * **Configuration:** requires `maxmemory-policy noeviction` (checked at connect; refused by
 ///   [`connect_strict`](Self::connect_strict)) and, to survive a restart, persistence.
 /// * **Waiting duplicates** are woken by Redis pub/sub: a duplicate about to wait marks the
@@ -62,7 +68,8 @@ pub use server_report::RedisServerReport;
 ///   only when a duplicate marked the claim, and the recovery point's end (`DEL`, in the
 ///   completion script) only for a claim that knows a point (found by its claim, saved or
 ///   loaded through this store and its clones); the claim's `SET` goes with an `EXISTS` of
-///   the point key in the same round trip.
+///   the point key in the same round trip. Likewise a live stream's end (`DEL` in the
+///   completion or release script) only for a claim that appended one through this store.
 ///
 /// ```no_run
 /// use tower_idempotency::{store::RedisStore, IdempotencyLayer};
@@ -87,43 +94,14 @@ pub struct RedisStore {
     /// an `Arc`: the store is cloned for every keyed request, and a client owns its host name.
     client: Option<Arc<redis::Client>>,
     wake: Arc<Wake>,
-    /// The claims whose recovery point this store (and its clones) saved or loaded: only their
-    /// completions end a point.
-    points: Arc<KnownPoints>,
-}
-
-/// The claims, by owner token, that know a recovery point (their claim found one, or they saved
-/// or loaded one through a store and its clones): their completion goes through the script,
-/// whose owner check guards its `DEL` of the point; any other completion sends no command for
-/// a point. Each claim leaves on its
-/// completion or release (done, or refused for a lapsed lease).
-#[derive(Default)]
-struct KnownPoints(std::sync::Mutex<std::collections::HashSet<u128>>);
-
-impl KnownPoints {
-    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u128>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn add(&self, token: &OwnerToken) {
-        self.set().insert(token.as_u128());
-    }
-
-    fn has(&self, token: &OwnerToken) -> bool {
-        let set = self.set();
-        !set.is_empty() && set.contains(&token.as_u128())
-    }
-
-    /// Forgets `token`'s point once `result` ended its claim (done, or a lapsed lease); a
-    /// store error leaves it, for the call's retry.
-    fn settle<T>(&self, token: &OwnerToken, result: &Result<T, StoreError>) {
-        if matches!(result, Ok(_) | Err(StoreError::LeaseLost)) {
-            let mut set = self.set();
-            if !set.is_empty() {
-                set.remove(&token.as_u128());
-            }
-        }
-    }
+    /// The claims, by owner token, that know a recovery point (their claim found one, or they
+    /// saved or loaded one through this store and its clones): their completion goes through
+    /// the script, whose owner check guards its `DEL` of the point; any other completion sends
+    /// no command for a point.
+    points: Arc<KnownTokens>,
+    /// The claims that appended a live stream through this store and its clones: likewise,
+    /// only their completions and releases delete a stream.
+    streams: Arc<KnownTokens>,
 }
 
 impl RedisStore {
@@ -324,6 +302,7 @@ impl RedisStore {
             client: None,
             wake: Arc::default(),
             points: Arc::default(),
+            streams: Arc::default(),
             prefix: Arc::from("idempotency:"),
             scripts: Arc::new(Scripts {
                 plain_claim: std::sync::atomic::AtomicBool::new(true),
@@ -335,6 +314,8 @@ impl RedisStore {
                 save_point: Script::new(SAVE_POINT),
                 load_point: Script::new(LOAD_POINT),
                 mark_waited: Script::new(MARK_WAITED),
+                append_stream: Script::new(APPEND_STREAM),
+                read_stream: Script::new(READ_STREAM),
             }),
         }
     }
@@ -655,6 +636,31 @@ impl RedisStore {
         slot_key_of(&self.prefix, key, b"point", cluster)
     }
 
+    /// The Redis key of `key`'s live stream (a list): its own, in the record's hash slot,
+    /// named by the whole record key, as [`point_key`](Self::point_key).
+    fn stream_key(&self, key: &str) -> Vec<u8> {
+        let cluster = matches!(self.connection, Connection::Cluster(_));
+        slot_key_of(&self.prefix, key, b"stream", cluster)
+    }
+
+    /// The keys beside `key`'s record that the end of `token`'s claim deletes: its recovery
+    /// point's when `point`, its live stream's when it appended one (none for a fresh key, and
+    /// no allocation).
+    fn ended_with(&self, key: &str, token: &OwnerToken, point: bool) -> Vec<Vec<u8>> {
+        let stream = self.streams.has(token);
+        if !point && !stream {
+            return Vec::new();
+        }
+        let mut keys = Vec::with_capacity(2);
+        if point {
+            keys.push(self.point_key(key));
+        }
+        if stream {
+            keys.push(self.stream_key(key));
+        }
+        keys
+    }
+
     async fn owner_checked(
         &self,
         script: &Script,
@@ -662,11 +668,11 @@ impl RedisStore {
         token: &OwnerToken,
         args: impl ToRedisArgs,
     ) -> Result<(), StoreError> {
-        self.owner_checked_with(script, key, None, token, 0, args)
+        self.owner_checked_with(script, key, &[], token, 0, args)
             .await
     }
 
-    /// Runs an owner-checked script on `key` (and `second`, a key in the same slot), with the
+    /// Runs an owner-checked script on `key` (and `others`, keys in the same slot), with the
     /// owner's token and `args` (about `size` bytes) as its arguments. The `EVALSHA` is built
     /// here, each argument written once into the command: `ScriptInvocation` copies every
     /// argument into a vector of its own first (a completion's whole record, once more).
@@ -674,7 +680,7 @@ impl RedisStore {
         &self,
         script: &Script,
         key: &str,
-        second: Option<Vec<u8>>,
+        others: &[Vec<u8>],
         token: &OwnerToken,
         size: usize,
         args: impl ToRedisArgs,
@@ -682,10 +688,10 @@ impl RedisStore {
         let mut eval = redis::Cmd::with_capacity(8, 160 + key.len() + self.prefix.len() + size);
         eval.arg("EVALSHA")
             .arg(script.get_hash())
-            .arg(1 + usize::from(second.is_some()))
+            .arg(1 + others.len())
             .arg(Prefixed(&self.prefix, key));
-        if let Some(second) = &second {
-            eval.arg(second);
+        for other in others {
+            eval.arg(other);
         }
         eval.arg(&claim_value(token)[..]).arg(args);
         let mut connection = self.connection.clone();
@@ -868,7 +874,9 @@ impl Store for RedisStore {
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let mut del = redis::cmd("DEL");
-        del.arg(self.redis_key(key)).arg(self.point_key(key));
+        del.arg(self.redis_key(key))
+            .arg(self.point_key(key))
+            .arg(self.stream_key(key));
         let deleted: i64 = del
             .query_async(&mut self.connection.clone())
             .await
@@ -893,12 +901,13 @@ impl Store for RedisStore {
         record: Record,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let point = self.points.has(token);
+        let ended = self.ended_with(key, token, self.points.has(token));
         let written = async {
-            // A claim that knows a point completes through the script, which ends the point
-            // only if the claim is still the caller's: plain commands cannot, and ending it
-            // unfenced would cut short a successor's point after a lapsed lease.
-            if !point
+            // A claim that knows a point, or appended a stream, completes through the script,
+            // which ends them only if the claim is still the caller's: plain commands cannot,
+            // and ending them unfenced would cut short a successor's point or stream after a
+            // lapsed lease.
+            if ended.is_empty()
                 && self.scripts.conditional_set.load(Ordering::Relaxed)
                 && self.complete_conditional(key, token, &record, ttl).await?
             {
@@ -907,7 +916,7 @@ impl Store for RedisStore {
             self.owner_checked_with(
                 &self.scripts.complete,
                 key,
-                point.then(|| self.point_key(key)),
+                &ended,
                 token,
                 record.payload().len(),
                 (
@@ -920,6 +929,7 @@ impl Store for RedisStore {
         }
         .await;
         self.points.settle(token, &written);
+        self.streams.settle(token, &written);
         written?;
         // Written; not acknowledged by the replicas in time, it fails as a store error and the
         // layer retries it (a second completion with the same record succeeds).
@@ -937,7 +947,7 @@ impl Store for RedisStore {
         self.owner_checked_with(
             &self.scripts.save_point,
             key,
-            Some(self.point_key(key)),
+            &[self.point_key(key)],
             token,
             value.len(),
             (&value[..], millis(ttl)),
@@ -979,15 +989,85 @@ impl Store for RedisStore {
 
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
         let released = self
-            .owner_checked(
+            .owner_checked_with(
                 &self.scripts.release,
                 key,
+                &self.ended_with(key, token, false),
                 token,
+                0,
                 Prefixed(&self.prefix, WAKE_CHANNEL),
             )
             .await;
         self.points.settle(token, &released);
+        self.streams.settle(token, &released);
         released
+    }
+
+    async fn append_stream(
+        &self,
+        key: &str,
+        token: &OwnerToken,
+        from: u64,
+        chunks: &[Bytes],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut invocation = self.scripts.append_stream.key(self.redis_key(key));
+        invocation
+            .key(self.stream_key(key))
+            .arg(&claim_value(token)[..])
+            .arg(from)
+            .arg(millis(ttl));
+        for chunk in chunks {
+            invocation.arg(&chunk[..]);
+        }
+        let held: i64 = invocation
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(StoreError::backend)?;
+        match held {
+            -1 => Err(StoreError::LeaseLost),
+            held if held < -1 => Err(StoreError::backend(super::StreamGap {
+                from,
+                held: (-2 - held).unsigned_abs(),
+            })),
+            _ => {
+                self.streams.add(token);
+                Ok(())
+            }
+        }
+    }
+
+    async fn read_stream(&self, key: &str, from: u64) -> Result<StreamRead, StoreError> {
+        let reply: Value = self
+            .scripts
+            .read_stream
+            .key(self.redis_key(key))
+            .key(self.stream_key(key))
+            .arg(from)
+            .arg(STREAM_READ_BYTES)
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(StoreError::backend)?;
+        let Value::Array(items) = reply else {
+            return Err(unexpected(&reply));
+        };
+        let mut items = items.into_iter();
+        match (items.next(), items.len()) {
+            (Some(Value::Int(0)), 0) => Ok(StreamRead::Absent),
+            (Some(Value::Int(2)), 0) => Ok(StreamRead::NotLive),
+            (Some(Value::Int(1)), 1) => match items.next() {
+                Some(Value::BulkString(value)) => Ok(StreamRead::Completed(decode_record(value)?)),
+                other => Err(unexpected(&other.unwrap_or(Value::Nil))),
+            },
+            (Some(Value::Int(3)), _) => items
+                .map(|item| match item {
+                    Value::BulkString(chunk) => Ok(Bytes::from(chunk)),
+                    other => Err(unexpected(&other)),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(StreamRead::Live),
+            (first, _) => Err(unexpected(&first.unwrap_or(Value::Nil))),
+        }
     }
 
     /// Waits for the key's claim to end: registers this waiter, then marks the claim (so that
@@ -1098,7 +1178,7 @@ mod tests {
             let mut seen = std::collections::HashMap::new();
             for key in &keys {
                 let record = format!("idempotency:{key}");
-                for kind in [&b"point"[..], b"wait"] {
+                for kind in [&b"point"[..], b"wait", b"stream"] {
                     let derived = slot_key_of("idempotency:", key, kind, cluster);
                     assert!(std::str::from_utf8(&derived).is_err(), "{key:?}: UTF-8");
                     // Outside a cluster, a key with no tag but a `}` may be in another slot.
@@ -1114,7 +1194,7 @@ mod tests {
                     }
                 }
             }
-            assert_eq!(seen.len(), 2 * keys.len());
+            assert_eq!(seen.len(), 3 * keys.len());
         }
     }
 

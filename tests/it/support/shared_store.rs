@@ -237,6 +237,14 @@ macro_rules! shared_store_suite {
     () => {
         tower_idempotency::store_conformance_tests!(conformance, optional: store());
 
+        /// Every promise of live streams (`conformance::streams`): this store keeps them.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn live_streams() {
+            use tower_idempotency::store::conformance::{streams, StreamSupport};
+            let Some(store) = store().await else { return };
+            assert_eq!(streams(&store).await, StreamSupport::Checked);
+        }
+
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
         async fn two_instances_racing_for_one_key_have_one_winner() {
             let (Some(a), Some(b)) = (store().await, store().await) else { return };
