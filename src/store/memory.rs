@@ -34,7 +34,8 @@ const RECORD_OVERHEAD: u64 = 560;
 ///   decoded, what its decoded form allocates: see
 ///   [`keep_decoded`](MemoryStoreBuilder::keep_decoded)) [64 MiB], evicting by CLOCK (the
 ///   oldest entry not read since the clock hand last passed it goes first; a replay gives its
-///   record a second chance), record or point alike, and an expired entry before any other.
+///   record a second chance), record or point alike; expired entries at the front of the
+///   order go as new ones are written.
 ///   A record evicted early (capacity pressure) behaves like an expired one: a retry with its
 ///   key runs again. Size the capacity for your retention. Entries are kept by a 64-bit hash
 ///   of the key under a per-store random key (hashed once per call; the map never touches key
@@ -1053,6 +1054,126 @@ mod tests {
                 "written again with its own expiry"
             );
         }
+    }
+
+    /// What every shard's entries weigh, summed under their locks: the charge must equal it.
+    fn weighed(store: &MemoryStore) -> u64 {
+        let shards = &store.inner.shards;
+        shards
+            .iter()
+            .map(|shard| {
+                let shard = shard.lock().unwrap();
+                let weights: u64 = shard.entries.values().map(|e| e.weight).sum();
+                let stamps = shard.entries.values().map(|e| e.stored.weight());
+                assert_eq!(
+                    weights,
+                    stamps.sum::<u64>(),
+                    "each entry's weight is its own"
+                );
+                weights
+            })
+            .sum()
+    }
+
+    /// Records replaced and deleted without any eviction leave their places in the eviction
+    /// order behind: they are dropped once they outnumber the entries, so the order never
+    /// grows past the entries it orders.
+    #[tokio::test]
+    async fn the_eviction_order_stays_bounded_by_the_entries() {
+        let store = MemoryStore::new();
+        let point = RecoveryPoint::new("charged", "progress");
+        for _ in 0..10_000 {
+            let token = claimed(&store, "k").await;
+            store.save_point("k", &token, &point, LEASE).await.unwrap();
+            let record = Record::new(None, "answer");
+            store.complete("k", &token, record, LEASE).await.unwrap();
+            assert!(store.delete("k").await.unwrap());
+        }
+        let queued: usize = store
+            .inner
+            .shards
+            .iter()
+            .map(|s| s.lock().unwrap().order.len())
+            .sum();
+        assert!(queued <= 40, "{queued} places queued for one entry");
+        assert_eq!(store.weighted_size(), weighed(&store));
+    }
+
+    /// Many tasks writing, replacing, deleting and evicting at once (a small store, so that
+    /// every write evicts) leave a charge that is exactly what the held entries weigh, within
+    /// the capacity.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_charge_is_exact_under_racing_writes_and_evictions() {
+        const TASKS: usize = 8;
+        let store = MemoryStore::builder().max_bytes(64 * 1024).build();
+        let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|task| {
+                let (store, barrier) = (store.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    for i in 0..500 {
+                        let key = format!("task-{task}-{}", i % 97);
+                        let payload = bytes::Bytes::from(vec![b'x'; 100 + i % 900]);
+                        match store.claim(&key, LEASE).await.unwrap() {
+                            ClaimOutcome::Claimed(token) => {
+                                let record = Record::new(None, payload);
+                                store.complete(&key, &token, record, LEASE).await.unwrap();
+                            }
+                            ClaimOutcome::Completed(_) => {
+                                store.delete(&key).await.unwrap();
+                            }
+                            other => panic!("{other:?}"),
+                        }
+                        if i % 7 == 0 {
+                            store
+                                .delete(&format!("task-{task}-{}", i % 13))
+                                .await
+                                .unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(store.weighted_size(), weighed(&store));
+        assert!(
+            store.weighted_size() <= 64 * 1024,
+            "{}",
+            store.weighted_size()
+        );
+        assert!(store.record_count() > 0);
+    }
+
+    /// A replayed record gets a second chance: the write that finds the store full evicts the
+    /// oldest record not read since, not the replayed one.
+    #[tokio::test]
+    async fn a_replayed_record_outlives_an_older_one_never_read() {
+        let store = MemoryStore::builder().max_bytes(16 * 1024).build();
+        let payload = bytes::Bytes::from(vec![0u8; 1024]);
+        let mut i = 0;
+        while store.record_count() == i {
+            stored(&store, &format!("r-{i}"), payload.clone(), LEASE).await;
+            i += 1;
+            if i == 1 {
+                let ClaimOutcome::Completed(_) = store.claim("r-0", LEASE).await.unwrap() else {
+                    panic!("r-0 is stored")
+                };
+            }
+        }
+        let completed = |key: &'static str| {
+            let store = store.clone();
+            async move {
+                matches!(
+                    store.inspect(key).await.unwrap(),
+                    KeyState::Completed { .. }
+                )
+            }
+        };
+        assert!(completed("r-0").await, "the replayed record stays");
+        assert!(!completed("r-1").await, "the oldest one never read goes");
     }
 
     #[tokio::test(start_paused = true)]
