@@ -1,42 +1,50 @@
-//! The embedded store: completed records in a byte-bounded moka cache, claims in a sharded map.
+//! The embedded store: claims, completed records and recovery points in sharded maps, bounded
+//! by their total bytes with CLOCK eviction.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ahash::RandomState;
-use moka::policy::EvictionPolicy;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{ClaimOutcome, KeyState, OwnerToken, Record, RecoveryPoint, Store, StoreError};
 
-const SHARDS: usize = 64;
+/// The most shards a store has (each a lock over its claims, entries and eviction order).
+const MAX_SHARDS: u64 = 64;
+/// The capacity per shard below which a store has fewer shards: a shard's eviction order is
+/// exact, and the clock hand takes the oldest entry of each shard in turn, so shards holding
+/// many entries each keep the store close to one least-recently-used order.
+const SHARD_BYTES: u64 = 1 << 20;
 /// What a stored record costs beyond its key and payload, as charged against the capacity:
-/// the cache entry (key `Arc`, value, moka's node and its bookkeeping) and the allocator's
-/// share once the store is full and evicting. Measured as resident memory by
-/// `tests/isolated/footprint.rs` (about 580 B per 100 B record with a 63-byte key); charged a
-/// little under it, so a full store of small records stays within a few percent of its capacity.
+/// its map entry (key `Arc`, value, stamps), its place in the eviction order, and the
+/// allocator's share once the store is full and evicting. A full store of 100 B records holds
+/// 1.00 times its capacity in resident memory (`tests/isolated/footprint.rs`, 2026-12-07).
 const RECORD_OVERHEAD: u64 = 560;
 
 /// An in-process store: the default. One process only; use a shared store for a fleet.
 ///
-/// * Completed records and recovery points live in one [moka] cache bounded by their **total
-///   bytes** (keys, payloads, a point's phase and data, a fixed per-entry overhead and, for a
-///   record kept decoded, what its decoded form allocates: see
-///   [`keep_decoded`](MemoryStoreBuilder::keep_decoded)) [64 MiB], evicting the least recently
-///   used entry first, record or point alike. A record evicted early (capacity pressure)
-///   behaves like an expired one: a retry with its key runs again. Size the capacity for your
-///   retention. The cache is
-///   keyed by a 64-bit hash of the key under a per-store random key (hashed once per call; the
-///   cache never touches key strings when it rehashes or evicts), and every read compares the
-///   whole key: two keys whose hashes collide (about one chance in 10¹⁰ per 50,000 stored
-///   keys, and nobody outside the process can aim for it) never see each other's record; the
-///   later one replaces the earlier, like an early eviction.
-/// * Claims in flight live apart from the cache, in a sharded map, so capacity pressure
-///   never evicts a claim: only its lease lapsing or its owner completing or releasing it ends it.
+/// * Completed records and recovery points are bounded by their **total bytes** (keys,
+///   payloads, a point's phase and data, a fixed per-entry overhead and, for a record kept
+///   decoded, what its decoded form allocates: see
+///   [`keep_decoded`](MemoryStoreBuilder::keep_decoded)) [64 MiB], evicting by CLOCK (the
+///   oldest entry not read since the clock hand last passed it goes first; a replay gives its
+///   record a second chance), record or point alike; expired entries at the front of the
+///   order go as new ones are written.
+///   A record evicted early (capacity pressure) behaves like an expired one: a retry with its
+///   key runs again. Size the capacity for your retention. Entries are kept by a 64-bit hash
+///   of the key under a per-store random key (hashed once per call; the map never touches key
+///   strings when it rehashes or evicts), and every read compares the whole key: two keys
+///   whose hashes collide (about one chance in 10¹⁰ per 50,000 stored keys, and nobody outside
+///   the process can aim for it) never see each other's record; the later one replaces the
+///   earlier, like an early eviction.
+/// * Claims in flight live beside the entries, never in the eviction order, so capacity
+///   pressure never evicts a claim: only its lease lapsing or its owner completing or
+///   releasing it ends it.
 /// * A recovery point ([`Store::save_point`]) is charged to the capacity like a record, and no
 ///   fixed table bounds how many there are (one tenant's failed runs cannot refuse everyone
 ///   else's saves). While its key's claim lives, the claim holds the point too: eviction
@@ -44,10 +52,10 @@ const RECORD_OVERHEAD: u64 = 560;
 ///   entry may be evicted and its bytes then sit outside the capacity until the claim ends
 ///   (at most the points of the claims in flight, each within `max_recovery_point`). When the
 ///   claim ends without a completion (released after a failed run, or lapsed), the point goes
-///   back to the cache as its most recently used entry, for the key's next run; from then on
-///   it is evicted like a cold record when the store is full, and the next run then starts
-///   afresh. A completion replaces it with the record. A point heavier than the whole capacity
-///   is refused ([`StoreError::Backend`]): it could not be kept once the run ends.
+///   back as the most recently written entry, for the key's next run; from then on it is
+///   evicted like a cold record when the store is full, and the next run then starts afresh.
+///   A completion replaces it with the record. A point heavier than the whole capacity is
+///   refused ([`StoreError::Backend`]): it could not be kept once the run ends.
 /// * Expiry (record TTLs and leases) is measured with [`tokio::time::Instant`], so tests can
 ///   drive it with tokio's paused clock.
 /// * Duplicates waiting for a claim ([`Store::wait`]) are woken the moment the claim ends.
@@ -66,12 +74,14 @@ pub struct MemoryStore {
 }
 
 struct Inner {
-    /// Completed records and recovery points, by the keyed 64-bit hash of their key (see
-    /// [`Inner::slot`]): one byte budget for both.
-    records: moka::sync::Cache<u64, Stored, RandomState>,
-    /// The capacity: a point heavier than it could never be kept once its claim ends.
+    /// Claims, records and points, by the keyed 64-bit hash of their key (see [`Inner::slot`]).
+    shards: Box<[Mutex<Shard>]>,
+    /// What the entries of every shard weigh together: one byte budget for records and points.
+    charged: AtomicU64,
+    /// The clock hand over the shards: the next shard to evict from.
+    hand: AtomicUsize,
+    /// The capacity.
     max_bytes: u64,
-    claims: Box<[ClaimShard]>,
     hasher: RandomState,
     /// Whether records keep their decoded form ([`MemoryStoreBuilder::keep_decoded`]).
     keep_decoded: bool,
@@ -86,7 +96,7 @@ struct Stored {
     expires_at: Instant,
 }
 
-/// What a key's cache entry holds: its outcome, or the progress of a run that did not finish.
+/// What a key's entry holds: its outcome, or the progress of a run that did not finish.
 /// One per key, so a completion (writing the record over the point) ends the point.
 #[derive(Clone)]
 enum Kept {
@@ -105,15 +115,23 @@ impl Stored {
         }
     }
 
-    fn into_record(self) -> Option<Record> {
-        match self.kept {
-            Kept::Record(record) => Some(record),
-            Kept::Point(_) => None,
+    /// What this entry is charged against the capacity.
+    fn weight(&self) -> u64 {
+        match &self.kept {
+            Kept::Record(record) => {
+                // A record gets its slot from its first replay, which fills it (see
+                // `MemoryStore::replayed`): charged from then on.
+                let memo = record
+                    .memo()
+                    .map_or(0, |_| MEMO_SLOT + u64::from(record.memo_weight()));
+                self.key.len() as u64 + record.held_bytes() as u64 + memo + RECORD_OVERHEAD
+            }
+            Kept::Point(point) => point_weight(&self.key, point),
         }
     }
 }
 
-/// What a recovery point's entry costs beyond its key, phase and data: the cache entry (as a
+/// What a recovery point's entry costs beyond its key, phase and data: the entry (as a
 /// record's) and the point's own allocation (an `Arc` of its phase `String` and data `Bytes`).
 const POINT_OVERHEAD: u64 = RECORD_OVERHEAD + 80;
 
@@ -127,20 +145,133 @@ fn point_weight(key: &str, point: &RecoveryPoint) -> u64 {
 /// pointer, as glibc rounds it), charged with the decoded form's estimate.
 const MEMO_SLOT: u64 = 48;
 
-/// A shard of the claims, and how many entries were written under its lock.
-struct ClaimShard {
-    lock: Mutex<Shard>,
-    /// Bumped (under the lock, after the write) by every write of a record or of a point whose
-    /// claim ended (and every delete) for a key of this shard: a claim that read it before its
-    /// lock-free look, and reads the same count once it holds the lock, knows that nothing of
-    /// its shard was written in between, so its first look still stands (see `claim_as`).
-    completions: AtomicU64,
+/// Hashes a slot (already a keyed hash) to itself.
+#[derive(Default)]
+struct SlotHasher(u64);
+
+impl Hasher for SlotHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
+        }
+    }
+
+    fn write_u64(&mut self, slot: u64) {
+        self.0 = slot;
+    }
 }
 
+/// A shard: the claims of its keys, their entries, and the order in which entries are evicted.
 struct Shard {
-    map: HashMap<Arc<str>, Claim, RandomState>,
-    /// The map's length after the last sweep of lapsed leases.
+    claims: HashMap<Arc<str>, Claim, RandomState>,
+    /// The claims map's length after the last sweep of lapsed leases.
     swept_len: usize,
+    /// Records and points, by slot.
+    entries: HashMap<u64, Entry, BuildHasherDefault<SlotHasher>>,
+    /// The entries in the order they were written, oldest first, each as its slot and stamp: a
+    /// queued stamp that is no longer its slot's (the entry was replaced, deleted or evicted)
+    /// is skipped, and such leftovers are dropped once they outnumber the entries.
+    order: VecDeque<Queued>,
+    /// The stamp of the next entry written.
+    next_stamp: u64,
+}
+
+struct Entry {
+    stored: Stored,
+    /// Its charge, as weighed when written (or given its decoded form).
+    weight: u64,
+    /// Which write of its slot this is (see [`Shard::order`]).
+    stamp: u64,
+    /// Read since the clock hand last passed it: it goes to the back of the order once instead
+    /// of being evicted.
+    referenced: bool,
+}
+
+struct Queued {
+    slot: u64,
+    stamp: u64,
+    /// The entry's expiry, so that an expired entry at the front goes without a map probe
+    /// unless it is still there.
+    expires_at: Instant,
+}
+
+impl Shard {
+    /// The live (unexpired) entry of `key`, if its slot holds one of that key.
+    fn live(&mut self, key: &str, slot: u64, now: Instant) -> Option<&mut Entry> {
+        self.entries
+            .get_mut(&slot)
+            .filter(|entry| entry.stored.expires_at > now && *entry.stored.key == *key)
+    }
+
+    /// Writes `stored` at `slot` as the most recent entry, weighing `weight`; a few expired
+    /// entries at the front of the order go. Returns the weight it replaced or dropped.
+    fn put(&mut self, slot: u64, stored: Stored, weight: u64, now: Instant) -> u64 {
+        let mut freed = 0;
+        for _ in 0..2 {
+            match self.order.front() {
+                Some(front) if front.expires_at <= now => {
+                    let front = self.order.pop_front().expect("checked");
+                    freed += self.remove_queued(&front).unwrap_or(0);
+                }
+                _ => break,
+            }
+        }
+        let stamp = self.next_stamp;
+        self.next_stamp += 1;
+        self.order.push_back(Queued {
+            slot,
+            stamp,
+            expires_at: stored.expires_at,
+        });
+        let entry = Entry {
+            stored,
+            weight,
+            stamp,
+            referenced: false,
+        };
+        if let Some(old) = self.entries.insert(slot, entry) {
+            freed += old.weight;
+        }
+        if self.order.len() > 2 * self.entries.len() + 32 {
+            let entries = &self.entries;
+            self.order
+                .retain(|queued| entries.get(&queued.slot).map(|e| e.stamp) == Some(queued.stamp));
+        }
+        freed
+    }
+
+    /// Removes the entry `queued` names, if it is still that write of its slot; its weight.
+    fn remove_queued(&mut self, queued: &Queued) -> Option<u64> {
+        match self.entries.get(&queued.slot) {
+            Some(entry) if entry.stamp == queued.stamp => {
+                self.entries.remove(&queued.slot).map(|entry| entry.weight)
+            }
+            _ => None,
+        }
+    }
+
+    /// Evicts one entry: the oldest expired or not read since the hand last passed (a read
+    /// one goes to the back once). Its weight; `None` when the shard holds no entry.
+    fn evict_one(&mut self, now: Instant) -> Option<u64> {
+        while let Some(queued) = self.order.pop_front() {
+            match self.entries.get_mut(&queued.slot) {
+                Some(entry) if entry.stamp == queued.stamp => {
+                    if entry.referenced && entry.stored.expires_at > now {
+                        entry.referenced = false;
+                        self.order.push_back(queued);
+                        continue;
+                    }
+                    return self.entries.remove(&queued.slot).map(|entry| entry.weight);
+                }
+                _ => continue,
+            }
+        }
+        None
+    }
 }
 
 struct Claim {
@@ -150,8 +281,8 @@ struct Claim {
     waiters: Option<watch::Sender<()>>,
     /// The key's recovery point and when it expires: saved by this claim's run, or left by an
     /// earlier run and taken on when this claim was made. Held here for as long as the claim
-    /// is in the map, so capacity pressure (which may evict the point's cache entry) never
-    /// takes it from a live run; written back to the cache when the claim ends.
+    /// is in the map, so capacity pressure (which may evict the point's entry) never takes it
+    /// from a live run; written back as an entry when the claim ends.
     point: Option<(Arc<RecoveryPoint>, Instant)>,
 }
 
@@ -198,52 +329,30 @@ impl MemoryStoreBuilder {
 
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
-        let records = moka::sync::Cache::builder()
-            .max_capacity(self.max_bytes)
-            // Sized for a full store of ~1 KiB records (up to 64k entries, under 1 MiB of
-            // table): it grows and rehashes less once full and churning (about a tenth off a
-            // first request on a full store, in `benches/layer.rs`).
-            .initial_capacity(
-                usize::try_from(self.max_bytes / 1536)
-                    .unwrap_or(usize::MAX)
-                    .min(1 << 16),
-            )
-            // LRU admits every new record; TinyLFU could refuse a fresh one, which would let
-            // its retry run again.
-            .eviction_policy(EvictionPolicy::lru())
-            .weigher(|_slot: &u64, stored: &Stored| {
-                let weight = match &stored.kept {
-                    Kept::Record(record) => {
-                        // A record gets its slot from its first replay, which fills it (see
-                        // `MemoryStore::keep_decoded_form`): charged from then on.
-                        let memo = record
-                            .memo()
-                            .map_or(0, |_| MEMO_SLOT + u64::from(record.memo_weight()));
-                        stored.key.len() as u64
-                            + record.held_bytes() as u64
-                            + memo
-                            + RECORD_OVERHEAD
-                    }
-                    Kept::Point(point) => point_weight(&stored.key, point),
-                };
-                u32::try_from(weight).unwrap_or(u32::MAX)
-            })
-            .expire_after(Expiry)
-            .build_with_hasher(RandomState::new());
-        let claims = (0..SHARDS)
-            .map(|_| ClaimShard {
-                lock: Mutex::new(Shard {
-                    map: HashMap::with_hasher(RandomState::new()),
+        let shards = (self.max_bytes / SHARD_BYTES).clamp(1, MAX_SHARDS) as usize;
+        // Sized for a full store of ~1 KiB records (up to 64k entries), so that a store filling
+        // up rehashes less.
+        let entries = usize::try_from(self.max_bytes / 1536)
+            .unwrap_or(usize::MAX)
+            .min(1 << 16)
+            / shards;
+        let shards = (0..shards)
+            .map(|_| {
+                Mutex::new(Shard {
+                    claims: HashMap::with_hasher(RandomState::new()),
                     swept_len: 0,
-                }),
-                completions: AtomicU64::new(0),
+                    entries: HashMap::with_capacity_and_hasher(entries, Default::default()),
+                    order: VecDeque::with_capacity(entries),
+                    next_stamp: 0,
+                })
             })
             .collect();
         MemoryStore {
             inner: Arc::new(Inner {
-                records,
+                shards,
+                charged: AtomicU64::new(0),
+                hand: AtomicUsize::new(0),
                 max_bytes: self.max_bytes,
-                claims,
                 hasher: RandomState::new(),
                 keep_decoded: self.keep_decoded,
             }),
@@ -260,40 +369,61 @@ impl Default for MemoryStoreBuilder {
     }
 }
 
-/// Lets moka drop records once they expired (by the wall clock). Correctness does not rest
-/// on it: every read checks `expires_at` itself, against tokio's clock.
-struct Expiry;
-
-impl moka::Expiry<u64, Stored> for Expiry {
-    fn expire_after_create(
-        &self,
-        _slot: &u64,
-        value: &Stored,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(value.expires_at.saturating_duration_since(Instant::now()))
-    }
-
-    // A record written over one that expired on tokio's clock but not yet on moka's (the
-    // clocks differ under a paused test clock) must take its own expiry, not keep the old one.
-    fn expire_after_update(
-        &self,
-        _slot: &u64,
-        value: &Stored,
-        _updated_at: std::time::Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.expires_at.saturating_duration_since(Instant::now()))
-    }
-}
-
 impl Inner {
     /// Where `key` lives: its hash under this store's random key (so nobody outside can aim
-    /// two keys at one slot), computed once per call and used by the record cache (which then
-    /// never hashes, compares or rehashes key strings) and to pick the claim shard.
+    /// two keys at one slot), computed once per call; it picks the shard (by its middle bits:
+    /// the map inside uses the low and the top ones) and keys the shard's entries.
     fn slot(&self, key: &str) -> u64 {
         self.hasher.hash_one(key)
     }
+
+    /// Writes `stored` at `slot` in `shard` (whose lock the caller holds), charging it; the
+    /// caller then calls [`evict_over`](Self::evict_over) once it dropped the lock.
+    fn put(&self, shard: &mut Shard, slot: u64, stored: Stored, now: Instant) {
+        let weight = stored.weight();
+        let freed = shard.put(slot, stored, weight, now);
+        self.charge(weight, freed);
+    }
+
+    /// Adds `added` and takes `freed` from the charge, in one atomic step.
+    fn charge(&self, added: u64, freed: u64) {
+        self.charged
+            .fetch_add(added.wrapping_sub(freed), Ordering::Relaxed);
+    }
+
+    /// Evicts until the entries fit the capacity. Never called under a shard lock.
+    fn evict_over(&self) {
+        if self.charged.load(Ordering::Relaxed) > self.max_bytes {
+            self.evict();
+        }
+    }
+
+    /// The clock hand goes round the shards, each giving its oldest entry not read since the
+    /// hand last passed, until the entries fit or no shard holds one.
+    #[cold]
+    fn evict(&self) {
+        let now = Instant::now();
+        let mut empty = 0;
+        while self.charged.load(Ordering::Relaxed) > self.max_bytes && empty < self.shards.len() {
+            let at = self.hand.fetch_add(1, Ordering::Relaxed) % self.shards.len();
+            match lock(&self.shards[at]).evict_one(now) {
+                Some(weight) => {
+                    self.charge(0, weight);
+                    empty = 0;
+                }
+                None => empty += 1,
+            }
+        }
+    }
+}
+
+/// A shard's lock. A panic while holding it cannot leave a shard half-updated in a way that
+/// breaks a promise (every update is a few map operations, charged after), so a poisoned
+/// lock is safe to keep using.
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    shard
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl MemoryStore {
@@ -308,32 +438,26 @@ impl MemoryStore {
     }
 
     /// The bytes that completed records and recovery points currently take, as charged against
-    /// the capacity (approximate until moka's pending maintenance has run).
+    /// the capacity.
     pub fn weighted_size(&self) -> u64 {
-        self.inner.records.run_pending_tasks();
-        self.inner.records.weighted_size()
+        self.inner.charged.load(Ordering::Relaxed)
     }
 
-    /// How many completed records and recovery points are held (after pending maintenance).
+    /// How many completed records and recovery points are held (expired ones until they are
+    /// read or evicted).
     pub fn record_count(&self) -> u64 {
-        self.inner.records.run_pending_tasks();
-        self.inner.records.entry_count()
+        self.inner
+            .shards
+            .iter()
+            .map(|shard| lock(shard).entries.len() as u64)
+            .sum()
     }
 
     fn shard(&self, slot: u64) -> MutexGuard<'_, Shard> {
-        // A panic while holding a shard lock cannot leave a shard half-updated (every update
-        // is a single map operation), so a poisoned lock is safe to keep using.
-        self.claim_shard(slot)
-            .lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.inner.shards[(slot >> 32) as usize % self.inner.shards.len()])
     }
 
-    fn claim_shard(&self, slot: u64) -> &ClaimShard {
-        &self.inner.claims[slot as usize % SHARDS]
-    }
-
-    /// The claim, which never waits: a lock-free look for the record, then the shard lock.
+    /// The claim, which never waits: one lock of the key's shard.
     fn claim_at_once(
         &self,
         key: &str,
@@ -342,23 +466,23 @@ impl MemoryStore {
     ) -> Result<ClaimOutcome, StoreError> {
         let now = Instant::now();
         let slot = self.inner.slot(key);
-        let completions = &self.claim_shard(slot).completions;
-        // Read before the first look: it pairs with the increment that follows every write of
-        // a record or of a point left by a run (`complete`, `release`), so a write counted here
-        // is one the first look sees.
-        let seen = completions.load(Ordering::Acquire);
-        // The replay path: no lock (but once per kept record, to give it its decoded form).
-        let mut left = match self.stored(key, slot).filter(|s| s.expires_at > now) {
-            Some(Stored {
-                kept: Kept::Point(point),
-                expires_at,
-                ..
-            }) => Some((point, expires_at)),
-            Some(stored) => return Ok(ClaimOutcome::Completed(self.replayed(slot, stored))),
+        let mut guard = self.shard(slot);
+        let shard = &mut *guard;
+        let left = match shard.live(key, slot, now) {
+            Some(entry) => match &entry.stored.kept {
+                Kept::Record(_) => {
+                    let (record, grew) = self.replayed(entry);
+                    drop(guard);
+                    if grew {
+                        self.inner.evict_over();
+                    }
+                    return Ok(ClaimOutcome::Completed(record));
+                }
+                Kept::Point(point) => Some((point.clone(), entry.stored.expires_at)),
+            },
             None => None,
         };
-        let mut shard = self.shard(slot);
-        let lapsed = match shard.map.get(key) {
+        let lapsed = match shard.claims.get(key) {
             Some(claim) if claim.deadline > now => {
                 return Ok(ClaimOutcome::InFlight {
                     lease_remaining: Some(claim.deadline - now),
@@ -367,34 +491,19 @@ impl MemoryStore {
             Some(_) => true,
             None => false,
         };
-        // Records and the points of ended runs are written under the shard lock, so a second
-        // look now cannot miss one written between the first look and the lock; it is needed
-        // only if such a write of this shard came in between (a fresh key on a full store
-        // saves a cache probe that misses).
-        if completions.load(Ordering::Relaxed) != seen {
-            left = None;
-            if let Some(stored) = self.stored(key, slot).filter(|s| s.expires_at > now) {
-                match stored.kept {
-                    // Not `replayed`: under the lock, a record just written has no decoded
-                    // form to charge yet.
-                    Kept::Record(record) => return Ok(ClaimOutcome::Completed(record)),
-                    Kept::Point(point) => left = Some((point, stored.expires_at)),
-                }
-            }
-        }
         // The claim takes on the key's point, so that no eviction can take it from this run:
-        // a lapsed claim's (the latest: a point is left in the cache only when a claim ends),
-        // else the one a released or swept claim left in the cache.
+        // a lapsed claim's (the latest: a point is left as an entry only when a claim ends),
+        // else the one a released or swept claim left as an entry.
         // (A fresh key, the common case, has no claim to remove: no second probe of the map.)
         let point = if lapsed {
-            shard.map.remove(key).and_then(|lapsed| lapsed.point)
+            shard.claims.remove(key).and_then(|lapsed| lapsed.point)
         } else {
             left
         }
         .filter(|(_, expires_at)| *expires_at > now);
         let token = *token;
-        self.sweep_if_grown(&mut shard, slot, now);
-        shard.map.insert(
+        let swept = self.sweep_if_grown(shard, now);
+        shard.claims.insert(
             Arc::from(key),
             Claim {
                 token,
@@ -403,55 +512,40 @@ impl MemoryStore {
                 point,
             },
         );
+        drop(guard);
+        if swept {
+            self.inner.evict_over();
+        }
         Ok(ClaimOutcome::Claimed(token))
     }
 
-    /// The entry (record or point) stored under `key`, whatever its expiry.
-    fn stored(&self, key: &str, slot: u64) -> Option<Stored> {
-        let stored = self.inner.records.get(&slot)?;
-        (*stored.key == *key).then_some(stored)
-    }
-
-    /// The record of `stored` (a live record of its key) for a replay; on its first read with
-    /// `keep_decoded`, with the slot for its decoded form that this replay is to fill. Never
-    /// called under a shard lock (giving the slot takes it).
-    fn replayed(&self, slot: u64, stored: Stored) -> Record {
-        let Kept::Record(record) = &stored.kept else {
+    /// The record of `entry` (a live record) for a replay, marked as read; on its first read
+    /// with `keep_decoded`, given the slot for its decoded form that this replay is to fill,
+    /// and charged for it (then `true`: the caller evicts once it dropped the lock).
+    fn replayed(&self, entry: &mut Entry) -> (Record, bool) {
+        if !entry.referenced {
+            entry.referenced = true;
+        }
+        let Kept::Record(record) = &mut entry.stored.kept else {
             unreachable!("a record's entry")
         };
         if self.inner.keep_decoded && record.memo().is_none() && record.memo_weight() > 0 {
-            return self.keep_decoded_form(slot, stored);
+            record.attach_memo();
+            let record = record.clone();
+            let weight = entry.stored.weight();
+            self.inner.charge(weight, entry.weight);
+            entry.weight = weight;
+            return (record, true);
         }
-        stored.into_record().expect("a record's entry")
+        (record.clone(), false)
     }
 
-    /// Gives `seen` its slot for a decoded form, charged to the capacity (moka weighs a value
-    /// when it is written, so the record is written again, with its expiry unchanged). Under
-    /// the shard lock that every write of its slot takes, and only while `seen` is still the
-    /// record stored there (its key's allocation is its own): a completion or a delete that
-    /// came first wins, and this replay decodes on its own. Once per replayed record, so a
-    /// record never replayed costs nothing for it.
-    #[cold]
-    fn keep_decoded_form(&self, slot: u64, seen: Stored) -> Record {
-        let _shard = self.shard(slot);
-        match self.inner.records.get(&slot) {
-            Some(mut current)
-                if Arc::ptr_eq(&current.key, &seen.key) && current.record().is_some() =>
-            {
-                let Kept::Record(record) = &mut current.kept else {
-                    unreachable!("checked")
-                };
-                if record.memo().is_some() {
-                    // Another replay gave it one meanwhile: share it.
-                    return record.clone();
-                }
-                record.attach_memo();
-                let record = record.clone();
-                self.inner.records.insert(slot, current);
-                record
-            }
-            _ => seen.into_record().expect("a record's entry"),
-        }
+    /// The entry (record or point) stored under `key`, whatever its expiry.
+    #[cfg(test)]
+    fn stored(&self, key: &str, slot: u64) -> Option<Stored> {
+        let shard = self.shard(slot);
+        let entry = shard.entries.get(&slot)?;
+        (*entry.stored.key == *key).then(|| entry.stored.clone())
     }
 
     /// Checks that `token` owns a live lease on `key`, and removes that claim, handing back
@@ -460,58 +554,64 @@ impl MemoryStore {
         shard: &mut Shard,
         key: &str,
         token: &OwnerToken,
+        now: Instant,
     ) -> Result<(Arc<str>, Claim), StoreError> {
-        match shard.map.get(key) {
-            Some(claim) if claim.token == *token && claim.deadline > Instant::now() => {
-                Ok(shard.map.remove_entry(key).expect("present"))
+        match shard.claims.get(key) {
+            Some(claim) if claim.token == *token && claim.deadline > now => {
+                Ok(shard.claims.remove_entry(key).expect("present"))
             }
             _ => Err(StoreError::LeaseLost),
         }
     }
 
-    /// Leaves the point of an ended claim (released, or lapsed and swept) in the cache for the
-    /// key's next run, as the most recently used entry; from now on it is evicted like a cold
-    /// record. Under the shard lock of `key`; the caller bumps the shard's count of writes.
-    fn leave_point(&self, key: Arc<str>, point: Option<(Arc<RecoveryPoint>, Instant)>) {
+    /// Leaves the point of an ended claim (released, or lapsed and swept) as an entry for the
+    /// key's next run, the most recently written; from now on it is evicted like a cold
+    /// record. Under the shard lock of `key`; whether it wrote one (the caller then evicts
+    /// once it dropped the lock).
+    fn leave_point(
+        &self,
+        shard: &mut Shard,
+        key: Arc<str>,
+        point: Option<(Arc<RecoveryPoint>, Instant)>,
+        now: Instant,
+    ) -> bool {
         let Some((point, expires_at)) = point else {
-            return;
+            return false;
         };
-        if expires_at > Instant::now() {
-            let slot = self.inner.slot(&key);
-            let kept = Kept::Point(point);
-            let stored = Stored {
-                key,
-                kept,
-                expires_at,
-            };
-            self.inner.records.insert(slot, stored);
+        if expires_at <= now {
+            return false;
         }
+        let slot = self.inner.slot(&key);
+        let stored = Stored {
+            key,
+            kept: Kept::Point(point),
+            expires_at,
+        };
+        self.inner.put(shard, slot, stored, now);
+        true
     }
 
     /// Drops claims whose lease lapsed, amortised: only once the map has doubled since the
     /// last sweep, so a process whose handlers died cannot grow the map without bound. Their
-    /// points go back to the cache.
-    fn sweep_if_grown(&self, shard: &mut Shard, slot: u64, now: Instant) {
-        if shard.map.len() < (shard.swept_len * 2).max(64) {
-            return;
+    /// points go back as entries (then `true`: the caller evicts once it dropped the lock).
+    fn sweep_if_grown(&self, shard: &mut Shard, now: Instant) -> bool {
+        if shard.claims.len() < (shard.swept_len * 2).max(64) {
+            return false;
         }
         let mut left = Vec::new();
-        shard.map.retain(|key, claim| {
+        shard.claims.retain(|key, claim| {
             let live = claim.deadline > now;
             if !live && claim.point.is_some() {
                 left.push((key.clone(), claim.point.take()));
             }
             live
         });
-        shard.swept_len = shard.map.len();
-        if !left.is_empty() {
-            for (key, point) in left {
-                self.leave_point(key, point);
-            }
-            self.claim_shard(slot)
-                .completions
-                .fetch_add(1, Ordering::Release);
+        shard.swept_len = shard.claims.len();
+        let mut wrote = false;
+        for (key, point) in left {
+            wrote |= self.leave_point(shard, key, point, now);
         }
+        wrote
     }
 }
 
@@ -524,8 +624,8 @@ impl Default for MemoryStore {
 impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryStore")
-            .field("records", &self.inner.records.entry_count())
-            .field("weighted_size", &self.inner.records.weighted_size())
+            .field("records", &self.record_count())
+            .field("weighted_size", &self.weighted_size())
             .finish()
     }
 }
@@ -557,7 +657,7 @@ impl Store for MemoryStore {
     ) -> Result<(), StoreError> {
         let now = Instant::now();
         let mut shard = self.shard(self.inner.slot(key));
-        match shard.map.get_mut(key) {
+        match shard.claims.get_mut(key) {
             Some(claim) if claim.token == *token && claim.deadline > now => {
                 claim.deadline = super::clock::later(now, lease);
                 Ok(())
@@ -573,45 +673,41 @@ impl Store for MemoryStore {
         record: Record,
         ttl: Duration,
     ) -> Result<(), StoreError> {
+        let now = Instant::now();
         let slot = self.inner.slot(key);
         let mut shard = self.shard(slot);
         // The record takes the slot of the key's point, if any: the stored outcome supersedes it.
-        let (key, _claim) = Self::take_claim(&mut shard, key, token)?;
+        let (key, _claim) = Self::take_claim(&mut shard, key, token, now)?;
         let mut record = record;
         record.mark_in_process();
         // With `keep_decoded`, its first replay gives it a slot for its decoded form.
         let stored = Stored {
             key,
             kept: Kept::Record(record),
-            expires_at: super::clock::later(Instant::now(), ttl),
+            expires_at: super::clock::later(now, ttl),
         };
-        self.inner.records.insert(slot, stored);
-        // After the write, under the lock: see `claim_as`.
-        self.claim_shard(slot)
-            .completions
-            .fetch_add(1, Ordering::Release);
+        self.inner.put(&mut shard, slot, stored, now);
+        drop(shard);
+        self.inner.evict_over();
         Ok(())
     }
 
     async fn release(&self, key: &str, token: &OwnerToken) -> Result<(), StoreError> {
-        let slot = self.inner.slot(key);
-        let mut shard = self.shard(slot);
-        let (key, claim) = Self::take_claim(&mut shard, key, token)?;
-        if claim.point.is_some() {
-            self.leave_point(key, claim.point);
-            // After the write, under the lock: see `claim_as`.
-            self.claim_shard(slot)
-                .completions
-                .fetch_add(1, Ordering::Release);
+        let now = Instant::now();
+        let mut shard = self.shard(self.inner.slot(key));
+        let (key, claim) = Self::take_claim(&mut shard, key, token, now)?;
+        if self.leave_point(&mut shard, key, claim.point, now) {
+            drop(shard);
+            self.inner.evict_over();
         }
         Ok(())
     }
 
-    /// Kept with the claim (so no eviction takes it from the live run) and as an entry of the
-    /// cache, charged to the capacity like a record (evicting the least recently used entries
-    /// when the store is full). Refused with [`StoreError::Backend`] only when the point, its
-    /// key and the overhead weigh more than the whole capacity: the store could not keep it
-    /// once the run ends.
+    /// Kept with the claim (so no eviction takes it from the live run) and as an entry,
+    /// charged to the capacity like a record (evicting the oldest entries when the store is
+    /// full). Refused with [`StoreError::Backend`] only when the point, its key and the
+    /// overhead weigh more than the whole capacity: the store could not keep it once the run
+    /// ends.
     async fn save_point(
         &self,
         key: &str,
@@ -622,7 +718,7 @@ impl Store for MemoryStore {
         let now = Instant::now();
         let slot = self.inner.slot(key);
         let mut shard = self.shard(slot);
-        let owned = match shard.map.get_key_value(key) {
+        let owned = match shard.claims.get_key_value(key) {
             Some((owned, claim)) if claim.token == *token && claim.deadline > now => owned.clone(),
             _ => return Err(StoreError::LeaseLost),
         };
@@ -637,13 +733,15 @@ impl Store for MemoryStore {
         }
         let expires_at = super::clock::later(now, ttl);
         let point = Arc::new(point.clone());
-        shard.map.get_mut(key).expect("checked").point = Some((point.clone(), expires_at));
+        shard.claims.get_mut(key).expect("checked").point = Some((point.clone(), expires_at));
         let stored = Stored {
             key: owned,
             kept: Kept::Point(point),
             expires_at,
         };
-        self.inner.records.insert(slot, stored);
+        self.inner.put(&mut shard, slot, stored, now);
+        drop(shard);
+        self.inner.evict_over();
         Ok(())
     }
 
@@ -654,7 +752,7 @@ impl Store for MemoryStore {
     ) -> Result<Option<RecoveryPoint>, StoreError> {
         let now = Instant::now();
         let shard = self.shard(self.inner.slot(key));
-        match shard.map.get(key) {
+        match shard.claims.get(key) {
             Some(claim) if claim.token == *token && claim.deadline > now => Ok(claim
                 .point
                 .as_ref()
@@ -667,13 +765,16 @@ impl Store for MemoryStore {
     async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
         let now = Instant::now();
         let slot = self.inner.slot(key);
-        if let Some(stored) = self.stored(key, slot).filter(|s| s.expires_at > now) {
-            let expires_in = Some(stored.expires_at - now);
-            if let Some(record) = stored.into_record() {
-                return Ok(KeyState::Completed { expires_in, record });
+        let mut shard = self.shard(slot);
+        if let Some(entry) = shard.live(key, slot, now) {
+            if let Some(record) = entry.stored.record() {
+                return Ok(KeyState::Completed {
+                    expires_in: Some(entry.stored.expires_at - now),
+                    record: record.clone(),
+                });
             }
         }
-        Ok(match self.shard(slot).map.get(key) {
+        Ok(match shard.claims.get(key) {
             Some(claim) if claim.deadline > now => KeyState::InFlight {
                 lease_remaining: Some(claim.deadline - now),
             },
@@ -684,21 +785,23 @@ impl Store for MemoryStore {
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let slot = self.inner.slot(key);
         let mut shard = self.shard(slot);
-        let claim = shard.map.remove(key).is_some();
-        // Under the shard lock, which every write of this slot's entries takes: the record, or
-        // the point a run left.
-        let entry = self.stored(key, slot).is_some() && self.inner.records.remove(&slot).is_some();
-        // So that a claim that saw the point before this lock does not take it on.
-        self.claim_shard(slot)
-            .completions
-            .fetch_add(1, Ordering::Release);
-        Ok(claim || entry)
+        let claim = shard.claims.remove(key).is_some();
+        let ours = shard
+            .entries
+            .get(&slot)
+            .is_some_and(|entry| *entry.stored.key == *key);
+        // Its place in the order is left behind, and skipped.
+        let entry = ours.then(|| shard.entries.remove(&slot)).flatten();
+        if let Some(entry) = &entry {
+            self.inner.charge(0, entry.weight);
+        }
+        Ok(claim || entry.is_some())
     }
 
     async fn wait(&self, key: &str, attempt: u32) {
         let mut receiver = {
             let mut shard = self.shard(self.inner.slot(key));
-            match shard.map.get_mut(key) {
+            match shard.claims.get_mut(key) {
                 Some(claim) => match &claim.waiters {
                     Some(sender) => sender.subscribe(),
                     None => {
@@ -779,12 +882,18 @@ mod tests {
         let store = MemoryStore::new();
         stored(&store, "tenant-b|POST|/charges|k", "b's answer", LEASE).await;
         // What a hash collision would leave: b's record in the slot of a's key.
-        let b_slot = store.inner.slot("tenant-b|POST|/charges|k");
-        let b = store.inner.records.get(&b_slot).unwrap();
+        let b = store
+            .stored(
+                "tenant-b|POST|/charges|k",
+                store.inner.slot("tenant-b|POST|/charges|k"),
+            )
+            .unwrap();
+        let a_slot = store.inner.slot("tenant-a|POST|/charges|k");
+        let weight = b.weight();
         store
             .inner
-            .records
-            .insert(store.inner.slot("tenant-a|POST|/charges|k"), b);
+            .put(&mut store.shard(a_slot), a_slot, b, Instant::now());
+        assert_eq!(store.shard(a_slot).entries[&a_slot].weight, weight);
         let a = "tenant-a|POST|/charges|k";
         assert!(matches!(store.inspect(a).await.unwrap(), KeyState::Absent));
         assert!(!store.delete(a).await.unwrap(), "nothing of a's to delete");
@@ -891,9 +1000,9 @@ mod tests {
         }
         let held: usize = store
             .inner
-            .claims
+            .shards
             .iter()
-            .map(|s| s.lock.lock().unwrap().map.len())
+            .map(|s| s.lock().unwrap().claims.len())
             .sum();
         assert!(held < 3000, "{held} claims held; lapsed ones must be swept");
     }
@@ -946,38 +1055,124 @@ mod tests {
         }
     }
 
+    /// What every shard's entries weigh, summed under their locks: the charge must equal it.
+    fn weighed(store: &MemoryStore) -> u64 {
+        let shards = &store.inner.shards;
+        shards
+            .iter()
+            .map(|shard| {
+                let shard = shard.lock().unwrap();
+                let weights: u64 = shard.entries.values().map(|e| e.weight).sum();
+                let stamps = shard.entries.values().map(|e| e.stored.weight());
+                assert_eq!(
+                    weights,
+                    stamps.sum::<u64>(),
+                    "each entry's weight is its own"
+                );
+                weights
+            })
+            .sum()
+    }
+
+    /// Records replaced and deleted without any eviction leave their places in the eviction
+    /// order behind: they are dropped once they outnumber the entries, so the order never
+    /// grows past the entries it orders.
     #[tokio::test]
-    async fn keeping_a_decoded_form_never_brings_back_a_record_deleted_or_replaced() {
+    async fn the_eviction_order_stays_bounded_by_the_entries() {
         let store = MemoryStore::new();
-        let complete = |payload: &'static [u8]| {
+        let point = RecoveryPoint::new("charged", "progress");
+        for _ in 0..10_000 {
+            let token = claimed(&store, "k").await;
+            store.save_point("k", &token, &point, LEASE).await.unwrap();
+            let record = Record::new(None, "answer");
+            store.complete("k", &token, record, LEASE).await.unwrap();
+            assert!(store.delete("k").await.unwrap());
+        }
+        let queued: usize = store
+            .inner
+            .shards
+            .iter()
+            .map(|s| s.lock().unwrap().order.len())
+            .sum();
+        assert!(queued <= 40, "{queued} places queued for one entry");
+        assert_eq!(store.weighted_size(), weighed(&store));
+    }
+
+    /// Many tasks writing, replacing, deleting and evicting at once (a small store, so that
+    /// every write evicts) leave a charge that is exactly what the held entries weigh, within
+    /// the capacity.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_charge_is_exact_under_racing_writes_and_evictions() {
+        const TASKS: usize = 8;
+        let store = MemoryStore::builder().max_bytes(64 * 1024).build();
+        let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|task| {
+                let (store, barrier) = (store.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    for i in 0..500 {
+                        let key = format!("task-{task}-{}", i % 97);
+                        let payload = bytes::Bytes::from(vec![b'x'; 100 + i % 900]);
+                        match store.claim(&key, LEASE).await.unwrap() {
+                            ClaimOutcome::Claimed(token) => {
+                                let record = Record::new(None, payload);
+                                store.complete(&key, &token, record, LEASE).await.unwrap();
+                            }
+                            ClaimOutcome::Completed(_) => {
+                                store.delete(&key).await.unwrap();
+                            }
+                            other => panic!("{other:?}"),
+                        }
+                        if i % 7 == 0 {
+                            store
+                                .delete(&format!("task-{task}-{}", i % 13))
+                                .await
+                                .unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(store.weighted_size(), weighed(&store));
+        assert!(
+            store.weighted_size() <= 64 * 1024,
+            "{}",
+            store.weighted_size()
+        );
+        assert!(store.record_count() > 0);
+    }
+
+    /// A replayed record gets a second chance: the write that finds the store full evicts the
+    /// oldest record not read since, not the replayed one.
+    #[tokio::test]
+    async fn a_replayed_record_outlives_an_older_one_never_read() {
+        let store = MemoryStore::builder().max_bytes(16 * 1024).build();
+        let payload = bytes::Bytes::from(vec![0u8; 1024]);
+        let mut i = 0;
+        while store.record_count() == i {
+            stored(&store, &format!("r-{i}"), payload.clone(), LEASE).await;
+            i += 1;
+            if i == 1 {
+                let ClaimOutcome::Completed(_) = store.claim("r-0", LEASE).await.unwrap() else {
+                    panic!("r-0 is stored")
+                };
+            }
+        }
+        let completed = |key: &'static str| {
             let store = store.clone();
             async move {
-                let token = claimed(&store, "k").await;
-                let record = Record::new(None, payload).with_memo_weight(500);
-                store.complete("k", &token, record, LEASE).await.unwrap();
+                matches!(
+                    store.inspect(key).await.unwrap(),
+                    KeyState::Completed { .. }
+                )
             }
         };
-        let slot = store.inner.slot("k");
-        // Deleted after a read found it: the slot is not given, the record not written again.
-        complete(b"old").await;
-        let seen = store.stored("k", slot).unwrap();
-        assert!(store.delete("k").await.unwrap());
-        let record = store.keep_decoded_form(slot, seen);
-        assert!(record.memo().is_none(), "this replay decodes on its own");
-        assert!(store.stored("k", slot).is_none(), "the delete stands");
-        // Replaced by another record of the key meanwhile: the new one is left as it is.
-        complete(b"old").await;
-        let seen = store.stored("k", slot).unwrap();
-        assert!(store.delete("k").await.unwrap());
-        complete(b"new").await;
-        let record = store.keep_decoded_form(slot, seen);
-        assert_eq!(record.payload().as_ref(), b"old");
-        let current = store.stored("k", slot).unwrap();
-        assert_eq!(current.record().unwrap().payload().as_ref(), b"new");
-        assert!(
-            current.record().unwrap().memo().is_none(),
-            "the new record was not replayed"
-        );
+        assert!(completed("r-0").await, "the replayed record stays");
+        assert!(!completed("r-1").await, "the oldest one never read goes");
     }
 
     #[tokio::test(start_paused = true)]
