@@ -704,6 +704,37 @@ mod tests {
         }
     }
 
+    /// The version-4 golden record: the same response with its body written in two chunks,
+    /// `{"id":` and `1}`. It replays, in its two chunks, forever; and it is what this build
+    /// writes for that response, byte for byte.
+    #[test]
+    fn the_version_4_golden_record_replays_and_is_what_this_build_writes() {
+        let v4: &[u8] = b"TI\x04\x00\x00\x00R\xc7\x0b\xfb\xbdr\x9e\xa3\xbe\x00\x00\xc9\x00\x01\x00\x0ccontent-type\x00\x00\x00\x10application/json\x00\x01\x00\x0cx-request-id\x00\x00\x00\x03r-1\x00\x00\x00\x02\x00\x00\x00\x06\x00\x00\x00\x02{\"id\":1}";
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        let carried = [(
+            HeaderName::from_static("x-request-id"),
+            HeaderValue::from_static("r-1"),
+        )];
+        let body = [Bytes::from_static(b"{\"id\":"), Bytes::from_static(b"1}")];
+        let encoded = encode(
+            StatusCode::CREATED,
+            &headers,
+            |_| true,
+            &carried,
+            Some(body.iter()),
+            None,
+        )
+        .0;
+        let hex: String = encoded.iter().map(|b| format!("\\x{b:02x}")).collect();
+        assert_eq!(&encoded[..], v4, "{hex}");
+        let decoded = decode(&Bytes::from_static(v4)).unwrap();
+        assert_eq!(decoded.status, StatusCode::CREATED);
+        assert_eq!(decoded.headers, headers);
+        assert_eq!(decoded.carried, carried);
+        assert_eq!(decoded.body, Chunks::Many(body.to_vec().into()));
+    }
+
     /// What this build writes is the version-3 golden record above, byte for byte.
     #[test]
     fn this_build_writes_the_version_3_format() {
