@@ -46,22 +46,13 @@ pub(crate) fn chunks(total: usize) -> Vec<Bytes> {
     out
 }
 
+/// A service answering keyed requests, as the tests drive it.
+pub(crate) type Exports =
+    tower::util::BoxCloneService<Request<Body>, Response<ResponseBody<Body>>, Infallible>;
+
 /// A layer over `store` (bound `MAX`) around a handler answering `body` as its chunks, and
 /// the handler's run count.
-pub(crate) fn service<St>(
-    store: St,
-    body: Arc<Vec<Bytes>>,
-) -> (
-    impl Service<
-            Request<Body>,
-            Response = Response<ResponseBody<Body>>,
-            Error = Infallible,
-            Future = impl std::future::Future<
-                Output = Result<Response<ResponseBody<Body>>, Infallible>,
-            > + Send,
-        > + Clone,
-    Arc<AtomicUsize>,
-)
+pub(crate) fn service<St>(store: St, body: Arc<Vec<Bytes>>) -> (Exports, Arc<AtomicUsize>)
 where
     St: Store + Clone + Send + Sync + 'static,
 {
@@ -78,7 +69,7 @@ where
             let stream = Body::new(StreamBody::new(futures_util::stream::iter(frames)));
             async move { Ok::<_, Infallible>(Response::new(stream)) }
         });
-    (service, runs)
+    (Exports::new(service), runs)
 }
 
 /// A keyed POST.

@@ -538,7 +538,7 @@ mod chunked {
     /// are written again after it.
     type ChunkDamage = (&'static str, bool, fn(&mut Vec<u8>, usize));
 
-    fn count_plus(record: &mut Vec<u8>, at: usize, delta: i64) {
+    fn count_plus(record: &mut [u8], at: usize, delta: i64) {
         let count = u32::from_be_bytes(record[at..at + 4].try_into().unwrap());
         let count = (i64::from(count) + delta) as u32;
         record[at..at + 4].copy_from_slice(&count.to_be_bytes());
