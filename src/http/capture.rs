@@ -115,14 +115,19 @@ where
     if grpc {
         if !whole {
             // Past the bound: read on to the trailers, which say whether the call succeeded.
-            while let Some(frame) = std::future::poll_fn(|cx| rest.as_mut().poll_frame(cx)).await {
+            loop {
+                let frame = std::future::poll_fn(|cx| rest.as_mut().poll_frame(cx)).await;
                 match frame {
-                    Ok(frame) => frames.push_back(frame),
-                    Err(error) => return Produced::Failed(error.into()),
+                    None => break,
+                    Some(Ok(frame)) => frames.push_back(frame),
+                    Some(Err(error)) => return Produced::Failed(error.into()),
                 }
             }
         }
-        let failed = if !keep_any && grpc_status(&head.headers, &frames) != Some(b"0".as_slice()) {
+        let succeeded = grpc_status(&head.headers, &frames) == Some(b"0".as_slice());
+        // Kept whatever its status (`keep_any`) only whole: a failure past the bound cannot
+        // be replayed, so after an unsaved point it is kept as `#progress-unsaved` instead.
+        let failed = if !succeeded && (!keep_any || !whole) {
             Some(ReleaseReason::Status)
         } else {
             None

@@ -920,7 +920,7 @@ mod tests {
             changed.extend_from_slice(&tail);
             crate::http::fuzz_record(&changed);
             if let Ok(stored) = decode_with_room(&Bytes::from(changed), 0, false) {
-                proptest::prop_assert!(stored.body.iter().all(|c| !c.is_empty()) || stored.body.len() == 0);
+                proptest::prop_assert!(stored.body.iter().all(|c| !c.is_empty()) || stored.body.is_empty());
                 proptest::prop_assert!(stored.body.iter().len() <= MAX_BODY_CHUNKS);
                 let again = encode(stored.status, &stored.headers, |_| true, &stored.carried, Some(stored.body.iter()), None).0;
                 proptest::prop_assert_eq!(&decode(&again).unwrap().body, &stored.body);

@@ -89,7 +89,7 @@ async fn each_outcome_is_traced() {
     assert_eq!(outcomes.take(), ["claimed", "not_stored"]);
     send(
         &mut app,
-        request(Some("big"), BODY, &[("x-response-bytes", "2000000")]),
+        request(Some("big"), BODY, &[("x-response-bytes", "9000000")]),
     )
     .await;
     assert_eq!(outcomes.take(), ["claimed", "body_omitted", "stored"]);
