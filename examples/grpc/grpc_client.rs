@@ -57,6 +57,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         currency: "usd".into(),
         fail: false,
         delay_ms: 0,
+        receipt_bytes: 0,
     };
     for attempt in ["first call", "retry"] {
         client.ready().await?;

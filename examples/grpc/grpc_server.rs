@@ -2,12 +2,16 @@
 //!
 //! ```text
 //! cargo run --example grpc_server -- [--addr HOST:PORT] [--store memory|redis://…|postgres://…]
+//!                                     [--max-stored-body BYTES]
 //! ```
 //!
 //! * `payments.v1.Payments/Create(CreatePaymentRequest) returns (Payment)`: metadata
 //!   `authorization: Bearer <tenant>` (checked before the idempotency layer:
 //!   `UNAUTHENTICATED` without it; keys are scoped by tenant) and `idempotency-key: <key>`.
-//!   `fail: true` answers `INTERNAL` after counting an execution; `delay_ms` sleeps first.
+//!   `fail: true` answers `INTERNAL` after counting an execution; `delay_ms` sleeps first;
+//!   `receipt_bytes` adds a receipt of that many bytes to the `Payment` (an answer of several
+//!   MiB: one larger than `--max-stored-body` is not stored, and its retry is
+//!   `FAILED_PRECONDITION`, never a second run).
 //! * `payments.v1.Payments/Stats(StatsRequest) returns (Stats)`: how many times `Create` ran.
 //! * `payments.v1.Payments/Ticks(TicksRequest) returns (stream Tick)`: a server stream, which
 //!   the idempotency layer lets through (it carries no key).
@@ -47,6 +51,9 @@ struct Args {
     /// Where records live: `memory`, `redis://HOST:PORT` or `postgres://USER@HOST:PORT/DB`.
     #[arg(long, default_value = "memory")]
     store: String,
+    /// The largest answer stored for replay, in bytes (the layer's `max_stored_body`).
+    #[arg(long, default_value_t = tower_idempotency::defaults::MAX_STORED_BODY)]
+    max_stored_body: usize,
 }
 
 #[derive(Clone)]
@@ -92,11 +99,13 @@ async fn create(
             if message.fail {
                 return Err(Status::new(Code::Internal, "simulated failure"));
             }
+            let receipt = (0..message.receipt_bytes).map(|i| i as u8).collect();
             Ok(tonic::Response::new(Payment {
                 id: format!("pay_{}", uuid::Uuid::new_v4().simple()),
                 amount: message.amount,
                 currency: message.currency,
                 tenant,
+                receipt,
             }))
         }
     });
@@ -152,6 +161,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let args = Args::parse();
     let idempotency = IdempotencyLayer::with_store(open_store(&args.store).await?)
+        .max_stored_body(args.max_stored_body)
         .scope(|parts| parts.extensions.get::<Tenant>().map(|t| t.0.clone()));
     let drain = idempotency.settings().drain_handle();
     let executions = Arc::new(AtomicU64::new(0));

@@ -22,6 +22,9 @@ pub struct CreatePaymentRequest {
     /// Sleep this long before answering.
     #[prost(uint32, tag = "4")]
     pub delay_ms: u32,
+    /// Answer with a receipt of this many bytes.
+    #[prost(uint32, tag = "5")]
+    pub receipt_bytes: u32,
 }
 
 /// `payments.v1.Payment`.
@@ -39,6 +42,9 @@ pub struct Payment {
     /// From `authorization: Bearer <tenant>`.
     #[prost(string, tag = "4")]
     pub tenant: String,
+    /// `receipt_bytes` bytes, when asked for.
+    #[prost(bytes, tag = "5")]
+    pub receipt: Vec<u8>,
 }
 
 /// `payments.v1.StatsRequest`.
@@ -115,6 +121,6 @@ mod tests {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 3 + 4 + 4 + 1 + 1 + 1, "every method and field");
+        assert_eq!(checked, 3 + 5 + 5 + 1 + 1 + 1, "every method and field");
     }
 }

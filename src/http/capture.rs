@@ -67,7 +67,10 @@ pub(crate) enum Keep<'a> {
 ///
 /// A gRPC call (`grpc`) is storable only when it succeeded: HTTP 200 and `grpc-status: 0` (in
 /// its trailers, or in the headers of a trailers-only answer), which is known only once the
-/// body is read; and only whole (a replay without its trailers is no gRPC answer).
+/// body is read. So an answer past `max_body` is read to its end too (a keyed gRPC call is
+/// unary: its one message is whole in the handler's memory already), and a success is
+/// storable by its head only: the record a duplicate gets `FAILED_PRECONDITION` from (a
+/// replay without its message is no gRPC answer), so that the call is never run twice.
 pub(crate) async fn read<B>(
     response: Response<B>,
     keep: Keep<'_>,
@@ -110,9 +113,21 @@ where
         }
     }
     if grpc {
-        let failed = if !whole {
-            Some(ReleaseReason::TooLarge)
-        } else if !keep_any && grpc_status(&head.headers, &frames) != Some(b"0".as_slice()) {
+        if !whole {
+            // Past the bound: read on to the trailers, which say whether the call succeeded.
+            loop {
+                let frame = std::future::poll_fn(|cx| rest.as_mut().poll_frame(cx)).await;
+                match frame {
+                    None => break,
+                    Some(Ok(frame)) => frames.push_back(frame),
+                    Some(Err(error)) => return Produced::Failed(error.into()),
+                }
+            }
+        }
+        let succeeded = grpc_status(&head.headers, &frames) == Some(b"0".as_slice());
+        // Kept whatever its status (`keep_any`) only whole: a failure past the bound cannot
+        // be replayed, so after an unsaved point it is kept as `#progress-unsaved` instead.
+        let failed = if !succeeded && (!keep_any || !whole) {
             Some(ReleaseReason::Status)
         } else {
             None

@@ -62,6 +62,7 @@ pub(crate) fn fuzz_record(data: &[u8]) {
         )
         .0;
         let again = record::decode(&encoded).expect("a re-encoded record decodes");
+        // The same chunks too (a chunked record's boundaries survive the round trip).
         assert_eq!(again, stored);
     }
 }

@@ -15,6 +15,7 @@
 //! | 500 | [`#handler-panicked`](#handler-panicked) | the handler panicked (the key is released) |
 //! | 500 | [`#response-failed`](#response-failed) | the handler's response body failed (the key is released) |
 //! | 500 | [`#progress-unsaved`](#progress-unsaved) | the handler failed after a recovery point could not be saved: the key is kept, not released |
+//! | 409 | [`#answer-not-stored`](#answer-not-stored) | gRPC only (`FAILED_PRECONDITION`): a duplicate of a call that succeeded with an answer over `max_stored_body`, which was not stored |
 //! | 500 | [`#unreadable-record`](#unreadable-record) | the stored record is damaged (cut, changed, malformed): the key was used, so the handler is not run, under any store-error policy |
 //! | 503 | [`#unknown-record-version`](#unknown-record-version) | the stored record was written by a newer release (a rolling upgrade): the handler is not run; retry later (carries `Retry-After`) |
 //! | 503 | [`#store-unavailable`](#store-unavailable) | the store failed or was slower than the store timeout (carries `Retry-After`) |
@@ -71,6 +72,18 @@
 //! a side effect, may be recorded nowhere else, so the key is kept with this answer instead of
 //! being released, and no retry runs the work again. An operator settles the case and deletes
 //! the key ([`admin`](crate::admin)).
+//!
+//! ## answer-not-stored
+//!
+//! gRPC only, as `FAILED_PRECONDITION` (9) in a trailers-only answer (409 is what the kind
+//! reports as its HTTP status; an HTTP duplicate of a body too large to keep gets the stored
+//! status and headers with `idempotent-body-omitted: true` instead). The original call with
+//! this key succeeded, but its answer was larger than `max_stored_body`
+//! [[`defaults::MAX_STORED_BODY`](crate::defaults::MAX_STORED_BODY)]: the original client got
+//! all of it, and only its head was kept. A gRPC answer cannot be replayed without its message,
+//! and the call is never run a second time: retrying with the same key cannot help (unlike
+//! `ABORTED`, which tells a client to retry). The client that lost the answer must fetch the
+//! outcome another way, or raise the server's `max_stored_body`.
 //!
 //! ## unreadable-record
 //!
@@ -153,8 +166,8 @@ macro_rules! problem_kinds {
                 }
             }
 
-            /// The gRPC status code a gRPC call gets instead (3 `INVALID_ARGUMENT`, 10
-            /// `ABORTED`, 13 `INTERNAL`, 14 `UNAVAILABLE`).
+            /// The gRPC status code a gRPC call gets instead (3 `INVALID_ARGUMENT`, 9
+            /// `FAILED_PRECONDITION`, 10 `ABORTED`, 13 `INTERNAL`, 14 `UNAVAILABLE`).
             pub const fn grpc_code(self) -> u8 {
                 match self {
                     $(ProblemKind::$kind => $grpc,)*
@@ -203,6 +216,8 @@ problem_kinds! {
         "The response could not be produced; it was not recorded and may be retried with the same key.";
     ProgressUnsaved => INTERNAL_SERVER_ERROR, 13, "progress-unsaved", "Outcome not recorded",
         "The request failed after part of its work was done, and that progress could not be recorded; the key is kept so that the work is not repeated. Contact the service before retrying with a new key.";
+    AnswerNotStored => CONFLICT, 9, "answer-not-stored", "Answer too large to replay",
+        "This call was already run and succeeded, but its answer was larger than the server stores, so it cannot be sent again; it will not be run again with this key.";
     UnreadableRecord => INTERNAL_SERVER_ERROR, 13, "unreadable-record", "Stored response unreadable",
         "The response stored for this idempotency key cannot be replayed.";
     UnknownRecordVersion => SERVICE_UNAVAILABLE, 14, "unknown-record-version", "Stored response from a newer version",

@@ -92,6 +92,16 @@ where
             }
         };
         match decoded {
+            // A gRPC answer too large to keep: no replay is a gRPC answer without its message,
+            // and the call is not run again (see `#answer-not-stored`).
+            Ok(stored) if grpc && stored.body_omitted() => {
+                tracing::info!(
+                    outcome = "replayed",
+                    "gRPC answer was too large to store; answering FAILED_PRECONDITION"
+                );
+                let problem = Problem::Plain(ProblemKind::AnswerNotStored);
+                (problem.respond(grpc), Outcome::Replayed)
+            }
             Ok(stored) => {
                 tracing::debug!(
                     outcome = "replayed",
@@ -121,6 +131,13 @@ impl Decoded {
         match self {
             Decoded::Owned(stored) => stored.status,
             Decoded::Shared(stored) => stored.status,
+        }
+    }
+
+    fn body_omitted(&self) -> bool {
+        match self {
+            Decoded::Owned(stored) => stored.body_omitted,
+            Decoded::Shared(stored) => stored.body_omitted,
         }
     }
 }

@@ -78,8 +78,10 @@ pub enum ReleaseReason {
     Panic,
     /// The response body failed while it was read.
     BodyError,
-    /// A gRPC answer over the response size limit: it can only be replayed whole (with its
-    /// trailers), so it is not stored.
+    /// No longer given: a gRPC answer over the response size limit was released with it (so
+    /// a retry ran the call again). Such an answer is now kept by its head, and a duplicate
+    /// gets `FAILED_PRECONDITION` ([`ProblemKind::AnswerNotStored`](crate::problem::ProblemKind::AnswerNotStored)).
+    /// Kept so that code matching on it still builds.
     TooLarge,
 }
 

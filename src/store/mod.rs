@@ -173,7 +173,8 @@ enum Content {
 /// payload once something asked for it.
 pub(crate) struct Parts {
     magic: [u8; 2],
-    version: u8,
+    /// The format version of the content (the adapter's: what its head holds depends on it).
+    pub(crate) version: u8,
     /// The encoded head: what the sealed payload holds between its envelope and its body.
     pub(crate) head: Bytes,
     /// The body, as the writer gave it.

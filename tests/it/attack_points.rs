@@ -267,6 +267,16 @@ async fn a_no_store_answer_after_a_failed_save_reaches_the_client() {
     assert_eq!(retry.status, 201, "the stored answer is the handler's");
 }
 
+/// A keyed gRPC call of `payments.v1.Payments/Create`.
+fn grpc_create(key: &str) -> axum::http::Request<Body> {
+    axum::http::Request::post("/payments.v1.Payments/Create")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("idempotency-key", key)
+        .body(Body::from(&b"\0\0\0\0\x02\x08\x01"[..]))
+        .unwrap()
+}
+
 /// gRPC: after a failed save, a call that answers a gRPC error (`grpc-status: 9`,
 /// trailers-only) must have that answer given and stored ("the handler's answer is stored
 /// whatever its status"). The layer answers `INTERNAL` (#progress-unsaved) instead.
@@ -292,14 +302,7 @@ async fn grpc_an_error_status_after_a_failed_save_is_the_answer_kept() {
     let layer = IdempotencyLayer::with_settings(Settings::default().max_recovery_point(10));
     let mut app = tower::Layer::layer(&layer, router);
     let key = unique("grpc");
-    let call = || {
-        axum::http::Request::post("/payments.v1.Payments/Create")
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .header("idempotency-key", key.as_str())
-            .body(Body::from(&b"\0\0\0\0\x02\x08\x01"[..]))
-            .unwrap()
-    };
+    let call = || grpc_create(&key);
     let first = send(&mut app, call()).await;
     assert_eq!(
         first
@@ -319,6 +322,48 @@ async fn grpc_an_error_status_after_a_failed_save_is_the_answer_kept() {
             .map(|v| v.to_str().unwrap()),
         Some("9")
     );
+}
+
+/// gRPC, past `max_stored_body`: after a failed save, an error answer too large to keep cannot
+/// be replayed, so the key keeps 500 `#progress-unsaved` (`INTERNAL`), as before gRPC answers
+/// past the bound were kept by their head; never the head-only record of a success, whose
+/// duplicates are told the call succeeded (`FAILED_PRECONDITION`).
+#[tokio::test]
+async fn grpc_an_error_past_the_bound_after_a_failed_save_is_kept_as_progress_unsaved() {
+    let handler = |Extension(points): Extension<RecoveryPoints>, _body: axum::body::Bytes| async move {
+        let saved = points.save("charged", vec![b'x'; 100]).await;
+        assert!(matches!(saved, Err(RecoveryError::TooLarge { .. })));
+        (
+            StatusCode::OK,
+            [
+                ("content-type", "application/grpc"),
+                ("grpc-status", "9"),
+                ("grpc-message", "card charged; order closed"),
+            ],
+            vec![0u8; 4096],
+        )
+    };
+    let router = Router::new().route("/payments.v1.Payments/Create", post(handler));
+    let layer = IdempotencyLayer::with_settings(Settings::default().max_recovery_point(10))
+        .max_stored_body(1024);
+    let mut app = tower::Layer::layer(&layer, router);
+    let key = unique("grpc-large");
+    let call = || grpc_create(&key);
+    for attempt in 0..2 {
+        let answer = send(&mut app, call()).await;
+        let status = answer
+            .headers
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap());
+        assert_eq!(
+            status,
+            Some("13"),
+            "attempt {attempt}: {:?}",
+            answer.headers
+        );
+        let message = answer.headers["grpc-message"].to_str().unwrap();
+        assert!(message.starts_with("progress-unsaved"), "{message}");
+    }
 }
 
 /// Consumer layer: "The consumer layer likewise stores the failure instead of releasing the

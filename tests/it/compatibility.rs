@@ -11,11 +11,13 @@ use tower_idempotency::{admin, IdempotencyLayer};
 
 /// Stored responses as each release wrote them (`201`, `content-type: application/json`, a
 /// carried `x-request-id`, the body `{"id":1}`): format 1 (before trailers), format 2 (with a
-/// trailer), format 3 (length and checksum): the golden records of `src/http/record.rs`.
+/// trailer), format 3 (length and checksum), format 4 (a chunk table: the body in two chunks):
+/// the golden records of `src/http/record.rs`.
 const GOLDEN_RECORDS: &[(&str, &[u8])] = &[
     ("format 1", b"TI\x01\x00\x00\xc9\x00\x01\x00\x0ccontent-type\x00\x00\x00\x10application/json\x00\x01\x00\x0cx-request-id\x00\x00\x00\x03r-1{\"id\":1}"),
     ("format 2", b"TI\x02\x02\x00\xc9\x00\x01\x00\x0ccontent-type\x00\x00\x00\x10application/json\x00\x01\x00\x0cx-request-id\x00\x00\x00\x03r-1\x00\x01\x00\x0bgrpc-status\x00\x00\x00\x010{\"id\":1}"),
     ("format 3", b"TI\x03\x00\x00\x00\x46\x6e\x88\x1f\xfa\xc0\x8c\xab\x84\x00\x00\xc9\x00\x01\x00\x0ccontent-type\x00\x00\x00\x10application/json\x00\x01\x00\x0cx-request-id\x00\x00\x00\x03r-1{\"id\":1}"),
+    ("format 4", b"TI\x04\x00\x00\x00R\xc7\x0b\xfb\xbdr\x9e\xa3\xbe\x00\x00\xc9\x00\x01\x00\x0ccontent-type\x00\x00\x00\x10application/json\x00\x01\x00\x0cx-request-id\x00\x00\x00\x03r-1\x00\x00\x00\x02\x00\x00\x00\x06\x00\x00\x00\x02{\"id\":1}"),
 ];
 
 async fn assert_replays<St: tower_idempotency::store::Store + Clone>(

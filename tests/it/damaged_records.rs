@@ -500,3 +500,238 @@ async fn a_damaged_redis_fingerprint_is_an_unreadable_record() {
     .await;
     fingerprint_damage_is_unreadable(&mut app, &probe, &key, "redis fingerprint bit").await;
 }
+
+/// A chunked record (format 4: a chunk table, then the chunks) damaged in each store's raw
+/// value: a chunk changed, missing or added, the count changed. Cut or changed in place, its
+/// checksums find it; rewritten with every checksum made right again (as a writer of a
+/// malformed record would), its chunk table does. Either way 500 `#unreadable-record`, never a
+/// cut or a changed replay, never a second run.
+mod chunked {
+    use super::*;
+    use crate::chunked_records::{frames, post, service};
+    use bytes::Bytes;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use tower::{Service, ServiceExt};
+
+    /// Where a record's chunk table starts: after its envelope, flags, status and header lists.
+    fn table_at(record: &[u8]) -> usize {
+        assert_eq!(&record[..3], b"TI\x04", "a chunked record");
+        let u16_at = |at: usize| u16::from_be_bytes([record[at], record[at + 1]]) as usize;
+        let u32_at =
+            |at: usize| u32::from_be_bytes(record[at..at + 4].try_into().unwrap()) as usize;
+        let flags = record[15];
+        let mut pos = 18;
+        let lists = if flags & 2 != 0 { 3 } else { 2 };
+        for _ in 0..lists {
+            let count = u16_at(pos);
+            pos += 2;
+            for _ in 0..count {
+                pos += 2 + u16_at(pos);
+                pos += 4 + u32_at(pos);
+            }
+        }
+        pos
+    }
+
+    /// A damage to a chunked record (given where its table starts), and whether the checksums
+    /// are written again after it.
+    type ChunkDamage = (&'static str, bool, fn(&mut Vec<u8>, usize));
+
+    fn count_plus(record: &mut [u8], at: usize, delta: i64) {
+        let count = u32::from_be_bytes(record[at..at + 4].try_into().unwrap());
+        let count = (i64::from(count) + delta) as u32;
+        record[at..at + 4].copy_from_slice(&count.to_be_bytes());
+    }
+
+    const DAMAGE: &[ChunkDamage] = &[
+        ("a byte of the last chunk changed", false, |r, _| {
+            let last = r.len() - 1;
+            r[last] ^= 0x20;
+        }),
+        ("the last chunk cut off", false, |r, _| {
+            r.truncate(r.len() - 9)
+        }),
+        ("the chunk count one more", false, |r, at| {
+            count_plus(r, at, 1)
+        }),
+        ("a chunk's length changed", false, |r, at| r[at + 7] ^= 1),
+        ("the last chunk missing, resealed", true, |r, _| {
+            r.truncate(r.len() - 9)
+        }),
+        ("an extra chunk's bytes, resealed", true, |r, _| {
+            r.extend_from_slice(b"data: 4\n\n")
+        }),
+        ("the chunk count one more, resealed", true, |r, at| {
+            count_plus(r, at, 1)
+        }),
+        ("the chunk count one less, resealed", true, |r, at| {
+            count_plus(r, at, -1)
+        }),
+        ("the chunk count zeroed, resealed", true, |r, at| {
+            r[at..at + 4].copy_from_slice(&[0; 4])
+        }),
+        ("a chunk's length zeroed, resealed", true, |r, at| {
+            r[at + 4..at + 8].copy_from_slice(&[0; 4])
+        }),
+    ];
+
+    /// Applies `damage` to the record inside a store's value (its sealed part starting at
+    /// `sealed_at`: `checksum:u64 flag [fingerprint] record`); with `reseal`, writes the
+    /// record's envelope (length, checksum) and the value's checksum again.
+    fn damage_value(value: &mut Vec<u8>, sealed_at: usize, (_, reseal, damage): ChunkDamage) {
+        use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+        let payload_at = sealed_at + if value[sealed_at + 8] == 1 { 25 } else { 9 };
+        let mut record = value.split_off(payload_at);
+        let at = table_at(&record);
+        damage(&mut record, at);
+        if reseal {
+            let len = (record.len() - 15) as u32;
+            let hash = xxh3_64(&record[15..]);
+            record[3..7].copy_from_slice(&len.to_be_bytes());
+            record[7..15].copy_from_slice(&hash.to_be_bytes());
+            let sum = xxh3_64_with_seed(&record, xxh3_64(&value[sealed_at + 8..]));
+            value[sealed_at..sealed_at + 8].copy_from_slice(&sum.to_be_bytes());
+        }
+        value.extend_from_slice(&record);
+    }
+
+    /// The three chunks the handler answers.
+    fn events() -> Arc<Vec<Bytes>> {
+        Arc::new(
+            [&b"data: 1\n\n"[..], b"data: 2\n\n", b"data: 3\n\n"]
+                .map(Bytes::from_static)
+                .to_vec(),
+        )
+    }
+
+    /// Stores the events under a fresh key on `store`, lets `damage` change the stored value
+    /// (given the store key), then retries three times: 500 `#unreadable-record` each time,
+    /// the handler run once.
+    async fn damaged_then_retried<St, F>(store: St, what: &str, damage: F)
+    where
+        St: Store + Clone + Send + Sync + 'static,
+        F: AsyncFnOnce(&str),
+    {
+        let (mut service, runs) = service(store, events());
+        let key = tower_idempotency::store::conformance::fresh_key("chunked-damage");
+        let first = service
+            .ready()
+            .await
+            .unwrap()
+            .call(post(&key))
+            .await
+            .unwrap();
+        assert_eq!(frames(first).await.0, *events());
+        damage(&admin::http_key("", &Method::POST, "/exports", &key)).await;
+        for attempt in 0..3 {
+            let retry = service
+                .ready()
+                .await
+                .unwrap()
+                .call(post(&key))
+                .await
+                .unwrap();
+            assert_eq!(retry.status(), 500, "{what}: attempt {attempt}");
+            let (body, replayed) = frames(retry).await;
+            assert!(!replayed, "{what}");
+            let problem: serde_json::Value = serde_json::from_slice(&body.concat()).unwrap();
+            assert!(
+                problem["type"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("#unreadable-record"),
+                "{what}: {problem}"
+            );
+        }
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "{what}: the handler ran again"
+        );
+    }
+
+    #[tokio::test]
+    async fn damaged_chunked_redis_records_are_unreadable() {
+        let Some((store, url)) = redis_store().await else {
+            return;
+        };
+        for &damage in DAMAGE {
+            damaged_then_retried(store.clone(), damage.0, async |store_key: &str| {
+                damage_redis(&url, store_key, |v| damage_value(v, 2, damage)).await
+            })
+            .await;
+        }
+    }
+
+    #[tokio::test]
+    async fn damaged_chunked_redis_cluster_records_are_unreadable() {
+        use redis::AsyncCommands;
+        let Some(urls) = support::servers::redis_cluster_urls() else {
+            return;
+        };
+        let store = RedisStore::connect_cluster(&urls).await.unwrap();
+        let client = redis::cluster::ClusterClient::new(urls).unwrap();
+        let mut cluster = client.get_async_connection().await.unwrap();
+        for &damage in DAMAGE {
+            damaged_then_retried(store.clone(), damage.0, async |store_key: &str| {
+                let redis_key = format!("idempotency:{store_key}");
+                let mut value: Vec<u8> = cluster.get(&redis_key).await.unwrap();
+                damage_value(&mut value, 2, damage);
+                let () = redis::cmd("SET")
+                    .arg(&redis_key)
+                    .arg(value)
+                    .arg("KEEPTTL")
+                    .query_async(&mut cluster)
+                    .await
+                    .unwrap();
+            })
+            .await;
+        }
+    }
+
+    #[tokio::test]
+    async fn damaged_chunked_postgres_rows_are_unreadable() {
+        let Some((store, client)) = postgres_store().await else {
+            return;
+        };
+        for &damage in DAMAGE {
+            damaged_then_retried(store.clone(), damage.0, async |store_key: &str| {
+                let select = "SELECT payload FROM idempotency_records WHERE key = $1";
+                let row = client.query_one(select, &[&store_key]).await.unwrap();
+                let mut payload: Vec<u8> = row.get(0);
+                damage_value(&mut payload, 3, damage);
+                let update = "UPDATE idempotency_records SET payload = $2 WHERE key = $1";
+                let updated = client.execute(update, &[&store_key, &payload]).await;
+                assert_eq!(updated.unwrap(), 1);
+            })
+            .await;
+        }
+    }
+
+    #[tokio::test]
+    async fn damaged_chunked_sqlite_rows_are_unreadable() {
+        use tower_idempotency::store::SqliteStore;
+        let dir = support::servers::TempDir::new("damaged-chunked-sqlite");
+        let path = dir.path().join("damaged.db");
+        let db = rusqlite::Connection::open(&path).unwrap();
+        db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+        // No replay cache: each retry reads the damaged row.
+        let store = SqliteStore::builder(&path)
+            .replay_cache_bytes(0)
+            .open()
+            .await
+            .unwrap();
+        for &damage in DAMAGE {
+            damaged_then_retried(store.clone(), damage.0, async |store_key: &str| {
+                let select = "SELECT payload FROM idempotency_records WHERE key = ?1";
+                let mut payload: Vec<u8> = db.query_row(select, [store_key], |r| r.get(0)).unwrap();
+                damage_value(&mut payload, 3, damage);
+                let update = "UPDATE idempotency_records SET payload = ?2 WHERE key = ?1";
+                let updated = db.execute(update, rusqlite::params![store_key, payload]);
+                assert_eq!(updated.unwrap(), 1);
+            })
+            .await;
+        }
+    }
+}

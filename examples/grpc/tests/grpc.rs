@@ -30,8 +30,12 @@ impl Drop for Server {
 
 impl Server {
     async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    async fn start_with(args: &[&str]) -> Self {
         let binary = demo::example_binary("grpc_server");
-        let (child, base) = demo::spawn_listening(&binary, &[]).await;
+        let (child, base) = demo::spawn_listening(&binary, args).await;
         Self { child, base }
     }
 
@@ -55,6 +59,7 @@ fn payment(amount: i64) -> CreatePaymentRequest {
         currency: "usd".into(),
         fail: false,
         delay_ms: 0,
+        receipt_bytes: 0,
     }
 }
 
@@ -272,4 +277,87 @@ async fn the_client_example_sees_its_retry_replayed() {
         "{stdout}"
     );
     assert!(stdout.contains("Create ran 1 time(s)"), "{stdout}");
+}
+
+/// A client that takes answers of up to 16 MiB (tonic's default is 4 MiB).
+async fn large_client(server: &Server) -> tonic::client::Grpc<Channel> {
+    server.client().await.max_decoding_message_size(16 << 20)
+}
+
+fn with_receipt(amount: i64, receipt_bytes: u32) -> CreatePaymentRequest {
+    CreatePaymentRequest {
+        receipt_bytes,
+        ..payment(amount)
+    }
+}
+
+/// A 4 MiB answer (tonic's default message limit) is within the default `max_stored_body`
+/// (8 MiB): it is stored whole and its retry replays it whole, the same `Payment`.
+#[tokio::test]
+async fn a_4_mib_answer_is_stored_and_replayed_whole() {
+    let server = Server::start().await;
+    let mut client = large_client(&server).await;
+    let message = with_receipt(400, 4 << 20);
+    let first = create(&mut client, Some("k-4mib"), message.clone())
+        .await
+        .unwrap();
+    assert_eq!(first.get_ref().receipt.len(), 4 << 20);
+    let retry = create(&mut client, Some("k-4mib"), message).await.unwrap();
+    assert!(replayed(&retry));
+    assert_eq!(
+        retry.get_ref(),
+        first.get_ref(),
+        "the same Payment, receipt and all"
+    );
+    assert_eq!(executions(&mut client).await, 1);
+}
+
+/// An answer past `max_stored_body` reaches the original whole; the key keeps a record of its
+/// head, and every retry is `FAILED_PRECONDITION` saying so: the call succeeded and is never
+/// run a second time. Another message under the key is still `INVALID_ARGUMENT`.
+#[tokio::test]
+async fn an_answer_past_the_bound_is_never_run_twice() {
+    let server = Server::start_with(&["--max-stored-body", "1048576"]).await;
+    let mut client = large_client(&server).await;
+    let message = with_receipt(500, 2 << 20);
+    let first = create(&mut client, Some("k-big"), message.clone())
+        .await
+        .unwrap();
+    assert!(!replayed(&first));
+    assert_eq!(
+        first.get_ref().receipt.len(),
+        2 << 20,
+        "the original gets all of it"
+    );
+    for _ in 0..3 {
+        let status = create(&mut client, Some("k-big"), message.clone())
+            .await
+            .expect_err("the answer was not stored");
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains("answer-not-stored"), "{status:?}");
+    }
+    let status = create(&mut client, Some("k-big"), with_receipt(501, 2 << 20))
+        .await
+        .expect_err("another message");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(executions(&mut client).await, 1, "never run a second time");
+}
+
+/// Past the bound, a call that failed is not kept, as within it: the key is released and the
+/// retry runs.
+#[tokio::test]
+async fn a_failed_call_past_the_bound_is_released() {
+    let server = Server::start_with(&["--max-stored-body", "4096"]).await;
+    let mut client = large_client(&server).await;
+    let failing = CreatePaymentRequest {
+        fail: true,
+        ..with_receipt(600, 1 << 20)
+    };
+    for _ in 0..2 {
+        let status = create(&mut client, Some("k-big-fail"), failing.clone())
+            .await
+            .expect_err("the handler fails");
+        assert_eq!(status.code(), Code::Internal, "{status:?}");
+    }
+    assert_eq!(executions(&mut client).await, 2);
 }
