@@ -1,0 +1,244 @@
+//! A keyed answer streamed while it is stored, in process: the handler's body is driven by a
+//! channel the test holds, so each step (a chunk, an error, the end) happens when the test says.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full};
+use tokio::sync::mpsc;
+use tower::{Layer, Service, ServiceExt};
+use tower_idempotency::{IdempotencyLayer, RequestBody, Settings};
+
+/// A response body fed by the test: each message is a chunk or the body's error; the end when
+/// the sender is dropped.
+struct Fed(mpsc::Receiver<Result<Bytes, String>>);
+
+impl Body for Fed {
+    type Data = Bytes;
+    type Error = String;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, String>>> {
+        self.0.poll_recv(cx).map(|m| m.map(|m| m.map(Frame::data)))
+    }
+}
+
+type Feed = mpsc::Sender<Result<Bytes, String>>;
+
+/// A handler answering 200 with a body the test feeds; each call hands its feed to the test.
+#[derive(Clone)]
+struct Handler {
+    runs: Arc<AtomicUsize>,
+    feeds: Arc<Mutex<VecDeque<Feed>>>,
+    fed: Arc<tokio::sync::Notify>,
+}
+
+impl Handler {
+    fn new() -> Self {
+        Self {
+            runs: Arc::default(),
+            feeds: Arc::default(),
+            fed: Arc::default(),
+        }
+    }
+
+    /// The feed of the next run, once it started.
+    async fn feed(&self) -> Feed {
+        loop {
+            let notified = self.fed.notified();
+            if let Some(feed) = self.feeds.lock().unwrap().pop_front() {
+                return feed;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Service<Request<RequestBody<Full<Bytes>>>> for Handler {
+    type Response = Response<Fed>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Response<Fed>, std::convert::Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<RequestBody<Full<Bytes>>>) -> Self::Future {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel(1024);
+        self.feeds.lock().unwrap().push_back(tx);
+        self.fed.notify_waiters();
+        let mut response = Response::new(Fed(rx));
+        response
+            .headers_mut()
+            .insert("content-type", "text/event-stream".parse().unwrap());
+        std::future::ready(Ok(response))
+    }
+}
+
+fn keyed(key: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    let mut request = Request::post("/gen").header("idempotency-key", key);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.body(Full::new(Bytes::from("{}"))).unwrap()
+}
+
+fn event(n: u32) -> Bytes {
+    Bytes::from(format!("id: {n}\ndata: tok-{n}\n\n"))
+}
+
+fn events(from: u32, to: u32) -> Vec<u8> {
+    (from..=to).flat_map(|n| event(n).to_vec()).collect()
+}
+
+type Svc = tower_idempotency::Idempotency<Handler>;
+
+fn service(layer: IdempotencyLayer, handler: &Handler) -> Svc {
+    layer.layer(handler.clone())
+}
+
+/// Waits until a retry of `key` is a replay (the pump stored the record), and answers it.
+async fn replayed(svc: &Svc, key: &str) -> Response<tower_idempotency::ResponseBody<Fed>> {
+    for _ in 0..2000 {
+        let response = svc.clone().oneshot(keyed(key, &[])).await.unwrap();
+        if response.headers().contains_key("idempotent-replayed") {
+            return response;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("never stored");
+}
+
+#[tokio::test]
+async fn the_head_and_first_chunk_arrive_before_the_body_ends() {
+    let handler = Handler::new();
+    let svc = service(IdempotencyLayer::new(), &handler);
+    let call = tokio::spawn(svc.clone().oneshot(keyed("k", &[])));
+    let feed = handler.feed().await;
+    feed.send(Ok(event(1))).await.unwrap();
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, event(1), "before the body ended");
+    feed.send(Ok(event(2))).await.unwrap();
+    drop(feed);
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, event(2));
+    let retry = replayed(&svc, "k").await;
+    let body = retry.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, events(1, 2));
+    assert_eq!(handler.runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_client_gone_mid_stream_leaves_the_stream_stored() {
+    let handler = Handler::new();
+    let svc = service(IdempotencyLayer::new(), &handler);
+    let call = tokio::spawn(svc.clone().oneshot(keyed("k", &[])));
+    let feed = handler.feed().await;
+    feed.send(Ok(event(1))).await.unwrap();
+    let response = call.await.unwrap().unwrap();
+    drop(response);
+    for n in 2..=100 {
+        feed.send(Ok(event(n))).await.unwrap();
+    }
+    drop(feed);
+    let retry = replayed(&svc, "k").await;
+    let body = retry.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, events(1, 100));
+    assert_eq!(handler.runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_body_error_mid_stream_fails_the_client_and_releases_the_key() {
+    let handler = Handler::new();
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let settings = Settings::default().on_outcome({
+        let outcomes = outcomes.clone();
+        move |o| outcomes.lock().unwrap().push(o)
+    });
+    let svc = service(IdempotencyLayer::with_settings(settings), &handler);
+    let call = tokio::spawn(svc.clone().oneshot(keyed("k", &[])));
+    let feed = handler.feed().await;
+    feed.send(Ok(event(1))).await.unwrap();
+    let response = call.await.unwrap().unwrap();
+    feed.send(Err("broke".into())).await.unwrap();
+    assert!(
+        response.into_body().collect().await.is_err(),
+        "never a clean end"
+    );
+    // Released: the retry runs the handler again.
+    let retry = tokio::spawn(svc.clone().oneshot(keyed("k", &[])));
+    let feed = handler.feed().await;
+    drop(feed);
+    let retry = retry.await.unwrap().unwrap();
+    assert!(!retry.headers().contains_key("idempotent-replayed"));
+    assert_eq!(handler.runs.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        outcomes.lock().unwrap()[0],
+        tower_idempotency::Outcome::Released(tower_idempotency::ReleaseReason::BodyError),
+        "one outcome for the streamed original, from its pump"
+    );
+}
+
+#[tokio::test]
+async fn past_the_bound_the_record_keeps_the_head_and_the_client_gets_every_byte() {
+    let handler = Handler::new();
+    let svc = service(IdempotencyLayer::new().max_stored_body(1000), &handler);
+    let call = tokio::spawn(svc.clone().oneshot(keyed("k", &[])));
+    let feed = handler.feed().await;
+    feed.send(Ok(event(1))).await.unwrap();
+    let response = call.await.unwrap().unwrap();
+    let reader = tokio::spawn(response.into_body().collect());
+    for n in 2..=500 {
+        feed.send(Ok(event(n))).await.unwrap();
+    }
+    drop(feed);
+    let whole = reader.await.unwrap().unwrap().to_bytes();
+    assert_eq!(whole, events(1, 500), "every byte, in order");
+    let retry = replayed(&svc, "k").await;
+    assert_eq!(retry.headers()["idempotent-body-omitted"], "true");
+    assert!(retry
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .is_empty());
+    assert_eq!(handler.runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_drain_waits_for_the_pump() {
+    let handler = Handler::new();
+    let layer = IdempotencyLayer::new();
+    let drain = layer.settings().drain_handle();
+    let svc = service(layer, &handler);
+    let call = tokio::spawn(svc.clone().oneshot(keyed("k", &[])));
+    let feed = handler.feed().await;
+    feed.send(Ok(event(1))).await.unwrap();
+    drop(call.await.unwrap().unwrap());
+    let draining = tokio::spawn(async move { drain.drain(Duration::from_secs(30)).await });
+    tokio::task::yield_now().await;
+    assert!(!draining.is_finished(), "the pump still holds the claim");
+    feed.send(Ok(event(2))).await.unwrap();
+    drop(feed);
+    let report = draining.await.unwrap();
+    assert!(
+        report.released().is_empty(),
+        "the pump ended before the deadline"
+    );
+    let retry = svc.clone().oneshot(keyed("k", &[])).await.unwrap();
+    assert_eq!(retry.status(), 503, "draining refuses new keyed requests");
+}
