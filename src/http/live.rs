@@ -380,6 +380,13 @@ async fn pump<St, B>(
     B::Error: Into<BoxError>,
 {
     let limit = storing.config.max_stored_body;
+    // Should this task end without ending the stream (a panic in the layer's own code, a
+    // runtime shutting down), its readers fail instead of waiting for ever.
+    let _ending = Ending {
+        live: live.clone(),
+        registry: storing.registry.clone(),
+        key: key.clone(),
+    };
     let read = guard
         .run(async {
             let mut tx = Some(tx);
@@ -469,6 +476,23 @@ async fn pump<St, B>(
             guard.release().await;
             live.update(|state| state.end = Some(End::Failed));
             storing.hook.fire(Outcome::Released(reason));
+        }
+    }
+}
+
+/// Ends a stream whose pump went away before ending it: it is taken off the registry and its
+/// readers fail.
+struct Ending {
+    live: Arc<Live>,
+    registry: Arc<Registry>,
+    key: Arc<str>,
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        self.registry.remove(&self.key, &self.live);
+        if self.live.lock().end.is_none() {
+            self.live.update(|state| state.end = Some(End::Failed));
         }
     }
 }

@@ -242,3 +242,70 @@ async fn a_drain_waits_for_the_pump() {
     let retry = svc.clone().oneshot(keyed("k", &[])).await.unwrap();
     assert_eq!(retry.status(), 503, "draining refuses new keyed requests");
 }
+
+fn joining() -> IdempotencyLayer {
+    let settings = Settings::default()
+        .on_conflict(tower_idempotency::OnConflict::Join(Duration::from_secs(30)));
+    IdempotencyLayer::with_settings(settings)
+        .scope(|parts| Some(parts.headers.get("tenant")?.to_str().ok()?.to_owned()))
+}
+
+#[tokio::test]
+async fn a_joiner_gets_every_chunk_so_far_then_each_new_one_and_another_tenant_runs_its_own() {
+    let handler = Handler::new();
+    let svc = service(joining(), &handler);
+    let key = "a{b}|c";
+    let original = tokio::spawn(svc.clone().oneshot(keyed(key, &[("tenant", "acme")])));
+    let feed = handler.feed().await;
+    feed.send(Ok(event(1))).await.unwrap();
+    let original = original.await.unwrap().unwrap();
+    feed.send(Ok(event(2))).await.unwrap();
+    let joiner = svc
+        .clone()
+        .oneshot(keyed(key, &[("tenant", "acme")]))
+        .await
+        .unwrap();
+    assert_eq!(joiner.headers()["idempotent-replayed"], "true");
+    assert_eq!(joiner.headers()["content-type"], "text/event-stream");
+    let joined = tokio::spawn(joiner.into_body().collect());
+    // Another tenant's request with the same key is its own: the handler runs for it.
+    let other = tokio::spawn(svc.clone().oneshot(keyed(key, &[("tenant", "globex")])));
+    drop(handler.feed().await);
+    let other = other.await.unwrap().unwrap();
+    assert!(!other.headers().contains_key("idempotent-replayed"));
+    for n in 3..=50 {
+        feed.send(Ok(event(n))).await.unwrap();
+    }
+    drop(feed);
+    let whole = original.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(whole, events(1, 50));
+    assert_eq!(joined.await.unwrap().unwrap().to_bytes(), whole);
+    assert_eq!(handler.runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_joiner_of_a_stream_past_the_bound_fails_and_the_original_gets_every_byte() {
+    let handler = Handler::new();
+    let svc = service(joining().max_stored_body(1000), &handler);
+    let original = tokio::spawn(svc.clone().oneshot(keyed("k", &[("tenant", "acme")])));
+    let feed = handler.feed().await;
+    feed.send(Ok(event(1))).await.unwrap();
+    let original = original.await.unwrap().unwrap();
+    let reader = tokio::spawn(original.into_body().collect());
+    let joiner = svc
+        .clone()
+        .oneshot(keyed("k", &[("tenant", "acme")]))
+        .await
+        .unwrap();
+    let joined = tokio::spawn(joiner.into_body().collect());
+    for n in 2..=500 {
+        feed.send(Ok(event(n))).await.unwrap();
+    }
+    drop(feed);
+    assert_eq!(reader.await.unwrap().unwrap().to_bytes(), events(1, 500));
+    assert!(
+        joined.await.unwrap().is_err(),
+        "a joiner cannot follow past what is kept"
+    );
+    assert_eq!(handler.runs.load(Ordering::SeqCst), 1);
+}
