@@ -391,6 +391,7 @@ async fn joined(
     payload: &'static str,
     extra: Vec<(&'static str, String)>,
     barrier: std::sync::Arc<tokio::sync::Barrier>,
+    heads: Option<std::sync::Arc<tokio::sync::Barrier>>,
 ) -> (http::HeaderMap, Result<bytes::Bytes, String>) {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http();
@@ -406,6 +407,9 @@ async fn joined(
         .unwrap();
     barrier.wait().await;
     let response = client.request(request).await.unwrap();
+    if let Some(heads) = heads {
+        heads.wait().await;
+    }
     let (parts, body) = response.into_parts();
     let body = body
         .collect()
@@ -418,9 +422,10 @@ async fn joined(
 #[tokio::test]
 async fn fifty_duplicates_join_a_live_stream_and_get_the_identical_bytes_while_it_ran_once() {
     let demo = Demo::start(&["--on-conflict", "join"]).await;
-    const SLOW: &str = r#"{"tokens": 300, "interval_ms": 5}"#;
+    const SLOW: &str = r#"{"tokens": 300, "interval_ms": 10}"#;
     let original = live_original(&demo, "gen-join", SLOW).await;
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(50));
+    let heads = std::sync::Arc::new(tokio::sync::Barrier::new(51));
     let joiners: Vec<_> = (0..50)
         .map(|_| {
             tokio::spawn(joined(
@@ -429,9 +434,13 @@ async fn fifty_duplicates_join_a_live_stream_and_get_the_identical_bytes_while_i
                 SLOW,
                 vec![],
                 barrier.clone(),
+                Some(heads.clone()),
             ))
         })
         .collect();
+    // Every joiner has its head while the generation runs: joined, not waiting for the end.
+    heads.wait().await;
+    assert_eq!(stat(&demo, "completions_finished").await, 0, "joined live");
     let whole = original.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(whole, events(1, 300).as_bytes());
     for joiner in joiners {
@@ -457,6 +466,7 @@ async fn joiners_of_a_stream_that_fails_see_an_error_and_nothing_is_stored() {
                 BREAKS,
                 vec![],
                 barrier.clone(),
+                None,
             ))
         })
         .collect();
@@ -507,6 +517,7 @@ async fn a_joiner_with_last_event_id_gets_the_events_after_it() {
             SLOW,
             vec![("last-event-id", id.to_owned())],
             barrier.clone(),
+            None,
         ))
     };
     // An id produced already (most likely), one still to come, one no event has.
