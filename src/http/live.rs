@@ -33,8 +33,9 @@ use super::replay::REPLAYED_HEADER;
 use super::response_body::ResponseBody;
 use super::sse;
 use crate::protocol::{ClaimGuard, Outcome, OutcomeHook, ReleaseReason};
-use crate::store::Store;
+use crate::store::{Record, Store};
 use crate::BoxError;
+use crate::RecoveryPoints;
 
 /// How many frames past the stored bound may wait for the original client.
 const TAIL_FRAMES: usize = 4;
@@ -269,6 +270,10 @@ impl Body for LiveBody {
 /// What the pump needs to store the record at the end.
 pub(crate) struct Storing {
     pub(crate) fingerprint: Option<u128>,
+    /// The run's recovery points: should one have failed to save, a body that fails stores
+    /// `unsaved` (500 `#progress-unsaved`) instead of releasing the key.
+    pub(crate) points: RecoveryPoints,
+    pub(crate) unsaved: Record,
     pub(crate) carried: Vec<(HeaderName, HeaderValue)>,
     pub(crate) config: Arc<super::config::Config>,
     pub(crate) ttl: Duration,
@@ -473,9 +478,21 @@ async fn pump<St, B>(
                 }
                 _ => ReleaseReason::Panic,
             };
-            guard.release().await;
+            let outcome = if storing.points.unsaved() {
+                tracing::error!(
+                    outcome = "stored",
+                    "a recovery point was not saved and the stream failed; storing 500 #progress-unsaved instead of releasing the key"
+                );
+                guard
+                    .complete_for(storing.unsaved, storing.ttl)
+                    .await
+                    .into()
+            } else {
+                guard.release().await;
+                Outcome::Released(reason)
+            };
             live.update(|state| state.end = Some(End::Failed));
-            storing.hook.fire(Outcome::Released(reason));
+            storing.hook.fire(outcome);
         }
     }
 }

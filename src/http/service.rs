@@ -673,8 +673,15 @@ where
             }
             let produced = match produced {
                 Ok(Ok(Produced::Streaming(captured))) => {
+                    let fingerprint = fingerprint.finish(&guard).await;
+                    // Stored instead of releasing the key should the body fail after a save of
+                    // the run's recovery point failed (see `unsaved_failure`).
+                    let problem = Problem::Plain(ProblemKind::ProgressUnsaved).respond(grpc);
+                    let unsaved = record_of_full::<ResBody>(problem, fingerprint, &carried, config);
                     let storing = live::Storing {
-                        fingerprint: fingerprint.finish(&guard).await,
+                        fingerprint,
+                        points: points.clone(),
+                        unsaved,
                         carried,
                         config: core.config.clone(),
                         ttl,

@@ -40,6 +40,8 @@ struct Handler {
     runs: Arc<AtomicUsize>,
     feeds: Arc<Mutex<VecDeque<Feed>>>,
     fed: Arc<tokio::sync::Notify>,
+    /// Each run's recovery points, for a test to save from while the body streams.
+    points: Arc<Mutex<Vec<tower_idempotency::RecoveryPoints>>>,
 }
 
 impl Handler {
@@ -48,6 +50,7 @@ impl Handler {
             runs: Arc::default(),
             feeds: Arc::default(),
             fed: Arc::default(),
+            points: Arc::default(),
         }
     }
 
@@ -72,8 +75,14 @@ impl Service<Request<RequestBody<Full<Bytes>>>> for Handler {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, _: Request<RequestBody<Full<Bytes>>>) -> Self::Future {
+    fn call(&mut self, request: Request<RequestBody<Full<Bytes>>>) -> Self::Future {
         self.runs.fetch_add(1, Ordering::SeqCst);
+        if let Some(points) = request
+            .extensions()
+            .get::<tower_idempotency::RecoveryPoints>()
+        {
+            self.points.lock().unwrap().push(points.clone());
+        }
         let (tx, rx) = mpsc::channel(1024);
         self.feeds.lock().unwrap().push_back(tx);
         self.fed.notify_waiters();
@@ -307,5 +316,36 @@ async fn a_joiner_of_a_stream_past_the_bound_fails_and_the_original_gets_every_b
         joined.await.unwrap().is_err(),
         "a joiner cannot follow past what is kept"
     );
+    assert_eq!(handler.runs.load(Ordering::SeqCst), 1);
+}
+
+/// Serializes to nothing JSON can hold: `save_json` fails before anything is written.
+struct Unserializable;
+
+impl serde::Serialize for Unserializable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("cannot be serialized"))
+    }
+}
+
+/// A save that failed while the body streamed (a side effect may be recorded nowhere): a body
+/// that fails then keeps the key, with 500 `#progress-unsaved`, as a run that was not streaming
+/// would; no retry runs the handler again.
+#[tokio::test]
+async fn a_stream_that_fails_after_a_failed_save_keeps_the_key_as_progress_unsaved() {
+    let handler = Handler::new();
+    let svc = service(IdempotencyLayer::new(), &handler);
+    let call = tokio::spawn(svc.clone().oneshot(keyed("k", &[])));
+    let feed = handler.feed().await;
+    feed.send(Ok(event(1))).await.unwrap();
+    let response = call.await.unwrap().unwrap();
+    let points = handler.points.lock().unwrap()[0].clone();
+    assert!(points.save_json("charged", &Unserializable).await.is_err());
+    feed.send(Err("broke".into())).await.unwrap();
+    assert!(response.into_body().collect().await.is_err());
+    let retry = replayed(&svc, "k").await;
+    assert_eq!(retry.status(), 500);
+    let body = retry.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("progress-unsaved"));
     assert_eq!(handler.runs.load(Ordering::SeqCst), 1);
 }
