@@ -419,25 +419,37 @@ async fn joined(
     (parts.headers, body)
 }
 
+/// `n` duplicates of `key` sent at once (a barrier), each read whole by a task of its own;
+/// each waits at `heads` once it has its head.
+fn joiners(
+    demo: &Demo,
+    key: &str,
+    payload: &'static str,
+    n: usize,
+    heads: Option<std::sync::Arc<tokio::sync::Barrier>>,
+) -> Vec<tokio::task::JoinHandle<(http::HeaderMap, Result<bytes::Bytes, String>)>> {
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(n));
+    (0..n)
+        .map(|_| {
+            tokio::spawn(joined(
+                demo.base.clone(),
+                key.to_owned(),
+                payload,
+                vec![],
+                barrier.clone(),
+                heads.clone(),
+            ))
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn fifty_duplicates_join_a_live_stream_and_get_the_identical_bytes_while_it_ran_once() {
     let demo = Demo::start(&["--on-conflict", "join"]).await;
     const SLOW: &str = r#"{"tokens": 300, "interval_ms": 10}"#;
     let original = live_original(&demo, "gen-join", SLOW).await;
-    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(50));
     let heads = std::sync::Arc::new(tokio::sync::Barrier::new(51));
-    let joiners: Vec<_> = (0..50)
-        .map(|_| {
-            tokio::spawn(joined(
-                demo.base.clone(),
-                "gen-join".into(),
-                SLOW,
-                vec![],
-                barrier.clone(),
-                Some(heads.clone()),
-            ))
-        })
-        .collect();
+    let joiners = joiners(&demo, "gen-join", SLOW, 50, Some(heads.clone()));
     // Every joiner has its head while the generation runs: joined, not waiting for the end.
     heads.wait().await;
     assert_eq!(stat(&demo, "completions_finished").await, 0, "joined live");
@@ -457,19 +469,7 @@ async fn joiners_of_a_stream_that_fails_see_an_error_and_nothing_is_stored() {
     let demo = Demo::start(&["--on-conflict", "join"]).await;
     const BREAKS: &str = r#"{"tokens": 300, "interval_ms": 5, "fail_after": 150}"#;
     let original = live_original(&demo, "gen-join-breaks", BREAKS).await;
-    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(10));
-    let joiners: Vec<_> = (0..10)
-        .map(|_| {
-            tokio::spawn(joined(
-                demo.base.clone(),
-                "gen-join-breaks".into(),
-                BREAKS,
-                vec![],
-                barrier.clone(),
-                None,
-            ))
-        })
-        .collect();
+    let joiners = joiners(&demo, "gen-join-breaks", BREAKS, 10, None);
     assert!(original.into_body().collect().await.is_err());
     for joiner in joiners {
         let (headers, body) = joiner.await.unwrap();

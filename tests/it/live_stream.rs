@@ -116,6 +116,22 @@ fn service(layer: IdempotencyLayer, handler: &Handler) -> Svc {
     layer.layer(handler.clone())
 }
 
+type Answered = Response<tower_idempotency::ResponseBody<Fed>>;
+
+/// Sends the original of `key`, feeds its first event, and answers its response (the head,
+/// sent before the body ends) and the feed of the rest.
+async fn started(
+    svc: &Svc,
+    handler: &Handler,
+    key: &str,
+    headers: &[(&str, &str)],
+) -> (Answered, Feed) {
+    let call = tokio::spawn(svc.clone().oneshot(keyed(key, headers)));
+    let feed = handler.feed().await;
+    feed.send(Ok(event(1))).await.unwrap();
+    (call.await.unwrap().unwrap(), feed)
+}
+
 /// Waits until a retry of `key` is a replay (the pump stored the record), and answers it.
 async fn replayed(svc: &Svc, key: &str) -> Response<tower_idempotency::ResponseBody<Fed>> {
     for _ in 0..2000 {
@@ -132,10 +148,7 @@ async fn replayed(svc: &Svc, key: &str) -> Response<tower_idempotency::ResponseB
 async fn the_head_and_first_chunk_arrive_before_the_body_ends() {
     let handler = Handler::new();
     let svc = service(IdempotencyLayer::new(), &handler);
-    let call = tokio::spawn(svc.clone().oneshot(keyed("k", &[])));
-    let feed = handler.feed().await;
-    feed.send(Ok(event(1))).await.unwrap();
-    let response = call.await.unwrap().unwrap();
+    let (response, feed) = started(&svc, &handler, "k", &[]).await;
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
@@ -154,10 +167,7 @@ async fn the_head_and_first_chunk_arrive_before_the_body_ends() {
 async fn a_client_gone_mid_stream_leaves_the_stream_stored() {
     let handler = Handler::new();
     let svc = service(IdempotencyLayer::new(), &handler);
-    let call = tokio::spawn(svc.clone().oneshot(keyed("k", &[])));
-    let feed = handler.feed().await;
-    feed.send(Ok(event(1))).await.unwrap();
-    let response = call.await.unwrap().unwrap();
+    let (response, feed) = started(&svc, &handler, "k", &[]).await;
     drop(response);
     for n in 2..=100 {
         feed.send(Ok(event(n))).await.unwrap();
@@ -178,10 +188,7 @@ async fn a_body_error_mid_stream_fails_the_client_and_releases_the_key() {
         move |o| outcomes.lock().unwrap().push(o)
     });
     let svc = service(IdempotencyLayer::with_settings(settings), &handler);
-    let call = tokio::spawn(svc.clone().oneshot(keyed("k", &[])));
-    let feed = handler.feed().await;
-    feed.send(Ok(event(1))).await.unwrap();
-    let response = call.await.unwrap().unwrap();
+    let (response, feed) = started(&svc, &handler, "k", &[]).await;
     feed.send(Err("broke".into())).await.unwrap();
     assert!(
         response.into_body().collect().await.is_err(),
@@ -205,10 +212,7 @@ async fn a_body_error_mid_stream_fails_the_client_and_releases_the_key() {
 async fn past_the_bound_the_record_keeps_the_head_and_the_client_gets_every_byte() {
     let handler = Handler::new();
     let svc = service(IdempotencyLayer::new().max_stored_body(1000), &handler);
-    let call = tokio::spawn(svc.clone().oneshot(keyed("k", &[])));
-    let feed = handler.feed().await;
-    feed.send(Ok(event(1))).await.unwrap();
-    let response = call.await.unwrap().unwrap();
+    let (response, feed) = started(&svc, &handler, "k", &[]).await;
     let reader = tokio::spawn(response.into_body().collect());
     for n in 2..=500 {
         feed.send(Ok(event(n))).await.unwrap();
@@ -234,10 +238,8 @@ async fn a_drain_waits_for_the_pump() {
     let layer = IdempotencyLayer::new();
     let drain = layer.settings().drain_handle();
     let svc = service(layer, &handler);
-    let call = tokio::spawn(svc.clone().oneshot(keyed("k", &[])));
-    let feed = handler.feed().await;
-    feed.send(Ok(event(1))).await.unwrap();
-    drop(call.await.unwrap().unwrap());
+    let (response, feed) = started(&svc, &handler, "k", &[]).await;
+    drop(response);
     let draining = tokio::spawn(async move { drain.drain(Duration::from_secs(30)).await });
     tokio::task::yield_now().await;
     assert!(!draining.is_finished(), "the pump still holds the claim");
@@ -264,10 +266,7 @@ async fn a_joiner_gets_every_chunk_so_far_then_each_new_one_and_another_tenant_r
     let handler = Handler::new();
     let svc = service(joining(), &handler);
     let key = "a{b}|c";
-    let original = tokio::spawn(svc.clone().oneshot(keyed(key, &[("tenant", "acme")])));
-    let feed = handler.feed().await;
-    feed.send(Ok(event(1))).await.unwrap();
-    let original = original.await.unwrap().unwrap();
+    let (original, feed) = started(&svc, &handler, key, &[("tenant", "acme")]).await;
     feed.send(Ok(event(2))).await.unwrap();
     let joiner = svc
         .clone()
@@ -296,10 +295,7 @@ async fn a_joiner_gets_every_chunk_so_far_then_each_new_one_and_another_tenant_r
 async fn a_joiner_of_a_stream_past_the_bound_fails_and_the_original_gets_every_byte() {
     let handler = Handler::new();
     let svc = service(joining().max_stored_body(1000), &handler);
-    let original = tokio::spawn(svc.clone().oneshot(keyed("k", &[("tenant", "acme")])));
-    let feed = handler.feed().await;
-    feed.send(Ok(event(1))).await.unwrap();
-    let original = original.await.unwrap().unwrap();
+    let (original, feed) = started(&svc, &handler, "k", &[("tenant", "acme")]).await;
     let reader = tokio::spawn(original.into_body().collect());
     let joiner = svc
         .clone()
@@ -335,10 +331,7 @@ impl serde::Serialize for Unserializable {
 async fn a_stream_that_fails_after_a_failed_save_keeps_the_key_as_progress_unsaved() {
     let handler = Handler::new();
     let svc = service(IdempotencyLayer::new(), &handler);
-    let call = tokio::spawn(svc.clone().oneshot(keyed("k", &[])));
-    let feed = handler.feed().await;
-    feed.send(Ok(event(1))).await.unwrap();
-    let response = call.await.unwrap().unwrap();
+    let (response, feed) = started(&svc, &handler, "k", &[]).await;
     let points = handler.points.lock().unwrap()[0].clone();
     assert!(points.save_json("charged", &Unserializable).await.is_err());
     feed.send(Err("broke".into())).await.unwrap();
