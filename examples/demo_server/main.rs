@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --example demo_server -- [--addr HOST:PORT] [--store memory|sqlite://PATH|…] [--ttl SECS]
-//!     [--lease SECS] [--on-conflict reject|wait] [--require-key] [--drain-timeout SECS]
+//!     [--lease SECS] [--on-conflict reject|wait|join] [--require-key] [--drain-timeout SECS]
 //! ```
 //!
 //! On `SIGTERM` or `SIGINT` (Ctrl-C) it shuts down gracefully: it stops accepting connections,
@@ -82,7 +82,9 @@ struct Args {
     /// default, `defaults::LEASE`]. `--lock-ttl`, its former name, still works.
     #[arg(long, alias = "lock-ttl")]
     lease: Option<u64>,
-    /// What a duplicate gets while the original runs.
+    /// What a duplicate gets while the original runs: `reject` (409), `wait` (up to 30 s for
+    /// its end, then its replay) or `join` (as `wait`, and a duplicate of a streaming original
+    /// follows its stream live: every event so far, then each as it is produced).
     #[arg(long, value_enum, default_value_t = Conflict::Reject)]
     on_conflict: Conflict,
     /// Refuse keyless POSTs with 400.
@@ -121,6 +123,7 @@ struct Args {
 enum Conflict {
     Reject,
     Wait,
+    Join,
 }
 
 #[derive(Clone)]
@@ -561,8 +564,14 @@ fn idempotency_layer(args: &Args, store: BoxStore) -> IdempotencyLayer<BoxStore>
     if let Some(lease) = args.lease {
         settings = settings.lease(Duration::from_secs(lease));
     }
-    if let Conflict::Wait = args.on_conflict {
-        settings = settings.on_conflict(OnConflict::Wait(Duration::from_secs(30)));
+    match args.on_conflict {
+        Conflict::Reject => {}
+        Conflict::Wait => {
+            settings = settings.on_conflict(OnConflict::Wait(Duration::from_secs(30)))
+        }
+        Conflict::Join => {
+            settings = settings.on_conflict(OnConflict::Join(Duration::from_secs(30)))
+        }
     }
     IdempotencyLayer::with_settings(settings)
         .scope(|parts| parts.extensions.get::<Tenant>().map(|t| t.0.clone()))

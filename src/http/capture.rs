@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::task::Poll;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CACHE_CONTROL};
@@ -31,6 +32,10 @@ pub(crate) enum Produced<B> {
     Storable(Captured<B>),
     /// The body failed while being read.
     Failed(BoxError),
+    /// Storable, and its body is not whole yet (a poll returned `Pending` before its end, and
+    /// streaming was asked for): the head and the frames read so far, to stream from
+    /// [`live::start`](super::live::start).
+    Streaming(Captured<B>),
 }
 
 /// A storable answer, read up to the limit.
@@ -63,7 +68,10 @@ pub(crate) enum Keep<'a> {
 }
 
 /// Reads a storable response's body up to `max_body` bytes; anything else is returned
-/// untouched. `keep` says which answers are stored.
+/// untouched. `keep` says which answers are stored. With `stream`, a body that is not whole
+/// at once (a poll returns `Pending` before its end) is handed back as
+/// [`Produced::Streaming`], to be answered while it is stored; a body whole at once is read as
+/// without it.
 ///
 /// A gRPC call (`grpc`) is storable only when it succeeded: HTTP 200 and `grpc-status: 0` (in
 /// its trailers, or in the headers of a trailers-only answer), which is known only once the
@@ -76,6 +84,7 @@ pub(crate) async fn read<B>(
     keep: Keep<'_>,
     max_body: usize,
     grpc: bool,
+    stream: bool,
 ) -> Produced<B>
 where
     B: Body<Data = Bytes>,
@@ -102,7 +111,21 @@ where
     let mut whole = rest.size_hint().lower() <= limit;
     let mut read = 0u64;
     while whole {
-        match std::future::poll_fn(|cx| rest.as_mut().poll_frame(cx)).await {
+        let polled = std::future::poll_fn(|cx| match rest.as_mut().poll_frame(cx) {
+            Poll::Pending if stream => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(frame) => Poll::Ready(Some(frame)),
+        })
+        .await;
+        let Some(polled) = polled else {
+            return Produced::Streaming(Captured {
+                head,
+                frames,
+                rest,
+                whole: false,
+            });
+        };
+        match polled {
             None => break,
             Some(Err(error)) => return Produced::Failed(error.into()),
             Some(Ok(frame)) => {
@@ -202,7 +225,7 @@ impl<B> Captured<B> {
 /// glibc's `malloc` rounds it, and the shared header (32 bytes) a chunk gets once the record
 /// and the response both hold it; so a response of many tiny chunks is charged what they take,
 /// not their few bytes.
-fn held_alone(data: &mut Bytes) -> usize {
+pub(crate) fn held_alone(data: &mut Bytes) -> usize {
     /// `bytes`' shared header (a pointer, a capacity, a count), as `malloc` rounds it.
     const SHARED_HEADER: usize = 32;
     if data.is_empty() {

@@ -11,6 +11,7 @@
 //! | `request_body.rs` | [`RequestBody`]: the body the handler reads, hashed as it streams |
 //! | `capture.rs` | which answers are stored, reading them up to the limit, building the record |
 //! | `record.rs` | the versioned binary encoding of a stored response |
+//! | `live.rs` | a keyed answer streamed while it is stored, and duplicates joining it |
 //! | `replay.rs` | answering a duplicate: compare, then replay or refuse |
 //! | `response_body.rs` | [`ResponseBody`]: the handler's body, a buffered original, or a replay |
 //! | `problem.rs` | the RFC 9457 answers the layer gives on its own |
@@ -22,6 +23,7 @@ pub mod fingerprint;
 mod future;
 mod key;
 mod layer;
+mod live;
 pub mod problem;
 mod record;
 mod replay;

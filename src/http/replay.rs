@@ -49,38 +49,8 @@ where
 {
     async move {
         let grpc = answering.grpc;
-        if let (Some(stored), Some(hasher)) = (record.fingerprint(), hasher) {
-            let hashed = match body_limit {
-                Some(limit) => fingerprint::hash_body(body, hasher, limit).await,
-                None => Ok(hasher.finish()),
-            };
-            match hashed {
-                Ok(fingerprint) if protocol::same_payload(Some(stored), Some(fingerprint)) => {}
-                Ok(_) => {
-                    return (
-                        Problem::Plain(ProblemKind::KeyReused).respond(grpc),
-                        Outcome::Mismatch,
-                    )
-                }
-                Err(HashError::TooLarge) => {
-                    tracing::info!(
-                        outcome = "body_too_large",
-                        limit = body_limit,
-                        "duplicate's body over the limit"
-                    );
-                    return (
-                        Problem::Plain(ProblemKind::BodyTooLarge).respond(grpc),
-                        Outcome::BodyTooLarge,
-                    );
-                }
-                Err(HashError::Body(error)) => {
-                    tracing::debug!(outcome = "unreadable_body", %error, "duplicate's body failed");
-                    return (
-                        Problem::Plain(ProblemKind::UnreadableBody).respond(grpc),
-                        Outcome::Unreadable,
-                    );
-                }
-            }
+        if let Some(refusal) = refused(record.fingerprint(), body, hasher, body_limit, grpc).await {
+            return refusal;
         }
         // A payload that never left this process needs no checksum (the memory store's).
         let checksum = !record.in_process();
@@ -115,6 +85,59 @@ where
                 unreadable_record(unreadable, answering.retry_after, grpc)
             }
         }
+    }
+}
+
+/// A duplicate's payload compared with the original's fingerprint `stored`: `None` when it is
+/// the same (or either side has none), else the refusal to answer (422, 413 over `body_limit`,
+/// 400 for a body that failed). (An `async` block, for the reason given at [`duplicate`].)
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn refused<ReqBody, ResBody>(
+    stored: Option<u128>,
+    body: ReqBody,
+    hasher: Option<FingerprintHasher>,
+    body_limit: Option<u64>,
+    grpc: bool,
+) -> impl std::future::Future<Output = Option<(Response<ResponseBody<ResBody>>, Outcome)>>
+where
+    ReqBody: Body,
+    ReqBody::Error: Into<BoxError>,
+{
+    async move {
+        if let (Some(stored), Some(hasher)) = (stored, hasher) {
+            let hashed = match body_limit {
+                Some(limit) => fingerprint::hash_body(body, hasher, limit).await,
+                None => Ok(hasher.finish()),
+            };
+            match hashed {
+                Ok(fingerprint) if protocol::same_payload(Some(stored), Some(fingerprint)) => {}
+                Ok(_) => {
+                    return Some((
+                        Problem::Plain(ProblemKind::KeyReused).respond(grpc),
+                        Outcome::Mismatch,
+                    ))
+                }
+                Err(HashError::TooLarge) => {
+                    tracing::info!(
+                        outcome = "body_too_large",
+                        limit = body_limit,
+                        "duplicate's body over the limit"
+                    );
+                    return Some((
+                        Problem::Plain(ProblemKind::BodyTooLarge).respond(grpc),
+                        Outcome::BodyTooLarge,
+                    ));
+                }
+                Err(HashError::Body(error)) => {
+                    tracing::debug!(outcome = "unreadable_body", %error, "duplicate's body failed");
+                    return Some((
+                        Problem::Plain(ProblemKind::UnreadableBody).respond(grpc),
+                        Outcome::Unreadable,
+                    ));
+                }
+            }
+        }
+        None
     }
 }
 

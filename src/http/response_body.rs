@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use super::live::LiveBody;
 use crate::BoxError;
 
 pin_project_lite::pin_project! {
@@ -27,6 +28,8 @@ pin_project_lite::pin_project! {
         Prefixed { prefix: VecDeque<Frame<Bytes>>, rest: Pin<Box<B>> },
         Full { data: Option<Bytes>, trailers: Option<http::HeaderMap> },
         Chunks { chunks: Arc<[Bytes]>, next: usize, trailers: Option<http::HeaderMap> },
+        // Boxed: only a streamed original or a joined duplicate has one.
+        Live { body: Box<LiveBody> },
     }
 }
 
@@ -41,6 +44,15 @@ impl<B> ResponseBody<B> {
     pub(crate) fn prefixed(prefix: VecDeque<Frame<Bytes>>, rest: Pin<Box<B>>) -> Self {
         Self {
             kind: Kind::Prefixed { prefix, rest },
+        }
+    }
+
+    /// A reader of a live stream (see [`live`](super::live)).
+    pub(crate) fn live(body: LiveBody) -> Self {
+        Self {
+            kind: Kind::Live {
+                body: Box::new(body),
+            },
         }
     }
 
@@ -138,6 +150,7 @@ where
                 }
                 .map(Ok),
             ),
+            KindProj::Live { body } => Pin::new(&mut **body).poll_frame(cx),
         }
     }
 
@@ -151,6 +164,7 @@ where
                 next,
                 trailers,
             } => *next >= chunks.len() && trailers.is_none(),
+            Kind::Live { .. } => false,
         }
     }
 
@@ -181,6 +195,7 @@ where
                     .map(|c| c.len() as u64)
                     .sum(),
             ),
+            Kind::Live { .. } => SizeHint::new(),
         }
     }
 }
@@ -192,6 +207,7 @@ impl<B> fmt::Debug for ResponseBody<B> {
             Kind::Prefixed { .. } => "prefixed",
             Kind::Full { .. } => "full",
             Kind::Chunks { .. } => "chunks",
+            Kind::Live { .. } => "live",
         };
         f.debug_struct("ResponseBody").field("kind", &kind).finish()
     }

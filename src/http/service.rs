@@ -34,6 +34,7 @@ use super::config::{Config, OnStoreError};
 use super::fingerprint::FingerprintHasher;
 use super::future::ResponseFuture;
 use super::key::{self, HeldKey, KeyHeader};
+use super::live;
 use super::problem::{Problem, ProblemKind};
 use super::replay;
 use super::request_body::{self, RequestBody};
@@ -59,6 +60,8 @@ pub struct Idempotency<S, St = MemoryStore> {
 struct Core<St> {
     settings: Settings<St>,
     config: Arc<Config>,
+    /// The streams this service answers while storing them, for duplicates that join.
+    live: Arc<live::Registry>,
 }
 
 impl<S> Idempotency<S, MemoryStore> {
@@ -72,7 +75,11 @@ impl<S, St> Idempotency<S, St> {
     pub(crate) fn from_parts(inner: S, settings: Settings<St>, config: Arc<Config>) -> Self {
         Self {
             inner,
-            core: Arc::new(Core { settings, config }),
+            core: Arc::new(Core {
+                settings,
+                config,
+                live: Arc::default(),
+            }),
         }
     }
 
@@ -236,7 +243,7 @@ async fn replay_at_once<St, B, E, ReqBody>(
     hasher: Option<FingerprintHasher>,
     last_event_id: Option<Box<HeaderValue>>,
     ticket: Ticket,
-) -> (Answer<B, E>, Outcome)
+) -> (Answer<B, E>, Option<Outcome>)
 where
     ReqBody: Body,
     ReqBody::Error: Into<BoxError>,
@@ -244,7 +251,7 @@ where
     let replayed = duplicate(&core.config, grpc, record, body, hasher).await;
     let (response, outcome) = resumed(replayed, last_event_id);
     drop(ticket);
-    (Ok(response), outcome)
+    (Ok(response), Some(outcome))
 }
 
 /// A duplicate of a completed key, answered from its record under `config`: its body hashed
@@ -287,7 +294,8 @@ fn resumed<B>(
 pin_project_lite::pin_project! {
     /// A keyed request's work with what wraps it: polled inside its span, a panic in the
     /// layer's own code (or the store's) answered with 500 (the claim guard, dropped with the
-    /// work, releases the key), and its outcome reported to the hook once it ends. Dropped
+    /// work, releases the key), and its outcome reported to the hook once it ends (by the
+    /// work's pump instead, when its answer streams: `None`). Dropped
     /// unfinished, the work is dropped inside its span too, so what its guard logs then is
     /// attributed to the request.
     struct KeyedTask<F> {
@@ -312,7 +320,7 @@ pin_project_lite::pin_project! {
 
 impl<F, B, E> Future for KeyedTask<F>
 where
-    F: Future<Output = (Answer<B, E>, Outcome)>,
+    F: Future<Output = (Answer<B, E>, Option<Outcome>)>,
 {
     type Output = Answer<B, E>;
 
@@ -328,12 +336,14 @@ where
             Ok(done) => done,
             Err(_panic) => (
                 Ok(Problem::Plain(ProblemKind::HandlerPanicked).respond(*this.grpc)),
-                Outcome::Released(ReleaseReason::Panic),
+                Some(Outcome::Released(ReleaseReason::Panic)),
             ),
         };
         // The work's state is dropped now, inside the span, not when the box is.
         this.run.set(None);
-        this.hook.fire(outcome);
+        if let Some(outcome) = outcome {
+            this.hook.fire(outcome);
+        }
         Poll::Ready(answer)
     }
 }
@@ -455,10 +465,10 @@ where
     ReqBody: Body + Send + 'static,
     ReqBody::Data: Send,
     ReqBody::Error: Into<BoxError>,
-    ResBody: Body<Data = Bytes>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    /// Claims `key`, then runs the original, replays, or refuses.
+    /// Claims `key`, then runs the original, replays, joins its live stream, or refuses.
     ///
     /// An `async` block, not an `async fn`: an `async fn` moves each argument into a local of
     /// its own, and its state keeps both (the request's parts twice), which every keyed
@@ -472,10 +482,21 @@ where
         first: Option<FirstClaim>,
         parts: Parts,
         body: ReqBody,
-    ) -> impl Future<Output = (Answer<ResBody, S::Error>, Outcome)> {
+    ) -> impl Future<Output = (Answer<ResBody, S::Error>, Option<Outcome>)> {
         async move {
             let hasher = self.core.config.fingerprint.start(&parts);
             let timings = self.core.settings.timings();
+            // A duplicate that may join finds its original's live stream, if one streams here
+            // (looked up only when joining is on, and not for a key claimed at once).
+            if timings.join && !matches!(first, Some(FirstClaim::Claimed(_))) {
+                if let Some(stream) = self.core.live.get(&store_key) {
+                    drop((ticket, first));
+                    // Boxed: only a joining duplicate needs this state.
+                    let joined = Box::pin(self.join(stream, parts, body, hasher)).await;
+                    let (response, outcome) = joined;
+                    return (Ok(response), Some(outcome));
+                }
+            }
             let ttl = self.core.config.ttl_for(&parts, timings.ttl);
             let store = self.core.settings.store();
             match protocol::begin(store, store_key, timings, ticket, first).await {
@@ -494,7 +515,7 @@ where
                     let config = &self.core.config;
                     let replayed = duplicate(config, self.grpc, record, body, hasher).await;
                     let (response, outcome) = resumed(replayed, last_event_id);
-                    (Ok(response), outcome)
+                    (Ok(response), Some(outcome))
                 }
                 Ok(Begin::InFlight {
                     waited,
@@ -510,7 +531,7 @@ where
                         remaining.clamp(Duration::from_secs(1), retry_after)
                     });
                     let problem = Problem::RetryAfter(ProblemKind::InFlight, after);
-                    (Ok(problem.respond(self.grpc)), Outcome::Conflict)
+                    (Ok(problem.respond(self.grpc)), Some(Outcome::Conflict))
                 }
                 Err(error) => match error.unreadable() {
                     // A record that exists but cannot be read proves the key was used: never a
@@ -521,17 +542,42 @@ where
                             self.core.config.retry_after,
                             self.grpc,
                         );
-                        (Ok(response), outcome)
+                        (Ok(response), Some(outcome))
                     }
                     // Boxed: a rare path (failing open runs the handler) that every request's
                     // state would otherwise carry.
                     None => (
                         Box::pin(self.store_failed(error, parts, body)).await,
-                        Outcome::StoreError,
+                        Some(Outcome::StoreError),
                     ),
                 },
             }
         }
+    }
+
+    /// A duplicate joining its original's live stream: its payload compared with the
+    /// original's, then the stream (see [`live::join`]).
+    async fn join(
+        self,
+        stream: Arc<live::Live>,
+        parts: Parts,
+        body: ReqBody,
+        hasher: Option<FingerprintHasher>,
+    ) -> (Response<ResponseBody<ResBody>>, Outcome) {
+        let config = &self.core.config;
+        let last_event_id = sse::last_event_id(&parts.headers);
+        drop(parts);
+        let body_limit = config
+            .fingerprint
+            .covers_body()
+            .then_some(config.max_duplicate_body);
+        let fingerprint = stream.fingerprint();
+        if let Some(refusal) =
+            replay::refused(fingerprint, body, hasher, body_limit, self.grpc).await
+        {
+            return refusal;
+        }
+        (live::join(stream, last_event_id), Outcome::Replayed)
     }
 
     async fn store_failed(
@@ -572,7 +618,7 @@ where
         mut parts: Parts,
         body: ReqBody,
         hasher: Option<FingerprintHasher>,
-    ) -> impl Future<Output = (Answer<ResBody, S::Error>, Outcome)> {
+    ) -> impl Future<Output = (Answer<ResBody, S::Error>, Option<Outcome>)> {
         async move {
             let Keyed {
                 mut inner,
@@ -603,12 +649,12 @@ where
                 // After a failed save, the answer is kept whatever it is (its status, a
                 // `no-store`, a failed gRPC call): releasing the key would let a retry repeat a
                 // side effect recorded nowhere.
-                let keep = if points.unsaved() {
-                    capture::Keep::Any
+                let (keep, stream) = if points.unsaved() {
+                    (capture::Keep::Any, false)
                 } else {
-                    capture::Keep::Storable(&*config.store_status)
+                    (capture::Keep::Storable(&*config.store_status), !grpc)
                 };
-                Ok(capture::read(response, keep, max_body, grpc).await)
+                Ok(capture::read(response, keep, max_body, grpc, stream).await)
             });
             let produced = guard.run(work).await;
             if points.unsaved() && !points.checked() {
@@ -623,26 +669,42 @@ where
                 drop(produced);
                 guard.release().await;
                 let answer = Problem::Plain(ProblemKind::KeyReused).respond(grpc);
-                return (Ok(answer), Outcome::Mismatch);
+                return (Ok(answer), Some(Outcome::Mismatch));
             }
+            let produced = match produced {
+                Ok(Ok(Produced::Streaming(captured))) => {
+                    let fingerprint = fingerprint.finish(&guard).await;
+                    // Stored instead of releasing the key should the body fail after a save of
+                    // the run's recovery point failed (see `unsaved_failure`).
+                    let problem = Problem::Plain(ProblemKind::ProgressUnsaved).respond(grpc);
+                    let unsaved = record_of_full::<ResBody>(problem, fingerprint, &carried, config);
+                    let storing = live::Storing {
+                        fingerprint,
+                        points: points.clone(),
+                        unsaved,
+                        carried,
+                        config: core.config.clone(),
+                        ttl,
+                        registry: core.live.clone(),
+                        hook: core.settings.hook().clone(),
+                    };
+                    // The pump reports the outcome once the stream ends.
+                    return (Ok(live::start(guard, captured, storing)), None);
+                }
+                other => other,
+            };
             let mut captured = match storable(produced, grpc) {
                 ControlFlow::Continue(captured) => captured,
                 ControlFlow::Break((answer, _)) if points.unsaved() => {
                     let fingerprint = fingerprint.finish(&guard).await;
-                    return unsaved_failure(
-                        guard,
-                        answer,
-                        fingerprint,
-                        &carried,
-                        config,
-                        ttl,
-                        grpc,
-                    )
-                    .await;
+                    let (answer, outcome) =
+                        unsaved_failure(guard, answer, fingerprint, &carried, config, ttl, grpc)
+                            .await;
+                    return (answer, Some(outcome));
                 }
                 ControlFlow::Break((answer, reason)) => {
                     guard.release().await;
-                    return (answer, Outcome::Released(reason));
+                    return (answer, Some(Outcome::Released(reason)));
                 }
             };
             let fingerprint = fingerprint.finish(&guard).await;
@@ -652,7 +714,7 @@ where
                 captured.head,
                 ResponseBody::prefixed(captured.frames, captured.rest),
             );
-            (Ok(response), outcome)
+            (Ok(response), Some(outcome))
         }
     }
 }
@@ -713,6 +775,14 @@ fn storable<B, E>(
 ) -> ControlFlow<(Answer<B, E>, ReleaseReason), Captured<B>> {
     ControlFlow::Break(match produced {
         Ok(Ok(Produced::Storable(captured))) => return ControlFlow::Continue(captured),
+        // Handled before (`Keyed::original`); read as a body that cannot be stored whole.
+        Ok(Ok(Produced::Streaming(captured))) => {
+            let body = ResponseBody::prefixed(captured.frames, captured.rest);
+            (
+                Ok(Response::from_parts(captured.head, body)),
+                ReleaseReason::TooLarge,
+            )
+        }
         Ok(Ok(Produced::Unstored(response, reason))) => {
             tracing::info!(
                 outcome = "not_stored",

@@ -58,9 +58,10 @@ pub enum OnConflict {
     /// response streams follows it live: it gets every chunk sent so far, then each as the
     /// original sends it. Should the original fail mid-stream, a joined duplicate fails with
     /// it (its connection is closed with an error, never a clean end) and the key is
-    /// released; a duplicate that found nothing streaming waits as with `Wait`. Across
-    /// processes it needs a store that keeps live streams (see `docs/streaming.md`); on
-    /// another it waits. A consumer treats it as `Wait`.
+    /// released; a duplicate that found nothing streaming waits as with `Wait`. It joins a
+    /// stream of the same service (the same process); a duplicate on another instance, or
+    /// one that arrives before the original answered its head, waits (see
+    /// `docs/streaming.md`). A consumer treats it as `Wait`.
     Join(Duration),
 }
 

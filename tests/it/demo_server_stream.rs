@@ -36,6 +36,19 @@ async fn finished(demo: &Demo, n: u64) {
     }
 }
 
+/// A retry of `key` once its record is stored: the pump stores it after the generation's last
+/// event, a store round trip later, and a retry in between gets 409 (in flight).
+async fn stored(demo: &Demo, key: &str, payload: &str) -> support::demo::Reply {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = demo.post_to("/completions", key, payload, &[]).await;
+        if reply.status != 409 || std::time::Instant::now() > deadline {
+            return reply;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Reads `response` until `n` whole events (`\n\n`-terminated) have arrived, then drops it,
 /// which closes the connection mid-stream. What was read.
 async fn read_events_then_cut(response: support::demo::Streamed, n: usize) -> Vec<u8> {
@@ -101,58 +114,62 @@ async fn a_stream_cut_before_its_first_byte_finishes_in_the_background() {
 }
 
 #[tokio::test]
-async fn a_keyed_stream_reaches_the_client_only_once_it_is_whole_today() {
-    // Today's behaviour, pinned so that the change is seen when it comes (chunked records):
-    // the layer reads a storable body to its end (up to `max_response_body`) before it answers,
-    // so the first byte of a keyed stream leaves when its last event was generated. Unkeyed,
-    // the same route streams.
+async fn a_keyed_stream_reaches_the_client_before_its_last_event_is_produced() {
+    // The layer answers the head as soon as the handler's body is not whole at once, and
+    // streams each event while it keeps it for the record: the first event arrives while the
+    // generation runs (200 events, 20 ms apart). The record is stored before the end arrives.
     let demo = Demo::start(&[]).await;
-    let slow = r#"{"tokens": 20, "interval_ms": 20}"#;
+    let slow = r#"{"tokens": 200, "interval_ms": 20}"#;
     let keyed = demo
-        .open("/completions", "gen-held", slow, &[])
+        .open("/completions", "gen-live", slow, &[])
         .await
         .unwrap();
+    assert_eq!(keyed.status(), 200);
+    assert!(!keyed.headers().contains_key("idempotent-replayed"));
+    let mut body = keyed.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, events(1, 1));
     assert_eq!(
         stat(&demo, "completions_finished").await,
-        1,
-        "the head came after the last event"
+        0,
+        "the first event came before the last was produced"
     );
-    drop(keyed);
-    let request = http::Request::post(format!("{}/completions", demo.base))
-        .header("authorization", "Bearer acme")
-        .body(http_body_util::Full::new(bytes::Bytes::from(slow)))
-        .unwrap();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http();
-    let unkeyed = client.request(request).await.unwrap();
-    assert_eq!(unkeyed.status(), 200);
-    assert_eq!(
-        stat(&demo, "completions_finished").await,
-        1,
-        "unkeyed, the head comes before the generation ends"
-    );
-    let body = unkeyed.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(body, events(1, 20).as_bytes());
+    let mut rest = first.to_vec();
+    rest.extend_from_slice(&body.collect().await.unwrap().to_bytes());
+    assert_eq!(rest, events(1, 200).as_bytes());
+    // The end came after the record was stored: the retry replays it at once.
+    let retry = demo.post_to("/completions", "gen-live", slow, &[]).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, events(1, 200).as_bytes());
+    assert_eq!(stat(&demo, "completions").await, 1);
 }
 
 #[tokio::test]
 async fn a_stream_that_fails_mid_way_is_not_stored_and_its_key_is_released() {
-    // Today: the layer reads the body before answering, so the client gets a 500 problem (no
-    // partial stream), nothing is stored, and the retry runs the handler again.
+    // The head and the first 50 events went out already: the client sees the connection end
+    // with an error (never a clean end), nothing is stored, and the retry runs the handler again.
     let demo = Demo::start(&[]).await;
     let breaks = r#"{"tokens": 100, "interval_ms": 1, "fail_after": 50}"#;
     let first = demo
-        .post_to("/completions", "gen-breaks", breaks, &[])
-        .await;
-    assert_eq!(first.status, 500);
-    assert_eq!(first.headers["content-type"], "application/problem+json");
-    assert!(!first.replayed());
+        .open("/completions", "gen-breaks", breaks, &[])
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    assert!(
+        first.into_body().collect().await.is_err(),
+        "an error, not a clean end"
+    );
     let retry = demo
-        .post_to("/completions", "gen-breaks", breaks, &[])
-        .await;
-    assert_eq!(retry.status, 500);
-    assert!(!retry.replayed(), "released: the retry ran");
-    assert_eq!(stat(&demo, "completions").await, 2);
+        .open("/completions", "gen-breaks", breaks, &[])
+        .await
+        .unwrap();
+    assert!(!retry.headers().contains_key("idempotent-replayed"));
+    assert!(retry.into_body().collect().await.is_err());
+    assert_eq!(
+        stat(&demo, "completions").await,
+        2,
+        "released: the retry ran"
+    );
     assert_eq!(stat(&demo, "completions_finished").await, 0);
 }
 
@@ -295,8 +312,8 @@ async fn cut_and_resume_across_instances(store: &str) {
     read_events_then_cut(response, 300).await;
     finished(&first, 1).await;
     for demo in [&first, &second] {
-        let whole = demo.post_to("/completions", &key, THOUSAND, &[]).await;
-        assert!(whole.replayed(), "{store}");
+        let whole = stored(demo, &key, THOUSAND).await;
+        assert!(whole.replayed(), "{store}: {}", whole.status);
         assert_eq!(whole.body, events(1, 1000).as_bytes(), "{store}");
         let resumed = demo
             .post_to("/completions", &key, THOUSAND, &[("last-event-id", "300")])
@@ -356,5 +373,163 @@ async fn a_duplicate_that_waited_for_the_stream_resumes_after_its_last_event_id(
     assert_eq!(original.unwrap().to_bytes(), events(1, 1000).as_bytes());
     assert!(waited.replayed());
     assert_eq!(waited.body, events(991, 1000).as_bytes());
+    assert_eq!(stat(&demo, "completions").await, 1);
+}
+
+/// Starts a keyed generation of `tokens` events on `demo` and reads its head: from then on its
+/// stream is live in the demo process, and duplicates may join it.
+async fn live_original(demo: &Demo, key: &str, payload: &str) -> support::demo::Streamed {
+    let original = demo.open("/completions", key, payload, &[]).await.unwrap();
+    assert_eq!(original.status(), 200);
+    original
+}
+
+/// Reads a joined duplicate whole: its head and the body, or the body's error.
+async fn joined(
+    base: String,
+    key: String,
+    payload: &'static str,
+    extra: Vec<(&'static str, String)>,
+    barrier: std::sync::Arc<tokio::sync::Barrier>,
+    heads: Option<std::sync::Arc<tokio::sync::Barrier>>,
+) -> (http::HeaderMap, Result<bytes::Bytes, String>) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let mut request = http::Request::post(format!("{base}/completions"))
+        .header("authorization", "Bearer acme")
+        .header("content-type", "application/json")
+        .header("idempotency-key", key);
+    for (name, value) in extra {
+        request = request.header(name, value);
+    }
+    let request = request
+        .body(http_body_util::Full::new(bytes::Bytes::from(payload)))
+        .unwrap();
+    barrier.wait().await;
+    let response = client.request(request).await.unwrap();
+    if let Some(heads) = heads {
+        heads.wait().await;
+    }
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|e| e.to_string());
+    (parts.headers, body)
+}
+
+/// `n` duplicates of `key` sent at once (a barrier), each read whole by a task of its own;
+/// each waits at `heads` once it has its head.
+fn joiners(
+    demo: &Demo,
+    key: &str,
+    payload: &'static str,
+    n: usize,
+    heads: Option<std::sync::Arc<tokio::sync::Barrier>>,
+) -> Vec<tokio::task::JoinHandle<(http::HeaderMap, Result<bytes::Bytes, String>)>> {
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(n));
+    (0..n)
+        .map(|_| {
+            tokio::spawn(joined(
+                demo.base.clone(),
+                key.to_owned(),
+                payload,
+                vec![],
+                barrier.clone(),
+                heads.clone(),
+            ))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn fifty_duplicates_join_a_live_stream_and_get_the_identical_bytes_while_it_ran_once() {
+    let demo = Demo::start(&["--on-conflict", "join"]).await;
+    const SLOW: &str = r#"{"tokens": 300, "interval_ms": 10}"#;
+    let original = live_original(&demo, "gen-join", SLOW).await;
+    let heads = std::sync::Arc::new(tokio::sync::Barrier::new(51));
+    let joiners = joiners(&demo, "gen-join", SLOW, 50, Some(heads.clone()));
+    // Every joiner has its head while the generation runs: joined, not waiting for the end.
+    heads.wait().await;
+    assert_eq!(stat(&demo, "completions_finished").await, 0, "joined live");
+    let whole = original.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(whole, events(1, 300).as_bytes());
+    for joiner in joiners {
+        let (headers, body) = joiner.await.unwrap();
+        assert_eq!(headers["idempotent-replayed"], "true");
+        assert_eq!(headers["content-type"], "text/event-stream");
+        assert_eq!(body.unwrap(), whole, "the identical byte sequence");
+    }
+    assert_eq!(stat(&demo, "completions").await, 1, "the handler ran once");
+}
+
+#[tokio::test]
+async fn joiners_of_a_stream_that_fails_see_an_error_and_nothing_is_stored() {
+    let demo = Demo::start(&["--on-conflict", "join"]).await;
+    const BREAKS: &str = r#"{"tokens": 300, "interval_ms": 5, "fail_after": 150}"#;
+    let original = live_original(&demo, "gen-join-breaks", BREAKS).await;
+    let joiners = joiners(&demo, "gen-join-breaks", BREAKS, 10, None);
+    assert!(original.into_body().collect().await.is_err());
+    for joiner in joiners {
+        let (headers, body) = joiner.await.unwrap();
+        assert_eq!(headers["idempotent-replayed"], "true");
+        assert!(body.is_err(), "a joiner sees the failure, not a clean end");
+    }
+    assert_eq!(stat(&demo, "completions").await, 1);
+    // Nothing was stored and the key is free: the retry runs again.
+    let retry = demo
+        .open("/completions", "gen-join-breaks", BREAKS, &[])
+        .await
+        .unwrap();
+    assert!(!retry.headers().contains_key("idempotent-replayed"));
+    assert!(retry.into_body().collect().await.is_err());
+    assert_eq!(stat(&demo, "completions").await, 2);
+}
+
+#[tokio::test]
+async fn a_joiner_with_another_payload_gets_422() {
+    let demo = Demo::start(&["--on-conflict", "join"]).await;
+    let original = live_original(&demo, "gen-join-422", THOUSAND).await;
+    let other = demo
+        .post_to(
+            "/completions",
+            "gen-join-422",
+            r#"{"tokens": 999, "interval_ms": 1}"#,
+            &[],
+        )
+        .await;
+    assert_eq!(other.status, 422);
+    drop(original);
+    assert_eq!(stat(&demo, "completions").await, 1);
+}
+
+#[tokio::test]
+async fn a_joiner_with_last_event_id_gets_the_events_after_it() {
+    let demo = Demo::start(&["--on-conflict", "join"]).await;
+    const SLOW: &str = r#"{"tokens": 300, "interval_ms": 5}"#;
+    let original = live_original(&demo, "gen-join-resume", SLOW).await;
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(3));
+    let tail = |id: &str| {
+        tokio::spawn(joined(
+            demo.base.clone(),
+            "gen-join-resume".into(),
+            SLOW,
+            vec![("last-event-id", id.to_owned())],
+            barrier.clone(),
+            None,
+        ))
+    };
+    // An id produced already (most likely), one still to come, one no event has.
+    let (early, late, unknown) = (tail("2"), tail("290"), tail("tok-3"));
+    let whole = original.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(whole, events(1, 300).as_bytes());
+    let (_, early) = early.await.unwrap();
+    assert_eq!(early.unwrap(), events(3, 300).as_bytes());
+    let (headers, late) = late.await.unwrap();
+    assert!(!headers.contains_key("content-length"));
+    assert_eq!(late.unwrap(), events(291, 300).as_bytes());
+    let (_, unknown) = unknown.await.unwrap();
+    assert_eq!(unknown.unwrap(), whole, "an unknown id: the whole stream");
     assert_eq!(stat(&demo, "completions").await, 1);
 }

@@ -30,6 +30,7 @@ mod docs_links;
 mod drain;
 mod fleet;
 mod lifecycle;
+mod live_stream;
 mod memory_points;
 mod recovery_points;
 mod redis_failover;

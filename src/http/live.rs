@@ -1,0 +1,514 @@
+//! A keyed answer that streams while it is stored: [`Live`], the state one original's stream
+//! shares with its readers (the original client, and duplicates that join it), and the pump
+//! task that reads the handler's body into it.
+//!
+//! The layer switches to it only when a storable body is not whole at once: a poll of the
+//! handler's body returned `Pending` before its end ([`capture::read`](super::capture)). The
+//! head is answered then, and the pump (holding the claim, its lease renewal and its drain
+//! ticket) reads the rest: each chunk is kept (up to `max_stored_body`) and handed to every
+//! reader as it comes. At the end the record is built from the kept chunks and stored, and
+//! only then do the readers see the end. Should the body fail, nothing is stored, the key is
+//! released, and every reader's body fails (never a clean end).
+//!
+//! Past `max_stored_body`, the record keeps status and headers only; the chunks after the bound
+//! go to the original client alone, through a small bounded channel (the pump waits for it, so
+//! memory stays bounded), or are drained unread once it is gone. A joined duplicate that reaches
+//! the bound fails.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http_body::{Body, Frame};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use super::capture::{self, Captured};
+use super::record;
+use super::replay::REPLAYED_HEADER;
+use super::response_body::ResponseBody;
+use super::sse;
+use crate::protocol::{ClaimGuard, Outcome, OutcomeHook, ReleaseReason};
+use crate::store::{Record, Store};
+use crate::BoxError;
+use crate::RecoveryPoints;
+
+/// How many frames past the stored bound may wait for the original client.
+const TAIL_FRAMES: usize = 4;
+
+/// The streams of one service that are live now, by store key: a duplicate that joins looks
+/// its original up here.
+#[derive(Default)]
+pub(crate) struct Registry {
+    streams: Mutex<HashMap<Arc<str>, Arc<Live>>>,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Live>>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The live stream of `key`, if one streams in this service now.
+    pub(crate) fn get(&self, key: &str) -> Option<Arc<Live>> {
+        self.lock().get(key).cloned()
+    }
+
+    fn insert(&self, key: Arc<str>, live: Arc<Live>) {
+        self.lock().insert(key, live);
+    }
+
+    /// Removes `key`'s entry if it is still `live` (a later stream of the key keeps its own).
+    fn remove(&self, key: &str, live: &Arc<Live>) {
+        let mut streams = self.lock();
+        if streams.get(key).is_some_and(|now| Arc::ptr_eq(now, live)) {
+            streams.remove(key);
+        }
+    }
+}
+
+/// One original's stream, shared by its pump and its readers.
+pub(crate) struct Live {
+    status: StatusCode,
+    /// What a joined duplicate gets: the stored headers, marked as a replay.
+    headers: HeaderMap,
+    /// The original's request fingerprint, to compare a joining duplicate's with.
+    fingerprint: Option<u128>,
+    event_stream: bool,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The chunks so far, up to the stored bound.
+    chunks: Vec<Bytes>,
+    /// Past the bound: no more chunks are kept (the rest goes to the original client alone).
+    overflowed: bool,
+    end: Option<End>,
+    wakers: Vec<Waker>,
+}
+
+enum End {
+    /// The record is stored (or storing it was tried); the trailers, if any were kept.
+    Done(Option<HeaderMap>),
+    /// The body failed (or the pump panicked): nothing was stored.
+    Failed,
+}
+
+impl Live {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes the state and wakes every reader.
+    fn update(&self, change: impl FnOnce(&mut State)) {
+        let wakers = {
+            let mut state = self.lock();
+            change(&mut state);
+            std::mem::take(&mut state.wakers)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// The original request's fingerprint.
+    pub(crate) fn fingerprint(&self) -> Option<u128> {
+        self.fingerprint
+    }
+}
+
+/// A reader of a [`Live`] stream: its chunks from the first, then each as it comes.
+pub(crate) struct LiveBody {
+    live: Arc<Live>,
+    next: usize,
+    /// The original client's: the frames past the stored bound.
+    tail: Option<mpsc::Receiver<Frame<Bytes>>>,
+    /// A joiner's `Last-Event-ID`: events are held until the one it names has passed.
+    resume: Option<Resume>,
+    /// A frame to answer before reading on (the trailers after a resume's held data).
+    pending: Option<Frame<Bytes>>,
+    finished: bool,
+}
+
+/// A joiner waiting for the event its `Last-Event-ID` names.
+struct Resume {
+    id: HeaderValue,
+    held: BytesMut,
+}
+
+fn joined_failed() -> BoxError {
+    "the original's stream failed before its end; nothing was stored".into()
+}
+
+impl LiveBody {
+    fn new(live: Arc<Live>) -> Self {
+        Self {
+            live,
+            next: 0,
+            tail: None,
+            resume: None,
+            pending: None,
+            finished: false,
+        }
+    }
+
+    /// The next frame as the stream gives it, without `Last-Event-ID`.
+    fn poll_raw(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.finished {
+            return Poll::Ready(None);
+        }
+        // Past the kept chunks: the end, or (past the bound) the original's own tail.
+        {
+            let mut state = self.live.lock();
+            if let Some(chunk) = state.chunks.get(self.next) {
+                self.next += 1;
+                return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
+            }
+            if !state.overflowed {
+                match &state.end {
+                    Some(End::Done(trailers)) => {
+                        self.finished = true;
+                        return Poll::Ready(trailers.clone().map(|t| Ok(Frame::trailers(t))));
+                    }
+                    Some(End::Failed) => {
+                        self.finished = true;
+                        return Poll::Ready(Some(Err(joined_failed())));
+                    }
+                    None => {
+                        if !state.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                            state.wakers.push(cx.waker().clone());
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+        }
+        let Some(tail) = self.tail.as_mut() else {
+            self.finished = true;
+            tracing::info!(
+                outcome = "join_past_bound",
+                "a joined stream went past max_stored_body; ending the duplicate with an error"
+            );
+            return Poll::Ready(Some(Err(
+                "the joined stream went past the stored bound".into()
+            )));
+        };
+        match tail.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(frame)) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(None) => {
+                self.finished = true;
+                match self.live.lock().end {
+                    Some(End::Done(_)) => Poll::Ready(None),
+                    _ => Poll::Ready(Some(Err(joined_failed()))),
+                }
+            }
+        }
+    }
+
+    /// The next frame for this reader: as [`poll_raw`](Self::poll_raw), after the event a
+    /// joiner's `Last-Event-ID` names (held until it passes; all of it if it never does).
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(frame) = self.pending.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        loop {
+            let frame = std::task::ready!(self.poll_raw(cx));
+            let Some(resume) = self.resume.as_mut() else {
+                return Poll::Ready(frame);
+            };
+            match frame {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        resume.held.extend_from_slice(&data);
+                        if let Some(at) = sse::resume_at(&resume.held, resume.id.as_bytes()) {
+                            let tail = std::mem::take(&mut resume.held).freeze().slice(at..);
+                            self.resume = None;
+                            if !tail.is_empty() {
+                                return Poll::Ready(Some(Ok(Frame::data(tail))));
+                            }
+                        }
+                    }
+                    // Trailers end the data: the id was never found, so all of it is sent.
+                    Err(trailers) => {
+                        let held = self.resume.take().map(|r| r.held.freeze());
+                        match held.filter(|h| !h.is_empty()) {
+                            None => return Poll::Ready(Some(Ok(trailers))),
+                            Some(held) => {
+                                self.pending = Some(trailers);
+                                return Poll::Ready(Some(Ok(Frame::data(held))));
+                            }
+                        }
+                    }
+                },
+                // The end without the id: the whole stream (the record's rule).
+                None => {
+                    let held = self.resume.take().map(|r| r.held.freeze());
+                    return Poll::Ready(held.filter(|h| !h.is_empty()).map(|h| Ok(Frame::data(h))));
+                }
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+            }
+        }
+    }
+}
+
+impl Body for LiveBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.poll_next(cx)
+    }
+}
+
+/// What the pump needs to store the record at the end.
+pub(crate) struct Storing {
+    pub(crate) fingerprint: Option<u128>,
+    /// The run's recovery points: should one have failed to save, a body that fails stores
+    /// `unsaved` (500 `#progress-unsaved`) instead of releasing the key.
+    pub(crate) points: RecoveryPoints,
+    pub(crate) unsaved: Record,
+    pub(crate) carried: Vec<(HeaderName, HeaderValue)>,
+    pub(crate) config: Arc<super::config::Config>,
+    pub(crate) ttl: Duration,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) hook: OutcomeHook,
+}
+
+/// Answers the head of `captured` now and streams its body from a pump task that stores it
+/// under `guard` (see the module docs). The original client's response.
+pub(crate) fn start<St, B>(
+    guard: ClaimGuard<St>,
+    captured: Captured<B>,
+    storing: Storing,
+) -> Response<ResponseBody<B>>
+where
+    St: Store + Clone,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let Captured {
+        head, frames, rest, ..
+    } = captured;
+    let config = &storing.config;
+    let mut headers = HeaderMap::with_capacity(head.headers.len() + 1);
+    for (name, value) in head.headers.iter() {
+        if config.stores_header(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    let mut bytes = 0;
+    let chunks = frames
+        .into_iter()
+        .filter_map(|frame| frame.into_data().ok())
+        .inspect(|data| bytes += data.len())
+        .collect();
+    let live = Arc::new(Live {
+        status: head.status,
+        event_stream: sse::is_event_stream(&head.headers),
+        headers,
+        fingerprint: storing.fingerprint,
+        state: Mutex::new(State {
+            chunks,
+            ..State::default()
+        }),
+    });
+    let key: Arc<str> = guard.key().into();
+    storing.registry.insert(key.clone(), live.clone());
+    let (tx, rx) = mpsc::channel(TAIL_FRAMES);
+    tracing::debug!(
+        outcome = "streaming",
+        "the body is not whole yet; answering the head and storing the stream as it goes"
+    );
+    let pump = pump(
+        guard,
+        live.clone(),
+        rest,
+        tx,
+        bytes,
+        key,
+        storing,
+        head.headers.clone(),
+    );
+    tokio::spawn(pump.instrument(tracing::Span::current()));
+    let mut body = LiveBody::new(live);
+    body.tail = Some(rx);
+    Response::from_parts(head, ResponseBody::live(body))
+}
+
+/// A duplicate joining `live`: the original's status and headers (marked as a replay), every
+/// chunk so far, then each as it comes; after `last_event_id` only, when it is an event stream.
+pub(crate) fn join<B>(
+    live: Arc<Live>,
+    last_event_id: Option<Box<HeaderValue>>,
+) -> Response<ResponseBody<B>> {
+    tracing::debug!(outcome = "joined", "joining the original's live stream");
+    let mut response = Response::new(());
+    *response.status_mut() = live.status;
+    *response.headers_mut() = live.headers.clone();
+    if live.event_stream && last_event_id.is_some() {
+        response.headers_mut().remove(http::header::CONTENT_LENGTH);
+    }
+    let resume = last_event_id
+        .filter(|id| live.event_stream && !id.is_empty())
+        .map(|id| Resume {
+            id: *id,
+            held: BytesMut::new(),
+        });
+    let mut body = LiveBody::new(live);
+    body.resume = resume;
+    response.map(|()| ResponseBody::live(body))
+}
+
+/// Reads the rest of the original's body into `live`, then stores the record or releases the
+/// key, then ends the readers.
+#[allow(clippy::too_many_arguments)]
+async fn pump<St, B>(
+    guard: ClaimGuard<St>,
+    live: Arc<Live>,
+    mut rest: Pin<Box<B>>,
+    tx: mpsc::Sender<Frame<Bytes>>,
+    mut bytes: usize,
+    key: Arc<str>,
+    storing: Storing,
+    head: HeaderMap,
+) where
+    St: Store + Clone,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let limit = storing.config.max_stored_body;
+    // Should this task end without ending the stream (a panic in the layer's own code, a
+    // runtime shutting down), its readers fail instead of waiting for ever.
+    let _ending = Ending {
+        live: live.clone(),
+        registry: storing.registry.clone(),
+        key: key.clone(),
+    };
+    let read = guard
+        .run(async {
+            let mut tx = Some(tx);
+            let mut trailers = None;
+            loop {
+                let frame = match std::future::poll_fn(|cx| rest.as_mut().poll_frame(cx)).await {
+                    None => return Ok((trailers, tx)),
+                    Some(Err(error)) => return Err::<_, BoxError>(error.into()),
+                    Some(Ok(frame)) => frame,
+                };
+                let overflowed = live.lock().overflowed;
+                let frame = if overflowed {
+                    frame
+                } else {
+                    match frame.into_data() {
+                        Ok(data) if bytes + data.len() <= limit => {
+                            bytes += data.len();
+                            live.update(|state| state.chunks.push(data));
+                            continue;
+                        }
+                        Ok(data) => {
+                            tracing::info!(
+                                outcome = "body_omitted",
+                                limit,
+                                "streamed body too large to store; storing status and headers only"
+                            );
+                            live.update(|state| state.overflowed = true);
+                            Frame::data(data)
+                        }
+                        Err(frame) => match frame.into_trailers() {
+                            Ok(t) => {
+                                trailers = Some(t);
+                                continue;
+                            }
+                            Err(frame) => frame,
+                        },
+                    }
+                };
+                // Past the bound: to the original client alone, as fast as it reads.
+                if let Some(sender) = &tx {
+                    if sender.send(frame).await.is_err() {
+                        tx = None;
+                    }
+                }
+            }
+        })
+        .await;
+    storing.registry.remove(&key, &live);
+    match read {
+        Ok(Ok((trailers, tx))) => {
+            let config = &storing.config;
+            let overflowed = live.lock().overflowed;
+            let record = {
+                let mut state = live.lock();
+                let mut held = 0;
+                if !overflowed {
+                    for chunk in state.chunks.iter_mut() {
+                        held += capture::held_alone(chunk);
+                    }
+                }
+                record::record(
+                    storing.fingerprint,
+                    live.status,
+                    &head,
+                    |name| config.stores_header(name),
+                    &storing.carried,
+                    (!overflowed).then(|| state.chunks.iter()),
+                    trailers.as_ref().filter(|_| !overflowed),
+                )
+                .holding_body(held)
+            };
+            let outcome: Outcome = guard.complete_for(record, storing.ttl).await.into();
+            live.update(|state| state.end = Some(End::Done(trailers)));
+            drop(tx);
+            storing.hook.fire(outcome);
+        }
+        failed => {
+            let reason = match failed {
+                Ok(Err(error)) => {
+                    let error: BoxError = error;
+                    tracing::error!(outcome = "not_stored", reason = "body_error", %error,
+                        "streamed response body failed; releasing the key");
+                    ReleaseReason::BodyError
+                }
+                _ => ReleaseReason::Panic,
+            };
+            let outcome = if storing.points.unsaved() {
+                tracing::error!(
+                    outcome = "stored",
+                    "a recovery point was not saved and the stream failed; storing 500 #progress-unsaved instead of releasing the key"
+                );
+                guard
+                    .complete_for(storing.unsaved, storing.ttl)
+                    .await
+                    .into()
+            } else {
+                guard.release().await;
+                Outcome::Released(reason)
+            };
+            live.update(|state| state.end = Some(End::Failed));
+            storing.hook.fire(outcome);
+        }
+    }
+}
+
+/// Ends a stream whose pump went away before ending it: it is taken off the registry and its
+/// readers fail.
+struct Ending {
+    live: Arc<Live>,
+    registry: Arc<Registry>,
+    key: Arc<str>,
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        self.registry.remove(&self.key, &self.live);
+        if self.live.lock().end.is_none() {
+            self.live.update(|state| state.end = Some(End::Failed));
+        }
+    }
+}
