@@ -46,6 +46,11 @@ pub(crate) struct Captured<B> {
     pub(crate) whole: bool,
 }
 
+/// How many frames of a body that has not ended [`read`] holds before it streams it (when
+/// streaming is asked for) even though every frame was ready: a JSON answer (one frame, a
+/// few) never gets there; a fast producer's stream does not wait for its end.
+const STREAM_AFTER_FRAMES: usize = 16;
+
 /// Request headers of the original that replays carry (`x-request-id` by default).
 pub(crate) fn carried_headers(
     parts: &Parts,
@@ -69,7 +74,8 @@ pub(crate) enum Keep<'a> {
 
 /// Reads a storable response's body up to `max_body` bytes; anything else is returned
 /// untouched. `keep` says which answers are stored. With `stream`, a body that is not whole
-/// at once (a poll returns `Pending` before its end) is handed back as
+/// at once (a poll returns `Pending` before its end, or [`STREAM_AFTER_FRAMES`] frames came
+/// before it) is handed back as
 /// [`Produced::Streaming`], to be answered while it is stored; a body whole at once is read as
 /// without it.
 ///
@@ -132,6 +138,17 @@ where
                 read += frame.data_ref().map_or(0, |d| d.len() as u64);
                 frames.push_back(frame);
                 whole = read <= limit;
+                if stream && whole && frames.len() >= STREAM_AFTER_FRAMES {
+                    // A body of many frames, each ready when asked (a producer as fast as
+                    // its reader): a stream all the same, whose first bytes go out now
+                    // rather than once it is whole.
+                    return Produced::Streaming(Captured {
+                        head,
+                        frames,
+                        rest,
+                        whole: false,
+                    });
+                }
             }
         }
     }

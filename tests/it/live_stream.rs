@@ -342,3 +342,60 @@ async fn a_stream_that_fails_after_a_failed_save_keeps_the_key_as_progress_unsav
     assert!(String::from_utf8_lossy(&body).contains("progress-unsaved"));
     assert_eq!(handler.runs.load(Ordering::SeqCst), 1);
 }
+
+/// A body whose every frame is ready when asked (a producer as fast as its reader), ending
+/// after `total` events; counts what it produced.
+struct Eager {
+    produced: Arc<AtomicUsize>,
+    total: usize,
+}
+
+impl Body for Eager {
+    type Data = Bytes;
+    type Error = String;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, String>>> {
+        let n = self.produced.fetch_add(1, Ordering::SeqCst) + 1;
+        if n > self.total {
+            return Poll::Ready(None);
+        }
+        Poll::Ready(Some(Ok(Frame::data(event(n as u32)))))
+    }
+}
+
+/// A stream whose frames are always ready is a stream all the same: its first events reach the
+/// client after a few frames, not once all 100,000 were produced (2.3 MB, under the stored
+/// bound), and it is stored whole.
+#[tokio::test]
+async fn a_stream_of_frames_always_ready_reaches_the_client_before_its_end() {
+    let produced = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let produced = produced.clone();
+        tower::service_fn(move |_: Request<RequestBody<Full<Bytes>>>| {
+            let body = Eager {
+                produced: produced.clone(),
+                total: 100_000,
+            };
+            async move { Ok::<_, std::convert::Infallible>(Response::new(body)) }
+        })
+    };
+    let svc = IdempotencyLayer::new().layer(handler);
+    let response = svc.clone().oneshot(keyed("eager", &[])).await.unwrap();
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, event(1));
+    let at_first = produced.load(Ordering::SeqCst);
+    assert!(
+        at_first < 100_000,
+        "the first event came once {at_first} were produced: after the whole body"
+    );
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!([first, rest].concat(), events(1, 100_000));
+    let replay = svc.oneshot(keyed("eager", &[])).await.unwrap();
+    assert!(replay.headers().contains_key("idempotent-replayed"));
+    let replayed = replay.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(replayed, events(1, 100_000));
+}
