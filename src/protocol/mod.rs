@@ -163,6 +163,10 @@ pub(crate) enum Begin<St: Store> {
     },
     /// The original finished.
     Completed { record: Record, waited: bool },
+    /// The original runs, and joining is on ([`Timings::join`]): the caller looks for its live
+    /// stream, and else calls [`begin`] again with joining off to wait (the ticket and the key
+    /// are handed back for it). Answered at the first answer in flight only.
+    MayJoin { ticket: Ticket, key: String },
 }
 
 /// Whether a duplicate carries the payload its record was made from (a side without a
@@ -403,6 +407,9 @@ pub(crate) fn begin<'a, St: Store + Clone>(
                     )));
                 }
                 ClaimOutcome::Completed(record) => return Ok(Begin::Completed { record, waited }),
+                ClaimOutcome::InFlight { .. } if timings.join && !waited => {
+                    return Ok(Begin::MayJoin { ticket, key });
+                }
                 ClaimOutcome::InFlight { lease_remaining } => match deadline {
                     Some(deadline) if Instant::now() < deadline => {
                         // Boxed: only a waiting duplicate needs this state, and every claim's
