@@ -14,6 +14,12 @@
 //! go to the original client alone, through a small bounded channel (the pump waits for it, so
 //! memory stays bounded), or are drained unread once it is gone. A joined duplicate that reaches
 //! the bound fails.
+//!
+//! Across instances: the pump's appender task ([`Appending`]) appends the stream to the store
+//! (chunk 0 the sealed head, then the kept chunks in batches), and a duplicate on another
+//! instance that finds the key in flight and no stream here reads it ([`find`]): a follower
+//! task polls the store into a [`Live`] of its own instance, which its joiners read as they
+//! read a local one (`docs/streaming.md`, "Joining across instances").
 
 use std::collections::HashMap;
 use std::pin::Pin;

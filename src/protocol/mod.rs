@@ -59,9 +59,10 @@ pub enum OnConflict {
     /// original sends it. Should the original fail mid-stream, a joined duplicate fails with
     /// it (its connection is closed with an error, never a clean end) and the key is
     /// released; a duplicate that found nothing streaming waits as with `Wait`. It joins a
-    /// stream of the same service (the same process); a duplicate on another instance, or
-    /// one that arrives before the original answered its head, waits (see
-    /// `docs/streaming.md`). A consumer treats it as `Wait`.
+    /// stream of the same service in memory, and one of another instance through a store that
+    /// keeps live streams (Redis, PostgreSQL, SQLite: `Store::append_stream`); one that
+    /// arrives before the original answered its head waits (see `docs/streaming.md`). A
+    /// consumer treats it as `Wait`.
     Join(Duration),
 }
 

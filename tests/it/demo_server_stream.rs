@@ -596,7 +596,8 @@ async fn joiners_on_another_instance_follow_the_stream_live_on_postgres() {
 /// second runs the handler there).
 async fn joiners_on_another_instance_see_the_failure(store: &str) {
     let (first, second) = two_joining(store).await;
-    const BREAKS: &str = r#"{"tokens": 300, "interval_ms": 5, "fail_after": 150}"#;
+    // 1.5 s before the failure: every joiner has its head before it.
+    const BREAKS: &str = r#"{"tokens": 300, "interval_ms": 10, "fail_after": 150}"#;
     let key = format!("gen-{}", uuid::Uuid::new_v4().simple());
     let original = live_original(&first, &key, BREAKS).await;
     let heads = std::sync::Arc::new(tokio::sync::Barrier::new(11));
