@@ -39,7 +39,7 @@ use super::record;
 use super::replay::REPLAYED_HEADER;
 use super::response_body::ResponseBody;
 use super::sse;
-use crate::protocol::{self, ClaimGuard, Failure, Outcome, OutcomeHook, ReleaseReason};
+use crate::protocol::{self, ClaimGuard, Failure, Outcome, OutcomeHook, ReleaseReason, Timings};
 use crate::store::seal::{self, Unreadable};
 use crate::store::{OwnerToken, Record, Store, StoreError, StreamRead};
 use crate::BoxError;
@@ -722,33 +722,60 @@ impl<St: Store> Appender<St> {
     }
 }
 
+/// What [`find`] found.
+pub(crate) enum Found {
+    /// The stream to join.
+    Join(Arc<Live>),
+    /// Nothing to join: the key completed or was released, the store keeps no streams or
+    /// failed, or no stream appeared within the wait bound. The caller waits (claims) as
+    /// `Wait` does, for what is left of its bound after this long.
+    Wait(Duration),
+}
+
 /// A duplicate that found `key` in flight and no stream of it here: reads its stream in the
-/// store. `Ok(Some)` with the stream to join (followed from the store by a task, and shared
-/// here by later duplicates), `Ok(None)` when there is none to join (not yet, or the store
-/// keeps none; the caller waits), `Err` when its head is damaged.
+/// store, again while the key is in flight without one (the original has not answered its
+/// head, or its first append is under way), polling as a follower does, up to the wait bound.
+/// A stream found there is followed from the store by a task, and shared here by later
+/// duplicates; one that starts here meanwhile is joined here. `Err` when its head is damaged.
 pub(crate) async fn find<St: Store + Clone>(
     store: &St,
     key: &str,
-    (timeout, patience): (Duration, Duration),
+    timings: &Timings,
     registry: &Arc<Registry>,
-) -> Result<Option<Arc<Live>>, Unreadable> {
-    if !registry.store_streams() {
-        return Ok(None);
-    }
-    let chunks = match protocol::bounded(timeout, store.read_stream(key, 0)).await {
-        Ok(StreamRead::Live(chunks)) if !chunks.is_empty() => chunks,
-        Err(Failure::Store(StoreError::Unsupported(_))) => {
-            registry.unsupported.store(true, Ordering::Relaxed);
-            return Ok(None);
+) -> Result<Found, Unreadable> {
+    let started = tokio::time::Instant::now();
+    let bound = timings.wait.unwrap_or_default();
+    let mut delay = POLL_FIRST;
+    let chunks = loop {
+        if let Some(live) = registry.get(key) {
+            return Ok(Found::Join(live));
         }
-        _ => return Ok(None),
+        if !registry.store_streams() {
+            return Ok(Found::Wait(started.elapsed()));
+        }
+        let read = store.read_stream(key, 0);
+        match protocol::bounded(timings.store_timeout, read).await {
+            Ok(StreamRead::Live(chunks)) if !chunks.is_empty() => break chunks,
+            Ok(StreamRead::Live(_) | StreamRead::NotLive) => {}
+            Err(Failure::Store(StoreError::Unsupported(_))) => {
+                registry.unsupported.store(true, Ordering::Relaxed);
+                return Ok(Found::Wait(started.elapsed()));
+            }
+            // Completed, released, a store error: the claim that follows finds out.
+            _ => return Ok(Found::Wait(started.elapsed())),
+        }
+        if started.elapsed() + delay >= bound {
+            return Ok(Found::Wait(started.elapsed()));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(POLL_CAP);
     };
     let mut chunks = chunks.into_iter();
     let head = chunks.next().expect("not empty");
     let live = match read_head(&head) {
         Ok(live) => live,
         // A newer release's stream: this build cannot follow it, and waits for the record.
-        Err(Unreadable::Newer(_)) => return Ok(None),
+        Err(Unreadable::Newer(_)) => return Ok(Found::Wait(started.elapsed())),
         Err(damaged) => {
             seal::report(
                 seal::identity(key.as_bytes()),
@@ -767,11 +794,11 @@ pub(crate) async fn find<St: Store + Clone>(
         key,
         live: live.clone(),
         registry: registry.clone(),
-        timeout,
-        patience,
+        timeout: timings.store_timeout,
+        patience: timings.lease,
     };
     tokio::spawn(follower.run().instrument(tracing::Span::current()));
-    Ok(Some(live))
+    Ok(Found::Join(live))
 }
 
 /// A task following a stream in the store into a [`Live`] of this instance, for its joiners.

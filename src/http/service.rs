@@ -507,26 +507,26 @@ where
             {
                 // In flight, and not streaming here: its stream in the store, if it has one.
                 // Boxed: only a joining duplicate needs this state.
-                let patience = (timings.store_timeout, timings.lease);
-                let found = live::find(store, &store_key, patience, &self.core.live);
-                match Box::pin(found).await {
-                    Ok(Some(stream)) => {
+                let found = live::find(store, &store_key, timings, &self.core.live);
+                let waited = match Box::pin(found).await {
+                    Ok(live::Found::Join(stream)) => {
                         drop(ticket);
                         let joined = Box::pin(self.join(stream, parts, body, hasher)).await;
                         let (response, outcome) = joined;
                         return (Ok(response), Some(outcome));
                     }
-                    Ok(None) => {}
+                    Ok(live::Found::Wait(waited)) => waited,
                     Err(unreadable) => {
                         let retry_after = self.core.config.retry_after;
                         let (response, outcome) =
                             replay::unreadable_record(unreadable, retry_after, self.grpc);
                         return (Ok(response), Some(outcome));
                     }
-                }
-                // Nothing to join yet: wait as `Wait` does.
+                };
+                // Nothing to join: wait as `Wait` does, for what is left of the bound.
                 let waiting = protocol::Timings {
                     join: false,
+                    wait: timings.wait.map(|bound| bound.saturating_sub(waited)),
                     ..*timings
                 };
                 begun = Box::pin(protocol::begin(store, store_key, &waiting, ticket, None)).await;
