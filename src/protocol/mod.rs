@@ -60,9 +60,10 @@ pub enum OnConflict {
     /// it (its connection is closed with an error, never a clean end) and the key is
     /// released; a duplicate that found nothing streaming waits as with `Wait`. It joins a
     /// stream of the same service in memory, and one of another instance through a store that
-    /// keeps live streams (Redis, PostgreSQL, SQLite: `Store::append_stream`); one that
-    /// arrives before the original answered its head waits (see `docs/streaming.md`). A
-    /// consumer treats it as `Wait`.
+    /// keeps live streams (Redis, PostgreSQL, SQLite: `Store::append_stream`), watching for
+    /// it up to the bound when it has not started yet (on the memory store, one that arrives
+    /// before the original answered its head waits: see `docs/streaming.md`). A consumer
+    /// treats it as `Wait`.
     Join(Duration),
 }
 
