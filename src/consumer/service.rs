@@ -169,9 +169,18 @@ where
         final_errors,
     } = *rules;
     let (store, timings) = (settings.store(), settings.timings());
-    let guard = match protocol::begin(store, identity.store_key(), timings, ticket, None).await {
+    let mut begun = protocol::begin(store, identity.store_key(), timings, ticket, None).await;
+    if let Ok(Begin::MayJoin { ticket, key }) = begun {
+        // A message has no stream to join: it waits as `Wait` does.
+        let timings = protocol::Timings {
+            join: false,
+            ..*timings
+        };
+        begun = protocol::begin(store, key, &timings, ticket, None).await;
+    }
+    let guard = match begun {
         Ok(Begin::Claimed(guard)) => guard,
-        Ok(Begin::InFlight { .. }) => {
+        Ok(Begin::InFlight { .. } | Begin::MayJoin { .. }) => {
             tracing::info!(
                 outcome = "in_progress",
                 "message is being processed elsewhere"

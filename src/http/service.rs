@@ -499,7 +499,40 @@ where
             }
             let ttl = self.core.config.ttl_for(&parts, timings.ttl);
             let store = self.core.settings.store();
-            match protocol::begin(store, store_key, timings, ticket, first).await {
+            let mut begun = protocol::begin(store, store_key, timings, ticket, first).await;
+            if let Ok(Begin::MayJoin {
+                ticket,
+                key: store_key,
+            }) = begun
+            {
+                // In flight, and not streaming here: its stream in the store, if it has one.
+                // Boxed: only a joining duplicate needs this state.
+                let found = live::find(store, &store_key, timings, &self.core.live);
+                let waited = match Box::pin(found).await {
+                    Ok(live::Found::Join(stream)) => {
+                        drop(ticket);
+                        let joined = Box::pin(self.join(stream, parts, body, hasher)).await;
+                        let (response, outcome) = joined;
+                        return (Ok(response), Some(outcome));
+                    }
+                    Ok(live::Found::Wait(waited)) => waited,
+                    Err(unreadable) => {
+                        let retry_after = self.core.config.retry_after;
+                        let (response, outcome) =
+                            replay::unreadable_record(unreadable, retry_after, self.grpc);
+                        return (Ok(response), Some(outcome));
+                    }
+                };
+                // Nothing to join: wait as `Wait` does, for what is left of the bound.
+                let waiting = protocol::Timings {
+                    join: false,
+                    wait: timings.wait.map(|bound| bound.saturating_sub(waited)),
+                    ..*timings
+                };
+                begun = Box::pin(protocol::begin(store, store_key, &waiting, ticket, None)).await;
+            }
+            match begun {
+                Ok(Begin::MayJoin { .. }) => unreachable!("begun again with joining off"),
                 Ok(Begin::Claimed(guard)) => {
                     tracing::debug!(outcome = "claimed", "key claimed; running the handler");
                     self.original(guard, key, ttl, parts, body, hasher).await

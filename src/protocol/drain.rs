@@ -190,6 +190,14 @@ pub(crate) struct Ticket {
     max_pending_bytes: u64,
 }
 
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket")
+            .field("claim", &self.claim)
+            .finish()
+    }
+}
+
 /// Bytes of one pending completion, counted until dropped.
 pub(crate) struct PendingBytes {
     tracker: Arc<Tracker>,

@@ -97,9 +97,15 @@ impl<St: Store> ClaimGuard<St> {
     }
 
     /// The owner token of this claim.
-    #[cfg(test)]
     pub(crate) fn token(&self) -> OwnerToken {
         self.held().token
+    }
+
+    /// The store this claim is held in, and the longest a call to it may take: for the calls a
+    /// streaming original makes beside the claim's own (its live stream's appends).
+    pub(crate) fn store(&self) -> (&St, Duration) {
+        let held = self.held();
+        (&held.store, held.timings.store_timeout)
     }
 
     /// The recovery points of this claim, for the work it runs: kept for `ttl`, each at most

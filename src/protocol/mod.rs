@@ -59,9 +59,11 @@ pub enum OnConflict {
     /// original sends it. Should the original fail mid-stream, a joined duplicate fails with
     /// it (its connection is closed with an error, never a clean end) and the key is
     /// released; a duplicate that found nothing streaming waits as with `Wait`. It joins a
-    /// stream of the same service (the same process); a duplicate on another instance, or
-    /// one that arrives before the original answered its head, waits (see
-    /// `docs/streaming.md`). A consumer treats it as `Wait`.
+    /// stream of the same service in memory, and one of another instance through a store that
+    /// keeps live streams (Redis, PostgreSQL, SQLite: `Store::append_stream`), watching for
+    /// it up to the bound when it has not started yet (on the memory store, one that arrives
+    /// before the original answered its head waits: see `docs/streaming.md`). A consumer
+    /// treats it as `Wait`.
     Join(Duration),
 }
 
@@ -163,6 +165,10 @@ pub(crate) enum Begin<St: Store> {
     },
     /// The original finished.
     Completed { record: Record, waited: bool },
+    /// The original runs, and joining is on ([`Timings::join`]): the caller looks for its live
+    /// stream, and else calls [`begin`] again with joining off to wait (the ticket and the key
+    /// are handed back for it). Answered at the first answer in flight only.
+    MayJoin { ticket: Ticket, key: String },
 }
 
 /// Whether a duplicate carries the payload its record was made from (a side without a
@@ -403,6 +409,9 @@ pub(crate) fn begin<'a, St: Store + Clone>(
                     )));
                 }
                 ClaimOutcome::Completed(record) => return Ok(Begin::Completed { record, waited }),
+                ClaimOutcome::InFlight { .. } if timings.join && !waited => {
+                    return Ok(Begin::MayJoin { ticket, key });
+                }
                 ClaimOutcome::InFlight { lease_remaining } => match deadline {
                     Some(deadline) if Instant::now() < deadline => {
                         // Boxed: only a waiting duplicate needs this state, and every claim's

@@ -533,3 +533,156 @@ async fn a_joiner_with_last_event_id_gets_the_events_after_it() {
     assert_eq!(unknown.unwrap(), whole, "an unknown id: the whole stream");
     assert_eq!(stat(&demo, "completions").await, 1);
 }
+
+/// On `store`, two demo processes joining live (`--on-conflict join`).
+async fn two_joining(store: &str) -> (Demo, Demo) {
+    let args = ["--store", store, "--on-conflict", "join"];
+    (Demo::start(&args).await, Demo::start(&args).await)
+}
+
+/// On `store`: the original streams 1,000 events on the first instance; 10 duplicates sent at
+/// once to the second each have their head while the generation still runs, then get the
+/// identical byte sequence. The handler ran once, on the first.
+async fn joiners_on_another_instance_follow_the_stream_live(store: &str) {
+    let (first, second) = two_joining(store).await;
+    const SLOW: &str = r#"{"tokens": 1000, "interval_ms": 3}"#;
+    let key = format!("gen-{}", uuid::Uuid::new_v4().simple());
+    let original = live_original(&first, &key, SLOW).await;
+    let heads = std::sync::Arc::new(tokio::sync::Barrier::new(11));
+    let joiners = joiners(&second, &key, SLOW, 10, Some(heads.clone()));
+    heads.wait().await;
+    assert_eq!(
+        stat(&first, "completions_finished").await,
+        0,
+        "{store}: joined live, not after the end"
+    );
+    let whole = original.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(whole, events(1, 1000).as_bytes());
+    for joiner in joiners {
+        let (headers, body) = joiner.await.unwrap();
+        assert_eq!(headers["idempotent-replayed"], "true", "{store}");
+        assert_eq!(headers["content-type"], "text/event-stream", "{store}");
+        assert_eq!(body.unwrap(), whole, "{store}: the identical byte sequence");
+    }
+    assert_eq!(stat(&first, "completions").await, 1, "{store}");
+    assert_eq!(stat(&second, "completions").await, 0, "{store}");
+}
+
+#[tokio::test]
+async fn joiners_on_another_instance_follow_the_stream_live_on_sqlite() {
+    let dir = support::servers::TempDir::new("demo-join");
+    let store = format!("sqlite://{}", dir.path().join("idempotency.db").display());
+    joiners_on_another_instance_follow_the_stream_live(&store).await;
+}
+
+#[tokio::test]
+async fn joiners_on_another_instance_follow_the_stream_live_on_redis() {
+    let Some(url) = support::servers::redis_url() else {
+        return;
+    };
+    joiners_on_another_instance_follow_the_stream_live(&url).await;
+}
+
+#[tokio::test]
+async fn joiners_on_another_instance_follow_the_stream_live_on_postgres() {
+    let Some(url) = support::servers::postgres_url() else {
+        return;
+    };
+    joiners_on_another_instance_follow_the_stream_live(&url).await;
+}
+
+/// On `store`: a stream that fails mid-way on the first instance, followed by 10 joiners on
+/// the second: every joiner's body fails (never a clean end), nothing is stored (a retry on the
+/// second runs the handler there).
+async fn joiners_on_another_instance_see_the_failure(store: &str) {
+    let (first, second) = two_joining(store).await;
+    // 1.5 s before the failure: every joiner has its head before it.
+    const BREAKS: &str = r#"{"tokens": 300, "interval_ms": 10, "fail_after": 150}"#;
+    let key = format!("gen-{}", uuid::Uuid::new_v4().simple());
+    let original = live_original(&first, &key, BREAKS).await;
+    let heads = std::sync::Arc::new(tokio::sync::Barrier::new(11));
+    let joiners = joiners(&second, &key, BREAKS, 10, Some(heads.clone()));
+    heads.wait().await;
+    assert!(original.into_body().collect().await.is_err());
+    for joiner in joiners {
+        let (headers, body) = joiner.await.unwrap();
+        assert_eq!(headers["idempotent-replayed"], "true", "{store}: joined");
+        assert!(
+            body.is_err(),
+            "{store}: a joiner sees the failure, not a clean end"
+        );
+    }
+    assert_eq!(stat(&first, "completions").await, 1);
+    assert_eq!(stat(&second, "completions").await, 0);
+    let retry = second
+        .open("/completions", &key, BREAKS, &[])
+        .await
+        .unwrap();
+    assert!(
+        !retry.headers().contains_key("idempotent-replayed"),
+        "{store}"
+    );
+    assert!(retry.into_body().collect().await.is_err());
+    assert_eq!(
+        stat(&second, "completions").await,
+        1,
+        "{store}: nothing was stored"
+    );
+}
+
+#[tokio::test]
+async fn joiners_on_another_instance_see_the_failure_on_sqlite() {
+    let dir = support::servers::TempDir::new("demo-join-fails");
+    let store = format!("sqlite://{}", dir.path().join("idempotency.db").display());
+    joiners_on_another_instance_see_the_failure(&store).await;
+}
+
+#[tokio::test]
+async fn joiners_on_another_instance_see_the_failure_on_redis() {
+    let Some(url) = support::servers::redis_url() else {
+        return;
+    };
+    joiners_on_another_instance_see_the_failure(&url).await;
+}
+
+#[tokio::test]
+async fn joiners_on_another_instance_see_the_failure_on_postgres() {
+    let Some(url) = support::servers::postgres_url() else {
+        return;
+    };
+    joiners_on_another_instance_see_the_failure(&url).await;
+}
+
+/// A duplicate of another tenant, whose tenant and key differ from the original's by `{`, `}`
+/// or `|`, never sees the original's stream from another instance: its own request runs.
+#[tokio::test]
+async fn another_tenants_key_never_joins_a_stream_on_another_instance() {
+    let Some(url) = support::servers::redis_url() else {
+        return;
+    };
+    let (first, second) = two_joining(&url).await;
+    const SLOW: &str = r#"{"tokens": 300, "interval_ms": 5}"#;
+    const SHORT: &str = r#"{"tokens": 3, "interval_ms": 1}"#;
+    let original = live_original(&first, "a|{b}", SLOW).await;
+    let others = [
+        ("acme|a", "{b}"),
+        ("acme{", "a|{b}"),
+        ("acme}", "a|{b}"),
+        ("acme", "a|{b"),
+    ];
+    for (tenant, key) in others {
+        let request = http::Request::post(format!("{}/completions", second.base))
+            .header("authorization", format!("Bearer {tenant}"))
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .body(http_body_util::Full::new(bytes::Bytes::from(SHORT)))
+            .unwrap();
+        let reply = second.send(request).await;
+        assert!(!reply.replayed(), "{tenant} {key}: {}", reply.status);
+        assert_eq!(reply.body, events(1, 3).as_bytes(), "{tenant} {key}");
+    }
+    assert_eq!(stat(&second, "completions").await, 4, "each ran its own");
+    let whole = original.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(whole, events(1, 300).as_bytes());
+    assert_eq!(stat(&first, "completions").await, 1);
+}

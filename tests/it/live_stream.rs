@@ -398,4 +398,139 @@ async fn a_stream_of_frames_always_ready_reaches_the_client_before_its_end() {
     assert!(replay.headers().contains_key("idempotent-replayed"));
     let replayed = replay.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(replayed, events(1, 100_000));
+
+type OnSqlite = tower_idempotency::Idempotency<Handler, tower_idempotency::store::SqliteStore>;
+
+/// Two layers (two instances) on one SQLite file, joining with a short wait bound, storing
+/// bodies up to `bound`, around `handler`; the store, for the test to read and write.
+async fn two_instances_on_sqlite(
+    dir: &crate::support::servers::TempDir,
+    handler: &Handler,
+    bound: usize,
+) -> (tower_idempotency::store::SqliteStore, OnSqlite, OnSqlite) {
+    use tower_idempotency::store::SqliteStore;
+    let path = dir.path().join("live.db");
+    let layer = |store| {
+        let settings = Settings::new(store).on_conflict(tower_idempotency::OnConflict::Join(
+            Duration::from_millis(200),
+        ));
+        IdempotencyLayer::with_settings(settings)
+            .max_stored_body(bound)
+            .layer(handler.clone())
+    };
+    let store = SqliteStore::open(&path).await.unwrap();
+    let a = layer(store.clone());
+    let b = layer(SqliteStore::open(&path).await.unwrap());
+    (store, a, b)
+}
+
+/// A stream's chunk 0 (its head) damaged in the store: a joiner on another instance is
+/// answered 500 `#unreadable-record` (every cut, every flipped byte, another thing), never a
+/// head or a body made of the damaged bytes, and the handler does not run for it.
+#[tokio::test]
+async fn a_damaged_head_in_the_store_is_never_joined() {
+    use tower_idempotency::store::{ClaimOutcome, Store};
+    let dir = crate::support::servers::TempDir::new("live-damaged-head");
+    let handler = Handler::new();
+    let (store, a, b) = two_instances_on_sqlite(&dir, &handler, 1 << 20).await;
+    let store_key =
+        |key: &str| tower_idempotency::admin::http_key("", &http::Method::POST, "/gen", key);
+    // An intact stream is joined from the other instance: its chunk 0 is what is damaged below.
+    let call = tokio::spawn(a.clone().oneshot(keyed("intact", &[])));
+    let feed = handler.feed().await;
+    feed.send(Ok(event(1))).await.unwrap();
+    let original = call.await.unwrap().unwrap();
+    let head = in_the_store(&store, &store_key("intact")).await;
+    let joiner = b.clone().oneshot(keyed("intact", &[])).await.unwrap();
+    assert_eq!(joiner.headers()["idempotent-replayed"], "true");
+    feed.send(Ok(event(2))).await.unwrap();
+    drop(feed);
+    let whole = original.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(whole, events(1, 2));
+    assert_eq!(
+        joiner.into_body().collect().await.unwrap().to_bytes(),
+        whole
+    );
+    assert_eq!(handler.runs.load(Ordering::SeqCst), 1);
+
+    let mut damaged: Vec<Vec<u8>> = vec![b"garbage".to_vec()];
+    damaged.extend((1..head.len()).map(|cut| head[..cut].to_vec()));
+    for at in 0..head.len() {
+        let mut flipped = head.to_vec();
+        flipped[at] ^= 0x01;
+        damaged.push(flipped);
+    }
+    for (n, chunk) in damaged.into_iter().enumerate() {
+        let key = format!("damaged-{n}");
+        let raw_key = store_key(&key);
+        let claimed = store.claim(&raw_key, Duration::from_secs(60));
+        let ClaimOutcome::Claimed(token) = claimed.await.unwrap() else {
+            panic!("a fresh key");
+        };
+        let chunks = [Bytes::from(chunk)];
+        let ttl = Duration::from_secs(60);
+        let appended = store.append_stream(&raw_key, &token, 0, &chunks, ttl);
+        appended.await.unwrap();
+        let response = b.clone().oneshot(keyed(&key, &[])).await.unwrap();
+        assert!(
+            !response.headers().contains_key("idempotent-replayed"),
+            "{key}: never joined"
+        );
+        let status = response.status();
+        assert_eq!(status, 500, "{key}: #unreadable-record");
+    }
+    assert_eq!(
+        handler.runs.load(Ordering::SeqCst),
+        1,
+        "never ran for a damaged stream"
+    );
+}
+
+/// Chunk 0 of `store_key`'s live stream, once the original appended it (the store gives no
+/// signal: polled).
+async fn in_the_store(store: &tower_idempotency::store::SqliteStore, store_key: &str) -> Bytes {
+    use tower_idempotency::store::{Store, StreamRead};
+    loop {
+        if let StreamRead::Live(chunks) = store.read_stream(store_key, 0).await.unwrap() {
+            if let Some(head) = chunks.first() {
+                return head.clone();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A stream that goes past `max_stored_body`, joined from another instance: the original's
+/// client gets every byte, the joiner's body fails (the record keeps no body to end it with),
+/// never a clean end with a cut body.
+#[tokio::test]
+async fn a_joiner_on_another_instance_of_a_stream_past_the_bound_fails() {
+    let dir = crate::support::servers::TempDir::new("live-past-bound");
+    let handler = Handler::new();
+    let (store, a, b) = two_instances_on_sqlite(&dir, &handler, 1000).await;
+    let store_key = tower_idempotency::admin::http_key("", &http::Method::POST, "/gen", "k");
+    let call = tokio::spawn(a.clone().oneshot(keyed("k", &[])));
+    let feed = handler.feed().await;
+    feed.send(Ok(event(1))).await.unwrap();
+    let original = call.await.unwrap().unwrap();
+    let reader = tokio::spawn(original.into_body().collect());
+    in_the_store(&store, &store_key).await;
+    let joiner = b.clone().oneshot(keyed("k", &[])).await.unwrap();
+    assert_eq!(joiner.headers()["idempotent-replayed"], "true");
+    let joined = tokio::spawn(joiner.into_body().collect());
+    for n in 2..=200 {
+        feed.send(Ok(event(n))).await.unwrap();
+    }
+    drop(feed);
+    let whole = reader.await.unwrap().unwrap().to_bytes();
+    assert_eq!(
+        whole,
+        events(1, 200),
+        "the original's client gets every byte"
+    );
+    assert!(
+        joined.await.unwrap().is_err(),
+        "the joiner fails past the bound"
+    );
+    assert_eq!(handler.runs.load(Ordering::SeqCst), 1);
 }
