@@ -398,6 +398,7 @@ async fn a_stream_of_frames_always_ready_reaches_the_client_before_its_end() {
     assert!(replay.headers().contains_key("idempotent-replayed"));
     let replayed = replay.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(replayed, events(1, 100_000));
+}
 
 type OnSqlite = tower_idempotency::Idempotency<Handler, tower_idempotency::store::SqliteStore>;
 
