@@ -200,13 +200,18 @@ fn keep_decoded_stays_within_its_capacity() {
 }
 
 /// The default store evicts no more keys than one without decoded forms (charging them would
-/// evict more, and not charging them overshoots the capacity: the default keeps none).
+/// evict more, and not charging them overshoots the capacity: the default keeps none), and
+/// runs no more retries again (within 2 %: see below).
 #[test]
 fn the_default_evicts_no_more_keys_than_without_decoded_forms() {
     let (figures, report) = full_store(&["full-off", "full-default"]);
     let [(_, off_held, off_rerun), (ratio, held, rerun)] = figures[..] else {
         unreachable!()
     };
-    assert!(held >= off_held && rerun <= off_rerun, "{report}");
+    // The two stores are alike (the default keeps no decoded forms), but each spreads its keys
+    // over its shards with a hasher seeded at random, so which keys the clock evicts first,
+    // and so how many retries run again, differs by about 1 % from store to store.
+    let slack = off_rerun / 50;
+    assert!(held >= off_held && rerun <= off_rerun + slack, "{report}");
     assert!(ratio <= 1.15, "{report}");
 }
