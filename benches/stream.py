@@ -7,6 +7,8 @@
   replay    the same key again: the stored stream replayed
   joined    (a demo started with `--on-conflict join`) JOINERS duplicates sent while the
             original still streams: each follows it live
+  remote    (a second demo on the same shared store, its URL the second argument) the same
+            duplicates sent to the other instance: each follows the stream through the store
 
 Two shapes, each ROUNDS times (default 3), scenarios interleaved, the median reported:
   paced  TOKENS_PACED events (default 1,000), one every INTERVAL_MS (default 2): what a client
@@ -16,7 +18,8 @@ Two shapes, each ROUNDS times (default 3), scenarios interleaved, the median rep
 Time to first byte is from the request's first byte sent to the first body byte received;
 "total" to the body's end. Ratios are against keyless in the same round.
 
-Usage: benches/stream.py http://127.0.0.1:PORT      (benches/stream.sh starts the demos)
+Usage: benches/stream.py http://127.0.0.1:PORT [http://127.0.0.1:OTHER]
+(benches/stream.sh starts the demos)
 Standard library only, one connection per request, HTTP/1.1.
 """
 
@@ -100,14 +103,15 @@ def expected(tokens):
     return "".join(f"id: {n}\ndata: tok-{n}\n\n" for n in range(1, tokens + 1)).encode()
 
 
-async def scenario(host, port, name, body, key, joinable):
+async def scenario(host, port, name, body, key, joinable, other=None):
     """Runs one scenario; answers a list of (ttfb, total, bytes) samples (joined: one each)."""
     want = expected(body["tokens"])
-    if name == "joined":
+    if name in ("joined", "remote"):
         original = asyncio.create_task(post(host, port, body, key))
         # The joiners arrive once the original streams (a tenth of its pace in).
         await asyncio.sleep(body["tokens"] * body["interval_ms"] / 10000)
-        results = await asyncio.gather(*(post(host, port, body, key) for _ in range(JOINERS)))
+        jhost, jport = other if name == "remote" else (host, port)
+        results = await asyncio.gather(*(post(jhost, jport, body, key) for _ in range(JOINERS)))
         first = await original
         assert first[2] == want, "original cut"
         samples = []
@@ -130,6 +134,10 @@ async def scenario(host, port, name, body, key, joinable):
 async def main():
     url = urlparse(sys.argv[1])
     host, port = url.hostname, url.port
+    other = None
+    if len(sys.argv) > 2:
+        second = urlparse(sys.argv[2])
+        other = (second.hostname, second.port)
     joinable = os.environ.get("JOIN", "0") == "1"
     shapes = {
         "paced": {"tokens": TOKENS_PACED, "interval_ms": INTERVAL_MS},
@@ -149,6 +157,10 @@ async def main():
                 row["joined"] = await scenario(
                     host, port, "joined", body, f"join-{uuid.uuid4().hex}", joinable
                 )
+                if other:
+                    row["remote"] = await scenario(
+                        host, port, "remote", body, f"remote-{uuid.uuid4().hex}", joinable, other
+                    )
             ref = statistics.median(s[0] for s in row["keyless"])
             ref_total = statistics.median(s[1] for s in row["keyless"])
             for name, samples in row.items():
