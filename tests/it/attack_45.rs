@@ -521,3 +521,135 @@ async fn a_stream_longer_than_the_lease_keeps_its_key() {
     assert_eq!(reader.await.unwrap().unwrap().to_bytes(), events(1, 13));
     assert_eq!(handler.runs.load(Ordering::SeqCst), 1);
 }
+
+/// Promise: a store that goes away mid-stream (Redis stopped) fails a joiner on another
+/// instance, never a clean end ("a store that fails for longer than the lease while it is
+/// followed fails the joiners too"). The original's client gets its whole answer and the
+/// completion is retried in the background (`StoreRetrying`, docs/failures.md), although
+/// docs/streaming.md says the client sees the end only once the record is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_gone_mid_stream_fails_the_joiner_on_another_instance() {
+    use tower_idempotency::store::RedisStore;
+    let Some(redis) = crate::support::servers::own_redis("stop") else {
+        return;
+    };
+    let handler = Handler::default();
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let layer = |store| {
+        let outcomes = outcomes.clone();
+        let settings = Settings::new(store)
+            .on_outcome(move |o| outcomes.lock().unwrap().push(o))
+            .lease(Duration::from_millis(500))
+            .store_timeout(Duration::from_millis(200))
+            .on_conflict(OnConflict::Join(Duration::from_secs(5)));
+        IdempotencyLayer::with_settings(settings).layer(handler.clone())
+    };
+    let a = layer(RedisStore::connect(&redis.url()).await.unwrap());
+    let b = layer(RedisStore::connect(&redis.url()).await.unwrap());
+    let (original, feed) = started(&a, &handler, "k").await;
+    let original = tokio::spawn(original.into_body().collect());
+    let mut joiner = None;
+    for _ in 0..400 {
+        let response = b.clone().oneshot(keyed("k")).await.unwrap();
+        if response.headers().contains_key("idempotent-replayed") {
+            joiner = Some(response);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let joiner = joiner.expect("joined from the other instance");
+    let joined = tokio::spawn(joiner.into_body().collect());
+    send(&feed, 2).await;
+    redis.stop();
+    for n in 3..=20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        send(&feed, n).await;
+    }
+    drop(feed);
+    let joined = tokio::time::timeout(Duration::from_secs(30), joined)
+        .await
+        .expect("the joiner ended");
+    let original = tokio::time::timeout(Duration::from_secs(30), original)
+        .await
+        .expect("the original ended");
+    assert!(
+        !matches!(joined, Ok(Ok(_))),
+        "the joiner ended cleanly with the store gone"
+    );
+    let outcomes = outcomes.lock().unwrap().clone();
+    let whole = original.unwrap().unwrap().to_bytes();
+    assert_eq!(
+        whole,
+        events(1, 20),
+        "the original's client gets every byte"
+    );
+    assert!(
+        outcomes.contains(&tower_idempotency::Outcome::StoreRetrying),
+        "the completion is retried, not given up: {outcomes:?}"
+    );
+}
+
+/// Body frames (then trailers), each after one `Pending` poll: a stream, never a body whole
+/// at once.
+struct WithTrailers {
+    frames: VecDeque<Frame<Bytes>>,
+    ready: bool,
+}
+
+impl Body for WithTrailers {
+    type Data = Bytes;
+    type Error = String;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, String>>> {
+        if !self.ready {
+            self.ready = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        self.ready = false;
+        Poll::Ready(self.frames.pop_front().map(Ok))
+    }
+}
+
+/// Promise: a streamed body's trailers reach the original's client and are replayed with it
+/// (a retry gets the stored answer "byte-identical", "then its end (with its trailers)").
+#[tokio::test]
+async fn trailers_of_a_streamed_body_are_replayed() {
+    let handler = tower::service_fn(|_: Request<RequestBody<Full<Bytes>>>| async {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        trailers.insert("x-checksum", "abc".parse().unwrap());
+        let frames = VecDeque::from([
+            Frame::data(event(1)),
+            Frame::data(event(2)),
+            Frame::trailers(trailers),
+        ]);
+        let body = WithTrailers {
+            frames,
+            ready: false,
+        };
+        Ok::<_, std::convert::Infallible>(Response::new(body))
+    });
+    let svc = IdempotencyLayer::new().layer(handler);
+    let first = svc.clone().oneshot(keyed("t")).await.unwrap();
+    let first = first.into_body().collect().await.unwrap();
+    let first_trailers = first.trailers().cloned();
+    assert_eq!(first.to_bytes(), events(1, 2));
+    assert_eq!(
+        first_trailers.as_ref().map(|t| t["x-checksum"].clone()),
+        Some("abc".parse().unwrap()),
+        "the original's client gets the trailers"
+    );
+    let retry = svc.oneshot(keyed("t")).await.unwrap();
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    let retry = retry.into_body().collect().await.unwrap();
+    assert_eq!(
+        retry.trailers().cloned(),
+        first_trailers,
+        "the replay ends with the same trailers"
+    );
+    assert_eq!(retry.to_bytes(), events(1, 2));
+}
