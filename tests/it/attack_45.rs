@@ -653,3 +653,48 @@ async fn trailers_of_a_streamed_body_are_replayed() {
     );
     assert_eq!(retry.to_bytes(), events(1, 2));
 }
+
+/// Promise: `Last-Event-ID` on a join from another instance resumes exactly as on the same
+/// instance: the tail after a known id, the whole stream for an unknown or hostile one.
+#[tokio::test]
+async fn hostile_last_event_ids_on_a_join_across_instances() {
+    let dir = crate::support::servers::TempDir::new("a45-leid");
+    let handler = Handler::default();
+    let (store, a, b) = two_on_sqlite(&dir, &handler, Duration::from_secs(5), 1 << 20, false).await;
+    let (original, feed) = started(&a, &handler, "k").await;
+    send(&feed, 2).await;
+    live_in(&store, &store_key("", "k")).await;
+    let cases: Vec<(&[u8], Vec<u8>)> = vec![
+        (b"nope", events(1, 10)),
+        (b"\xff\x80", events(1, 10)),
+        (b"01", events(1, 10)),
+        (b"1", events(2, 10)),
+        (b"9", events(10, 10)),
+        (b"10", Vec::new()),
+    ];
+    let mut joined = Vec::new();
+    for (id, expected) in cases {
+        let joiner = b
+            .clone()
+            .oneshot(keyed_with("k", "{}", &[("last-event-id", id)]))
+            .await
+            .unwrap();
+        assert_eq!(joiner.headers()["idempotent-replayed"], "true");
+        joined.push((id, expected, tokio::spawn(joiner.into_body().collect())));
+    }
+    for n in 3..=10 {
+        send(&feed, n).await;
+    }
+    drop(feed);
+    original.into_body().collect().await.unwrap();
+    for (id, expected, body) in joined {
+        let got = body.await.unwrap().unwrap().to_bytes();
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&expected),
+            "Last-Event-ID {:?}",
+            String::from_utf8_lossy(id)
+        );
+    }
+    assert_eq!(handler.runs.load(Ordering::SeqCst), 1);
+}
