@@ -698,3 +698,72 @@ async fn hostile_last_event_ids_on_a_join_across_instances() {
     }
     assert_eq!(handler.runs.load(Ordering::SeqCst), 1);
 }
+
+/// Promise: a streamed record (format 4, chunk table) damaged in the store after it completed
+/// is 500 `#unreadable-record` on another instance (503 for the byte naming the record
+/// format), for a flip of any byte of its payload, never a replay, and the handler does not
+/// run again.
+#[tokio::test]
+async fn a_streamed_record_damaged_after_completion_is_never_replayed() {
+    let dir = crate::support::servers::TempDir::new("a45-damaged");
+    let handler = Handler::default();
+    let (_store, a, b) =
+        two_on_sqlite(&dir, &handler, Duration::from_secs(5), 1 << 20, false).await;
+    let (original, feed) = started(&a, &handler, "k").await;
+    for n in 2..=30 {
+        send(&feed, n).await;
+    }
+    drop(feed);
+    assert_eq!(
+        original.into_body().collect().await.unwrap().to_bytes(),
+        events(1, 30)
+    );
+    // No replay on `b` before the damage: a process may keep a record it read (a cache).
+    let db = rusqlite::Connection::open(dir.path().join("attack45.db")).unwrap();
+    let key = store_key("", "k");
+    let read = |db: &rusqlite::Connection| -> Vec<u8> {
+        db.query_row(
+            "SELECT payload FROM idempotency_records WHERE key = ?1",
+            [&key],
+            |row| row.get(0),
+        )
+        .unwrap()
+    };
+    let write = |db: &rusqlite::Connection, payload: &[u8]| {
+        db.execute(
+            "UPDATE idempotency_records SET payload = ?2 WHERE key = ?1",
+            rusqlite::params![key, payload],
+        )
+        .unwrap();
+    };
+    let intact = read(&db);
+    let mut answered = Vec::new();
+    for at in 0..intact.len() {
+        let mut flipped = intact.clone();
+        flipped[at] ^= 0x01;
+        write(&db, &flipped);
+        let response = b.clone().oneshot(keyed("k")).await.unwrap();
+        let status = response.status().as_u16();
+        let replayed = response.headers().contains_key("idempotent-replayed");
+        // 500 #unreadable-record; 503 for the byte naming the record format (a newer one).
+        if !(status == 500 || status == 503) || replayed {
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            answered.push((at, status, replayed, body == events(1, 30)));
+        }
+    }
+    assert!(
+        answered.is_empty(),
+        "{} of {} flipped bytes answered (at, status, replayed, intact body): {:?}; runs {}",
+        answered.len(),
+        intact.len(),
+        &answered[..answered.len().min(12)],
+        handler.runs.load(Ordering::SeqCst)
+    );
+    write(&db, &intact);
+    let replay = b.clone().oneshot(keyed("k")).await.unwrap();
+    assert_eq!(
+        replay.into_body().collect().await.unwrap().to_bytes(),
+        events(1, 30)
+    );
+    assert_eq!(handler.runs.load(Ordering::SeqCst), 1);
+}
