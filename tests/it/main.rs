@@ -13,6 +13,7 @@ mod support;
 
 mod admin;
 mod attack_44;
+mod attack_45;
 mod attack_points;
 mod chunked_records;
 mod claim_now;
