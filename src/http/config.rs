@@ -144,6 +144,14 @@ impl Config {
             .unwrap_or(ttl)
     }
 
+    /// How much of a duplicate's body is read to compare its fingerprint with the original's:
+    /// `None` when the fingerprint does not cover the body (nothing to read).
+    pub(crate) fn duplicate_body_limit(&self) -> Option<u64> {
+        self.fingerprint
+            .covers_body()
+            .then_some(self.max_duplicate_body)
+    }
+
     /// Whether a response header is kept in the record.
     pub(crate) fn stores_header(&self, name: &HeaderName) -> bool {
         !ALWAYS_SKIPPED.contains(&name.as_str())

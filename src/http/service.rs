@@ -267,10 +267,7 @@ where
     ReqBody: Body + 'a,
     ReqBody::Error: Into<BoxError>,
 {
-    let body_limit = config
-        .fingerprint
-        .covers_body()
-        .then_some(config.max_duplicate_body);
+    let body_limit = config.duplicate_body_limit();
     let answering = replay::Answering {
         carried: &config.carried,
         retry_after: config.retry_after,
@@ -600,10 +597,7 @@ where
         let config = &self.core.config;
         let last_event_id = sse::last_event_id(&parts.headers);
         drop(parts);
-        let body_limit = config
-            .fingerprint
-            .covers_body()
-            .then_some(config.max_duplicate_body);
+        let body_limit = config.duplicate_body_limit();
         let fingerprint = stream.fingerprint();
         if let Some(refusal) =
             replay::refused(fingerprint, body, hasher, body_limit, self.grpc).await
