@@ -63,13 +63,15 @@ pub use server_report::RedisServerReport;
 ///   its clones, opened on the first wait) wakes the local waiters of that key. A claim nobody
 ///   waits for publishes nothing. A missed message costs at most about 2 s; while the
 ///   subscriber is down, waiters back off with jitter (and mark nothing).
-/// * **Commands a fresh key sends:** its claim's `SET` and its completion's (`SET … IFEQ`, or
-///   the completion script's `GET` and `SET`), one round trip each; the wake-up's `PUBLISH`
-///   only when a duplicate marked the claim, and the recovery point's end (`DEL`, in the
-///   completion script) only for a claim that knows a point (found by its claim, saved or
-///   loaded through this store and its clones); the claim's `SET` goes with an `EXISTS` of
-///   the point key in the same round trip. Likewise a live stream's end (`DEL` in the
-///   completion or release script) only for a claim that appended one through this store.
+/// * **Commands a fresh key sends:** its claim's `SET`, and its completion's: `SET … IFEQ`
+///   with an `EXISTS` of the key's recovery point in the same round trip, or the completion
+///   script's `GET`, `SET` and `DEL` of the point (a `DEL` of a key that is not there writes
+///   nothing: no log entry, no sync). One round trip each, two writes. The wake-up's `PUBLISH`
+///   goes only when a duplicate marked the claim; a point that an earlier, crashed run left
+///   costs the `IFEQ` completion a second round trip (the script, which ends it). Likewise a
+///   live stream's end (`DEL` in the completion or release script) only for a claim that
+///   appended one through this store. **A replay** is the claim's `SET` alone: one command,
+///   one round trip.
 ///
 /// ```no_run
 /// use tower_idempotency::{store::RedisStore, IdempotencyLayer};
@@ -443,20 +445,9 @@ impl RedisStore {
             .arg("PX")
             .arg(millis(lease))
             .arg("GET");
-        // In the same round trip, whether the key has a recovery point (a read: nothing is
-        // written or synced for it): a run that inherits a crashed run's point ends it when it
-        // completes, whether or not it loads it, so that no run of the key after its record
-        // expired resumes it.
-        let mut exists = redis::Cmd::with_capacity(2, 16 + self.prefix.len() + key.len() + 8);
-        exists.arg("EXISTS").arg(self.point_key(key));
-        let mut pipe = redis::Pipeline::with_capacity(2);
-        pipe.add_command(set).add_command(exists);
         let mut connection = self.connection.clone();
-        let (previous, point): (Option<Vec<u8>>, i64) = match pipe
-            .query_async(&mut connection)
-            .await
-        {
-            Ok(replies) => replies,
+        let previous: Option<Vec<u8>> = match set.query_async(&mut connection).await {
+            Ok(previous) => previous,
             Err(error) if refused_command(&error) => {
                 tracing::info!(%error, "this Redis refuses SET NX GET (before 7.0): claims use a Lua script");
                 return Ok(None);
@@ -464,12 +455,7 @@ impl RedisStore {
             Err(error) => return Err(StoreError::backend(error)),
         };
         Ok(Some(match previous {
-            None => {
-                if point > 0 {
-                    self.points.add(token);
-                }
-                ClaimOutcome::Claimed(*token)
-            }
+            None => ClaimOutcome::Claimed(*token),
             // Anything but a claim is a record, or damaged (which decoding reports).
             Some(value) if value.first() != Some(&CLAIM_TAG) => {
                 ClaimOutcome::Completed(decode_record(value)?)
@@ -535,24 +521,29 @@ impl RedisStore {
     /// script, which also publishes the wake-up. A claim that knows a recovery point never
     /// comes here: the script ends the point inside the same fence.
     ///
-    /// `Ok(true)` when the record was written. `Ok(false)` when the completion script must
-    /// decide: the value was not the caller's claim as written (a duplicate waits, a
-    /// completion retried after it was written, or a lapsed lease: the script tells which),
-    /// the server refused `IFEQ` (then every later completion goes to the script at once), or
-    /// any other answer of the server's (the script's call reports it, through the same error
-    /// handling as every other call).
+    /// In the same round trip, `EXISTS` of the key's recovery point, after the `SET`: once the
+    /// record is written no run can save a point any more, so the answer is exact. A point
+    /// left there (a run of the key crashed after saving it, and this claim did not load it)
+    /// is ended by the completion script, which finds the record written and deletes it.
+    ///
+    /// [`Conditional::Written`] when the record was written. [`Conditional::Script`] when
+    /// the completion script must decide: the value was not the caller's claim as written (a
+    /// duplicate waits, a completion retried after it was written, or a lapsed lease: the
+    /// script tells which), the server refused `IFEQ` (then every later completion goes to
+    /// the script at once), or any other answer of the server's (the script's call reports it,
+    /// through the same error handling as every other call).
     async fn complete_conditional(
         &self,
         key: &str,
         token: &OwnerToken,
         record: &Record,
         ttl: Duration,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Conditional, StoreError> {
         let ms = millis(ttl);
         // Every reply is kept, none marked `ignore()`d: redis-rs keeps those marks in a hashed
         // set that every pipeline builds and searches, which costs more than picking the reply
         // by its place.
-        let mut pipe = redis::Pipeline::with_capacity(1);
+        let mut pipe = redis::Pipeline::with_capacity(2);
         pipe.ignore_errors();
         // Sized once (one grown argument by argument reallocates its buffer each time); the
         // record is most of it.
@@ -565,19 +556,23 @@ impl RedisStore {
             .arg(ms)
             .arg("IFEQ")
             .arg(&claim_value(token)[..]);
-        pipe.add_command(set);
+        let mut exists = redis::Cmd::with_capacity(2, 16 + named + 8);
+        exists.arg("EXISTS").arg(self.point_key(key));
+        pipe.add_command(set).add_command(exists);
         let reply: Vec<Value> = pipe
             .query_async(&mut self.connection.clone())
             .await
             .map_err(StoreError::backend)?;
-        match reply.last() {
-            Some(Value::Okay) => Ok(true),
-            Some(Value::ServerError(error)) if refuses_ifeq(error) => {
+        match reply.as_slice() {
+            [Value::Okay, Value::Int(points)] => Ok(Conditional::Written {
+                point_left: *points > 0,
+            }),
+            [Value::ServerError(error), ..] if refuses_ifeq(error) => {
                 tracing::info!(error = %redis::RedisError::from(error.clone()), "this Redis refuses SET IFEQ (before Valkey 8.1 and Redis 8.4): completions use a Lua script");
                 self.scripts.conditional_set.store(false, Ordering::Relaxed);
-                Ok(false)
+                Ok(Conditional::Script)
             }
-            _ => Ok(false),
+            _ => Ok(Conditional::Script),
         }
     }
 
@@ -830,6 +825,18 @@ fn refused_command(error: &redis::RedisError) -> bool {
         && error.code() == Some("ERR")
 }
 
+/// What a plain completion ([`RedisStore::complete_conditional`]) did.
+#[derive(Debug, PartialEq, Eq)]
+enum Conditional {
+    /// The record is written; `point_left`: the key still has a recovery point to end.
+    Written {
+        /// A point saved by an earlier run of the key is there.
+        point_left: bool,
+    },
+    /// Nothing written: the completion script decides.
+    Script,
+}
+
 /// Whether the server refused `SET … IFEQ` as a form it does not know: what a server before
 /// Valkey 8.1 and Redis 8.4 answers (`ERR syntax error`). Any other refusal (an out-of-range
 /// TTL, say) is left to the completion script to report.
@@ -901,18 +908,25 @@ impl Store for RedisStore {
         record: Record,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let ended = self.ended_with(key, token, self.points.has(token));
         let written = async {
             // A claim that knows a point, or appended a stream, completes through the script,
             // which ends them only if the claim is still the caller's: plain commands cannot,
             // and ending them unfenced would cut short a successor's point or stream after a
-            // lapsed lease.
-            if ended.is_empty()
+            // lapsed lease. A claim that knows neither may still have inherited a point from a
+            // run that crashed: the plain completion reads whether the key has one in its
+            // round trip, and ends it (rarely) through the script, which the record it just
+            // wrote fences.
+            if !self.points.has(token)
+                && !self.streams.has(token)
                 && self.scripts.conditional_set.load(Ordering::Relaxed)
                 && self.complete_conditional(key, token, &record, ttl).await?
+                    == (Conditional::Written { point_left: false })
             {
                 return Ok(());
             }
+            // The script always ends the key's point: a `DEL` of a key that is not there writes
+            // nothing (no log entry, no sync, nothing replicated).
+            let ended = self.ended_with(key, token, true);
             self.owner_checked_with(
                 &self.scripts.complete,
                 key,
