@@ -198,7 +198,8 @@ async fn redis_marked_claim_lapsed_then_taken_over_fences_the_old_owner() {
 /// loads its point (a handler that stopped using points); its record's TTL is shorter than
 /// the point's. Once the record expired, a new run of the key must not resume the crashed
 /// run's point (it would skip the charge, or answer the old charge as its own). PostgreSQL's
-/// completion deletes the point whoever completes; Redis's only when the completer loaded it.
+/// completion deletes the point whoever completes; Redis's too (the completion reads whether a
+/// point is left, and the script ends it).
 async fn stale_point_after_record_expiry<S: Store>(a: S, b: S, what: &str) -> Option<String> {
     let key = hostile_key("stale");
     let lease = Duration::from_millis(300);

@@ -63,15 +63,15 @@ pub use server_report::RedisServerReport;
 ///   its clones, opened on the first wait) wakes the local waiters of that key. A claim nobody
 ///   waits for publishes nothing. A missed message costs at most about 2 s; while the
 ///   subscriber is down, waiters back off with jitter (and mark nothing).
-/// * **Commands a fresh key sends:** its claim's `SET`, and its completion's: `SET … IFEQ`
-///   with an `EXISTS` of the key's recovery point in the same round trip, or the completion
-///   script's `GET`, `SET` and `DEL` of the point (a `DEL` of a key that is not there writes
-///   nothing: no log entry, no sync). One round trip each, two writes. The wake-up's `PUBLISH`
-///   goes only when a duplicate marked the claim; a point that an earlier, crashed run left
-///   costs the `IFEQ` completion a second round trip (the script, which ends it). Likewise a
-///   live stream's end (`DEL` in the completion or release script) only for a claim that
-///   appended one through this store. **A replay** is the claim's `SET` alone: one command,
-///   one round trip.
+/// * **Commands a fresh key sends:** its claim's `SET`, and its completion's write (`SET …
+///   IFEQ`, or the completion script's `GET` and `SET`) with an `EXISTS` of the key's recovery
+///   point in the same round trip: one round trip each, two writes. The wake-up's `PUBLISH`
+///   goes only when a duplicate marked the claim. A claim that saved or loaded a point, or
+///   appended a live stream, through this store (and its clones) completes through the
+///   script, which ends them (`DEL`) inside its owner check; a point that an earlier, crashed
+///   run left and this run did not load costs the completion a second round trip (the
+///   script, which ends it, fenced by the record just written). **A replay** is the claim's
+///   `SET` alone: one command, one round trip.
 ///
 /// ```no_run
 /// use tower_idempotency::{store::RedisStore, IdempotencyLayer};
@@ -512,33 +512,34 @@ impl RedisStore {
         }
     }
 
-    /// A completion in plain commands, on a server whose `SET` takes `IFEQ` (Valkey 8.1 and
-    /// Redis 8.4 on): one round trip, cheaper for the server than the completion script (no
-    /// script entry, and each command runs once instead of through `redis.call`).
+    /// The completion of a claim that knows no recovery point and appended no stream, in one
+    /// round trip: the record's write, then `EXISTS` of the key's point. Once the record is
+    /// written no run can save a point any more, so that answer is exact; a point left there
+    /// (a run of the key crashed after saving it, and this claim did not load it) is then
+    /// ended by the completion script, which finds the record written and deletes it, fenced
+    /// by that record.
     ///
-    /// `SET key record PX ttl IFEQ claim`: the fence; it writes only over the caller's own
-    /// claim as written, not over one a waiting duplicate marked: that completion goes to the
-    /// script, which also publishes the wake-up. A claim that knows a recovery point never
-    /// comes here: the script ends the point inside the same fence.
+    /// The write is `SET key record PX ttl IFEQ claim` on a server whose `SET` takes `IFEQ`
+    /// (Valkey 8.1 and Redis 8.4 on): cheaper for the server than the completion script (no
+    /// script entry, each command run once instead of through `redis.call`). It writes only
+    /// over the caller's own claim as written, not over one a waiting duplicate marked: that
+    /// completion goes to the script, which also publishes the wake-up. On other servers it is
+    /// the completion script, given the record's key alone.
     ///
-    /// In the same round trip, `EXISTS` of the key's recovery point, after the `SET`: once the
-    /// record is written no run can save a point any more, so the answer is exact. A point
-    /// left there (a run of the key crashed after saving it, and this claim did not load it)
-    /// is ended by the completion script, which finds the record written and deletes it.
-    ///
-    /// [`Conditional::Written`] when the record was written. [`Conditional::Script`] when
-    /// the completion script must decide: the value was not the caller's claim as written (a
-    /// duplicate waits, a completion retried after it was written, or a lapsed lease: the
-    /// script tells which), the server refused `IFEQ` (then every later completion goes to
-    /// the script at once), or any other answer of the server's (the script's call reports it,
-    /// through the same error handling as every other call).
-    async fn complete_conditional(
+    /// [`Completion::Written`] when the record was written. [`Completion::Script`] when the
+    /// completion script must decide: `IFEQ` found another value than the caller's claim as
+    /// written (a duplicate waits, a completion retried after it was written, or a lapsed
+    /// lease: the script tells which), the server refused `IFEQ` (then every later completion
+    /// goes to the script at once), the server had not loaded the script (now loaded), or
+    /// any other answer of the server's (the script's call reports it, through the same error
+    /// handling as every other call).
+    async fn complete_plain(
         &self,
         key: &str,
         token: &OwnerToken,
         record: &Record,
         ttl: Duration,
-    ) -> Result<Conditional, StoreError> {
+    ) -> Result<Completion, StoreError> {
         let ms = millis(ttl);
         // Every reply is kept, none marked `ignore()`d: redis-rs keeps those marks in a hashed
         // set that every pipeline builds and searches, which costs more than picking the reply
@@ -548,31 +549,52 @@ impl RedisStore {
         // Sized once (one grown argument by argument reallocates its buffer each time); the
         // record is most of it.
         let named = self.prefix.len() + key.len();
-        let mut set = redis::Cmd::with_capacity(7, 128 + named + record.payload().len());
-        set.arg("SET")
-            .arg(Prefixed(&self.prefix, key))
-            .arg(RecordArg(record))
-            .arg("PX")
-            .arg(ms)
-            .arg("IFEQ")
-            .arg(&claim_value(token)[..]);
+        let size = 160 + named + record.payload().len();
+        let conditional = self.scripts.conditional_set.load(Ordering::Relaxed);
+        let write = if conditional {
+            let mut set = redis::Cmd::with_capacity(7, size);
+            set.arg("SET")
+                .arg(Prefixed(&self.prefix, key))
+                .arg(RecordArg(record))
+                .arg("PX")
+                .arg(ms)
+                .arg("IFEQ")
+                .arg(&claim_value(token)[..]);
+            set
+        } else {
+            let mut eval = redis::Cmd::with_capacity(8, size);
+            eval.arg("EVALSHA")
+                .arg(self.scripts.complete.get_hash())
+                .arg(1)
+                .arg(Prefixed(&self.prefix, key))
+                .arg(&claim_value(token)[..])
+                .arg(RecordArg(record))
+                .arg(ms)
+                .arg(Prefixed(&self.prefix, WAKE_CHANNEL));
+            eval
+        };
         let mut exists = redis::Cmd::with_capacity(2, 16 + named + 8);
         exists.arg("EXISTS").arg(self.point_key(key));
-        pipe.add_command(set).add_command(exists);
+        pipe.add_command(write).add_command(exists);
+        let mut connection = self.connection.clone();
         let reply: Vec<Value> = pipe
-            .query_async(&mut self.connection.clone())
+            .query_async(&mut connection)
             .await
             .map_err(StoreError::backend)?;
         match reply.as_slice() {
-            [Value::Okay, Value::Int(points)] => Ok(Conditional::Written {
+            [Value::Okay | Value::Int(1), Value::Int(points)] => Ok(Completion::Written {
                 point_left: *points > 0,
             }),
-            [Value::ServerError(error), ..] if refuses_ifeq(error) => {
+            // The script's owner check failed: another run holds the key, or nothing does.
+            [Value::Int(0), _] if !conditional => Err(StoreError::LeaseLost),
+            [Value::ServerError(error), ..] if conditional && refuses_ifeq(error) => {
                 tracing::info!(error = %redis::RedisError::from(error.clone()), "this Redis refuses SET IFEQ (before Valkey 8.1 and Redis 8.4): completions use a Lua script");
                 self.scripts.conditional_set.store(false, Ordering::Relaxed);
-                Ok(Conditional::Script)
+                Ok(Completion::Script)
             }
-            _ => Ok(Conditional::Script),
+            // Not in the server's script cache (a restarted or new server): the script's own
+            // call loads it.
+            _ => Ok(Completion::Script),
         }
     }
 
@@ -825,9 +847,9 @@ fn refused_command(error: &redis::RedisError) -> bool {
         && error.code() == Some("ERR")
 }
 
-/// What a plain completion ([`RedisStore::complete_conditional`]) did.
+/// What a plain completion ([`RedisStore::complete_plain`]) did.
 #[derive(Debug, PartialEq, Eq)]
-enum Conditional {
+enum Completion {
     /// The record is written; `point_left`: the key still has a recovery point to end.
     Written {
         /// A point saved by an earlier run of the key is there.
@@ -915,17 +937,15 @@ impl Store for RedisStore {
             // lapsed lease. A claim that knows neither may still have inherited a point from a
             // run that crashed: the plain completion reads whether the key has one in its
             // round trip, and ends it (rarely) through the script, which the record it just
-            // wrote fences.
+            // wrote fences. The script always ends the key's point (a `DEL` of a key that is
+            // not there writes nothing).
             if !self.points.has(token)
                 && !self.streams.has(token)
-                && self.scripts.conditional_set.load(Ordering::Relaxed)
-                && self.complete_conditional(key, token, &record, ttl).await?
-                    == (Conditional::Written { point_left: false })
+                && self.complete_plain(key, token, &record, ttl).await?
+                    == (Completion::Written { point_left: false })
             {
                 return Ok(());
             }
-            // The script always ends the key's point: a `DEL` of a key that is not there writes
-            // nothing (no log entry, no sync, nothing replicated).
             let ended = self.ended_with(key, token, true);
             self.owner_checked_with(
                 &self.scripts.complete,
