@@ -31,10 +31,14 @@ const RECORD_OVERHEAD: u64 = 560;
 /// * Completed records and recovery points are bounded by their **total bytes** (keys,
 ///   payloads, a point's phase and data, a fixed per-entry overhead and, for a record kept
 ///   decoded, what its decoded form allocates: see
-///   [`keep_decoded`](MemoryStoreBuilder::keep_decoded)) [64 MiB], evicting by CLOCK (the
-///   oldest entry not read since the clock hand last passed it goes first; a replay gives its
-///   record a second chance), record or point alike; expired entries at the front of the
-///   order go as new ones are written.
+///   [`keep_decoded`](MemoryStoreBuilder::keep_decoded)) [64 MiB], evicting by CLOCK, record
+///   or point alike: an entry is marked when written and when read; the clock hand, going
+///   through each shard's entries in write order, unmarks and keeps a marked one (its second
+///   chance) and evicts the first unmarked. So a new record never goes before older ones that
+///   were not read since (its key's retry is still to come), and a replay gives its record
+///   another chance. The store never refuses a new record to keep often-replayed ones (a
+///   frequency filter such as TinyLFU would): a retry in a loop over more keys than fit runs
+///   again, as with LRU. Expired entries at the front of the order go as new ones are written.
 ///   A record evicted early (capacity pressure) behaves like an expired one: a retry with its
 ///   key runs again. Size the capacity for your retention. Entries are kept by a 64-bit hash
 ///   of the key under a per-store random key (hashed once per call; the map never touches key
@@ -190,8 +194,8 @@ struct Entry {
     weight: u64,
     /// Which write of its slot this is (see [`Shard::order`]).
     stamp: u64,
-    /// Read since the clock hand last passed it: it goes to the back of the order once instead
-    /// of being evicted.
+    /// Written or read since the clock hand last passed it: it goes to the back of the order
+    /// once instead of being evicted.
     referenced: bool,
 }
 
@@ -235,7 +239,11 @@ impl Shard {
             stored,
             weight,
             stamp,
-            referenced: false,
+            // Written now: used, as a read would mark it. Unmarked, a new record would be the
+            // first victim of a shard whose older entries were all replayed (their second
+            // chance puts them behind it), and its key's retry, which usually comes within
+            // seconds, would run the handler again.
+            referenced: true,
         };
         if let Some(old) = self.entries.insert(slot, entry) {
             freed += old.weight;
@@ -1150,8 +1158,9 @@ mod tests {
         assert!(store.record_count() > 0);
     }
 
-    /// A replayed record gets a second chance: the write that finds the store full evicts the
-    /// oldest record not read since, not the replayed one.
+    /// A replayed record gets a second chance: once the hand has passed the records (the
+    /// first eviction, in this one-shard store), a write that finds the store full evicts the
+    /// oldest record not read since, not a replayed one.
     #[tokio::test]
     async fn a_replayed_record_outlives_an_older_one_never_read() {
         let store = MemoryStore::builder().max_bytes(16 * 1024).build();
@@ -1160,11 +1169,6 @@ mod tests {
         while store.record_count() == i {
             stored(&store, &format!("r-{i}"), payload.clone(), LEASE).await;
             i += 1;
-            if i == 1 {
-                let ClaimOutcome::Completed(_) = store.claim("r-0", LEASE).await.unwrap() else {
-                    panic!("r-0 is stored")
-                };
-            }
         }
         let completed = |key: &'static str| {
             let store = store.clone();
@@ -1175,8 +1179,50 @@ mod tests {
                 )
             }
         };
-        assert!(completed("r-0").await, "the replayed record stays");
+        // The first eviction unmarked every record and took the oldest, r-0.
+        assert!(!completed("r-0").await);
+        let ClaimOutcome::Completed(_) = store.claim("r-2", LEASE).await.unwrap() else {
+            panic!("r-2 is stored")
+        };
+        stored(&store, "next-1", payload.clone(), LEASE).await;
+        stored(&store, "next-2", payload.clone(), LEASE).await;
+        assert!(completed("r-2").await, "the replayed record stays");
         assert!(!completed("r-1").await, "the oldest one never read goes");
+        assert!(!completed("r-3").await, "and the next one never read");
+    }
+
+    /// The store never refuses a new record to keep older, often replayed ones (what a
+    /// frequency-based admission filter such as TinyLFU does): a completed key whose record
+    /// was refused would run its handler again on its retry, which usually comes within
+    /// seconds. A full store of records replayed many times still stores each new one, and
+    /// the new one's retry replays.
+    #[tokio::test]
+    async fn a_new_record_is_stored_even_when_every_held_one_is_replayed_often() {
+        let store = MemoryStore::builder().max_bytes(64 * 1024).build();
+        let payload = bytes::Bytes::from(vec![0u8; 1024]);
+        let mut held = 0;
+        while store.record_count() == held {
+            stored(&store, &format!("hot-{held}"), payload.clone(), LEASE).await;
+            held += 1;
+        }
+        for _ in 0..5 {
+            for i in 0..held {
+                // Evicted ones (the last write made room) just claim again; released below.
+                if let ClaimOutcome::Claimed(token) =
+                    store.claim(&format!("hot-{i}"), LEASE).await.unwrap()
+                {
+                    store.release(&format!("hot-{i}"), &token).await.unwrap();
+                }
+            }
+        }
+        for n in 0..50 {
+            let key = format!("new-{n}");
+            stored(&store, &key, payload.clone(), LEASE).await;
+            match store.claim(&key, LEASE).await.unwrap() {
+                ClaimOutcome::Completed(_) => {}
+                other => panic!("{key}'s retry must replay, got {other:?}"),
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]
