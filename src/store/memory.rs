@@ -266,8 +266,9 @@ impl Shard {
         }
     }
 
-    /// Evicts one entry: the oldest expired or not read since the hand last passed (a read
-    /// one goes to the back once). Its weight; `None` when the shard holds no entry.
+    /// Evicts one entry: the oldest expired, or neither written nor read since the hand last
+    /// passed (a marked one goes to the back once, unmarked). Its weight; `None` when the shard
+    /// holds no entry.
     fn evict_one(&mut self, now: Instant) -> Option<u64> {
         while let Some(queued) = self.order.pop_front() {
             match self.entries.get_mut(&queued.slot) {
@@ -410,8 +411,8 @@ impl Inner {
         }
     }
 
-    /// The clock hand goes round the shards, each giving its oldest entry not read since the
-    /// hand last passed, until the entries fit or no shard holds one.
+    /// The clock hand goes round the shards, each giving its oldest entry neither written nor
+    /// read since the hand last passed, until the entries fit or no shard holds one.
     #[cold]
     fn evict(&self) {
         let now = Instant::now();
