@@ -15,6 +15,7 @@ mod admin;
 mod attack_44;
 mod attack_45;
 mod attack_points;
+mod attack_redis_points;
 mod chunked_records;
 mod claim_now;
 mod client;
