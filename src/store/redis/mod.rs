@@ -63,15 +63,17 @@ pub use server_report::RedisServerReport;
 ///   its clones, opened on the first wait) wakes the local waiters of that key. A claim nobody
 ///   waits for publishes nothing. A missed message costs at most about 2 s; while the
 ///   subscriber is down, waiters back off with jitter (and mark nothing).
-/// * **Commands a fresh key sends:** its claim's `SET`, and its completion's write (`SET …
-///   IFEQ`, or the completion script's `GET` and `SET`) with an `EXISTS` of the key's recovery
-///   point in the same round trip: one round trip each, two writes. The wake-up's `PUBLISH`
-///   goes only when a duplicate marked the claim. A claim that saved or loaded a point, or
-///   appended a live stream, through this store (and its clones) completes through the
-///   script, which ends them (`DEL`) inside its owner check; a point that an earlier, crashed
-///   run left and this run did not load costs the completion a second round trip (the
-///   script, which ends it, fenced by the record just written). **A replay** is the claim's
-///   `SET` alone: one command, one round trip.
+/// * **Commands a fresh key sends:** its claim's `SET` and its completion's write, one round
+///   trip each, two writes. On Redis before 8.4 (and on a Cluster) the completion is the
+///   script: its `GET` (the owner check), `SET`, and `DEL` of the key's recovery point (a
+///   `DEL` of a key that is not there writes nothing), so a point a crashed run left ends with
+///   the record's write, in one atomic step, whether or not the retry loaded it. On a server
+///   whose `SET` takes `IFEQ`, the completion is `SET … IFEQ`, and the claim's `SET` goes
+///   with an `EXISTS` of the point key in the same round trip (a read): a claim that found a
+///   point, or saved or loaded one, or appended a live stream, completes through the script,
+///   which ends them. The wake-up's `PUBLISH` goes only when a duplicate marked the claim.
+///   **A replay** is the claim's round trip: its `SET` alone (with the `EXISTS` on an `IFEQ`
+///   server).
 ///
 /// ```no_run
 /// use tower_idempotency::{store::RedisStore, IdempotencyLayer};
@@ -123,6 +125,7 @@ impl RedisStore {
                 tracing::warn!(%error, "could not read the Redis configuration (CONFIG GET is disabled?); make sure maxmemory-policy is noeviction")
             }
         }
+        store.probe_conditional_set().await;
         Ok(store)
     }
 
@@ -158,6 +161,7 @@ impl RedisStore {
                 for _ in 0..120 {
                     if let Ok(config) = checker.check_config().await {
                         config.report();
+                        checker.probe_conditional_set().await;
                         return;
                     }
                     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -247,7 +251,37 @@ impl RedisStore {
                 tracing::warn!(%error, "could not read the Redis configuration (CONFIG GET is disabled?); make sure maxmemory-policy is noeviction")
             }
         }
+        store.probe_conditional_set().await;
         Ok(store)
+    }
+
+    /// Learns at once whether the server's `SET` takes `IFEQ` (otherwise the first completion
+    /// does): a `SET` of a probe key that writes nothing (`IFEQ` compares with a value no claim
+    /// or record has, and the probe key is no scoped key). A server that refuses the form
+    /// answers a syntax error: then claims send their `SET` alone, since every completion goes
+    /// through the script, which ends the key's point. Any other answer leaves it to the
+    /// first completion.
+    async fn probe_conditional_set(&self) {
+        if !self.scripts.conditional_set.load(Ordering::Relaxed) {
+            return;
+        }
+        let probe: Result<Value, _> = redis::cmd("SET")
+            .arg(Prefixed(&self.prefix, "\u{0}ifeq-probe"))
+            .arg("\u{0}")
+            .arg("PX")
+            .arg(1)
+            .arg("IFEQ")
+            .arg("\u{0}never a claim or a record")
+            .query_async(&mut self.connection.clone())
+            .await;
+        if let Err(error) = probe {
+            if error.code() == Some("ERR")
+                && error.detail().is_some_and(|d| d.contains("syntax error"))
+            {
+                tracing::info!(%error, "this Redis refuses SET IFEQ (before Valkey 8.1 and Redis 8.4): completions use a Lua script");
+                self.scripts.conditional_set.store(false, Ordering::Relaxed);
+            }
+        }
     }
 
     fn manager_config() -> ConnectionManagerConfig {
@@ -446,8 +480,27 @@ impl RedisStore {
             .arg(millis(lease))
             .arg("GET");
         let mut connection = self.connection.clone();
-        let previous: Option<Vec<u8>> = match set.query_async(&mut connection).await {
-            Ok(previous) => previous,
+        // On a server whose completion may be a plain `SET … IFEQ` (which cannot end a point),
+        // the claim's round trip also reads whether the key has a recovery point (a read:
+        // nothing written or synced), so that a claim that inherits a crashed run's point
+        // completes through the script, which ends it in the same atomic step as the record's
+        // write, whether or not the run loads it. Elsewhere the completion is always the
+        // script, which always ends the point: the claim is its `SET` alone.
+        let check_point = self.scripts.conditional_set.load(Ordering::Relaxed);
+        let sent = if check_point {
+            let mut exists = redis::Cmd::with_capacity(2, 16 + self.prefix.len() + key.len() + 8);
+            exists.arg("EXISTS").arg(self.point_key(key));
+            let mut pipe = redis::Pipeline::with_capacity(2);
+            pipe.add_command(set).add_command(exists);
+            pipe.query_async::<(Option<Vec<u8>>, i64)>(&mut connection)
+                .await
+        } else {
+            set.query_async::<Option<Vec<u8>>>(&mut connection)
+                .await
+                .map(|previous| (previous, 0))
+        };
+        let (previous, point) = match sent {
+            Ok(replies) => replies,
             Err(error) if refused_command(&error) => {
                 tracing::info!(%error, "this Redis refuses SET NX GET (before 7.0): claims use a Lua script");
                 return Ok(None);
@@ -455,7 +508,12 @@ impl RedisStore {
             Err(error) => return Err(StoreError::backend(error)),
         };
         Ok(Some(match previous {
-            None => ClaimOutcome::Claimed(*token),
+            None => {
+                if point > 0 {
+                    self.points.add(token);
+                }
+                ClaimOutcome::Claimed(*token)
+            }
             // Anything but a claim is a record, or damaged (which decoding reports).
             Some(value) if value.first() != Some(&CLAIM_TAG) => {
                 ClaimOutcome::Completed(decode_record(value)?)
@@ -512,89 +570,58 @@ impl RedisStore {
         }
     }
 
-    /// The completion of a claim that knows no recovery point and appended no stream, in one
-    /// round trip: the record's write, then `EXISTS` of the key's point. Once the record is
-    /// written no run can save a point any more, so that answer is exact; a point left there
-    /// (a run of the key crashed after saving it, and this claim did not load it) is then
-    /// ended by the completion script, which finds the record written and deletes it, fenced
-    /// by that record.
+    /// A completion in plain commands, on a server whose `SET` takes `IFEQ` (Valkey 8.1 and
+    /// Redis 8.4 on): one round trip, cheaper for the server than the completion script (no
+    /// script entry, and each command runs once instead of through `redis.call`).
     ///
-    /// The write is `SET key record PX ttl IFEQ claim` on a server whose `SET` takes `IFEQ`
-    /// (Valkey 8.1 and Redis 8.4 on): cheaper for the server than the completion script (no
-    /// script entry, each command run once instead of through `redis.call`). It writes only
-    /// over the caller's own claim as written, not over one a waiting duplicate marked: that
-    /// completion goes to the script, which also publishes the wake-up. On other servers it is
-    /// the completion script, given the record's key alone.
+    /// `SET key record PX ttl IFEQ claim`: the fence; it writes only over the caller's own
+    /// claim as written, not over one a waiting duplicate marked: that completion goes to the
+    /// script, which also publishes the wake-up. A claim that knows a recovery point (its
+    /// claim found one, or it saved or loaded one) never comes here: the script ends the point
+    /// inside the same fence, in the same atomic step as the record's write.
     ///
-    /// [`Completion::Written`] when the record was written. [`Completion::Script`] when the
-    /// completion script must decide: `IFEQ` found another value than the caller's claim as
-    /// written (a duplicate waits, a completion retried after it was written, or a lapsed
-    /// lease: the script tells which), the server refused `IFEQ` (then every later completion
-    /// goes to the script at once), the server had not loaded the script (now loaded), or
+    /// `Ok(true)` when the record was written. `Ok(false)` when the completion script must
+    /// decide: the value was not the caller's claim as written (a duplicate waits, a
+    /// completion retried after it was written, or a lapsed lease: the script tells which),
+    /// the server refused `IFEQ` (then every later completion goes to the script at once), or
     /// any other answer of the server's (the script's call reports it, through the same error
     /// handling as every other call).
-    async fn complete_plain(
+    async fn complete_conditional(
         &self,
         key: &str,
         token: &OwnerToken,
         record: &Record,
         ttl: Duration,
-    ) -> Result<Completion, StoreError> {
-        let ms = millis(ttl);
+    ) -> Result<bool, StoreError> {
         // Every reply is kept, none marked `ignore()`d: redis-rs keeps those marks in a hashed
         // set that every pipeline builds and searches, which costs more than picking the reply
         // by its place.
-        let mut pipe = redis::Pipeline::with_capacity(2);
+        let mut pipe = redis::Pipeline::with_capacity(1);
         pipe.ignore_errors();
         // Sized once (one grown argument by argument reallocates its buffer each time); the
         // record is most of it.
         let named = self.prefix.len() + key.len();
-        let size = 160 + named + record.payload().len();
-        let conditional = self.scripts.conditional_set.load(Ordering::Relaxed);
-        let write = if conditional {
-            let mut set = redis::Cmd::with_capacity(7, size);
-            set.arg("SET")
-                .arg(Prefixed(&self.prefix, key))
-                .arg(RecordArg(record))
-                .arg("PX")
-                .arg(ms)
-                .arg("IFEQ")
-                .arg(&claim_value(token)[..]);
-            set
-        } else {
-            let mut eval = redis::Cmd::with_capacity(8, size);
-            eval.arg("EVALSHA")
-                .arg(self.scripts.complete.get_hash())
-                .arg(1)
-                .arg(Prefixed(&self.prefix, key))
-                .arg(&claim_value(token)[..])
-                .arg(RecordArg(record))
-                .arg(ms)
-                .arg(Prefixed(&self.prefix, WAKE_CHANNEL));
-            eval
-        };
-        let mut exists = redis::Cmd::with_capacity(2, 16 + named + 8);
-        exists.arg("EXISTS").arg(self.point_key(key));
-        pipe.add_command(write).add_command(exists);
-        let mut connection = self.connection.clone();
+        let mut set = redis::Cmd::with_capacity(7, 128 + named + record.payload().len());
+        set.arg("SET")
+            .arg(Prefixed(&self.prefix, key))
+            .arg(RecordArg(record))
+            .arg("PX")
+            .arg(millis(ttl))
+            .arg("IFEQ")
+            .arg(&claim_value(token)[..]);
+        pipe.add_command(set);
         let reply: Vec<Value> = pipe
-            .query_async(&mut connection)
+            .query_async(&mut self.connection.clone())
             .await
             .map_err(StoreError::backend)?;
-        match reply.as_slice() {
-            [Value::Okay | Value::Int(1), Value::Int(points)] => Ok(Completion::Written {
-                point_left: *points > 0,
-            }),
-            // The script's owner check failed: another run holds the key, or nothing does.
-            [Value::Int(0), _] if !conditional => Err(StoreError::LeaseLost),
-            [Value::ServerError(error), ..] if conditional && refuses_ifeq(error) => {
+        match reply.last() {
+            Some(Value::Okay) => Ok(true),
+            Some(Value::ServerError(error)) if refuses_ifeq(error) => {
                 tracing::info!(error = %redis::RedisError::from(error.clone()), "this Redis refuses SET IFEQ (before Valkey 8.1 and Redis 8.4): completions use a Lua script");
                 self.scripts.conditional_set.store(false, Ordering::Relaxed);
-                Ok(Completion::Script)
+                Ok(false)
             }
-            // Not in the server's script cache (a restarted or new server): the script's own
-            // call loads it.
-            _ => Ok(Completion::Script),
+            _ => Ok(false),
         }
     }
 
@@ -847,18 +874,6 @@ fn refused_command(error: &redis::RedisError) -> bool {
         && error.code() == Some("ERR")
 }
 
-/// What a plain completion ([`RedisStore::complete_plain`]) did.
-#[derive(Debug, PartialEq, Eq)]
-enum Completion {
-    /// The record is written; `point_left`: the key still has a recovery point to end.
-    Written {
-        /// A point saved by an earlier run of the key is there.
-        point_left: bool,
-    },
-    /// Nothing written: the completion script decides.
-    Script,
-}
-
 /// Whether the server refused `SET … IFEQ` as a form it does not know: what a server before
 /// Valkey 8.1 and Redis 8.4 answers (`ERR syntax error`). Any other refusal (an out-of-range
 /// TTL, say) is left to the completion script to report.
@@ -932,17 +947,16 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         let written = async {
             // A claim that knows a point, or appended a stream, completes through the script,
-            // which ends them only if the claim is still the caller's: plain commands cannot,
-            // and ending them unfenced would cut short a successor's point or stream after a
-            // lapsed lease. A claim that knows neither may still have inherited a point from a
-            // run that crashed: the plain completion reads whether the key has one in its
-            // round trip, and ends it (rarely) through the script, which the record it just
-            // wrote fences. The script always ends the key's point (a `DEL` of a key that is
-            // not there writes nothing).
+            // which ends them only if the claim is still the caller's, in the same atomic step
+            // as the record's write: plain commands cannot, and ending them unfenced would cut
+            // short a successor's point or stream after a lapsed lease. The script always
+            // ends the key's point (a `DEL` of a key that is not there writes nothing: no log
+            // entry, no sync, nothing replicated), so a claim on a server without `IFEQ`,
+            // which never asked whether it inherited one, ends it too.
             if !self.points.has(token)
                 && !self.streams.has(token)
-                && self.complete_plain(key, token, &record, ttl).await?
-                    == (Completion::Written { point_left: false })
+                && self.scripts.conditional_set.load(Ordering::Relaxed)
+                && self.complete_conditional(key, token, &record, ttl).await?
             {
                 return Ok(());
             }

@@ -29,12 +29,12 @@ return 0
 
 /// Completion and release publish the key on the store's channel (ARGV's last) when a
 /// duplicate marked the claim (it waits, maybe in another process): only then.
-/// The key's recovery point and live stream (`KEYS[2..]`, given when the caller knows of them or
-/// found a point left) are deleted with the claim, in one `DEL`: the record supersedes them (a
-/// `DEL` of keys that are not there writes nothing). Completing twice with the same record is a
-/// success (a completion retried because replicas had not acknowledged it yet, or a plain
-/// completion that found a point left to end), and ends them too: the record there fences it,
-/// as no run can claim the key while it holds one.
+/// The key's recovery point (`KEYS[2]`, always) and live stream (`KEYS[3]`, when the caller
+/// appended one) are deleted with the claim, in one `DEL`: the record supersedes them (a `DEL`
+/// of keys that are not there writes nothing). Completing twice with the same record is a
+/// success (a completion retried because replicas had not acknowledged it yet, or after its
+/// reply was lost), and ends them too: the record there fences it, as no run can claim the
+/// key while it holds one.
 pub(super) const COMPLETE: &str = r"
 local value = redis.call('GET', KEYS[1])
 local waited = value ~= ARGV[1] and value == ARGV[1] .. 'W'
