@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::support;
 
+use support::redis_stats::{commands, reset_stats, writes};
 use support::servers::{raw_redis, redis_cluster_urls, RedisServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -83,52 +84,6 @@ async fn crashed_run(store: &RedisStore, key: &str, data: &'static str) {
         .await
         .unwrap();
     tokio::time::sleep(lease + Duration::from_millis(100)).await;
-}
-
-async fn commands(url: &str) -> BTreeMap<String, u64> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut raw_redis(url).await)
-        .await
-        .unwrap();
-    info.lines()
-        .filter_map(|line| line.strip_prefix("cmdstat_"))
-        .filter_map(|line| {
-            let (name, fields) = line.split_once(':')?;
-            let calls = fields.split(',').find_map(|f| f.strip_prefix("calls="))?;
-            Some((name.to_owned(), calls.parse().ok()?))
-        })
-        .filter(|(name, _)| {
-            !["info", "config", "client", "hello", "save"]
-                .iter()
-                .any(|c| name.starts_with(c))
-        })
-        .collect()
-}
-
-async fn reset_stats(url: &str) {
-    let mut connection = raw_redis(url).await;
-    let () = redis::cmd("SAVE")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let () = redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-}
-
-async fn writes(url: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("persistence")
-        .query_async(&mut raw_redis(url).await)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|line| line.strip_prefix("rdb_changes_since_last_save:"))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap()
 }
 
 async fn script_flush(url: &str) {

@@ -11,6 +11,7 @@ use crate::support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use support::redis_stats::{commands, reset_stats, writes};
 use support::servers::{raw_redis, RedisServer};
 use tokio::sync::Barrier;
 use tower_idempotency::store::{ClaimOutcome, Record, RecoveryPoint, RedisStore, Store};
@@ -29,43 +30,6 @@ fn servers() -> Vec<(&'static str, RedisServer)> {
         servers.push(("valkey", valkey));
     }
     servers
-}
-
-/// Every command the server ran since its last `CONFIG RESETSTAT`, by name (`INFO
-/// commandstats`, which counts a script's `EVALSHA` and each command it runs).
-async fn commands(url: &str) -> std::collections::BTreeMap<String, u64> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut raw_redis(url).await)
-        .await
-        .unwrap();
-    info.lines()
-        .filter_map(|line| line.strip_prefix("cmdstat_"))
-        .filter_map(|line| {
-            let (name, fields) = line.split_once(':')?;
-            let calls = fields.split(',').find_map(|f| f.strip_prefix("calls="))?;
-            Some((name.to_owned(), calls.parse().ok()?))
-        })
-        .filter(|(name, _)| {
-            !["info", "config", "client", "hello"]
-                .iter()
-                .any(|c| name.starts_with(c))
-        })
-        .collect()
-}
-
-/// Resets the command counts and the count of writes (a `SAVE` of the test's small data).
-async fn reset_stats(url: &str) {
-    let mut connection = raw_redis(url).await;
-    let () = redis::cmd("SAVE")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let () = redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
 }
 
 async fn claimed(store: &RedisStore, key: &str) -> tower_idempotency::store::OwnerToken {
@@ -120,20 +84,6 @@ async fn a_fresh_key_without_waiters_or_points_sends_only_its_two_writes() {
         );
         assert_eq!(writes(&url).await, 10, "{name}: writes for 5 fresh keys");
     }
-}
-
-/// The changes to the data since the last `SAVE` (`rdb_changes_since_last_save`: every write
-/// that changed something, and no command that changed nothing); [`reset_stats`] saves.
-async fn writes(url: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("persistence")
-        .query_async(&mut raw_redis(url).await)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|line| line.strip_prefix("rdb_changes_since_last_save:"))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap()
 }
 
 /// A key with a recovery point: its completion ends the point (`DEL` in the completion script,

@@ -4,6 +4,7 @@
 
 pub mod demo;
 pub mod proxy;
+pub mod redis_stats;
 pub mod servers;
 #[macro_use]
 pub mod shared_store;
