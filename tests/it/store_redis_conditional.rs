@@ -53,8 +53,8 @@ async fn a_completion_on_a_server_with_set_ifeq_is_plain_commands() {
     assert_eq!(calls(&url, "evalsha").await, (0, 0), "no script ran");
     assert_eq!(
         calls(&url, "set").await,
-        (4, 0),
-        "a claim and a completion each"
+        (5, 0),
+        "the connection's IFEQ probe, then a claim and a completion each"
     );
     assert_eq!(calls(&url, "pexpire").await.0, 0, "no point to end");
     assert_eq!(calls(&url, "publish").await.0, 0, "nobody waits");
